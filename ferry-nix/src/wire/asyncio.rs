@@ -193,9 +193,8 @@ impl<W: AsyncWrite + Unpin> AsyncWireWriter<W> {
     }
 
     /// Writes a build-hook settings stream: `1, name, value` per setting, then `0`.
-    pub async fn write_settings<I, N, V>(&mut self, settings: I) -> std::io::Result<()>
+    pub async fn write_settings<N, V>(&mut self, settings: &[(N, V)]) -> std::io::Result<()>
     where
-        I: IntoIterator<Item = (N, V)>,
         N: AsRef<str>,
         V: AsRef<str>,
     {
