@@ -200,7 +200,8 @@ fn check_expected(offset: u64, expected: &str, got: &[u8]) -> Result<(), WireErr
 /// Interprets one tag of the settings stream read at `offset`, when `count` settings have been
 /// read so far: `true` if a setting follows, `false` at the end. The stream is written by
 /// `HookInstance::HookInstance` (`src/libstore/build/hook-instance.cc`) and read by
-/// `build-remote.cc` as `while (readInt(source)) { name, value }`; we accept only 1 and 0.
+/// `src/build-remote/build-remote.cc` (2.8) as `while (readInt(source)) { name, value }`, which
+/// takes any non-zero tag as "more"; Nix only writes 1, so we accept only 1 and 0.
 fn settings_tag(offset: u64, tag: u64, count: usize, limit: usize) -> Result<bool, WireError> {
     match tag {
         0 => Ok(false),
