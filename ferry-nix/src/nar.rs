@@ -129,7 +129,10 @@ impl fmt::Display for TargetProblem {
             TargetProblem::Empty => f.write_str("the target is empty"),
             TargetProblem::Nul => f.write_str("the target contains a NUL byte"),
             TargetProblem::TooLong(n) => {
-                write!(f, "the target is {n} bytes long, the limit is {MAX_TARGET_LEN}")
+                write!(
+                    f,
+                    "the target is {n} bytes long, the limit is {MAX_TARGET_LEN}"
+                )
             }
         }
     }
@@ -190,7 +193,10 @@ mod tests {
         assert_eq!(check_target(b""), Err(TargetProblem::Empty));
         assert_eq!(check_target(b"a\0"), Err(TargetProblem::Nul));
         assert_eq!(check_target(&[b'x'; 4095]), Ok(()));
-        assert_eq!(check_target(&[b'x'; 4096]), Err(TargetProblem::TooLong(4096)));
+        assert_eq!(
+            check_target(&[b'x'; 4096]),
+            Err(TargetProblem::TooLong(4096))
+        );
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //! (`S_IXUSR`), directory entries go out sorted byte-wise, and anything but a regular file,
 //! directory or symlink is refused. The macOS case hack (`use-case-hack`) is not applied.
 
-use super::encode::{NarEncoder, NarWriteError, TeeWriter};
 use super::CHUNK;
+use super::encode::{NarEncoder, NarWriteError, TeeWriter};
 use crate::hash::{Hash, Sha256Sink};
 use std::fs::{self, File};
 use std::io::{Read, Write};

@@ -33,7 +33,10 @@ pub enum NarWriteError {
     #[error("NAR entry {path} is nested too deep: at most {MAX_DEPTH} levels (narMaxDepth)")]
     TooDeep { path: String },
     #[error("invalid symlink target for NAR entry {path}: {problem}")]
-    BadTarget { path: String, problem: TargetProblem },
+    BadTarget {
+        path: String,
+        problem: TargetProblem,
+    },
     #[error("contents of NAR entry {path}: {expected} bytes announced, {got} given")]
     SizeMismatch {
         path: String,
@@ -503,30 +506,46 @@ mod tests {
     fn refuses_bad_sequences() {
         let mut e = NarEncoder::new(Vec::new()).expect("new");
         assert!(matches!(e.entry(b"x"), Err(NarWriteError::Misuse { .. })));
-        assert!(matches!(e.end_directory(), Err(NarWriteError::Misuse { .. })));
+        assert!(matches!(
+            e.end_directory(),
+            Err(NarWriteError::Misuse { .. })
+        ));
         e.begin_directory().expect("dir");
         assert!(matches!(
             e.regular_bytes(false, b""),
             Err(NarWriteError::Misuse { .. })
         ));
-        let err = e.entry(b"..").unwrap_err();
+        let err = e.entry(b"..").expect_err("must fail");
         assert!(err.to_string().contains("'..'"), "{err}");
         e.entry(b"b").expect("b");
         e.regular_bytes(false, b"").expect("b node");
-        let err = e.entry(b"a").unwrap_err();
-        assert!(matches!(err, NarWriteError::Unsorted { ref path, .. } if path == "/a"), "{err}");
-        let err = e.entry(b"b").unwrap_err();
+        let err = e.entry(b"a").expect_err("must fail");
+        assert!(
+            matches!(err, NarWriteError::Unsorted { ref path, .. } if path == "/a"),
+            "{err}"
+        );
+        let err = e.entry(b"b").expect_err("must fail");
         assert!(matches!(err, NarWriteError::Unsorted { .. }), "{err}");
         e.entry(b"c").expect("c");
         e.begin_regular(false, 3).expect("c node");
-        let err = e.write_contents(b"abcd").unwrap_err();
+        let err = e.write_contents(b"abcd").expect_err("must fail");
         assert!(
             matches!(err, NarWriteError::SizeMismatch { expected: 3, got: 4, ref path } if path == "/c"),
             "{err}"
         );
         e.write_contents(b"ab").expect("ab");
-        let err = e.end_regular().unwrap_err();
-        assert!(matches!(err, NarWriteError::SizeMismatch { expected: 3, got: 2, .. }), "{err}");
+        let err = e.end_regular().expect_err("must fail");
+        assert!(
+            matches!(
+                err,
+                NarWriteError::SizeMismatch {
+                    expected: 3,
+                    got: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         e.write_contents(b"c").expect("c");
         e.end_regular().expect("end c");
         e.end_directory().expect("end");
@@ -542,14 +561,14 @@ mod tests {
             e.entry(b"d").expect("entry");
             e.begin_directory().expect("dir");
         }
-        let err = e.entry(b"d").unwrap_err();
+        let err = e.entry(b"d").expect_err("must fail");
         assert!(matches!(err, NarWriteError::TooDeep { .. }), "{err}");
         assert!(err.to_string().contains(&"/d".repeat(MAX_DEPTH)), "{err}");
 
         let mut e = NarEncoder::new(Vec::new()).expect("new");
-        let err = e.symlink(b"").unwrap_err();
+        let err = e.symlink(b"").expect_err("must fail");
         assert!(matches!(err, NarWriteError::BadTarget { .. }), "{err}");
-        let err = e.symlink(&[b'x'; 4096]).unwrap_err();
+        let err = e.symlink(&[b'x'; 4096]).expect_err("must fail");
         assert!(err.to_string().contains("4096"), "{err}");
     }
 
@@ -563,17 +582,24 @@ mod tests {
     #[test]
     fn short_reader_is_an_error() {
         let mut e = NarEncoder::new(Vec::new()).expect("new");
-        let err = e.regular(false, 10, &b"abc"[..]).unwrap_err();
+        let err = e.regular(false, 10, &b"abc"[..]).expect_err("must fail");
         assert!(
-            matches!(err, NarWriteError::SizeMismatch { expected: 10, got: 3, .. }),
+            matches!(
+                err,
+                NarWriteError::SizeMismatch {
+                    expected: 10,
+                    got: 3,
+                    ..
+                }
+            ),
             "{err}"
         );
     }
 
     #[test]
     fn tee_hashes() {
-        let mut e =
-            NarEncoder::new(TeeWriter::new(Vec::new(), crate::hash::Sha256Sink::new())).expect("new");
+        let mut e = NarEncoder::new(TeeWriter::new(Vec::new(), crate::hash::Sha256Sink::new()))
+            .expect("new");
         e.regular_bytes(false, b"x").expect("file");
         let (tee, n) = e.finish().expect("finish");
         let (bytes, sink) = tee.into_inner();

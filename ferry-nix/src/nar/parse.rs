@@ -59,7 +59,9 @@ pub enum NarReadError {
     },
     #[error("bad NAR at byte offset {offset} (in {path}): non-zero padding byte")]
     BadPadding { offset: u64, path: String },
-    #[error("bad NAR at byte offset {offset}: invalid entry name {name:?} in directory {dir}: {problem}")]
+    #[error(
+        "bad NAR at byte offset {offset}: invalid entry name {name:?} in directory {dir}: {problem}"
+    )]
     InvalidName {
         offset: u64,
         dir: String,
@@ -86,7 +88,9 @@ pub enum NarReadError {
         path: String,
         problem: TargetProblem,
     },
-    #[error("bad NAR at byte offset {offset}: the executable marker of {path} has a non-empty value")]
+    #[error(
+        "bad NAR at byte offset {offset}: the executable marker of {path} has a non-empty value"
+    )]
     NonEmptyExecutable { offset: u64, path: String },
     #[error("bad NAR: trailing data at byte offset {offset}, after the end of the root node")]
     TrailingData { offset: u64 },
@@ -200,7 +204,9 @@ impl NarContents<'_> {
 impl Read for NarContents<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if let Some(e) = &self.failed {
-            return Err(io::Error::other(format!("the NAR stream failed earlier: {e}")));
+            return Err(io::Error::other(format!(
+                "the NAR stream failed earlier: {e}"
+            )));
         }
         let n = usize::try_from(self.remaining)
             .unwrap_or(usize::MAX)
@@ -559,8 +565,11 @@ mod tests {
             Ok(())
         }
         fn symlink(&mut self, path: &[u8], target: &[u8]) -> io::Result<()> {
-            self.0
-                .push(format!("link {} -> {}", show_path(path), show_bytes(target)));
+            self.0.push(format!(
+                "link {} -> {}",
+                show_path(path),
+                show_bytes(target)
+            ));
             Ok(())
         }
     }
@@ -609,8 +618,11 @@ mod tests {
         let mut rest = [0u8; 4];
         r.read_exact(&mut rest).expect("rest");
         assert_eq!(&rest, b"NEXT");
-        let e = validate(&bytes[..]).unwrap_err();
-        assert!(matches!(e, NarReadError::TrailingData { offset } if offset == len), "{e}");
+        let e = validate(&bytes[..]).expect_err("must fail");
+        assert!(
+            matches!(e, NarReadError::TrailingData { offset } if offset == len),
+            "{e}"
+        );
     }
 
     #[test]
@@ -627,23 +639,22 @@ mod tests {
                 Ok(())
             }
         }
-        let e = parse(&sample()[..], &mut Fail).unwrap_err();
+        let e = parse(&sample()[..], &mut Fail).expect_err("must fail");
         let msg = e.to_string();
         assert!(matches!(e, NarReadError::Visitor { .. }), "{msg}");
-        assert!(msg.contains("/bin/sh") && msg.contains("disk full") && msg.contains("offset"), "{msg}");
+        assert!(
+            msg.contains("/bin/sh") && msg.contains("disk full") && msg.contains("offset"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn truncated_contents_report_the_stream_error() {
         let nar = sample();
         // Cut inside "#!/bin/sh\n".
-        let cut = nar
-            .windows(4)
-            .position(|w| w == b"#!/b")
-            .expect("contents")
-            + 4;
+        let cut = nar.windows(4).position(|w| w == b"#!/b").expect("contents") + 4;
         let mut log = Log::default();
-        let e = parse(&nar[..cut + 2], &mut log).unwrap_err();
+        let e = parse(&nar[..cut + 2], &mut log).expect_err("must fail");
         assert!(
             matches!(e, NarReadError::Truncated { ref path, .. } if path == "/bin/sh"),
             "{e}"

@@ -20,8 +20,8 @@
 //! parsed and restored without error; on any error the staging directory is removed and the
 //! target path is left absent.
 
-use super::parse::{NarContents, NarReadError, NarVisitor, parse};
 use super::CHUNK;
+use super::parse::{NarContents, NarReadError, NarVisitor, parse};
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -73,9 +73,10 @@ impl Drop for Staging {
 /// On error nothing is left at `target` or beside it: the tree is restored into a staging
 /// directory in the same parent (`.<name>.ferry-restore-<pid>-<n>`) and moved to `target`
 /// only at the end; the staging directory is always removed. A regular file or symlink is
-/// moved with `link` (which refuses an existing target); a directory with `rename` after a
-/// final check, so a directory created at `target` concurrently in that window (and left
-/// empty) would be replaced.
+/// moved with `link`, which refuses an existing target (or, where the file system has no
+/// hard links, with `rename` after a final check); a directory with `rename` after a final
+/// check, so an empty directory created at `target` concurrently in that window would be
+/// replaced. Nothing is fsynced.
 pub fn restore(reader: impl Read, target: &Path) -> Result<u64, RestoreError> {
     let name = target.file_name().ok_or_else(|| RestoreError::BadTarget {
         path: target.to_owned(),
@@ -110,19 +111,23 @@ pub fn restore(reader: impl Read, target: &Path) -> Result<u64, RestoreError> {
     } else {
         // `link` fails if the target exists and links a symlink itself (`linkat` without
         // `AT_SYMLINK_FOLLOW`).
-        fs::hard_link(&root, target).map_err(|source| {
-            if source.kind() == io::ErrorKind::AlreadyExists {
-                RestoreError::TargetExists {
+        match fs::hard_link(&root, target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(RestoreError::TargetExists {
                     path: target.to_owned(),
-                }
-            } else {
-                RestoreError::Io {
-                    action: "link the restored file to",
+                });
+            }
+            // A file system without hard links: fall back to a checked rename.
+            Err(_) => {
+                check_absent(target)?;
+                fs::rename(&root, target).map_err(|source| RestoreError::Io {
+                    action: "move the restored file to",
                     path: target.to_owned(),
                     source,
-                }
+                })?;
             }
-        })?;
+        }
     }
     drop(staging);
     Ok(size)
@@ -221,7 +226,6 @@ impl NarVisitor for Restorer {
 
     fn symlink(&mut self, path: &[u8], target: &[u8]) -> io::Result<()> {
         let p = self.at(path);
-        std::os::unix::fs::symlink(OsStr::from_bytes(target), &p)
-            .map_err(ctx("create symlink", &p))
+        std::os::unix::fs::symlink(OsStr::from_bytes(target), &p).map_err(ctx("create symlink", &p))
     }
 }
