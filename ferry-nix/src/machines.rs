@@ -76,7 +76,9 @@ pub enum MachinesError {
         value: String,
         reason: String,
     },
-    #[error("{src} line {line}: {count} fields, a machine has at most 8 (is there a space inside a comma-separated list?)")]
+    #[error(
+        "{src} line {line}: {count} fields, a machine has at most 8 (is there a space inside a comma-separated list?)"
+    )]
     TooManyFields {
         src: String,
         line: usize,
@@ -204,7 +206,9 @@ impl Machine {
     /// The stock hook's eligibility test (hook-protocol.md §2.1), without the per-process
     /// `enabled` flag: system, `all_supported` and `mandatory_met`.
     pub fn accepts(&self, system: &str, required: &BTreeSet<String>) -> bool {
-        self.system_supported(system) && self.all_supported(required) && self.mandatory_met(required)
+        self.system_supported(system)
+            && self.all_supported(required)
+            && self.mandatory_met(required)
     }
 
     /// The `system-features` store parameter Nix passes: supported then mandatory features,
@@ -262,7 +266,10 @@ pub fn parse_machines(
 }
 
 /// Parses the `builders` setting, reading `@file` entries from the real filesystem.
-pub fn parse_builders_setting(value: &str, this_system: &str) -> Result<Vec<Machine>, MachinesError> {
+pub fn parse_builders_setting(
+    value: &str,
+    this_system: &str,
+) -> Result<Vec<Machine>, MachinesError> {
     parse_machines(value, BUILDERS_SETTING_SOURCE, this_system, &RealFs)
 }
 
@@ -349,7 +356,12 @@ const LENIENT_BASE64: GeneralPurpose = GeneralPurpose::new(
         .with_decode_allow_trailing_bits(true),
 );
 
-fn parse_entry(entry: &str, src: &str, line: usize, this_system: &str) -> Result<Machine, MachinesError> {
+fn parse_entry(
+    entry: &str,
+    src: &str,
+    line: usize,
+    this_system: &str,
+) -> Result<Machine, MachinesError> {
     let fields: Vec<&str> = entry
         .split([' ', '\t', '\n', '\r'])
         .filter(|t| !t.is_empty())
@@ -535,7 +547,10 @@ mod tests {
     fn host_key_without_padding_is_accepted() {
         // Nix's base64Decode stops at '=' and does not require padding.
         let m = one("h - - - - - - c3NoLWVkMjU1MTkgQUFBQQ");
-        assert_eq!(m.public_host_key.map(|k| k.decoded), Some("ssh-ed25519 AAAA".into()));
+        assert_eq!(
+            m.public_host_key.map(|k| k.decoded),
+            Some("ssh-ed25519 AAAA".into())
+        );
     }
 
     #[test]
@@ -561,7 +576,10 @@ mod tests {
         let uris: Vec<&str> = v.iter().map(|m| m.store_uri.as_str()).collect();
         // 2.8 would also yield `ssh://d` (it splits on ';' before stripping comments).
         assert_eq!(uris, ["ssh://a", "ssh://b", "ssh://c"]);
-        assert_eq!(v.get(1).map(|m| m.systems.clone()), Some(vec!["aarch64-linux".to_owned()]));
+        assert_eq!(
+            v.get(1).map(|m| m.systems.clone()),
+            Some(vec!["aarch64-linux".to_owned()])
+        );
     }
 
     #[test]
@@ -570,8 +588,14 @@ mod tests {
         assert_eq!(one("h - - - 0").speed_factor, 1.0);
         assert_eq!(one("h - - - 0.0").speed_factor, 1.0);
         assert_eq!(one("h - - - 3").speed_factor, 3.0);
-        assert!(matches!(err("h - - - nan"), MachinesError::BadField { field: 5, .. }));
-        assert!(matches!(err("h - - - inf"), MachinesError::BadField { field: 5, .. }));
+        assert!(matches!(
+            err("h - - - nan"),
+            MachinesError::BadField { field: 5, .. }
+        ));
+        assert!(matches!(
+            err("h - - - inf"),
+            MachinesError::BadField { field: 5, .. }
+        ));
     }
 
     #[test]
@@ -581,8 +605,14 @@ mod tests {
             e.to_string(),
             "/etc/nix/machines line 3, field 4 (maxJobs): 'x' is not a number (an unsigned integer)"
         );
-        assert!(matches!(err("h - - -1"), MachinesError::BadField { field: 4, .. }));
-        assert!(matches!(err("h - - 4294967296"), MachinesError::BadField { field: 4, .. }));
+        assert!(matches!(
+            err("h - - -1"),
+            MachinesError::BadField { field: 4, .. }
+        ));
+        assert!(matches!(
+            err("h - - 4294967296"),
+            MachinesError::BadField { field: 4, .. }
+        ));
         assert_eq!(one("h - - 4294967295").max_jobs, u64::from(u32::MAX));
     }
 
@@ -603,7 +633,10 @@ mod tests {
     #[test]
     fn bad_base64_host_key() {
         let e = err("h - - - - - - not*base64");
-        assert!(matches!(e, MachinesError::BadHostKey { line: 1, .. }), "{e}");
+        assert!(
+            matches!(e, MachinesError::BadHostKey { line: 1, .. }),
+            "{e}"
+        );
         assert!(e.to_string().contains("field 8 (publicHostKey)"), "{e}");
         let e = err("h - - - - - - //79");
         assert!(e.to_string().contains("not text"), "{e}");
@@ -624,7 +657,10 @@ mod tests {
 
     #[test]
     fn missing_store_uri() {
-        assert!(matches!(err("- x86_64-linux"), MachinesError::MissingStoreUri { line: 1, .. }));
+        assert!(matches!(
+            err("- x86_64-linux"),
+            MachinesError::MissingStoreUri { line: 1, .. }
+        ));
     }
 
     fn fs(files: &[(&str, &str)]) -> impl Fn(&Path) -> io::Result<Option<String>> {
@@ -638,11 +674,19 @@ mod tests {
     #[test]
     fn includes_recursive_and_missing_ignored() {
         let loader = fs(&[
-            ("/etc/nix/machines", "a\n@/etc/nix/more # more machines\n@/etc/nix/absent\n"),
+            (
+                "/etc/nix/machines",
+                "a\n@/etc/nix/more # more machines\n@/etc/nix/absent\n",
+            ),
             ("/etc/nix/more", "b aarch64-linux\n"),
         ]);
-        let v = parse_machines("@/etc/nix/machines; c", BUILDERS_SETTING_SOURCE, "x86_64-linux", &loader)
-            .expect("parse");
+        let v = parse_machines(
+            "@/etc/nix/machines; c",
+            BUILDERS_SETTING_SOURCE,
+            "x86_64-linux",
+            &loader,
+        )
+        .expect("parse");
         let uris: Vec<&str> = v.iter().map(|m| m.store_uri.as_str()).collect();
         assert_eq!(uris, ["ssh://a", "ssh://b", "ssh://c"]);
     }
@@ -650,11 +694,24 @@ mod tests {
     #[test]
     fn errors_in_included_files_name_the_file() {
         let loader = fs(&[("/etc/nix/machines", "ok\n\nh - - x\n")]);
-        let e = parse_machines("@/etc/nix/machines", BUILDERS_SETTING_SOURCE, "x86_64-linux", &loader)
+        let e = parse_machines(
+            "@/etc/nix/machines",
+            BUILDERS_SETTING_SOURCE,
+            "x86_64-linux",
+            &loader,
+        )
+        .expect_err("bad");
+        assert!(
+            e.to_string()
+                .starts_with("/etc/nix/machines line 3, field 4 (maxJobs)"),
+            "{e}"
+        );
+        let e = parse_machines("a\nh - - 1 -2", BUILDERS_SETTING_SOURCE, "x", &no_files)
             .expect_err("bad");
-        assert!(e.to_string().starts_with("/etc/nix/machines line 3, field 4 (maxJobs)"), "{e}");
-        let e = parse_machines("a\nh - - 1 -2", BUILDERS_SETTING_SOURCE, "x", &no_files).expect_err("bad");
-        assert!(e.to_string().starts_with("the 'builders' setting line 2"), "{e}");
+        assert!(
+            e.to_string().starts_with("the 'builders' setting line 2"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -682,7 +739,10 @@ mod tests {
 
     #[test]
     fn lock_names() {
-        assert_eq!(slot_lock_name("ssh://nix-builder@192.168.15.6", 0), "ssh:__nix-builder@192.168.15.6-0");
+        assert_eq!(
+            slot_lock_name("ssh://nix-builder@192.168.15.6", 0),
+            "ssh:__nix-builder@192.168.15.6-0"
+        );
         assert_eq!(upload_lock_name("ssh-ng://b/x"), "ssh-ng:__b_x.upload-lock");
         assert_eq!(
             current_load_dir(Path::new("/nix/var/nix")).join(MAIN_LOCK),
@@ -695,10 +755,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("machines");
         std::fs::write(&p, "ssh://x aarch64-linux - 3\n").expect("write");
-        let v = parse_builders_setting(&format!("@{}", p.display()), "x86_64-linux").expect("parse");
+        let v =
+            parse_builders_setting(&format!("@{}", p.display()), "x86_64-linux").expect("parse");
         assert_eq!(v.len(), 1);
         assert_eq!(v.first().map(|m| m.max_jobs), Some(3));
-        let v = parse_builders_setting(&format!("@{}/absent", dir.path().display()), "x").expect("parse");
+        let v = parse_builders_setting(&format!("@{}/absent", dir.path().display()), "x")
+            .expect("parse");
         assert!(v.is_empty());
         assert!(parse_builders_setting("", "x").expect("empty").is_empty());
     }

@@ -21,6 +21,8 @@
 //!   (`https://cache.nixos.org/` for `substituters`, the computed platforms for
 //!   `extra-platforms`, …); Ferry has no table of defaults, so callers seed the ones they need
 //!   with [`NixConf::set_default`], and without a default the appended words are the whole value.
+//! - `extra-platforms` is a setting of its own, not an append: `extra-platforms = x` replaces
+//!   its computed default (verified against Nix 2.8.0), and `extra-extra-platforms` appends.
 //! - `extra-NAME` where NAME is not appendable (e.g. `extra-builders`, `extra-max-jobs`: plain
 //!   string and integer settings) is an *unknown setting* to Nix: it warns and ignores it. Ferry
 //!   keeps it under its literal name `extra-NAME` (so it never changes NAME) and records a warning.
@@ -106,13 +108,17 @@ impl fmt::Display for Provenance {
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum NixConfError {
-    #[error("{file}:{line}: illegal configuration line '{text}': expected 'name = value' with '=' as a separate word")]
+    #[error(
+        "{file}:{line}: illegal configuration line '{text}': expected 'name = value' with '=' as a separate word"
+    )]
     Syntax {
         file: String,
         line: usize,
         text: String,
     },
-    #[error("{file}:{line}: illegal configuration line '{text}': '{keyword}' takes exactly one path")]
+    #[error(
+        "{file}:{line}: illegal configuration line '{text}': '{keyword}' takes exactly one path"
+    )]
     BadInclude {
         file: String,
         line: usize,
@@ -131,13 +137,17 @@ pub enum NixConfError {
         file: String,
         line: usize,
     },
-    #[error("includes nested deeper than {MAX_INCLUDE_DEPTH} files at '{path}' included from {file}:{line}")]
+    #[error(
+        "includes nested deeper than {MAX_INCLUDE_DEPTH} files at '{path}' included from {file}:{line}"
+    )]
     IncludeTooDeep {
         path: String,
         file: String,
         line: usize,
     },
-    #[error("Boolean setting '{name}' has invalid value '{value}' (set at {at}); expected true, false, yes, no, 1 or 0")]
+    #[error(
+        "Boolean setting '{name}' has invalid value '{value}' (set at {at}); expected true, false, yes, no, 1 or 0"
+    )]
     BadBool {
         name: String,
         value: String,
@@ -220,7 +230,8 @@ pub fn is_appendable(name: &str) -> bool {
 pub struct SettingValue {
     /// The value as Nix would hold it before type conversion: words joined by single spaces.
     pub value: String,
-    /// Where the last plain assignment (or the default) came from.
+    /// Where the last plain assignment came from; [`Provenance::Default`] when the base is
+    /// the default (seeded, or treated as empty when only `extra-` lines set it).
     pub set_at: Provenance,
     /// Where each `extra-` appended since that assignment came from.
     pub appended_at: Vec<Provenance>,
@@ -418,8 +429,10 @@ impl NixConf {
             }),
             Err(e) => {
                 // Nix: `pathExists` is true, `readFile` throws `SysError`, which is swallowed.
-                self.warnings
-                    .push(format!("skipping '{}' included from {file}:{line}: {e}", shown()));
+                self.warnings.push(format!(
+                    "skipping '{}' included from {file}:{line}: {e}",
+                    shown()
+                ));
                 Ok(())
             }
         }
@@ -459,12 +472,14 @@ impl NixConf {
                         s.appended_at.push(at);
                     }
                     None => {
+                        // Appending to a default Ferry was not given: the default counts as
+                        // empty, and `set_at` says the base value is the default.
                         self.settings.insert(
                             base.to_owned(),
                             SettingValue {
                                 value,
-                                set_at: at,
-                                appended_at: Vec::new(),
+                                set_at: Provenance::Default,
+                                appended_at: vec![at],
                             },
                         );
                     }
@@ -547,12 +562,14 @@ impl NixConf {
         let Some(s) = self.setting(name) else {
             return Ok(None);
         };
-        parse_u64(&s.value).map(Some).ok_or_else(|| NixConfError::BadInt {
-            name: canonical_name(name).to_owned(),
-            value: s.value.clone(),
-            at: s.last_changed_at().clone(),
-            expected: "an unsigned integer",
-        })
+        parse_u64(&s.value)
+            .map(Some)
+            .ok_or_else(|| NixConfError::BadInt {
+                name: canonical_name(name).to_owned(),
+                value: s.value.clone(),
+                at: s.last_changed_at().clone(),
+                expected: "an unsigned integer",
+            })
     }
 
     /// `max-jobs`, which also accepts `auto` (`MaxBuildJobsSetting::set`: the number of CPUs,
@@ -564,12 +581,14 @@ impl NixConf {
         if s.value == "auto" {
             return Ok(Some(nr_cpus.max(1)));
         }
-        parse_u64(&s.value).map(Some).ok_or_else(|| NixConfError::BadInt {
-            name: "max-jobs".to_owned(),
-            value: s.value.clone(),
-            at: s.last_changed_at().clone(),
-            expected: "'auto' or an unsigned integer",
-        })
+        parse_u64(&s.value)
+            .map(Some)
+            .ok_or_else(|| NixConfError::BadInt {
+                name: "max-jobs".to_owned(),
+                value: s.value.clone(),
+                at: s.last_changed_at().clone(),
+                expected: "'auto' or an unsigned integer",
+            })
     }
 
     /// All settings, sorted by name.
@@ -656,7 +675,10 @@ mod tests {
         .expect("parse");
         assert_eq!(c.get("substituters"), Some("a b c d"));
         assert_eq!(c.get("system-features"), Some("big x"));
-        assert_eq!(c.setting("system-features").map(|s| s.appended_at.len()), Some(1));
+        assert_eq!(
+            c.setting("system-features").map(|s| s.appended_at.len()),
+            Some(1)
+        );
     }
 
     #[test]
@@ -669,7 +691,10 @@ mod tests {
             &fs(&[]),
         )
         .expect("parse");
-        assert_eq!(c.get("substituters"), Some("https://cache.nixos.org/ http://x"));
+        assert_eq!(
+            c.get("substituters"),
+            Some("https://cache.nixos.org/ http://x")
+        );
         assert_eq!(c.get("trusted-public-keys"), Some("k:1"));
     }
 
@@ -736,7 +761,9 @@ mod tests {
         ]);
         let e = NixConf::parse("include a.conf", Path::new("/etc/nix/nix.conf"), &loader)
             .expect_err("cycle");
-        assert!(matches!(e, NixConfError::IncludeCycle { ref path, .. } if path == "/etc/nix/a.conf"));
+        assert!(
+            matches!(e, NixConfError::IncludeCycle { ref path, .. } if path == "/etc/nix/a.conf")
+        );
     }
 
     #[test]
@@ -750,8 +777,8 @@ mod tests {
                 .unwrap_or(0);
             Ok(Some(format!("include {}.conf\n", n + 1)))
         };
-        let e = NixConf::parse("include 0.conf", Path::new("/x/nix.conf"), &loader)
-            .expect_err("deep");
+        let e =
+            NixConf::parse("include 0.conf", Path::new("/x/nix.conf"), &loader).expect_err("deep");
         assert!(matches!(e, NixConfError::IncludeTooDeep { .. }));
     }
 
@@ -772,15 +799,22 @@ mod tests {
 
     #[test]
     fn bad_bool_and_int_name_setting_and_place() {
-        let c = parse("keep-failed = maybe\nmax-jobs = x\nbuilders-use-substitutes = 0\ncores = -1\n")
-            .expect("parse");
+        let c =
+            parse("keep-failed = maybe\nmax-jobs = x\nbuilders-use-substitutes = 0\ncores = -1\n")
+                .expect("parse");
         let e = c.get_bool("keep-failed").expect_err("bool");
         let msg = e.to_string();
-        assert!(msg.contains("'keep-failed'") && msg.contains("/etc/nix/nix.conf:1"), "{msg}");
+        assert!(
+            msg.contains("'keep-failed'") && msg.contains("/etc/nix/nix.conf:1"),
+            "{msg}"
+        );
         assert_eq!(c.get_bool("builders-use-substitutes"), Ok(Some(false)));
         let e = c.get_max_jobs(8).expect_err("int");
         let msg = e.to_string();
-        assert!(msg.contains("'max-jobs'") && msg.contains("/etc/nix/nix.conf:2"), "{msg}");
+        assert!(
+            msg.contains("'max-jobs'") && msg.contains("/etc/nix/nix.conf:2"),
+            "{msg}"
+        );
         let e = c.get_u64("cores").expect_err("negative");
         assert!(e.to_string().contains("/etc/nix/nix.conf:4"));
         assert_eq!(c.get_u64("nonexistent"), Ok(None));
@@ -795,7 +829,10 @@ mod tests {
 
     #[test]
     fn overrides_and_nix_config_layer_on_top() {
-        let loader = fs(&[("/etc/nix/nix.conf", "builders = @/etc/nix/machines\nmax-jobs = 2\n")]);
+        let loader = fs(&[(
+            "/etc/nix/nix.conf",
+            "builders = @/etc/nix/machines\nmax-jobs = 2\n",
+        )]);
         let mut c = NixConf::load_system(Path::new("/etc/nix"), &loader).expect("load");
         c.apply_text(
             "max-jobs = 3\nextra-substituters = http://c\n",
@@ -835,17 +872,27 @@ mod tests {
                 Ok(None)
             }
         };
-        let c = NixConf::parse("include secret.conf\nmax-jobs = 1\n", Path::new("/e/nix.conf"), &loader)
-            .expect("parse");
+        let c = NixConf::parse(
+            "include secret.conf\nmax-jobs = 1\n",
+            Path::new("/e/nix.conf"),
+            &loader,
+        )
+        .expect("parse");
         assert_eq!(c.get("max-jobs"), Some("1"));
         assert_eq!(c.warnings().len(), 1);
     }
 
     #[test]
     fn normalize() {
-        assert_eq!(normalize_path(Path::new("/a/./b/../c//d")), PathBuf::from("/a/c/d"));
+        assert_eq!(
+            normalize_path(Path::new("/a/./b/../c//d")),
+            PathBuf::from("/a/c/d")
+        );
         assert_eq!(normalize_path(Path::new("/../a")), PathBuf::from("/a"));
-        assert_eq!(normalize_path(Path::new("a/../../b")), PathBuf::from("../b"));
+        assert_eq!(
+            normalize_path(Path::new("a/../../b")),
+            PathBuf::from("../b")
+        );
     }
 
     #[test]

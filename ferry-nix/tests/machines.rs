@@ -9,9 +9,12 @@ use ferry_nix::machines::{
 };
 use std::collections::BTreeSet;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-const FIXTURE_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/nixconf/machines-fixture");
+const FIXTURE_DIR: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/golden/nixconf/machines-fixture"
+);
 
 fn no_files(_: &Path) -> io::Result<Option<String>> {
     Ok(None)
@@ -39,13 +42,21 @@ fn all_eight_fields_with_a_real_host_key() {
          12 4 nixos-test,benchmark,big-parallel,kvm benchmark {b64}"
     );
     let v = parse(&line).expect("parse");
-    let [m] = v.as_slice() else { panic!("one machine expected, got {v:?}") };
+    let [m] = v.as_slice() else {
+        panic!("one machine expected, got {v:?}")
+    };
     assert_eq!(m.store_uri, "ssh://nix-builder@ser5.internal");
     assert_eq!(m.systems, ["x86_64-linux", "i686-linux"]);
-    assert_eq!(m.ssh_key.as_deref(), Some("/home/ndufour/.ssh/id_nix_builder"));
+    assert_eq!(
+        m.ssh_key.as_deref(),
+        Some("/home/ndufour/.ssh/id_nix_builder")
+    );
     assert_eq!(m.max_jobs, 12);
     assert_eq!(m.speed_factor, 4.0);
-    assert_eq!(m.supported_features, set(&["benchmark", "big-parallel", "kvm", "nixos-test"]));
+    assert_eq!(
+        m.supported_features,
+        set(&["benchmark", "big-parallel", "kvm", "nixos-test"])
+    );
     assert_eq!(m.mandatory_features, set(&["benchmark"]));
     let key = m.public_host_key.as_ref().expect("host key");
     assert_eq!(key.base64, b64);
@@ -108,8 +119,18 @@ ssh-ng://nix-builder@nas-01 x86_64-linux,aarch64-linux - 4 1 nixos-test,benchmar
         .filter(|m| m.accepts("aarch64-linux", &set(&["big-parallel"])))
         .filter_map(Machine::host)
         .collect();
-    assert_eq!(arm, ["nix-builder@opi01.internal", "nix-builder@opi02.internal", "nix-builder@nas-01"]);
-    assert!(v.iter().all(|m| m.public_host_key.is_none() && m.mandatory_features.is_empty()));
+    assert_eq!(
+        arm,
+        [
+            "nix-builder@opi01.internal",
+            "nix-builder@opi02.internal",
+            "nix-builder@nas-01"
+        ]
+    );
+    assert!(
+        v.iter()
+            .all(|m| m.public_host_key.is_none() && m.mandatory_features.is_empty())
+    );
 }
 
 #[test]
@@ -135,11 +156,16 @@ fn builders_setting_with_real_machines_file() {
     let more = dir.path().join("more");
     std::fs::write(
         &machines,
-        format!("# builders\nbuilder1 x86_64-linux - 2\n@{}\n@{}/absent\n", more.display(), dir.path().display()),
+        format!(
+            "# builders\nbuilder1 x86_64-linux - 2\n@{}\n@{}/absent\n",
+            more.display(),
+            dir.path().display()
+        ),
     )
     .expect("write");
     std::fs::write(&more, "builder2 aarch64-linux - 1 2.5 ; builder3\n").expect("write");
-    let v = parse_builders_setting(&format!("@{}", machines.display()), "x86_64-linux").expect("parse");
+    let v =
+        parse_builders_setting(&format!("@{}", machines.display()), "x86_64-linux").expect("parse");
     let got: Vec<(&str, u64, f64)> = v
         .iter()
         .map(|m| (m.store_uri.as_str(), m.max_jobs, m.speed_factor))
@@ -168,7 +194,10 @@ fn malformed_bad_max_jobs() {
 #[test]
 fn malformed_negative_speed_factor() {
     let e = parse("h x86_64-linux - 1 -2").expect_err("negative");
-    assert!(matches!(e, MachinesError::NegativeSpeedFactor { line: 1, .. }));
+    assert!(matches!(
+        e,
+        MachinesError::NegativeSpeedFactor { line: 1, .. }
+    ));
     assert_eq!(
         e.to_string(),
         "/etc/nix/machines line 1, field 5 (speedFactor): speed factor must be >= 0, got '-2'"
@@ -200,15 +229,20 @@ fn malformed_include_cycle() {
             _ => None,
         })
     };
-    let e = parse_machines("@/etc/nix/machines", BUILDERS_SETTING_SOURCE, "x86_64-linux", &loader)
-        .expect_err("cycle");
+    let e = parse_machines(
+        "@/etc/nix/machines",
+        BUILDERS_SETTING_SOURCE,
+        "x86_64-linux",
+        &loader,
+    )
+    .expect_err("cycle");
     assert_eq!(
         e.to_string(),
         "/etc/nix/machines.d/more line 3: machines file '/etc/nix/machines' includes itself (include cycle)"
     );
     // A file including itself directly.
     let loader = |p: &Path| -> io::Result<Option<String>> {
-        Ok((p == PathBuf::from("/m")).then(|| "@/m".to_owned()))
+        Ok((p == Path::new("/m")).then(|| "@/m".to_owned()))
     };
     assert!(matches!(
         parse_machines("@/m", "t", "x", &loader),
