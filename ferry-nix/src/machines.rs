@@ -1,1 +1,767 @@
-//! (being written)
+//! The remote-builder machine list (the `builders` setting and machines files), following
+//! `src/libstore/machines.cc` (Nix 2.8 and HEAD, see hook-protocol.md §2.1), and the slot-lock
+//! file names of `build-remote.cc` (§2.2) so Ferry and stock hooks share slot accounting.
+//!
+//! Format: entries separated by newlines and `;`; `#` starts a comment; `@PATH` reads another
+//! file recursively (a missing file is ignored). Each entry has up to 8 whitespace-separated
+//! positional fields; `-` leaves a field unset:
+//!
+//! `storeUri systems sshKey maxJobs speedFactor supportedFeatures mandatoryFeatures publicHostKey`
+//!
+//! Version differences and Ferry's choices:
+//! - Comments: Nix 2.8 splits on `\n` and `;` first and strips `#…` from each piece, so a `;`
+//!   inside a comment starts a new entry (`a # x; b` is two machines, `a` and `b`). HEAD strips
+//!   the comment from each line first (`a # x; b` is only `a`). Ferry follows HEAD.
+//! - speedFactor: 2.8 parses an `unsigned int` and uses `max(1, n)`; from 2.20 it is a `float`
+//!   where 0 means 1.0 and a negative value is an error. Ferry follows 2.20 (a 2.8 integer is a
+//!   valid float with the same meaning except that 2.8 rejects fractions). Ferry also rejects
+//!   NaN and infinities, which the float parse would let through.
+//! - Nix silently ignores fields after the 8th; Ferry reports them, since they are always a
+//!   mistake (usually a space inside a comma list).
+//! - Nix does not guard against `@file` cycles (it recurses until the stack overflows); Ferry
+//!   reports a cycle and limits nesting to [`MAX_INCLUDE_DEPTH`].
+//! - `@PATH` is used as written (relative paths are relative to the process's directory, `/`
+//!   for a hook), exactly as Nix passes it to `readFile`.
+
+use crate::nixconf::{FileLoader, MAX_INCLUDE_DEPTH, RealFs, normalize_path};
+use base64::Engine as _;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// Source name used in errors for the `builders` setting itself.
+pub const BUILDERS_SETTING_SOURCE: &str = "the 'builders' setting";
+
+/// Directory under the state directory holding the slot locks (`build-remote.cc`).
+pub const CURRENT_LOAD_DIR: &str = "current-load";
+/// The lock taken while choosing a machine.
+pub const MAIN_LOCK: &str = "main-lock";
+
+/// Human names of the 8 fields, index = field number − 1.
+const FIELD_NAMES: [&str; 8] = [
+    "storeUri",
+    "systems",
+    "sshKey",
+    "maxJobs",
+    "speedFactor",
+    "supportedFeatures",
+    "mandatoryFeatures",
+    "publicHostKey",
+];
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum MachinesError {
+    #[error("{src} line {line}, field 1 (storeUri): a store URI is required, got '-'")]
+    MissingStoreUri { src: String, line: usize },
+    #[error("{src} line {line}, field {field} ({name}): '{value}' is not {expected}")]
+    BadField {
+        src: String,
+        line: usize,
+        field: usize,
+        name: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("{src} line {line}, field 5 (speedFactor): speed factor must be >= 0, got '{value}'")]
+    NegativeSpeedFactor {
+        src: String,
+        line: usize,
+        value: String,
+    },
+    #[error("{src} line {line}, field 8 (publicHostKey): '{value}' is not valid base64: {reason}")]
+    BadHostKey {
+        src: String,
+        line: usize,
+        value: String,
+        reason: String,
+    },
+    #[error(
+        "{src} line {line}: {count} fields, a machine has at most 8 (is there a space inside a comma-separated list?)"
+    )]
+    TooManyFields {
+        src: String,
+        line: usize,
+        count: usize,
+    },
+    #[error("{src} line {line}: machines file '{path}' includes itself (include cycle)")]
+    IncludeCycle {
+        src: String,
+        line: usize,
+        path: String,
+    },
+    #[error("{src} line {line}: machines files nested deeper than {MAX_INCLUDE_DEPTH} at '{path}'")]
+    IncludeTooDeep {
+        src: String,
+        line: usize,
+        path: String,
+    },
+    #[error("{src} line {line}: cannot read machines file '{path}': {reason}")]
+    Read {
+        src: String,
+        line: usize,
+        path: String,
+        reason: String,
+    },
+}
+
+/// A public host key from field 8: the base64 as written and its decoded text, a
+/// `known_hosts`-style key such as `ssh-ed25519 AAAA… comment`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicHostKey {
+    pub base64: String,
+    pub decoded: String,
+}
+
+impl PublicHostKey {
+    /// The line Nix writes into its temporary `known_hosts` file (2.8 `src/libstore/ssh.cc`:
+    /// `host + " " + decoded + "\n"`, with the user part of `user@host` removed). The trailing
+    /// newline of a base64-encoded `.pub` file is dropped so the entry is a single line.
+    pub fn known_hosts_line(&self, host: &str) -> String {
+        let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+        format!("{host} {}\n", self.decoded.trim_end_matches(['\n', '\r']))
+    }
+}
+
+/// One remote builder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Machine {
+    /// Store URI, with `ssh://` prepended to a bare host name.
+    pub store_uri: String,
+    /// Systems it builds for; the caller's `this_system` when the field is unset.
+    pub systems: Vec<String>,
+    pub ssh_key: Option<String>,
+    /// Concurrent builds (slots); 1 when unset.
+    pub max_jobs: u64,
+    /// Relative speed, > 0; 1.0 when unset or 0.
+    pub speed_factor: f64,
+    pub supported_features: BTreeSet<String>,
+    /// The machine only takes derivations that require all of these.
+    pub mandatory_features: BTreeSet<String>,
+    pub public_host_key: Option<PublicHostKey>,
+}
+
+/// The `Machine` constructor's rule: prepend `ssh://` unless the URI has a scheme, contains a
+/// `/` anywhere (a path), or is one of the special store words (optionally with parameters).
+pub fn normalize_store_uri(uri: &str) -> String {
+    let keep = uri.contains("://")
+        || uri.contains('/')
+        || matches!(uri, "auto" | "daemon" | "local")
+        || ["auto?", "daemon?", "local?", "?"]
+            .iter()
+            .any(|p| uri.starts_with(p));
+    if keep {
+        uri.to_owned()
+    } else {
+        format!("ssh://{uri}")
+    }
+}
+
+impl Machine {
+    /// The scheme (`ssh`, `ssh-ng`, …), or `None` for `auto`, `daemon`, `local`, paths.
+    pub fn scheme(&self) -> Option<&str> {
+        self.store_uri.split_once("://").map(|(s, _)| s)
+    }
+
+    /// The `user@host[:port]` part of an `ssh://` or `ssh-ng://` URI.
+    pub fn host(&self) -> Option<&str> {
+        let (scheme, rest) = self.store_uri.split_once("://")?;
+        if scheme != "ssh" && scheme != "ssh-ng" {
+            return None;
+        }
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        rest.get(..end).filter(|h| !h.is_empty())
+    }
+
+    /// `Machine::systemSupported`: `builtin` derivations run anywhere.
+    pub fn system_supported(&self, system: &str) -> bool {
+        system == "builtin" || self.systems.iter().any(|s| s == system)
+    }
+
+    /// `Machine::allSupported`: every required feature is supported or mandatory.
+    pub fn all_supported<I, S>(&self, required: I) -> bool
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        required.into_iter().all(|f| {
+            self.supported_features.contains(f.as_ref())
+                || self.mandatory_features.contains(f.as_ref())
+        })
+    }
+
+    /// `Machine::mandatoryMet`: every mandatory feature is required by the derivation.
+    pub fn mandatory_met<I, S>(&self, required: I) -> bool
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let required: BTreeSet<String> = required
+            .into_iter()
+            .map(|s| s.as_ref().to_owned())
+            .collect();
+        self.mandatory_features.iter().all(|m| required.contains(m))
+    }
+
+    /// The stock hook's eligibility test (hook-protocol.md §2.1), without the per-process
+    /// `enabled` flag: system, `all_supported` and `mandatory_met`.
+    pub fn accepts(&self, system: &str, required: &BTreeSet<String>) -> bool {
+        self.system_supported(system)
+            && self.all_supported(required)
+            && self.mandatory_met(required)
+    }
+
+    /// The `system-features` store parameter Nix passes: supported then mandatory features,
+    /// space-separated (`Machine::openStore`).
+    pub fn system_features_param(&self) -> String {
+        self.supported_features
+            .iter()
+            .chain(self.mandatory_features.iter())
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// The stock slot-lock file name for `slot` of this machine.
+    pub fn slot_lock_name(&self, slot: u64) -> String {
+        slot_lock_name(&self.store_uri, slot)
+    }
+}
+
+/// `escapeUri` of `build-remote.cc`: every `/` becomes `_`.
+pub fn escape_uri(uri: &str) -> String {
+    uri.replace('/', "_")
+}
+
+/// `<stateDir>/current-load`.
+pub fn current_load_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join(CURRENT_LOAD_DIR)
+}
+
+/// Name of a slot lock under `current-load`: `<uri, '/'→'_'>-<slot>` (2.8 `openSlotLock`).
+/// HEAD escapes `storeUri.render()`, which is the same string for URIs without query
+/// parameters; Ferry uses the URI as written in the machines file, like 2.8.
+pub fn slot_lock_name(store_uri: &str, slot: u64) -> String {
+    format!("{}-{slot}", escape_uri(store_uri))
+}
+
+/// Name of the upload lock under `current-load`: `<uri, '/'→'_'>.upload-lock`.
+pub fn upload_lock_name(store_uri: &str) -> String {
+    format!("{}.upload-lock", escape_uri(store_uri))
+}
+
+/// Parses a machines specification (the value of `builders` or a machines file's text).
+/// `source` names it in errors; `this_system` is the default for an unset systems field;
+/// `@file` entries are read through `loader`.
+pub fn parse_machines(
+    text: &str,
+    source: &str,
+    this_system: &str,
+    loader: &dyn FileLoader,
+) -> Result<Vec<Machine>, MachinesError> {
+    let mut out = Vec::new();
+    let mut stack = Vec::new();
+    expand(text, source, this_system, loader, &mut stack, &mut out)?;
+    Ok(out)
+}
+
+/// Parses the `builders` setting, reading `@file` entries from the real filesystem.
+pub fn parse_builders_setting(
+    value: &str,
+    this_system: &str,
+) -> Result<Vec<Machine>, MachinesError> {
+    parse_machines(value, BUILDERS_SETTING_SOURCE, this_system, &RealFs)
+}
+
+fn expand(
+    text: &str,
+    src: &str,
+    this_system: &str,
+    loader: &dyn FileLoader,
+    stack: &mut Vec<PathBuf>,
+    out: &mut Vec<Machine>,
+) -> Result<(), MachinesError> {
+    for (idx, raw) in text.split('\n').enumerate() {
+        let line = idx + 1;
+        // HEAD `expandBuilderLines`: strip the comment, then split on ';'.
+        let uncommented = raw.split('#').next().unwrap_or("");
+        for entry in uncommented.split(';') {
+            let entry = entry.trim_matches([' ', '\t', '\n', '\r']);
+            if entry.is_empty() {
+                continue;
+            }
+            if let Some(path) = entry.strip_prefix('@') {
+                let path = path.trim_matches([' ', '\t', '\n', '\r']);
+                include(path, src, line, this_system, loader, stack, out)?;
+                continue;
+            }
+            out.push(parse_entry(entry, src, line, this_system)?);
+        }
+    }
+    Ok(())
+}
+
+fn include(
+    path: &str,
+    src: &str,
+    line: usize,
+    this_system: &str,
+    loader: &dyn FileLoader,
+    stack: &mut Vec<PathBuf>,
+    out: &mut Vec<Machine>,
+) -> Result<(), MachinesError> {
+    let key = normalize_path(Path::new(path));
+    if stack.contains(&key) {
+        return Err(MachinesError::IncludeCycle {
+            src: src.to_owned(),
+            line,
+            path: path.to_owned(),
+        });
+    }
+    if stack.len() >= MAX_INCLUDE_DEPTH {
+        return Err(MachinesError::IncludeTooDeep {
+            src: src.to_owned(),
+            line,
+            path: path.to_owned(),
+        });
+    }
+    match loader.load(Path::new(path)) {
+        // Nix: "cannot find machines file", logged at debug level only.
+        Ok(None) => Ok(()),
+        Ok(Some(text)) => {
+            stack.push(key);
+            let r = expand(&text, path, this_system, loader, stack, out);
+            stack.pop();
+            r
+        }
+        Err(e) => Err(MachinesError::Read {
+            src: src.to_owned(),
+            line,
+            path: path.to_owned(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Nix's `tokenizeString(s, ",")`: empty items are dropped.
+fn comma_list(s: &str) -> impl Iterator<Item = String> + '_ {
+    s.split(',').filter(|t| !t.is_empty()).map(str::to_owned)
+}
+
+/// Base64 as Nix's `base64Decode` accepts it: standard alphabet, padding optional.
+const LENIENT_BASE64: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true),
+);
+
+fn parse_entry(
+    entry: &str,
+    src: &str,
+    line: usize,
+    this_system: &str,
+) -> Result<Machine, MachinesError> {
+    let fields: Vec<&str> = entry
+        .split([' ', '\t', '\n', '\r'])
+        .filter(|t| !t.is_empty())
+        .collect();
+    if fields.len() > FIELD_NAMES.len() {
+        return Err(MachinesError::TooManyFields {
+            src: src.to_owned(),
+            line,
+            count: fields.len(),
+        });
+    }
+    // `isSet`: present and not "-".
+    let get = |i: usize| fields.get(i).copied().filter(|f| *f != "-");
+    let bad = |i: usize, value: &str, expected: &'static str| MachinesError::BadField {
+        src: src.to_owned(),
+        line,
+        field: i + 1,
+        name: FIELD_NAMES.get(i).copied().unwrap_or("?"),
+        value: value.to_owned(),
+        expected,
+    };
+
+    let store_uri = get(0).ok_or_else(|| MachinesError::MissingStoreUri {
+        src: src.to_owned(),
+        line,
+    })?;
+
+    let systems = match get(1) {
+        Some(s) => {
+            let mut v: Vec<String> = Vec::new();
+            for sys in comma_list(s) {
+                if !v.contains(&sys) {
+                    v.push(sys);
+                }
+            }
+            v
+        }
+        None => vec![this_system.to_owned()],
+    };
+
+    // Nix: `string2Int<unsigned int>`.
+    let max_jobs = match get(3) {
+        Some(s) => crate::nixconf::parse_u64(s)
+            .filter(|n| *n <= u64::from(u32::MAX))
+            .ok_or_else(|| bad(3, s, "a number (an unsigned integer)"))?,
+        None => 1,
+    };
+
+    let speed_factor = match get(4) {
+        Some(s) => {
+            let f: f64 = s
+                .parse()
+                .ok()
+                .filter(|f: &f64| !f.is_nan() && f.is_finite())
+                .ok_or_else(|| bad(4, s, "a number (a finite decimal)"))?;
+            if f < 0.0 {
+                return Err(MachinesError::NegativeSpeedFactor {
+                    src: src.to_owned(),
+                    line,
+                    value: s.to_owned(),
+                });
+            }
+            if f == 0.0 { 1.0 } else { f }
+        }
+        None => 1.0,
+    };
+
+    let public_host_key = match get(7) {
+        Some(b64) => {
+            let bytes = LENIENT_BASE64
+                .decode(b64)
+                .map_err(|e| MachinesError::BadHostKey {
+                    src: src.to_owned(),
+                    line,
+                    value: b64.to_owned(),
+                    reason: e.to_string(),
+                })?;
+            let decoded = String::from_utf8(bytes).map_err(|_| MachinesError::BadHostKey {
+                src: src.to_owned(),
+                line,
+                value: b64.to_owned(),
+                reason: "the decoded key is not text (expected e.g. 'ssh-ed25519 AAAA…')".into(),
+            })?;
+            Some(PublicHostKey {
+                base64: b64.to_owned(),
+                decoded,
+            })
+        }
+        None => None,
+    };
+
+    Ok(Machine {
+        store_uri: normalize_store_uri(store_uri),
+        systems,
+        ssh_key: get(2).map(str::to_owned),
+        max_jobs,
+        speed_factor,
+        supported_features: get(5).map(|s| comma_list(s).collect()).unwrap_or_default(),
+        mandatory_features: get(6).map(|s| comma_list(s).collect()).unwrap_or_default(),
+        public_host_key,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::io;
+
+    fn no_files(_: &Path) -> io::Result<Option<String>> {
+        Ok(None)
+    }
+
+    fn one(line: &str) -> Machine {
+        let mut v = parse_machines(line, "test", "x86_64-linux", &no_files).expect("parse");
+        assert_eq!(v.len(), 1, "{line}");
+        v.remove(0)
+    }
+
+    fn err(line: &str) -> MachinesError {
+        parse_machines(line, "/etc/nix/machines", "x86_64-linux", &no_files).expect_err(line)
+    }
+
+    fn set(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn seed_line() {
+        let m = one("ssh://nix-builder@192.168.15.6 x86_64-linux /etc/nix/builder_key 2 1");
+        assert_eq!(m.store_uri, "ssh://nix-builder@192.168.15.6");
+        assert_eq!(m.systems, vec!["x86_64-linux"]);
+        assert_eq!(m.ssh_key.as_deref(), Some("/etc/nix/builder_key"));
+        assert_eq!(m.max_jobs, 2);
+        assert_eq!(m.speed_factor, 1.0);
+        assert!(m.supported_features.is_empty() && m.mandatory_features.is_empty());
+        assert_eq!(m.public_host_key, None);
+        assert_eq!(m.host(), Some("nix-builder@192.168.15.6"));
+        assert_eq!(m.scheme(), Some("ssh"));
+    }
+
+    #[test]
+    fn defaults_and_placeholders() {
+        let m = one("builder");
+        assert_eq!(m.store_uri, "ssh://builder");
+        assert_eq!(m.systems, vec!["x86_64-linux"]);
+        assert_eq!((m.max_jobs, m.speed_factor, m.ssh_key), (1, 1.0, None));
+        let m = one("ssh-ng://b - - - 0 - - -");
+        assert_eq!(m.systems, vec!["x86_64-linux"]);
+        assert_eq!((m.max_jobs, m.speed_factor), (1, 1.0));
+        assert_eq!(m.host(), Some("b"));
+    }
+
+    #[test]
+    fn store_uri_prefix_rule() {
+        for (given, want) in [
+            ("host", "ssh://host"),
+            ("user@host", "ssh://user@host"),
+            ("ssh-ng://host", "ssh-ng://host"),
+            ("auto", "auto"),
+            ("daemon", "daemon"),
+            ("local", "local"),
+            ("local?root=/tmp/x", "local?root=/tmp/x"),
+            ("auto?x=1", "auto?x=1"),
+            ("?root=x", "?root=x"),
+            ("/some/path", "/some/path"),
+            ("relative/path", "relative/path"),
+            ("localhost?remote-store=x", "ssh://localhost?remote-store=x"),
+            ("autox", "ssh://autox"),
+        ] {
+            assert_eq!(normalize_store_uri(given), want, "{given}");
+        }
+        let m = one("auto");
+        assert_eq!((m.scheme(), m.host()), (None, None));
+        let m = one("ssh://localhost?remote-store=/tmp/m1?system-features=foo - - 1 1 foo");
+        assert_eq!(m.host(), Some("localhost"));
+        assert_eq!(m.supported_features, set(&["foo"]));
+        let m = one("ssh://u@[::1]:2222/ x86_64-linux");
+        assert_eq!(m.host(), Some("u@[::1]:2222"));
+    }
+
+    #[test]
+    fn host_key_without_padding_is_accepted() {
+        // Nix's base64Decode stops at '=' and does not require padding.
+        let m = one("h - - - - - - c3NoLWVkMjU1MTkgQUFBQQ");
+        assert_eq!(
+            m.public_host_key.map(|k| k.decoded),
+            Some("ssh-ed25519 AAAA".into())
+        );
+    }
+
+    #[test]
+    fn eligibility() {
+        let m = one("h x86_64-linux,aarch64-linux - 2 1 big-parallel,kvm benchmark");
+        assert!(m.system_supported("aarch64-linux"));
+        assert!(m.system_supported("builtin"));
+        assert!(!m.system_supported("i686-linux"));
+        let req = set(&["benchmark", "kvm"]);
+        assert!(m.all_supported(&req) && m.mandatory_met(&req) && m.accepts("x86_64-linux", &req));
+        // The mandatory feature must be required.
+        assert!(!m.mandatory_met(["kvm"]));
+        assert!(!m.accepts("x86_64-linux", &set(&["kvm"])));
+        // Unknown feature.
+        assert!(!m.all_supported(["benchmark", "cuda"]));
+        assert!(m.all_supported(Vec::<String>::new()));
+    }
+
+    #[test]
+    fn separators_and_comments_follow_head() {
+        let text = "# fleet\na x86_64-linux ; b aarch64-linux\n\n  c # comment; d\n;;\n";
+        let v = parse_machines(text, "t", "x86_64-linux", &no_files).expect("parse");
+        let uris: Vec<&str> = v.iter().map(|m| m.store_uri.as_str()).collect();
+        // 2.8 would also yield `ssh://d` (it splits on ';' before stripping comments).
+        assert_eq!(uris, ["ssh://a", "ssh://b", "ssh://c"]);
+        assert_eq!(
+            v.get(1).map(|m| m.systems.clone()),
+            Some(vec!["aarch64-linux".to_owned()])
+        );
+    }
+
+    #[test]
+    fn speed_factors() {
+        assert_eq!(one("h - - - 2.5").speed_factor, 2.5);
+        assert_eq!(one("h - - - 0").speed_factor, 1.0);
+        assert_eq!(one("h - - - 0.0").speed_factor, 1.0);
+        assert_eq!(one("h - - - 3").speed_factor, 3.0);
+        assert!(matches!(
+            err("h - - - nan"),
+            MachinesError::BadField { field: 5, .. }
+        ));
+        assert!(matches!(
+            err("h - - - inf"),
+            MachinesError::BadField { field: 5, .. }
+        ));
+    }
+
+    #[test]
+    fn bad_max_jobs() {
+        let e = err("a\nb\nh x86_64-linux - x 1");
+        assert_eq!(
+            e.to_string(),
+            "/etc/nix/machines line 3, field 4 (maxJobs): 'x' is not a number (an unsigned integer)"
+        );
+        assert!(matches!(
+            err("h - - -1"),
+            MachinesError::BadField { field: 4, .. }
+        ));
+        assert!(matches!(
+            err("h - - 4294967296"),
+            MachinesError::BadField { field: 4, .. }
+        ));
+        assert_eq!(one("h - - 4294967295").max_jobs, u64::from(u32::MAX));
+    }
+
+    #[test]
+    fn negative_speed_factor() {
+        let e = err("h - - 1 -1.5");
+        assert_eq!(
+            e,
+            MachinesError::NegativeSpeedFactor {
+                src: "/etc/nix/machines".into(),
+                line: 1,
+                value: "-1.5".into()
+            }
+        );
+        assert!(e.to_string().contains("field 5 (speedFactor)"));
+    }
+
+    #[test]
+    fn bad_base64_host_key() {
+        let e = err("h - - - - - - not*base64");
+        assert!(
+            matches!(e, MachinesError::BadHostKey { line: 1, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("field 8 (publicHostKey)"), "{e}");
+        let e = err("h - - - - - - //79");
+        assert!(e.to_string().contains("not text"), "{e}");
+    }
+
+    #[test]
+    fn too_many_fields() {
+        let e = err("h x86_64-linux - 1 1 kvm, big-parallel - -");
+        assert_eq!(
+            e,
+            MachinesError::TooManyFields {
+                src: "/etc/nix/machines".into(),
+                line: 1,
+                count: 9
+            }
+        );
+    }
+
+    #[test]
+    fn missing_store_uri() {
+        assert!(matches!(
+            err("- x86_64-linux"),
+            MachinesError::MissingStoreUri { line: 1, .. }
+        ));
+    }
+
+    fn fs(files: &[(&str, &str)]) -> impl Fn(&Path) -> io::Result<Option<String>> {
+        let map: HashMap<PathBuf, String> = files
+            .iter()
+            .map(|(p, t)| (PathBuf::from(p), (*t).to_owned()))
+            .collect();
+        move |p: &Path| Ok(map.get(p).cloned())
+    }
+
+    #[test]
+    fn includes_recursive_and_missing_ignored() {
+        let loader = fs(&[
+            (
+                "/etc/nix/machines",
+                "a\n@/etc/nix/more # more machines\n@/etc/nix/absent\n",
+            ),
+            ("/etc/nix/more", "b aarch64-linux\n"),
+        ]);
+        let v = parse_machines(
+            "@/etc/nix/machines; c",
+            BUILDERS_SETTING_SOURCE,
+            "x86_64-linux",
+            &loader,
+        )
+        .expect("parse");
+        let uris: Vec<&str> = v.iter().map(|m| m.store_uri.as_str()).collect();
+        assert_eq!(uris, ["ssh://a", "ssh://b", "ssh://c"]);
+    }
+
+    #[test]
+    fn errors_in_included_files_name_the_file() {
+        let loader = fs(&[("/etc/nix/machines", "ok\n\nh - - x\n")]);
+        let e = parse_machines(
+            "@/etc/nix/machines",
+            BUILDERS_SETTING_SOURCE,
+            "x86_64-linux",
+            &loader,
+        )
+        .expect_err("bad");
+        assert!(
+            e.to_string()
+                .starts_with("/etc/nix/machines line 3, field 4 (maxJobs)"),
+            "{e}"
+        );
+        let e = parse_machines("a\nh - - 1 -2", BUILDERS_SETTING_SOURCE, "x", &no_files)
+            .expect_err("bad");
+        assert!(
+            e.to_string().starts_with("the 'builders' setting line 2"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn include_cycle() {
+        let loader = fs(&[("/m/a", "x\n@/m/b\n"), ("/m/b", "@/m/./a\n")]);
+        let e = parse_machines("@/m/a", "t", "x86_64-linux", &loader).expect_err("cycle");
+        assert_eq!(
+            e,
+            MachinesError::IncludeCycle {
+                src: "/m/b".into(),
+                line: 1,
+                path: "/m/./a".into()
+            }
+        );
+    }
+
+    #[test]
+    fn read_error_is_reported() {
+        let loader = |_: &Path| -> io::Result<Option<String>> {
+            Err(io::Error::from(io::ErrorKind::PermissionDenied))
+        };
+        let e = parse_machines("@/etc/nix/machines", "t", "x", &loader).expect_err("read");
+        assert!(matches!(e, MachinesError::Read { .. }));
+    }
+
+    #[test]
+    fn lock_names() {
+        assert_eq!(
+            slot_lock_name("ssh://nix-builder@192.168.15.6", 0),
+            "ssh:__nix-builder@192.168.15.6-0"
+        );
+        assert_eq!(upload_lock_name("ssh-ng://b/x"), "ssh-ng:__b_x.upload-lock");
+        assert_eq!(
+            current_load_dir(Path::new("/nix/var/nix")).join(MAIN_LOCK),
+            PathBuf::from("/nix/var/nix/current-load/main-lock")
+        );
+    }
+
+    #[test]
+    fn real_files_through_builders_setting() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("machines");
+        std::fs::write(&p, "ssh://x aarch64-linux - 3\n").expect("write");
+        let v =
+            parse_builders_setting(&format!("@{}", p.display()), "x86_64-linux").expect("parse");
+        assert_eq!(v.len(), 1);
+        assert_eq!(v.first().map(|m| m.max_jobs), Some(3));
+        let v = parse_builders_setting(&format!("@{}/absent", dir.path().display()), "x")
+            .expect("parse");
+        assert!(v.is_empty());
+        assert!(parse_builders_setting("", "x").expect("empty").is_empty());
+    }
+}
