@@ -1,1 +1,545 @@
-//! (being written)
+//! A real Nix fleet on one machine, for Ferry's end-to-end tests and demo.
+//!
+//! Each host (one client, N builders, later caches) gets its own network namespace and its
+//! own mount namespace in which a host directory is bind-mounted over `/nix` and another over
+//! `/etc/nix`: every host has its own store and its own `nix.conf`, and nothing is written to
+//! the machine's global `/etc/nix`. Builders run their own `sshd`; the client runs a real
+//! `nix-daemon`. See `shared/docs/fleet.md` for the recipe and the rules that keep it safe:
+//! fleet addresses exist only inside the namespaces, and every command that may reach them
+//! runs inside the client's namespace.
+//!
+//! A [`Fleet`] tears everything down on drop, also when a test panics: it kills every process
+//! in its namespaces, which releases the private mounts, and deletes the namespaces.
+//! Names embed the creating process id, so [`reap_stale`] can remove what a killed test run
+//! left behind without touching fleets of live processes.
+
+use anyhow::{Context, Result, anyhow, bail};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Prefix of every namespace a fleet creates: `fy<pid>n<seq><host>`.
+const NS_PREFIX: &str = "fy";
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// The system string of this machine, as Nix calls it.
+pub const SYSTEM: &str = "x86_64-linux";
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// Number of builders (each with its own sshd and store).
+    pub builders: usize,
+    /// Slots per builder in the machines file.
+    pub max_jobs_per_builder: u32,
+    /// Extra lines for the client's `nix.conf` (for example `build-hook = ...`).
+    pub client_conf: String,
+    /// Environment for the client's nix-daemon (for example `NIX_SSHOPTS`).
+    pub daemon_env: Vec<(String, String)>,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            builders: 1,
+            max_jobs_per_builder: 2,
+            client_conf: String::new(),
+            daemon_env: Vec::new(),
+        }
+    }
+}
+
+/// One host of the fleet.
+pub struct Host {
+    /// Short role name: `client`, `b0`, `b1`, ...
+    pub role: String,
+    /// The network namespace.
+    pub netns: String,
+    /// The host's directory: `nix/` (its `/nix`), `etc-nix/` (its `/etc/nix`), logs.
+    pub dir: PathBuf,
+    /// The host's address on its link to the client (for the client: unused).
+    pub addr: String,
+    holder: Child,
+    daemons: Vec<Child>,
+}
+
+impl Host {
+    /// This host's view of a path under `/nix` (its store lives at `dir/nix/store`).
+    pub fn nix_path(&self, p: &str) -> PathBuf {
+        self.dir.join(p.trim_start_matches('/'))
+    }
+
+    /// Does this host's store hold `store_path` (an absolute `/nix/store/...` path)?
+    pub fn has_store_path(&self, store_path: &str) -> bool {
+        self.nix_path(store_path).symlink_metadata().is_ok()
+    }
+
+    /// A command that runs inside this host's network and mount namespaces.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg("-t")
+            .arg(self.holder.id().to_string())
+            .args(["-m", "-n", "--"])
+            .arg(program);
+        c
+    }
+}
+
+/// A client with N builders, each in its own namespaces.
+pub struct Fleet {
+    pub id: String,
+    pub root: tempfile::TempDir,
+    pub client: Host,
+    pub builders: Vec<Host>,
+    /// The client's private key, accepted by every builder's sshd.
+    pub client_key: PathBuf,
+    subnet: (u8, u8),
+    config: FleetConfig,
+}
+
+/// Runs a command and fails with its stderr when it does not exit 0.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed with {}:\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args)).map(|_| ())
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<()> {
+    let start = Instant::now();
+    while !ok() {
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Removes namespaces left behind by fleets whose process is gone (a test run killed with
+/// SIGKILL cannot run its destructors).
+pub fn reap_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(rest) = name.strip_prefix(NS_PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('n').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        kill_netns_processes(name);
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
+    }
+}
+
+fn kill_netns_processes(netns: &str) {
+    // Every process of a host runs in its network namespace: killing them all releases the
+    // private mount namespace too (it dies with its last process).
+    for _ in 0..50 {
+        let Ok(out) = Command::new("ip").args(["netns", "pids", netns]).output() else {
+            return;
+        };
+        let pids: Vec<i32> = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        if pids.is_empty() {
+            return;
+        }
+        for p in pids {
+            let _ = Command::new("kill").args(["-9", &p.to_string()]).status();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+const BASE_CONF: &str = "\
+# Written by Ferry's test fleet: this host's own /etc/nix/nix.conf.
+# Hosts share the kernel and /etc/passwd: builds run as root so that hosts never kill each
+# other's nixbld users' processes (fleet.md).
+build-users-group =
+sandbox = false
+substituters =
+experimental-features = nix-command
+trusted-users = root
+";
+
+impl Fleet {
+    /// Starts a fleet; on any error, what was started so far is torn down.
+    pub fn start(config: FleetConfig) -> Result<Fleet> {
+        reap_stale();
+        let seq = SEQ.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        let id = format!("{NS_PREFIX}{pid}n{seq}");
+        // A /24 per fleet, unique among this process's fleets and spread across processes.
+        let mix = pid.wrapping_mul(2_654_435_761).wrapping_add(seq.wrapping_mul(97));
+        let subnet = (64 + (mix % 128) as u8, ((mix >> 8) % 256) as u8);
+        let root = tempfile::Builder::new()
+            .prefix(&format!("ferry-fleet-{id}-"))
+            .tempdir()
+            .context("creating the fleet directory")?;
+        let client_key = root.path().join("client_key");
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "ferry-fleet-client", "-f"])
+            .arg(&client_key))?;
+
+        let client = Self::start_host(&id, root.path(), "client", String::new())?;
+        let mut fleet = Fleet {
+            id,
+            root,
+            client,
+            builders: Vec::new(),
+            client_key,
+            subnet,
+            config,
+        };
+        for i in 0..fleet.config.builders {
+            fleet.add_builder(i)?;
+        }
+        fleet.write_machines()?;
+        fleet.start_client_daemon()?;
+        Ok(fleet)
+    }
+
+    fn start_host(id: &str, root: &Path, role: &str, addr: String) -> Result<Host> {
+        let netns = format!("{id}{role}");
+        let dir = root.join(role);
+        for d in ["nix/store", "nix/var/nix", "etc-nix", "log"] {
+            std::fs::create_dir_all(dir.join(d))?;
+        }
+        std::fs::write(dir.join("etc-nix/nix.conf"), BASE_CONF)?;
+        ip(&["netns", "add", &netns])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        // The holder keeps the host's mount namespace alive; everything else enters it.
+        let script = format!(
+            "mount --bind {nix} /nix && mount --bind {etc} /etc/nix && exec sleep 100000000",
+            nix = dir.join("nix").display(),
+            etc = dir.join("etc-nix").display()
+        );
+        let holder = Command::new("ip")
+            .args(["netns", "exec", &netns, "unshare", "-m", "--propagation", "private"])
+            .args(["sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the namespace holder")?;
+        let host = Host {
+            role: role.to_owned(),
+            netns,
+            dir,
+            addr,
+            holder,
+            daemons: Vec::new(),
+        };
+        // The holder is ready once its mount namespace shows the bind mount.
+        let conf = host.dir.join("etc-nix/nix.conf");
+        let pid = host.holder.id();
+        wait_until("the host's mounts", Duration::from_secs(10), || {
+            std::fs::read_to_string(format!("/proc/{pid}/root/etc/nix/nix.conf")).ok()
+                == std::fs::read_to_string(&conf).ok()
+        })?;
+        Ok(host)
+    }
+
+    fn client_addr(&self, i: usize) -> String {
+        format!("10.{}.{}.{}", self.subnet.0, self.subnet.1, 4 * i + 1)
+    }
+
+    fn builder_addr(&self, i: usize) -> String {
+        format!("10.{}.{}.{}", self.subnet.0, self.subnet.1, 4 * i + 2)
+    }
+
+    fn add_builder(&mut self, i: usize) -> Result<()> {
+        let addr = self.builder_addr(i);
+        let host = Self::start_host(&self.id, self.root.path(), &format!("b{i}"), addr.clone())?;
+        let c_if = format!("to-b{i}");
+        // The veth pair is created directly inside the two namespaces: no interface and no
+        // fleet address ever exists in the root namespace.
+        ip(&[
+            "link", "add", &c_if, "netns", &self.client.netns, "type", "veth", "peer", "name",
+            "to-client", "netns", &host.netns,
+        ])?;
+        let client_addr = format!("{}/30", self.client_addr(i));
+        ip(&["-n", &self.client.netns, "addr", "add", &client_addr, "dev", &c_if])?;
+        ip(&["-n", &host.netns, "addr", "add", &format!("{addr}/30"), "dev", "to-client"])?;
+        ip(&["-n", &self.client.netns, "link", "set", &c_if, "up"])?;
+        ip(&["-n", &host.netns, "link", "set", "to-client", "up"])?;
+
+        let host_key = host.dir.join("ssh_host_ed25519_key");
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "", "-f"])
+            .arg(&host_key))?;
+        let sshd_config = format!(
+            "ListenAddress {addr}\nHostKey {hk}\nPidFile {dir}/sshd.pid\nAuthorizedKeysFile {ck}.pub\n\
+             PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             UsePAM no\nStrictModes no\nMaxStartups 100\nMaxSessions 100\nLogLevel ERROR\n",
+            hk = host_key.display(),
+            dir = host.dir.display(),
+            ck = self.client_key.display(),
+        );
+        std::fs::write(host.dir.join("sshd_config"), sshd_config)?;
+        std::fs::create_dir_all("/run/sshd")?;
+        self.builders.push(host);
+        self.start_sshd(i)
+    }
+
+    /// The machines-file line for builder `i` (all 8 fields, host key pinned).
+    pub fn machine_line(&self, i: usize) -> Result<String> {
+        let b = &self.builders[i];
+        let pubkey = std::fs::read(b.dir.join("ssh_host_ed25519_key.pub"))?;
+        use base64::Engine as _;
+        let pk = base64::engine::general_purpose::STANDARD.encode(pubkey.trim_ascii_end());
+        Ok(format!(
+            "ssh://root@{} {SYSTEM} {} {} 1 - - {pk}",
+            b.addr,
+            self.client_key.display(),
+            self.config.max_jobs_per_builder
+        ))
+    }
+
+    /// Writes the client's `/etc/nix/machines` with every builder, and its nix.conf.
+    pub fn write_machines(&self) -> Result<()> {
+        let mut lines = String::new();
+        for i in 0..self.builders.len() {
+            lines.push_str(&self.machine_line(i)?);
+            lines.push('\n');
+        }
+        std::fs::write(self.client.dir.join("etc-nix/machines"), lines)?;
+        let conf = format!(
+            "{BASE_CONF}builders = @/etc/nix/machines\nmax-jobs = 1\n{}\n",
+            self.config.client_conf
+        );
+        std::fs::write(self.client.dir.join("etc-nix/nix.conf"), conf)?;
+        Ok(())
+    }
+
+    fn start_client_daemon(&mut self) -> Result<()> {
+        let log = std::fs::File::create(self.client.dir.join("log/nix-daemon.log"))?;
+        let mut cmd = self.client.command("nix-daemon");
+        cmd.env("XDG_CACHE_HOME", self.client.dir.join("cache"))
+            .envs(self.config.daemon_env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd.spawn().context("starting the client nix-daemon")?;
+        self.client.daemons.push(child);
+        let sock = self.client.nix_path("/nix/var/nix/daemon-socket/socket");
+        wait_until("the client nix-daemon socket", Duration::from_secs(10), || {
+            sock.exists()
+        })
+    }
+
+    /// Starts (or restarts) builder `i`'s sshd and waits until it listens.
+    pub fn start_sshd(&mut self, i: usize) -> Result<()> {
+        let b = &mut self.builders[i];
+        let log = std::fs::File::create(b.dir.join("log/sshd.log"))?;
+        let conf = b.dir.join("sshd_config");
+        let child = b
+            .command("/usr/sbin/sshd")
+            .arg("-D")
+            .arg("-f")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting sshd")?;
+        b.daemons.push(child);
+        let netns = b.netns.clone();
+        wait_until(&format!("sshd of b{i}"), Duration::from_secs(10), || {
+            Command::new("ip")
+                .args(["netns", "exec", &netns, "ss", "-Hltn", "sport", "=", ":22"])
+                .output()
+                .map(|o| !o.stdout.is_empty())
+                .unwrap_or(false)
+        })
+    }
+
+    /// Fault: builder `i` refuses connections (its sshd is stopped).
+    pub fn stop_sshd(&mut self, i: usize) -> Result<()> {
+        let b = &mut self.builders[i];
+        let pidfile = b.dir.join("sshd.pid");
+        for mut c in b.daemons.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(pidfile);
+        let netns = b.netns.clone();
+        wait_until(&format!("sshd of b{i} to stop"), Duration::from_secs(10), || {
+            Command::new("ip")
+                .args(["netns", "exec", &netns, "ss", "-Hltn", "sport", "=", ":22"])
+                .output()
+                .map(|o| o.stdout.is_empty())
+                .unwrap_or(false)
+        })
+    }
+
+    /// Fault: builder `i` drops every packet to its sshd (a machine that is off or
+    /// unreachable behind a firewall: connections hang until a time-out).
+    pub fn blackhole(&self, i: usize) -> Result<()> {
+        let ns = &self.builders[i].netns;
+        run(Command::new("ip").args([
+            "netns", "exec", ns, "iptables", "-w", "-A", "INPUT", "-p", "tcp", "--dport", "22",
+            "-j", "DROP",
+        ]))
+        .map(|_| ())
+    }
+
+    /// Fault: builder `i`'s link is slow: its outgoing traffic is shaped to `rate` (a `tc`
+    /// rate such as `256kbit`) with a token bucket. `tc netem` would also give delay, but the
+    /// kernels of this machine kind ship without `sch_netem`, so the fixture uses `tbf`.
+    pub fn throttle(&self, i: usize, rate: &str) -> Result<()> {
+        let ns = &self.builders[i].netns;
+        run(Command::new("ip").args([
+            "netns", "exec", ns, "tc", "qdisc", "replace", "dev", "to-client", "root", "tbf",
+            "rate", rate, "burst", "4kb", "latency", "2s",
+        ]))
+        .map(|_| ())
+    }
+
+    /// Fault: builder `i`'s sshd drops each incoming packet with probability `p`
+    /// (a lossy link, with iptables' `statistic` match since `netem` is not available).
+    pub fn lossy(&self, i: usize, p: f64) -> Result<()> {
+        let ns = &self.builders[i].netns;
+        let p = format!("{p}");
+        run(Command::new("ip").args([
+            "netns", "exec", ns, "iptables", "-w", "-A", "INPUT", "-p", "tcp", "--dport", "22",
+            "-m", "statistic", "--mode", "random", "--probability", &p, "-j", "DROP",
+        ]))
+        .map(|_| ())
+    }
+
+    /// Heals builder `i`: no packet filter, no netem (sshd is restarted separately).
+    pub fn heal(&self, i: usize) -> Result<()> {
+        let ns = &self.builders[i].netns;
+        run(Command::new("ip").args(["netns", "exec", ns, "iptables", "-w", "-F", "INPUT"]))?;
+        let _ = Command::new("ip")
+            .args(["netns", "exec", ns, "tc", "qdisc", "del", "dev", "to-client", "root"])
+            .output();
+        Ok(())
+    }
+
+    /// A command run on the client, talking to the client's nix-daemon.
+    pub fn client_command(&self, program: &str) -> Command {
+        let mut c = self.client.command(program);
+        c.env("NIX_REMOTE", "daemon")
+            .env("XDG_CACHE_HOME", self.client.dir.join("cache-cli"))
+            .env_remove("NIX_CONF_DIR")
+            .env_remove("NIX_USER_CONF_FILES");
+        c
+    }
+
+    /// `nix-build` of a Nix expression on the client. Returns the output (stdout: out paths).
+    pub fn nix_build(&self, expr: &str, extra_args: &[&str]) -> Output {
+        let mut c = self.client_command("nix-build");
+        c.args(["--no-out-link", "-E", expr]).args(extra_args);
+        c.stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("spawning nix-build: {e}"))
+    }
+
+    /// The client daemon's log so far (for failure messages).
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.client.dir.join("log/nix-daemon.log")).unwrap_or_default()
+    }
+
+    /// Tears the fleet down; also done on drop.
+    fn teardown(&mut self) {
+        for h in std::iter::once(&mut self.client).chain(self.builders.iter_mut()) {
+            for mut c in h.daemons.drain(..) {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            kill_netns_processes(&h.netns);
+            let _ = h.holder.kill();
+            let _ = h.holder.wait();
+            let _ = Command::new("ip").args(["netns", "del", &h.netns]).status();
+        }
+    }
+
+    /// Namespaces of this fleet (for tests of the fixture itself).
+    pub fn namespaces(&self) -> Vec<String> {
+        std::iter::once(&self.client)
+            .chain(self.builders.iter())
+            .map(|h| h.netns.clone())
+            .collect()
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// A derivation expression that builds `echo <text> > $out` with `/bin/sh` (no nixpkgs).
+/// `nonce` makes the name unique so nothing is cached between runs.
+pub fn trivial_drv(nonce: &str, text: &str) -> String {
+    format!(
+        r#"builtins.derivation {{ name = "ferry-test-{nonce}"; system = "{SYSTEM}"; builder = "/bin/sh"; args = [ "-c" "echo {text} > $out" ]; PATH = "/usr/bin:/bin"; }}"#
+    )
+}
+
+/// A derivation with a two-level input closure: `top` depends on `mid`, which depends on `leaf`.
+pub fn chain_drv(nonce: &str) -> String {
+    format!(
+        r#"let
+  mk = name: script: builtins.derivation {{ name = "ferry-${{name}}-{nonce}"; system = "{SYSTEM}"; builder = "/bin/sh"; args = [ "-c" script ]; PATH = "/usr/bin:/bin"; }};
+  leaf = mk "leaf" "echo leaf > $out";
+  mid = mk "mid" "mkdir $out; echo ${{leaf}} > $out/leaf; cat ${{leaf}} > $out/copy";
+in mk "top" "mkdir $out; echo ${{mid}} > $out/mid; cat ${{mid}}/copy > $out/copy""#
+    )
+}
+
+/// A unique nonce for test derivations.
+pub fn nonce() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst), t % 1_000_000_007)
+}
+
+/// Output paths printed by `nix-build`.
+pub fn out_paths(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Fails unless `out` succeeded, with stdout and stderr in the message.
+pub fn check(out: &Output, what: &str) -> Result<()> {
+    if !out.status.success() {
+        return Err(anyhow!(
+            "{what} failed with {}:\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,158 @@
+//! The fleet fixture itself, and the stock-Nix baseline every Ferry hook test compares with:
+//! a real Nix 2.8 daemon offloading through the stock `build-remote` to builders over sshd.
+//!
+//! These tests need root (network and mount namespaces); CI runs them as root.
+
+use ferry_integration::{Fleet, FleetConfig, chain_drv, check, nonce, out_paths, trivial_drv};
+use std::process::Command;
+
+fn namespaces() -> String {
+    String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().expect("ip").stdout)
+        .into_owned()
+}
+
+#[test]
+fn stock_build_remote_offloads_a_two_level_closure() {
+    let fleet = Fleet::start(FleetConfig::default()).expect("fleet");
+    // -j0: the client may not build locally, so the build must go through the stock hook.
+    let out = fleet.nix_build(&chain_drv(&nonce()), &["-j0"]);
+    check(&out, "nix-build through stock build-remote")
+        .unwrap_or_else(|e| panic!("{e}\ndaemon log:\n{}", fleet.daemon_log()));
+    let paths = out_paths(&out);
+    assert_eq!(paths.len(), 1, "{paths:?}");
+    let top = &paths[0];
+    // Built on the builder: the output and its whole closure exist in the builder's store.
+    assert!(fleet.builders[0].has_store_path(top), "{top} not built on b0");
+    // Valid on the client, with the references the build recorded.
+    let refs = fleet.client_command("nix-store")
+        .args(["-q", "--references", top])
+        .output()
+        .expect("nix-store -q");
+    check(&refs, "nix-store -q --references").expect("references");
+    let refs = String::from_utf8_lossy(&refs.stdout).into_owned();
+    assert!(refs.lines().any(|l| l.contains("-ferry-mid-")), "references: {refs}");
+    let verify = fleet.client_command("nix-store")
+        .args(["--verify-path", top])
+        .output()
+        .expect("verify");
+    check(&verify, "nix-store --verify-path on the client").expect("valid on client");
+    let copy = std::fs::read_to_string(fleet.client.nix_path(&format!("{top}/copy"))).expect("copy");
+    assert_eq!(copy, "leaf\n");
+}
+
+#[test]
+fn stock_build_remote_fails_with_max_jobs_0_when_the_builder_refuses() {
+    let mut fleet = Fleet::start(FleetConfig::default()).expect("fleet");
+    fleet.stop_sshd(0).expect("stop sshd");
+    let out = fleet.nix_build(&trivial_drv(&nonce(), "x"), &["-j0"]);
+    assert!(!out.status.success(), "built with no builder and -j0");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Failed to find a machine for remote build"), "{err}");
+    // Healing brings the builder back.
+    fleet.start_sshd(0).expect("restart sshd");
+    let out = fleet.nix_build(&trivial_drv(&nonce(), "y"), &["-j0"]);
+    check(&out, "build after healing").expect("healed");
+}
+
+#[test]
+fn two_fleets_run_side_by_side_without_colliding() {
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| Fleet::start(FleetConfig::default()).expect("fleet a"));
+        let b = s.spawn(|| Fleet::start(FleetConfig::default()).expect("fleet b"));
+        (a.join().expect("a"), b.join().expect("b"))
+    });
+    let na = a.namespaces();
+    let nb = b.namespaces();
+    assert!(na.iter().all(|n| !nb.contains(n)), "{na:?} {nb:?}");
+    assert_ne!(a.builders[0].addr, b.builders[0].addr);
+    let nonce = nonce();
+    // The same derivation text in both fleets gives the same store path; each must be built by
+    // its own builder and be valid on its own client only.
+    let expr = trivial_drv(&nonce, "same");
+    let (oa, ob) = std::thread::scope(|s| {
+        let (ea, eb) = (&expr, &expr);
+        let ta = s.spawn(|| a.nix_build(ea, &["-j0"]));
+        let tb = s.spawn(|| b.nix_build(eb, &["-j0"]));
+        (ta.join().expect("a"), tb.join().expect("b"))
+    });
+    check(&oa, "fleet a build").expect("a");
+    check(&ob, "fleet b build").expect("b");
+    let pa = out_paths(&oa);
+    assert_eq!(pa, out_paths(&ob));
+    assert!(a.builders[0].has_store_path(&pa[0]) && a.client.has_store_path(&pa[0]));
+    assert!(b.builders[0].has_store_path(&pa[0]) && b.client.has_store_path(&pa[0]));
+    // A third build only in fleet a stays in fleet a.
+    let only_a = a.nix_build(&trivial_drv(&format!("{nonce}-a"), "a"), &["-j0"]);
+    check(&only_a, "fleet a only").expect("a only");
+    let p = &out_paths(&only_a)[0];
+    assert!(!b.client.has_store_path(p) && !b.builders[0].has_store_path(p));
+}
+
+#[test]
+fn teardown_leaves_no_namespace_mount_or_process() {
+    let fleet = Fleet::start(FleetConfig { builders: 2, ..Default::default() }).expect("fleet");
+    let names = fleet.namespaces();
+    let dir = fleet.root.path().to_owned();
+    let listed = namespaces();
+    assert!(names.iter().all(|n| listed.contains(n.as_str())));
+    // Teardown also runs when a test panics: unwind through a panic with the fleet alive.
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let _f = fleet;
+        panic!("simulated test failure");
+    }));
+    assert!(r.is_err());
+    let listed = namespaces();
+    for n in &names {
+        assert!(!listed.contains(n.as_str()), "namespace {n} left behind");
+    }
+    let ps = String::from_utf8_lossy(&Command::new("ps").args(["-eo", "args"]).output().expect("ps").stdout)
+        .into_owned();
+    let d = dir.display().to_string();
+    assert!(!ps.contains(&d), "process left behind:\n{ps}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(!mounts.contains(&d), "mount left behind");
+    assert!(!dir.exists(), "fleet directory left behind");
+}
+
+#[test]
+fn fault_helpers_break_and_heal_a_builder() {
+    // Stock hook tuned as careful users tune it (fleet.md): a 2 s connect time-out.
+    let config = FleetConfig {
+        daemon_env: vec![("NIX_SSHOPTS".into(), "-o ConnectTimeout=2".into())],
+        ..Default::default()
+    };
+    let fleet = Fleet::start(config).expect("fleet");
+    fleet.blackhole(0).expect("blackhole");
+    // -j1: the client may build locally; with the builder dropping packets, the stock hook
+    // gives up after its connect time-out and the build falls back to the client.
+    let out = fleet.nix_build(&trivial_drv(&nonce(), "local"), &["-j1"]);
+    check(&out, "build with a blackholed builder").expect("local fallback");
+    let p = &out_paths(&out)[0];
+    assert!(fleet.client.has_store_path(p));
+    assert!(!fleet.builders[0].has_store_path(p), "built remotely through a blackhole");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("timed out") || err.contains("cannot build on"), "{err}");
+
+    fleet.heal(0).expect("heal");
+    // A slow link: 64 kbit/s from the builder. Copying a 64 KiB output back takes > 5 s.
+    fleet.throttle(0, "64kbit").expect("throttle");
+    let big = format!(
+        r#"builtins.derivation {{ name = "ferry-big-{}"; system = "x86_64-linux"; builder = "/bin/sh"; args = [ "-c" "head -c 65536 /dev/zero > $out" ]; PATH = "/usr/bin:/bin"; }}"#,
+        nonce()
+    );
+    let t = std::time::Instant::now();
+    let out = fleet.nix_build(&big, &["-j0"]);
+    check(&out, "build over a slow link").expect("slow link");
+    let p = &out_paths(&out)[0];
+    assert!(fleet.builders[0].has_store_path(p), "not built remotely over the slow link");
+    assert!(t.elapsed() >= std::time::Duration::from_secs(5), "link not throttled: {:?}", t.elapsed());
+    fleet.heal(0).expect("heal throttle");
+    // A lossy link still carries a build (TCP retransmits).
+    fleet.lossy(0, 0.1).expect("lossy");
+    let out = fleet.nix_build(&trivial_drv(&nonce(), "lossy"), &["-j0"]);
+    check(&out, "build over a lossy link").expect("lossy link");
+    fleet.heal(0).expect("heal loss");
+    let out = fleet.nix_build(&trivial_drv(&nonce(), "healed"), &["-j0"]);
+    check(&out, "build after healing").expect("healed");
+    assert!(fleet.builders[0].has_store_path(&out_paths(&out)[0]));
+}
