@@ -543,3 +543,21 @@ pub fn check(out: &Output, what: &str) -> Result<()> {
     }
     Ok(())
 }
+
+/// Path of one of Ferry's binaries in this build's target directory (`dev/test` builds them
+/// before the tests run). Panics with a clear message when it is missing.
+pub fn ferry_bin(name: &str) -> PathBuf {
+    // Test executables live in target/<profile>/deps/; binaries in target/<profile>/.
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace --bins` first (dev/test does)",
+        p.display()
+    );
+    p
+}
