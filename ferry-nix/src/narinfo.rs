@@ -246,13 +246,19 @@ impl NarInfo {
                 source,
             };
             let hash = |field| {
-                Hash::parse_any_prefixed(value)
-                    .map_err(|source| NarInfoError::BadHash { line, field, source })
+                Hash::parse_any_prefixed(value).map_err(|source| NarInfoError::BadHash {
+                    line,
+                    field,
+                    source,
+                })
             };
             match key {
                 "StorePath" => {
-                    store_path =
-                        Some(store_dir.parse(value).map_err(|e| path_err("StorePath", e))?)
+                    store_path = Some(
+                        store_dir
+                            .parse(value)
+                            .map_err(|e| path_err("StorePath", e))?,
+                    )
                 }
                 "URL" => url = value.to_owned(),
                 "Compression" => compression = value.to_owned(),
@@ -405,7 +411,11 @@ impl NarInfo {
     }
 
     /// Whether Nix with these `trusted-public-keys` would accept the path's signatures.
-    pub fn is_trusted(&self, store_dir: &StoreDir, trusted: &TrustedKeys) -> Result<bool, NarInfoError> {
+    pub fn is_trusted(
+        &self,
+        store_dir: &StoreDir,
+        trusted: &TrustedKeys,
+    ) -> Result<bool, NarInfoError> {
         Ok(self.count_valid_sigs(store_dir, trusted)? > 0)
     }
 }
@@ -434,14 +444,15 @@ impl CacheInfo {
             let value = value.trim();
             match name {
                 "StoreDir" => {
-                    info.store_dir = Some(StoreDir::new(value).map_err(|_| {
-                        NarInfoError::BadCacheInfo {
-                            line,
-                            field: "StoreDir",
-                            value: value.to_owned(),
-                            reason: "is not an absolute path without a trailing '/'",
-                        }
-                    })?)
+                    info.store_dir =
+                        Some(
+                            StoreDir::new(value).map_err(|_| NarInfoError::BadCacheInfo {
+                                line,
+                                field: "StoreDir",
+                                value: value.to_owned(),
+                                reason: "is not an absolute path without a trailing '/'",
+                            })?,
+                        )
                 }
                 "WantMassQuery" => info.want_mass_query = Some(value == "1"),
                 "Priority" => {
@@ -500,25 +511,46 @@ References:
         assert!(fp.ends_with(";128;"), "{fp}");
 
         let no_comp = HELLO.replace("Compression: none\n", "");
-        assert_eq!(NarInfo::parse(&sd(), &no_comp).expect("parse").compression, "bzip2");
+        assert_eq!(
+            NarInfo::parse(&sd(), &no_comp).expect("parse").compression,
+            "bzip2"
+        );
     }
 
     #[test]
     fn duplicates_follow_nix() {
         let later = format!("{HELLO}URL: nar/other.nar\n");
-        assert_eq!(NarInfo::parse(&sd(), &later).expect("parse").url, "nar/other.nar");
+        assert_eq!(
+            NarInfo::parse(&sd(), &later).expect("parse").url,
+            "nar/other.nar"
+        );
         let refs = HELLO.replace(
             "References: \n",
             "References: kvpm810qs80pka1bfbqxvsivc1qq3bgl-hello.txt\nReferences: \n",
         );
-        let e = NarInfo::parse(&sd(), &refs).unwrap_err();
-        assert!(matches!(e, NarInfoError::Duplicate { line: 7, field: "References" }), "{e}");
-        let ca = format!("{HELLO}CA: text:sha256:1sljf4vacj7a1nbvdcnmkkrvr99m9rf2lpppzlnafa34n7cmkibd\n");
-        let twice = format!("{ca}CA: text:sha256:1sljf4vacj7a1nbvdcnmkkrvr99m9rf2lpppzlnafa34n7cmkibd\n");
+        let e = NarInfo::parse(&sd(), &refs).expect_err("must fail");
+        assert!(
+            matches!(
+                e,
+                NarInfoError::Duplicate {
+                    line: 7,
+                    field: "References"
+                }
+            ),
+            "{e}"
+        );
+        let ca = format!(
+            "{HELLO}CA: text:sha256:1sljf4vacj7a1nbvdcnmkkrvr99m9rf2lpppzlnafa34n7cmkibd\n"
+        );
+        let twice =
+            format!("{ca}CA: text:sha256:1sljf4vacj7a1nbvdcnmkkrvr99m9rf2lpppzlnafa34n7cmkibd\n");
         assert!(NarInfo::parse(&sd(), &ca).is_ok());
         assert!(matches!(
             NarInfo::parse(&sd(), &twice),
-            Err(NarInfoError::Duplicate { line: 8, field: "CA" })
+            Err(NarInfoError::Duplicate {
+                line: 8,
+                field: "CA"
+            })
         ));
     }
 
@@ -540,7 +572,12 @@ References:
         ] {
             assert_eq!(check_ca(ok), Ok(()), "{ok}");
         }
-        for bad in ["sha256:abc", "fixed:r:sha256:abc", "text:sha512:abc", "fixed:crc:00"] {
+        for bad in [
+            "sha256:abc",
+            "fixed:r:sha256:abc",
+            "text:sha512:abc",
+            "fixed:crc:00",
+        ] {
             assert!(check_ca(bad).is_err(), "{bad}");
         }
     }
@@ -554,7 +591,10 @@ References:
         assert_eq!(ci.render(), t);
         let junk = CacheInfo::parse("no colon here\nOther: x\nPriority:  7 \n").expect("parse");
         assert_eq!(junk.priority, Some(7));
-        let e = CacheInfo::parse("StoreDir: /nix/store\nPriority: high\n").unwrap_err();
-        assert!(e.to_string().contains("line 2") && e.to_string().contains("Priority"), "{e}");
+        let e = CacheInfo::parse("StoreDir: /nix/store\nPriority: high\n").expect_err("must fail");
+        assert!(
+            e.to_string().contains("line 2") && e.to_string().contains("Priority"),
+            "{e}"
+        );
     }
 }

@@ -47,9 +47,7 @@ pub enum SigningError {
         got: usize,
         want: usize,
     },
-    #[error(
-        "secret key '{name}' is corrupt: its second half is not the public key of its seed"
-    )]
+    #[error("secret key '{name}' is corrupt: its second half is not the public key of its seed")]
     MismatchedPublicHalf { name: String },
     #[error("public key '{name}' is not a valid Ed25519 point")]
     InvalidPublicKey { name: String },
@@ -146,7 +144,10 @@ fn decode_lenient_base64(
     Ok(out)
 }
 
-fn decode_fixed<const N: usize>(what: &'static str, text: &str) -> Result<(String, [u8; N]), SigningError> {
+fn decode_fixed<const N: usize>(
+    what: &'static str,
+    text: &str,
+) -> Result<(String, [u8; N]), SigningError> {
     let (name, data, offset) = split_key_text(what, text)?;
     let bytes = decode_lenient_base64(what, name, data, offset)?;
     let arr: [u8; N] = bytes
@@ -500,21 +501,41 @@ mod tests {
 
     #[test]
     fn errors_name_the_problem() {
-        let e = PublicKey::parse("nocolon").unwrap_err();
-        assert!(matches!(e, SigningError::MissingColon { what: "public key" }), "{e}");
-        let e = PublicKey::parse(":AAAA").unwrap_err();
-        assert!(matches!(e, SigningError::EmptyName { .. }), "{e}");
-        let e = PublicKey::parse("k:").unwrap_err();
-        assert!(matches!(e, SigningError::EmptyData { .. }), "{e}");
-        let e = PublicKey::parse("k:AA*A").unwrap_err();
+        let e = PublicKey::parse("nocolon").expect_err("must fail");
         assert!(
-            matches!(e, SigningError::BadBase64 { ch: '*', offset: 4, .. }),
+            matches!(e, SigningError::MissingColon { what: "public key" }),
             "{e}"
         );
-        let e = PublicKey::parse("k:AAAA").unwrap_err();
+        let e = PublicKey::parse(":AAAA").expect_err("must fail");
+        assert!(matches!(e, SigningError::EmptyName { .. }), "{e}");
+        let e = PublicKey::parse("k:").expect_err("must fail");
+        assert!(matches!(e, SigningError::EmptyData { .. }), "{e}");
+        let e = PublicKey::parse("k:AA*A").expect_err("must fail");
+        assert!(
+            matches!(
+                e,
+                SigningError::BadBase64 {
+                    ch: '*',
+                    offset: 4,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = PublicKey::parse("k:AAAA").expect_err("must fail");
         assert!(e.to_string().contains("3 bytes, want 32"), "{e}");
-        let e = Signature::parse("k:AA==AA").unwrap_err();
-        assert!(matches!(e, SigningError::BadBase64 { ch: 'A', offset: 6, .. }), "{e}");
+        let e = Signature::parse("k:AA==AA").expect_err("must fail");
+        assert!(
+            matches!(
+                e,
+                SigningError::BadBase64 {
+                    ch: 'A',
+                    offset: 6,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
