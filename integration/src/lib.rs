@@ -76,6 +76,47 @@ impl Host {
         self.nix_path(store_path).symlink_metadata().is_ok()
     }
 
+    /// Starts a `nix-daemon` on this host (its own store and `/etc/nix/nix.conf`) and waits
+    /// for its socket.
+    pub fn start_nix_daemon(&mut self, env: &[(String, String)]) -> Result<()> {
+        let log = std::fs::File::create(self.dir.join("log/nix-daemon.log"))?;
+        let mut cmd = self.command("nix-daemon");
+        cmd.env("XDG_CACHE_HOME", self.dir.join("cache"))
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd.spawn().context("starting nix-daemon")?;
+        self.daemons.push(child);
+        let sock = self.nix_path("/nix/var/nix/daemon-socket/socket");
+        wait_until(&format!("the nix-daemon socket of {}", self.role), Duration::from_secs(10), || {
+            sock.exists()
+        })
+    }
+
+    /// A command run on this host that talks to its nix-daemon, with a private narinfo
+    /// cache (`XDG_CACHE_HOME`) so nothing leaks between tests.
+    pub fn nix_command(&self, program: &str) -> Command {
+        let mut c = self.command(program);
+        c.env("NIX_REMOTE", "daemon")
+            .env("XDG_CACHE_HOME", self.dir.join("cache-cli"))
+            .env_remove("NIX_CONF_DIR")
+            .env_remove("NIX_USER_CONF_FILES");
+        c
+    }
+
+    /// Writes this host's `/etc/nix/nix.conf`: the fleet's base settings plus `extra`.
+    pub fn write_nix_conf(&self, extra: &str) -> Result<()> {
+        std::fs::write(self.dir.join("etc-nix/nix.conf"), format!("{BASE_CONF}{extra}\n"))?;
+        Ok(())
+    }
+
+    /// Keeps `child` to be killed at teardown (everything in the namespace is killed anyway;
+    /// this also reaps it).
+    pub fn adopt(&mut self, child: Child) {
+        self.daemons.push(child);
+    }
+
     /// A command that runs inside this host's network and mount namespaces.
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("nsenter");
@@ -93,6 +134,10 @@ pub struct Fleet {
     pub root: tempfile::TempDir,
     pub client: Host,
     pub builders: Vec<Host>,
+    /// Other hosts on the fleet's LAN (caches, a second client), see [`Fleet::add_host`].
+    pub others: Vec<Host>,
+    /// Hosts created so far, for addresses: host k gets `.(10 + k)`.
+    next_host: u8,
     /// The client's private key, accepted by every builder's sshd.
     pub client_key: PathBuf,
     subnet: (u8, u8),
@@ -206,12 +251,21 @@ impl Fleet {
             .args(["-q", "-t", "ed25519", "-N", "", "-C", "ferry-fleet-client", "-f"])
             .arg(&client_key))?;
 
-        let client = Self::start_host(&id, root.path(), "client", String::new())?;
+        let client_addr = format!("10.{}.{}.1", subnet.0, subnet.1);
+        let client = Self::start_host(&id, root.path(), "client", client_addr.clone())?;
+        // The fleet's LAN: a bridge in the client's namespace; every other host hangs off it
+        // by a veth pair, so hosts reach each other (a second client reaches a cache) and the
+        // client is one of them.
+        ip(&["-n", &client.netns, "link", "add", "lan", "type", "bridge"])?;
+        ip(&["-n", &client.netns, "addr", "add", &format!("{client_addr}/24"), "dev", "lan"])?;
+        ip(&["-n", &client.netns, "link", "set", "lan", "up"])?;
         let mut fleet = Fleet {
             id,
             root,
             client,
             builders: Vec::new(),
+            others: Vec::new(),
+            next_host: 0,
             client_key,
             subnet,
             config,
@@ -264,30 +318,49 @@ impl Fleet {
         Ok(host)
     }
 
-    fn client_addr(&self, i: usize) -> String {
-        format!("10.{}.{}.{}", self.subnet.0, self.subnet.1, 4 * i + 1)
+    /// Adds a host on the fleet's LAN, in its own namespaces with its own `/nix` and
+    /// `/etc/nix`, and returns it. The caller starts what it should run with
+    /// [`Host::command`]; teardown kills every process in the host's namespace.
+    pub fn add_host(&mut self, role: &str) -> Result<&mut Host> {
+        let host = self.link_host(role)?;
+        self.others.push(host);
+        let i = self.others.len() - 1;
+        Ok(&mut self.others[i])
     }
 
-    fn builder_addr(&self, i: usize) -> String {
-        format!("10.{}.{}.{}", self.subnet.0, self.subnet.1, 4 * i + 2)
+    /// A host added with [`Fleet::add_host`], by role.
+    pub fn host(&self, role: &str) -> &Host {
+        self.others
+            .iter()
+            .find(|h| h.role == role)
+            .unwrap_or_else(|| panic!("no host '{role}' in the fleet"))
     }
 
-    fn add_builder(&mut self, i: usize) -> Result<()> {
-        let addr = self.builder_addr(i);
-        let host = Self::start_host(&self.id, self.root.path(), &format!("b{i}"), addr.clone())?;
-        let c_if = format!("to-b{i}");
+    fn link_host(&mut self, role: &str) -> Result<Host> {
+        let k = self.next_host;
+        if k >= 200 {
+            bail!("a fleet holds at most 200 hosts");
+        }
+        self.next_host += 1;
+        let addr = format!("10.{}.{}.{}", self.subnet.0, self.subnet.1, 10 + k);
+        let host = Self::start_host(&self.id, self.root.path(), role, addr.clone())?;
+        let c_if = format!("to-{role}");
         // The veth pair is created directly inside the two namespaces: no interface and no
         // fleet address ever exists in the root namespace.
         ip(&[
             "link", "add", &c_if, "netns", &self.client.netns, "type", "veth", "peer", "name",
             "to-client", "netns", &host.netns,
         ])?;
-        let client_addr = format!("{}/30", self.client_addr(i));
-        ip(&["-n", &self.client.netns, "addr", "add", &client_addr, "dev", &c_if])?;
-        ip(&["-n", &host.netns, "addr", "add", &format!("{addr}/30"), "dev", "to-client"])?;
+        ip(&["-n", &self.client.netns, "link", "set", &c_if, "master", "lan"])?;
+        ip(&["-n", &host.netns, "addr", "add", &format!("{addr}/24"), "dev", "to-client"])?;
         ip(&["-n", &self.client.netns, "link", "set", &c_if, "up"])?;
         ip(&["-n", &host.netns, "link", "set", "to-client", "up"])?;
+        Ok(host)
+    }
 
+    fn add_builder(&mut self, i: usize) -> Result<()> {
+        let host = self.link_host(&format!("b{i}"))?;
+        let addr = host.addr.clone();
         let host_key = host.dir.join("ssh_host_ed25519_key");
         run(Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-C", "", "-f"])
@@ -337,19 +410,8 @@ impl Fleet {
     }
 
     fn start_client_daemon(&mut self) -> Result<()> {
-        let log = std::fs::File::create(self.client.dir.join("log/nix-daemon.log"))?;
-        let mut cmd = self.client.command("nix-daemon");
-        cmd.env("XDG_CACHE_HOME", self.client.dir.join("cache"))
-            .envs(self.config.daemon_env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let child = cmd.spawn().context("starting the client nix-daemon")?;
-        self.client.daemons.push(child);
-        let sock = self.client.nix_path("/nix/var/nix/daemon-socket/socket");
-        wait_until("the client nix-daemon socket", Duration::from_secs(10), || {
-            sock.exists()
-        })
+        let env = self.config.daemon_env.clone();
+        self.client.start_nix_daemon(&env)
     }
 
     /// Starts (or restarts) builder `i`'s sshd and waits until it listens.
@@ -400,12 +462,7 @@ impl Fleet {
     /// Fault: builder `i` drops every packet to its sshd (a machine that is off or
     /// unreachable behind a firewall: connections hang until a time-out).
     pub fn blackhole(&self, i: usize) -> Result<()> {
-        let ns = &self.builders[i].netns;
-        run(Command::new("ip").args([
-            "netns", "exec", ns, "iptables", "-w", "-A", "INPUT", "-p", "tcp", "--dport", "22",
-            "-j", "DROP",
-        ]))
-        .map(|_| ())
+        blackhole_port(&self.builders[i], 22)
     }
 
     /// Fault: builder `i`'s link is slow: its outgoing traffic is shaped to `rate` (a `tc`
@@ -432,24 +489,14 @@ impl Fleet {
         .map(|_| ())
     }
 
-    /// Heals builder `i`: no packet filter, no netem (sshd is restarted separately).
+    /// Heals builder `i`: no packet filter, no shaping (sshd is restarted separately).
     pub fn heal(&self, i: usize) -> Result<()> {
-        let ns = &self.builders[i].netns;
-        run(Command::new("ip").args(["netns", "exec", ns, "iptables", "-w", "-F", "INPUT"]))?;
-        let _ = Command::new("ip")
-            .args(["netns", "exec", ns, "tc", "qdisc", "del", "dev", "to-client", "root"])
-            .output();
-        Ok(())
+        heal_host(&self.builders[i])
     }
 
     /// A command run on the client, talking to the client's nix-daemon.
     pub fn client_command(&self, program: &str) -> Command {
-        let mut c = self.client.command(program);
-        c.env("NIX_REMOTE", "daemon")
-            .env("XDG_CACHE_HOME", self.client.dir.join("cache-cli"))
-            .env_remove("NIX_CONF_DIR")
-            .env_remove("NIX_USER_CONF_FILES");
-        c
+        self.client.nix_command(program)
     }
 
     /// `nix-build` of a Nix expression on the client. Returns the output (stdout: out paths).
@@ -468,7 +515,8 @@ impl Fleet {
 
     /// Tears the fleet down; also done on drop.
     fn teardown(&mut self) {
-        for h in std::iter::once(&mut self.client).chain(self.builders.iter_mut()) {
+        let hosts = self.builders.iter_mut().chain(self.others.iter_mut());
+        for h in hosts.chain(std::iter::once(&mut self.client)) {
             for mut c in h.daemons.drain(..) {
                 let _ = c.kill();
                 let _ = c.wait();
@@ -484,6 +532,7 @@ impl Fleet {
     pub fn namespaces(&self) -> Vec<String> {
         std::iter::once(&self.client)
             .chain(self.builders.iter())
+            .chain(self.others.iter())
             .map(|h| h.netns.clone())
             .collect()
     }
@@ -493,6 +542,27 @@ impl Drop for Fleet {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// Fault: `host` drops every incoming TCP packet to `port` (connections hang).
+/// [`heal_host`] undoes it.
+pub fn blackhole_port(host: &Host, port: u16) -> Result<()> {
+    let port = port.to_string();
+    run(Command::new("ip").args([
+        "netns", "exec", &host.netns, "iptables", "-w", "-A", "INPUT", "-p", "tcp", "--dport",
+        &port, "-j", "DROP",
+    ]))
+    .map(|_| ())
+}
+
+/// Removes every packet filter and traffic shaper from `host`.
+pub fn heal_host(host: &Host) -> Result<()> {
+    let ns = &host.netns;
+    run(Command::new("ip").args(["netns", "exec", ns, "iptables", "-w", "-F", "INPUT"]))?;
+    let _ = Command::new("ip")
+        .args(["netns", "exec", ns, "tc", "qdisc", "del", "dev", "to-client", "root"])
+        .output();
+    Ok(())
 }
 
 /// A derivation expression that builds `echo <text> > $out` with `/bin/sh` (no nixpkgs).

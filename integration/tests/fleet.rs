@@ -156,3 +156,51 @@ fn fault_helpers_break_and_heal_a_builder() {
     check(&out, "build after healing").expect("healed");
     assert!(fleet.builders[0].has_store_path(&out_paths(&out)[0]));
 }
+
+#[test]
+fn hosts_on_the_lan_reach_each_other_and_faults_apply_to_them() {
+    use ferry_integration::{blackhole_port, heal_host};
+    let mut fleet = Fleet::start(FleetConfig::default()).expect("fleet");
+    let cache = fleet.add_host("cache").expect("cache host");
+    let www = cache.dir.join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    std::fs::write(www.join("nix-cache-info"), "StoreDir: /nix/store\n").expect("write");
+    let server = cache
+        .command("python3")
+        .args(["-m", "http.server", "--bind", &cache.addr.clone(), "8080", "--directory"])
+        .arg(&www)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("http server");
+    cache.adopt(server);
+    let url = format!("http://{}:8080/nix-cache-info", fleet.host("cache").addr);
+    let second = fleet.add_host("client2").expect("second client");
+    second.write_nix_conf("").expect("conf");
+    second.start_nix_daemon(&[]).expect("daemon");
+    let fetch = |h: &ferry_integration::Host| {
+        h.command("python3")
+            .args(["-c", "import sys,urllib.request as u; print(u.urlopen(sys.argv[1], timeout=2).read().decode(), end='')", &url])
+            .output()
+            .expect("fetch")
+    };
+    let mut ok = false;
+    for _ in 0..50 {
+        let out = fetch(fleet.host("client2"));
+        if out.status.success() {
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "StoreDir: /nix/store\n");
+            ok = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(ok, "client2 never reached the cache host");
+    assert!(fetch(&fleet.client).status.success(), "client cannot reach the cache");
+    // The second host has its own nix-daemon and store.
+    let out = fleet.host("client2").nix_command("nix-store").args(["-q", "--hash", "/nix/store/00000000000000000000000000000000-x"]).output().expect("nix-store");
+    assert!(!out.status.success());
+    blackhole_port(fleet.host("cache"), 8080).expect("blackhole");
+    assert!(!fetch(fleet.host("client2")).status.success(), "blackholed cache still answers");
+    heal_host(fleet.host("cache")).expect("heal");
+    assert!(fetch(fleet.host("client2")).status.success(), "healed cache does not answer");
+}
