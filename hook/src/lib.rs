@@ -11,3 +11,4 @@
 pub mod protocol;
 pub mod select;
 pub mod slots;
+pub mod ssh;
