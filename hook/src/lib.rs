@@ -12,3 +12,4 @@ pub mod protocol;
 pub mod select;
 pub mod slots;
 pub mod ssh;
+pub mod local;
