@@ -13,3 +13,4 @@ pub mod select;
 pub mod slots;
 pub mod ssh;
 pub mod local;
+pub mod remote;

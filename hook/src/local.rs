@@ -160,6 +160,32 @@ pub fn parse_path_info_json(text: &str) -> Result<Vec<PathInfo>, LocalError> {
     Ok(out)
 }
 
+/// Output paths from `nix show-derivation` JSON: `{drv: {"outputs": {name: {"path": p}}}}`.
+/// Outputs without a path (floating content-addressed) are left out.
+pub fn parse_show_derivation(
+    drv: &str,
+    text: &str,
+) -> Result<BTreeMap<String, String>, LocalError> {
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| LocalError::BadJson(e.to_string()))?;
+    let outputs = v
+        .get(drv)
+        .or_else(|| v.as_object().and_then(|o| o.values().next()))
+        .and_then(|d| d.get("outputs"))
+        .and_then(|o| o.as_object())
+        .ok_or_else(|| LocalError::BadInfo {
+            path: drv.to_owned(),
+            problem: "no outputs in `nix show-derivation`".into(),
+        })?;
+    Ok(outputs
+        .iter()
+        .filter_map(|(name, o)| {
+            let p = o.get("path")?.as_str()?;
+            Some((name.clone(), p.to_owned()))
+        })
+        .collect())
+}
+
 /// The local store as seen by the CLI tools.
 #[derive(Debug, Clone)]
 pub struct LocalStore {
@@ -199,6 +225,30 @@ impl LocalStore {
             .args(paths);
         let out = output(c, &self.nix, "nix path-info --json").await?;
         parse_path_info_json(&String::from_utf8_lossy(&out))
+    }
+
+    /// Path infos of the closure of `roots` (`nix path-info --json -r`), in one process.
+    pub async fn closure_infos(&self, roots: &[String]) -> Result<Vec<PathInfo>, LocalError> {
+        if roots.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = self.command(&self.nix);
+        c.args(["--extra-experimental-features", "nix-command", "path-info", "--json", "-r"])
+            .args(roots);
+        let out = output(c, &self.nix, "nix path-info --json -r").await?;
+        parse_path_info_json(&String::from_utf8_lossy(&out))
+    }
+
+    /// Output name → store path of a derivation (`nix show-derivation`, Nix 2.8; later
+    /// versions keep it as an alias of `nix derivation show`).
+    pub async fn derivation_outputs(
+        &self,
+        drv: &str,
+    ) -> Result<BTreeMap<String, String>, LocalError> {
+        let mut c = self.command(&self.nix);
+        c.args(["--extra-experimental-features", "nix-command", "show-derivation", drv]);
+        let out = output(c, &self.nix, "nix show-derivation").await?;
+        parse_show_derivation(drv, &String::from_utf8_lossy(&out))
     }
 
     /// Starts `nix-store --dump path`; the NAR is the child's stdout.
@@ -388,6 +438,16 @@ mod tests {
         );
         assert!(i.ca.as_deref().is_some_and(|c| c.starts_with("fixed:")));
         assert_eq!(i.deriver, None);
+    }
+
+    #[test]
+    fn show_derivation_outputs() {
+        let text = r#"{"/nix/store/x-a.drv":{"outputs":{"dev":{"path":"/nix/store/y-a-dev"},"out":{"path":"/nix/store/z-a"}},"inputSrcs":[]}}"#;
+        let o = parse_show_derivation("/nix/store/x-a.drv", text).expect("parse");
+        assert_eq!(o.get("out").map(String::as_str), Some("/nix/store/z-a"));
+        assert_eq!(o.len(), 2);
+        let e = parse_show_derivation("/nix/store/x-a.drv", "{}").expect_err("empty");
+        assert!(e.to_string().contains("no outputs"), "{e}");
     }
 
     #[test]

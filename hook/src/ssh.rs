@@ -64,17 +64,32 @@ impl Session {
         }
     }
 
-    /// Closes the remote's stdin (the serve loop ends on EOF) and waits briefly for the
-    /// transport process; kills it if it lingers.
-    pub async fn close(mut self) {
-        drop(self.writer);
-        if let Some(mut child) = self.child.take() {
-            if tokio::time::timeout(Duration::from_secs(5), child.wait())
+    /// Splits the session; the guard owns the transport process.
+    pub fn into_parts(
+        self,
+    ) -> (
+        Box<dyn AsyncWrite + Send + Unpin>,
+        Box<dyn AsyncRead + Send + Unpin>,
+        LogTap,
+        ProcessGuard,
+    ) {
+        (self.writer, self.reader, self.log, ProcessGuard(self.child))
+    }
+}
+
+/// The transport process of a session (killed if dropped while running).
+pub struct ProcessGuard(Option<Child>);
+
+impl ProcessGuard {
+    /// Waits briefly for the transport process to exit after its stdin was closed (the
+    /// serve loop ends on EOF); kills it if it lingers.
+    pub async fn finish(mut self) {
+        if let Some(mut child) = self.0.take()
+            && tokio::time::timeout(Duration::from_secs(5), child.wait())
                 .await
                 .is_err()
-            {
-                let _ = child.kill().await;
-            }
+        {
+            let _ = child.kill().await;
         }
     }
 }
