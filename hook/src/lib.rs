@@ -14,3 +14,4 @@ pub mod slots;
 pub mod ssh;
 pub mod local;
 pub mod remote;
+pub mod run;

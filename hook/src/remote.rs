@@ -467,6 +467,7 @@ pub async fn build_on<I: Importer + Sync>(
     local: &LocalStore,
     importer: &I,
     progress: &dyn Progress,
+    upload_lock: Option<crate::slots::HeldLock>,
 ) -> Result<(), RemoteError> {
     // The inputs plus the .drv closure (BuildPaths needs the derivations on the builder).
     let mut roots: Vec<String> = job.inputs.iter().cloned().collect();
@@ -491,6 +492,8 @@ pub async fn build_on<I: Importer + Sync>(
     for info in &missing {
         conn.add_to_store_nar(info, local).await?;
     }
+    // Uploads are serialised per builder; the build itself is not.
+    drop(upload_lock);
 
     conn.build_paths(&job.drv_path, &job.wanted_outputs, &job.options)
         .await?;
