@@ -227,16 +227,27 @@ impl LocalStore {
         parse_path_info_json(&String::from_utf8_lossy(&out))
     }
 
-    /// Path infos of the closure of `roots` (`nix path-info --json -r`), in one process.
+    /// Path infos of the closure of `roots` (`nix path-info --json -r`). A `.drv` root is
+    /// taken as the file itself (`--derivation`), not its outputs; other roots as they are
+    /// (with `--derivation` they would turn into their derivers), hence two processes.
     pub async fn closure_infos(&self, roots: &[String]) -> Result<Vec<PathInfo>, LocalError> {
-        if roots.is_empty() {
-            return Ok(Vec::new());
+        let (drvs, others): (Vec<&String>, Vec<&String>) =
+            roots.iter().partition(|r| r.ends_with(".drv"));
+        let mut all: BTreeMap<String, PathInfo> = BTreeMap::new();
+        for (group, extra) in [(drvs, Some("--derivation")), (others, None)] {
+            if group.is_empty() {
+                continue;
+            }
+            let mut c = self.command(&self.nix);
+            c.args(["--extra-experimental-features", "nix-command", "path-info", "--json", "-r"])
+                .args(extra)
+                .args(group);
+            let out = output(c, &self.nix, "nix path-info --json -r").await?;
+            for i in parse_path_info_json(&String::from_utf8_lossy(&out))? {
+                all.insert(i.path.clone(), i);
+            }
         }
-        let mut c = self.command(&self.nix);
-        c.args(["--extra-experimental-features", "nix-command", "path-info", "--json", "-r"])
-            .args(roots);
-        let out = output(c, &self.nix, "nix path-info --json -r").await?;
-        parse_path_info_json(&String::from_utf8_lossy(&out))
+        Ok(all.into_values().collect())
     }
 
     /// Output name → store path of a derivation (`nix show-derivation`, Nix 2.8; later
