@@ -426,11 +426,8 @@ async fn build<R: AsyncRead + Unpin>(
     match result {
         Ok(()) => 0,
         Err(e) => {
-            let msg = format!("ferry-build-hook: {e}");
-            if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(&env.build_log) {
-                let _ = writeln!(f, "{msg}");
-            }
-            logger.log(Verbosity::ERROR, msg);
+            // Shown to the client once; the remote log already went to fd 4.
+            logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
             e.exit_code()
         }
     }

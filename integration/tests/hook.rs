@@ -137,6 +137,11 @@ fn route_by_system_and_features(hook: Hook) {
         line(1, SYSTEM, "-", "ferry-feature"),
     );
     std::fs::write(fleet.client.dir.join("etc-nix/machines"), machines).expect("machines");
+    // The builder itself must also have the feature to run such a build.
+    let conf = fleet.builders[1].dir.join("etc-nix/nix.conf");
+    let mut text = std::fs::read_to_string(&conf).expect("b1 nix.conf");
+    text.push_str("system-features = ferry-feature\n");
+    std::fs::write(&conf, text).expect("b1 nix.conf");
 
     let n = nonce();
     let with_feature = format!(
