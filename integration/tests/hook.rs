@@ -237,3 +237,93 @@ fn spread_over_builders_stock() {
 fn spread_over_builders_ferry() {
     spread_over_builders(Hook::Ferry);
 }
+
+/// A builder whose pinned host key is wrong, and one that refuses our key, are named with
+/// the reason (Ferry only: the stock hook's wording differs and is covered in fleet.rs).
+#[test]
+fn connect_failures_name_the_builder_and_the_reason() {
+    let fleet = fleet(Hook::Ferry, 2, 1);
+    // b0 pinned to b1's host key: host key verification fails.
+    let wrong_key = {
+        let l0 = fleet.machine_line(0).expect("line");
+        let l1 = fleet.machine_line(1).expect("line");
+        let mut f: Vec<&str> = l0.split_whitespace().collect();
+        f[7] = l1.split_whitespace().nth(7).expect("host key");
+        f.join(" ")
+    };
+    std::fs::write(fleet.client.dir.join("etc-nix/machines"), format!("{wrong_key}\n"))
+        .expect("machines");
+    let out = fleet.nix_build(&trivial_drv(&nonce(), "k"), &["-j0"]);
+    assert!(!out.status.success(), "built through a builder with the wrong host key");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let b0 = &fleet.builders[0].addr;
+    assert!(err.contains(&format!("cannot build on 'ssh://root@{b0}'")), "{err}");
+    assert!(err.contains("Host key verification failed"), "{err}");
+
+    // b1 with a client key its sshd does not accept.
+    let other_key = fleet.root.path().join("other_key");
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&other_key)
+        .status()
+        .expect("ssh-keygen");
+    assert!(st.success());
+    let refused = {
+        let l1 = fleet.machine_line(1).expect("line");
+        let mut f: Vec<String> = l1.split_whitespace().map(str::to_owned).collect();
+        f[2] = other_key.display().to_string();
+        f.join(" ")
+    };
+    std::fs::write(fleet.client.dir.join("etc-nix/machines"), format!("{refused}\n"))
+        .expect("machines");
+    let out = fleet.nix_build(&trivial_drv(&nonce(), "r"), &["-j0"]);
+    assert!(!out.status.success(), "built with a refused key");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let b1 = &fleet.builders[1].addr;
+    assert!(err.contains(&format!("cannot build on 'ssh://root@{b1}'")), "{err}");
+    assert!(err.contains("Permission denied"), "{err}");
+}
+
+/// `--builders ''` (allowed even for untrusted users) makes the hook decline permanently, and
+/// the build runs locally.
+#[test]
+fn empty_builders_declines_permanently() {
+    for hook in [Hook::Stock, Hook::Ferry] {
+        let fleet = fleet(hook, 1, 1);
+        let out = fleet.nix_build(&trivial_drv(&nonce(), "local"), &["-j1", "--builders", ""]);
+        check(&out, "local build").unwrap_or_else(|e| panic!("{hook:?}: {e}"));
+        let p = &out_paths(&out)[0];
+        assert!(fleet.client.has_store_path(p));
+        assert!(!fleet.builders[0].has_store_path(p), "{hook:?}: built remotely");
+    }
+}
+
+/// Benchmark: 10 small derivations on 2 builders (2 slots each), one `nix-build -j0`, stock
+/// and Ferry on fresh fleets in the same run. `cargo test -p ferry-integration --test hook
+/// -- --ignored --nocapture bench`.
+#[test]
+#[ignore]
+fn bench_ten_derivations_on_two_builders() {
+    let mut times = Vec::new();
+    for round in 0..3 {
+        for hook in [Hook::Stock, Hook::Ferry] {
+            let fleet = fleet(hook, 2, 2);
+            let n = nonce();
+            let drvs: Vec<String> =
+                (0..10).map(|k| format!("({})", trivial_drv(&format!("{n}-{k}"), "b"))).collect();
+            let expr = format!("[ {} ]", drvs.join(" "));
+            let t = std::time::Instant::now();
+            let out = fleet.nix_build(&expr, &["-j0"]);
+            let dt = t.elapsed();
+            check(&out, "bench build").unwrap_or_else(|e| panic!("{hook:?}: {e}"));
+            println!("round {round} {hook:?}: {:.3} s", dt.as_secs_f64());
+            times.push((hook, dt.as_secs_f64()));
+        }
+    }
+    let mean = |h: Hook| {
+        let v: Vec<f64> = times.iter().filter(|(x, _)| *x == h).map(|(_, t)| *t).collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    let (s, f) = (mean(Hook::Stock), mean(Hook::Ferry));
+    println!("mean stock {s:.3} s, ferry {f:.3} s, ferry/stock = {:.2}", f / s);
+}
