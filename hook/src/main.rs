@@ -1,9 +1,26 @@
-//! Placeholder: this binary's behaviour is not built yet. It says so and exits non-zero
-//! so that nothing configured to call it silently pretends to work.
+//! `ferry-build-hook`: Nix runs it as its `build-hook` (see the crate docs).
+use ferry_build_hook::protocol::Verbosity;
+use ferry_build_hook::run::{Env, Logger, run};
+
 fn main() {
-    eprintln!(
-        "{}: not implemented yet in this Ferry build; see the README for what works today",
-        env!("CARGO_PKG_NAME")
-    );
-    std::process::exit(2);
+    let argv: Vec<String> = std::env::args().collect();
+    // The verbosity filters our `@nix` messages; an argv error is reported by `run`.
+    let verbosity = ferry_build_hook::protocol::parse_args(&argv).unwrap_or(Verbosity::INFO);
+    let logger = Logger::new(verbosity, Box::new(std::io::stderr()));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            logger.log(Verbosity::ERROR, format!("ferry-build-hook: starting the runtime: {e}"));
+            std::process::exit(1);
+        }
+    };
+    let env = Env::from_process();
+    let code = runtime.block_on(run(&argv, &env, tokio::io::stdin(), &logger));
+    // Background readers (stdin, remote logs) must not keep the process alive.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    std::process::exit(code);
 }

@@ -1,0 +1,259 @@
+//! Machine selection, as the stock hook does it (hook-protocol.md §2.1–§2.2; Nix 2.8
+//! `src/build-remote/build-remote.cc`, HEAD `src/nix/build-remote/build-remote.cc`).
+//!
+//! Pure policy: it sees machines, what the derivation needs, what the local host can do and
+//! the load numbers the caller measured through the slot locks (`slots`), and returns a
+//! decision. No I/O, so a health-aware policy (remembering dead builders on disk, probing
+//! with deadlines, preferring local when builders are down) can replace [`StockPolicy`]
+//! behind the [`Policy`] trait without touching the lock or transport code.
+
+use ferry_nix::machines::Machine;
+use std::collections::BTreeSet;
+
+/// What the derivation in a `try` needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Need {
+    pub system: String,
+    pub required_features: BTreeSet<String>,
+    /// The daemon has a free local slot (`amWilling`).
+    pub am_willing: bool,
+}
+
+/// What the local host can build, from the daemon's settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalCaps {
+    /// `system`.
+    pub system: String,
+    /// `extra-platforms`.
+    pub extra_platforms: BTreeSet<String>,
+    /// `system-features`.
+    pub system_features: BTreeSet<String>,
+}
+
+impl LocalCaps {
+    /// `couldBuildLocally` without `amWilling`: right platform and every required feature
+    /// present locally (2.8 `allSupportedLocally`).
+    pub fn could_build(&self, need: &Need) -> bool {
+        (need.system == self.system || self.extra_platforms.contains(&need.system))
+            && need
+                .required_features
+                .iter()
+                .all(|f| self.system_features.contains(f))
+    }
+
+    /// `canBuildLocally = amWilling && couldBuildLocally`.
+    pub fn can_build(&self, need: &Need) -> bool {
+        need.am_willing && self.could_build(need)
+    }
+}
+
+/// A machine's load as measured through its slot locks: how many slots others hold, and the
+/// first free slot (whose lock the caller keeps while the decision is made).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Load {
+    /// Index into the machine list.
+    pub machine: usize,
+    pub load: u64,
+    pub free_slot: Option<u64>,
+}
+
+/// The outcome of one selection round.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Build on `machine` using `slot`.
+    Use { machine: usize, slot: u64 },
+    /// Every suitable machine is busy and the local host cannot take it: ask again later.
+    Postpone,
+    /// Nothing suitable remote; the daemon builds locally (or fails if it cannot).
+    Decline(DeclineReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeclineReason {
+    /// No machine of the right type (or all of them failed to connect).
+    NoMachine,
+    /// Suitable machines exist but are busy, and the local host can build it.
+    BusyButLocalCan,
+}
+
+/// A selection policy. `candidates` are the machines worth asking about (not excluded by a
+/// failed connect in this process); `loads` holds one entry per candidate that accepts the
+/// derivation.
+pub trait Policy {
+    fn decide(&self, machines: &[Machine], loads: &[Load], need: &Need, local: &LocalCaps)
+    -> Decision;
+}
+
+/// The indexes of machines that accept the derivation (system, supported and mandatory
+/// features) and are not in `excluded`.
+pub fn eligible(machines: &[Machine], need: &Need, excluded: &BTreeSet<usize>) -> Vec<usize> {
+    machines
+        .iter()
+        .enumerate()
+        .filter(|(i, m)| !excluded.contains(i) && m.accepts(&need.system, &need.required_features))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// The stock hook's policy: least load per speed factor, ties to the faster machine, then to
+/// the less loaded one; postpone only when the local host cannot build.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StockPolicy;
+
+impl Policy for StockPolicy {
+    fn decide(
+        &self,
+        machines: &[Machine],
+        loads: &[Load],
+        need: &Need,
+        local: &LocalCaps,
+    ) -> Decision {
+        let mut best: Option<(Load, f64)> = None;
+        for l in loads {
+            let (Some(_), Some(m)) = (l.free_slot, machines.get(l.machine)) else {
+                continue;
+            };
+            // Nix ≥ 2.20 compares float speed factors (2.8 divided integers, which hides
+            // differences); the machines parser already turned 0 into 1.
+            let sf = if m.speed_factor > 0.0 { m.speed_factor } else { 1.0 };
+            let better = match &best {
+                None => true,
+                Some((b, bsf)) => beats(l.load, sf, b.load, *bsf),
+            };
+            if better {
+                best = Some((*l, sf));
+            }
+        }
+        if let Some((l, _)) = best
+            && let Some(slot) = l.free_slot
+        {
+            return Decision::Use {
+                machine: l.machine,
+                slot,
+            };
+        }
+        let right_type = !loads.is_empty();
+        if right_type && !local.can_build(need) {
+            Decision::Postpone
+        } else if right_type {
+            Decision::Decline(DeclineReason::BusyButLocalCan)
+        } else {
+            Decision::Decline(DeclineReason::NoMachine)
+        }
+    }
+}
+
+/// `m` beats the current best `b` (2.8 `build-remote.cc`: lower load per speed, then higher
+/// speed, then lower load).
+fn beats(load_m: u64, sf_m: f64, load_b: u64, sf_b: f64) -> bool {
+    let (rm, rb) = (load_m as f64 / sf_m, load_b as f64 / sf_b);
+    if rm != rb {
+        return rm < rb;
+    }
+    if sf_m != sf_b {
+        return sf_m > sf_b;
+    }
+    load_m < load_b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_nix::machines::parse_builders_setting;
+
+    fn machines(spec: &str) -> Vec<Machine> {
+        parse_builders_setting(spec, "x86_64-linux").expect("machines")
+    }
+
+    fn need(system: &str, features: &[&str], am_willing: bool) -> Need {
+        Need {
+            system: system.into(),
+            required_features: features.iter().map(|s| s.to_string()).collect(),
+            am_willing,
+        }
+    }
+
+    fn local() -> LocalCaps {
+        LocalCaps {
+            system: "x86_64-linux".into(),
+            extra_platforms: BTreeSet::from(["i686-linux".to_owned()]),
+            system_features: BTreeSet::from(["big-parallel".to_owned()]),
+        }
+    }
+
+    #[test]
+    fn eligibility_follows_systems_and_features() {
+        let ms = machines(
+            "ssh://a x86_64-linux - 2 1 big-parallel\n\
+             ssh://b aarch64-linux,x86_64-linux - 1 1 - kvm\n\
+             ssh://c aarch64-linux",
+        );
+        let none = BTreeSet::new();
+        assert_eq!(eligible(&ms, &need("x86_64-linux", &[], false), &none), [0]);
+        assert_eq!(eligible(&ms, &need("aarch64-linux", &[], false), &none), [2]);
+        // Mandatory `kvm` on b: only derivations requiring kvm go there.
+        assert_eq!(eligible(&ms, &need("x86_64-linux", &["kvm"], false), &none), [1]);
+        // `builtin` runs anywhere that has no mandatory features.
+        assert_eq!(eligible(&ms, &need("builtin", &[], false), &none), [0, 2]);
+        assert_eq!(
+            eligible(&ms, &need("x86_64-linux", &["big-parallel"], false), &none),
+            [0]
+        );
+        let excluded = BTreeSet::from([0]);
+        assert!(eligible(&ms, &need("x86_64-linux", &[], false), &excluded).is_empty());
+    }
+
+    #[test]
+    fn least_load_per_speed_then_speed_then_load() {
+        let ms = machines("ssh://a - - 4 1\nssh://b - - 4 2\nssh://c - - 4 2");
+        let n = need("x86_64-linux", &[], false);
+        let l = |machine, load| Load {
+            machine,
+            load,
+            free_slot: Some(load),
+        };
+        // a: 1/1, b: 1/2 → b.
+        let d = StockPolicy.decide(&ms, &[l(0, 1), l(1, 1)], &n, &local());
+        assert_eq!(d, Decision::Use { machine: 1, slot: 1 });
+        // a: 0/1, b: 0/2 → tie on ratio, b is faster.
+        let d = StockPolicy.decide(&ms, &[l(0, 0), l(1, 0)], &n, &local());
+        assert_eq!(d, Decision::Use { machine: 1, slot: 0 });
+        // b: 2/2 = 1, a: 1/1 = 1, equal ratio → faster b wins over a.
+        let d = StockPolicy.decide(&ms, &[l(0, 1), l(1, 2)], &n, &local());
+        assert_eq!(d, Decision::Use { machine: 1, slot: 2 });
+        // Same ratio and speed: first one kept unless strictly less loaded.
+        let d = StockPolicy.decide(&ms, &[l(1, 0), l(2, 0)], &n, &local());
+        assert_eq!(d, Decision::Use { machine: 1, slot: 0 });
+    }
+
+    #[test]
+    fn busy_machines_postpone_only_when_local_cannot_build() {
+        let ms = machines("ssh://a - - 1 1");
+        let busy = [Load {
+            machine: 0,
+            load: 1,
+            free_slot: None,
+        }];
+        let cannot = need("x86_64-linux", &[], false);
+        assert_eq!(StockPolicy.decide(&ms, &busy, &cannot, &local()), Decision::Postpone);
+        let can = need("x86_64-linux", &[], true);
+        assert_eq!(
+            StockPolicy.decide(&ms, &busy, &can, &local()),
+            Decision::Decline(DeclineReason::BusyButLocalCan)
+        );
+        assert_eq!(
+            StockPolicy.decide(&ms, &[], &cannot, &local()),
+            Decision::Decline(DeclineReason::NoMachine)
+        );
+    }
+
+    #[test]
+    fn local_capabilities() {
+        let l = local();
+        assert!(l.can_build(&need("x86_64-linux", &[], true)));
+        assert!(l.can_build(&need("i686-linux", &["big-parallel"], true)));
+        assert!(!l.can_build(&need("x86_64-linux", &[], false)));
+        assert!(!l.could_build(&need("aarch64-linux", &[], true)));
+        assert!(!l.could_build(&need("x86_64-linux", &["kvm"], true)));
+    }
+}

@@ -1,0 +1,463 @@
+//! Transports to a builder's `nix-store --serve --write`.
+//!
+//! [`Transport`] is what the rest of the hook needs: a byte stream to the remote serve
+//! process plus its stderr (the remote build log). [`OpenSsh`] implements it with the OpenSSH
+//! client, like the stock hook (Nix 2.8 `src/libstore/ssh.cc` `SSHMaster::startCommand`:
+//! `ssh host -x -a [NIX_SSHOPTS] [-i key] [-oUserKnownHostsFile=…] cmd`), and adds one
+//! multiplexed ControlMaster per builder kept alive for a few minutes, so later builds (each
+//! in a new hook process) skip the TCP and SSH handshakes (NixOS/nix#8499). An in-process
+//! SSH client can implement the same trait later.
+
+use ferry_nix::machines::Machine;
+use sha2::{Digest, Sha256};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum SshError {
+    #[error("'{uri}' is not an ssh:// store URI with a host")]
+    NoHost { uri: String },
+    #[error("preparing {path}: {source}")]
+    Setup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("running {program}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot connect to '{host}': {reason}")]
+    Connect { host: String, reason: String },
+}
+
+/// A running remote command: its stdin and stdout carry the serve protocol, its stderr is
+/// the remote log.
+pub struct Session {
+    pub writer: Box<dyn AsyncWrite + Send + Unpin>,
+    pub reader: Box<dyn AsyncRead + Send + Unpin>,
+    pub log: LogTap,
+    child: Option<Child>,
+}
+
+impl Session {
+    /// Builds a session from raw parts (tests, other transports).
+    pub fn from_parts(
+        writer: Box<dyn AsyncWrite + Send + Unpin>,
+        reader: Box<dyn AsyncRead + Send + Unpin>,
+        log: LogTap,
+    ) -> Self {
+        Session {
+            writer,
+            reader,
+            log,
+            child: None,
+        }
+    }
+
+    /// Splits the session; the guard owns the transport process.
+    pub fn into_parts(
+        self,
+    ) -> (
+        Box<dyn AsyncWrite + Send + Unpin>,
+        Box<dyn AsyncRead + Send + Unpin>,
+        LogTap,
+        ProcessGuard,
+    ) {
+        (self.writer, self.reader, self.log, ProcessGuard(self.child))
+    }
+}
+
+/// The transport process of a session (killed if dropped while running).
+pub struct ProcessGuard(Option<Child>);
+
+impl ProcessGuard {
+    /// Waits briefly for the transport process to exit after its stdin was closed (the
+    /// serve loop ends on EOF); kills it if it lingers.
+    pub async fn finish(mut self) {
+        if let Some(mut child) = self.0.take()
+            && tokio::time::timeout(Duration::from_secs(5), child.wait())
+                .await
+                .is_err()
+        {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+/// The remote command's stderr, read by a background task into a channel: before the hook
+/// accepts, it is kept to explain a failed handshake (`nix-store: command not found`); after,
+/// it is forwarded to the build log on fd 4.
+pub struct LogTap {
+    rx: mpsc::UnboundedReceiver<Vec<u8>>,
+}
+
+impl LogTap {
+    pub fn spawn<R: AsyncRead + Send + Unpin + 'static>(mut r: R) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if tx.send(buf.get(..n).unwrap_or_default().to_vec()).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        LogTap { rx }
+    }
+
+    /// Everything that arrives within `wait` (or until the stream ends), as text.
+    pub async fn collect(&mut self, wait: Duration) -> String {
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
+            out.extend_from_slice(&chunk);
+            if out.len() > 64 * 1024 {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&out).trim().to_owned()
+    }
+
+    /// The next chunk, `None` at the end of the stream.
+    pub async fn next(&mut self) -> Option<Vec<u8>> {
+        self.rx.recv().await
+    }
+}
+
+/// A way to reach a builder's serve process.
+pub trait Transport {
+    fn connect(&self, machine: &Machine) -> impl Future<Output = Result<Session, SshError>> + Send;
+}
+
+/// The command run on the builder: `nix-store --serve --write`, honouring the store URI's
+/// `remote-program` and `remote-store` parameters (`LegacySSHStore`).
+pub fn remote_command(machine: &Machine) -> Vec<String> {
+    let mut program = "nix-store".to_owned();
+    let mut store = None;
+    if let Some((_, query)) = machine.store_uri.split_once('?') {
+        for kv in query.split('&') {
+            match kv.split_once('=') {
+                Some(("remote-program", v)) if !v.is_empty() => program = v.to_owned(),
+                Some(("remote-store", v)) if !v.is_empty() => store = Some(v.to_owned()),
+                _ => {}
+            }
+        }
+    }
+    let mut cmd = vec![program, "--serve".into(), "--write".into()];
+    if let Some(s) = store {
+        cmd.push("--store".into());
+        cmd.push(s);
+    }
+    cmd
+}
+
+/// The OpenSSH client with a shared ControlMaster per builder.
+#[derive(Debug, Clone)]
+pub struct OpenSsh {
+    /// The `ssh` program.
+    pub program: String,
+    /// Words of `NIX_SSHOPTS` (split on whitespace, as Nix does).
+    pub extra_opts: Vec<String>,
+    /// Where control sockets, their locks and known_hosts files live.
+    pub control_dir: PathBuf,
+    /// How long an idle master stays up.
+    pub persist: Duration,
+}
+
+impl OpenSsh {
+    pub fn new(control_dir: PathBuf, nix_sshopts: Option<&str>) -> Self {
+        OpenSsh {
+            program: "ssh".to_owned(),
+            extra_opts: nix_sshopts
+                .map(|o| o.split_whitespace().map(str::to_owned).collect())
+                .unwrap_or_default(),
+            control_dir,
+            persist: Duration::from_secs(300),
+        }
+    }
+
+    /// A short name per (host, key, host key, options): ControlPath must fit in a socket
+    /// address (108 bytes), and different credentials must not share a master.
+    fn key(&self, machine: &Machine, host: &str) -> String {
+        let mut h = Sha256::new();
+        for part in [
+            host,
+            machine.ssh_key.as_deref().unwrap_or(""),
+            machine
+                .public_host_key
+                .as_ref()
+                .map_or("", |k| k.base64.as_str()),
+            &self.extra_opts.join(" "),
+        ] {
+            h.update(part.as_bytes());
+            h.update([0]);
+        }
+        h.finalize()
+            .iter()
+            .take(10)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// Options shared by the master and the sessions (so a session that finds no master
+    /// still connects on its own with the same identity and host key).
+    fn common_args(&self, machine: &Machine, host: &str, key: &str) -> Result<Vec<String>, SshError> {
+        let mut args = vec![
+            "-x".into(),
+            "-a".into(),
+            // Never prompt: the hook has no terminal, and a prompt would hang the build.
+            "-oBatchMode=yes".into(),
+        ];
+        args.extend(self.extra_opts.iter().cloned());
+        if let Some(k) = &machine.ssh_key {
+            args.push("-i".into());
+            args.push(k.clone());
+        }
+        if let Some(pk) = &machine.public_host_key {
+            let path = self.control_dir.join(format!("{key}.known_hosts"));
+            write_atomic(&path, pk.known_hosts_line(host).as_bytes())?;
+            args.push(format!("-oUserKnownHostsFile={}", path.display()));
+        }
+        args.push(format!("-oControlPath={}", self.socket(key).display()));
+        Ok(args)
+    }
+
+    fn socket(&self, key: &str) -> PathBuf {
+        self.control_dir.join(format!("{key}.sock"))
+    }
+
+    /// Makes sure a master for `host` listens on its control socket. Serialised per builder
+    /// by a lock file, so concurrent hooks start one master, not several.
+    async fn ensure_master(&self, host: &str, key: &str, common: &[String]) -> Result<(), SshError> {
+        let sock = self.socket(key);
+        if master_alive(&sock).await {
+            return Ok(());
+        }
+        let lock_path = self.control_dir.join(format!("{key}.lock"));
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| SshError::Setup {
+                path: lock_path.clone(),
+                source,
+            })?;
+        let lock = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
+            .await
+            .map_err(|e| SshError::Setup {
+                path: lock_path.clone(),
+                source: std::io::Error::other(e),
+            })?
+            .map_err(|source| SshError::Setup {
+                path: lock_path.clone(),
+                source,
+            })?;
+        if master_alive(&sock).await {
+            return Ok(());
+        }
+        // A socket nobody answers on is left by a killed master.
+        let _ = std::fs::remove_file(&sock);
+        let errfile = tempfile::NamedTempFile::new_in(&self.control_dir).map_err(|source| {
+            SshError::Setup {
+                path: self.control_dir.clone(),
+                source,
+            }
+        })?;
+        let err_out = errfile.reopen().map_err(|source| SshError::Setup {
+            path: errfile.path().to_owned(),
+            source,
+        })?;
+        // `-f` backgrounds the master once it is authenticated (and detaches it from our
+        // stdio), so the exit status tells whether the connection works. Its own process
+        // group keeps it alive when the daemon kills this hook's group at the end; its stderr
+        // goes to a file, never to the daemon's pipes, which it would otherwise hold open.
+        let status = Command::new(&self.program)
+            .args(common)
+            .args(["-M", "-N", "-f"])
+            .arg(format!("-oControlPersist={}", self.persist.as_secs().max(1)))
+            .arg(host)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err_out)
+            .process_group(0)
+            .status()
+            .await
+            .map_err(|source| SshError::Spawn {
+                program: self.program.clone(),
+                source,
+            })?;
+        drop(lock);
+        if status.success() {
+            return Ok(());
+        }
+        let reason = std::fs::read_to_string(errfile.path()).unwrap_or_default();
+        Err(SshError::Connect {
+            host: host.to_owned(),
+            reason: describe_failure(reason.trim(), status.code()),
+        })
+    }
+}
+
+/// One line explaining why ssh failed.
+fn describe_failure(stderr: &str, code: Option<i32>) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("Warning: Permanently added"))
+        .collect();
+    if lines.is_empty() {
+        return match code {
+            Some(c) => format!("ssh exited with status {c}"),
+            None => "ssh was killed by a signal".to_owned(),
+        };
+    }
+    lines.join("; ")
+}
+
+async fn master_alive(sock: &Path) -> bool {
+    sock.exists() && tokio::net::UnixStream::connect(sock).await.is_ok()
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SshError> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|source| SshError::Setup {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+impl Transport for OpenSsh {
+    async fn connect(&self, machine: &Machine) -> Result<Session, SshError> {
+        let host = machine
+            .host()
+            .filter(|_| machine.scheme() == Some("ssh"))
+            .ok_or_else(|| SshError::NoHost {
+                uri: machine.store_uri.clone(),
+            })?
+            .to_owned();
+        std::fs::create_dir_all(&self.control_dir).map_err(|source| SshError::Setup {
+            path: self.control_dir.clone(),
+            source,
+        })?;
+        let key = self.key(machine, &host);
+        let common = self.common_args(machine, &host, &key)?;
+        self.ensure_master(&host, &key, &common).await?;
+        let mut child = Command::new(&self.program)
+            .args(&common)
+            .arg("-oControlMaster=no")
+            .arg(&host)
+            .args(remote_command(machine))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| SshError::Spawn {
+                program: self.program.clone(),
+                source,
+            })?;
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(SshError::Spawn {
+                program: self.program.clone(),
+                source: std::io::Error::other("stdio pipes missing"),
+            });
+        };
+        Ok(Session {
+            writer: Box::new(stdin),
+            reader: Box::new(stdout),
+            log: LogTap::spawn(stderr),
+            child: Some(child),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_nix::machines::parse_builders_setting;
+
+    fn machine(spec: &str) -> Machine {
+        parse_builders_setting(spec, "x86_64-linux")
+            .expect("machine")
+            .remove(0)
+    }
+
+    #[test]
+    fn remote_command_honours_store_parameters() {
+        assert_eq!(
+            remote_command(&machine("ssh://h")),
+            ["nix-store", "--serve", "--write"]
+        );
+        assert_eq!(
+            remote_command(&machine(
+                "ssh://h?remote-store=/tmp/s&remote-program=/opt/bin/nix-store"
+            )),
+            ["/opt/bin/nix-store", "--serve", "--write", "--store", "/tmp/s"]
+        );
+    }
+
+    #[test]
+    fn failures_are_described_in_one_line() {
+        assert_eq!(
+            describe_failure(
+                "Warning: Permanently added 'h' to the list of known hosts.\n\
+                 root@h: Permission denied (publickey).",
+                Some(255)
+            ),
+            "root@h: Permission denied (publickey)."
+        );
+        assert_eq!(describe_failure("", Some(255)), "ssh exited with status 255");
+    }
+
+    #[test]
+    fn control_names_are_short_and_depend_on_credentials() {
+        let ssh = OpenSsh::new(PathBuf::from("/nix/var/nix/ferry/ssh"), Some("-p 22"));
+        assert_eq!(ssh.extra_opts, ["-p", "22"]);
+        let a = ssh.key(&machine("ssh://root@h"), "root@h");
+        let b = ssh.key(&machine("ssh://root@h - /k"), "root@h");
+        assert_eq!(a.len(), 20);
+        assert_ne!(a, b);
+        assert!(ssh.socket(&a).as_os_str().len() < 100);
+    }
+
+    #[test]
+    fn a_missing_ssh_program_is_named() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mut ssh = OpenSsh::new(tmp.path().to_owned(), None);
+        ssh.program = "/nonexistent/ssh".into();
+        let e = rt
+            .block_on(ssh.connect(&machine("ssh://h")))
+            .err()
+            .expect("no ssh");
+        assert!(e.to_string().contains("/nonexistent/ssh"), "{e}");
+        let e = rt
+            .block_on(ssh.connect(&machine("ssh-ng://h")))
+            .err()
+            .expect("not ssh://");
+        assert!(e.to_string().contains("ssh-ng://h"), "{e}");
+    }
+}
