@@ -5,13 +5,22 @@
 //! - [`protocol`]: the hook protocol adapter (argv, settings, `try`, replies, `@nix` logs);
 //! - [`run`]: orchestration of one hook process;
 //! - [`select`]: the pure selection policy; [`slots`]: the shared slot locks;
+//! - [`health`]: the builders' health state machine (pure); [`health_store`]: that state on
+//!   disk, shared by every hook; [`probe`]: reaching builders within a deadline;
+//! - [`config`]: the `[build-hook]` section of `ferry.toml`; [`cli`]: `status`, `probe`,
+//!   `check-config`;
 //! - [`ssh`]: the transport to a builder; [`remote`]: copy, build and fetch over the serve
 //!   protocol; [`local`]: the local store through the `nix-store` / `nix` CLI.
 
+pub mod cli;
+pub mod config;
+pub mod health;
+pub mod health_store;
+pub mod local;
+pub mod probe;
 pub mod protocol;
+pub mod remote;
+pub mod run;
 pub mod select;
 pub mod slots;
 pub mod ssh;
-pub mod local;
-pub mod remote;
-pub mod run;

@@ -221,8 +221,13 @@ impl LocalStore {
             return Ok(Vec::new());
         }
         let mut c = self.command(&self.nix);
-        c.args(["--extra-experimental-features", "nix-command", "path-info", "--json"])
-            .args(paths);
+        c.args([
+            "--extra-experimental-features",
+            "nix-command",
+            "path-info",
+            "--json",
+        ])
+        .args(paths);
         let out = output(c, &self.nix, "nix path-info --json").await?;
         parse_path_info_json(&String::from_utf8_lossy(&out))
     }
@@ -239,9 +244,15 @@ impl LocalStore {
                 continue;
             }
             let mut c = self.command(&self.nix);
-            c.args(["--extra-experimental-features", "nix-command", "path-info", "--json", "-r"])
-                .args(extra)
-                .args(group);
+            c.args([
+                "--extra-experimental-features",
+                "nix-command",
+                "path-info",
+                "--json",
+                "-r",
+            ])
+            .args(extra)
+            .args(group);
             let out = output(c, &self.nix, "nix path-info --json -r").await?;
             for i in parse_path_info_json(&String::from_utf8_lossy(&out))? {
                 all.insert(i.path.clone(), i);
@@ -257,7 +268,12 @@ impl LocalStore {
         drv: &str,
     ) -> Result<BTreeMap<String, String>, LocalError> {
         let mut c = self.command(&self.nix);
-        c.args(["--extra-experimental-features", "nix-command", "show-derivation", drv]);
+        c.args([
+            "--extra-experimental-features",
+            "nix-command",
+            "show-derivation",
+            drv,
+        ]);
         let out = output(c, &self.nix, "nix show-derivation").await?;
         parse_show_derivation(drv, &String::from_utf8_lossy(&out))
     }
@@ -430,8 +446,8 @@ mod tests {
         .expect("sorted");
         let names: Vec<&str> = sorted.iter().map(|i| i.path.as_str()).collect();
         assert_eq!(names, ["/s/a", "/s/b", "/s/c"]);
-        let e = topo_sort(vec![info("/s/x", &["/s/y"]), info("/s/y", &["/s/x"])])
-            .expect_err("cycle");
+        let e =
+            topo_sort(vec![info("/s/x", &["/s/y"]), info("/s/y", &["/s/x"])]).expect_err("cycle");
         assert!(e.to_string().contains("/s/x"), "{e}");
     }
 
@@ -466,7 +482,10 @@ mod tests {
         let e = parse_path_info_json("nope").expect_err("not json");
         assert!(e.to_string().contains("not its JSON"), "{e}");
         let e = parse_path_info_json(r#"[{"path":"/s/x","valid":false}]"#).expect_err("invalid");
-        assert!(e.to_string().contains("/s/x") && e.to_string().contains("not valid"), "{e}");
+        assert!(
+            e.to_string().contains("/s/x") && e.to_string().contains("not valid"),
+            "{e}"
+        );
         let e = parse_path_info_json(r#"[{"path":"/s/x","narHash":"md7:zz","narSize":1}]"#)
             .expect_err("hash");
         assert!(e.to_string().contains("narHash"), "{e}");

@@ -1,9 +1,13 @@
-//! `ferry-build-hook`: Nix runs it as its `build-hook` (see the crate docs).
+//! `ferry-build-hook`: Nix runs it as its `build-hook` (see the crate docs); people run its
+//! subcommands (`status`, `probe`, `check-config`).
 use ferry_build_hook::protocol::Verbosity;
 use ferry_build_hook::run::{Env, Logger, run};
 
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
+    if ferry_build_hook::cli::is_command(&argv) {
+        std::process::exit(ferry_build_hook::cli::main(&argv));
+    }
     // The verbosity filters our `@nix` messages; an argv error is reported by `run`.
     let verbosity = ferry_build_hook::protocol::parse_args(&argv).unwrap_or(Verbosity::INFO);
     let logger = Logger::new(verbosity, Box::new(std::io::stderr()));
@@ -14,7 +18,10 @@ fn main() {
     {
         Ok(rt) => rt,
         Err(e) => {
-            logger.log(Verbosity::ERROR, format!("ferry-build-hook: starting the runtime: {e}"));
+            logger.log(
+                Verbosity::ERROR,
+                format!("ferry-build-hook: starting the runtime: {e}"),
+            );
             std::process::exit(1);
         }
     };

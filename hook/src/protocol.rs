@@ -247,7 +247,10 @@ impl NixLog {
                 json_fields(&mut s, fields);
             }
             NixLog::Result { id, result, fields } => {
-                let _ = write!(s, "\"action\":\"result\",\"id\":{id},\"type\":{result},\"fields\":");
+                let _ = write!(
+                    s,
+                    "\"action\":\"result\",\"id\":{id},\"type\":{result},\"fields\":"
+                );
                 json_fields(&mut s, fields);
             }
             NixLog::Stop { id } => {
@@ -314,7 +317,10 @@ mod tests {
     #[test]
     fn verbosity_is_the_last_argument_in_both_argv_forms() {
         // Nix 2.8–2.9: `[basename, verbosity]`.
-        assert_eq!(parse_args(&argv(&["build-remote", "3"])).ok(), Some(Verbosity(3)));
+        assert_eq!(
+            parse_args(&argv(&["build-remote", "3"])).ok(),
+            Some(Verbosity(3))
+        );
         // 2.10+: extra words of `build-hook` come first.
         assert_eq!(
             parse_args(&argv(&["nix", "__build-remote", "4"])).ok(),
@@ -344,7 +350,13 @@ mod tests {
         let mut w = WireWriter::new(Vec::new());
         w.write_settings(&[("builders", "ssh://a"), ("max-jobs", "0")])
             .expect("w");
-        encode_try(&mut w, false, "x86_64-linux", "/nix/store/a-x.drv", &["kvm"]);
+        encode_try(
+            &mut w,
+            false,
+            "x86_64-linux",
+            "/nix/store/a-x.drv",
+            &["kvm"],
+        );
         w.write_strings(["/nix/store/b-in"]).expect("w");
         w.write_strings(["out"]).expect("w");
         let bytes = w.into_inner();
@@ -478,7 +490,12 @@ mod tests {
             let mut r = AsyncWireReader::new(&bytes[..]);
             let settings = read_settings(&mut r).await.expect("settings");
             assert_eq!(settings.len(), 91);
-            let get = |k: &str| settings.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+            let get = |k: &str| {
+                settings
+                    .iter()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v.clone())
+            };
             assert_eq!(get("builders"), Some(want("builders")));
             assert_eq!(get("system-features"), Some(want("system-features")));
             let Request::Try(t) = read_request(&mut r).await.expect("try") else {
@@ -487,7 +504,10 @@ mod tests {
             assert_eq!(t.drv_path, want("drv"));
             assert_eq!(t.needed_system, want("system"));
             assert!(t.am_willing);
-            assert_eq!(t.required_features, BTreeSet::from(["ferry-wire".to_owned()]));
+            assert_eq!(
+                t.required_features,
+                BTreeSet::from(["ferry-wire".to_owned()])
+            );
             assert_eq!(read_request(&mut r).await.expect("end"), Request::Done);
         });
     }

@@ -77,6 +77,20 @@ pub enum RemoteError {
 }
 
 impl RemoteError {
+    /// The failure is the builder's or the link's (it could not be reached, did not speak
+    /// the protocol, or the connection broke), not the build's or the local store's: it
+    /// counts against the builder's health, and before the build starts another builder
+    /// may take over.
+    pub fn is_builder_fault(&self) -> bool {
+        matches!(
+            self,
+            RemoteError::BadMagic { .. }
+                | RemoteError::BadVersion { .. }
+                | RemoteError::Wire { .. }
+                | RemoteError::Io { .. }
+        )
+    }
+
     /// The hook's exit status for this failure (hook-protocol.md §1.8): 101 → `TimedOut`,
     /// 100 → permanent failure on Nix ≤ 2.28; any other non-zero is `MiscFailure`.
     pub fn exit_code(&self) -> i32 {
@@ -279,10 +293,11 @@ impl Connection {
                 .read_strings(MAX_PATHS, MAX_STR)
                 .await
                 .map_err(self.wire(step))?;
-            let nar_hash = Hash::parse_any_prefixed(&hash).map_err(|e| RemoteError::Derivation {
-                drv: path.clone(),
-                problem: format!("the builder sent narHash {hash:?}: {e}"),
-            })?;
+            let nar_hash =
+                Hash::parse_any_prefixed(&hash).map_err(|e| RemoteError::Derivation {
+                    drv: path.clone(),
+                    problem: format!("the builder sent narHash {hash:?}: {e}"),
+                })?;
             out.insert(
                 path.clone(),
                 PathInfo {
@@ -458,17 +473,24 @@ pub trait Progress {
     fn message(&self, text: &str);
 }
 
-/// The whole remote build (hook-protocol.md §4.6): copy what the builder lacks, build,
-/// fetch missing outputs and import them. `outputs` maps output name → store path.
-pub async fn build_on<I: Importer + Sync>(
+/// What a copy moved, for the builder's measured transfer rate.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Transfer {
+    pub bytes: u64,
+    pub secs: f64,
+}
+
+/// Step one of a remote build (hook-protocol.md §4.6): copy the input closure and the `.drv`
+/// closure to the builder, as far as it lacks them. Failures here happen before the build
+/// starts, so the caller may retry on another builder.
+pub async fn upload(
     conn: &mut Connection,
     job: &Job,
-    outputs: &BTreeMap<String, String>,
     local: &LocalStore,
-    importer: &I,
     progress: &dyn Progress,
     upload_lock: Option<crate::slots::HeldLock>,
-) -> Result<(), RemoteError> {
+) -> Result<Transfer, RemoteError> {
+    let start = std::time::Instant::now();
     // The inputs plus the .drv closure (BuildPaths needs the derivations on the builder).
     let mut roots: Vec<String> = job.inputs.iter().cloned().collect();
     roots.push(job.drv_path.clone());
@@ -489,15 +511,33 @@ pub async fn build_on<I: Importer + Sync>(
             conn.machine()
         ));
     }
+    let mut bytes = 0;
     for info in &missing {
         conn.add_to_store_nar(info, local).await?;
+        bytes += info.nar_size;
     }
     // Uploads are serialised per builder; the build itself is not.
     drop(upload_lock);
+    Ok(Transfer {
+        bytes,
+        secs: start.elapsed().as_secs_f64(),
+    })
+}
 
+/// Step two: build, fetch the missing outputs and import them. `outputs` maps output
+/// name → store path. Returns the build time and what was fetched.
+pub async fn build_and_fetch<I: Importer + Sync>(
+    conn: &mut Connection,
+    job: &Job,
+    outputs: &BTreeMap<String, String>,
+    importer: &I,
+) -> Result<(f64, Transfer), RemoteError> {
+    let start = std::time::Instant::now();
     conn.build_paths(&job.drv_path, &job.wanted_outputs, &job.options)
         .await?;
+    let build_secs = start.elapsed().as_secs_f64();
 
+    let fetch_start = std::time::Instant::now();
     let mut wanted = BTreeSet::new();
     for name in &job.wanted_outputs {
         let path = outputs.get(name).ok_or_else(|| RemoteError::Derivation {
@@ -518,14 +558,23 @@ pub async fn build_on<I: Importer + Sync>(
     }
     let infos = topo_sort(infos.into_values().collect())?;
     let mut fetched = Vec::new();
+    let mut bytes = 0;
     for info in infos {
         let nar = conn.dump_store_path(&info).await?;
+        bytes += info.nar_size;
         let f = Fetched { info, nar };
         f.verify()?;
         fetched.push(f);
     }
+    let fetch_secs = fetch_start.elapsed().as_secs_f64();
     importer.import(&fetched).await?;
-    Ok(())
+    Ok((
+        build_secs,
+        Transfer {
+            bytes,
+            secs: fetch_secs,
+        },
+    ))
 }
 
 #[cfg(test)]

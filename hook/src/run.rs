@@ -5,19 +5,25 @@
 //! that is not `@nix` JSON, so everything the hook says goes through [`Logger`] as `@nix`
 //! messages (shown to the client at their level), and the remote build log goes raw to fd 4.
 
+use crate::config::{self, Tuning};
+use crate::health::{self, LocalSituation, Verdict};
+use crate::health_store::HealthStore;
 use crate::local::{HeldLocksImporter, LocalStore};
+use crate::probe::{Kind, Outcome, Prober};
 use crate::protocol::{self, NixLog, Reply, Request, TryRequest, Verbosity};
 use crate::remote::{self, BuildOptions, Job, Progress};
-use crate::select::{Decision, DeclineReason, LocalCaps, Need, Policy, StockPolicy, eligible};
+use crate::select::{
+    Decision, DeclineReason, HealthPolicy, LocalCaps, Need, Policy, Speed, eligible,
+};
 use crate::slots::{HeldLock, LoadDir};
-use crate::ssh::{OpenSsh, Transport};
+use crate::ssh::OpenSsh;
 use ferry_nix::machines::{Machine, parse_builders_setting};
 use ferry_nix::nixconf::{NixConf, RealFs};
 use ferry_nix::wire::AsyncWireReader;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncRead;
 
@@ -35,11 +41,17 @@ pub struct Env {
     pub nix_sshopts: Option<String>,
     /// The build log: fd 4, opened as `/dev/fd/4`.
     pub build_log: PathBuf,
+    /// Ferry's configuration file (`FERRY_CONFIG`, default `/etc/ferry/ferry.toml`).
+    pub config_path: PathBuf,
 }
 
 impl Env {
     pub fn from_process() -> Self {
-        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let var = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         let nix_state_dir = var("NIX_STATE_DIR").unwrap_or_else(|| "/nix/var/nix".into());
         Env {
             conf_dir: var("NIX_CONF_DIR").unwrap_or_else(|| "/etc/nix".into()),
@@ -47,6 +59,7 @@ impl Env {
             nix_state_dir,
             nix_sshopts: std::env::var("NIX_SSHOPTS").ok(),
             build_log: "/dev/fd/4".into(),
+            config_path: ferry_nix::config::path_from_env(),
         }
     }
 }
@@ -69,11 +82,13 @@ impl Logger {
         if level > self.verbosity {
             return;
         }
-        self.raw(&NixLog::Msg {
-            level,
-            msg: msg.into(),
-        }
-        .render());
+        self.raw(
+            &NixLog::Msg {
+                level,
+                msg: msg.into(),
+            }
+            .render(),
+        );
     }
 
     /// Writes a reply or a rendered message as one write.
@@ -96,12 +111,30 @@ impl Progress for Logger {
 }
 
 /// The settings the hook uses, read once from nix.conf plus the stream.
-struct Settings {
-    conf: NixConf,
+pub struct Settings {
+    pub conf: NixConf,
 }
 
 impl Settings {
-    fn this_system(&self) -> String {
+    /// nix.conf from `NIX_CONF_DIR` (for the commands run outside the daemon).
+    pub fn load(env: &Env) -> Result<Settings, ferry_nix::nixconf::NixConfError> {
+        Ok(Settings {
+            conf: NixConf::load_system(&env.conf_dir, &RealFs)?,
+        })
+    }
+
+    /// The machines of the `builders` setting.
+    pub fn machines(&self) -> Result<Vec<Machine>, ferry_nix::machines::MachinesError> {
+        parse_builders_setting(self.conf.get("builders").unwrap_or(""), &self.this_system())
+    }
+
+    /// `max-jobs` is 0: the daemon never builds locally.
+    fn max_jobs_zero(&self) -> bool {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+        self.conf.get_max_jobs(cpus).ok().flatten() == Some(0)
+    }
+
+    pub fn this_system(&self) -> String {
         self.conf
             .get("system")
             .filter(|s| !s.is_empty())
@@ -109,7 +142,7 @@ impl Settings {
             .unwrap_or_else(|| format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS))
     }
 
-    fn local_caps(&self) -> LocalCaps {
+    pub fn local_caps(&self) -> LocalCaps {
         let set = |k: &str| -> BTreeSet<String> {
             self.conf
                 .get_set(k)
@@ -153,6 +186,14 @@ impl Settings {
     }
 }
 
+/// What one hook process shares between its `try` answers and its build.
+struct Ctx<'a> {
+    settings: &'a Settings,
+    env: &'a Env,
+    prober: Arc<Prober>,
+    logger: &'a Logger,
+}
+
 /// Runs the hook; returns the exit status.
 pub async fn run<R: AsyncRead + Unpin>(
     argv: &[String],
@@ -160,14 +201,10 @@ pub async fn run<R: AsyncRead + Unpin>(
     stdin: R,
     logger: &Logger,
 ) -> i32 {
-    let verbosity = match protocol::parse_args(argv) {
-        Ok(v) => v,
-        Err(e) => {
-            logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
-            return 1;
-        }
-    };
-    let _ = verbosity;
+    if let Err(e) = protocol::parse_args(argv) {
+        logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
+        return 1;
+    }
     let mut input = AsyncWireReader::new(stdin);
     let stream = match protocol::read_settings(&mut input).await {
         Ok(s) => s,
@@ -181,7 +218,10 @@ pub async fn run<R: AsyncRead + Unpin>(
     let mut conf = match NixConf::load_system(&env.conf_dir, &RealFs) {
         Ok(c) => c,
         Err(e) => {
-            logger.log(Verbosity::WARN, format!("ferry-build-hook: ignoring nix.conf: {e}"));
+            logger.log(
+                Verbosity::WARN,
+                format!("ferry-build-hook: ignoring nix.conf: {e}"),
+            );
             let mut c = NixConf::new();
             c.set_default(
                 "builders",
@@ -192,7 +232,20 @@ pub async fn run<R: AsyncRead + Unpin>(
     };
     conf.apply_overrides(&stream);
     let settings = Settings { conf };
-    let ssh = OpenSsh::new(env.ferry_state_dir.join("ssh"), env.nix_sshopts.as_deref());
+    // A broken Ferry configuration must not break builds: say so and use the defaults.
+    let tuning = config::load(&env.config_path).unwrap_or_else(|e| {
+        logger.log(
+            Verbosity::WARN,
+            format!("ferry-build-hook: using defaults: {e}"),
+        );
+        Tuning::default()
+    });
+    let ctx = Ctx {
+        settings: &settings,
+        env,
+        prober: Arc::new(prober(env, tuning)),
+        logger,
+    };
 
     loop {
         let t = match protocol::read_request(&mut input).await {
@@ -203,33 +256,50 @@ pub async fn run<R: AsyncRead + Unpin>(
                 return 1;
             }
         };
-        match answer(&t, &settings, env, &ssh, logger).await {
+        match answer(&t, &ctx).await {
             Answered::Replied => continue,
             Answered::Stop(code) => return code,
-            Answered::Accepted(conn, machine) => {
-                return build(*conn, &machine, &t, &mut input, &settings, env, logger).await;
-            }
+            Answered::Accepted(chosen) => return build(*chosen, &t, &mut input, &ctx).await,
         }
     }
+}
+
+/// The transport and health store from the environment and configuration.
+pub fn prober(env: &Env, tuning: Tuning) -> Prober {
+    let mut ssh = OpenSsh::new(env.ferry_state_dir.join("ssh"), env.nix_sshopts.as_deref());
+    ssh.connect_timeout = Some(tuning.probe_timeout);
+    // Without a writable state directory health is not remembered, but builds still work.
+    let health = HealthStore::open(&env.ferry_state_dir)
+        .unwrap_or_else(|_| HealthStore::at(&env.ferry_state_dir));
+    Prober {
+        ssh,
+        health,
+        tuning,
+    }
+}
+
+/// The builder chosen for a build, and what failover after the accept needs.
+struct Chosen {
+    conn: remote::Connection,
+    machine: usize,
+    slot: Option<HeldLock>,
+    machines: Vec<Machine>,
+    need: Need,
+    /// Builders known healthy when the choice was made.
+    healthy: BTreeSet<usize>,
 }
 
 enum Answered {
     Replied,
     Stop(i32),
-    Accepted(Box<remote::Connection>, Machine),
+    Accepted(Box<Chosen>),
 }
 
-/// Selects a machine for one `try`, connects, and replies.
-async fn answer(
-    t: &TryRequest,
-    settings: &Settings,
-    env: &Env,
-    ssh: &OpenSsh,
-    logger: &Logger,
-) -> Answered {
-    let this_system = settings.this_system();
-    let builders = settings.conf.get("builders").unwrap_or("");
-    let machines = match parse_builders_setting(builders, &this_system) {
+/// Selects a machine for one `try` from the builders' health (probing those whose state
+/// is unknown or stale in parallel, within the probe budget), connects, and replies.
+async fn answer(t: &TryRequest, ctx: &Ctx<'_>) -> Answered {
+    let logger = ctx.logger;
+    let machines = match ctx.settings.machines() {
         Ok(m) => m,
         Err(e) => {
             logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
@@ -248,7 +318,10 @@ async fn answer(
         if m.scheme() != Some("ssh") {
             logger.log(
                 Verbosity::CHATTY,
-                format!("ferry-build-hook: skipping '{}': only ssh:// builders are supported", m.store_uri),
+                format!(
+                    "ferry-build-hook: skipping '{}': only ssh:// builders are supported",
+                    m.store_uri
+                ),
             );
             excluded.insert(i);
         }
@@ -258,8 +331,18 @@ async fn answer(
         required_features: t.required_features.clone(),
         am_willing: t.am_willing,
     };
-    let local = settings.local_caps();
-    let load_dir = match LoadDir::open(&env.nix_state_dir) {
+    let local = ctx.settings.local_caps();
+    let tuning = ctx.prober.tuning;
+    // Local first by policy: answer before touching any builder.
+    if !tuning.prefer_remote && local.can_build(&need) {
+        logger.log(
+            Verbosity::CHATTY,
+            "ferry-build-hook: building locally (prefer-remote = false)",
+        );
+        logger.reply(&Reply::Decline);
+        return Answered::Replied;
+    }
+    let load_dir = match LoadDir::open(&ctx.env.nix_state_dir) {
         Ok(d) => d,
         Err(e) => {
             logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
@@ -267,9 +350,13 @@ async fn answer(
             return Answered::Replied;
         }
     };
+
+    let right_type = eligible(&machines, &need, &excluded);
+    let (mut healthy, mut probed) = classify_and_probe(ctx, &machines, &right_type).await;
     loop {
+        let policy = policy_for(ctx, &machines, tuning);
         let picked = tokio::task::block_in_place(|| {
-            pick(&load_dir, &machines, &need, &local, &excluded)
+            pick(&load_dir, &machines, &need, &local, &healthy, &policy)
         });
         let (decision, slot) = match picked {
             Ok(p) => p,
@@ -282,23 +369,31 @@ async fn answer(
         match decision {
             Decision::Use { machine, .. } => {
                 let Some(m) = machines.get(machine) else {
-                    excluded.insert(machine);
+                    healthy.remove(&machine);
                     continue;
                 };
-                match connect(ssh, m).await {
+                let conn = match probed.remove(&machine) {
+                    Some(c) => Ok(*c),
+                    None => ctx.prober.connect_recorded(m, tuning.probe_timeout).await,
+                };
+                match conn {
                     Ok(conn) => {
                         logger.reply(&Reply::Accept(m.store_uri.clone()));
-                        // The slot stays taken for the whole build: leak the lock into the
-                        // process (the kernel drops it when we exit).
-                        std::mem::forget(slot);
-                        return Answered::Accepted(Box::new(conn), m.clone());
+                        return Answered::Accepted(Box::new(Chosen {
+                            conn,
+                            machine,
+                            slot,
+                            machines: machines.clone(),
+                            need,
+                            healthy,
+                        }));
                     }
                     Err(e) => {
                         logger.log(
-                            Verbosity::ERROR,
+                            Verbosity::WARN,
                             format!("cannot build on '{}': {e}", m.store_uri),
                         );
-                        excluded.insert(machine);
+                        healthy.remove(&machine);
                     }
                 }
             }
@@ -307,13 +402,7 @@ async fn answer(
                 return Answered::Replied;
             }
             Decision::Decline(reason) => {
-                let level = if reason == DeclineReason::BusyButLocalCan || local.can_build(&need)
-                {
-                    Verbosity::CHATTY
-                } else {
-                    Verbosity::WARN
-                };
-                logger.log(level, "Failed to find a machine for remote build!");
+                explain_decline(ctx, t, &need, &local, &machines, &right_type, reason);
                 logger.reply(&Reply::Decline);
                 return Answered::Replied;
             }
@@ -321,25 +410,156 @@ async fn answer(
     }
 }
 
-/// Under `main-lock`: measures loads, decides, and keeps the chosen slot's lock.
+/// Sorts the right-type builders by their health and probes those that need it. Returns
+/// the healthy ones and the connections the probes opened (reused for the build).
+async fn classify_and_probe(
+    ctx: &Ctx<'_>,
+    machines: &[Machine],
+    right_type: &[usize],
+) -> (BTreeSet<usize>, BTreeMap<usize, Box<remote::Connection>>) {
+    let now = health::now_ms();
+    let tuning = ctx.prober.tuning;
+    let mut healthy = BTreeSet::new();
+    let mut to_probe = Vec::new();
+    for &i in right_type {
+        let Some(m) = machines.get(i) else { continue };
+        let h = ctx.prober.health.read(&m.store_uri);
+        match h.verdict(now, &tuning) {
+            Verdict::Healthy => {
+                healthy.insert(i);
+            }
+            Verdict::BackingOff { .. } => {}
+            Verdict::Probe if h.state == health::State::Down => {
+                // Half-open: only the hook that gets the lock probes; the others skip it.
+                if let Ok(Some(lock)) = ctx.prober.health.try_probe_lock(&m.store_uri) {
+                    to_probe.push((i, Kind::HalfOpen(lock)));
+                }
+            }
+            Verdict::Probe => to_probe.push((i, Kind::Fresh)),
+        }
+    }
+    let mut conns = BTreeMap::new();
+    if !to_probe.is_empty() {
+        for (i, outcome) in ctx.prober.probe_all(machines, to_probe).await {
+            match outcome {
+                Outcome::Up(conn) => {
+                    healthy.insert(i);
+                    if let Some(c) = conn {
+                        conns.insert(i, c);
+                    }
+                }
+                Outcome::Down(e) => {
+                    if let Some(m) = machines.get(i) {
+                        ctx.logger.log(
+                            Verbosity::WARN,
+                            format!("cannot build on '{}': {e}", m.store_uri),
+                        );
+                    }
+                }
+                Outcome::Skipped => {}
+            }
+        }
+    }
+    (healthy, conns)
+}
+
+fn policy_for(ctx: &Ctx<'_>, machines: &[Machine], tuning: Tuning) -> HealthPolicy {
+    let speeds = machines
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let h = ctx.prober.health.read(&m.store_uri);
+            (
+                i,
+                Speed {
+                    latency_ms: h.latency_ms,
+                    bytes_per_sec: h.transfer_rate,
+                },
+            )
+        })
+        .collect();
+    HealthPolicy {
+        prefer_remote: tuning.prefer_remote,
+        speeds,
+    }
+}
+
+/// The message that goes with a decline.
+fn explain_decline(
+    ctx: &Ctx<'_>,
+    t: &TryRequest,
+    need: &Need,
+    local: &LocalCaps,
+    machines: &[Machine],
+    right_type: &[usize],
+    reason: DeclineReason,
+) {
+    let logger = ctx.logger;
+    if reason != DeclineReason::NoMachine || right_type.is_empty() {
+        // The stock hook's message and levels (hook-protocol.md §2.2 step 4).
+        let level = if reason != DeclineReason::NoMachine || local.can_build(need) {
+            Verbosity::CHATTY
+        } else {
+            Verbosity::WARN
+        };
+        logger.log(level, "Failed to find a machine for remote build!");
+        return;
+    }
+    // Every builder that could take it is down.
+    let now = health::now_ms();
+    let states: Vec<health::Health> = right_type
+        .iter()
+        .filter_map(|&i| machines.get(i))
+        .map(|m| ctx.prober.health.read(&m.store_uri))
+        .collect();
+    let max_jobs_zero = ctx.settings.max_jobs_zero();
+    if local.can_build(need) || (!max_jobs_zero && local.could_build(need)) {
+        // Local fallback, at once (or as soon as a local slot frees up).
+        let names: Vec<&str> = states.iter().map(|h| h.store_uri.as_str()).collect();
+        logger.log(
+            Verbosity::TALKATIVE,
+            format!(
+                "ferry-build-hook: building '{}' locally: no builder is up ({})",
+                t.drv_path,
+                names.join(", ")
+            ),
+        );
+        return;
+    }
+    // Nothing can build it: fail fast with the reasons. The daemon then reports "unable to
+    // start any build" once nothing else is running (2.8 `Worker::run`), or asks again when
+    // another build finishes, which costs only this message again.
+    let situation = LocalSituation {
+        max_jobs_zero,
+        could_build: local.could_build(need),
+    };
+    logger.log(
+        Verbosity::ERROR,
+        health::render_no_builder(&t.drv_path, &t.needed_system, &states, situation, now),
+    );
+}
+
+/// Under `main-lock`: measures the loads of the healthy builders, decides, and keeps the
+/// chosen slot's lock.
 fn pick(
     dir: &LoadDir,
     machines: &[Machine],
     need: &Need,
     local: &LocalCaps,
-    excluded: &BTreeSet<usize>,
+    healthy: &BTreeSet<usize>,
+    policy: &dyn Policy,
 ) -> Result<(Decision, Option<HeldLock>), crate::slots::SlotError> {
     let _main = dir.lock_main()?;
     let mut loads = Vec::new();
     let mut held = Vec::new();
-    for i in eligible(machines, need, excluded) {
+    for &i in healthy {
         if let Some(m) = machines.get(i) {
             let (load, lock) = dir.probe(i, m)?;
             loads.push(load);
             held.push((i, lock));
         }
     }
-    let decision = StockPolicy.decide(machines, &loads, need, local);
+    let decision = policy.decide(machines, &loads, need, local);
     let slot = match decision {
         Decision::Use { machine, .. } => held
             .into_iter()
@@ -353,26 +573,16 @@ fn pick(
     Ok((decision, slot))
 }
 
-/// Connect and handshake, so a dead or misconfigured builder costs a decline or another
-/// machine instead of a failed build.
-async fn connect(ssh: &OpenSsh, m: &Machine) -> Result<remote::Connection, String> {
-    let session = ssh.connect(m).await.map_err(|e| e.to_string())?;
-    remote::open(&m.store_uri, session)
-        .await
-        .map_err(|e| e.to_string())
-}
-
-/// After `# accept`: reads the inputs and outputs, builds, and maps the result to an exit
-/// status.
+/// After `# accept`: reads the inputs and outputs, copies them (failing over to another
+/// healthy builder if the chosen one breaks before the build starts), builds, and maps the
+/// result to an exit status.
 async fn build<R: AsyncRead + Unpin>(
-    mut conn: remote::Connection,
-    machine: &Machine,
+    chosen: Chosen,
     t: &TryRequest,
     input: &mut AsyncWireReader<R>,
-    settings: &Settings,
-    env: &Env,
-    logger: &Logger,
+    ctx: &Ctx<'_>,
 ) -> i32 {
+    let logger = ctx.logger;
     let accepted = match protocol::read_accepted(input).await {
         Ok(a) => a,
         Err(e) => {
@@ -380,10 +590,145 @@ async fn build<R: AsyncRead + Unpin>(
             return 1;
         }
     };
+    let local = ctx.settings.local_store();
+    let job = Job {
+        drv_path: t.drv_path.clone(),
+        inputs: accepted.inputs,
+        wanted_outputs: accepted.wanted_outputs,
+        options: ctx.settings.build_options(),
+        use_substitutes: ctx.settings.bool("builders-use-substitutes"),
+    };
+    let outputs = match local.derivation_outputs(&job.drv_path).await {
+        Ok(o) => o,
+        Err(e) => {
+            logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
+            return 1;
+        }
+    };
+    let Chosen {
+        mut conn,
+        mut machine,
+        mut slot,
+        machines,
+        need,
+        mut healthy,
+    } = chosen;
+    let load_dir = LoadDir::open(&ctx.env.nix_state_dir).ok();
+    let upload = loop {
+        let Some(m) = machines.get(machine) else {
+            return 1;
+        };
+        // Only one upload at a time per builder, shared with stock hooks; given up on after
+        // 15 minutes like the stock hook's alarm.
+        let upload_lock = load_dir.as_ref().and_then(|d| {
+            tokio::task::block_in_place(|| d.upload_lock(m, Duration::from_secs(15 * 60)))
+                .ok()
+                .flatten()
+        });
+        let e = match remote::upload(&mut conn, &job, &local, logger, upload_lock).await {
+            Ok(tr) => break tr,
+            Err(e) => e,
+        };
+        if !e.is_builder_fault() {
+            logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
+            return e.exit_code();
+        }
+        // The builder broke before the build started: the machine name the daemon printed
+        // is cosmetic, so another healthy builder can take over (hook-protocol.md §7.5).
+        ctx.prober.record_down(&m.store_uri, &e.to_string());
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.close()).await;
+        drop(slot.take());
+        healthy.remove(&machine);
+        match failover(ctx, load_dir.as_ref(), &machines, &need, &mut healthy).await {
+            Some((c, i, s)) => {
+                logger.log(
+                    Verbosity::WARN,
+                    format!(
+                        "ferry-build-hook: copying to '{}' failed ({e}); building on '{}' instead",
+                        m.store_uri,
+                        machines.get(i).map_or("?", |x| x.store_uri.as_str())
+                    ),
+                );
+                (conn, machine, slot) = (c, i, s);
+            }
+            None => {
+                logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
+                return 1;
+            }
+        }
+    };
+    let Some(m) = machines.get(machine) else {
+        return 1;
+    };
+
     // The remote log goes to fd 4 as it arrives.
-    let mut tap = conn.take_log();
-    let log_path = env.build_log.clone();
-    let forwarder = tokio::spawn(async move {
+    let forwarder = forward_log(conn.take_log(), ctx.env.build_log.clone());
+    let importer = HeldLocksImporter {
+        local: local.clone(),
+    };
+    let result = remote::build_and_fetch(&mut conn, &job, &outputs, &importer).await;
+    conn.close().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), forwarder).await;
+    drop(slot);
+    match result {
+        Ok((build_secs, fetched)) => {
+            let bytes = upload.bytes + fetched.bytes;
+            let secs = upload.secs + fetched.secs;
+            let _ = ctx.prober.health.update(&m.store_uri, |h| {
+                h.record_build(health::now_ms(), build_secs, Some((bytes, secs)))
+            });
+            0
+        }
+        Err(e) => {
+            if e.is_builder_fault() {
+                ctx.prober.record_down(&m.store_uri, &e.to_string());
+            }
+            // Shown to the client once; the remote log already went to fd 4.
+            logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
+            e.exit_code()
+        }
+    }
+}
+
+/// Another healthy builder with a free slot, connected, or `None`.
+async fn failover(
+    ctx: &Ctx<'_>,
+    load_dir: Option<&LoadDir>,
+    machines: &[Machine],
+    need: &Need,
+    healthy: &mut BTreeSet<usize>,
+) -> Option<(remote::Connection, usize, Option<HeldLock>)> {
+    let dir = load_dir?;
+    // The daemon's local-build question is settled by the accept: only builders now.
+    let no_local = LocalCaps::default();
+    let tuning = ctx.prober.tuning;
+    while !healthy.is_empty() {
+        let policy = HealthPolicy {
+            prefer_remote: true,
+            ..policy_for(ctx, machines, tuning)
+        };
+        let picked =
+            tokio::task::block_in_place(|| pick(dir, machines, need, &no_local, healthy, &policy));
+        let Ok((Decision::Use { machine, .. }, slot)) = picked else {
+            return None;
+        };
+        let m = machines.get(machine)?;
+        match ctx.prober.connect_recorded(m, tuning.probe_timeout).await {
+            Ok(c) => return Some((c, machine, slot)),
+            Err(e) => {
+                ctx.logger.log(
+                    Verbosity::WARN,
+                    format!("cannot build on '{}': {e}", m.store_uri),
+                );
+                healthy.remove(&machine);
+            }
+        }
+    }
+    None
+}
+
+fn forward_log(mut tap: crate::ssh::LogTap, log_path: PathBuf) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         let Ok(file) = std::fs::OpenOptions::new().write(true).open(&log_path) else {
             while tap.next().await.is_some() {}
             return;
@@ -396,39 +741,5 @@ async fn build<R: AsyncRead + Unpin>(
             }
             let _ = file.flush().await;
         }
-    });
-
-    let local = settings.local_store();
-    let job = Job {
-        drv_path: t.drv_path.clone(),
-        inputs: accepted.inputs,
-        wanted_outputs: accepted.wanted_outputs,
-        options: settings.build_options(),
-        use_substitutes: settings.bool("builders-use-substitutes"),
-    };
-    let result = async {
-        let outputs = local.derivation_outputs(&job.drv_path).await?;
-        // Only one upload at a time per builder, shared with stock hooks; given up on after
-        // 15 minutes like the stock hook's alarm.
-        let upload = LoadDir::open(&env.nix_state_dir).ok().and_then(|d| {
-            tokio::task::block_in_place(|| d.upload_lock(machine, Duration::from_secs(15 * 60)))
-                .ok()
-                .flatten()
-        });
-        let importer = HeldLocksImporter {
-            local: local.clone(),
-        };
-        remote::build_on(&mut conn, &job, &outputs, &local, &importer, logger, upload).await
-    }
-    .await;
-    conn.close().await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), forwarder).await;
-    match result {
-        Ok(()) => 0,
-        Err(e) => {
-            // Shown to the client once; the remote log already went to fd 4.
-            logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
-            e.exit_code()
-        }
-    }
+    })
 }

@@ -74,14 +74,21 @@ pub enum DeclineReason {
     NoMachine,
     /// Suitable machines exist but are busy, and the local host can build it.
     BusyButLocalCan,
+    /// The policy prefers a free local slot to a remote builder.
+    LocalPreferred,
 }
 
 /// A selection policy. `candidates` are the machines worth asking about (not excluded by a
 /// failed connect in this process); `loads` holds one entry per candidate that accepts the
 /// derivation.
 pub trait Policy {
-    fn decide(&self, machines: &[Machine], loads: &[Load], need: &Need, local: &LocalCaps)
-    -> Decision;
+    fn decide(
+        &self,
+        machines: &[Machine],
+        loads: &[Load],
+        need: &Need,
+        local: &LocalCaps,
+    ) -> Decision;
 }
 
 /// The indexes of machines that accept the derivation (system, supported and mandatory
@@ -115,7 +122,11 @@ impl Policy for StockPolicy {
             };
             // Nix ≥ 2.20 compares float speed factors (2.8 divided integers, which hides
             // differences); the machines parser already turned 0 into 1.
-            let sf = if m.speed_factor > 0.0 { m.speed_factor } else { 1.0 };
+            let sf = if m.speed_factor > 0.0 {
+                m.speed_factor
+            } else {
+                1.0
+            };
             let better = match &best {
                 None => true,
                 Some((b, bsf)) => beats(l.load, sf, b.load, *bsf),
@@ -156,6 +167,99 @@ fn beats(load_m: u64, sf_m: f64, load_b: u64, sf_b: f64) -> bool {
     load_m < load_b
 }
 
+/// What Ferry measured about a builder (from its health state).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Speed {
+    /// Time to reach the builder's Nix, ms.
+    pub latency_ms: Option<f64>,
+    /// Copy throughput, bytes per second.
+    pub bytes_per_sec: Option<f64>,
+}
+
+/// Ferry's policy. The caller passes only builders that are healthy (up, or just probed
+/// successfully), so postponing happens only while a *healthy* builder is busy, never for
+/// a dead one. Among builders with a free slot: least load per speed factor, then the
+/// higher speed factor (the stock order, so slots spread the same way), then measured
+/// speed — higher throughput, then lower latency — then the lower load. With
+/// `prefer_remote = false`, a free local slot wins over any builder.
+#[derive(Debug, Clone, Default)]
+pub struct HealthPolicy {
+    pub prefer_remote: bool,
+    /// Measurements by machine index; missing entries count as unmeasured.
+    pub speeds: std::collections::BTreeMap<usize, Speed>,
+}
+
+impl Policy for HealthPolicy {
+    fn decide(
+        &self,
+        machines: &[Machine],
+        loads: &[Load],
+        need: &Need,
+        local: &LocalCaps,
+    ) -> Decision {
+        if !self.prefer_remote && local.can_build(need) {
+            return Decision::Decline(DeclineReason::LocalPreferred);
+        }
+        let mut best: Option<(Load, f64, Speed)> = None;
+        for l in loads {
+            let (Some(_), Some(m)) = (l.free_slot, machines.get(l.machine)) else {
+                continue;
+            };
+            let sf = if m.speed_factor > 0.0 {
+                m.speed_factor
+            } else {
+                1.0
+            };
+            let sp = self.speeds.get(&l.machine).copied().unwrap_or_default();
+            let better = match &best {
+                None => true,
+                Some((b, bsf, bsp)) => health_beats((l.load, sf, sp), (b.load, *bsf, *bsp)),
+            };
+            if better {
+                best = Some((*l, sf, sp));
+            }
+        }
+        if let Some((l, _, _)) = best
+            && let Some(slot) = l.free_slot
+        {
+            return Decision::Use {
+                machine: l.machine,
+                slot,
+            };
+        }
+        if loads.is_empty() {
+            Decision::Decline(DeclineReason::NoMachine)
+        } else if local.can_build(need) {
+            Decision::Decline(DeclineReason::BusyButLocalCan)
+        } else {
+            Decision::Postpone
+        }
+    }
+}
+
+/// Ordering of [`HealthPolicy`]: `m` strictly beats the current best `b`.
+fn health_beats(m: (u64, f64, Speed), b: (u64, f64, Speed)) -> bool {
+    let (rm, rb) = (m.0 as f64 / m.1, b.0 as f64 / b.1);
+    if rm != rb {
+        return rm < rb;
+    }
+    if m.1 != b.1 {
+        return m.1 > b.1;
+    }
+    // Measured speed only decides between builders that were both measured.
+    if let (Some(x), Some(y)) = (m.2.bytes_per_sec, b.2.bytes_per_sec)
+        && x != y
+    {
+        return x > y;
+    }
+    if let (Some(x), Some(y)) = (m.2.latency_ms, b.2.latency_ms)
+        && (x - y).abs() > 1.0
+    {
+        return x < y;
+    }
+    m.0 < b.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,9 +294,15 @@ mod tests {
         );
         let none = BTreeSet::new();
         assert_eq!(eligible(&ms, &need("x86_64-linux", &[], false), &none), [0]);
-        assert_eq!(eligible(&ms, &need("aarch64-linux", &[], false), &none), [2]);
+        assert_eq!(
+            eligible(&ms, &need("aarch64-linux", &[], false), &none),
+            [2]
+        );
         // Mandatory `kvm` on b: only derivations requiring kvm go there.
-        assert_eq!(eligible(&ms, &need("x86_64-linux", &["kvm"], false), &none), [1]);
+        assert_eq!(
+            eligible(&ms, &need("x86_64-linux", &["kvm"], false), &none),
+            [1]
+        );
         // `builtin` runs anywhere that has no mandatory features.
         assert_eq!(eligible(&ms, &need("builtin", &[], false), &none), [0, 2]);
         assert_eq!(
@@ -214,16 +324,40 @@ mod tests {
         };
         // a: 1/1, b: 1/2 → b.
         let d = StockPolicy.decide(&ms, &[l(0, 1), l(1, 1)], &n, &local());
-        assert_eq!(d, Decision::Use { machine: 1, slot: 1 });
+        assert_eq!(
+            d,
+            Decision::Use {
+                machine: 1,
+                slot: 1
+            }
+        );
         // a: 0/1, b: 0/2 → tie on ratio, b is faster.
         let d = StockPolicy.decide(&ms, &[l(0, 0), l(1, 0)], &n, &local());
-        assert_eq!(d, Decision::Use { machine: 1, slot: 0 });
+        assert_eq!(
+            d,
+            Decision::Use {
+                machine: 1,
+                slot: 0
+            }
+        );
         // b: 2/2 = 1, a: 1/1 = 1, equal ratio → faster b wins over a.
         let d = StockPolicy.decide(&ms, &[l(0, 1), l(1, 2)], &n, &local());
-        assert_eq!(d, Decision::Use { machine: 1, slot: 2 });
+        assert_eq!(
+            d,
+            Decision::Use {
+                machine: 1,
+                slot: 2
+            }
+        );
         // Same ratio and speed: first one kept unless strictly less loaded.
         let d = StockPolicy.decide(&ms, &[l(1, 0), l(2, 0)], &n, &local());
-        assert_eq!(d, Decision::Use { machine: 1, slot: 0 });
+        assert_eq!(
+            d,
+            Decision::Use {
+                machine: 1,
+                slot: 0
+            }
+        );
     }
 
     #[test]
@@ -235,7 +369,10 @@ mod tests {
             free_slot: None,
         }];
         let cannot = need("x86_64-linux", &[], false);
-        assert_eq!(StockPolicy.decide(&ms, &busy, &cannot, &local()), Decision::Postpone);
+        assert_eq!(
+            StockPolicy.decide(&ms, &busy, &cannot, &local()),
+            Decision::Postpone
+        );
         let can = need("x86_64-linux", &[], true);
         assert_eq!(
             StockPolicy.decide(&ms, &busy, &can, &local()),
@@ -255,5 +392,133 @@ mod tests {
         assert!(!l.can_build(&need("x86_64-linux", &[], false)));
         assert!(!l.could_build(&need("aarch64-linux", &[], true)));
         assert!(!l.could_build(&need("x86_64-linux", &["kvm"], true)));
+    }
+
+    fn free(machine: usize, load: u64) -> Load {
+        Load {
+            machine,
+            load,
+            free_slot: Some(load),
+        }
+    }
+
+    #[test]
+    fn health_policy_scores_load_speed_factor_then_measured_speed() {
+        let ms = machines("ssh://a - - 4 1\nssh://b - - 4 1\nssh://c - - 4 2");
+        let n = need("x86_64-linux", &[], false);
+        let mut p = HealthPolicy {
+            prefer_remote: true,
+            ..HealthPolicy::default()
+        };
+        // Same as stock without measurements: c (speed factor 2) at equal load.
+        let d = p.decide(&ms, &[free(0, 0), free(1, 0), free(2, 0)], &n, &local());
+        assert_eq!(
+            d,
+            Decision::Use {
+                machine: 2,
+                slot: 0
+            }
+        );
+        // a and b tie on load and speed factor: the measured faster link wins.
+        p.speeds.insert(
+            0,
+            Speed {
+                latency_ms: Some(5.0),
+                bytes_per_sec: Some(1e6),
+            },
+        );
+        p.speeds.insert(
+            1,
+            Speed {
+                latency_ms: Some(50.0),
+                bytes_per_sec: Some(9e6),
+            },
+        );
+        let d = p.decide(&ms, &[free(0, 1), free(1, 1)], &n, &local());
+        assert_eq!(
+            d,
+            Decision::Use {
+                machine: 1,
+                slot: 1
+            }
+        );
+        // Without throughput, lower latency wins (beyond a 1 ms noise floor).
+        p.speeds.insert(
+            1,
+            Speed {
+                latency_ms: Some(50.0),
+                bytes_per_sec: None,
+            },
+        );
+        let d = p.decide(&ms, &[free(1, 1), free(0, 1)], &n, &local());
+        assert_eq!(
+            d,
+            Decision::Use {
+                machine: 0,
+                slot: 1
+            }
+        );
+        // Load per speed factor still comes first.
+        let d = p.decide(&ms, &[free(0, 2), free(1, 1)], &n, &local());
+        assert_eq!(
+            d,
+            Decision::Use {
+                machine: 1,
+                slot: 1
+            }
+        );
+    }
+
+    #[test]
+    fn health_policy_declines_postpones_and_prefers_local_by_setting() {
+        let ms = machines("ssh://a - - 1 1");
+        let busy = [Load {
+            machine: 0,
+            load: 1,
+            free_slot: None,
+        }];
+        let remote_first = HealthPolicy {
+            prefer_remote: true,
+            ..HealthPolicy::default()
+        };
+        let local_first = HealthPolicy {
+            prefer_remote: false,
+            ..HealthPolicy::default()
+        };
+        let can = need("x86_64-linux", &[], true);
+        let cannot = need("x86_64-linux", &[], false);
+        assert_eq!(
+            remote_first.decide(&ms, &[free(0, 0)], &can, &local()),
+            Decision::Use {
+                machine: 0,
+                slot: 0
+            }
+        );
+        assert_eq!(
+            local_first.decide(&ms, &[free(0, 0)], &can, &local()),
+            Decision::Decline(DeclineReason::LocalPreferred)
+        );
+        // No free local slot: the builder is used whatever the preference.
+        assert_eq!(
+            local_first.decide(&ms, &[free(0, 0)], &cannot, &local()),
+            Decision::Use {
+                machine: 0,
+                slot: 0
+            }
+        );
+        // A healthy builder is busy: wait for it only if local cannot build.
+        assert_eq!(
+            remote_first.decide(&ms, &busy, &cannot, &local()),
+            Decision::Postpone
+        );
+        assert_eq!(
+            remote_first.decide(&ms, &busy, &can, &local()),
+            Decision::Decline(DeclineReason::BusyButLocalCan)
+        );
+        // No healthy builder at all (dead ones are not passed in): never postpone.
+        assert_eq!(
+            remote_first.decide(&ms, &[], &cannot, &local()),
+            Decision::Decline(DeclineReason::NoMachine)
+        );
     }
 }

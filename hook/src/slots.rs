@@ -203,8 +203,13 @@ mod tests {
         let m = &parse_builders_setting("ssh://h", "x86_64-linux").expect("m")[0];
         let first = dir.upload_lock(m, Duration::ZERO).expect("lock");
         assert!(first.expect("held").path().ends_with("ssh:__h.upload-lock"));
-        let a = dir.upload_lock(m, Duration::ZERO).expect("lock").expect("held");
-        let b = dir.upload_lock(m, Duration::from_millis(120)).expect("lock");
+        let a = dir
+            .upload_lock(m, Duration::ZERO)
+            .expect("lock")
+            .expect("held");
+        let b = dir
+            .upload_lock(m, Duration::from_millis(120))
+            .expect("lock");
         assert!(b.is_none(), "got a lock someone holds");
         drop(a);
     }

@@ -177,6 +177,10 @@ pub struct OpenSsh {
     pub control_dir: PathBuf,
     /// How long an idle master stays up.
     pub persist: Duration,
+    /// `ConnectTimeout` for new connections (whole seconds, rounded up): a backstop behind
+    /// the hook's own deadline, so an abandoned attempt does not linger for the kernel's
+    /// TCP time-out. `NIX_SSHOPTS` comes first and wins (ssh keeps the first value).
+    pub connect_timeout: Option<Duration>,
 }
 
 impl OpenSsh {
@@ -188,6 +192,7 @@ impl OpenSsh {
                 .unwrap_or_default(),
             control_dir,
             persist: Duration::from_secs(300),
+            connect_timeout: None,
         }
     }
 
@@ -216,7 +221,12 @@ impl OpenSsh {
 
     /// Options shared by the master and the sessions (so a session that finds no master
     /// still connects on its own with the same identity and host key).
-    fn common_args(&self, machine: &Machine, host: &str, key: &str) -> Result<Vec<String>, SshError> {
+    fn common_args(
+        &self,
+        machine: &Machine,
+        host: &str,
+        key: &str,
+    ) -> Result<Vec<String>, SshError> {
         let mut args = vec![
             "-x".into(),
             "-a".into(),
@@ -224,6 +234,10 @@ impl OpenSsh {
             "-oBatchMode=yes".into(),
         ];
         args.extend(self.extra_opts.iter().cloned());
+        if let Some(t) = self.connect_timeout {
+            let secs = t.as_millis().div_ceil(1000).max(1);
+            args.push(format!("-oConnectTimeout={secs}"));
+        }
         if let Some(k) = &machine.ssh_key {
             args.push("-i".into());
             args.push(k.clone());
@@ -243,7 +257,12 @@ impl OpenSsh {
 
     /// Makes sure a master for `host` listens on its control socket. Serialised per builder
     /// by a lock file, so concurrent hooks start one master, not several.
-    async fn ensure_master(&self, host: &str, key: &str, common: &[String]) -> Result<(), SshError> {
+    async fn ensure_master(
+        &self,
+        host: &str,
+        key: &str,
+        common: &[String],
+    ) -> Result<(), SshError> {
         let sock = self.socket(key);
         if master_alive(&sock).await {
             return Ok(());
@@ -290,12 +309,18 @@ impl OpenSsh {
         let status = Command::new(&self.program)
             .args(common)
             .args(["-M", "-N", "-f"])
-            .arg(format!("-oControlPersist={}", self.persist.as_secs().max(1)))
+            .arg(format!(
+                "-oControlPersist={}",
+                self.persist.as_secs().max(1)
+            ))
             .arg(host)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err_out)
             .process_group(0)
+            // If the hook's deadline fires first, the attempt is abandoned: kill it rather
+            // than leave it connecting in the background.
+            .kill_on_drop(true)
             .status()
             .await
             .map_err(|source| SshError::Spawn {
@@ -311,6 +336,29 @@ impl OpenSsh {
             host: host.to_owned(),
             reason: describe_failure(reason.trim(), status.code()),
         })
+    }
+}
+
+impl OpenSsh {
+    /// Stops the builder's master, if any: after a failure its TCP connection may be
+    /// stuck on a dead link, and later sessions through it would hang too.
+    pub async fn drop_master(&self, machine: &Machine) {
+        let Some(host) = machine.host() else { return };
+        let key = self.key(machine, host);
+        let sock = self.socket(&key);
+        if !sock.exists() {
+            return;
+        }
+        let run = Command::new(&self.program)
+            .arg(format!("-oControlPath={}", sock.display()))
+            .args(["-O", "exit", host])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .status();
+        let _ = tokio::time::timeout(Duration::from_secs(1), run).await;
+        let _ = std::fs::remove_file(&sock);
     }
 }
 
@@ -412,7 +460,13 @@ mod tests {
             remote_command(&machine(
                 "ssh://h?remote-store=/tmp/s&remote-program=/opt/bin/nix-store"
             )),
-            ["/opt/bin/nix-store", "--serve", "--write", "--store", "/tmp/s"]
+            [
+                "/opt/bin/nix-store",
+                "--serve",
+                "--write",
+                "--store",
+                "/tmp/s"
+            ]
         );
     }
 
@@ -426,7 +480,10 @@ mod tests {
             ),
             "root@h: Permission denied (publickey)."
         );
-        assert_eq!(describe_failure("", Some(255)), "ssh exited with status 255");
+        assert_eq!(
+            describe_failure("", Some(255)),
+            "ssh exited with status 255"
+        );
     }
 
     #[test]

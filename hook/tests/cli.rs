@@ -33,7 +33,12 @@ fn run_hook(input: &[u8], argv_extra: &[&str]) -> (i32, String, tempfile::TempDi
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn hook");
-    child.stdin.take().expect("stdin").write_all(input).expect("write");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write");
     let out = child.wait_with_output().expect("wait");
     (
         out.status.code().unwrap_or(-1),
@@ -59,7 +64,10 @@ fn no_machine_of_the_right_type_declines_with_a_message() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(err.matches("# decline\n").count(), 2, "{err}");
     assert!(err.contains("@nix {\"action\":\"msg\""), "{err}");
-    assert!(err.contains("Failed to find a machine for remote build!"), "{err}");
+    assert!(
+        err.contains("Failed to find a machine for remote build!"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -71,6 +79,13 @@ fn busy_machines_postpone_when_local_cannot_build() {
     std::fs::create_dir_all(&load).expect("dir");
     let slot = std::fs::File::create(load.join("ssh:__h-0")).expect("slot");
     slot.lock().expect("lock");
+    // h is known healthy (Ferry only postpones for healthy builders, never for dead ones).
+    ferry_build_hook::health_store::HealthStore::open(&tmp_state.path().join("ferry"))
+        .expect("health")
+        .update("ssh://h", |h| {
+            h.record_success(ferry_build_hook::health::now_ms(), None)
+        })
+        .expect("record");
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferry-build-hook"))
         .arg("3")
         .env("NIX_CONF_DIR", tmp_state.path().join("conf"))
@@ -83,7 +98,12 @@ fn busy_machines_postpone_when_local_cannot_build() {
         .stdin
         .take()
         .expect("stdin")
-        .write_all(&stdin_bytes("ssh://h x86_64-linux - 1", false, "x86_64-linux", &[]))
+        .write_all(&stdin_bytes(
+            "ssh://h x86_64-linux - 1",
+            false,
+            "x86_64-linux",
+            &[],
+        ))
         .expect("write");
     let out = child.wait_with_output().expect("wait");
     let err = String::from_utf8_lossy(&out.stderr);

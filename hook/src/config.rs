@@ -1,0 +1,176 @@
+//! The `[build-hook]` section of Ferry's configuration (`/etc/ferry/ferry.toml`, or
+//! `FERRY_CONFIG`). Machines and Nix settings still come from Nix (`builders`, the settings
+//! stream); only the knobs Ferry adds live here. Every key is optional and the defaults are
+//! safe with no file at all.
+
+use serde::Deserialize;
+use std::time::Duration;
+
+/// Raw section as written in the file (milliseconds and seconds as integers, nix.conf-like
+/// kebab-case keys).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct HookConfig {
+    /// Budget for reaching a builder before answering the daemon: TCP connect, SSH
+    /// handshake and authentication, and the `nix-store --serve` handshake. The daemon
+    /// waits for the hook's answer with the client's build blocked (hook-protocol.md §1.9),
+    /// so this bounds what a dead builder can cost one derivation. 1 s covers an SSH login
+    /// on a LAN or a nearby data centre several times over; raise it for builders across
+    /// slow links.
+    pub probe_timeout_ms: u64,
+    /// First back-off after a failure; doubled on each further consecutive failure.
+    /// Hydra's queue runner waits 60 s (×3 per failure); a hook answers interactive users,
+    /// so Ferry starts lower and relies on the single half-open probe to keep retries cheap.
+    pub backoff_base_secs: u64,
+    /// Longest back-off: a builder that was down for hours is retried at least this often.
+    pub backoff_cap_secs: u64,
+    /// A builder last seen healthy longer ago than this is probed (in parallel with the
+    /// others, within the probe budget) before it is chosen.
+    pub stale_after_secs: u64,
+    /// Send builds to a healthy builder even when a local build slot is free (the stock
+    /// hook's behaviour). `false` builds locally whenever the host can, and uses builders
+    /// only for what it cannot build or when its slots are full (NixOS/nix#2589).
+    pub prefer_remote: bool,
+}
+
+impl Default for HookConfig {
+    fn default() -> Self {
+        HookConfig {
+            probe_timeout_ms: 1000,
+            backoff_base_secs: 10,
+            backoff_cap_secs: 600,
+            stale_after_secs: 60,
+            prefer_remote: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error(transparent)]
+    Load(#[from] ferry_nix::config::ConfigError),
+    #[error("{path}: [build-hook] {key} = {value}: {problem}")]
+    Value {
+        path: String,
+        key: &'static str,
+        value: u64,
+        problem: &'static str,
+    },
+}
+
+/// The validated settings, as durations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    pub probe_timeout: Duration,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    pub stale_after: Duration,
+    pub prefer_remote: bool,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        // The defaults are valid by construction.
+        HookConfig::default()
+            .validate("<defaults>")
+            .unwrap_or(Tuning {
+                probe_timeout: Duration::from_secs(1),
+                backoff_base: Duration::from_secs(10),
+                backoff_cap: Duration::from_secs(600),
+                stale_after: Duration::from_secs(60),
+                prefer_remote: true,
+            })
+    }
+}
+
+impl HookConfig {
+    pub fn validate(&self, path: &str) -> Result<Tuning, ConfigError> {
+        let bad = |key, value, problem| ConfigError::Value {
+            path: path.to_owned(),
+            key,
+            value,
+            problem,
+        };
+        if self.probe_timeout_ms == 0 {
+            return Err(bad("probe-timeout-ms", 0, "must be at least 1"));
+        }
+        if self.probe_timeout_ms > 600_000 {
+            return Err(bad(
+                "probe-timeout-ms",
+                self.probe_timeout_ms,
+                "must be at most 600000 (the daemon waits that long for every derivation)",
+            ));
+        }
+        if self.backoff_base_secs == 0 {
+            return Err(bad("backoff-base-secs", 0, "must be at least 1"));
+        }
+        if self.backoff_cap_secs < self.backoff_base_secs {
+            return Err(bad(
+                "backoff-cap-secs",
+                self.backoff_cap_secs,
+                "must not be below backoff-base-secs",
+            ));
+        }
+        Ok(Tuning {
+            probe_timeout: Duration::from_millis(self.probe_timeout_ms),
+            backoff_base: Duration::from_secs(self.backoff_base_secs),
+            backoff_cap: Duration::from_secs(self.backoff_cap_secs),
+            stale_after: Duration::from_secs(self.stale_after_secs),
+            prefer_remote: self.prefer_remote,
+        })
+    }
+}
+
+/// Loads and validates the section from `path` (a missing file gives the defaults).
+pub fn load(path: &std::path::Path) -> Result<Tuning, ConfigError> {
+    let raw: HookConfig = ferry_nix::config::load_section(path, "build-hook")?;
+    raw.validate(&path.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn defaults_without_a_file_and_overrides_with_one() {
+        let t = load(Path::new("/nonexistent/ferry.toml")).expect("defaults");
+        assert_eq!(t, Tuning::default());
+        assert_eq!(t.probe_timeout, Duration::from_secs(1));
+        let raw: HookConfig = ferry_nix::config::parse_section(
+            "[build-hook]\nprobe-timeout-ms = 300\nbackoff-base-secs = 1\nbackoff-cap-secs = 2\nprefer-remote = false\n",
+            Path::new("f.toml"),
+            "build-hook",
+        )
+        .expect("parse");
+        let t = raw.validate("f.toml").expect("valid");
+        assert_eq!(t.probe_timeout, Duration::from_millis(300));
+        assert_eq!(t.backoff_cap, Duration::from_secs(2));
+        assert!(!t.prefer_remote);
+        assert_eq!(t.stale_after, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let raw = HookConfig {
+            backoff_base_secs: 20,
+            backoff_cap_secs: 5,
+            ..HookConfig::default()
+        };
+        let e = raw.validate("f.toml").expect_err("cap below base");
+        assert!(e.to_string().contains("backoff-cap-secs = 5"), "{e}");
+        let raw = HookConfig {
+            probe_timeout_ms: 0,
+            ..HookConfig::default()
+        };
+        assert!(raw.validate("f").is_err());
+        let e = ferry_nix::config::parse_section::<HookConfig>(
+            "[build-hook]\nprobe-timeout = 3\n",
+            Path::new("f.toml"),
+            "build-hook",
+        )
+        .expect_err("typo");
+        assert!(e.to_string().contains("line 2"), "{e}");
+    }
+}

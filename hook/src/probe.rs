@@ -1,0 +1,188 @@
+//! Reaching builders within a deadline, and recording what happened in their health.
+//!
+//! A probe is exactly the connection the hook makes before it accepts: the SSH master (TCP
+//! connect, SSH handshake, authentication) and the `nix-store --serve` handshake through
+//! it, so a successful probe proves there is a working Nix on the other side and its
+//! connection is then used for the build. Probes of several builders run in parallel, so
+//! the daemon waits for the slowest one at most, and never longer than the probe budget.
+
+use crate::config::Tuning;
+use crate::health::{self, Verdict};
+use crate::health_store::{HealthStore, ProbeLock};
+use crate::remote::{self, Connection};
+use crate::ssh::{OpenSsh, Transport};
+use ferry_nix::machines::Machine;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Everything a probe needs; cheap to clone into tasks.
+#[derive(Debug, Clone)]
+pub struct Prober {
+    pub ssh: OpenSsh,
+    pub health: HealthStore,
+    pub tuning: Tuning,
+}
+
+/// What a probe found.
+pub enum Outcome {
+    /// Reached; the connection is ready for a build (`None` when another hook's fresh probe
+    /// said the builder is up and this one did not connect itself).
+    Up(Option<Box<Connection>>),
+    /// Not reachable; the reason was recorded.
+    Down(String),
+    /// Not probed (another hook is probing it, or it is backing off).
+    Skipped,
+}
+
+/// Which probe to run.
+#[derive(Debug)]
+pub enum Kind {
+    /// Unknown or stale: wait (within the budget) for another hook probing it, then probe
+    /// if its result is not there.
+    Fresh,
+    /// Back-off over: the caller holds the probe lock (half-open).
+    HalfOpen(ProbeLock),
+}
+
+impl Prober {
+    /// Connects and handshakes within `budget`. Returns the connection and the time it took
+    /// in milliseconds, or a one-line reason.
+    pub async fn connect(
+        &self,
+        m: &Machine,
+        budget: Duration,
+    ) -> Result<(Connection, f64), String> {
+        let start = Instant::now();
+        let attempt = async {
+            let session = self.ssh.connect(m).await.map_err(|e| e.to_string())?;
+            remote::open(&m.store_uri, session)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(budget, attempt).await {
+            Ok(Ok(c)) => Ok((c, start.elapsed().as_secs_f64() * 1000.0)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(format!(
+                "no answer within {} ms (SSH connect and login, then the nix-store --serve handshake)",
+                budget.as_millis()
+            )),
+        }
+    }
+
+    pub fn record_up(&self, uri: &str, latency_ms: Option<f64>) {
+        let _ = self
+            .health
+            .update(uri, |h| h.record_success(health::now_ms(), latency_ms));
+    }
+
+    pub fn record_down(&self, uri: &str, reason: &str) {
+        let t = self.tuning;
+        let _ = self.health.update(uri, |h| {
+            h.record_failure(health::now_ms(), reason, &t, health::jitter())
+        });
+    }
+
+    /// Connects within `budget` and records the result; on failure also stops the
+    /// builder's SSH master (it may be stuck on a dead link).
+    pub async fn connect_recorded(
+        &self,
+        m: &Machine,
+        budget: Duration,
+    ) -> Result<Connection, String> {
+        match self.connect(m, budget).await {
+            Ok((c, latency)) => {
+                self.record_up(&m.store_uri, Some(latency));
+                Ok(c)
+            }
+            Err(e) => {
+                self.record_down(&m.store_uri, &e);
+                let ssh = self.ssh.clone();
+                let m = m.clone();
+                tokio::spawn(async move { ssh.drop_master(&m).await });
+                Err(e)
+            }
+        }
+    }
+
+    /// One probe, as described by `kind`, ending by `deadline`.
+    pub async fn probe(&self, m: &Machine, kind: Kind, deadline: Instant) -> Outcome {
+        let uri = m.store_uri.clone();
+        let _lock = match kind {
+            Kind::HalfOpen(lock) => lock,
+            Kind::Fresh => {
+                let health = self.health.clone();
+                let (u, wait) = (
+                    uri.clone(),
+                    deadline.saturating_duration_since(Instant::now()),
+                );
+                let got = tokio::task::spawn_blocking(move || health.probe_lock(&u, wait)).await;
+                match got {
+                    Ok(Ok(Some((lock, waited)))) => {
+                        if waited {
+                            // Another hook probed it meanwhile: use its answer.
+                            match self
+                                .health
+                                .read(&uri)
+                                .verdict(health::now_ms(), &self.tuning)
+                            {
+                                Verdict::Healthy => return Outcome::Up(None),
+                                Verdict::BackingOff { .. } => {
+                                    return Outcome::Down(
+                                        self.health.read(&uri).last_error.unwrap_or_default(),
+                                    );
+                                }
+                                Verdict::Probe => {}
+                            }
+                        }
+                        lock
+                    }
+                    // Still being probed elsewhere at the deadline: not usable for this
+                    // derivation, and nothing learned to record.
+                    Ok(Ok(None)) => return Outcome::Skipped,
+                    // The lock itself failed (state directory unwritable): probe anyway.
+                    _ => match self.health.try_probe_lock(&uri) {
+                        Ok(Some(l)) => l,
+                        _ => return self.unlocked_probe(m, deadline).await,
+                    },
+                }
+            }
+        };
+        self.unlocked_probe(m, deadline).await
+    }
+
+    async fn unlocked_probe(&self, m: &Machine, deadline: Instant) -> Outcome {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left < Duration::from_millis(50) {
+            return Outcome::Skipped;
+        }
+        match self.connect_recorded(m, left).await {
+            Ok(c) => Outcome::Up(Some(Box::new(c))),
+            Err(e) => Outcome::Down(e),
+        }
+    }
+
+    /// Probes `which` in parallel; every probe ends within the probe budget from now.
+    pub async fn probe_all(
+        self: &Arc<Self>,
+        machines: &[Machine],
+        which: Vec<(usize, Kind)>,
+    ) -> Vec<(usize, Outcome)> {
+        let deadline = Instant::now() + self.tuning.probe_timeout;
+        let mut set = tokio::task::JoinSet::new();
+        for (i, kind) in which {
+            let Some(m) = machines.get(i).cloned() else {
+                continue;
+            };
+            let p = Arc::clone(self);
+            set.spawn(async move { (i, p.probe(&m, kind, deadline).await) });
+        }
+        let mut out = Vec::new();
+        while let Some(r) = set.join_next().await {
+            if let Ok(r) = r {
+                out.push(r);
+            }
+        }
+        out.sort_by_key(|(i, _)| *i);
+        out
+    }
+}
