@@ -62,9 +62,11 @@ impl Prober {
         match tokio::time::timeout(budget, attempt).await {
             Ok(Ok(c)) => Ok((c, start.elapsed().as_secs_f64() * 1000.0)),
             Ok(Err(e)) => Err(e),
+            // The configured budget, not what was left of it, so one outage reads the same
+            // in every message.
             Err(_) => Err(format!(
                 "no answer within {} ms (SSH connect and login, then the nix-store --serve handshake)",
-                budget.as_millis()
+                self.tuning.probe_timeout.as_millis().max(budget.as_millis())
             )),
         }
     }

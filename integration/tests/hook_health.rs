@@ -1,0 +1,198 @@
+//! Builder health in `ferry-build-hook`, against a real Nix 2.8 daemon on the fleet: dead
+//! builders (blackholed, refused, slow) are found within the probe budget, remembered on
+//! disk across derivations and `nix-build` runs, retried by one probe when their back-off
+//! ends, and reported; with `max-jobs = 0` and nothing alive the build fails fast with the
+//! reasons; a builder that breaks after the accept is replaced by another.
+//!
+//! The bug class: the stock hook forgets a dead builder with every accept (a new hook
+//! process per build, hook-protocol.md §1.9), so each derivation pays its SSH time-out
+//! again (NixOS/nix#13513, #1712; fleet.md: 676 s for 5 derivations).
+//!
+//! These tests need root (network and mount namespaces); CI runs them as root.
+
+mod hook_health_support;
+
+use ferry_integration::{check, nonce, out_paths, trivial_drv};
+use hook_health_support::{
+    Hook, hook_command, install_script, machine_line_with, many, row, start, status,
+    timed_build, write_machines,
+};
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(50);
+
+fn built_on(f: &ferry_integration::Fleet, paths: &[String]) -> Vec<Vec<usize>> {
+    paths
+        .iter()
+        .map(|p| (0..f.builders.len()).filter(|&i| f.builders[i].has_store_path(p)).collect())
+        .collect()
+}
+
+/// One blackholed and one healthy builder, `-j0`: every derivation goes to the healthy
+/// one, the dead one is probed once (within the 1 s budget) and then skipped — by the
+/// later derivations of the run and by a second `nix-build`, which must not probe it again
+/// while it backs off.
+#[test]
+fn blackholed_builder_is_skipped_and_remembered_across_runs() {
+    let tf = start(Hook::Ferry, 2, 2, "backoff-base-secs = 120");
+    tf.blackhole(0).expect("blackhole");
+    let (out, t1) = timed_build(&tf, &many(&nonce(), 5), &["-j0"], LIMIT);
+    let out = out.expect("first run timed out");
+    check(&out, "first run").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    let paths = out_paths(&out);
+    assert_eq!(paths.len(), 5);
+    assert!(built_on(&tf, &paths).iter().all(|on| on == &[1]), "not all on b1");
+    // Stock pays the SSH time-out per derivation (676 s); one probe budget is the bound here
+    // (plus the builds, with slack for a loaded CI machine).
+    assert!(t1 < Duration::from_secs(20), "first run took {t1:?}");
+
+    let rows = status(&tf);
+    let b0 = row(&tf, &rows, 0);
+    assert_eq!(b0["state"], "down", "{b0}");
+    assert_eq!(b0["consecutive-failures"], 1, "{b0}");
+    assert!(b0["last-error"].as_str().unwrap_or("").contains("no answer within 1000 ms"), "{b0}");
+    let attempts = b0["attempts"].clone();
+    assert_eq!(row(&tf, &rows, 1)["state"], "up");
+
+    let (out, t2) = timed_build(&tf, &many(&nonce(), 5), &["-j0"], LIMIT);
+    let out = out.expect("second run timed out");
+    check(&out, "second run").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    assert!(built_on(&tf, &out_paths(&out)).iter().all(|on| on == &[1]));
+    let b0 = row(&tf, &status(&tf), 0);
+    assert_eq!(b0["attempts"], attempts, "the second run probed the dead builder: {b0}");
+    assert_eq!(b0["consecutive-failures"], 1, "{b0}");
+    println!("blackholed + healthy, -j0, 5 derivations: first run {t1:?}, second {t2:?}");
+}
+
+/// A blackholed builder with local builds allowed: the build falls back to local at once;
+/// once the builder is healed and its (shortened) back-off is over, one probe brings it
+/// back and it builds again.
+#[test]
+fn builder_that_comes_back_is_used_again() {
+    let tf = start(Hook::Ferry, 1, 1, "backoff-base-secs = 1\nbackoff-cap-secs = 1");
+    tf.blackhole(0).expect("blackhole");
+    let (out, t) = timed_build(&tf, &many(&nonce(), 3), &["-j1"], LIMIT);
+    let out = out.expect("timed out");
+    check(&out, "local fallback").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    for p in out_paths(&out) {
+        assert!(!tf.builders[0].has_store_path(&p), "built on the dead builder");
+        assert!(tf.client.has_store_path(&p));
+    }
+    assert!(t < Duration::from_secs(15), "local fallback took {t:?}");
+    assert_eq!(row(&tf, &status(&tf), 0)["state"], "down");
+
+    tf.heal(0).expect("heal");
+    std::thread::sleep(Duration::from_millis(1500));
+    let (out, _) = timed_build(&tf, &trivial_drv(&nonce(), "back"), &["-j0"], LIMIT);
+    let out = out.expect("timed out");
+    check(&out, "build after recovery").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    let p = &out_paths(&out)[0];
+    assert!(tf.builders[0].has_store_path(p), "recovered builder not used");
+    let b0 = row(&tf, &status(&tf), 0);
+    assert_eq!(b0["state"], "up", "{b0}");
+    assert_eq!(b0["consecutive-failures"], 0, "{b0}");
+    assert!(b0["latency-ms"].as_f64().is_some(), "{b0}");
+}
+
+/// A builder refusing connections and one whose Nix answers too slowly (its serve program
+/// sleeps past the probe budget) are both marked down with their reason; the healthy third
+/// builder takes every derivation.
+#[test]
+fn refused_and_slow_builders_are_marked_down_with_the_reason() {
+    let mut tf = start(Hook::Ferry, 3, 2, "");
+    tf.stop_sshd(0).expect("stop sshd");
+    install_script(&tf, 1, "/nix/var/ferry-slow-serve", "sleep 5; exec nix-store \"$@\"");
+    let lines = vec![
+        tf.machine_line(0).expect("l0"),
+        machine_line_with(&tf, 1, "?remote-program=/nix/var/ferry-slow-serve", 1),
+        tf.machine_line(2).expect("l2"),
+    ];
+    write_machines(&tf, &lines);
+    let (out, t) = timed_build(&tf, &many(&nonce(), 4), &["-j0"], LIMIT);
+    let out = out.expect("timed out");
+    check(&out, "build").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    assert!(built_on(&tf, &out_paths(&out)).iter().all(|on| on == &[2]));
+    assert!(t < Duration::from_secs(20), "took {t:?}");
+    let rows = status(&tf);
+    let (b0, b1) = (row(&tf, &rows, 0), row(&tf, &rows, 1));
+    assert_eq!(b0["state"], "down", "{b0}");
+    assert!(b0["last-error"].as_str().unwrap_or("").contains("Connection refused"), "{b0}");
+    assert_eq!(b1["state"], "down", "{b1}");
+    assert!(b1["last-error"].as_str().unwrap_or("").contains("no answer within"), "{b1}");
+    assert_eq!(row(&tf, &rows, 2)["state"], "up");
+    // The human table names them too.
+    let table = hook_command(&tf, &["status"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.starts_with("BUILDER") && text.contains("Connection refused"), "{text}");
+}
+
+/// `max-jobs = 0` and every builder blackholed: the build fails within seconds (stock: 133 s)
+/// with a message naming each builder, its state and reason, and the way to build locally.
+/// `probe` then checks every builder on demand.
+#[test]
+fn all_builders_dead_fails_fast_with_reasons() {
+    let tf = start(Hook::Ferry, 2, 1, "");
+    tf.blackhole(0).expect("blackhole b0");
+    tf.blackhole(1).expect("blackhole b1");
+    let (out, t) = timed_build(&tf, &trivial_drv(&nonce(), "dead"), &["-j0"], LIMIT);
+    let out = out.expect("timed out");
+    assert!(!out.status.success(), "built with every builder dead");
+    assert!(t < Duration::from_secs(6), "failing took {t:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for b in &tf.builders {
+        assert!(err.contains(&format!("ssh://root@{}: down since", b.addr)), "{err}");
+    }
+    assert!(err.contains("no answer within 1000 ms"), "{err}");
+    assert!(err.contains("max-jobs = 0") && err.contains("--max-jobs 1"), "{err}");
+
+    // Again: now from the remembered state, without waiting for any probe.
+    let (out, t2) = timed_build(&tf, &trivial_drv(&nonce(), "dead2"), &["-j0"], LIMIT);
+    let out = out.expect("timed out");
+    assert!(!out.status.success());
+    assert!(t2 < Duration::from_secs(3), "second failure took {t2:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1 failure"));
+
+    // `probe` ignores the back-off: b1 healed is up, b0 still down (exit 1).
+    tf.heal(1).expect("heal");
+    let p = hook_command(&tf, &["probe", "--json"]);
+    assert_eq!(p.status.code(), Some(1), "{}", String::from_utf8_lossy(&p.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&p.stdout).expect("json");
+    assert_eq!(row(&tf, &rows, 1)["state"], "up", "{rows:?}");
+    assert_eq!(row(&tf, &rows, 0)["state"], "down", "{rows:?}");
+    let (out, _) = timed_build(&tf, &trivial_drv(&nonce(), "alive"), &["-j0"], LIMIT);
+    let out = out.expect("timed out");
+    check(&out, "build on the healed builder").unwrap_or_else(|e| panic!("{e}"));
+    assert!(tf.builders[1].has_store_path(&out_paths(&out)[0]));
+}
+
+/// Failover after the accept: b0 (speed factor 2, so chosen first) passes the probe — its
+/// serve handshake works — but its `nix-store --serve` stops reading right after the
+/// handshake (its stdin is cut to the 16 handshake bytes), so the copy fails after the
+/// hook accepted. The hook records b0 down and builds on b1 in the same run.
+#[test]
+fn copy_failure_after_accept_fails_over_to_another_builder() {
+    let tf = start(Hook::Ferry, 2, 1, "");
+    install_script(&tf, 0, "/nix/var/ferry-cut-serve", "head -c 16 | nix-store \"$@\"");
+    let lines = vec![
+        machine_line_with(&tf, 0, "?remote-program=/nix/var/ferry-cut-serve", 2),
+        tf.machine_line(1).expect("l1"),
+    ];
+    write_machines(&tf, &lines);
+    let (out, _) = timed_build(&tf, &trivial_drv(&nonce(), "over"), &["-j0"], LIMIT);
+    let out = out.expect("timed out");
+    check(&out, "build with failover").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    let p = &out_paths(&out)[0];
+    assert!(tf.builders[1].has_store_path(p), "not built on b1");
+    assert!(!tf.builders[0].has_store_path(p), "built on b0");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let b0 = &tf.builders[0].addr;
+    assert!(err.contains(&format!("copying to 'ssh://root@{b0}")), "{err}");
+    assert!(err.contains("building on"), "{err}");
+    let rows = status(&tf);
+    let r0 = row(&tf, &rows, 0);
+    assert_eq!(r0["state"], "down", "{r0}");
+    assert!(r0["last-error"].as_str().unwrap_or("").contains("QueryValidPaths"), "{r0}");
+    let r1 = row(&tf, &rows, 1);
+    assert_eq!(r1["state"], "up", "{r1}");
+    assert!(!r1["mean-build-secs"].is_null(), "build time not recorded: {r1}");
+}
