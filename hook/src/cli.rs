@@ -261,8 +261,8 @@ fn command(cmd: Cmd, env: &Env) -> anyhow::Result<i32> {
                 .build()?;
             rt.block_on(async {
                 let mut set = tokio::task::JoinSet::new();
-                for m in ms.iter().filter(|m| m.scheme() == Some("ssh")).cloned() {
-                    let p = Arc::clone(&p);
+                for m in ms.iter().filter(|m| m.scheme() == Some("ssh")) {
+                    let (p, m) = (Arc::clone(&p), m.clone());
                     set.spawn(async move {
                         if let Ok(c) = p.connect_recorded(&m, p.tuning.probe_timeout).await {
                             c.close().await;

@@ -66,7 +66,10 @@ impl Prober {
             // in every message.
             Err(_) => Err(format!(
                 "no answer within {} ms (SSH connect and login, then the nix-store --serve handshake)",
-                self.tuning.probe_timeout.as_millis().max(budget.as_millis())
+                self.tuning
+                    .probe_timeout
+                    .as_millis()
+                    .max(budget.as_millis())
             )),
         }
     }

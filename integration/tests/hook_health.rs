@@ -14,8 +14,8 @@ mod hook_health_support;
 
 use ferry_integration::{check, nonce, out_paths, trivial_drv};
 use hook_health_support::{
-    Hook, hook_command, install_script, machine_line_with, many, row, start, status,
-    timed_build, write_machines,
+    Hook, hook_command, install_script, machine_line_with, many, row, start, status, timed_build,
+    write_machines,
 };
 use std::time::Duration;
 
@@ -24,7 +24,11 @@ const LIMIT: Duration = Duration::from_secs(50);
 fn built_on(f: &ferry_integration::Fleet, paths: &[String]) -> Vec<Vec<usize>> {
     paths
         .iter()
-        .map(|p| (0..f.builders.len()).filter(|&i| f.builders[i].has_store_path(p)).collect())
+        .map(|p| {
+            (0..f.builders.len())
+                .filter(|&i| f.builders[i].has_store_path(p))
+                .collect()
+        })
         .collect()
 }
 
@@ -41,7 +45,10 @@ fn blackholed_builder_is_skipped_and_remembered_across_runs() {
     check(&out, "first run").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
     let paths = out_paths(&out);
     assert_eq!(paths.len(), 5);
-    assert!(built_on(&tf, &paths).iter().all(|on| on == &[1]), "not all on b1");
+    assert!(
+        built_on(&tf, &paths).iter().all(|on| on == &[1]),
+        "not all on b1"
+    );
     // Stock pays the SSH time-out per derivation (676 s); one probe budget is the bound here
     // (plus the builds, with slack for a loaded CI machine).
     assert!(t1 < Duration::from_secs(20), "first run took {t1:?}");
@@ -50,7 +57,13 @@ fn blackholed_builder_is_skipped_and_remembered_across_runs() {
     let b0 = row(&tf, &rows, 0);
     assert_eq!(b0["state"], "down", "{b0}");
     assert_eq!(b0["consecutive-failures"], 1, "{b0}");
-    assert!(b0["last-error"].as_str().unwrap_or("").contains("no answer within 1000 ms"), "{b0}");
+    assert!(
+        b0["last-error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no answer within 1000 ms"),
+        "{b0}"
+    );
     let attempts = b0["attempts"].clone();
     assert_eq!(row(&tf, &rows, 1)["state"], "up");
 
@@ -59,7 +72,10 @@ fn blackholed_builder_is_skipped_and_remembered_across_runs() {
     check(&out, "second run").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
     assert!(built_on(&tf, &out_paths(&out)).iter().all(|on| on == &[1]));
     let b0 = row(&tf, &status(&tf), 0);
-    assert_eq!(b0["attempts"], attempts, "the second run probed the dead builder: {b0}");
+    assert_eq!(
+        b0["attempts"], attempts,
+        "the second run probed the dead builder: {b0}"
+    );
     assert_eq!(b0["consecutive-failures"], 1, "{b0}");
     println!("blackholed + healthy, -j0, 5 derivations: first run {t1:?}, second {t2:?}");
 }
@@ -69,13 +85,21 @@ fn blackholed_builder_is_skipped_and_remembered_across_runs() {
 /// back and it builds again.
 #[test]
 fn builder_that_comes_back_is_used_again() {
-    let tf = start(Hook::Ferry, 1, 1, "backoff-base-secs = 1\nbackoff-cap-secs = 1");
+    let tf = start(
+        Hook::Ferry,
+        1,
+        1,
+        "backoff-base-secs = 1\nbackoff-cap-secs = 1",
+    );
     tf.blackhole(0).expect("blackhole");
     let (out, t) = timed_build(&tf, &many(&nonce(), 3), &["-j1"], LIMIT);
     let out = out.expect("timed out");
     check(&out, "local fallback").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
     for p in out_paths(&out) {
-        assert!(!tf.builders[0].has_store_path(&p), "built on the dead builder");
+        assert!(
+            !tf.builders[0].has_store_path(&p),
+            "built on the dead builder"
+        );
         assert!(tf.client.has_store_path(&p));
     }
     assert!(t < Duration::from_secs(15), "local fallback took {t:?}");
@@ -87,7 +111,10 @@ fn builder_that_comes_back_is_used_again() {
     let out = out.expect("timed out");
     check(&out, "build after recovery").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
     let p = &out_paths(&out)[0];
-    assert!(tf.builders[0].has_store_path(p), "recovered builder not used");
+    assert!(
+        tf.builders[0].has_store_path(p),
+        "recovered builder not used"
+    );
     let b0 = row(&tf, &status(&tf), 0);
     assert_eq!(b0["state"], "up", "{b0}");
     assert_eq!(b0["consecutive-failures"], 0, "{b0}");
@@ -101,7 +128,12 @@ fn builder_that_comes_back_is_used_again() {
 fn refused_and_slow_builders_are_marked_down_with_the_reason() {
     let mut tf = start(Hook::Ferry, 3, 2, "");
     tf.stop_sshd(0).expect("stop sshd");
-    install_script(&tf, 1, "/nix/var/ferry-slow-serve", "sleep 5; exec nix-store \"$@\"");
+    install_script(
+        &tf,
+        1,
+        "/nix/var/ferry-slow-serve",
+        "sleep 5; exec nix-store \"$@\"",
+    );
     let lines = vec![
         tf.machine_line(0).expect("l0"),
         machine_line_with(&tf, 1, "?remote-program=/nix/var/ferry-slow-serve", 1),
@@ -116,14 +148,29 @@ fn refused_and_slow_builders_are_marked_down_with_the_reason() {
     let rows = status(&tf);
     let (b0, b1) = (row(&tf, &rows, 0), row(&tf, &rows, 1));
     assert_eq!(b0["state"], "down", "{b0}");
-    assert!(b0["last-error"].as_str().unwrap_or("").contains("Connection refused"), "{b0}");
+    assert!(
+        b0["last-error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Connection refused"),
+        "{b0}"
+    );
     assert_eq!(b1["state"], "down", "{b1}");
-    assert!(b1["last-error"].as_str().unwrap_or("").contains("no answer within"), "{b1}");
+    assert!(
+        b1["last-error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no answer within"),
+        "{b1}"
+    );
     assert_eq!(row(&tf, &rows, 2)["state"], "up");
     // The human table names them too.
     let table = hook_command(&tf, &["status"]);
     let text = String::from_utf8_lossy(&table.stdout);
-    assert!(text.starts_with("BUILDER") && text.contains("Connection refused"), "{text}");
+    assert!(
+        text.starts_with("BUILDER") && text.contains("Connection refused"),
+        "{text}"
+    );
 }
 
 /// `max-jobs = 0` and every builder blackholed: the build fails within seconds (stock: 133 s)
@@ -140,10 +187,16 @@ fn all_builders_dead_fails_fast_with_reasons() {
     assert!(t < Duration::from_secs(6), "failing took {t:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     for b in &tf.builders {
-        assert!(err.contains(&format!("ssh://root@{}: down since", b.addr)), "{err}");
+        assert!(
+            err.contains(&format!("ssh://root@{}: down since", b.addr)),
+            "{err}"
+        );
     }
     assert!(err.contains("no answer within 1000 ms"), "{err}");
-    assert!(err.contains("max-jobs = 0") && err.contains("--max-jobs 1"), "{err}");
+    assert!(
+        err.contains("max-jobs = 0") && err.contains("--max-jobs 1"),
+        "{err}"
+    );
 
     // Again: now from the remembered state, without waiting for any probe.
     let (out, t2) = timed_build(&tf, &trivial_drv(&nonce(), "dead2"), &["-j0"], LIMIT);
@@ -155,7 +208,12 @@ fn all_builders_dead_fails_fast_with_reasons() {
     // `probe` ignores the back-off: b1 healed is up, b0 still down (exit 1).
     tf.heal(1).expect("heal");
     let p = hook_command(&tf, &["probe", "--json"]);
-    assert_eq!(p.status.code(), Some(1), "{}", String::from_utf8_lossy(&p.stderr));
+    assert_eq!(
+        p.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&p.stderr)
+    );
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&p.stdout).expect("json");
     assert_eq!(row(&tf, &rows, 1)["state"], "up", "{rows:?}");
     assert_eq!(row(&tf, &rows, 0)["state"], "down", "{rows:?}");
@@ -172,7 +230,12 @@ fn all_builders_dead_fails_fast_with_reasons() {
 #[test]
 fn copy_failure_after_accept_fails_over_to_another_builder() {
     let tf = start(Hook::Ferry, 2, 1, "");
-    install_script(&tf, 0, "/nix/var/ferry-cut-serve", "head -c 16 | nix-store \"$@\"");
+    install_script(
+        &tf,
+        0,
+        "/nix/var/ferry-cut-serve",
+        "head -c 16 | nix-store \"$@\"",
+    );
     let lines = vec![
         machine_line_with(&tf, 0, "?remote-program=/nix/var/ferry-cut-serve", 2),
         tf.machine_line(1).expect("l1"),
@@ -186,13 +249,144 @@ fn copy_failure_after_accept_fails_over_to_another_builder() {
     assert!(!tf.builders[0].has_store_path(p), "built on b0");
     let err = String::from_utf8_lossy(&out.stderr);
     let b0 = &tf.builders[0].addr;
-    assert!(err.contains(&format!("copying to 'ssh://root@{b0}")), "{err}");
+    assert!(
+        err.contains(&format!("copying to 'ssh://root@{b0}")),
+        "{err}"
+    );
     assert!(err.contains("building on"), "{err}");
     let rows = status(&tf);
     let r0 = row(&tf, &rows, 0);
     assert_eq!(r0["state"], "down", "{r0}");
-    assert!(r0["last-error"].as_str().unwrap_or("").contains("QueryValidPaths"), "{r0}");
+    assert!(
+        r0["last-error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("QueryValidPaths"),
+        "{r0}"
+    );
     let r1 = row(&tf, &rows, 1);
     assert_eq!(r1["state"], "up", "{r1}");
-    assert!(!r1["mean-build-secs"].is_null(), "build time not recorded: {r1}");
+    assert!(
+        !r1["mean-build-secs"].is_null(),
+        "build time not recorded: {r1}"
+    );
+}
+
+/// Benchmark, stock untuned vs stock tuned (`NIX_SSHOPTS="-o ConnectTimeout=2"`) vs Ferry on
+/// fresh fleets in the same run, 5 trivial derivations per build:
+/// - A: one blackholed builder, `-j1` (local fallback); goal: Ferry ≤ 3 s;
+/// - B: one blackholed + one healthy builder, `-j0`; goal: within 1.2× of the all-healthy
+///   time (also measured);
+/// - C: every builder blackholed, `-j0`: time to a clear error; goal ≤ 2 s.
+///
+/// Untuned stock waits for the kernel's TCP time-out (~135 s per attempt, fleet.md), so its
+/// runs are capped at `FERRY_BENCH_CAP_SECS` (default 30) and reported as "> cap".
+/// `cargo test -p ferry-integration --test hook_health -- --ignored --nocapture bench`.
+#[test]
+#[ignore]
+fn bench_dead_builders_stock_vs_ferry() {
+    let cap = Duration::from_secs(
+        std::env::var("FERRY_BENCH_CAP_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30),
+    );
+    let hooks = [Hook::Stock, Hook::StockTuned, Hook::Ferry];
+    // (scenario, hook) → seconds, None when capped.
+    let mut results: Vec<(&str, Hook, Option<f64>)> = Vec::new();
+    let secs = |o: &Option<std::process::Output>, t: Duration| o.as_ref().map(|_| t.as_secs_f64());
+
+    for hook in hooks {
+        // All healthy, the reference for B.
+        let tf = start(hook, 2, 2, "");
+        let (o, t) = timed_build(&tf, &many(&nonce(), 5), &["-j0"], cap);
+        if let Some(o) = &o {
+            check(o, "healthy").unwrap_or_else(|e| panic!("{hook:?}: {e}"));
+        }
+        results.push(("healthy, -j0", hook, secs(&o, t)));
+        drop(tf);
+
+        // A: one blackholed builder, local builds allowed.
+        let tf = start(hook, 1, 2, "");
+        tf.blackhole(0).expect("blackhole");
+        let (o, t) = timed_build(&tf, &many(&nonce(), 5), &["-j1"], cap);
+        if let Some(o) = &o {
+            check(o, "A").unwrap_or_else(|e| panic!("{hook:?}: {e}"));
+        }
+        results.push(("A: 1 blackholed, -j1", hook, secs(&o, t)));
+        drop(tf);
+
+        // B: one blackholed + one healthy builder, remote only.
+        let tf = start(hook, 2, 2, "");
+        tf.blackhole(0).expect("blackhole");
+        let (o, t) = timed_build(&tf, &many(&nonce(), 5), &["-j0"], cap);
+        if let Some(o) = &o {
+            check(o, "B").unwrap_or_else(|e| panic!("{hook:?}: {e}"));
+        }
+        results.push(("B: 1 blackholed + 1 healthy, -j0", hook, secs(&o, t)));
+        drop(tf);
+
+        // C: every builder blackholed, remote only: time to the error.
+        let tf = start(hook, 2, 2, "");
+        tf.blackhole(0).expect("blackhole");
+        tf.blackhole(1).expect("blackhole");
+        let (o, t) = timed_build(&tf, &many(&nonce(), 5), &["-j0"], cap);
+        if let Some(o) = &o {
+            assert!(
+                !o.status.success(),
+                "{hook:?}: C built with every builder dead"
+            );
+        }
+        results.push(("C: all blackholed, -j0 (to failure)", hook, secs(&o, t)));
+    }
+
+    let get = |s: &str, h: Hook| {
+        results
+            .iter()
+            .find(|(x, y, _)| *x == s && *y == h)
+            .and_then(|r| r.2)
+    };
+    let show = |v: Option<f64>| v.map_or(format!("> {} s", cap.as_secs()), |t| format!("{t:.2} s"));
+    let ratio = |f: Option<f64>, s: Option<f64>| match (f, s) {
+        (Some(f), Some(s)) => format!("{:.3}", f / s),
+        (Some(f), None) => format!("< {:.3}", f / cap.as_secs_f64()),
+        _ => "n/a".to_owned(),
+    };
+    println!(
+        "\n{:<40} {:>12} {:>12} {:>10} {:>16} {:>16}",
+        "scenario", "stock", "stock tuned", "ferry", "ferry/stock", "ferry/tuned"
+    );
+    for s in [
+        "healthy, -j0",
+        "A: 1 blackholed, -j1",
+        "B: 1 blackholed + 1 healthy, -j0",
+        "C: all blackholed, -j0 (to failure)",
+    ] {
+        let (st, tu, fe) = (
+            get(s, Hook::Stock),
+            get(s, Hook::StockTuned),
+            get(s, Hook::Ferry),
+        );
+        println!(
+            "{s:<40} {:>12} {:>12} {:>10} {:>16} {:>16}",
+            show(st),
+            show(tu),
+            show(fe),
+            ratio(fe, st),
+            ratio(fe, tu)
+        );
+    }
+    let healthy = get("healthy, -j0", Hook::Ferry);
+    let b = get("B: 1 blackholed + 1 healthy, -j0", Hook::Ferry);
+    if let (Some(h), Some(b)) = (healthy, b) {
+        println!(
+            "goal B: ferry with a dead builder / ferry all healthy = {:.2} (goal <= 1.2)",
+            b / h
+        );
+    }
+    println!(
+        "goal A: ferry {} (goal <= 3 s); goal C: ferry {} (goal <= 2 s)",
+        show(get("A: 1 blackholed, -j1", Hook::Ferry)),
+        show(get("C: all blackholed, -j0 (to failure)", Hook::Ferry))
+    );
 }

@@ -39,10 +39,7 @@ pub fn start(hook: Hook, builders: usize, slots: u32, ferry_toml: &str) -> TestF
     let dir = tempfile::tempdir().expect("tmp");
     let config = dir.path().join("ferry.toml");
     std::fs::write(&config, format!("[build-hook]\n{ferry_toml}\n")).expect("ferry.toml");
-    let mut daemon_env = vec![(
-        "FERRY_CONFIG".to_owned(),
-        config.display().to_string(),
-    )];
+    let mut daemon_env = vec![("FERRY_CONFIG".to_owned(), config.display().to_string())];
     let client_conf = match hook {
         Hook::Ferry => format!("build-hook = {}", ferry_bin("ferry-build-hook").display()),
         Hook::Stock => String::new(),
@@ -74,7 +71,12 @@ pub fn many(nonce: &str, n: usize) -> String {
 }
 
 /// `nix-build` with a time limit: `None` if it was still running at `limit` (then killed).
-pub fn timed_build(f: &Fleet, expr: &str, args: &[&str], limit: Duration) -> (Option<Output>, Duration) {
+pub fn timed_build(
+    f: &Fleet,
+    expr: &str,
+    args: &[&str],
+    limit: Duration,
+) -> (Option<Output>, Duration) {
     let mut c = f.client_command("nix-build");
     c.args(["--no-out-link", "-E", expr])
         .args(args)
@@ -100,7 +102,9 @@ pub fn timed_build(f: &Fleet, expr: &str, args: &[&str], limit: Duration) -> (Op
 /// Runs `ferry-build-hook <args>` on the client (its /etc/nix and state), with the fleet's
 /// Ferry configuration.
 pub fn hook_command(tf: &TestFleet, args: &[&str]) -> Output {
-    let mut c = tf.client.command(&ferry_bin("ferry-build-hook").display().to_string());
+    let mut c = tf
+        .client
+        .command(&ferry_bin("ferry-build-hook").display().to_string());
     c.args(args)
         .env("FERRY_CONFIG", &tf.config)
         .env_remove("NIX_CONF_DIR")
@@ -118,15 +122,23 @@ pub fn status(tf: &TestFleet) -> Vec<serde_json::Value> {
         "status failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
-        .unwrap_or_else(|e| panic!("status --json: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "status --json: {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 /// The status row of builder `i`.
 pub fn row(tf: &TestFleet, rows: &[serde_json::Value], i: usize) -> serde_json::Value {
     let addr = &tf.builders[i].addr;
     rows.iter()
-        .find(|r| r["builder"].as_str().is_some_and(|b| b.contains(&format!("@{addr}"))))
+        .find(|r| {
+            r["builder"]
+                .as_str()
+                .is_some_and(|b| b.contains(&format!("@{addr}")))
+        })
         .cloned()
         .unwrap_or_else(|| panic!("no status row for b{i} in {rows:?}"))
 }
@@ -149,5 +161,9 @@ pub fn machine_line_with(f: &Fleet, i: usize, query: &str, sf: u32) -> String {
 }
 
 pub fn write_machines(f: &Fleet, lines: &[String]) {
-    std::fs::write(f.client.dir.join("etc-nix/machines"), lines.join("\n") + "\n").expect("machines");
+    std::fs::write(
+        f.client.dir.join("etc-nix/machines"),
+        lines.join("\n") + "\n",
+    )
+    .expect("machines");
 }
