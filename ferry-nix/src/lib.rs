@@ -4,11 +4,13 @@
 //! processes or the filesystem beyond a NAR tree lives in the binaries.
 //! The store directory is always a parameter ([`store_path::StoreDir`]).
 
+pub mod derivation;
 pub mod hash;
 pub mod machines;
 pub mod nar;
 pub mod narinfo;
 pub mod nixconf;
+pub mod serve;
 pub mod signing;
 pub mod store_path;
 pub mod wire;
