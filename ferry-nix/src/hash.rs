@@ -205,6 +205,15 @@ impl Hash {
         }
     }
 
+    /// The hash of `data` with `algo`.
+    pub fn of(algo: HashAlgo, data: &[u8]) -> Self {
+        let bytes = match algo {
+            HashAlgo::Sha256 => sha2::Sha256::digest(data).to_vec(),
+            HashAlgo::Sha512 => sha2::Sha512::digest(data).to_vec(),
+        };
+        Hash { algo, bytes }
+    }
+
     /// SHA-256 of `data`.
     pub fn sha256_of(data: &[u8]) -> Self {
         Self::sha256_bytes(sha2::Sha256::digest(data).into())

@@ -5,11 +5,13 @@
 //! The store directory is always a parameter ([`store_path::StoreDir`]).
 
 pub mod config;
+pub mod derivation;
 pub mod hash;
 pub mod machines;
 pub mod nar;
 pub mod narinfo;
 pub mod nixconf;
+pub mod serve;
 pub mod signing;
 pub mod store_path;
 pub mod wire;
