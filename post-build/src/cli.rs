@@ -174,7 +174,7 @@ fn push(config: &Path, paths: &[String]) -> Result<()> {
     let mut outs = Vec::new();
     for p in paths {
         // Accept `./result` symlinks and paths inside a store object, like `nix copy`.
-        let real = std::fs::canonicalize(p).with_context(|| format!("{p}"))?;
+        let real = std::fs::canonicalize(p).with_context(|| p.to_string())?;
         let real = real.to_string_lossy();
         let (sp, _) = settings
             .store_dir

@@ -204,10 +204,13 @@ impl Daemon {
             }
             Outcome::Permanent { reason } => tracing::error!(path = %job.path, %reason, "job dead-lettered"),
         }
-        self.queue.apply(job, &t, now)?;
+        // The root goes before the job: killed in between, the job is still queued and its
+        // next attempt finds the narinfos in place (see `upload_closure`); the other order
+        // would leak the root.
         if !matches!(outcome, Outcome::Transient { .. }) {
             self.remove_root(&job.path);
         }
+        self.queue.apply(job, &t, now)?;
         Ok(())
     }
 

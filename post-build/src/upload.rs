@@ -199,12 +199,30 @@ impl Drop for Claim<'_> {
     }
 }
 
+/// Does every target hold `path`'s narinfo?
+async fn everywhere(sh: &Shared, path: &str) -> bool {
+    let Ok(sp) = sh.store_dir.parse(path) else {
+        return false;
+    };
+    for t in &sh.targets {
+        if !matches!(t.exists(&narinfo_key(&sp)).await, Ok(true)) {
+            return false;
+        }
+    }
+    true
+}
+
 /// Uploads the closure of `root` to every target.
 pub async fn upload_closure(sh: &Arc<Shared>, root: &str) -> (Outcome, TargetResults) {
     let mut results: TargetResults = Vec::new();
     let infos = match sh.store.closure_infos(&[root.to_owned()]).await {
         Ok(i) => i,
         Err(e) if is_gone(&e) => {
+            // Uploaded by an earlier run that was killed before it could delete the job
+            // (after removing the GC root, so the collector may have taken the path since).
+            if everywhere(sh, root).await {
+                return (Outcome::Uploaded, results);
+            }
             return (
                 Outcome::Permanent {
                     reason: format!("no longer in the store: {e}"),
@@ -351,7 +369,7 @@ mod tests {
     fn narinfo_is_signed_and_renders() {
         let sd = StoreDir::new("/nix/store").expect("sd");
         let key = SecretKey::from_seed("test-1", [7; 32]).expect("key");
-        let ni = make_narinfo(&sd, &info(C, &[A, C]), Compression::Zstd, Hash::sha256_of(b"f"), 42, &[key.clone()])
+        let ni = make_narinfo(&sd, &info(C, &[A, C]), Compression::Zstd, Hash::sha256_of(b"f"), 42, std::slice::from_ref(&key))
             .expect("narinfo");
         assert!(ni.verify_with(&sd, &key.to_public()).expect("verify"));
         let text = ni.render(&sd);
@@ -362,8 +380,7 @@ mod tests {
         let back = NarInfo::parse(&sd, &text).expect("parse back");
         assert_eq!(back, ni);
         let e = make_narinfo(&sd, &info("/elsewhere/x", &[]), Compression::None, Hash::sha256_of(b""), 1, &[])
-            .err()
-            .expect("outside the store");
+            .expect_err("outside the store");
         assert!(e.to_string().contains("/elsewhere/x"), "{e}");
     }
 
