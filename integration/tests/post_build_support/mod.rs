@@ -12,6 +12,12 @@ use std::time::{Duration, Instant};
 
 pub const NGINX_PORT: u16 = 8080;
 
+/// The `ferry-post-build` under test: `FERRY_POST_BUILD_BIN` (benchmarks point it at a
+/// release build) or this build's.
+pub fn post_build_bin() -> PathBuf {
+    std::env::var_os("FERRY_POST_BUILD_BIN").map(PathBuf::from).unwrap_or_else(|| ferry_bin("ferry-post-build"))
+}
+
 /// Ferry's files for one test: config, state, signing key, a `file://` cache.
 pub struct Ferry {
     pub dir: tempfile::TempDir,
@@ -26,7 +32,7 @@ impl Ferry {
     pub fn new() -> Ferry {
         let dir = tempfile::Builder::new().prefix("ferry-post-").tempdir().expect("tempdir");
         let secret_key = dir.path().join("cache.sec");
-        let out = Command::new(ferry_bin("ferry-post-build"))
+        let out = Command::new(post_build_bin())
             .args(["keygen", "ferry-test-1", "--secret-file"])
             .arg(&secret_key)
             .output()
@@ -68,7 +74,7 @@ impl Ferry {
             max_jobs_per_builder: 2,
             client_conf: format!(
                 "post-build-hook = {}\nbuild-hook = {}",
-                ferry_bin("ferry-post-build").display(),
+                post_build_bin().display(),
                 ferry_bin("ferry-build-hook").display()
             ),
             daemon_env: vec![("FERRY_CONFIG".into(), self.config.display().to_string())],
@@ -78,7 +84,7 @@ impl Ferry {
 
     /// `ferry-post-build ARGS` on `host` (its store, its network), with this config.
     pub fn command(&self, host: &Host, args: &[&str]) -> Command {
-        let mut c = host.nix_command(&ferry_bin("ferry-post-build").to_string_lossy());
+        let mut c = host.nix_command(&post_build_bin().to_string_lossy());
         c.args(args).env("FERRY_CONFIG", &self.config).env("RUST_LOG", "info");
         c
     }
