@@ -1,9 +1,7 @@
-//! Placeholder: this binary's behaviour is not built yet. It says so and exits non-zero
-//! so that nothing configured to call it silently pretends to work.
-fn main() {
-    eprintln!(
-        "{}: not implemented yet in this Ferry build; see the README for what works today",
-        env!("CARGO_PKG_NAME")
-    );
-    std::process::exit(2);
+//! Nix runs this with no arguments as `post-build-hook`; people run its subcommands.
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = ferry_post_build::cli::Cli::parse();
+    ferry_post_build::cli::main(cli)
 }

@@ -1,0 +1,506 @@
+//! `ferry-post-build` on a real Nix 2.8 fleet: the client daemon runs it as its
+//! `post-build-hook` (Nix 2.8.0 passes only `DRV_PATH`, NixOS/nix#6446, so the hook reads the
+//! outputs from the derivation), the uploader runs in the client's namespaces, an nginx with
+//! WebDAV PUT on a LAN host is the HTTP cache, and a second host substitutes from it with
+//! signatures required.
+//!
+//! These tests need root (network and mount namespaces) and nginx (dev/setup).
+
+mod post_build_support;
+
+use ferry_integration::{SYSTEM, blackhole_port, chain_drv, check, ferry_bin, heal_host, nonce, out_paths, run};
+use post_build_support::*;
+use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn trivial_list(n: usize, tag: &str) -> String {
+    let drvs: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                r#"(builtins.derivation {{ name = "ferry-pb-{tag}-{i}-{n}"; system = "{SYSTEM}"; builder = "/bin/sh"; args = [ "-c" "echo {tag} {i} > $out" ]; PATH = "/usr/bin:/bin"; }})"#,
+                n = nonce()
+            )
+        })
+        .collect();
+    format!("[ {} ]", drvs.join(" "))
+}
+
+fn multi_output(tag: &str) -> String {
+    format!(
+        r#"builtins.derivation {{ name = "ferry-pb-multi-{tag}-{n}"; outputs = [ "out" "dev" ]; system = "{SYSTEM}"; builder = "/bin/sh"; args = [ "-c" "echo out > $out; mkdir $dev; echo dev > $dev/h" ]; PATH = "/usr/bin:/bin"; }}"#,
+        n = nonce()
+    )
+}
+
+fn build(fleet: &ferry_integration::Fleet, expr: &str, args: &[&str], what: &str) -> Vec<String> {
+    let out = fleet.nix_build(expr, args);
+    check(&out, what).unwrap_or_else(|e| panic!("{e}\ndaemon log:\n{}", fleet.daemon_log()));
+    out_paths(&out)
+}
+
+/// All outputs of the derivations that produced `paths` (the `dev` of a multi-output one too).
+fn all_outputs(fleet: &ferry_integration::Fleet, paths: &[String]) -> Vec<String> {
+    let mut c = fleet.client_command("nix-store");
+    c.args(["-q", "--deriver"]).args(paths);
+    let drvs = String::from_utf8_lossy(&run(&mut c).expect("deriver").stdout).to_string();
+    let mut c = fleet.client_command("nix-store");
+    c.args(["-q", "--outputs"]).args(drvs.lines());
+    String::from_utf8_lossy(&run(&mut c).expect("outputs").stdout).lines().map(str::to_owned).collect()
+}
+
+struct Uploader(std::process::Child);
+impl Drop for Uploader {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// 16 derivations (local with no builders, remote through Ferry's build hook, a
+/// multi-output one) are uploaded while they build to a `file://` cache and to nginx over
+/// HTTP PUT; a second host with `require-sigs` substitutes every path from nginx and
+/// verifies it; Nix itself verifies the `file://` cache's NARs and signatures.
+#[test]
+fn builds_are_uploaded_and_substituted_with_signatures() {
+    let ferry = Ferry::new();
+    let mut fleet = ferry.fleet(1);
+    let www = start_nginx(fleet.add_host("cache").expect("cache host"));
+    let cache_url = format!("http://{}:{NGINX_PORT}", fleet.host("cache").addr);
+    ferry.write_config(std::slice::from_ref(&cache_url));
+    let _up = Uploader(ferry.start_uploader(&fleet));
+
+    let local = ["-j1", "--builders", ""];
+    let mut built = Vec::new();
+    built.extend(build(&fleet, &chain_drv(&nonce()), &local, "local chain"));
+    built.extend(build(&fleet, &trivial_list(4, "local"), &local, "local trivials"));
+    built.extend(build(&fleet, &multi_output("local"), &local, "local multi-output"));
+    let remote_chain = build(&fleet, &chain_drv(&nonce()), &["-j0"], "remote chain");
+    assert!(fleet.builders[0].has_store_path(&remote_chain[0]), "the chain was not built remotely");
+    built.extend(remote_chain);
+    built.extend(build(&fleet, &trivial_list(5, "remote"), &["-j0"], "remote trivials"));
+    let outputs = all_outputs(&fleet, &built);
+    assert_eq!(outputs.len(), 13, "{outputs:?}");
+    let expected = closure(&fleet, &outputs);
+    assert_eq!(expected.len(), 17, "{expected:?}");
+
+    wait_for("every path in both caches", Duration::from_secs(60), || {
+        missing_narinfos(&ferry.file_cache, &expected).is_empty() && missing_narinfos(&www, &expected).is_empty()
+    });
+    assert_eq!(check_cache_dir(&ferry.file_cache), expected.len());
+    assert_eq!(check_cache_dir(&www), expected.len());
+    wait_for("GC roots removed after upload", Duration::from_secs(10), || ferry.gc_roots(&fleet).is_empty());
+    let status = ferry.status(&fleet);
+    assert!(status.contains("queued jobs: 0 (0 retrying), dead letters: 0"), "{status}");
+    assert!(status.contains(&format!("target {cache_url}: last success")), "{status}");
+
+    // A second host trusts only Ferry's key and substitutes from nginx.
+    let client2 = fleet.add_host("client2").expect("client2");
+    client2
+        .write_nix_conf(&format!(
+            "require-sigs = true\ntrusted-public-keys = {}\nsubstituters = {cache_url}\n",
+            ferry.public_key
+        ))
+        .expect("nix.conf");
+    client2.start_nix_daemon(&[]).expect("client2 daemon");
+    let client2 = fleet.host("client2");
+    let mut r = client2.nix_command("nix-store");
+    r.arg("--realise").args(&outputs);
+    let out = r.output().expect("nix-store --realise");
+    check(&out, "client2 substitutes from nginx").unwrap_or_else(|e| panic!("{e}"));
+    for p in &expected {
+        assert!(client2.has_store_path(p), "{p} not substituted");
+        let mut v = client2.nix_command("nix-store");
+        v.args(["--verify-path", p]);
+        run(&mut v).unwrap_or_else(|e| panic!("verify {p}: {e}"));
+    }
+    // Nothing was built on client2: substitution only (`nix-store -r` would build otherwise).
+    let mut q = client2.nix_command("nix-store");
+    q.args(["-q", "--deriver", &outputs[0]]);
+    let deriver = String::from_utf8_lossy(&run(&mut q).expect("deriver").stdout).trim().to_owned();
+    assert!(!client2.has_store_path(&deriver), "client2 has the .drv: it built instead of substituting");
+
+    // Nix checks the file:// cache: NAR hashes and Ferry's signature.
+    let mut v = client2.nix_command("nix");
+    v.args(["--extra-experimental-features", "nix-command", "store", "verify", "--store"])
+        .arg(format!("file://{}", ferry.file_cache.display()))
+        .args(["--trusted-public-keys", &ferry.public_key])
+        .args(&expected);
+    run(&mut v).unwrap_or_else(|e| panic!("nix store verify of the file:// cache: {e}"));
+}
+
+/// With the uploader stopped and the HTTP cache blackholed, builds still succeed and the hook
+/// returns 0 quickly; queued outputs survive `nix-store --gc` (GC roots); once the uploader
+/// runs, the file cache fills at once and the HTTP cache after it comes back.
+#[test]
+fn hook_is_fast_and_nothing_is_lost_while_uploader_and_cache_are_down() {
+    let ferry = Ferry::new();
+    let mut fleet = ferry.fleet(0);
+    let www = start_nginx(fleet.add_host("cache").expect("cache host"));
+    let cache_url = format!("http://{}:{NGINX_PORT}", fleet.host("cache").addr);
+    ferry.write_config(std::slice::from_ref(&cache_url));
+    blackhole_port(fleet.host("cache"), NGINX_PORT).expect("blackhole");
+
+    let start = Instant::now();
+    let built = build(&fleet, &trivial_list(6, "down"), &["-j1"], "builds with everything down");
+    let elapsed = start.elapsed();
+    assert!(elapsed < Duration::from_secs(20), "6 trivial builds took {elapsed:?}");
+    let outputs = all_outputs(&fleet, &built);
+    let roots = ferry.gc_roots(&fleet);
+    for o in &outputs {
+        let base = o.rsplit('/').next().unwrap_or_default();
+        assert!(roots.iter().any(|r| r == base), "no GC root for {o}: {roots:?}");
+    }
+
+    // The hook itself, run as Nix runs it (Nix 2.8: DRV_PATH only), while nothing uploads.
+    let mut q = fleet.client_command("nix-store");
+    q.args(["-q", "--deriver", &outputs[0]]);
+    let drv = String::from_utf8_lossy(&run(&mut q).expect("deriver").stdout).trim().to_owned();
+    let mut times = Vec::new();
+    for _ in 0..20 {
+        let mut h = fleet.client.command(&ferry_bin("ferry-post-build").to_string_lossy());
+        h.env("DRV_PATH", &drv).env("OUT_PATHS", "").env("FERRY_CONFIG", &ferry.config);
+        let t = Instant::now();
+        let out = h.stdin(Stdio::null()).output().expect("hook");
+        times.push(t.elapsed());
+        assert!(out.status.success(), "hook exit {}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+        assert!(out.stderr.is_empty(), "hook complained: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    times.sort();
+    // Generous bounds (debug build, nsenter): this catches waiting on the uploader or the
+    // network, not milliseconds; the benchmark measures those.
+    assert!(times[times.len() - 1] < Duration::from_secs(1), "{times:?}");
+    assert!(times[times.len() / 2] < Duration::from_millis(200), "{times:?}");
+
+    let mut gc = fleet.client_command("nix-store");
+    gc.arg("--gc");
+    run(&mut gc).expect("nix-store --gc");
+    for o in &outputs {
+        assert!(fleet.client.has_store_path(o), "{o} was collected while queued");
+    }
+
+    let up = Uploader(ferry.start_uploader(&fleet));
+    wait_for("the file cache (its target is up)", Duration::from_secs(30), || {
+        missing_narinfos(&ferry.file_cache, &outputs).is_empty()
+    });
+    wait_for("a recorded error for the blackholed cache", Duration::from_secs(30), || {
+        ferry.status(&fleet).contains(&format!("target {cache_url}: last success never"))
+            && ferry.status(&fleet).contains("retrying")
+    });
+    let status = ferry.status(&fleet);
+    assert!(!status.contains("queued jobs: 0 "), "jobs left the queue while the cache was down:\n{status}");
+    assert_eq!(missing_narinfos(&www, &outputs).len(), outputs.len());
+
+    heal_host(fleet.host("cache")).expect("heal");
+    wait_for("the HTTP cache after it came back", Duration::from_secs(30), || {
+        missing_narinfos(&www, &outputs).is_empty()
+    });
+    wait_for_done(&ferry, &fleet);
+    check_cache_dir(&ferry.file_cache);
+    check_cache_dir(&www);
+    drop(up);
+}
+
+fn wait_for_done(ferry: &Ferry, fleet: &ferry_integration::Fleet) {
+    let start = Instant::now();
+    loop {
+        let status = ferry.status(fleet);
+        let roots = ferry.gc_roots(fleet);
+        if status.contains("queued jobs: 0 (0 retrying), dead letters: 0") && roots.is_empty() {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "queue not empty or GC roots left after 15 s:\n{status}\nroots: {roots:?}\nuploader log:\n{}",
+            ferry.uploader_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Tiny deterministic generator for kill delays (no rand dependency in the fixture).
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 33) % below
+    }
+}
+
+/// The uploader is killed with SIGKILL 25 times at random moments (during ingest,
+/// compression, uploads, commits) and restarted; afterwards every queued path is in both
+/// caches once, every narinfo's NAR is complete, no NAR is orphaned or duplicated, no
+/// temporary file is visible, nothing is dead-lettered and every GC root is gone.
+#[test]
+fn uploader_survives_sigkill_at_random_moments() {
+    let ferry = Ferry::new();
+    let mut fleet = ferry.fleet(0);
+    let www = start_nginx(fleet.add_host("cache").expect("cache host"));
+    let cache_url = format!("http://{}:{NGINX_PORT}", fleet.host("cache").addr);
+    ferry.write_config(std::slice::from_ref(&cache_url));
+
+    // Each round builds a multi-MB incompressible output while an uploader runs, then kills
+    // the uploader at a random moment: hits land during ingest, NAR compression, uploads and
+    // queue commits.
+    let mut rng = Lcg(std::process::id() as u64 ^ 0x5eed);
+    let mut built = build(&fleet, &chain_drv(&nonce()), &["-j1"], "chain");
+    let mut kills = 0;
+    for i in 0..25 {
+        let mut up = ferry.start_uploader(&fleet);
+        let size = 1_000_000 + rng.next(3_000_000);
+        let expr = format!(
+            r#"builtins.derivation {{ name = "ferry-pb-big-{i}-{n}"; system = "{SYSTEM}"; builder = "/bin/sh"; args = [ "-c" "mkdir $out; head -c {size} /dev/urandom > $out/data; echo {i} > $out/i" ]; PATH = "/usr/bin:/bin"; }}"#,
+            n = nonce()
+        );
+        built.extend(build(&fleet, &expr, &["-j1"], "big output"));
+        std::thread::sleep(Duration::from_millis(rng.next(300)));
+        let _ = up.kill(); // SIGKILL
+        let _ = up.wait();
+        kills += 1;
+    }
+    assert_eq!(kills, 25);
+    let expected: BTreeSet<String> = closure(&fleet, &built);
+    // Work must remain after the first kills for the test to mean something; the log shows
+    // how far each run got.
+    let up = Uploader(ferry.start_uploader(&fleet));
+    wait_for("both caches complete after the kills", Duration::from_secs(60), || {
+        missing_narinfos(&ferry.file_cache, &expected).is_empty() && missing_narinfos(&www, &expected).is_empty()
+    });
+    wait_for_done(&ferry, &fleet);
+    drop(up);
+    assert_eq!(check_cache_dir(&ferry.file_cache), expected.len());
+    assert_eq!(check_cache_dir(&www), expected.len());
+    // A restarted uploader cleans its staging directory: nothing partial anywhere.
+    let tmp = ferry.file_cache.join(".ferry-tmp");
+    let leftovers = std::fs::read_dir(&tmp).map(|rd| rd.count()).unwrap_or(0);
+    assert_eq!(leftovers, 0, "staging files left in {}", tmp.display());
+    let log = ferry.uploader_log();
+    if std::env::var_os("FERRY_TEST_SHOW_LOG").is_some() {
+        eprintln!("{log}");
+    }
+    // Most kills hit a running uploader (a few may land before it logs its start on a
+    // loaded machine).
+    let starts = log.matches("uploader started").count();
+    assert!(starts >= 14, "only {starts} of 26 uploader runs got going:\n{log}");
+}
+
+/// The hook never fails a build: a broken config, an unwritable spool or garbage in the
+/// environment all end in exit 0 with a message on stderr.
+#[test]
+fn hook_exits_zero_on_every_problem() {
+    let dir = tempfile::tempdir().expect("dir");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[post-build]\ntargetz = []\n").expect("write");
+    let unwritable = dir.path().join("state-is-a-file");
+    std::fs::write(&unwritable, "").expect("write");
+    let ok = dir.path().join("ok.toml");
+    std::fs::write(
+        &ok,
+        format!(
+            "[post-build]\nstate-dir = \"{}\"\ngc-roots = false\n",
+            unwritable.display()
+        ),
+    )
+    .expect("write");
+    for (config, env, expect) in [
+        (&bad, vec![("OUT_PATHS", "/nix/store/aaaa-x")], "targetz"),
+        (&ok, vec![("OUT_PATHS", "/nix/store/aaaa-x")], "NOT queued"),
+        (&ok, vec![("DRV_PATH", "/nonexistent/x.drv")], "NOT queued"),
+        (&ok, vec![], "nothing to upload"),
+    ] {
+        let out = Command::new(ferry_bin("ferry-post-build"))
+            .env_remove("OUT_PATHS")
+            .env_remove("DRV_PATH")
+            .env("FERRY_CONFIG", config)
+            .envs(env)
+            .stdin(Stdio::null())
+            .output()
+            .expect("hook");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{}: {stderr}", out.status);
+        assert!(stderr.contains(expect), "wanted {expect:?} in {stderr:?}");
+    }
+}
+
+/// `keygen` writes a 0600 Nix secret key and prints the public key; `check-config` names a
+/// typo's file and line and accepts a good config.
+#[test]
+fn keygen_and_check_config() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("dir");
+    let sec = dir.path().join("k.sec");
+    let out = Command::new(ferry_bin("ferry-post-build"))
+        .args(["keygen", "my-cache-1", "--secret-file"])
+        .arg(&sec)
+        .output()
+        .expect("keygen");
+    check(&out, "keygen").unwrap_or_else(|e| panic!("{e}"));
+    let public = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(public.starts_with("my-cache-1:") && public.len() == "my-cache-1:".len() + 44, "{public}");
+    let mode = std::fs::metadata(&sec).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let text = std::fs::read_to_string(&sec).expect("read");
+    assert!(text.starts_with("my-cache-1:") && !text.ends_with('\n'), "{text:?}");
+    // Nix accepts the key: it converts it to the same public key.
+    let mut c = Command::new("nix");
+    c.args(["--extra-experimental-features", "nix-command", "key", "convert-secret-to-public"])
+        .stdin(std::fs::File::open(&sec).expect("open"));
+    let nix_public = String::from_utf8_lossy(&c.output().expect("nix key").stdout).trim().to_owned();
+    assert_eq!(nix_public, public);
+    // Never overwrites a key.
+    let again = Command::new(ferry_bin("ferry-post-build"))
+        .args(["keygen", "my-cache-1", "--secret-file"])
+        .arg(&sec)
+        .output()
+        .expect("keygen");
+    assert!(!again.status.success());
+
+    let conf = dir.path().join("ferry.toml");
+    std::fs::write(
+        &conf,
+        format!("[post-build]\ntargets = [\"file:///tmp/x\"]\nsecret-key-files = [\"{}\"]\n", sec.display()),
+    )
+    .expect("write");
+    let out = Command::new(ferry_bin("ferry-post-build"))
+        .args(["check-config", "--config"])
+        .arg(&conf)
+        .output()
+        .expect("check-config");
+    check(&out, "check-config").unwrap_or_else(|e| panic!("{e}"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&public));
+    std::fs::write(&conf, "[post-build]\ntargets = [\"ftp://x\"]\n").expect("write");
+    let out = Command::new(ferry_bin("ferry-post-build"))
+        .args(["check-config", "--config"])
+        .arg(&conf)
+        .output()
+        .expect("check-config");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ftp://x"));
+    std::fs::write(&conf, "[post-build]\n\nconcurency = 2\n").expect("write");
+    let out = Command::new(ferry_bin("ferry-post-build"))
+        .args(["check-config", "--config"])
+        .arg(&conf)
+        .output()
+        .expect("check-config");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 3"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A chain of `n` derivations, each depending on the previous one: the post-build hook's
+/// latency adds up along it (docs/upload.md §1.2).
+fn bench_chain(n: usize) -> String {
+    format!(
+        r#"let mk = prev: i: builtins.derivation {{ name = "ferry-bench-${{toString i}}-{nonce}"; system = "{SYSTEM}"; builder = "/bin/sh"; args = [ "-c" "echo ${{prev}} ${{toString i}} > $out" ]; PATH = "/usr/bin:/bin"; }};
+in builtins.foldl' mk "" (builtins.genList (x: x) {n})"#,
+        nonce = nonce()
+    )
+}
+
+fn timed_chain(client_conf: String, env: Vec<(String, String)>, n: usize) -> Duration {
+    let fleet = ferry_integration::Fleet::start(ferry_integration::FleetConfig {
+        builders: 0,
+        max_jobs_per_builder: 1,
+        client_conf,
+        daemon_env: env,
+    })
+    .expect("fleet");
+    let t = Instant::now();
+    let out = fleet.nix_build(&bench_chain(n), &["-j1"]);
+    let d = t.elapsed();
+    check(&out, "chain").unwrap_or_else(|e| panic!("{e}\n{}", fleet.daemon_log()));
+    d
+}
+
+/// Benchmark (run with `--ignored --nocapture`, ideally with
+/// `FERRY_POST_BUILD_BIN=<release build>`): a chain of 40 derivations with no hook, with the
+/// seeds' synchronous `nix copy --to file://` hook and with Ferry's hook, same run.
+#[test]
+#[ignore]
+fn bench_hook_on_a_chain_of_builds() {
+    let n = 40;
+    let dir = tempfile::tempdir().expect("dir");
+    // The seeds' recipe; on Nix 2.8 OUT_PATHS is empty, so it asks for the outputs.
+    let script = dir.path().join("copy-hook.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nset -eu\nOUTS=\"${{OUT_PATHS:-$(nix-store -q --outputs \"$DRV_PATH\")}}\"\nexec nix --extra-experimental-features nix-command copy --to 'file://{}/cache?compression=zstd' $OUTS\n",
+            dir.path().display()
+        ),
+    )
+    .expect("script");
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let ferry = Ferry::new();
+    let none = timed_chain(String::new(), vec![], n);
+    let copy = timed_chain(format!("post-build-hook = {}", script.display()), vec![], n);
+    let fy = timed_chain(
+        format!("post-build-hook = {}", post_build_bin().display()),
+        vec![("FERRY_CONFIG".into(), ferry.config.display().to_string())],
+        n,
+    );
+    let per = |d: Duration| (d.as_secs_f64() - none.as_secs_f64()) * 1000.0 / n as f64;
+    eprintln!(
+        "chain of {n}: no hook {:.2} s, nix copy hook {:.2} s (+{:.1} ms/drv), Ferry hook {:.2} s (+{:.1} ms/drv); \
+         nix-copy/Ferry wall ratio {:.2}, added-time ratio {:.1}",
+        none.as_secs_f64(),
+        copy.as_secs_f64(),
+        per(copy),
+        fy.as_secs_f64(),
+        per(fy),
+        copy.as_secs_f64() / fy.as_secs_f64(),
+        per(copy) / per(fy).max(0.01)
+    );
+}
+
+/// Benchmark: the same closure (8 paths of 8 MB of compressible text) uploaded by
+/// `nix copy --to 'file://…?compression=zstd'` and by Ferry's uploader (`push` + `daemon
+/// --drain`, zstd −3, 3 workers) to a cold `file://` cache, same run.
+#[test]
+#[ignore]
+fn bench_upload_vs_nix_copy() {
+    let ferry = Ferry::new();
+    let fleet = ferry.fleet(0);
+    let n = nonce();
+    let drvs: Vec<String> = (0..8)
+        .map(|i| {
+            format!(
+                r#"(builtins.derivation {{ name = "ferry-bench-up-{i}-{n}"; system = "{SYSTEM}"; builder = "/bin/sh"; args = [ "-c" "mkdir $out; seq {i} 1300000 > $out/a; head -c 2000000 /dev/urandom | od -x > $out/b" ]; PATH = "/usr/bin:/bin"; }})"#
+            )
+        })
+        .collect();
+    // Built with the hook, but the uploader has not run: the measured part starts cold.
+    let paths = build(&fleet, &format!("[ {} ]", drvs.join(" ")), &["-j2"], "bench paths");
+    let nar_bytes: u64 = paths
+        .iter()
+        .map(|p| {
+            let mut c = fleet.client_command("nix-store");
+            c.args(["-q", "--size", p]);
+            String::from_utf8_lossy(&run(&mut c).expect("size").stdout).trim().parse::<u64>().unwrap_or(0)
+        })
+        .sum();
+    let copy_dir = ferry.dir.path().join("nix-copy-cache");
+    let mut c = fleet.client_command("nix");
+    c.args(["--extra-experimental-features", "nix-command", "copy", "--to"])
+        .arg(format!("file://{}?compression=zstd", copy_dir.display()))
+        .args(&paths);
+    let t = Instant::now();
+    run(&mut c).expect("nix copy");
+    let nix_copy = t.elapsed();
+
+    let t = Instant::now();
+    let mut d = ferry.command(&fleet.client, &["daemon", "--drain"]);
+    run(&mut d).expect("ferry daemon --drain");
+    let fy = t.elapsed();
+    assert!(missing_narinfos(&ferry.file_cache, &paths).is_empty());
+    let mib = nar_bytes as f64 / (1024.0 * 1024.0);
+    eprintln!(
+        "{} paths, {mib:.1} MiB of NAR: nix copy zstd {:.2} s ({:.0} MiB/s), Ferry {:.2} s ({:.0} MiB/s); Ferry/nix-copy time ratio {:.2}",
+        paths.len(),
+        nix_copy.as_secs_f64(),
+        mib / nix_copy.as_secs_f64(),
+        fy.as_secs_f64(),
+        mib / fy.as_secs_f64(),
+        fy.as_secs_f64() / nix_copy.as_secs_f64()
+    );
+}

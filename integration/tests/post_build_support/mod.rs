@@ -1,0 +1,241 @@
+//! Fixtures for `ferry-post-build` tests: a fleet whose client daemon runs Ferry's
+//! post-build hook, its configuration, an uploader process, an nginx WebDAV cache on a LAN
+//! host, and checks on cache directories.
+
+#![allow(dead_code)]
+
+use ferry_integration::{Fleet, FleetConfig, Host, check, ferry_bin, run};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const NGINX_PORT: u16 = 8080;
+
+/// The `ferry-post-build` under test: `FERRY_POST_BUILD_BIN` (benchmarks point it at a
+/// release build) or this build's.
+pub fn post_build_bin() -> PathBuf {
+    std::env::var_os("FERRY_POST_BUILD_BIN").map(PathBuf::from).unwrap_or_else(|| ferry_bin("ferry-post-build"))
+}
+
+/// Ferry's files for one test: config, state, signing key, a `file://` cache.
+pub struct Ferry {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub state: PathBuf,
+    pub file_cache: PathBuf,
+    pub secret_key: PathBuf,
+    pub public_key: String,
+}
+
+impl Ferry {
+    pub fn new() -> Ferry {
+        let dir = tempfile::Builder::new().prefix("ferry-post-").tempdir().expect("tempdir");
+        let secret_key = dir.path().join("cache.sec");
+        let out = Command::new(post_build_bin())
+            .args(["keygen", "ferry-test-1", "--secret-file"])
+            .arg(&secret_key)
+            .output()
+            .expect("keygen");
+        check(&out, "ferry-post-build keygen").unwrap_or_else(|e| panic!("{e}"));
+        let public_key = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let f = Ferry {
+            config: dir.path().join("ferry.toml"),
+            state: dir.path().join("state"),
+            file_cache: dir.path().join("file-cache"),
+            secret_key,
+            public_key,
+            dir,
+        };
+        f.write_config(&[]);
+        f
+    }
+
+    /// Writes the config with the file cache plus `extra_targets`. The hook reads it on
+    /// every run; an uploader reads it when it starts.
+    pub fn write_config(&self, extra_targets: &[String]) {
+        let mut targets = vec![format!("\"file://{}\"", self.file_cache.display())];
+        targets.extend(extra_targets.iter().map(|t| format!("\"{t}\"")));
+        let text = format!(
+            "[post-build]\ntargets = [{}]\nsecret-key-files = [\"{}\"]\nstate-dir = \"{}\"\n\
+             concurrency = 3\nretry-initial-ms = 200\nretry-max-secs = 2\nconnect-timeout-secs = 1\npoll-ms = 50\n",
+            targets.join(", "),
+            self.secret_key.display(),
+            self.state.display()
+        );
+        std::fs::write(&self.config, text).expect("config");
+    }
+
+    /// A fleet whose client daemon runs `ferry-post-build` as its post-build hook (with this
+    /// config in its environment) and Ferry's build hook.
+    pub fn fleet(&self, builders: usize) -> Fleet {
+        Fleet::start(FleetConfig {
+            builders,
+            max_jobs_per_builder: 2,
+            client_conf: format!(
+                "post-build-hook = {}\nbuild-hook = {}",
+                post_build_bin().display(),
+                ferry_bin("ferry-build-hook").display()
+            ),
+            daemon_env: vec![("FERRY_CONFIG".into(), self.config.display().to_string())],
+        })
+        .expect("fleet")
+    }
+
+    /// `ferry-post-build ARGS` on `host` (its store, its network), with this config.
+    pub fn command(&self, host: &Host, args: &[&str]) -> Command {
+        let mut c = host.nix_command(&post_build_bin().to_string_lossy());
+        c.args(args).env("FERRY_CONFIG", &self.config).env("RUST_LOG", "info");
+        c
+    }
+
+    /// Starts the uploader on the client; its log goes to `state/../uploader.log`.
+    pub fn start_uploader(&self, fleet: &Fleet) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("uploader.log"))
+            .expect("log");
+        self.command(&fleet.client, &["daemon"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("uploader")
+    }
+
+    pub fn uploader_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("uploader.log")).unwrap_or_default()
+    }
+
+    pub fn status(&self, fleet: &Fleet) -> String {
+        let out = self.command(&fleet.client, &["status"]).output().expect("status");
+        check(&out, "ferry-post-build status").unwrap_or_else(|e| panic!("{e}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn gc_roots(&self, fleet: &Fleet) -> Vec<String> {
+        std::fs::read_dir(fleet.client.nix_path("/nix/var/nix/gcroots/ferry"))
+            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// nginx with WebDAV PUT on `host`, serving and storing under `<host dir>/www`.
+pub fn start_nginx(host: &mut Host) -> PathBuf {
+    let dir = host.dir.join("nginx");
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www).expect("www");
+    std::fs::create_dir_all(dir.join("tmp")).expect("tmp");
+    let conf = format!(
+        "daemon off;\nuser root;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+         events {{ worker_connections 256; }}\n\
+         http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n\
+           fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  scgi_temp_path {d}/tmp/scgi;\n\
+           server {{\n    listen {addr}:{port};\n    root {www};\n    client_max_body_size 0;\n\
+             location / {{\n      dav_methods PUT;\n      create_full_put_path on;\n      dav_access user:rw group:r all:r;\n    }}\n  }}\n}}\n",
+        d = dir.display(),
+        www = www.display(),
+        addr = host.addr,
+        port = NGINX_PORT
+    );
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf).expect("nginx.conf");
+    let child = host
+        .command("nginx")
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-c")
+        .arg(&conf_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx");
+    host.adopt(child);
+    let netns = host.netns.clone();
+    wait_for("nginx to listen", Duration::from_secs(10), || {
+        Command::new("ip")
+            .args(["netns", "exec", &netns, "ss", "-Hltn", "sport", "=", &format!(":{NGINX_PORT}")])
+            .output()
+            .map(|o| !o.stdout.is_empty())
+            .unwrap_or(false)
+    });
+    www
+}
+
+pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The closure of `paths` in the client's store.
+pub fn closure(fleet: &Fleet, paths: &[String]) -> BTreeSet<String> {
+    let mut c = fleet.client_command("nix-store");
+    c.arg("-qR").args(paths);
+    let out = run(&mut c).expect("nix-store -qR");
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+}
+
+pub fn hash_part(store_path: &str) -> &str {
+    let base = store_path.rsplit('/').next().unwrap_or_default();
+    &base[..32.min(base.len())]
+}
+
+/// Which of `paths` have a narinfo in the cache directory `dir`.
+pub fn missing_narinfos<'a>(dir: &Path, paths: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+    paths
+        .into_iter()
+        .filter(|p| !dir.join(format!("{}.narinfo", hash_part(p))).exists())
+        .cloned()
+        .collect()
+}
+
+/// Checks a cache directory's consistency: only final names are visible (no temporary or
+/// partial files), every narinfo's `URL` exists and every NAR is referenced by a narinfo
+/// (so none was written twice under different names), every narinfo's references have
+/// narinfos. Returns the number of narinfos.
+pub fn check_cache_dir(dir: &Path) -> usize {
+    let mut narinfos = Vec::new();
+    for e in std::fs::read_dir(dir).expect("cache dir").flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == "nix-cache-info" || name == "nar" || name == ".ferry-tmp" {
+            continue;
+        }
+        assert!(
+            name.len() == 32 + ".narinfo".len() && name.ends_with(".narinfo"),
+            "unexpected file {name:?} in {}",
+            dir.display()
+        );
+        narinfos.push(name);
+    }
+    let mut urls = BTreeSet::new();
+    let hashes: BTreeSet<String> = narinfos.iter().map(|n| n[..32].to_owned()).collect();
+    for n in &narinfos {
+        let text = std::fs::read_to_string(dir.join(n)).expect("narinfo");
+        let field = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap_or_else(|| panic!("{n} has no {k}:\n{text}"))
+                .to_owned()
+        };
+        let url = field("URL: ");
+        let size: u64 = field("FileSize: ").parse().expect("FileSize");
+        let nar = dir.join(&url);
+        let len = std::fs::metadata(&nar).unwrap_or_else(|e| panic!("{n} points at {url}: {e}")).len();
+        assert_eq!(len, size, "{url}: size on disk differs from the narinfo's FileSize");
+        for r in field("References: ").split_whitespace() {
+            assert!(hashes.contains(&r[..32]), "{n} references {r}, which has no narinfo");
+        }
+        assert!(text.contains("\nSig: ferry-test-1:"), "{n} is not signed by Ferry's key:\n{text}");
+        urls.insert(url);
+    }
+    let nars: BTreeSet<String> = std::fs::read_dir(dir.join("nar"))
+        .map(|rd| rd.flatten().map(|e| format!("nar/{}", e.file_name().to_string_lossy())).collect())
+        .unwrap_or_default();
+    assert_eq!(nars, urls, "NAR files and narinfo URLs differ in {}", dir.display());
+    narinfos.len()
+}

@@ -1,0 +1,192 @@
+//! The `[post-build]` section of `/etc/ferry/ferry.toml` and the settings derived from it.
+//!
+//! ```toml
+//! [post-build]
+//! targets = ["file:///var/cache/nix", "https://cache.example/upload"]
+//! secret-key-files = ["/etc/nix/cache-key.sec"]
+//! state-dir = "/var/lib/ferry/post-build"
+//! concurrency = 4
+//! compression = "zstd"
+//! ```
+
+use crate::compress::Compression;
+use ferry_nix::store_path::StoreDir;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferry/post-build";
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct PostBuildConfig {
+    /// Upload targets: `file:///dir`, `http://…`, `https://…` (PUT). Every path goes to all.
+    pub targets: Vec<String>,
+    /// Nix secret key files (`nix key generate-secret` or `ferry-post-build keygen`); every
+    /// narinfo is signed with each. Imported outputs carry no signature of the host's key
+    /// (`build-remote.cc` copies with `NoCheckSigs` and never signs), so the uploader must.
+    pub secret_key_files: Vec<PathBuf>,
+    /// Spool, queue database, temporary NARs. The hook writes here as root.
+    pub state_dir: PathBuf,
+    /// The Nix store directory; default `NIX_STORE_DIR` or `/nix/store`.
+    pub store_dir: Option<String>,
+    /// Nix's state directory, for GC roots; default `NIX_STATE_DIR` or `/nix/var/nix`.
+    pub nix_state_dir: Option<PathBuf>,
+    /// Protect queued paths from garbage collection with a root under
+    /// `<nix-state-dir>/gcroots/ferry/` until they are uploaded.
+    pub gc_roots: bool,
+    /// Jobs uploaded at once. Uploads are compression-bound (zstd −3 ≈ 123 MiB/s/core), so
+    /// about the number of cores is enough.
+    pub concurrency: usize,
+    pub compression: Compression,
+    /// zstd level; 3 is zstd's default and Cachix/niks3's choice (ratio 0.40 at 123 MiB/s).
+    pub zstd_level: i32,
+    /// First retry delay of a failed job, in milliseconds; doubles per attempt.
+    pub retry_initial_ms: u64,
+    /// Longest retry delay, in seconds (15 min like niks3's batch back-off).
+    pub retry_max_secs: u64,
+    /// How often the uploader looks for new spool files, in milliseconds.
+    pub poll_ms: u64,
+    /// Connect time-out for HTTP targets, in seconds: a blackholed cache must not hold a
+    /// worker for the kernel's two minutes.
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for PostBuildConfig {
+    fn default() -> Self {
+        PostBuildConfig {
+            targets: Vec::new(),
+            secret_key_files: Vec::new(),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            store_dir: None,
+            nix_state_dir: None,
+            gc_roots: true,
+            concurrency: 4,
+            compression: Compression::Zstd,
+            zstd_level: 3,
+            retry_initial_ms: 1000,
+            retry_max_secs: 900,
+            poll_ms: 200,
+            connect_timeout_secs: 5,
+        }
+    }
+}
+
+/// Settings resolved from the config and the environment.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config: PostBuildConfig,
+    pub store_dir: StoreDir,
+    pub nix_state_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error(transparent)]
+    Config(#[from] ferry_nix::config::ConfigError),
+    #[error("store directory {0:?} is not an absolute path")]
+    StoreDir(String),
+    #[error("concurrency must be at least 1")]
+    Concurrency,
+    #[error("zstd level {0} is outside 1..=19")]
+    ZstdLevel(i32),
+}
+
+impl Settings {
+    pub fn load(path: &Path) -> Result<Settings, SettingsError> {
+        let config: PostBuildConfig = ferry_nix::config::load_section(path, "post-build")?;
+        Self::resolve(config)
+    }
+
+    pub fn resolve(config: PostBuildConfig) -> Result<Settings, SettingsError> {
+        let store = config
+            .store_dir
+            .clone()
+            .or_else(|| std::env::var("NIX_STORE_DIR").ok().filter(|s| !s.is_empty()))
+            .unwrap_or_else(|| "/nix/store".to_owned());
+        let store_dir = StoreDir::new(store.clone()).map_err(|_| SettingsError::StoreDir(store))?;
+        let nix_state_dir = config
+            .nix_state_dir
+            .clone()
+            .or_else(|| std::env::var_os("NIX_STATE_DIR").filter(|s| !s.is_empty()).map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("/nix/var/nix"));
+        if config.concurrency == 0 {
+            return Err(SettingsError::Concurrency);
+        }
+        if !(1..=19).contains(&config.zstd_level) {
+            return Err(SettingsError::ZstdLevel(config.zstd_level));
+        }
+        Ok(Settings {
+            config,
+            store_dir,
+            nix_state_dir,
+        })
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.config.state_dir.join("spool")
+    }
+
+    pub fn queue_db(&self) -> PathBuf {
+        self.config.state_dir.join("queue.sqlite")
+    }
+
+    pub fn work_dir(&self) -> PathBuf {
+        self.config.state_dir.join("work")
+    }
+
+    pub fn gc_roots_dir(&self) -> PathBuf {
+        self.nix_state_dir.join("gcroots").join("ferry")
+    }
+
+    pub fn retry_policy(&self) -> crate::retry::RetryPolicy {
+        crate::retry::RetryPolicy {
+            initial: Duration::from_millis(self.config.retry_initial_ms.max(1)),
+            max: Duration::from_secs(self.config.retry_max_secs.max(1)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn section_parses_and_typos_are_named() {
+        let text = "[post-build]\ntargets = [\"file:///tmp/c\"]\ncompression = \"none\"\nconcurrency = 2\n";
+        let c: PostBuildConfig =
+            ferry_nix::config::parse_section(text, Path::new("f.toml"), "post-build").expect("ok");
+        assert_eq!(c.targets, vec!["file:///tmp/c"]);
+        assert_eq!(c.compression, Compression::None);
+        assert_eq!(c.concurrency, 2);
+        assert!(c.gc_roots);
+        let e = ferry_nix::config::parse_section::<PostBuildConfig>(
+            "[post-build]\n\ntarget = []\n",
+            Path::new("f.toml"),
+            "post-build",
+        )
+        .expect_err("typo");
+        assert!(e.to_string().contains("f.toml line 3"), "{e}");
+    }
+
+    #[test]
+    fn resolve_checks_values() {
+        let c = PostBuildConfig {
+            concurrency: 0,
+            ..Default::default()
+        };
+        assert!(matches!(Settings::resolve(c), Err(SettingsError::Concurrency)));
+        let c = PostBuildConfig {
+            store_dir: Some("relative".into()),
+            ..Default::default()
+        };
+        assert!(matches!(Settings::resolve(c), Err(SettingsError::StoreDir(_))));
+        let s = Settings::resolve(PostBuildConfig {
+            store_dir: Some("/s".into()),
+            nix_state_dir: Some("/v".into()),
+            ..Default::default()
+        })
+        .expect("ok");
+        assert_eq!(s.gc_roots_dir(), PathBuf::from("/v/gcroots/ferry"));
+    }
+}

@@ -1,0 +1,293 @@
+//! The uploader daemon: spool → queue → workers.
+//!
+//! Each round it moves spool records into the queue in one transaction and deletes each
+//! spool file only after that commit; resolves derivation-only jobs (Nix 2.8) into output
+//! jobs; and starts due jobs on up to `concurrency` workers. A job leaves the queue only when
+//! every target has confirmed its closure; then its GC root goes. Killing the daemon at any
+//! point loses nothing: uncommitted spool files are read again, unfinished jobs are still
+//! queued, and files on targets are either complete or absent (see `target`).
+
+use crate::config::Settings;
+use crate::queue::{Job, JobKind, Outcome, Queue, now_ms, transition};
+use crate::spool::{Spool, SpoolRecord};
+use crate::target::Target;
+use crate::upload::{Shared, TargetResults, upload_closure};
+use anyhow::{Context, Result, bail};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinSet;
+
+pub struct Options {
+    /// Exit once the spool and the queue are empty (for `push --wait` and tests).
+    pub drain: bool,
+}
+
+/// Moves spool records into the queue. Returns how many records were ingested.
+pub fn ingest(spool: &Spool, queue: &mut Queue, settings: &Settings) -> Result<usize> {
+    let names = spool.pending()?;
+    if names.is_empty() {
+        return Ok(0);
+    }
+    let mut jobs = Vec::new();
+    let mut done = Vec::new();
+    for name in names {
+        let text = match spool.read(&name) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(%name, error = %e, "unreadable spool record");
+                continue;
+            }
+        };
+        match SpoolRecord::decode(&text) {
+            Ok(rec) => {
+                if rec.outs.is_empty() {
+                    if let Some(d) = rec.drv {
+                        jobs.push((d, JobKind::Drv));
+                    }
+                } else {
+                    jobs.extend(rec.outs.into_iter().map(|o| (o, JobKind::Out)));
+                }
+                done.push(name);
+            }
+            Err(e) => {
+                tracing::error!(%name, error = %e, "bad spool record moved to spool/bad");
+                let _ = spool.quarantine(&name);
+            }
+        }
+    }
+    // Paths outside this store would fail forever; they are dropped here with a log line.
+    jobs.retain(|(p, _)| {
+        let ok = settings.store_dir.parse(p).is_ok();
+        if !ok {
+            tracing::error!(path = %p, store = %settings.store_dir, "not a store path; ignored");
+        }
+        ok
+    });
+    let added = queue.enqueue(&jobs, now_ms())?;
+    // Only now, with the transaction committed, may the spool files go.
+    for name in &done {
+        spool.remove(name)?;
+    }
+    tracing::debug!(records = done.len(), added, "ingested spool");
+    Ok(done.len())
+}
+
+/// Output paths of a derivation: read from the `.drv` itself, or asked of Nix.
+async fn drv_outputs(sh: &Shared, drv: &str) -> Result<Vec<String>> {
+    if let Ok(text) = tokio::fs::read(drv).await
+        && let Ok(o) = crate::drv::outputs(&text)
+    {
+        return Ok(o.into_iter().map(|(_, p)| p).collect());
+    }
+    Ok(sh.store.derivation_outputs(drv).await?.into_values().collect())
+}
+
+pub struct Daemon {
+    settings: Settings,
+    spool: Spool,
+    queue: Queue,
+    shared: Arc<Shared>,
+    _lock: std::fs::File,
+}
+
+fn lock_state(settings: &Settings) -> Result<std::fs::File> {
+    let dir = &settings.config.state_dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("uploader.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            bail!("another uploader holds {}; only one may run per state directory", path.display())
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+    }
+}
+
+pub fn load_keys(settings: &Settings) -> Result<Vec<ferry_nix::signing::SecretKey>> {
+    settings
+        .config
+        .secret_key_files
+        .iter()
+        .map(|p| ferry_nix::signing::SecretKey::from_file(p).map_err(anyhow::Error::from))
+        .collect()
+}
+
+pub fn make_targets(settings: &Settings) -> Result<Vec<Arc<Target>>> {
+    let timeout = Duration::from_secs(settings.config.connect_timeout_secs.max(1));
+    settings
+        .config
+        .targets
+        .iter()
+        .map(|u| Target::new(u, timeout).map(Arc::new).map_err(anyhow::Error::from))
+        .collect()
+}
+
+impl Daemon {
+    pub fn new(settings: Settings) -> Result<Daemon> {
+        let lock = lock_state(&settings)?;
+        if settings.config.targets.is_empty() {
+            bail!("no targets configured in [post-build] targets");
+        }
+        let keys = load_keys(&settings)?;
+        if keys.is_empty() {
+            tracing::warn!("no secret-key-files: narinfos will carry only the signatures already in the store");
+        }
+        let targets = make_targets(&settings)?;
+        for t in &settings.config.targets {
+            crate::target::clean_file_target(t);
+        }
+        let spool = Spool::new(settings.spool_dir());
+        spool.ensure_dirs()?;
+        spool.clean_tmp();
+        let work_dir = settings.work_dir();
+        let _ = std::fs::remove_dir_all(&work_dir);
+        std::fs::create_dir_all(&work_dir)?;
+        let db = settings.queue_db();
+        let queue = Queue::open(&db).with_context(|| format!("opening {}", db.display()))?;
+        let shared = Arc::new(Shared {
+            store_dir: settings.store_dir.clone(),
+            store: ferry_build_hook::local::LocalStore::default(),
+            targets,
+            keys,
+            compression: settings.config.compression,
+            zstd_level: settings.config.zstd_level,
+            work_dir,
+            present: Default::default(),
+            initialised: Default::default(),
+            busy: Default::default(),
+        });
+        Ok(Daemon {
+            settings,
+            spool,
+            queue,
+            shared,
+            _lock: lock,
+        })
+    }
+
+    fn remove_root(&self, path: &str) {
+        if self.settings.config.gc_roots
+            && let Err(e) = crate::gcroot::remove(&self.settings.gc_roots_dir(), path)
+        {
+            tracing::warn!(%path, error = %e, "removing GC root");
+        }
+    }
+
+    fn sweep_roots(&self) {
+        let stale = crate::gcroot::stale(&self.settings.gc_roots_dir(), Duration::from_secs(600), &|p| {
+            self.queue.contains(p).unwrap_or(true)
+        });
+        for r in stale {
+            tracing::info!(root = %r.display(), "removing a GC root left by an interrupted run");
+            let _ = std::fs::remove_file(r);
+        }
+    }
+
+    fn finish(&mut self, job: &Job, outcome: Outcome, results: TargetResults) -> Result<()> {
+        let now = now_ms();
+        for (t, r) in &results {
+            let url = &self.shared.targets[*t].url;
+            self.queue.record_target(url, r.as_ref().map(|n| *n).map_err(String::as_str), now)?;
+        }
+        let t = transition(job, &outcome, now, &self.settings.retry_policy(), crate::retry::random_unit());
+        match &outcome {
+            Outcome::Uploaded => tracing::info!(path = %job.path, "job done"),
+            Outcome::Transient { error, .. } => {
+                tracing::warn!(path = %job.path, attempts = job.attempts + 1, %error, "job failed; will retry")
+            }
+            Outcome::Permanent { reason } => tracing::error!(path = %job.path, %reason, "job dead-lettered"),
+        }
+        // The root goes before the job: killed in between, the job is still queued and its
+        // next attempt finds the narinfos in place (see `upload_closure`); the other order
+        // would leak the root.
+        if !matches!(outcome, Outcome::Transient { .. }) {
+            self.remove_root(&job.path);
+        }
+        self.queue.apply(job, &t, now)?;
+        Ok(())
+    }
+
+    pub async fn run(mut self, opts: Options) -> Result<()> {
+        let concurrency = self.settings.config.concurrency;
+        let poll = Duration::from_millis(self.settings.config.poll_ms.max(10));
+        let mut running: HashSet<String> = HashSet::new();
+        let mut tasks: JoinSet<(Job, Outcome, TargetResults)> = JoinSet::new();
+        let mut swept = false;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tracing::info!(targets = ?self.settings.config.targets, concurrency, "uploader started");
+        loop {
+            let ingested = ingest(&self.spool, &mut self.queue, &self.settings)?;
+            if !swept {
+                self.sweep_roots();
+                swept = true;
+            }
+            // Derivation-only jobs become output jobs first.
+            let now = now_ms();
+            let due = self.queue.due(now, usize::MAX, &|p| running.contains(p))?;
+            for job in due.iter().filter(|j| j.kind == JobKind::Drv) {
+                match drv_outputs(&self.shared, &job.path).await {
+                    Ok(outs) => {
+                        for o in &outs {
+                            if self.settings.config.gc_roots && std::path::Path::new(o).exists() {
+                                let _ = crate::gcroot::add(&self.settings.gc_roots_dir(), o);
+                            }
+                        }
+                        self.queue.resolve_drv(&job.path, &outs, now)?;
+                    }
+                    Err(e) => self.finish(
+                        job,
+                        Outcome::Transient {
+                            error: format!("outputs of {}: {e}", job.path),
+                            retry_after: None,
+                        },
+                        Vec::new(),
+                    )?,
+                }
+            }
+            let free = concurrency.saturating_sub(running.len());
+            if free > 0 {
+                for job in self
+                    .queue
+                    .due(now_ms(), free, &|p| running.contains(p) || p.ends_with(".drv"))?
+                {
+                    if job.kind == JobKind::Drv {
+                        continue;
+                    }
+                    running.insert(job.path.clone());
+                    let sh = Arc::clone(&self.shared);
+                    tasks.spawn(async move {
+                        let (o, r) = upload_closure(&sh, &job.path).await;
+                        (job, o, r)
+                    });
+                }
+            }
+            if opts.drain && tasks.is_empty() && ingested == 0 && self.queue.status()?.depth == 0 {
+                tracing::info!("queue drained");
+                return Ok(());
+            }
+            tokio::select! {
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    match done {
+                        Ok((job, outcome, results)) => {
+                            running.remove(&job.path);
+                            self.finish(&job, outcome, results)?;
+                        }
+                        Err(e) => bail!("an upload worker panicked: {e}"),
+                    }
+                }
+                _ = tokio::time::sleep(poll) => {}
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: stopping; unfinished jobs stay queued");
+                    return Ok(());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! Uploading one job: the closure of a store path, to every target.
+//!
+//! Per path, in topological order (references first): skip targets that already have its
+//! narinfo; otherwise serialise the NAR straight from the store (byte-identical to
+//! `nix-store --dump`), hash it, compress it into a work file while hashing the compressed
+//! bytes, refuse it if its NarHash or NarSize differ from what the store recorded, sign the
+//! fingerprint with every key, then per target upload the NAR and only then the narinfo.
+//! Because paths go in topological order and a target that fails stops receiving paths for
+//! the rest of the job, a narinfo is only ever written when its references' narinfos exist
+//! (Nix's `BinaryCacheStore::uploadNarInfo` rule; docs/upload.md §3.3).
+
+use crate::compress::{Compression, Compressor};
+use crate::queue::Outcome;
+use crate::target::{NAR_TYPE, NARINFO_TYPE, Target, TargetError, nar_key, narinfo_key};
+use ferry_build_hook::local::{LocalError, LocalStore, PathInfo, topo_sort};
+use ferry_nix::hash::{Hash, Sha256Sink};
+use ferry_nix::nar::TeeWriter;
+use ferry_nix::narinfo::NarInfo;
+use ferry_nix::signing::{SecretKey, Signature};
+use ferry_nix::store_path::StoreDir;
+use std::collections::{BTreeSet, HashSet};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum PrepareError {
+    #[error("{path}: NAR hash {got} / size {got_size}, the store recorded {want} / {want_size}")]
+    Mismatch {
+        path: String,
+        got: String,
+        got_size: u64,
+        want: String,
+        want_size: u64,
+    },
+    #[error("{path}: {message}")]
+    Nar { path: String, message: String },
+    #[error("{path}: bad path info: {message}")]
+    Info { path: String, message: String },
+}
+
+/// A compressed NAR in the work directory and the narinfo that describes it.
+pub struct Prepared {
+    pub file: PathBuf,
+    pub narinfo: NarInfo,
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
+
+pub struct Shared {
+    pub store_dir: StoreDir,
+    pub store: LocalStore,
+    pub targets: Vec<Arc<Target>>,
+    pub keys: Vec<SecretKey>,
+    pub compression: Compression,
+    pub zstd_level: i32,
+    pub work_dir: PathBuf,
+    /// `(target index, hash part)` of narinfos known to exist: saves a round trip per path
+    /// shared between closures. Only positive facts are kept (a cache never loses a path
+    /// because of us; if someone deletes it, re-uploading waits for the next restart).
+    pub present: Mutex<HashSet<(usize, String)>>,
+    /// Targets whose `nix-cache-info` has been checked.
+    pub initialised: Mutex<HashSet<usize>>,
+    /// Store paths being uploaded by some worker right now.
+    pub busy: Mutex<HashSet<String>>,
+}
+
+/// Per-target outcome of one job: paths uploaded, or the error that stopped the target.
+pub type TargetResults = Vec<(usize, Result<u64, String>)>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Builds the narinfo for `info` from the NAR/file hashes; pure apart from signing.
+pub fn make_narinfo(
+    store_dir: &StoreDir,
+    info: &PathInfo,
+    compression: Compression,
+    file_hash: Hash,
+    file_size: u64,
+    keys: &[SecretKey],
+) -> Result<NarInfo, PrepareError> {
+    let bad = |message: String| PrepareError::Info {
+        path: info.path.clone(),
+        message,
+    };
+    let store_path = store_dir.parse(&info.path).map_err(|e| bad(e.to_string()))?;
+    let references = info
+        .references
+        .iter()
+        .map(|r| store_dir.parse(r).map_err(|e| bad(format!("reference {r}: {e}"))))
+        .collect::<Result<BTreeSet<_>, _>>()?;
+    let deriver = match &info.deriver {
+        Some(d) => Some(store_dir.parse(d).map_err(|e| bad(format!("deriver {d}: {e}")))?),
+        None => None,
+    };
+    // Signatures already in the store (e.g. the builder's) travel along, as with `nix copy`.
+    let sigs = info.sigs.iter().filter_map(|s| Signature::parse(s).ok()).collect();
+    let mut ni = NarInfo {
+        store_path,
+        url: nar_key(&file_hash, compression),
+        compression: compression.narinfo_name().to_owned(),
+        file_hash: Some(file_hash),
+        file_size: Some(file_size),
+        nar_hash: info.nar_hash.clone(),
+        nar_size: info.nar_size,
+        references,
+        deriver,
+        system: None,
+        sigs,
+        ca: info.ca.clone(),
+    };
+    for k in keys {
+        ni.sign(store_dir, k).map_err(|e| bad(e.to_string()))?;
+    }
+    Ok(ni)
+}
+
+/// Serialises, hashes and compresses one path into the work directory (blocking).
+pub fn prepare(sh: &Shared, info: &PathInfo) -> Result<Prepared, PrepareError> {
+    let nar_err = |message: String| PrepareError::Nar {
+        path: info.path.clone(),
+        message,
+    };
+    let sp = sh.store_dir.parse(&info.path).map_err(|e| nar_err(e.to_string()))?;
+    std::fs::create_dir_all(&sh.work_dir).map_err(|e| nar_err(format!("{}: {e}", sh.work_dir.display())))?;
+    let mut r = [0u8; 4];
+    let _ = getrandom::fill(&mut r);
+    let file = sh.work_dir.join(format!("{}.{:08x}.nar", sp.hash_part(), u32::from_le_bytes(r)));
+    let prepared_file = PreparedFile(file.clone());
+    let f = std::fs::File::create(&file).map_err(|e| nar_err(format!("{}: {e}", file.display())))?;
+    let sink = TeeWriter::new(BufWriter::with_capacity(256 * 1024, f), Sha256Sink::new());
+    let mut comp = Compressor::new(sh.compression, sh.zstd_level, sink).map_err(|e| nar_err(e.to_string()))?;
+    let (nar_hash, nar_size) = ferry_nix::nar::dump_path_hashed(Path::new(&info.path), &mut comp)
+        .map_err(|e| nar_err(e.to_string()))?;
+    let tee = comp.finish().map_err(|e| nar_err(e.to_string()))?;
+    let (mut buf, file_sink) = tee.into_inner();
+    buf.flush().map_err(|e| nar_err(e.to_string()))?;
+    let file_size = file_sink.len();
+    let file_hash = file_sink.finish();
+    if nar_hash != info.nar_hash || nar_size != info.nar_size {
+        return Err(PrepareError::Mismatch {
+            path: info.path.clone(),
+            got: nar_hash.to_nix32_prefixed(),
+            got_size: nar_size,
+            want: info.nar_hash.to_nix32_prefixed(),
+            want_size: info.nar_size,
+        });
+    }
+    let narinfo = make_narinfo(&sh.store_dir, info, sh.compression, file_hash, file_size, &sh.keys)?;
+    std::mem::forget(prepared_file);
+    Ok(Prepared { file, narinfo })
+}
+
+/// Removes a half-written work file on early return.
+struct PreparedFile(PathBuf);
+impl Drop for PreparedFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn transient(error: String, retry_after: Option<std::time::Duration>) -> Outcome {
+    Outcome::Transient { error, retry_after }
+}
+
+/// Is this local-store error "the path is not (or no longer) in the store"?
+fn is_gone(e: &LocalError) -> bool {
+    match e {
+        LocalError::BadInfo { problem, .. } => problem.contains("not valid"),
+        LocalError::Failed { stderr, .. } => stderr.contains("is not valid") || stderr.contains("does not exist"),
+        _ => false,
+    }
+}
+
+/// Claims `path` for this worker, waiting while another worker uploads it.
+async fn claim<'a>(sh: &'a Shared, path: &str) -> Claim<'a> {
+    loop {
+        if lock(&sh.busy).insert(path.to_owned()) {
+            return Claim { sh, path: path.to_owned() };
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+struct Claim<'a> {
+    sh: &'a Shared,
+    path: String,
+}
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        lock(&self.sh.busy).remove(&self.path);
+    }
+}
+
+/// Does every target hold `path`'s narinfo?
+async fn everywhere(sh: &Shared, path: &str) -> bool {
+    let Ok(sp) = sh.store_dir.parse(path) else {
+        return false;
+    };
+    for t in &sh.targets {
+        if !matches!(t.exists(&narinfo_key(&sp)).await, Ok(true)) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Uploads the closure of `root` to every target.
+pub async fn upload_closure(sh: &Arc<Shared>, root: &str) -> (Outcome, TargetResults) {
+    let mut results: TargetResults = Vec::new();
+    let infos = match sh.store.closure_infos(&[root.to_owned()]).await {
+        Ok(i) => i,
+        Err(e) if is_gone(&e) => {
+            // Uploaded by an earlier run that was killed before it could delete the job
+            // (after removing the GC root, so the collector may have taken the path since).
+            if everywhere(sh, root).await {
+                return (Outcome::Uploaded, results);
+            }
+            return (
+                Outcome::Permanent {
+                    reason: format!("no longer in the store: {e}"),
+                },
+                results,
+            );
+        }
+        Err(e) => return (transient(e.to_string(), None), results),
+    };
+    let order = match topo_sort(infos) {
+        Ok(o) => o,
+        Err(e) => return (Outcome::Permanent { reason: e.to_string() }, results),
+    };
+
+    let mut failed: Vec<Option<TargetError>> = sh.targets.iter().map(|_| None).collect();
+    let mut uploaded = vec![0u64; sh.targets.len()];
+    for (t, target) in sh.targets.iter().enumerate() {
+        if lock(&sh.initialised).contains(&t) {
+            continue;
+        }
+        match target.init(&sh.store_dir).await {
+            Ok(()) => {
+                lock(&sh.initialised).insert(t);
+            }
+            Err(e) => failed[t] = Some(e),
+        }
+    }
+
+    for info in &order {
+        let sp = match sh.store_dir.parse(&info.path) {
+            Ok(sp) => sp,
+            Err(e) => return (Outcome::Permanent { reason: e.to_string() }, results),
+        };
+        let key = narinfo_key(&sp);
+        let _claim = claim(sh, &info.path).await;
+        let mut need = Vec::new();
+        for (t, target) in sh.targets.iter().enumerate() {
+            if failed[t].is_some() || lock(&sh.present).contains(&(t, sp.hash_part().to_owned())) {
+                continue;
+            }
+            match target.exists(&key).await {
+                Ok(true) => {
+                    lock(&sh.present).insert((t, sp.hash_part().to_owned()));
+                }
+                Ok(false) => need.push(t),
+                Err(e) => failed[t] = Some(e),
+            }
+        }
+        if need.is_empty() {
+            continue;
+        }
+        let sh2 = Arc::clone(sh);
+        let info2 = info.clone();
+        let prepared = match tokio::task::spawn_blocking(move || prepare(&sh2, &info2)).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e @ PrepareError::Mismatch { .. })) => {
+                return (Outcome::Permanent { reason: e.to_string() }, results);
+            }
+            Ok(Err(e)) => {
+                // The path may have been collected between the query and the dump.
+                if !Path::new(&info.path).exists() {
+                    return (Outcome::Permanent { reason: e.to_string() }, results);
+                }
+                return (transient(e.to_string(), None), results);
+            }
+            Err(e) => return (transient(format!("NAR worker: {e}"), None), results),
+        };
+        let text = prepared.narinfo.render(&sh.store_dir);
+        for t in need {
+            let target = &sh.targets[t];
+            let r = async {
+                target.put_file(&prepared.narinfo.url, &prepared.file, NAR_TYPE).await?;
+                target.put_bytes(&key, text.clone().into_bytes(), NARINFO_TYPE).await
+            }
+            .await;
+            match r {
+                Ok(()) => {
+                    tracing::info!(target = %target.url, path = %info.path, nar_size = info.nar_size,
+                        file_size = prepared.narinfo.file_size.unwrap_or(0), "uploaded");
+                    lock(&sh.present).insert((t, sp.hash_part().to_owned()));
+                    uploaded[t] += 1;
+                }
+                Err(e) => failed[t] = Some(e),
+            }
+        }
+    }
+
+    let mut error = None;
+    let mut retry_after = None;
+    for (t, f) in failed.into_iter().enumerate() {
+        match f {
+            None => results.push((t, Ok(uploaded[t]))),
+            Some(e) => {
+                retry_after = retry_after.max(e.retry_after());
+                let msg = e.to_string();
+                results.push((t, Err(msg.clone())));
+                error.get_or_insert(msg);
+            }
+        }
+    }
+    match error {
+        None => (Outcome::Uploaded, results),
+        Some(e) => (transient(e, retry_after), results),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(path: &str, refs: &[&str]) -> PathInfo {
+        PathInfo {
+            path: path.into(),
+            deriver: None,
+            nar_hash: Hash::sha256_of(path.as_bytes()),
+            nar_size: 100,
+            references: refs.iter().map(|s| s.to_string()).collect(),
+            ca: None,
+            sigs: vec![],
+        }
+    }
+
+    const A: &str = "/nix/store/7hmcr4m0qxnr5yb9mr37k2bw4ylp7wjc-a";
+    const B: &str = "/nix/store/1k0mzzy0kkv0rb3jcpd4ibbxhqsfkg9a-b";
+    const C: &str = "/nix/store/ap5lw0pk0i0b3nmpmqa5ryz3a9gd5yvc-c";
+
+    #[test]
+    fn narinfos_go_references_first() {
+        // c → b → a, plus c → a; input in the worst order.
+        let order = topo_sort(vec![info(C, &[B, A, C]), info(B, &[A]), info(A, &[])]).expect("sort");
+        let paths: Vec<&str> = order.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(paths, [A, B, C]);
+        // Every narinfo comes after all of its references' narinfos.
+        for (i, p) in order.iter().enumerate() {
+            for r in &p.references {
+                if r != &p.path {
+                    assert!(order[..i].iter().any(|q| &q.path == r), "{} before {r}", p.path);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn narinfo_is_signed_and_renders() {
+        let sd = StoreDir::new("/nix/store").expect("sd");
+        let key = SecretKey::from_seed("test-1", [7; 32]).expect("key");
+        let ni = make_narinfo(&sd, &info(C, &[A, C]), Compression::Zstd, Hash::sha256_of(b"f"), 42, std::slice::from_ref(&key))
+            .expect("narinfo");
+        assert!(ni.verify_with(&sd, &key.to_public()).expect("verify"));
+        let text = ni.render(&sd);
+        assert!(text.contains("Compression: zstd\n"), "{text}");
+        assert!(text.contains("FileSize: 42\n"), "{text}");
+        assert!(text.contains(&format!("URL: nar/{}.nar.zst\n", Hash::sha256_of(b"f").to_nix32())));
+        assert!(text.contains("References: 7hmcr4m0qxnr5yb9mr37k2bw4ylp7wjc-a ap5lw0pk0i0b3nmpmqa5ryz3a9gd5yvc-c\n"), "{text}");
+        let back = NarInfo::parse(&sd, &text).expect("parse back");
+        assert_eq!(back, ni);
+        let e = make_narinfo(&sd, &info("/elsewhere/x", &[]), Compression::None, Hash::sha256_of(b""), 1, &[])
+            .expect_err("outside the store");
+        assert!(e.to_string().contains("/elsewhere/x"), "{e}");
+    }
+
+    #[test]
+    fn prepare_refuses_a_wrong_nar_hash_and_leaves_no_file() {
+        let d = tempfile::tempdir().expect("dir");
+        let store = d.path().join("store");
+        std::fs::create_dir_all(&store).expect("store");
+        let p = store.join("7hmcr4m0qxnr5yb9mr37k2bw4ylp7wjc-a");
+        std::fs::write(&p, "hello\n").expect("write");
+        let sd = StoreDir::new(store.to_string_lossy().to_string()).expect("sd");
+        let mut nar = Vec::new();
+        let (h, n) = ferry_nix::nar::dump_path_hashed(&p, &mut nar).expect("dump");
+        let sh = Shared {
+            store_dir: sd,
+            store: LocalStore::default(),
+            targets: vec![],
+            keys: vec![],
+            compression: Compression::Zstd,
+            zstd_level: 3,
+            work_dir: d.path().join("work"),
+            present: Default::default(),
+            initialised: Default::default(),
+            busy: Default::default(),
+        };
+        let mut i = info(&p.to_string_lossy(), &[]);
+        i.nar_hash = h;
+        i.nar_size = n;
+        let prep = prepare(&sh, &i).expect("prepare");
+        let z = std::fs::read(&prep.file).expect("read");
+        assert_eq!(zstd::decode_all(&z[..]).expect("unzstd"), nar);
+        assert_eq!(prep.narinfo.file_hash, Some(Hash::sha256_of(&z)));
+        drop(prep);
+        i.nar_size += 1;
+        assert!(matches!(prepare(&sh, &i), Err(PrepareError::Mismatch { .. })));
+        assert_eq!(std::fs::read_dir(d.path().join("work")).expect("work").count(), 0);
+    }
+}
