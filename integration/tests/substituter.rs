@@ -92,7 +92,7 @@ fn builds_locally_when_no_upstream_has_the_path_and_remembers_the_miss() {
     std::fs::create_dir_all(&dir).expect("dir");
     std::fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\n").expect("cache info");
     let up = serve_cache(&mut fleet, "cache-empty", "good", &dir);
-    let ferry = start_ferry(&fleet, &[up.clone()], "negative-ttl-secs = 300\n");
+    let ferry = start_ferry(&fleet, std::slice::from_ref(&up), "negative-ttl-secs = 300\n");
 
     let expr = trivial_drv(&nonce(), "local");
     let (out, stderr, _) = client_build(&fleet, &expr);

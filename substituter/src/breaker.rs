@@ -150,7 +150,11 @@ mod tests {
         b.on_success();
         b.on_failure(t, None);
         b.on_failure(t, None);
-        assert_eq!(b.admit(t), Admit::Allow, "a success in between resets the count");
+        assert_eq!(
+            b.admit(t),
+            Admit::Allow,
+            "a success in between resets the count"
+        );
         b.on_failure(t, None);
         assert_eq!(b.admit(t), Admit::Reject);
         assert_eq!(b.state_code(), 1);
@@ -183,7 +187,10 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(b.admit(now), Admit::Probe);
             b.on_failure(now, None);
-            assert_eq!(b.admit(now + expected - Duration::from_millis(1)), Admit::Reject);
+            assert_eq!(
+                b.admit(now + expected - Duration::from_millis(1)),
+                Admit::Reject
+            );
             now += expected;
             expected = (expected * 2).min(Duration::from_secs(60));
         }

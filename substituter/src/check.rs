@@ -97,8 +97,14 @@ mod tests {
         let mut keys = TrustedKeys::new();
         keys.insert(key.to_public());
         let text = signed_text(&key);
-        let c = check_narinfo(&sd(), "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig", text.as_bytes(), &keys, None)
-            .expect("valid");
+        let c = check_narinfo(
+            &sd(),
+            "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
+            text.as_bytes(),
+            &keys,
+            None,
+        )
+        .expect("valid");
         assert!(c.trusted);
         assert_eq!(c.body, text, "unknown keys and Sig lines are kept");
         assert_eq!(c.nar_key.as_deref(), Some("nar/abc.nar.xz"));
@@ -110,8 +116,14 @@ mod tests {
         let other = SecretKey::from_seed("cache-1", [4; 32]).expect("key");
         let mut keys = TrustedKeys::new();
         keys.insert(other.to_public());
-        let c = check_narinfo(&sd(), "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig", signed_text(&key).as_bytes(), &keys, None)
-            .expect("valid");
+        let c = check_narinfo(
+            &sd(),
+            "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
+            signed_text(&key).as_bytes(),
+            &keys,
+            None,
+        )
+        .expect("valid");
         assert!(!c.trusted);
         // With no keys known, everything counts as trusted.
         let c = check_narinfo(
@@ -129,8 +141,14 @@ mod tests {
     fn rejects_wrong_path_garbage_and_missing_fields() {
         let key = SecretKey::from_seed("cache-1", [3; 32]).expect("key");
         let k = TrustedKeys::new();
-        let e = check_narinfo(&sd(), "1c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig", signed_text(&key).as_bytes(), &k, None)
-            .unwrap_err();
+        let e = check_narinfo(
+            &sd(),
+            "1c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
+            signed_text(&key).as_bytes(),
+            &k,
+            None,
+        )
+        .unwrap_err();
         assert!(matches!(e, CheckError::WrongPath { .. }), "{e}");
         for garbage in [
             &b"<html><body>Please log in</body></html>\n"[..],
@@ -139,7 +157,8 @@ mod tests {
             b"",
         ] {
             assert!(
-                check_narinfo(&sd(), "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig", garbage, &k, None).is_err(),
+                check_narinfo(&sd(), "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig", garbage, &k, None)
+                    .is_err(),
                 "{garbage:?}"
             );
         }

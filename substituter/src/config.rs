@@ -208,10 +208,16 @@ pub fn parse_location(url: &str) -> Result<UpstreamLocation, SettingsError> {
     };
     if let Some(path) = url.strip_prefix("file://") {
         if !path.starts_with('/') {
-            return Err(bad("a file:// upstream needs an absolute path (file:///dir)"));
+            return Err(bad(
+                "a file:// upstream needs an absolute path (file:///dir)",
+            ));
         }
         let path = path.trim_end_matches('/');
-        return Ok(UpstreamLocation::File(PathBuf::from(if path.is_empty() { "/" } else { path })));
+        return Ok(UpstreamLocation::File(PathBuf::from(if path.is_empty() {
+            "/"
+        } else {
+            path
+        })));
     }
     if url.starts_with("http://") || url.starts_with("https://") {
         if url.contains('?') || url.contains('#') {
@@ -223,7 +229,9 @@ pub fn parse_location(url: &str) -> Result<UpstreamLocation, SettingsError> {
         }
         return Ok(UpstreamLocation::Http(base.to_owned()));
     }
-    Err(bad("only http://, https:// and file:// upstreams are supported"))
+    Err(bad(
+        "only http://, https:// and file:// upstreams are supported",
+    ))
 }
 
 impl SubstituterConfig {
@@ -238,7 +246,11 @@ impl SubstituterConfig {
             self.listen = l.clone();
         }
         if !overrides.upstreams.is_empty() {
-            self.upstream = overrides.upstreams.iter().map(|u| UpstreamConfig::new(u)).collect();
+            self.upstream = overrides
+                .upstreams
+                .iter()
+                .map(|u| UpstreamConfig::new(u))
+                .collect();
         }
         if self.upstream.is_empty() {
             self.upstream.push(UpstreamConfig::new(DEFAULT_UPSTREAM));
@@ -263,7 +275,9 @@ impl SubstituterConfig {
                 return Err(SettingsError::Zero("max-in-flight"));
             }
             if u.connect_timeout_ms == 0 || u.read_timeout_ms == 0 {
-                return Err(SettingsError::Zero("connect-timeout-ms and read-timeout-ms"));
+                return Err(SettingsError::Zero(
+                    "connect-timeout-ms and read-timeout-ms",
+                ));
             }
             upstreams.push(UpstreamSettings {
                 url: u.url.clone(),
@@ -357,9 +371,14 @@ priority = 5
             "substituter",
         )
         .expect("parses");
-        let s = c.resolve(&Overrides::default(), no_nix_conf).expect("resolves");
+        let s = c
+            .resolve(&Overrides::default(), no_nix_conf)
+            .expect("resolves");
         assert_eq!(s.priority, 15);
-        assert_eq!(s.upstreams[0].location, UpstreamLocation::File("/srv/cache".into()));
+        assert_eq!(
+            s.upstreams[0].location,
+            UpstreamLocation::File("/srv/cache".into())
+        );
         assert_eq!(
             s.upstreams[1].location,
             UpstreamLocation::Http("http://10.0.0.2:5000".into())
@@ -391,9 +410,7 @@ priority = 5
             .expect("key")
             .to_public()
             .to_string();
-        let s = c
-            .resolve(&o, |_| Ok(Some(key)))
-            .expect("resolves");
+        let s = c.resolve(&o, |_| Ok(Some(key))).expect("resolves");
         assert_eq!(s.upstreams.len(), 2);
         assert_eq!(s.upstreams[0].priority, 10);
         assert_eq!(s.upstreams[1].priority, 20);

@@ -23,6 +23,12 @@ pub mod upstream;
 pub use config::{Overrides, Settings, SubstituterConfig};
 pub use server::{State, router};
 
+/// Installs rustls' ring provider for HTTPS upstreams (reqwest is built without a default
+/// one); later calls do nothing.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Serves on `listener` until `shutdown` completes.
 pub async fn run(
     settings: Settings,

@@ -49,7 +49,12 @@ pub struct AnswerExpiry {
 }
 
 impl moka::Expiry<Key, Arc<Answer>> for AnswerExpiry {
-    fn expire_after_create(&self, _k: &Key, v: &Arc<Answer>, _now: std::time::Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _k: &Key,
+        v: &Arc<Answer>,
+        _now: std::time::Instant,
+    ) -> Option<Duration> {
         Some(match **v {
             Answer::Found { .. } => self.positive,
             Answer::Missing => self.negative,
@@ -165,7 +170,12 @@ async fn ask(state: Arc<State>, i: usize, key: Key) -> Outcome {
 }
 
 type Running = FuturesUnordered<
-    std::pin::Pin<Box<dyn std::future::Future<Output = (usize, Result<Outcome, tokio::task::JoinError>)> + Send>>,
+    std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = (usize, Result<Outcome, tokio::task::JoinError>)>
+                + Send,
+        >,
+    >,
 >;
 
 enum Event {
@@ -205,7 +215,8 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
         while next < n && (next == 0 || start_next_early(&slots, next)) {
             launch(next, &mut slots, &mut running);
             next += 1;
-            head.as_mut().reset(tokio::time::Instant::now() + state.settings.head_start);
+            head.as_mut()
+                .reset(tokio::time::Instant::now() + state.settings.head_start);
         }
         match decide(&slots, false, state.settings.serve_untrusted) {
             Decision::Wait => {}
@@ -226,7 +237,8 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
             Event::HeadStart => {
                 launch(next, &mut slots, &mut running);
                 next += 1;
-                head.as_mut().reset(tokio::time::Instant::now() + state.settings.head_start);
+                head.as_mut()
+                    .reset(tokio::time::Instant::now() + state.settings.head_start);
             }
             Event::Deadline => break decide(&slots, true, state.settings.serve_untrusted),
         }
@@ -255,7 +267,12 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
             Ok(Arc::new(Answer::Missing))
         }
         _ => {
-            tracing::info!(?key, ?slots, ?elapsed, "not found, incomplete answers (not cached)");
+            tracing::info!(
+                ?key,
+                ?slots,
+                ?elapsed,
+                "not found, incomplete answers (not cached)"
+            );
             Err(Incomplete)
         }
     }

@@ -5,7 +5,10 @@ use clap::{Parser, Subcommand};
 use ferry_substituter::config::{Overrides, SubstituterConfig, nix_conf_trusted_keys};
 
 #[derive(Parser)]
-#[command(version, about = "A local Nix binary cache in front of upstream caches")]
+#[command(
+    version,
+    about = "A local Nix binary cache in front of upstream caches"
+)]
 struct Cli {
     /// Address to listen on (overrides `listen` in ferry.toml).
     #[arg(long, global = true)]
@@ -72,13 +75,18 @@ fn main() -> anyhow::Result<()> {
             for u in &s.upstreams {
                 println!(
                     "upstream {} priority {} connect {:?} read {:?} rate {}/s in-flight {}",
-                    u.url, u.priority, u.connect_timeout, u.read_timeout, u.rate_limit, u.max_in_flight
+                    u.url,
+                    u.priority,
+                    u.connect_timeout,
+                    u.read_timeout,
+                    u.rate_limit,
+                    u.max_in_flight
                 );
             }
             Ok(())
         }
         Some(Cmd::Status { url }) => rt.block_on(async {
-            let _ = rustls::crypto::ring::default_provider().install_default();
+            ferry_substituter::install_crypto_provider();
             let base = url.unwrap_or_else(|| format!("http://{}", s.listen));
             let body = reqwest::get(format!("{}/ferry/status", base.trim_end_matches('/')))
                 .await

@@ -21,7 +21,9 @@ impl Counter {
 }
 
 /// Upper bounds of the latency buckets, in seconds.
-const BUCKETS: [f64; 11] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+const BUCKETS: [f64; 11] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
 
 #[derive(Debug, Default)]
 pub struct Histogram {
@@ -86,43 +88,98 @@ pub fn render(m: &Metrics, ups: &[UpstreamView<'_>]) -> String {
         let _ = writeln!(s, "# TYPE ferry_substituter_{name} counter");
         let _ = writeln!(s, "ferry_substituter_{name} {v}");
     };
-    counter("narinfo_hits_total", "narinfo requests answered 200", m.narinfo_hits.get());
-    counter("narinfo_misses_total", "narinfo requests answered 404", m.narinfo_misses.get());
-    counter("negative_cache_hits_total", "404s served from the negative cache", m.negative_hits.get());
-    counter("positive_cache_hits_total", "200s served from the narinfo cache", m.cache_hits.get());
+    counter(
+        "narinfo_hits_total",
+        "narinfo requests answered 200",
+        m.narinfo_hits.get(),
+    );
+    counter(
+        "narinfo_misses_total",
+        "narinfo requests answered 404",
+        m.narinfo_misses.get(),
+    );
+    counter(
+        "negative_cache_hits_total",
+        "404s served from the negative cache",
+        m.negative_hits.get(),
+    );
+    counter(
+        "positive_cache_hits_total",
+        "200s served from the narinfo cache",
+        m.cache_hits.get(),
+    );
     counter(
         "incomplete_misses_total",
         "404s caused by failing or skipped upstreams (not cached)",
         m.incomplete_misses.get(),
     );
     counter("nar_requests_total", "NAR requests", m.nar_requests.get());
-    counter("nar_bytes_total", "NAR bytes sent to clients", m.nar_bytes.get());
-    counter("nar_resumes_total", "NAR streams resumed after an upstream failure", m.nar_resumes.get());
-    counter("nar_aborts_total", "NAR streams aborted (no upstream could resume)", m.nar_aborts.get());
-    counter("nar_not_found_total", "NAR requests answered 404", m.nar_not_found.get());
+    counter(
+        "nar_bytes_total",
+        "NAR bytes sent to clients",
+        m.nar_bytes.get(),
+    );
+    counter(
+        "nar_resumes_total",
+        "NAR streams resumed after an upstream failure",
+        m.nar_resumes.get(),
+    );
+    counter(
+        "nar_aborts_total",
+        "NAR streams aborted (no upstream could resume)",
+        m.nar_aborts.get(),
+    );
+    counter(
+        "nar_not_found_total",
+        "NAR requests answered 404",
+        m.nar_not_found.get(),
+    );
     let label = |u: &UpstreamView<'_>| format!("upstream=\"{}\"", u.url.replace(['"', '\\'], "_"));
-    let _ = writeln!(s, "# HELP ferry_substituter_upstream_breaker_state 0 closed, 1 open, 2 half-open");
+    let _ = writeln!(
+        s,
+        "# HELP ferry_substituter_upstream_breaker_state 0 closed, 1 open, 2 half-open"
+    );
     let _ = writeln!(s, "# TYPE ferry_substituter_upstream_breaker_state gauge");
     for u in ups {
-        let _ = writeln!(s, "ferry_substituter_upstream_breaker_state{{{}}} {}", label(u), u.breaker);
+        let _ = writeln!(
+            s,
+            "ferry_substituter_upstream_breaker_state{{{}}} {}",
+            label(u),
+            u.breaker
+        );
     }
     type Get = fn(&UpstreamMetrics) -> u64;
     let per: [(&str, Get); 6] = [
         ("upstream_hits_total", |m| m.hits.get()),
         ("upstream_misses_total", |m| m.misses.get()),
         ("upstream_failures_total", |m| m.failures.get()),
-        ("upstream_skipped_breaker_total", |m| m.skipped_breaker.get()),
-        ("upstream_skipped_rate_limit_total", |m| m.skipped_rate.get()),
+        ("upstream_skipped_breaker_total", |m| {
+            m.skipped_breaker.get()
+        }),
+        ("upstream_skipped_rate_limit_total", |m| {
+            m.skipped_rate.get()
+        }),
         ("upstream_nar_bytes_total", |m| m.nar_bytes.get()),
     ];
     for (name, get) in per {
         let _ = writeln!(s, "# TYPE ferry_substituter_{name} counter");
         for u in ups {
-            let _ = writeln!(s, "ferry_substituter_{name}{{{}}} {}", label(u), get(u.metrics));
+            let _ = writeln!(
+                s,
+                "ferry_substituter_{name}{{{}}} {}",
+                label(u),
+                get(u.metrics)
+            );
         }
     }
-    let _ = writeln!(s, "# HELP ferry_substituter_upstream_latency_seconds time to a whole small answer");
-    let _ = writeln!(s, "# TYPE ferry_substituter_upstream_latency_seconds histogram");
+    let _ = writeln!(
+        s,
+        "# HELP ferry_substituter_upstream_latency_seconds time to a whole small answer"
+    );
+    let _ = writeln!(
+        s,
+        "# TYPE ferry_substituter_upstream_latency_seconds histogram"
+    );
     for u in ups {
         let l = label(u);
         let h = &u.metrics.latency;
@@ -143,7 +200,11 @@ pub fn render(m: &Metrics, ups: &[UpstreamView<'_>]) -> String {
             "ferry_substituter_upstream_latency_seconds_sum{{{l}}} {}",
             h.sum_micros.get() as f64 / 1e6
         );
-        let _ = writeln!(s, "ferry_substituter_upstream_latency_seconds_count{{{l}}} {}", h.count.get());
+        let _ = writeln!(
+            s,
+            "ferry_substituter_upstream_latency_seconds_count{{{l}}} {}",
+            h.count.get()
+        );
     }
     s
 }
@@ -215,7 +276,9 @@ mod tests {
             }],
         );
         assert!(text.contains("ferry_substituter_narinfo_hits_total 1\n"));
-        assert!(text.contains("ferry_substituter_upstream_breaker_state{upstream=\"http://a\"} 1\n"));
+        assert!(
+            text.contains("ferry_substituter_upstream_breaker_state{upstream=\"http://a\"} 1\n")
+        );
         assert!(text.contains("le=\"0.0025\"} 0\n"));
         assert!(text.contains("le=\"0.005\"} 1\n"));
     }

@@ -52,7 +52,12 @@ fn not_found() -> Response<Body> {
     r
 }
 
-pub async fn serve(state: Arc<State>, key: String, method: &Method, headers: &HeaderMap) -> Response<Body> {
+pub async fn serve(
+    state: Arc<State>,
+    key: String,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Response<Body> {
     state.metrics.nar_requests.inc();
     let order = candidates(&state, &key).await;
     let range = headers
@@ -70,7 +75,11 @@ pub async fn serve(state: Arc<State>, key: String, method: &Method, headers: &He
             continue;
         }
         let _slot = up.slot().await;
-        let r = if head { up.head_nar(&key).await } else { up.open_nar(&key, start).await };
+        let r = if head {
+            up.head_nar(&key).await
+        } else {
+            up.open_nar(&key, start).await
+        };
         match r {
             OpenNar::Opened(body) => {
                 up.record_success();
@@ -92,7 +101,10 @@ pub async fn serve(state: Arc<State>, key: String, method: &Method, headers: &He
     let total = body.total;
     let mut resp = Response::new(Body::empty());
     let mut h = HeaderMap::new();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-nix-nar"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-nix-nar"),
+    );
     let end_excl = match (range, total) {
         (Some((s, e)), Some(t)) => {
             if s >= t {
@@ -128,7 +140,11 @@ pub async fn serve(state: Arc<State>, key: String, method: &Method, headers: &He
     if head {
         return resp;
     }
-    let from = if range.is_some() && total.is_some() { start } else { 0 };
+    let from = if range.is_some() && total.is_some() {
+        start
+    } else {
+        0
+    };
     let body = if from != start {
         // The range was dropped (unknown length) but the upstream was opened at `start`.
         match state.upstreams[order[pos]].open_nar(&key, 0).await {
@@ -255,7 +271,10 @@ impl Pump {
             }
             self.pos += n;
             self.state.metrics.nar_bytes.add(n);
-            self.state.upstreams[self.order[self.current]].metrics.nar_bytes.add(n);
+            self.state.upstreams[self.order[self.current]]
+                .metrics
+                .nar_bytes
+                .add(n);
             if self.end == Some(self.pos) {
                 return Read::Done;
             }

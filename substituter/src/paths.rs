@@ -26,7 +26,8 @@ pub enum Request {
 
 /// Nix's base-32 alphabet (no e, o, u, t).
 fn is_nix32(s: &str) -> bool {
-    s.bytes().all(|b| b"0123456789abcdfghijklmnpqrsvwxyz".contains(&b))
+    s.bytes()
+        .all(|b| b"0123456789abcdfghijklmnpqrsvwxyz".contains(&b))
 }
 
 fn is_hash_part(s: &str) -> bool {
@@ -41,7 +42,9 @@ pub fn is_safe_key(key: &str) -> bool {
         && !key.contains('\0')
         && !key.contains('\\')
         && !key.contains('#')
-        && path.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+        && path
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
 }
 
 /// Classifies `path_and_query` (the request target, starting with '/').
@@ -154,14 +157,26 @@ mod tests {
     #[test]
     fn classifies_the_cache_protocol() {
         assert_eq!(classify("/nix-cache-info"), Request::CacheInfo);
-        assert_eq!(classify(&format!("/{H}.narinfo")), Request::NarInfo(H.into()));
-        assert_eq!(classify("/nar/abc.nar.xz"), Request::Nar("nar/abc.nar.xz".into()));
+        assert_eq!(
+            classify(&format!("/{H}.narinfo")),
+            Request::NarInfo(H.into())
+        );
+        assert_eq!(
+            classify("/nar/abc.nar.xz"),
+            Request::Nar("nar/abc.nar.xz".into())
+        );
         assert_eq!(
             classify("/nar/abc.nar?hash=xyz"),
             Request::Nar("nar/abc.nar?hash=xyz".into())
         );
-        assert_eq!(classify(&format!("/{H}.ls")), Request::Other(format!("{H}.ls")));
-        assert_eq!(classify("/log/abc-foo.drv"), Request::Other("log/abc-foo.drv".into()));
+        assert_eq!(
+            classify(&format!("/{H}.ls")),
+            Request::Other(format!("{H}.ls"))
+        );
+        assert_eq!(
+            classify("/log/abc-foo.drv"),
+            Request::Other("log/abc-foo.drv".into())
+        );
         assert_eq!(
             classify("/realisations/sha256:00ff!out.doi"),
             Request::Other("realisations/sha256:00ff!out.doi".into())
@@ -173,7 +188,10 @@ mod tests {
     fn rejects_bad_hashes_and_traversal() {
         assert_eq!(classify("/tooshort.narinfo"), Request::Unknown);
         // 'e' is not in Nix's base-32 alphabet.
-        assert_eq!(classify("/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee.narinfo"), Request::Unknown);
+        assert_eq!(
+            classify("/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee.narinfo"),
+            Request::Unknown
+        );
         assert_eq!(classify("/nar/../../etc/passwd"), Request::Unknown);
         assert_eq!(classify("/nar//x"), Request::Unknown);
         assert_eq!(classify("/index.html"), Request::Unknown);
@@ -181,7 +199,10 @@ mod tests {
 
     #[test]
     fn maps_keys_to_upstreams() {
-        assert_eq!(http_url("http://h:5000/c", "nar/x.nar"), "http://h:5000/c/nar/x.nar");
+        assert_eq!(
+            http_url("http://h:5000/c", "nar/x.nar"),
+            "http://h:5000/c/nar/x.nar"
+        );
         assert_eq!(
             file_path(std::path::Path::new("/srv/c"), "nar/x.nar?hash=1"),
             PathBuf::from("/srv/c/nar/x.nar")
@@ -200,19 +221,31 @@ mod tests {
         ] {
             assert_eq!(
                 nar_route(u, Some("http://h")),
-                NarRoute::Relative { key: u.into(), rewritten: false },
+                NarRoute::Relative {
+                    key: u.into(),
+                    rewritten: false
+                },
                 "{u}"
             );
         }
         assert_eq!(
             nar_route("http://h:5000/c/nar/x.nar", Some("http://h:5000/c")),
-            NarRoute::Relative { key: "nar/x.nar".into(), rewritten: true }
+            NarRoute::Relative {
+                key: "nar/x.nar".into(),
+                rewritten: true
+            }
         );
         assert_eq!(
             nar_route("/nar/x.nar", None),
-            NarRoute::Relative { key: "nar/x.nar".into(), rewritten: true }
+            NarRoute::Relative {
+                key: "nar/x.nar".into(),
+                rewritten: true
+            }
         );
-        assert_eq!(nar_route("https://s3.example/bucket/x?sig=1", Some("http://h")), NarRoute::Absolute);
+        assert_eq!(
+            nar_route("https://s3.example/bucket/x?sig=1", Some("http://h")),
+            NarRoute::Absolute
+        );
         assert_eq!(nar_route("../x", None), NarRoute::Absolute);
     }
 

@@ -62,7 +62,9 @@ pub fn decide(slots: &[Slot], deadline_passed: bool, serve_untrusted: bool) -> D
     }
     // Nothing trusted anywhere and nothing left to hear from.
     if serve_untrusted
-        && let Some(u) = slots.iter().position(|s| *s == Slot::Hit { trusted: false })
+        && let Some(u) = slots
+            .iter()
+            .position(|s| *s == Slot::Hit { trusted: false })
     {
         return Decision::Serve(u);
     }
@@ -76,9 +78,12 @@ pub fn decide(slots: &[Slot], deadline_passed: bool, serve_untrusted: bool) -> D
 /// Whether upstream `next` should be asked now, before its head-start timer fires: every
 /// upstream before it has resolved and none of them is a hit that could still win.
 pub fn start_next_early(slots: &[Slot], next: usize) -> bool {
-    slots[..next.min(slots.len())]
-        .iter()
-        .all(|s| matches!(s, Slot::Miss | Slot::Failed | Slot::Skipped | Slot::Hit { trusted: false }))
+    slots[..next.min(slots.len())].iter().all(|s| {
+        matches!(
+            s,
+            Slot::Miss | Slot::Failed | Slot::Skipped | Slot::Hit { trusted: false }
+        )
+    })
 }
 
 #[cfg(test)]
@@ -99,7 +104,10 @@ mod tests {
     #[test]
     fn lower_priority_hit_wins_once_higher_ones_resolve() {
         assert_eq!(decide(&[Miss, T], false, false), Decision::Serve(1));
-        assert_eq!(decide(&[Failed, Skipped, T, Pending], false, false), Decision::Serve(2));
+        assert_eq!(
+            decide(&[Failed, Skipped, T, Pending], false, false),
+            Decision::Serve(2)
+        );
     }
 
     #[test]
@@ -124,7 +132,10 @@ mod tests {
 
     #[test]
     fn only_complete_answers_are_definitive_misses() {
-        assert_eq!(decide(&[Miss, Miss], false, false), Decision::NotFound { definitive: true });
+        assert_eq!(
+            decide(&[Miss, Miss], false, false),
+            Decision::NotFound { definitive: true }
+        );
         for s in [Failed, Skipped] {
             assert_eq!(
                 decide(&[Miss, s], false, false),
@@ -133,7 +144,10 @@ mod tests {
             );
         }
         assert_eq!(decide(&[Miss, Pending], false, false), Decision::Wait);
-        assert_eq!(decide(&[], false, false), Decision::NotFound { definitive: true });
+        assert_eq!(
+            decide(&[], false, false),
+            Decision::NotFound { definitive: true }
+        );
     }
 
     #[test]

@@ -25,8 +25,7 @@ pub struct State {
 
 impl State {
     pub fn new(settings: Settings) -> Result<Arc<Self>, reqwest::Error> {
-        // reqwest is built without a default TLS provider; ring is the one linked in.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::install_crypto_provider();
         let upstreams = settings
             .upstreams
             .iter()
@@ -93,7 +92,11 @@ async fn handle(
     }
     let target = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
     match classify(target) {
-        Request::CacheInfo => text(StatusCode::OK, "text/x-nix-cache-info", state.cache_info.clone()),
+        Request::CacheInfo => text(
+            StatusCode::OK,
+            "text/x-nix-cache-info",
+            state.cache_info.clone(),
+        ),
         Request::Metrics => text(
             StatusCode::OK,
             "text/plain; version=0.0.4",

@@ -211,7 +211,10 @@ impl Upstream {
 
     /// The half-open probe: `nix-cache-info` must answer 200 (doc §5.1 rule 7).
     async fn probe(&self) {
-        let ok = matches!(self.fetch_small("nix-cache-info", 64 * 1024).await, Fetch::Found(_));
+        let ok = matches!(
+            self.fetch_small("nix-cache-info", 64 * 1024).await,
+            Fetch::Found(_)
+        );
         tracing::info!(upstream = %self.settings.url, ok, "breaker probe");
         if ok {
             self.record_success();
@@ -289,8 +292,11 @@ impl Upstream {
         };
         // A whole-response time-out is right for small objects (a drip of a narinfo is a
         // failure); NAR bodies use per-read idle time-outs instead.
-        match tokio::time::timeout(self.settings.read_timeout + self.settings.connect_timeout, fut)
-            .await
+        match tokio::time::timeout(
+            self.settings.read_timeout + self.settings.connect_timeout,
+            fut,
+        )
+        .await
         {
             Ok(r) => r,
             Err(_) => failed(FetchError::Timeout),
@@ -317,17 +323,21 @@ impl Upstream {
                     }),
                 }
             }
-            (UpstreamLocation::File(dir), _) => match tokio::fs::metadata(file_path(dir, key)).await {
-                Ok(m) if m.is_file() => OpenNar::Opened(NarBody {
-                    total: Some(m.len()),
-                    skip: 0,
-                    stream: futures_util::stream::empty().boxed(),
-                }),
-                Ok(_) => OpenNar::Missing,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => OpenNar::Missing,
-                Err(e) => OpenNar::Failed(e.into()),
-            },
-            (UpstreamLocation::Http(_), None) => OpenNar::Failed(FetchError::Connect("no client".into())),
+            (UpstreamLocation::File(dir), _) => {
+                match tokio::fs::metadata(file_path(dir, key)).await {
+                    Ok(m) if m.is_file() => OpenNar::Opened(NarBody {
+                        total: Some(m.len()),
+                        skip: 0,
+                        stream: futures_util::stream::empty().boxed(),
+                    }),
+                    Ok(_) => OpenNar::Missing,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => OpenNar::Missing,
+                    Err(e) => OpenNar::Failed(e.into()),
+                }
+            }
+            (UpstreamLocation::Http(_), None) => {
+                OpenNar::Failed(FetchError::Connect("no client".into()))
+            }
         }
     }
 
@@ -340,7 +350,8 @@ impl Upstream {
                     req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
                 }
                 // Up to the response headers only: the body has per-read idle time-outs.
-                let resp = match tokio::time::timeout(self.settings.read_timeout, req.send()).await {
+                let resp = match tokio::time::timeout(self.settings.read_timeout, req.send()).await
+                {
                     Err(_) => return OpenNar::Failed(FetchError::Timeout),
                     Ok(Err(e)) => return OpenNar::Failed(classify_reqwest(&e)),
                     Ok(Ok(r)) => r,
@@ -376,7 +387,9 @@ impl Upstream {
                 })
             }
             (UpstreamLocation::File(dir), _) => open_file(&file_path(dir, key), offset).await,
-            (UpstreamLocation::Http(_), None) => OpenNar::Failed(FetchError::Connect("no client".into())),
+            (UpstreamLocation::Http(_), None) => {
+                OpenNar::Failed(FetchError::Connect("no client".into()))
+            }
         }
     }
 }
@@ -394,7 +407,11 @@ pub fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
     let rest = v.trim().strip_prefix("bytes ")?;
     let (range, total) = rest.split_once('/')?;
     let (start, _end) = range.split_once('-')?;
-    let total = if total == "*" { None } else { Some(total.parse().ok()?) };
+    let total = if total == "*" {
+        None
+    } else {
+        Some(total.parse().ok()?)
+    };
     Some((start.parse().ok()?, total))
 }
 
@@ -440,7 +457,9 @@ async fn open_file(path: &std::path::Path, offset: u64) -> OpenNar {
         Err(e) => return OpenNar::Failed(e.into()),
     };
     if offset > total {
-        return OpenNar::Failed(FetchError::BadRange(format!("offset {offset} > size {total}")));
+        return OpenNar::Failed(FetchError::BadRange(format!(
+            "offset {offset} > size {total}"
+        )));
     }
     if let Err(e) = f.seek(io::SeekFrom::Start(offset)).await {
         return OpenNar::Failed(e.into());
@@ -470,7 +489,10 @@ mod tests {
 
     #[test]
     fn content_range_parses() {
-        assert_eq!(parse_content_range("bytes 100-199/1000"), Some((100, Some(1000))));
+        assert_eq!(
+            parse_content_range("bytes 100-199/1000"),
+            Some((100, Some(1000)))
+        );
         assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, None)));
         assert_eq!(parse_content_range("items 1-2/3"), None);
     }
