@@ -239,3 +239,111 @@ fn paths_of_closure(fleet: &ferry_integration::Fleet, top: &str) -> Vec<String> 
     q.args(["-qR", top]);
     stdout_of(q, "nix-store -qR").lines().map(str::to_owned).collect()
 }
+
+/// Runs the benchmark driver in the client's namespace and returns its JSON output line.
+fn bench_client(fleet: &ferry_integration::Fleet, args: &[&str]) -> String {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/substituter_support/bench_client.py");
+    let mut c = fleet.client.command("/usr/bin/python3");
+    c.arg(script).args(args);
+    stdout_of(c, "bench_client.py")
+}
+
+fn json_num(json: &str, key: &str) -> f64 {
+    let pat = format!("\"{key}\": ");
+    json.split(&pat)
+        .nth(1)
+        .and_then(|r| r.split([',', '}']).next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {json}"))
+}
+
+/// Benchmarks, as ratios against the same upstream asked directly in the same run (the
+/// upstream is the fixture's Python cache server; the client is one Python driver for both):
+/// warm narinfo latency, the cost of a black-holed first-priority upstream before and after
+/// its breaker opens, and NAR pass-through throughput.
+/// `cargo test -p ferry-integration --test substituter -- --ignored --nocapture bench`
+#[test]
+#[ignore]
+fn bench_substituter_against_direct_upstream() {
+    let keys_dir = tempfile::tempdir().expect("tempdir");
+    let key = generate_key(keys_dir.path(), "ferry-test-cache-1");
+    let mut fleet = fleet(&key.public);
+    add_producer(&mut fleet);
+    let dir = fleet.root.path().join("cache-good");
+    // Nine small closures' paths (for cold lookups) and one 64 MiB NAR.
+    let mut small = Vec::new();
+    for _ in 0..3 {
+        let paths = build_on_producer(&fleet, &producer_only_drv(&nonce(), 1000));
+        copy_to_cache(&fleet, &paths, &dir, &key.secret, "none");
+        small.extend(paths_of_closure_on(&fleet, "producer", &paths[0]));
+    }
+    let big = build_on_producer(&fleet, &producer_only_drv(&nonce(), 64 << 20));
+    copy_to_cache(&fleet, &big, &dir, &key.secret, "none");
+    let big_leaf = paths_of_closure_on(&fleet, "producer", &big[0])
+        .into_iter()
+        .find(|p| p.contains("-ferry-sub-leaf-"))
+        .expect("leaf");
+    let good = serve_cache(&mut fleet, "cache-good", "good", &dir);
+    let hole = serve_cache(&mut fleet, "cache-hole", "good", &dir);
+    blackhole_port(fleet.host("cache-hole"), CACHE_PORT).expect("blackhole");
+
+    // 1. Warm narinfo, sequential on one keep-alive connection.
+    let ferry = start_ferry(&fleet, std::slice::from_ref(&good), "");
+    let name = narinfo_name(&small[0]);
+    let direct = bench_client(&fleet, &["latency", &format!("{good}/{name}"), "2000"]);
+    let via = bench_client(&fleet, &["latency", &format!("{}/{name}", ferry_url()), "2000"]);
+    let (d50, f50) = (json_num(&direct, "p50_us"), json_num(&via, "p50_us"));
+    let (d99, f99) = (json_num(&direct, "p99_us"), json_num(&via, "p99_us"));
+    eprintln!(
+        "warm narinfo p50: direct {d50:.0} µs, Ferry {f50:.0} µs (ratio {:.2}); p99: direct {d99:.0} µs, Ferry {f99:.0} µs (ratio {:.2})",
+        f50 / d50,
+        f99 / d99
+    );
+
+    // 3. NAR pass-through.
+    let narinfo = std::fs::read_to_string(dir.join(narinfo_name(&big_leaf))).expect("narinfo");
+    let nar = narinfo.lines().find_map(|l| l.strip_prefix("URL: ")).expect("URL").to_owned();
+    let direct = bench_client(&fleet, &["throughput", &format!("{good}/{nar}"), "5"]);
+    let via = bench_client(&fleet, &["throughput", &format!("{}/{nar}", ferry_url()), "5"]);
+    let (d, f) = (json_num(&direct, "mib_s"), json_num(&via, "mib_s"));
+    eprintln!("NAR 64 MiB pass-through: direct {d:.0} MiB/s, Ferry {f:.0} MiB/s (ratio {:.2})", f / d);
+    drop(ferry);
+
+    // 2. A black-holed first upstream: cold lookups of distinct paths, one after another.
+    let _ferry = start_ferry_with(&fleet, &[hole, good.clone()], "", "breaker-cooldown-ms = 60000\n");
+    let urls: Vec<String> = small
+        .iter()
+        .map(|p| format!("{}/{}", ferry_url(), narinfo_name(p)))
+        .collect();
+    let direct_urls: Vec<String> =
+        small.iter().map(|p| format!("{good}/{}", narinfo_name(p))).collect();
+    let mut args = vec!["each"];
+    args.extend(urls.iter().map(String::as_str));
+    let via = bench_client(&fleet, &args);
+    let mut args = vec!["each"];
+    args.extend(direct_urls.iter().map(String::as_str));
+    let direct = bench_client(&fleet, &args);
+    let ms = |j: &str| -> Vec<f64> {
+        j.split("\"ms\": ").skip(1).filter_map(|r| r.split(',').next()?.parse().ok()).collect()
+    };
+    let (via, direct) = (ms(&via), ms(&direct));
+    let direct_mean = direct.iter().sum::<f64>() / direct.len() as f64;
+    let open: Vec<f64> = via[3..].to_vec();
+    let open_mean = open.iter().sum::<f64>() / open.len() as f64;
+    eprintln!(
+        "black-holed first upstream, cold narinfo: direct to the healthy upstream {direct_mean:.2} ms; \
+         Ferry with the breaker closed {:.0} ms, {:.0} ms, {:.0} ms; after it opened {open_mean:.2} ms \
+         (ratio {:.2}); stock Nix 2.8 with such a substituter: 10–25 min per narinfo (doc §2.2)",
+        via[0],
+        via[1],
+        via[2],
+        open_mean / direct_mean
+    );
+}
+
+fn paths_of_closure_on(fleet: &ferry_integration::Fleet, role: &str, top: &str) -> Vec<String> {
+    let mut q = fleet.host(role).nix_command("nix-store");
+    q.args(["-qR", top]);
+    stdout_of(q, "nix-store -qR").lines().map(str::to_owned).collect()
+}
