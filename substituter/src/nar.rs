@@ -157,20 +157,21 @@ pub async fn serve(
     } else {
         body
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, io::Error>>(4);
     let pump = Pump {
+        excluded: vec![false; order.len()],
         state: Arc::clone(&state),
         key,
         order,
         current: pos,
         pos: from,
+        opened_at: from,
         end: end_excl,
         total,
-        tx,
+        body: Some(body),
     };
-    tokio::spawn(pump.run(body));
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
+    // The body is polled directly by hyper: no task or channel between upstream and client.
+    let stream = futures_util::stream::unfold(pump, |mut p| async move {
+        p.next_chunk().await.map(|item| (item, p))
     });
     *resp.body_mut() = Body::from_stream(stream);
     resp
@@ -181,6 +182,8 @@ struct Pump {
     key: String,
     /// Upstream indices in the order to try.
     order: Vec<usize>,
+    /// Candidates (indices into `order`) that failed without progress: not asked again.
+    excluded: Vec<bool>,
     /// Index into `order` of the upstream being read.
     current: usize,
     /// Absolute offset of the next byte to send.
@@ -188,51 +191,62 @@ struct Pump {
     /// Offset to stop at (exclusive), when known.
     end: Option<u64>,
     total: Option<u64>,
-    tx: tokio::sync::mpsc::Sender<Result<Bytes, io::Error>>,
+    /// None once the stream is finished or aborted.
+    body: Option<NarBody>,
+    /// `pos` when `body` was opened, to tell whether it made progress.
+    opened_at: u64,
 }
 
 enum Read {
+    Chunk(Bytes),
     Done,
-    ClientGone,
     Failed(String),
 }
 
 impl Pump {
-    async fn run(mut self, mut body: NarBody) {
-        // Candidates that failed without progress are not asked again for this stream.
-        let mut excluded = vec![false; self.order.len()];
+    /// The next chunk for the client: `None` at the end, `Some(Err)` to abort the connection.
+    async fn next_chunk(&mut self) -> Option<Result<Bytes, io::Error>> {
         loop {
-            let before = self.pos;
-            let why = match self.read(&mut body).await {
-                Read::Done | Read::ClientGone => return,
-                Read::Failed(why) => why,
-            };
-            let up = &self.state.upstreams[self.order[self.current]];
-            tracing::warn!(upstream = %up.settings.url, key = %self.key, offset = self.pos, %why, "NAR stream failed; resuming");
-            up.record_failure(None);
-            if self.pos == before {
-                excluded[self.current] = true;
-            }
-            match self.reopen(&mut excluded).await {
-                Some(b) => {
-                    self.state.metrics.nar_resumes.inc();
-                    body = b;
+            let mut body = self.body.take()?;
+            match self.read(&mut body).await {
+                Read::Chunk(c) => {
+                    self.body = Some(body);
+                    return Some(Ok(c));
                 }
-                None => {
-                    self.state.metrics.nar_aborts.inc();
-                    tracing::error!(key = %self.key, offset = self.pos, "NAR stream aborted: no upstream can resume it");
-                    let _ = self.tx.send(Err(io::Error::other(why))).await;
-                    return;
+                Read::Done => return None,
+                Read::Failed(why) => {
+                    let up = &self.state.upstreams[self.order[self.current]];
+                    tracing::warn!(upstream = %up.settings.url, key = %self.key, offset = self.pos, %why, "NAR stream failed; resuming");
+                    up.record_failure(None);
+                    if self.pos == self.opened_at {
+                        // No progress on this body: do not ask this upstream again.
+                        self.excluded[self.current] = true;
+                    }
+                    match self.reopen().await {
+                        Some(b) => {
+                            self.state.metrics.nar_resumes.inc();
+                            self.opened_at = self.pos;
+                            self.body = Some(b);
+                        }
+                        None => {
+                            self.state.metrics.nar_aborts.inc();
+                            tracing::error!(key = %self.key, offset = self.pos, "NAR stream aborted: no upstream can resume it");
+                            return Some(Err(io::Error::other(why)));
+                        }
+                    }
                 }
             }
         }
     }
 
-    /// Copies `body` to the client until the end, a failure, or the client leaving.
+    /// Reads the next non-empty chunk of `body` within the idle time-out.
     async fn read(&mut self, body: &mut NarBody) -> Read {
         let idle = self.state.settings.nar_idle_timeout;
         loop {
-            let item = match tokio::time::timeout(idle, body.stream.next()).await {
+            if self.end == Some(self.pos) {
+                return Read::Done;
+            }
+            let mut chunk = match tokio::time::timeout(idle, body.stream.next()).await {
                 Err(_) => return Read::Failed(format!("no data for {idle:?}")),
                 Ok(None) => {
                     return match self.end {
@@ -245,7 +259,6 @@ impl Pump {
                 Ok(Some(Err(e))) => return Read::Failed(e.to_string()),
                 Ok(Some(Ok(b))) => b,
             };
-            let mut chunk = item;
             if body.skip > 0 {
                 let drop = body.skip.min(chunk.len() as u64);
                 body.skip -= drop;
@@ -266,27 +279,19 @@ impl Pump {
                 continue;
             }
             let n = chunk.len() as u64;
-            if self.tx.send(Ok(chunk)).await.is_err() {
-                return Read::ClientGone;
-            }
             self.pos += n;
             self.state.metrics.nar_bytes.add(n);
-            self.state.upstreams[self.order[self.current]]
-                .metrics
-                .nar_bytes
-                .add(n);
-            if self.end == Some(self.pos) {
-                return Read::Done;
-            }
+            self.state.upstreams[self.order[self.current]].metrics.nar_bytes.add(n);
+            return Read::Chunk(chunk);
         }
     }
 
     /// Opens the file at `pos` from the current upstream, then the others.
-    async fn reopen(&mut self, excluded: &mut [bool]) -> Option<NarBody> {
+    async fn reopen(&mut self) -> Option<NarBody> {
         let n = self.order.len();
         for step in 0..n {
             let c = (self.current + step) % n;
-            if excluded[c] {
+            if self.excluded[c] {
                 continue;
             }
             let up = &self.state.upstreams[self.order[c]];
@@ -300,13 +305,13 @@ impl Pump {
                 }
                 OpenNar::Opened(b) => {
                     tracing::warn!(upstream = %up.settings.url, key = %self.key, theirs = ?b.total, ours = ?self.total, "same NAR key, different length");
-                    excluded[c] = true;
+                    self.excluded[c] = true;
                 }
-                OpenNar::Missing => excluded[c] = true,
+                OpenNar::Missing => self.excluded[c] = true,
                 OpenNar::Failed(error) => {
                     tracing::warn!(upstream = %up.settings.url, key = %self.key, %error, "NAR resume failed");
                     up.record_failure(None);
-                    excluded[c] = true;
+                    self.excluded[c] = true;
                 }
             }
         }

@@ -298,3 +298,45 @@ async fn nar_resumes_with_range_from_the_same_upstream() {
     let (_, m) = get(&format!("{f}/metrics")).await;
     assert!(m.contains("ferry_substituter_nar_resumes_total 1\n"), "{m}");
 }
+
+#[tokio::test]
+async fn file_upstream_serves_narinfo_nar_ranges_and_logs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("nar")).expect("nar dir");
+    std::fs::create_dir_all(dir.path().join("log")).expect("log dir");
+    std::fs::write(dir.path().join(format!("{H}.narinfo")), narinfo(H, "f")).expect("narinfo");
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(dir.path().join("nar/f.nar"), &data).expect("nar");
+    std::fs::write(dir.path().join("log/abc-foo.drv"), "build log\n").expect("log");
+    let url = format!("file://{}", dir.path().display());
+    let f = ferry(&[&url], |_| {}).await;
+
+    let (code, body) = get(&format!("{f}/{H}.narinfo")).await;
+    assert_eq!((code, body), (200, narinfo(H, "f")));
+    let r = reqwest::get(format!("{f}/nar/f.nar")).await.expect("nar");
+    assert_eq!(r.headers().get("accept-ranges").map(|v| v.as_bytes()), Some(&b"bytes"[..]));
+    assert_eq!(r.bytes().await.expect("body")[..], data[..]);
+    let r = reqwest::Client::new()
+        .get(format!("{f}/nar/f.nar"))
+        .header("range", "bytes=999990-")
+        .send()
+        .await
+        .expect("range");
+    assert_eq!(r.status().as_u16(), 206);
+    assert_eq!(
+        r.headers().get("content-range").map(|v| v.as_bytes()),
+        Some(&b"bytes 999990-999999/1000000"[..])
+    );
+    assert_eq!(r.bytes().await.expect("body")[..], data[999_990..]);
+    let r = reqwest::Client::new().head(format!("{f}/nar/f.nar")).send().await.expect("head");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.headers().get("content-length").map(|v| v.as_bytes()),
+        Some(&b"1000000"[..])
+    );
+    assert_eq!(get(&format!("{f}/log/abc-foo.drv")).await, (200, "build log\n".to_owned()));
+    assert_eq!(get(&format!("{f}/log/missing.drv")).await.0, 404);
+    assert_eq!(get(&format!("{f}/nar/missing.nar")).await.0, 404);
+    // Traversal out of the cache directory is not even routed.
+    assert_eq!(get(&format!("{f}/nar/..%2F..%2Fetc%2Fpasswd")).await.0, 404);
+}
