@@ -48,10 +48,17 @@ fn substitutes_signed_paths_and_prefers_a_trusted_answer() {
 
     let (out, stderr, elapsed) = client_build(&fleet, &expr);
     check(&out, "nix-build through Ferry").unwrap_or_else(|e| {
-        panic!("{e}\ndaemon log:\n{}\nferry log:\n{}", fleet.daemon_log(), ferry.log_text())
+        panic!(
+            "{e}\ndaemon log:\n{}\nferry log:\n{}",
+            fleet.daemon_log(),
+            ferry.log_text()
+        )
     });
     assert_eq!(out_paths(&out), paths, "same output paths as the producer");
-    assert!(substituted_from_ferry(&stderr), "paths not substituted from Ferry:\n{stderr}");
+    assert!(
+        substituted_from_ferry(&stderr),
+        "paths not substituted from Ferry:\n{stderr}"
+    );
     assert_quiet(&stderr, "substitution through Ferry");
     eprintln!("substituted a 3-path closure in {elapsed:?}");
 
@@ -77,10 +84,17 @@ fn substitutes_signed_paths_and_prefers_a_trusted_answer() {
     // HEAD works too, and unknown hashes are 404.
     let (code, _) = http_get(&fleet, &format!("{}/{name}", ferry_url()), &["-I"]);
     assert_eq!(code, 200, "HEAD narinfo");
-    let (code, _) = http_get(&fleet, &format!("{}/00000000000000000000000000000000.narinfo", ferry_url()), &[]);
+    let (code, _) = http_get(
+        &fleet,
+        &format!("{}/00000000000000000000000000000000.narinfo", ferry_url()),
+        &[],
+    );
     assert_eq!(code, 404);
     let m = metrics(&fleet);
-    assert!(metric(&m, "ferry_substituter_narinfo_hits_total") >= 3.0, "{m}");
+    assert!(
+        metric(&m, "ferry_substituter_narinfo_hits_total") >= 3.0,
+        "{m}"
+    );
 }
 
 #[test]
@@ -92,7 +106,11 @@ fn builds_locally_when_no_upstream_has_the_path_and_remembers_the_miss() {
     std::fs::create_dir_all(&dir).expect("dir");
     std::fs::write(dir.join("nix-cache-info"), "StoreDir: /nix/store\n").expect("cache info");
     let up = serve_cache(&mut fleet, "cache-empty", "good", &dir);
-    let ferry = start_ferry(&fleet, std::slice::from_ref(&up), "negative-ttl-secs = 300\n");
+    let ferry = start_ferry(
+        &fleet,
+        std::slice::from_ref(&up),
+        "negative-ttl-secs = 300\n",
+    );
 
     let expr = trivial_drv(&nonce(), "local");
     let (out, stderr, _) = client_build(&fleet, &expr);
@@ -104,13 +122,22 @@ fn builds_locally_when_no_upstream_has_the_path_and_remembers_the_miss() {
     // A definitive miss is remembered: the second request does not reach the upstream.
     let url = format!("{}/11111111111111111111111111111111.narinfo", ferry_url());
     let label = format!("{{upstream=\"{up}\"}}");
-    let before = metric(&metrics(&fleet), &format!("ferry_substituter_upstream_misses_total{label}"));
+    let before = metric(
+        &metrics(&fleet),
+        &format!("ferry_substituter_upstream_misses_total{label}"),
+    );
     assert_eq!(http_get(&fleet, &url, &[]).0, 404);
     assert_eq!(http_get(&fleet, &url, &[]).0, 404);
     let m = metrics(&fleet);
-    let after = metric(&m, &format!("ferry_substituter_upstream_misses_total{label}"));
+    let after = metric(
+        &m,
+        &format!("ferry_substituter_upstream_misses_total{label}"),
+    );
     assert_eq!(after - before, 1.0, "the upstream was asked again:\n{m}");
-    assert!(metric(&m, "ferry_substituter_negative_cache_hits_total") >= 1.0, "{m}");
+    assert!(
+        metric(&m, "ferry_substituter_negative_cache_hits_total") >= 1.0,
+        "{m}"
+    );
 }
 
 #[test]
@@ -141,46 +168,85 @@ fn faulty_upstreams_are_invisible_to_nix() {
     let t = Instant::now();
     let (code, body) = http_get(&fleet, &format!("{}/nix-cache-info", ferry_url()), &[]);
     assert_eq!(code, 200);
-    assert_eq!(String::from_utf8_lossy(&body), "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 20\n");
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 20\n"
+    );
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
 
     let (out, stderr, first) = client_build(&fleet, &exprs[0]);
     check(&out, "nix-build with faulty upstreams").unwrap_or_else(|e| {
-        panic!("{e}\ndaemon log:\n{}\nferry log:\n{}", fleet.daemon_log(), ferry.log_text())
+        panic!(
+            "{e}\ndaemon log:\n{}\nferry log:\n{}",
+            fleet.daemon_log(),
+            ferry.log_text()
+        )
     });
-    assert!(substituted_from_ferry(&stderr), "not substituted:\n{stderr}");
+    assert!(
+        substituted_from_ferry(&stderr),
+        "not substituted:\n{stderr}"
+    );
     assert_quiet(&stderr, "faulty upstreams");
 
     // A few misses make sure every faulty upstream failed at least 3 times.
     for i in 0..3 {
         let url = format!("{}/{}.narinfo", ferry_url(), format!("{i}").repeat(32));
         let t = Instant::now();
-        assert_eq!(http_get(&fleet, &url, &[]).0, 404, "only 404 for a miss under faults");
-        assert!(t.elapsed() < Duration::from_secs(4), "a miss took {:?}", t.elapsed());
+        assert_eq!(
+            http_get(&fleet, &url, &[]).0,
+            404,
+            "only 404 for a miss under faults"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(4),
+            "a miss took {:?}",
+            t.elapsed()
+        );
     }
     let m = metrics(&fleet);
     for u in &faulty {
-        let state = metric(&m, &format!("ferry_substituter_upstream_breaker_state{{upstream=\"{u}\"}}"));
+        let state = metric(
+            &m,
+            &format!("ferry_substituter_upstream_breaker_state{{upstream=\"{u}\"}}"),
+        );
         assert_eq!(state, 1.0, "breaker of {u} not open:\n{m}");
     }
     // Errors never become negative entries.
-    assert_eq!(metric(&m, "ferry_substituter_negative_cache_hits_total"), 0.0, "{m}");
-    assert!(metric(&m, "ferry_substituter_incomplete_misses_total") >= 3.0, "{m}");
+    assert_eq!(
+        metric(&m, "ferry_substituter_negative_cache_hits_total"),
+        0.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "ferry_substituter_incomplete_misses_total") >= 3.0,
+        "{m}"
+    );
 
     // With the breakers open the dead upstreams cost next to nothing.
     let (out, stderr, second) = client_build(&fleet, &exprs[1]);
     check(&out, "second nix-build, breakers open")
         .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_text()));
-    assert!(substituted_from_ferry(&stderr), "not substituted:\n{stderr}");
+    assert!(
+        substituted_from_ferry(&stderr),
+        "not substituted:\n{stderr}"
+    );
     assert_quiet(&stderr, "faulty upstreams, breakers open");
     eprintln!("3-path closure with 4 faulty upstreams first: {first:?}, breakers open: {second:?}");
-    assert!(second < Duration::from_secs(5), "second build took {second:?}");
+    assert!(
+        second < Duration::from_secs(5),
+        "second build took {second:?}"
+    );
 
     // `status` reads the running instance.
     let status = stdout_of(
         {
-            let mut c = fleet.client.command(ferry_integration::ferry_bin("ferry-substituter").to_str().expect("path"));
-            c.env("FERRY_CONFIG", "/nonexistent").args(["status", "--url", &ferry_url()]);
+            let mut c = fleet.client.command(
+                ferry_integration::ferry_bin("ferry-substituter")
+                    .to_str()
+                    .expect("path"),
+            );
+            c.env("FERRY_CONFIG", "/nonexistent")
+                .args(["status", "--url", &ferry_url()]);
             c
         },
         "ferry-substituter status",
@@ -205,20 +271,41 @@ fn nar_resumes_from_another_upstream_and_never_truncates_silently() {
     let ferry = start_ferry(&fleet, &[reset.clone(), good], "");
     let (out, stderr, _) = client_build(&fleet, &expr);
     check(&out, "nix-build with a resetting upstream").unwrap_or_else(|e| {
-        panic!("{e}\ndaemon log:\n{}\nferry log:\n{}", fleet.daemon_log(), ferry.log_text())
+        panic!(
+            "{e}\ndaemon log:\n{}\nferry log:\n{}",
+            fleet.daemon_log(),
+            ferry.log_text()
+        )
     });
-    assert!(substituted_from_ferry(&stderr), "not substituted:\n{stderr}");
+    assert!(
+        substituted_from_ferry(&stderr),
+        "not substituted:\n{stderr}"
+    );
     assert_quiet(&stderr, "resetting upstream");
     let m = metrics(&fleet);
-    assert!(metric(&m, "ferry_substituter_nar_resumes_total") >= 1.0, "{m}");
+    assert!(
+        metric(&m, "ferry_substituter_nar_resumes_total") >= 1.0,
+        "{m}"
+    );
     assert_eq!(metric(&m, "ferry_substituter_nar_aborts_total"), 0.0, "{m}");
 
     // Range requests are honoured byte for byte.
-    let leaf = paths_of_closure(&fleet, &paths[0]).into_iter().find(|p| p.contains("-ferry-sub-leaf-")).expect("leaf");
+    let leaf = paths_of_closure(&fleet, &paths[0])
+        .into_iter()
+        .find(|p| p.contains("-ferry-sub-leaf-"))
+        .expect("leaf");
     let narinfo = std::fs::read_to_string(dir.join(narinfo_name(&leaf))).expect("leaf narinfo");
-    let nar_url = narinfo.lines().find_map(|l| l.strip_prefix("URL: ")).expect("URL").to_owned();
+    let nar_url = narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .expect("URL")
+        .to_owned();
     let file = std::fs::read(dir.join(&nar_url)).expect("nar file");
-    let (code, body) = http_get(&fleet, &format!("{}/{nar_url}", ferry_url()), &["-r", "1000-1999"]);
+    let (code, body) = http_get(
+        &fleet,
+        &format!("{}/{nar_url}", ferry_url()),
+        &["-r", "1000-1999"],
+    );
     assert_eq!(code, 206);
     assert_eq!(body, file[1000..2000]);
     drop(ferry);
@@ -227,17 +314,29 @@ fn nar_resumes_from_another_upstream_and_never_truncates_silently() {
     let _ferry = start_ferry(&fleet, &[reset], "");
     let r = http_get_full(&fleet, &format!("{}/{nar_url}", ferry_url()), &[]);
     assert_eq!(r.status, 200, "the headers were sent before the failure");
-    assert_ne!(r.curl_exit, 0, "curl saw a complete body of {} bytes", r.body.len());
+    assert_ne!(
+        r.curl_exit,
+        0,
+        "curl saw a complete body of {} bytes",
+        r.body.len()
+    );
     assert!(r.body.len() < file.len());
     // A NAR nobody has is a 404 before the first byte.
-    let (code, _) = http_get(&fleet, &format!("{}/nar/doesnotexist.nar", ferry_url()), &[]);
+    let (code, _) = http_get(
+        &fleet,
+        &format!("{}/nar/doesnotexist.nar", ferry_url()),
+        &[],
+    );
     assert_eq!(code, 404);
 }
 
 fn paths_of_closure(fleet: &ferry_integration::Fleet, top: &str) -> Vec<String> {
     let mut q = fleet.client_command("nix-store");
     q.args(["-qR", top]);
-    stdout_of(q, "nix-store -qR").lines().map(str::to_owned).collect()
+    stdout_of(q, "nix-store -qR")
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Runs the benchmark driver in the client's namespace and returns its JSON output line.
@@ -292,7 +391,10 @@ fn bench_substituter_against_direct_upstream() {
     let ferry = start_ferry(&fleet, std::slice::from_ref(&good), "");
     let name = narinfo_name(&small[0]);
     let direct = bench_client(&fleet, &["latency", &format!("{good}/{name}"), "2000"]);
-    let via = bench_client(&fleet, &["latency", &format!("{}/{name}", ferry_url()), "2000"]);
+    let via = bench_client(
+        &fleet,
+        &["latency", &format!("{}/{name}", ferry_url()), "2000"],
+    );
     let (d50, f50) = (json_num(&direct, "p50_us"), json_num(&via, "p50_us"));
     let (d99, f99) = (json_num(&direct, "p99_us"), json_num(&via, "p99_us"));
     eprintln!(
@@ -303,21 +405,38 @@ fn bench_substituter_against_direct_upstream() {
 
     // 3. NAR pass-through.
     let narinfo = std::fs::read_to_string(dir.join(narinfo_name(&big_leaf))).expect("narinfo");
-    let nar = narinfo.lines().find_map(|l| l.strip_prefix("URL: ")).expect("URL").to_owned();
+    let nar = narinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("URL: "))
+        .expect("URL")
+        .to_owned();
     let direct = bench_client(&fleet, &["throughput", &format!("{good}/{nar}"), "5"]);
-    let via = bench_client(&fleet, &["throughput", &format!("{}/{nar}", ferry_url()), "5"]);
+    let via = bench_client(
+        &fleet,
+        &["throughput", &format!("{}/{nar}", ferry_url()), "5"],
+    );
     let (d, f) = (json_num(&direct, "mib_s"), json_num(&via, "mib_s"));
-    eprintln!("NAR 64 MiB pass-through: direct {d:.0} MiB/s, Ferry {f:.0} MiB/s (ratio {:.2})", f / d);
+    eprintln!(
+        "NAR 64 MiB pass-through: direct {d:.0} MiB/s, Ferry {f:.0} MiB/s (ratio {:.2})",
+        f / d
+    );
     drop(ferry);
 
     // 2. A black-holed first upstream: cold lookups of distinct paths, one after another.
-    let _ferry = start_ferry_with(&fleet, &[hole, good.clone()], "", "breaker-cooldown-ms = 60000\n");
+    let _ferry = start_ferry_with(
+        &fleet,
+        &[hole, good.clone()],
+        "",
+        "breaker-cooldown-ms = 60000\n",
+    );
     let urls: Vec<String> = small
         .iter()
         .map(|p| format!("{}/{}", ferry_url(), narinfo_name(p)))
         .collect();
-    let direct_urls: Vec<String> =
-        small.iter().map(|p| format!("{good}/{}", narinfo_name(p))).collect();
+    let direct_urls: Vec<String> = small
+        .iter()
+        .map(|p| format!("{good}/{}", narinfo_name(p)))
+        .collect();
     let mut args = vec!["each"];
     args.extend(urls.iter().map(String::as_str));
     let via = bench_client(&fleet, &args);
@@ -325,7 +444,10 @@ fn bench_substituter_against_direct_upstream() {
     args.extend(direct_urls.iter().map(String::as_str));
     let direct = bench_client(&fleet, &args);
     let ms = |j: &str| -> Vec<f64> {
-        j.split("\"ms\": ").skip(1).filter_map(|r| r.split(',').next()?.parse().ok()).collect()
+        j.split("\"ms\": ")
+            .skip(1)
+            .filter_map(|r| r.split(',').next()?.parse().ok())
+            .collect()
     };
     let (via, direct) = (ms(&via), ms(&direct));
     let direct_mean = direct.iter().sum::<f64>() / direct.len() as f64;
@@ -345,5 +467,8 @@ fn bench_substituter_against_direct_upstream() {
 fn paths_of_closure_on(fleet: &ferry_integration::Fleet, role: &str, top: &str) -> Vec<String> {
     let mut q = fleet.host(role).nix_command("nix-store");
     q.args(["-qR", top]);
-    stdout_of(q, "nix-store -qR").lines().map(str::to_owned).collect()
+    stdout_of(q, "nix-store -qR")
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }

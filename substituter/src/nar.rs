@@ -281,7 +281,10 @@ impl Pump {
             let n = chunk.len() as u64;
             self.pos += n;
             self.state.metrics.nar_bytes.add(n);
-            self.state.upstreams[self.order[self.current]].metrics.nar_bytes.add(n);
+            self.state.upstreams[self.order[self.current]]
+                .metrics
+                .nar_bytes
+                .add(n);
             return Read::Chunk(chunk);
         }
     }

@@ -314,7 +314,10 @@ async fn file_upstream_serves_narinfo_nar_ranges_and_logs() {
     let (code, body) = get(&format!("{f}/{H}.narinfo")).await;
     assert_eq!((code, body), (200, narinfo(H, "f")));
     let r = reqwest::get(format!("{f}/nar/f.nar")).await.expect("nar");
-    assert_eq!(r.headers().get("accept-ranges").map(|v| v.as_bytes()), Some(&b"bytes"[..]));
+    assert_eq!(
+        r.headers().get("accept-ranges").map(|v| v.as_bytes()),
+        Some(&b"bytes"[..])
+    );
     assert_eq!(r.bytes().await.expect("body")[..], data[..]);
     let r = reqwest::Client::new()
         .get(format!("{f}/nar/f.nar"))
@@ -328,13 +331,20 @@ async fn file_upstream_serves_narinfo_nar_ranges_and_logs() {
         Some(&b"bytes 999990-999999/1000000"[..])
     );
     assert_eq!(r.bytes().await.expect("body")[..], data[999_990..]);
-    let r = reqwest::Client::new().head(format!("{f}/nar/f.nar")).send().await.expect("head");
+    let r = reqwest::Client::new()
+        .head(format!("{f}/nar/f.nar"))
+        .send()
+        .await
+        .expect("head");
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(
         r.headers().get("content-length").map(|v| v.as_bytes()),
         Some(&b"1000000"[..])
     );
-    assert_eq!(get(&format!("{f}/log/abc-foo.drv")).await, (200, "build log\n".to_owned()));
+    assert_eq!(
+        get(&format!("{f}/log/abc-foo.drv")).await,
+        (200, "build log\n".to_owned())
+    );
     assert_eq!(get(&format!("{f}/log/missing.drv")).await.0, 404);
     assert_eq!(get(&format!("{f}/nar/missing.nar")).await.0, 404);
     // Traversal out of the cache directory is not even routed.

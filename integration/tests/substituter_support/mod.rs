@@ -43,7 +43,10 @@ pub fn generate_key(dir: &Path, name: &str) -> Key {
     check(&out, "generating a cache key").unwrap_or_else(|e| panic!("{e}"));
     Key {
         secret,
-        public: std::fs::read_to_string(&public).expect("public key").trim().to_owned(),
+        public: std::fs::read_to_string(&public)
+            .expect("public key")
+            .trim()
+            .to_owned(),
     }
 }
 
@@ -127,8 +130,8 @@ pub fn copy_to_cache(fleet: &Fleet, paths: &[String], dir: &Path, key: &Path, co
 
 /// Starts `fault_server.py MODE` on a new LAN host `role` serving `dir`; returns its URL.
 pub fn serve_cache(fleet: &mut Fleet, role: &str, mode: &str, dir: &Path) -> String {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/substituter_support/fault_server.py");
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/substituter_support/fault_server.py");
     let h = fleet.add_host(role).expect("cache host");
     let log = std::fs::File::create(h.dir.join("log/server.log")).expect("log");
     let child = h
@@ -153,13 +156,26 @@ fn wait_listening(h: &Host, port: u16) {
     let start = Instant::now();
     loop {
         let out = Command::new("ip")
-            .args(["netns", "exec", &h.netns, "ss", "-Hltn", "sport", "=", &format!(":{port}")])
+            .args([
+                "netns",
+                "exec",
+                &h.netns,
+                "ss",
+                "-Hltn",
+                "sport",
+                "=",
+                &format!(":{port}"),
+            ])
             .output()
             .expect("ss");
         if !out.stdout.is_empty() {
             return;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "{} never listened on {port}", h.role);
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{} never listened on {port}",
+            h.role
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -190,13 +206,21 @@ pub fn start_ferry(fleet: &Fleet, upstreams: &[String], extra_toml: &str) -> Fer
 }
 
 /// [`start_ferry`] with `upstream_toml` added to every `[[substituter.upstream]]` table.
-pub fn start_ferry_with(fleet: &Fleet, upstreams: &[String], extra_toml: &str, upstream_toml: &str) -> Ferry {
+pub fn start_ferry_with(
+    fleet: &Fleet,
+    upstreams: &[String],
+    extra_toml: &str,
+    upstream_toml: &str,
+) -> Ferry {
     let dir = fleet.root.path();
     let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
     let conf = dir.join(format!("ferry-{n}.toml"));
     let mut toml = format!("[substituter]\nlisten = \"127.0.0.1:{FERRY_PORT}\"\n{extra_toml}\n");
     for (i, u) in upstreams.iter().enumerate() {
-        toml.push_str(&format!("[[substituter.upstream]]\nurl = \"{u}\"\npriority = {}\n{upstream_toml}\n", 10 * (i + 1)));
+        toml.push_str(&format!(
+            "[[substituter.upstream]]\nurl = \"{u}\"\npriority = {}\n{upstream_toml}\n",
+            10 * (i + 1)
+        ));
     }
     std::fs::write(&conf, toml).expect("ferry.toml");
     let log = dir.join(format!("ferry-{n}.log"));
@@ -254,7 +278,10 @@ pub fn http_get_full(fleet: &Fleet, url: &str, extra: &[&str]) -> HttpResult {
         .output()
         .expect("curl");
     HttpResult {
-        status: String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0),
+        status: String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0),
         body: std::fs::read(body_file.path()).unwrap_or_default(),
         curl_exit: out.status.code().unwrap_or(-1),
     }
@@ -278,8 +305,17 @@ pub fn metric(text: &str, name: &str) -> f64 {
 /// Fails if nix-build's stderr shows any sign of trouble with the substituter.
 pub fn assert_quiet(stderr: &str, what: &str) {
     let lower = stderr.to_lowercase();
-    for bad in ["warning", "retrying", "error", "disabling", "ignoring substitute"] {
-        assert!(!lower.contains(bad), "{what}: nix-build printed {bad:?}:\n{stderr}");
+    for bad in [
+        "warning",
+        "retrying",
+        "error",
+        "disabling",
+        "ignoring substitute",
+    ] {
+        assert!(
+            !lower.contains(bad),
+            "{what}: nix-build printed {bad:?}:\n{stderr}"
+        );
     }
 }
 
