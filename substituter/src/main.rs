@@ -1,9 +1,101 @@
-//! Placeholder: this binary's behaviour is not built yet. It says so and exits non-zero
-//! so that nothing configured to call it silently pretends to work.
-fn main() {
-    eprintln!(
-        "{}: not implemented yet in this Ferry build; see the README for what works today",
-        env!("CARGO_PKG_NAME")
-    );
-    std::process::exit(2);
+//! Command line of `ferry-substituter`: `serve` (the default), `check-config`, `status`.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use ferry_substituter::config::{Overrides, SubstituterConfig, nix_conf_trusted_keys};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "A local Nix binary cache in front of upstream caches"
+)]
+struct Cli {
+    /// Address to listen on (overrides `listen` in ferry.toml).
+    #[arg(long, global = true)]
+    listen: Option<String>,
+    /// Upstream cache URL (http://, https://, file://); repeat for several, in priority order.
+    /// Replaces the upstreams of ferry.toml.
+    #[arg(long = "upstream", global = true)]
+    upstreams: Vec<String>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the binary-cache protocol (the default).
+    Serve,
+    /// Validate the configuration and print the resolved settings.
+    CheckConfig,
+    /// Print the counters and breaker states of a running instance.
+    Status {
+        /// Base URL of the running instance (default: the configured listen address).
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+fn settings(cli: &Cli) -> anyhow::Result<ferry_substituter::Settings> {
+    let path = ferry_nix::config::path_from_env();
+    let file: SubstituterConfig = ferry_nix::config::load_section(&path, "substituter")?;
+    let o = Overrides {
+        listen: cli.listen.clone(),
+        upstreams: cli.upstreams.clone(),
+    };
+    file.resolve(&o, nix_conf_trusted_keys)
+        .with_context(|| format!("configuration from {}", path.display()))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let s = settings(&cli)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    match cli.command {
+        None | Some(Cmd::Serve) => rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind(s.listen)
+                .await
+                .with_context(|| format!("binding {}", s.listen))?;
+            tracing::info!(listen = %s.listen, "serving");
+            let shutdown = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            ferry_substituter::run(s, listener, shutdown).await
+        }),
+        Some(Cmd::CheckConfig) => {
+            println!("listen {}", s.listen);
+            println!("store-dir {} priority {}", s.store_dir, s.priority);
+            println!("trusted keys: {}", s.trusted_keys.len());
+            for u in &s.upstreams {
+                println!(
+                    "upstream {} priority {} connect {:?} read {:?} rate {}/s in-flight {}",
+                    u.url,
+                    u.priority,
+                    u.connect_timeout,
+                    u.read_timeout,
+                    u.rate_limit,
+                    u.max_in_flight
+                );
+            }
+            Ok(())
+        }
+        Some(Cmd::Status { url }) => rt.block_on(async {
+            ferry_substituter::install_crypto_provider();
+            let base = url.unwrap_or_else(|| format!("http://{}", s.listen));
+            let body = reqwest::get(format!("{}/ferry/status", base.trim_end_matches('/')))
+                .await
+                .and_then(|r| r.error_for_status())
+                .with_context(|| format!("asking {base}"))?
+                .text()
+                .await?;
+            print!("{body}");
+            Ok(())
+        }),
+    }
 }

@@ -1,0 +1,335 @@
+//! Fixtures for `ferry-substituter` tests: a producer host that builds paths and `nix copy`s
+//! them into signed `file://` binary caches, upstream cache hosts (healthy, black-holed, 500,
+//! garbage 200, slow drip, reset mid-NAR: `fault_server.py`), Ferry itself in the client's
+//! namespace as the client daemon's only substituter, and HTTP probes run inside the fleet.
+//!
+//! No test here ever starts Ferry with its default upstream (cache.nixos.org): every start
+//! passes explicit upstreams on the fleet's LAN or in local directories.
+
+#![allow(dead_code)]
+
+use ferry_integration::{Fleet, FleetConfig, Host, SYSTEM, check, ferry_bin, out_paths};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Ferry's port in the client's namespace (private to the namespace, so always free).
+pub const FERRY_PORT: u16 = 37515;
+/// Port of every upstream cache server on its host.
+pub const CACHE_PORT: u16 = 8080;
+/// A file that exists only in the producer's `/etc/nix`: derivations built anywhere else fail.
+pub const PRODUCER_MARKER: &str = "/etc/nix/ferry-producer";
+
+pub fn ferry_url() -> String {
+    format!("http://127.0.0.1:{FERRY_PORT}")
+}
+
+/// A binary-cache signing key pair made by Nix itself.
+pub struct Key {
+    pub secret: PathBuf,
+    pub public: String,
+}
+
+pub fn generate_key(dir: &Path, name: &str) -> Key {
+    let secret = dir.join(format!("{name}.sk"));
+    let public = dir.join(format!("{name}.pk"));
+    let out = Command::new("nix-store")
+        .arg("--generate-binary-cache-key")
+        .arg(name)
+        .arg(&secret)
+        .arg(&public)
+        .output()
+        .expect("nix-store --generate-binary-cache-key");
+    check(&out, "generating a cache key").unwrap_or_else(|e| panic!("{e}"));
+    Key {
+        secret,
+        public: std::fs::read_to_string(&public)
+            .expect("public key")
+            .trim()
+            .to_owned(),
+    }
+}
+
+/// The client daemon's nix.conf additions: Ferry as the only substituter, signatures required,
+/// short daemon-side download time-outs so a hang would fail a test quickly (fleet.md: the 2.8
+/// daemon ignores these from clients).
+pub fn client_conf(trusted_keys: &str) -> String {
+    format!(
+        "substituters = {url}\ntrusted-substituters = {url}\ntrusted-public-keys = {trusted_keys}\n\
+         require-sigs = true\nconnect-timeout = 5\nstalled-download-timeout = 10\n",
+        url = ferry_url()
+    )
+}
+
+/// A fleet with no builders whose client daemon substitutes only from Ferry and trusts `keys`.
+pub fn fleet(trusted_keys: &str) -> Fleet {
+    Fleet::start(FleetConfig {
+        builders: 0,
+        max_jobs_per_builder: 1,
+        client_conf: client_conf(trusted_keys),
+        daemon_env: Vec::new(),
+    })
+    .expect("fleet")
+}
+
+/// Adds the producer: a host with its own daemon and the marker that lets its builds succeed.
+pub fn add_producer(fleet: &mut Fleet) {
+    let h = fleet.add_host("producer").expect("producer host");
+    h.write_nix_conf("").expect("producer nix.conf");
+    std::fs::write(h.dir.join("etc-nix/ferry-producer"), "1\n").expect("marker");
+    h.start_nix_daemon(&[]).expect("producer daemon");
+}
+
+/// A three-path closure (`top` → `mid` → `leaf`) whose builders fail unless they run on the
+/// producer. `leaf` holds `blob_bytes` random bytes, so NARs can be made large. The client
+/// evaluates the same expression, so it asks for the same output paths: it gets them only by
+/// substitution.
+pub fn producer_only_drv(nonce: &str, blob_bytes: usize) -> String {
+    format!(
+        r#"let
+  mk = name: script: builtins.derivation {{ name = "ferry-sub-${{name}}-{nonce}"; system = "{SYSTEM}"; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+    args = [ "-c" ("if [ ! -e {PRODUCER_MARKER} ]; then echo 'ferry-test: built locally, not substituted' >&2; exit 1; fi; " + script) ]; }};
+  leaf = mk "leaf" "head -c {blob_bytes} /dev/urandom > $out";
+  mid = mk "mid" "mkdir $out; echo ${{leaf}} > $out/leaf";
+in mk "top" "mkdir $out; echo ${{mid}} > $out/mid""#
+    )
+}
+
+/// Builds `expr` on the producer and returns its output paths.
+pub fn build_on_producer(fleet: &Fleet, expr: &str) -> Vec<String> {
+    let out = fleet
+        .host("producer")
+        .nix_command("nix-build")
+        .args(["--no-out-link", "-E", expr])
+        .stdin(Stdio::null())
+        .output()
+        .expect("nix-build on the producer");
+    check(&out, "nix-build on the producer").unwrap_or_else(|e| panic!("{e}"));
+    out_paths(&out)
+}
+
+/// Copies the closure of `paths` from the producer into the `file://` cache at `dir`, signed
+/// with `key` (`nix copy --to file://…?secret-key=…`).
+pub fn copy_to_cache(fleet: &Fleet, paths: &[String], dir: &Path, key: &Path, compression: &str) {
+    std::fs::create_dir_all(dir).expect("cache dir");
+    let to = format!(
+        "file://{}?secret-key={}&compression={compression}",
+        dir.display(),
+        key.display()
+    );
+    let out = fleet
+        .host("producer")
+        .nix_command("nix")
+        .args(["copy", "--to", &to])
+        .args(paths)
+        .stdin(Stdio::null())
+        .output()
+        .expect("nix copy");
+    check(&out, "nix copy to the cache").unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Starts `fault_server.py MODE` on a new LAN host `role` serving `dir`; returns its URL.
+pub fn serve_cache(fleet: &mut Fleet, role: &str, mode: &str, dir: &Path) -> String {
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/substituter_support/fault_server.py");
+    let h = fleet.add_host(role).expect("cache host");
+    let log = std::fs::File::create(h.dir.join("log/server.log")).expect("log");
+    let child = h
+        .command("/usr/bin/python3")
+        .arg(&script)
+        .arg(mode)
+        .arg(&h.addr)
+        .arg(CACHE_PORT.to_string())
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("starting the cache server");
+    h.adopt(child);
+    let url = format!("http://{}:{CACHE_PORT}", h.addr);
+    wait_listening(h, CACHE_PORT);
+    url
+}
+
+fn wait_listening(h: &Host, port: u16) {
+    let start = Instant::now();
+    loop {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &h.netns,
+                "ss",
+                "-Hltn",
+                "sport",
+                "=",
+                &format!(":{port}"),
+            ])
+            .output()
+            .expect("ss");
+        if !out.stdout.is_empty() {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{} never listened on {port}",
+            h.role
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running ferry-substituter in the client's namespace; killed on drop.
+pub struct Ferry {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Drop for Ferry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Ferry {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Starts Ferry on the client's 127.0.0.1 with these upstreams (in priority order) and
+/// `extra_toml` in its `[substituter]` section; waits until `nix-cache-info` answers.
+pub fn start_ferry(fleet: &Fleet, upstreams: &[String], extra_toml: &str) -> Ferry {
+    start_ferry_with(fleet, upstreams, extra_toml, "")
+}
+
+/// [`start_ferry`] with `upstream_toml` added to every `[[substituter.upstream]]` table.
+pub fn start_ferry_with(
+    fleet: &Fleet,
+    upstreams: &[String],
+    extra_toml: &str,
+    upstream_toml: &str,
+) -> Ferry {
+    let dir = fleet.root.path();
+    let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    let conf = dir.join(format!("ferry-{n}.toml"));
+    let mut toml = format!("[substituter]\nlisten = \"127.0.0.1:{FERRY_PORT}\"\n{extra_toml}\n");
+    for (i, u) in upstreams.iter().enumerate() {
+        toml.push_str(&format!(
+            "[[substituter.upstream]]\nurl = \"{u}\"\npriority = {}\n{upstream_toml}\n",
+            10 * (i + 1)
+        ));
+    }
+    std::fs::write(&conf, toml).expect("ferry.toml");
+    let log = dir.join(format!("ferry-{n}.log"));
+    let logf = std::fs::File::create(&log).expect("log");
+    let child = fleet
+        .client
+        .command(ferry_bin("ferry-substituter").to_str().expect("utf-8 path"))
+        .env("FERRY_CONFIG", &conf)
+        .env("RUST_LOG", "ferry_substituter=debug,info")
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone().expect("log"))
+        .stderr(logf)
+        .spawn()
+        .expect("starting ferry-substituter");
+    let ferry = Ferry { child, log };
+    let start = Instant::now();
+    loop {
+        let (code, _) = http_get(fleet, &format!("{}/nix-cache-info", ferry_url()), &[]);
+        if code == 200 {
+            return ferry;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "ferry-substituter did not start:\n{}",
+            ferry.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// GET (or with `-I`, HEAD) `url` from the client's namespace with curl. Returns the status
+/// (0 when curl failed before a status) and the body; curl's exit code is in `curl_exit`.
+pub fn http_get(fleet: &Fleet, url: &str, extra: &[&str]) -> (u16, Vec<u8>) {
+    let r = http_get_full(fleet, url, extra);
+    (r.status, r.body)
+}
+
+pub struct HttpResult {
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub curl_exit: i32,
+}
+
+pub fn http_get_full(fleet: &Fleet, url: &str, extra: &[&str]) -> HttpResult {
+    let body_file = tempfile::NamedTempFile::new_in(fleet.root.path()).expect("temp file");
+    let out: Output = fleet
+        .client
+        .command("curl")
+        .args(["-s", "--max-time", "30", "-o"])
+        .arg(body_file.path())
+        .args(["-w", "%{http_code}"])
+        .args(extra)
+        .arg(url)
+        .stdin(Stdio::null())
+        .output()
+        .expect("curl");
+    HttpResult {
+        status: String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0),
+        body: std::fs::read(body_file.path()).unwrap_or_default(),
+        curl_exit: out.status.code().unwrap_or(-1),
+    }
+}
+
+/// Ferry's `/metrics`.
+pub fn metrics(fleet: &Fleet) -> String {
+    let (code, body) = http_get(fleet, &format!("{}/metrics", ferry_url()), &[]);
+    assert_eq!(code, 200, "/metrics");
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// The value of one sample line (`name` including labels, exactly).
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+}
+
+/// Fails if nix-build's stderr shows any sign of trouble with the substituter.
+pub fn assert_quiet(stderr: &str, what: &str) {
+    let lower = stderr.to_lowercase();
+    for bad in [
+        "warning",
+        "retrying",
+        "error",
+        "disabling",
+        "ignoring substitute",
+    ] {
+        assert!(
+            !lower.contains(bad),
+            "{what}: nix-build printed {bad:?}:\n{stderr}"
+        );
+    }
+}
+
+/// `nix-build` on the client; returns (output, stderr, elapsed).
+pub fn client_build(fleet: &Fleet, expr: &str) -> (Output, String, Duration) {
+    let t = Instant::now();
+    let out = fleet.nix_build(expr, &["-j1"]);
+    let elapsed = t.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, stderr, elapsed)
+}
+
+/// The narinfo file name of a store path: `<hash part>.narinfo`.
+pub fn narinfo_name(store_path: &str) -> String {
+    let base = store_path.rsplit('/').next().unwrap_or(store_path);
+    format!("{}.narinfo", &base[..32])
+}

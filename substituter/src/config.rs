@@ -1,0 +1,426 @@
+//! The `[substituter]` section of `/etc/ferry/ferry.toml`, command-line overrides, and the
+//! resolved [`Settings`] the server runs with.
+//!
+//! With no file and no flags, Ferry proxies `https://cache.nixos.org` on `127.0.0.1:37515`.
+//! Every default below says why it was chosen; the reasoning about Nix's client behaviour is in
+//! `shared/docs/binary-cache.md` (§2 and §5).
+
+use ferry_nix::signing::TrustedKeys;
+use ferry_nix::store_path::StoreDir;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use thiserror::Error;
+
+/// The upstream used when neither the file nor the command line names one.
+pub const DEFAULT_UPSTREAM: &str = "https://cache.nixos.org";
+/// The listen address by default: loopback only, a port outside the usual ranges.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:37515";
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct SubstituterConfig {
+    /// Address to listen on. Loopback by default: the proxy is for this machine's daemon;
+    /// serving a LAN is an explicit choice.
+    pub listen: String,
+    /// The store directory announced in `nix-cache-info` and used to validate narinfos.
+    pub store_dir: String,
+    /// `Priority` announced in `nix-cache-info`. 20 puts Ferry before cache.nixos.org (40) and
+    /// LAN caches (30), so Nix asks Ferry first (doc §5.1 rule 1).
+    pub priority: i32,
+    /// Total time Ferry spends on one narinfo before answering 404 (not cached). Nix 2.8 has no
+    /// per-substituter timeout; 2 s keeps one lookup well under Nix's own timeouts (doc §5.1 rule 2).
+    pub narinfo_deadline_ms: u64,
+    /// Head start of each upstream over the next one in priority order: the next one is asked
+    /// after this delay even if the first has not answered, so a dead first upstream costs
+    /// about this much (goal G5).
+    pub head_start_ms: u64,
+    /// How long a definitive miss (every upstream answered 404) is remembered.
+    pub negative_ttl_secs: u64,
+    /// How long a found narinfo is remembered (narinfos of a path never change, but a cache
+    /// may be garbage-collected; one hour bounds staleness).
+    pub positive_ttl_secs: u64,
+    /// Keys whose signatures Nix trusts. Empty: read `trusted-public-keys` from Nix's own
+    /// `nix.conf` (`$NIX_CONF_DIR` or `/etc/nix`).
+    pub trusted_public_keys: Vec<String>,
+    /// Where to read Nix's configuration when `trusted-public-keys` is empty.
+    pub nix_conf_dir: Option<PathBuf>,
+    /// Serve a narinfo no trusted key signs when no upstream has a trusted one. Off by default:
+    /// Nix would ignore it with a warning and build locally, so a 404 is quieter and equal.
+    pub serve_untrusted: bool,
+    /// Idle time-out for one read of a NAR body, per upstream read; never a total time-out
+    /// (ncro#30). Well under Nix's `stalled-download-timeout` (300 s).
+    pub nar_idle_timeout_ms: u64,
+    /// The upstream caches, in any order (they are sorted by priority).
+    pub upstream: Vec<UpstreamConfig>,
+}
+
+impl Default for SubstituterConfig {
+    fn default() -> Self {
+        SubstituterConfig {
+            listen: DEFAULT_LISTEN.to_owned(),
+            store_dir: "/nix/store".to_owned(),
+            priority: 20,
+            narinfo_deadline_ms: 2000,
+            head_start_ms: 250,
+            negative_ttl_secs: 60,
+            positive_ttl_secs: 3600,
+            trusted_public_keys: Vec::new(),
+            nix_conf_dir: None,
+            serve_untrusted: false,
+            nar_idle_timeout_ms: 30_000,
+            upstream: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct UpstreamConfig {
+    /// `http://`, `https://` or `file://` (a directory written by `nix copy --to file://`).
+    pub url: String,
+    /// Lower is asked first, as in Nix. Default: the position in the list times 10, plus 10.
+    pub priority: Option<i32>,
+    /// TCP connect time-out. 250 ms by default: a LAN or CDN answers SYNs in a few ms, so a
+    /// dead host costs little (goal G5).
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Time-out for a whole small response (narinfo, log, listing) and for each NAR read.
+    #[serde(default = "default_read_timeout_ms")]
+    pub read_timeout_ms: u64,
+    /// Requests per second Ferry sends to this upstream; over the limit it skips to the next
+    /// upstream instead of waiting (doc §5.1 rule 7). 0: unlimited.
+    #[serde(default = "default_rate_limit")]
+    pub rate_limit: u32,
+    /// Concurrent requests to this upstream; Nix itself opens up to 25 connections.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Consecutive failures (connect errors, time-outs, 5xx, garbage) that open the breaker.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// First open period of the breaker; doubles on each failed probe up to 60 s.
+    #[serde(default = "default_breaker_cooldown_ms")]
+    pub breaker_cooldown_ms: u64,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    250
+}
+fn default_read_timeout_ms() -> u64 {
+    1500
+}
+fn default_rate_limit() -> u32 {
+    200
+}
+fn default_max_in_flight() -> usize {
+    16
+}
+fn default_breaker_failures() -> u32 {
+    3
+}
+fn default_breaker_cooldown_ms() -> u64 {
+    2000
+}
+
+impl UpstreamConfig {
+    pub fn new(url: &str) -> Self {
+        UpstreamConfig {
+            url: url.to_owned(),
+            priority: None,
+            connect_timeout_ms: default_connect_timeout_ms(),
+            read_timeout_ms: default_read_timeout_ms(),
+            rate_limit: default_rate_limit(),
+            max_in_flight: default_max_in_flight(),
+            breaker_failures: default_breaker_failures(),
+            breaker_cooldown_ms: default_breaker_cooldown_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum SettingsError {
+    #[error("listen address '{0}' is not host:port")]
+    Listen(String),
+    #[error(transparent)]
+    StoreDir(#[from] ferry_nix::store_path::StorePathError),
+    #[error("upstream '{url}': {reason}")]
+    Upstream { url: String, reason: &'static str },
+    #[error("trusted-public-keys: {0}")]
+    Keys(#[from] ferry_nix::signing::SigningError),
+    #[error("reading Nix's configuration: {0}")]
+    NixConf(#[from] ferry_nix::nixconf::NixConfError),
+    #[error("{0} must be greater than 0")]
+    Zero(&'static str),
+}
+
+/// Where an upstream's files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamLocation {
+    /// Base URL without a trailing '/'.
+    Http(String),
+    /// The cache directory.
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub url: String,
+    pub location: UpstreamLocation,
+    pub priority: i32,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub rate_limit: u32,
+    pub max_in_flight: usize,
+    pub breaker: crate::breaker::BreakerConfig,
+}
+
+/// Everything the server needs, validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub store_dir: StoreDir,
+    pub priority: i32,
+    pub narinfo_deadline: Duration,
+    pub head_start: Duration,
+    pub negative_ttl: Duration,
+    pub positive_ttl: Duration,
+    /// Empty: every hit counts as trusted (Ferry cannot know what Nix trusts).
+    pub trusted_keys: TrustedKeys,
+    pub serve_untrusted: bool,
+    pub nar_idle_timeout: Duration,
+    /// Sorted by priority (stable: equal priorities keep their order).
+    pub upstreams: Vec<UpstreamSettings>,
+}
+
+/// Command-line overrides of the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    /// When non-empty, replaces the file's upstreams (priorities by position).
+    pub upstreams: Vec<String>,
+}
+
+pub fn parse_location(url: &str) -> Result<UpstreamLocation, SettingsError> {
+    let bad = |reason| SettingsError::Upstream {
+        url: url.to_owned(),
+        reason,
+    };
+    if let Some(path) = url.strip_prefix("file://") {
+        if !path.starts_with('/') {
+            return Err(bad(
+                "a file:// upstream needs an absolute path (file:///dir)",
+            ));
+        }
+        let path = path.trim_end_matches('/');
+        return Ok(UpstreamLocation::File(PathBuf::from(if path.is_empty() {
+            "/"
+        } else {
+            path
+        })));
+    }
+    if url.starts_with("http://") || url.starts_with("https://") {
+        if url.contains('?') || url.contains('#') {
+            return Err(bad("query strings and fragments are not supported"));
+        }
+        let base = url.trim_end_matches('/');
+        if base.len() <= "https://".len() || base.ends_with(':') {
+            return Err(bad("no host"));
+        }
+        return Ok(UpstreamLocation::Http(base.to_owned()));
+    }
+    Err(bad(
+        "only http://, https:// and file:// upstreams are supported",
+    ))
+}
+
+impl SubstituterConfig {
+    /// Applies overrides and validates. `nix_conf_loader` reads Nix's configuration when keys
+    /// are not configured (a parameter so tests need no files).
+    pub fn resolve(
+        mut self,
+        overrides: &Overrides,
+        nix_conf_keys: impl FnOnce(&std::path::Path) -> Result<Option<String>, SettingsError>,
+    ) -> Result<Settings, SettingsError> {
+        if let Some(l) = &overrides.listen {
+            self.listen = l.clone();
+        }
+        if !overrides.upstreams.is_empty() {
+            self.upstream = overrides
+                .upstreams
+                .iter()
+                .map(|u| UpstreamConfig::new(u))
+                .collect();
+        }
+        if self.upstream.is_empty() {
+            self.upstream.push(UpstreamConfig::new(DEFAULT_UPSTREAM));
+        }
+        let listen = self
+            .listen
+            .parse()
+            .map_err(|_| SettingsError::Listen(self.listen.clone()))?;
+        let store_dir = StoreDir::new(self.store_dir.clone())?;
+        for (v, name) in [
+            (self.narinfo_deadline_ms, "narinfo-deadline-ms"),
+            (self.nar_idle_timeout_ms, "nar-idle-timeout-ms"),
+        ] {
+            if v == 0 {
+                return Err(SettingsError::Zero(name));
+            }
+        }
+        let mut upstreams = Vec::new();
+        for (i, u) in self.upstream.iter().enumerate() {
+            let location = parse_location(&u.url)?;
+            if u.max_in_flight == 0 {
+                return Err(SettingsError::Zero("max-in-flight"));
+            }
+            if u.connect_timeout_ms == 0 || u.read_timeout_ms == 0 {
+                return Err(SettingsError::Zero(
+                    "connect-timeout-ms and read-timeout-ms",
+                ));
+            }
+            upstreams.push(UpstreamSettings {
+                url: u.url.clone(),
+                location,
+                priority: u.priority.unwrap_or(10 + 10 * i as i32),
+                connect_timeout: Duration::from_millis(u.connect_timeout_ms),
+                read_timeout: Duration::from_millis(u.read_timeout_ms),
+                rate_limit: u.rate_limit,
+                max_in_flight: u.max_in_flight,
+                breaker: crate::breaker::BreakerConfig {
+                    failures_to_open: u.breaker_failures.max(1),
+                    cooldown: Duration::from_millis(u.breaker_cooldown_ms),
+                    max_cooldown: Duration::from_secs(60),
+                    probe_timeout: Duration::from_millis(u.connect_timeout_ms + u.read_timeout_ms),
+                },
+            });
+        }
+        upstreams.sort_by_key(|u| u.priority);
+        let keys_text = if self.trusted_public_keys.is_empty() {
+            let dir = self.nix_conf_dir.clone().unwrap_or_else(|| {
+                std::env::var_os("NIX_CONF_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("/etc/nix"))
+            });
+            nix_conf_keys(&dir)?.unwrap_or_default()
+        } else {
+            self.trusted_public_keys.join(" ")
+        };
+        let trusted_keys = TrustedKeys::parse_list(&keys_text)?;
+        Ok(Settings {
+            listen,
+            store_dir,
+            priority: self.priority,
+            narinfo_deadline: Duration::from_millis(self.narinfo_deadline_ms),
+            head_start: Duration::from_millis(self.head_start_ms),
+            negative_ttl: Duration::from_secs(self.negative_ttl_secs),
+            positive_ttl: Duration::from_secs(self.positive_ttl_secs),
+            trusted_keys,
+            serve_untrusted: self.serve_untrusted,
+            nar_idle_timeout: Duration::from_millis(self.nar_idle_timeout_ms),
+            upstreams,
+        })
+    }
+}
+
+/// Reads `trusted-public-keys` from `<dir>/nix.conf` as Nix would (includes, later lines win).
+pub fn nix_conf_trusted_keys(dir: &std::path::Path) -> Result<Option<String>, SettingsError> {
+    let conf = ferry_nix::nixconf::NixConf::load_system(dir, &ferry_nix::nixconf::RealFs)?;
+    Ok(conf.get("trusted-public-keys").map(str::to_owned))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_nix_conf(_: &std::path::Path) -> Result<Option<String>, SettingsError> {
+        Ok(None)
+    }
+
+    #[test]
+    fn zero_config_proxies_cache_nixos_org_on_loopback() {
+        let s = SubstituterConfig::default()
+            .resolve(&Overrides::default(), no_nix_conf)
+            .expect("defaults resolve");
+        assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(s.upstreams.len(), 1);
+        assert_eq!(
+            s.upstreams[0].location,
+            UpstreamLocation::Http("https://cache.nixos.org".into())
+        );
+        assert!(s.trusted_keys.is_empty());
+    }
+
+    #[test]
+    fn file_section_with_upstreams_sorts_by_priority() {
+        let text = r#"
+[substituter]
+listen = "127.0.0.1:9000"
+priority = 15
+[[substituter.upstream]]
+url = "http://10.0.0.2:5000/"
+priority = 50
+connect-timeout-ms = 100
+[[substituter.upstream]]
+url = "file:///srv/cache"
+priority = 5
+"#;
+        let c: SubstituterConfig = ferry_nix::config::parse_section(
+            text,
+            std::path::Path::new("/etc/ferry/ferry.toml"),
+            "substituter",
+        )
+        .expect("parses");
+        let s = c
+            .resolve(&Overrides::default(), no_nix_conf)
+            .expect("resolves");
+        assert_eq!(s.priority, 15);
+        assert_eq!(
+            s.upstreams[0].location,
+            UpstreamLocation::File("/srv/cache".into())
+        );
+        assert_eq!(
+            s.upstreams[1].location,
+            UpstreamLocation::Http("http://10.0.0.2:5000".into())
+        );
+        assert_eq!(s.upstreams[1].connect_timeout, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn typo_names_the_line() {
+        let text = "[substituter]\nlisten = \"127.0.0.1:1\"\n[[substituter.upstream]]\nurl = \"http://a\"\nconect-timeout-ms = 3\n";
+        let e = ferry_nix::config::parse_section::<SubstituterConfig>(
+            text,
+            std::path::Path::new("f.toml"),
+            "substituter",
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("f.toml line 5:"), "{e}");
+    }
+
+    #[test]
+    fn flags_replace_file_upstreams_and_keys_come_from_nix_conf() {
+        let mut c = SubstituterConfig::default();
+        c.upstream.push(UpstreamConfig::new("http://from-file"));
+        let o = Overrides {
+            listen: Some("127.0.0.1:1234".into()),
+            upstreams: vec!["http://a:1".into(), "file:///b".into()],
+        };
+        let key = ferry_nix::signing::SecretKey::from_seed("test-1", [1; 32])
+            .expect("key")
+            .to_public()
+            .to_string();
+        let s = c.resolve(&o, |_| Ok(Some(key))).expect("resolves");
+        assert_eq!(s.upstreams.len(), 2);
+        assert_eq!(s.upstreams[0].priority, 10);
+        assert_eq!(s.upstreams[1].priority, 20);
+        assert_eq!(s.trusted_keys.len(), 1);
+    }
+
+    #[test]
+    fn bad_upstreams_are_rejected() {
+        for u in ["ftp://x", "file://relative", "http://", "http://a/?x=1"] {
+            assert!(parse_location(u).is_err(), "{u}");
+        }
+    }
+}

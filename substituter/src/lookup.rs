@@ -1,0 +1,279 @@
+//! The async shell of the priority race ([`crate::race`]) with coalescing and the
+//! positive/negative answer cache.
+//!
+//! Identical concurrent lookups share one race (moka's `try_get_with`). A found answer is kept
+//! for `positive-ttl`, a definitive miss for `negative-ttl`; an incomplete miss (an upstream
+//! failed, timed out, was skipped or missed the deadline) is returned as an error, which moka
+//! never caches.
+
+use crate::check::check_narinfo;
+use crate::race::{Decision, Slot, decide, start_next_early};
+use crate::server::State;
+use crate::upstream::Fetch;
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Largest narinfo, listing or log Ferry passes through.
+pub const MAX_SMALL: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Key {
+    /// A narinfo by hash part.
+    NarInfo(String),
+    /// Another small object by key.
+    Other(String),
+}
+
+#[derive(Debug)]
+pub enum Answer {
+    Found {
+        body: Bytes,
+        upstream: usize,
+        nar_key: Option<String>,
+    },
+    /// Every upstream said no.
+    Missing,
+}
+
+/// A 404 that must not be cached.
+#[derive(Debug)]
+pub struct Incomplete;
+
+/// Entry lifetimes by kind of answer.
+pub struct AnswerExpiry {
+    pub positive: Duration,
+    pub negative: Duration,
+}
+
+impl moka::Expiry<Key, Arc<Answer>> for AnswerExpiry {
+    fn expire_after_create(
+        &self,
+        _k: &Key,
+        v: &Arc<Answer>,
+        _now: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(match **v {
+            Answer::Found { .. } => self.positive,
+            Answer::Missing => self.negative,
+        })
+    }
+}
+
+pub type AnswerCache = moka::future::Cache<Key, Arc<Answer>>;
+
+pub fn answer_cache(positive: Duration, negative: Duration) -> AnswerCache {
+    moka::future::Cache::builder()
+        // Weighted by body size: 256 MiB of answers at most; a miss weighs 64 bytes.
+        .weigher(|k: &Key, v: &Arc<Answer>| {
+            let key_len = match k {
+                Key::NarInfo(h) | Key::Other(h) => h.len(),
+            };
+            let body = match &**v {
+                Answer::Found { body, .. } => body.len(),
+                Answer::Missing => 0,
+            };
+            u32::try_from(64 + key_len + body).unwrap_or(u32::MAX)
+        })
+        .max_capacity(256 * 1024 * 1024)
+        .expire_after(AnswerExpiry { positive, negative })
+        .build()
+}
+
+/// Looks `key` up through the cache; `Err` is an uncached 404.
+pub async fn lookup(state: &Arc<State>, key: Key) -> Result<Arc<Answer>, Arc<Incomplete>> {
+    if let Some(a) = state.answers.get(&key).await {
+        match *a {
+            Answer::Found { .. } => state.metrics.cache_hits.inc(),
+            Answer::Missing => state.metrics.negative_hits.inc(),
+        }
+        return Ok(a);
+    }
+    let st = Arc::clone(state);
+    let k = key.clone();
+    state
+        .answers
+        .try_get_with(key, async move { race(&st, &k).await })
+        .await
+}
+
+struct Outcome {
+    slot: Slot,
+    found: Option<(Bytes, Option<String>)>,
+}
+
+/// Asks one upstream, validates, and feeds its breaker.
+async fn ask(state: Arc<State>, i: usize, key: Key) -> Outcome {
+    let up = &state.upstreams[i];
+    let _slot = up.slot().await;
+    let (object, hash) = match &key {
+        Key::NarInfo(h) => (format!("{h}.narinfo"), Some(h.as_str())),
+        Key::Other(k) => (k.clone(), None),
+    };
+    let failed = Outcome {
+        slot: Slot::Failed,
+        found: None,
+    };
+    match up.fetch_small(&object, MAX_SMALL).await {
+        Fetch::Missing => {
+            up.record_success();
+            up.metrics.misses.inc();
+            Outcome {
+                slot: Slot::Miss,
+                found: None,
+            }
+        }
+        Fetch::Failed { error, retry_after } => {
+            tracing::warn!(upstream = %up.settings.url, %object, %error, "upstream request failed");
+            up.record_failure(retry_after);
+            failed
+        }
+        Fetch::Found(bytes) => match hash {
+            None => {
+                up.record_success();
+                up.metrics.hits.inc();
+                Outcome {
+                    slot: Slot::Hit { trusted: true },
+                    found: Some((bytes, None)),
+                }
+            }
+            Some(h) => match check_narinfo(
+                &state.settings.store_dir,
+                h,
+                &bytes,
+                &state.settings.trusted_keys,
+                up.http_base(),
+            ) {
+                Ok(c) => {
+                    up.record_success();
+                    up.metrics.hits.inc();
+                    if !c.trusted {
+                        tracing::info!(upstream = %up.settings.url, %object, "narinfo has no trusted signature");
+                    }
+                    Outcome {
+                        slot: Slot::Hit { trusted: c.trusted },
+                        found: Some((Bytes::from(c.body), c.nar_key)),
+                    }
+                }
+                Err(error) => {
+                    // An unparsable 200 (an HTML interstitial, a truncated body) is an
+                    // upstream failure, not a miss (doc §5.1 rule 3).
+                    tracing::warn!(upstream = %up.settings.url, %object, %error, "invalid narinfo");
+                    up.record_failure(None);
+                    failed
+                }
+            },
+        },
+    }
+}
+
+type Running = FuturesUnordered<
+    std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = (usize, Result<Outcome, tokio::task::JoinError>)>
+                + Send,
+        >,
+    >,
+>;
+
+enum Event {
+    Answer(usize, Outcome),
+    HeadStart,
+    Deadline,
+}
+
+async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> {
+    let n = state.upstreams.len();
+    let mut slots = vec![Slot::Pending; n];
+    let mut found: Vec<Option<(Bytes, Option<String>)>> = vec![None; n];
+    let mut running: Running = FuturesUnordered::new();
+    let mut handles = Vec::new();
+    let start = Instant::now();
+    let deadline = tokio::time::sleep(state.settings.narinfo_deadline);
+    tokio::pin!(deadline);
+    let head = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(head);
+    let mut next = 0usize;
+
+    let mut launch = |i: usize, slots: &mut [Slot], running: &mut Running| {
+        let up = &state.upstreams[i];
+        if up.admit().is_err() {
+            slots[i] = Slot::Skipped;
+            return;
+        }
+        // A task, so that a request still running at the deadline completes and teaches the
+        // breaker; it is aborted only once a winner is known.
+        let h = tokio::spawn(ask(Arc::clone(state), i, key.clone()));
+        handles.push(h.abort_handle());
+        running.push(Box::pin(async move { (i, h.await) }));
+    };
+
+    let decision = loop {
+        // Ask the next upstream now when every earlier one has already said no.
+        while next < n && (next == 0 || start_next_early(&slots, next)) {
+            launch(next, &mut slots, &mut running);
+            next += 1;
+            head.as_mut()
+                .reset(tokio::time::Instant::now() + state.settings.head_start);
+        }
+        match decide(&slots, false, state.settings.serve_untrusted) {
+            Decision::Wait => {}
+            d => break d,
+        }
+        let event = tokio::select! {
+            Some((i, r)) = running.next() => {
+                Event::Answer(i, r.unwrap_or(Outcome { slot: Slot::Failed, found: None }))
+            }
+            _ = &mut head, if next < n => Event::HeadStart,
+            _ = &mut deadline => Event::Deadline,
+        };
+        match event {
+            Event::Answer(i, o) => {
+                slots[i] = o.slot;
+                found[i] = o.found;
+            }
+            Event::HeadStart => {
+                launch(next, &mut slots, &mut running);
+                next += 1;
+                head.as_mut()
+                    .reset(tokio::time::Instant::now() + state.settings.head_start);
+            }
+            Event::Deadline => break decide(&slots, true, state.settings.serve_untrusted),
+        }
+    };
+    if matches!(decision, Decision::Serve(_)) {
+        for h in &handles {
+            h.abort();
+        }
+    }
+    let elapsed = start.elapsed();
+    match decision {
+        Decision::Serve(i) => {
+            let (body, nar_key) = found[i].take().unwrap_or_default();
+            if let Some(k) = &nar_key {
+                state.routes.insert(k.clone(), i).await;
+            }
+            tracing::debug!(?key, upstream = %state.upstreams[i].settings.url, ?elapsed, "found");
+            Ok(Arc::new(Answer::Found {
+                body,
+                upstream: i,
+                nar_key,
+            }))
+        }
+        Decision::NotFound { definitive: true } => {
+            tracing::debug!(?key, ?elapsed, "missing everywhere");
+            Ok(Arc::new(Answer::Missing))
+        }
+        _ => {
+            tracing::info!(
+                ?key,
+                ?slots,
+                ?elapsed,
+                "not found, incomplete answers (not cached)"
+            );
+            Err(Incomplete)
+        }
+    }
+}

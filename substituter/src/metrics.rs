@@ -1,0 +1,285 @@
+//! Counters for `/metrics` (Prometheus text format 0.0.4) and `ferry-substituter status`.
+//! Plain atomics: no registry crate, nothing allocated per request.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 11] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [Counter; 11],
+    count: Counter,
+    sum_micros: Counter,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (b, bound) in self.buckets.iter().zip(BUCKETS) {
+            if s <= bound {
+                b.inc();
+            }
+        }
+        self.count.inc();
+        self.sum_micros.add(d.as_micros() as u64);
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct UpstreamMetrics {
+    pub latency: Histogram,
+    pub hits: Counter,
+    pub misses: Counter,
+    pub failures: Counter,
+    pub skipped_breaker: Counter,
+    pub skipped_rate: Counter,
+    pub nar_bytes: Counter,
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub narinfo_hits: Counter,
+    pub narinfo_misses: Counter,
+    /// Served from the negative cache.
+    pub negative_hits: Counter,
+    /// Served from the positive narinfo cache.
+    pub cache_hits: Counter,
+    /// 404s that were not definitive (failures, time-outs, open breakers): never cached.
+    pub incomplete_misses: Counter,
+    pub nar_requests: Counter,
+    pub nar_bytes: Counter,
+    pub nar_resumes: Counter,
+    pub nar_aborts: Counter,
+    pub nar_not_found: Counter,
+}
+
+/// One upstream's row, for rendering.
+pub struct UpstreamView<'a> {
+    pub url: &'a str,
+    pub priority: i32,
+    pub breaker: u8,
+    pub metrics: &'a UpstreamMetrics,
+}
+
+pub fn render(m: &Metrics, ups: &[UpstreamView<'_>]) -> String {
+    let mut s = String::with_capacity(4096);
+    let mut counter = |name: &str, help: &str, v: u64| {
+        let _ = writeln!(s, "# HELP ferry_substituter_{name} {help}");
+        let _ = writeln!(s, "# TYPE ferry_substituter_{name} counter");
+        let _ = writeln!(s, "ferry_substituter_{name} {v}");
+    };
+    counter(
+        "narinfo_hits_total",
+        "narinfo requests answered 200",
+        m.narinfo_hits.get(),
+    );
+    counter(
+        "narinfo_misses_total",
+        "narinfo requests answered 404",
+        m.narinfo_misses.get(),
+    );
+    counter(
+        "negative_cache_hits_total",
+        "404s served from the negative cache",
+        m.negative_hits.get(),
+    );
+    counter(
+        "positive_cache_hits_total",
+        "200s served from the narinfo cache",
+        m.cache_hits.get(),
+    );
+    counter(
+        "incomplete_misses_total",
+        "404s caused by failing or skipped upstreams (not cached)",
+        m.incomplete_misses.get(),
+    );
+    counter("nar_requests_total", "NAR requests", m.nar_requests.get());
+    counter(
+        "nar_bytes_total",
+        "NAR bytes sent to clients",
+        m.nar_bytes.get(),
+    );
+    counter(
+        "nar_resumes_total",
+        "NAR streams resumed after an upstream failure",
+        m.nar_resumes.get(),
+    );
+    counter(
+        "nar_aborts_total",
+        "NAR streams aborted (no upstream could resume)",
+        m.nar_aborts.get(),
+    );
+    counter(
+        "nar_not_found_total",
+        "NAR requests answered 404",
+        m.nar_not_found.get(),
+    );
+    let label = |u: &UpstreamView<'_>| format!("upstream=\"{}\"", u.url.replace(['"', '\\'], "_"));
+    let _ = writeln!(
+        s,
+        "# HELP ferry_substituter_upstream_breaker_state 0 closed, 1 open, 2 half-open"
+    );
+    let _ = writeln!(s, "# TYPE ferry_substituter_upstream_breaker_state gauge");
+    for u in ups {
+        let _ = writeln!(
+            s,
+            "ferry_substituter_upstream_breaker_state{{{}}} {}",
+            label(u),
+            u.breaker
+        );
+    }
+    type Get = fn(&UpstreamMetrics) -> u64;
+    let per: [(&str, Get); 6] = [
+        ("upstream_hits_total", |m| m.hits.get()),
+        ("upstream_misses_total", |m| m.misses.get()),
+        ("upstream_failures_total", |m| m.failures.get()),
+        ("upstream_skipped_breaker_total", |m| {
+            m.skipped_breaker.get()
+        }),
+        ("upstream_skipped_rate_limit_total", |m| {
+            m.skipped_rate.get()
+        }),
+        ("upstream_nar_bytes_total", |m| m.nar_bytes.get()),
+    ];
+    for (name, get) in per {
+        let _ = writeln!(s, "# TYPE ferry_substituter_{name} counter");
+        for u in ups {
+            let _ = writeln!(
+                s,
+                "ferry_substituter_{name}{{{}}} {}",
+                label(u),
+                get(u.metrics)
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "# HELP ferry_substituter_upstream_latency_seconds time to a whole small answer"
+    );
+    let _ = writeln!(
+        s,
+        "# TYPE ferry_substituter_upstream_latency_seconds histogram"
+    );
+    for u in ups {
+        let l = label(u);
+        let h = &u.metrics.latency;
+        for (b, bound) in h.buckets.iter().zip(BUCKETS) {
+            let _ = writeln!(
+                s,
+                "ferry_substituter_upstream_latency_seconds_bucket{{{l},le=\"{bound}\"}} {}",
+                b.get()
+            );
+        }
+        let _ = writeln!(
+            s,
+            "ferry_substituter_upstream_latency_seconds_bucket{{{l},le=\"+Inf\"}} {}",
+            h.count.get()
+        );
+        let _ = writeln!(
+            s,
+            "ferry_substituter_upstream_latency_seconds_sum{{{l}}} {}",
+            h.sum_micros.get() as f64 / 1e6
+        );
+        let _ = writeln!(
+            s,
+            "ferry_substituter_upstream_latency_seconds_count{{{l}}} {}",
+            h.count.get()
+        );
+    }
+    s
+}
+
+/// The human summary printed by `ferry-substituter status`.
+pub fn render_status(m: &Metrics, ups: &[UpstreamView<'_>]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "narinfo: {} hits, {} misses ({} from the negative cache, {} incomplete), {} from the narinfo cache",
+        m.narinfo_hits.get(),
+        m.narinfo_misses.get(),
+        m.negative_hits.get(),
+        m.incomplete_misses.get(),
+        m.cache_hits.get()
+    );
+    let _ = writeln!(
+        s,
+        "nar: {} requests, {} bytes, {} resumed, {} aborted, {} not found",
+        m.nar_requests.get(),
+        m.nar_bytes.get(),
+        m.nar_resumes.get(),
+        m.nar_aborts.get(),
+        m.nar_not_found.get()
+    );
+    for u in ups {
+        let state = match u.breaker {
+            0 => "closed",
+            1 => "OPEN",
+            _ => "half-open",
+        };
+        let h = &u.metrics.latency;
+        let mean_ms = if h.count.get() == 0 {
+            0.0
+        } else {
+            h.sum_micros.get() as f64 / h.count.get() as f64 / 1000.0
+        };
+        let _ = writeln!(
+            s,
+            "upstream {} (priority {}): breaker {state}, {} hits, {} misses, {} failures, {} skipped, mean latency {mean_ms:.1} ms",
+            u.url,
+            u.priority,
+            u.metrics.hits.get(),
+            u.metrics.misses.get(),
+            u.metrics.failures.get(),
+            u.metrics.skipped_breaker.get() + u.metrics.skipped_rate.get(),
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.narinfo_hits.inc();
+        let um = UpstreamMetrics::default();
+        um.latency.observe(Duration::from_millis(3));
+        let text = render(
+            &m,
+            &[UpstreamView {
+                url: "http://a",
+                priority: 10,
+                breaker: 1,
+                metrics: &um,
+            }],
+        );
+        assert!(text.contains("ferry_substituter_narinfo_hits_total 1\n"));
+        assert!(
+            text.contains("ferry_substituter_upstream_breaker_state{upstream=\"http://a\"} 1\n")
+        );
+        assert!(text.contains("le=\"0.0025\"} 0\n"));
+        assert!(text.contains("le=\"0.005\"} 1\n"));
+    }
+}

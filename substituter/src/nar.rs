@@ -1,0 +1,338 @@
+//! NAR pass-through: streamed, never buffered whole, never silently truncated.
+//!
+//! Candidates are the upstream whose narinfo named this NAR (remembered by the lookup), then
+//! every other upstream in priority order (the same relative key names the same file on every
+//! Nix-written cache, and after a restart Ferry has no memory of routes: doc §1.4, §5.1 rule 5).
+//! Nothing served before the first byte means 404. Once the headers are out, a failing upstream
+//! (error, early end, idle time-out) is replaced by resuming at the current offset with `Range`
+//! from the same upstream (if it made progress) or the next candidate; an upstream that ignores
+//! `Range` is read from the start and the prefix dropped. When no candidate can continue, the
+//! body ends with an error, which makes hyper abort the connection: the client sees a short body
+//! against its `Content-Length`, never a clean end (doc §5.1 rule 6; ncro#77, attic#124).
+
+use crate::server::State;
+use crate::upstream::{NarBody, OpenNar};
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use std::io;
+use std::sync::Arc;
+
+/// Parses a single `Range: bytes=a-` or `bytes=a-b`. Other forms (suffix, multiple ranges) are
+/// ignored, which RFC 9110 allows: the whole file is sent with 200.
+pub fn parse_range(v: &str) -> Option<(u64, Option<u64>)> {
+    let spec = v.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let start = a.trim().parse().ok()?;
+    let end = match b.trim() {
+        "" => None,
+        b => Some(b.parse().ok()?),
+    };
+    match end {
+        Some(e) if e < start => None,
+        _ => Some((start, end)),
+    }
+}
+
+/// The upstreams to try, in order: the one that served the narinfo first.
+async fn candidates(state: &Arc<State>, key: &str) -> Vec<usize> {
+    let first = state.routes.get(key).await;
+    let mut v: Vec<usize> = first.into_iter().collect();
+    v.extend((0..state.upstreams.len()).filter(|i| Some(*i) != first));
+    v
+}
+
+fn not_found() -> Response<Body> {
+    let mut r = Response::new(Body::empty());
+    *r.status_mut() = StatusCode::NOT_FOUND;
+    r
+}
+
+pub async fn serve(
+    state: Arc<State>,
+    key: String,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Response<Body> {
+    state.metrics.nar_requests.inc();
+    let order = candidates(&state, &key).await;
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_range);
+    let start = range.map_or(0, |r| r.0);
+    let head = method == Method::HEAD;
+
+    // Open the first candidate that has the file.
+    let mut opened = None;
+    for (pos, &i) in order.iter().enumerate() {
+        let up = &state.upstreams[i];
+        if up.admit().is_err() {
+            continue;
+        }
+        let _slot = up.slot().await;
+        let r = if head {
+            up.head_nar(&key).await
+        } else {
+            up.open_nar(&key, start).await
+        };
+        match r {
+            OpenNar::Opened(body) => {
+                up.record_success();
+                opened = Some((pos, body));
+                break;
+            }
+            OpenNar::Missing => up.record_success(),
+            OpenNar::Failed(error) => {
+                tracing::warn!(upstream = %up.settings.url, %key, %error, "NAR open failed");
+                up.record_failure(None);
+            }
+        }
+    }
+    let Some((pos, body)) = opened else {
+        state.metrics.nar_not_found.inc();
+        return not_found();
+    };
+
+    let total = body.total;
+    let mut resp = Response::new(Body::empty());
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-nix-nar"),
+    );
+    let end_excl = match (range, total) {
+        (Some((s, e)), Some(t)) => {
+            if s >= t {
+                *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{t}")) {
+                    resp.headers_mut().insert(header::CONTENT_RANGE, v);
+                }
+                return resp;
+            }
+            let last = e.map_or(t - 1, |e| e.min(t - 1));
+            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {s}-{last}/{t}")) {
+                h.insert(header::CONTENT_RANGE, v);
+            }
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(last + 1 - s));
+            Some(last + 1)
+        }
+        // A range on a file of unknown length: serve it whole.
+        (Some(_), None) => None,
+        (None, t) => {
+            if let Some(t) = t {
+                h.insert(header::CONTENT_LENGTH, HeaderValue::from(t));
+            }
+            t
+        }
+    };
+    resp.headers_mut().extend(h);
+    if total.is_some() {
+        // Lets Nix resume by itself too (`Accept-Ranges` and no `Content-Encoding`, doc §2.2).
+        resp.headers_mut()
+            .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    }
+    if head {
+        return resp;
+    }
+    let from = if range.is_some() && total.is_some() {
+        start
+    } else {
+        0
+    };
+    let body = if from != start {
+        // The range was dropped (unknown length) but the upstream was opened at `start`.
+        match state.upstreams[order[pos]].open_nar(&key, 0).await {
+            OpenNar::Opened(b) => b,
+            _ => {
+                state.metrics.nar_not_found.inc();
+                return not_found();
+            }
+        }
+    } else {
+        body
+    };
+    let pump = Pump {
+        excluded: vec![false; order.len()],
+        state: Arc::clone(&state),
+        key,
+        order,
+        current: pos,
+        pos: from,
+        opened_at: from,
+        end: end_excl,
+        total,
+        body: Some(body),
+    };
+    // The body is polled directly by hyper: no task or channel between upstream and client.
+    let stream = futures_util::stream::unfold(pump, |mut p| async move {
+        p.next_chunk().await.map(|item| (item, p))
+    });
+    *resp.body_mut() = Body::from_stream(stream);
+    resp
+}
+
+struct Pump {
+    state: Arc<State>,
+    key: String,
+    /// Upstream indices in the order to try.
+    order: Vec<usize>,
+    /// Candidates (indices into `order`) that failed without progress: not asked again.
+    excluded: Vec<bool>,
+    /// Index into `order` of the upstream being read.
+    current: usize,
+    /// Absolute offset of the next byte to send.
+    pos: u64,
+    /// Offset to stop at (exclusive), when known.
+    end: Option<u64>,
+    total: Option<u64>,
+    /// None once the stream is finished or aborted.
+    body: Option<NarBody>,
+    /// `pos` when `body` was opened, to tell whether it made progress.
+    opened_at: u64,
+}
+
+enum Read {
+    Chunk(Bytes),
+    Done,
+    Failed(String),
+}
+
+impl Pump {
+    /// The next chunk for the client: `None` at the end, `Some(Err)` to abort the connection.
+    async fn next_chunk(&mut self) -> Option<Result<Bytes, io::Error>> {
+        loop {
+            let mut body = self.body.take()?;
+            match self.read(&mut body).await {
+                Read::Chunk(c) => {
+                    self.body = Some(body);
+                    return Some(Ok(c));
+                }
+                Read::Done => return None,
+                Read::Failed(why) => {
+                    let up = &self.state.upstreams[self.order[self.current]];
+                    tracing::warn!(upstream = %up.settings.url, key = %self.key, offset = self.pos, %why, "NAR stream failed; resuming");
+                    up.record_failure(None);
+                    if self.pos == self.opened_at {
+                        // No progress on this body: do not ask this upstream again.
+                        self.excluded[self.current] = true;
+                    }
+                    match self.reopen().await {
+                        Some(b) => {
+                            self.state.metrics.nar_resumes.inc();
+                            self.opened_at = self.pos;
+                            self.body = Some(b);
+                        }
+                        None => {
+                            self.state.metrics.nar_aborts.inc();
+                            tracing::error!(key = %self.key, offset = self.pos, "NAR stream aborted: no upstream can resume it");
+                            return Some(Err(io::Error::other(why)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the next non-empty chunk of `body` within the idle time-out.
+    async fn read(&mut self, body: &mut NarBody) -> Read {
+        let idle = self.state.settings.nar_idle_timeout;
+        loop {
+            if self.end == Some(self.pos) {
+                return Read::Done;
+            }
+            let mut chunk = match tokio::time::timeout(idle, body.stream.next()).await {
+                Err(_) => return Read::Failed(format!("no data for {idle:?}")),
+                Ok(None) => {
+                    return match self.end {
+                        Some(e) if self.pos < e => {
+                            Read::Failed(format!("upstream ended at {} of {e} bytes", self.pos))
+                        }
+                        _ => Read::Done,
+                    };
+                }
+                Ok(Some(Err(e))) => return Read::Failed(e.to_string()),
+                Ok(Some(Ok(b))) => b,
+            };
+            if body.skip > 0 {
+                let drop = body.skip.min(chunk.len() as u64);
+                body.skip -= drop;
+                chunk = chunk.slice(drop as usize..);
+            }
+            if let Some(e) = self.end {
+                let room = e - self.pos;
+                if chunk.len() as u64 > room {
+                    if self.end != self.total {
+                        // A sub-range of the file: stop at its end.
+                        chunk = chunk.slice(..room as usize);
+                    } else {
+                        return Read::Failed("upstream sent more bytes than its length".into());
+                    }
+                }
+            }
+            if chunk.is_empty() {
+                continue;
+            }
+            let n = chunk.len() as u64;
+            self.pos += n;
+            self.state.metrics.nar_bytes.add(n);
+            self.state.upstreams[self.order[self.current]]
+                .metrics
+                .nar_bytes
+                .add(n);
+            return Read::Chunk(chunk);
+        }
+    }
+
+    /// Opens the file at `pos` from the current upstream, then the others.
+    async fn reopen(&mut self) -> Option<NarBody> {
+        let n = self.order.len();
+        for step in 0..n {
+            let c = (self.current + step) % n;
+            if self.excluded[c] {
+                continue;
+            }
+            let up = &self.state.upstreams[self.order[c]];
+            if up.admit().is_err() {
+                continue;
+            }
+            match up.open_nar(&self.key, self.pos).await {
+                OpenNar::Opened(b) if b.total == self.total || self.total.is_none() => {
+                    self.current = c;
+                    return Some(b);
+                }
+                OpenNar::Opened(b) => {
+                    tracing::warn!(upstream = %up.settings.url, key = %self.key, theirs = ?b.total, ours = ?self.total, "same NAR key, different length");
+                    self.excluded[c] = true;
+                }
+                OpenNar::Missing => self.excluded[c] = true,
+                OpenNar::Failed(error) => {
+                    tracing::warn!(upstream = %up.settings.url, key = %self.key, %error, "NAR resume failed");
+                    up.record_failure(None);
+                    self.excluded[c] = true;
+                }
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=100-"), Some((100, None)));
+        assert_eq!(parse_range("bytes=0-99"), Some((0, Some(99))));
+        assert_eq!(parse_range("bytes=-100"), None);
+        assert_eq!(parse_range("bytes=0-1,5-6"), None);
+        assert_eq!(parse_range("bytes=9-1"), None);
+        assert_eq!(parse_range("items=0-1"), None);
+    }
+}

@@ -1,0 +1,261 @@
+//! What a request path names, and how names map to upstream URLs and files.
+//!
+//! Nix builds request paths from the cache URL (doc §1.1, §1.5): `nix-cache-info`,
+//! `<hash32>.narinfo`, and whatever the narinfo's `URL:` says (Nix-written caches use
+//! `nar/<filehash>.nar.xz`; nix-serve and harmonia differ, and harmonia adds `?hash=`). Ferry
+//! treats everything after the cache root as an opaque key, query included, and asks an
+//! upstream for `<upstream base>/<key>` (or the file `<dir>/<key without query>`).
+
+use std::path::PathBuf;
+
+/// What a request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    CacheInfo,
+    Metrics,
+    Status,
+    /// `<hash>.narinfo`: the 32-character hash part.
+    NarInfo(String),
+    /// A NAR file: the key as Nix requests it, relative to the cache root, query included.
+    Nar(String),
+    /// `.ls` listings, `log/`, `realisations/`, `build-trace-v2/`, `debuginfo/`: passed through.
+    Other(String),
+    /// Nothing a binary cache serves.
+    Unknown,
+}
+
+/// Nix's base-32 alphabet (no e, o, u, t).
+fn is_nix32(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b"0123456789abcdfghijklmnpqrsvwxyz".contains(&b))
+}
+
+fn is_hash_part(s: &str) -> bool {
+    s.len() == ferry_nix::store_path::HASH_PART_LEN && is_nix32(s)
+}
+
+/// A key is safe when none of its path segments is empty, `.` or `..`, and it has no NUL or
+/// backslash: it cannot escape a `file://` cache directory or an upstream's base path.
+pub fn is_safe_key(key: &str) -> bool {
+    let path = key.split('?').next().unwrap_or("");
+    !path.is_empty()
+        && !key.contains('\0')
+        && !key.contains('\\')
+        && !key.contains('#')
+        && path
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+}
+
+/// Classifies `path_and_query` (the request target, starting with '/').
+pub fn classify(path_and_query: &str) -> Request {
+    let key = path_and_query.strip_prefix('/').unwrap_or(path_and_query);
+    let path = key.split('?').next().unwrap_or("");
+    match path {
+        "nix-cache-info" => return Request::CacheInfo,
+        "metrics" => return Request::Metrics,
+        "ferry/status" => return Request::Status,
+        _ => {}
+    }
+    if !is_safe_key(key) {
+        return Request::Unknown;
+    }
+    if let Some(h) = path.strip_suffix(".narinfo")
+        && is_hash_part(h)
+    {
+        return Request::NarInfo(h.to_owned());
+    }
+    if path.starts_with("nar/") {
+        return Request::Nar(key.to_owned());
+    }
+    let other = path.strip_suffix(".ls").is_some_and(is_hash_part)
+        || ["log/", "realisations/", "build-trace-v2/", "debuginfo/"]
+            .iter()
+            .any(|p| path.starts_with(p));
+    if other {
+        Request::Other(key.to_owned())
+    } else {
+        Request::Unknown
+    }
+}
+
+/// The URL of `key` on an HTTP upstream whose base has no trailing '/'.
+pub fn http_url(base: &str, key: &str) -> String {
+    format!("{base}/{key}")
+}
+
+/// The file holding `key` in a `file://` cache directory (the query is not part of a file name).
+pub fn file_path(dir: &std::path::Path, key: &str) -> PathBuf {
+    dir.join(key.split('?').next().unwrap_or(key))
+}
+
+/// How the NAR named by a narinfo's `URL:` will be reached through Ferry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NarRoute {
+    /// A relative key: Nix asks Ferry for it and Ferry asks the upstream for the same key.
+    /// `rewritten` is set when the narinfo must be edited to say `URL: <key>`.
+    Relative { key: String, rewritten: bool },
+    /// An absolute URL elsewhere (e.g. presigned object storage): left as is; Nix fetches it
+    /// directly.
+    Absolute,
+}
+
+/// Maps a narinfo `URL:` from the upstream at `base` (None for `file://` upstreams) to a route.
+/// Relative URLs are kept byte for byte (Nix 2.8 concatenates, 2.32+ resolves per RFC 3986;
+/// both give the same key for a relative path without a leading '/', doc §1.5). An absolute
+/// URL inside the upstream's own base is rewritten to the relative key so the NAR also flows
+/// through Ferry. A leading '/' is ambiguous across Nix versions (doc §1.5) and is treated as
+/// relative to the upstream's base, which is what Nix ≤ 2.31 does.
+pub fn nar_route(url: &str, base: Option<&str>) -> NarRoute {
+    let has_scheme = ["http://", "https://", "file://", "s3://"]
+        .iter()
+        .any(|s| url.starts_with(s));
+    if !has_scheme {
+        let key = url.trim_start_matches('/');
+        if !is_safe_key(key) {
+            return NarRoute::Absolute;
+        }
+        return NarRoute::Relative {
+            key: key.to_owned(),
+            rewritten: key.len() != url.len(),
+        };
+    }
+    if let Some(base) = base
+        && let Some(rest) = url.strip_prefix(base).and_then(|r| r.strip_prefix('/'))
+        && is_safe_key(rest)
+    {
+        return NarRoute::Relative {
+            key: rest.to_owned(),
+            rewritten: true,
+        };
+    }
+    NarRoute::Absolute
+}
+
+/// Replaces the value of every `URL:` line (an unsigned field, doc §1.6) and keeps every other
+/// byte, signatures included.
+pub fn rewrite_url_line(text: &str, new_url: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        if line.starts_with("URL: ") {
+            out.push_str("URL: ");
+            out.push_str(new_url);
+            out.push('\n');
+        } else {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: &str = "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig";
+
+    #[test]
+    fn classifies_the_cache_protocol() {
+        assert_eq!(classify("/nix-cache-info"), Request::CacheInfo);
+        assert_eq!(
+            classify(&format!("/{H}.narinfo")),
+            Request::NarInfo(H.into())
+        );
+        assert_eq!(
+            classify("/nar/abc.nar.xz"),
+            Request::Nar("nar/abc.nar.xz".into())
+        );
+        assert_eq!(
+            classify("/nar/abc.nar?hash=xyz"),
+            Request::Nar("nar/abc.nar?hash=xyz".into())
+        );
+        assert_eq!(
+            classify(&format!("/{H}.ls")),
+            Request::Other(format!("{H}.ls"))
+        );
+        assert_eq!(
+            classify("/log/abc-foo.drv"),
+            Request::Other("log/abc-foo.drv".into())
+        );
+        assert_eq!(
+            classify("/realisations/sha256:00ff!out.doi"),
+            Request::Other("realisations/sha256:00ff!out.doi".into())
+        );
+        assert_eq!(classify("/metrics"), Request::Metrics);
+    }
+
+    #[test]
+    fn rejects_bad_hashes_and_traversal() {
+        assert_eq!(classify("/tooshort.narinfo"), Request::Unknown);
+        // 'e' is not in Nix's base-32 alphabet.
+        assert_eq!(
+            classify("/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee.narinfo"),
+            Request::Unknown
+        );
+        assert_eq!(classify("/nar/../../etc/passwd"), Request::Unknown);
+        assert_eq!(classify("/nar//x"), Request::Unknown);
+        assert_eq!(classify("/index.html"), Request::Unknown);
+    }
+
+    #[test]
+    fn maps_keys_to_upstreams() {
+        assert_eq!(
+            http_url("http://h:5000/c", "nar/x.nar"),
+            "http://h:5000/c/nar/x.nar"
+        );
+        assert_eq!(
+            file_path(std::path::Path::new("/srv/c"), "nar/x.nar?hash=1"),
+            PathBuf::from("/srv/c/nar/x.nar")
+        );
+    }
+
+    #[test]
+    fn routes_every_url_shape_in_the_wild() {
+        // Nix-written, nix-serve, harmonia, cachix, snix (doc §1.4): kept as they are.
+        for u in [
+            "nar/1w1fff338fvdw53sqgamddn1b2xgds473pv6y13gizdbqjv4i5p3.nar.xz",
+            "nar/0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig-1w1fff338fvdw53sqgamddn1b2xgds47.nar",
+            "nar/1w1fff338fvdw53sqgamddn1b2xgds473pv6y13gizdbqjv4i5p3.nar?hash=0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
+            "nar/d7ba0c0e4f0b7d7d0b7d7d0b7d7d0b7d7d0b7d7d0b7d7d0b7d7d0b7d7d0b7d7d.nar.zst",
+            "nar/snix-castore/CiQKIF8?narsize=1234",
+        ] {
+            assert_eq!(
+                nar_route(u, Some("http://h")),
+                NarRoute::Relative {
+                    key: u.into(),
+                    rewritten: false
+                },
+                "{u}"
+            );
+        }
+        assert_eq!(
+            nar_route("http://h:5000/c/nar/x.nar", Some("http://h:5000/c")),
+            NarRoute::Relative {
+                key: "nar/x.nar".into(),
+                rewritten: true
+            }
+        );
+        assert_eq!(
+            nar_route("/nar/x.nar", None),
+            NarRoute::Relative {
+                key: "nar/x.nar".into(),
+                rewritten: true
+            }
+        );
+        assert_eq!(
+            nar_route("https://s3.example/bucket/x?sig=1", Some("http://h")),
+            NarRoute::Absolute
+        );
+        assert_eq!(nar_route("../x", None), NarRoute::Absolute);
+    }
+
+    #[test]
+    fn url_rewrite_keeps_every_other_byte() {
+        let text = "StorePath: /nix/store/x\nURL: http://h/nar/a.nar\nCompression: none\nSig: k:AAAA\nUnknownKey: kept\n";
+        let out = rewrite_url_line(text, "nar/a.nar");
+        assert_eq!(
+            out,
+            "StorePath: /nix/store/x\nURL: nar/a.nar\nCompression: none\nSig: k:AAAA\nUnknownKey: kept\n"
+        );
+    }
+}

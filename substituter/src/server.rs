@@ -1,0 +1,150 @@
+//! The HTTP front: routing and the mapping of every outcome to 200 or 404 (doc §5.1 rules 1–2).
+
+use crate::config::Settings;
+use crate::lookup::{Answer, AnswerCache, Key, answer_cache, lookup};
+use crate::metrics::{Metrics, UpstreamView, render, render_status};
+use crate::paths::{Request, classify};
+use crate::upstream::Upstream;
+use axum::body::Body;
+use axum::extract::State as AxState;
+use axum::http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri, header};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Shared server state.
+pub struct State {
+    pub settings: Settings,
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub metrics: Metrics,
+    pub answers: AnswerCache,
+    /// NAR key → upstream whose narinfo named it. In memory: after a restart, every upstream
+    /// is tried in priority order, so URLs Nix cached for 30 days stay resolvable (doc §2.5).
+    pub routes: moka::future::Cache<String, usize>,
+    cache_info: String,
+}
+
+impl State {
+    pub fn new(settings: Settings) -> Result<Arc<Self>, reqwest::Error> {
+        crate::install_crypto_provider();
+        let upstreams = settings
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| Upstream::new(i, u.clone()).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let cache_info = format!(
+            "StoreDir: {}\nWantMassQuery: 1\nPriority: {}\n",
+            settings.store_dir, settings.priority
+        );
+        Ok(Arc::new(State {
+            answers: answer_cache(settings.positive_ttl, settings.negative_ttl),
+            routes: moka::future::Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_idle(Duration::from_secs(30 * 24 * 3600))
+                .build(),
+            metrics: Metrics::default(),
+            upstreams,
+            settings,
+            cache_info,
+        }))
+    }
+
+    fn views(&self) -> Vec<UpstreamView<'_>> {
+        self.upstreams
+            .iter()
+            .map(|u| UpstreamView {
+                url: &u.settings.url,
+                priority: u.settings.priority,
+                breaker: u.breaker_state(),
+                metrics: &u.metrics,
+            })
+            .collect()
+    }
+}
+
+pub fn router(state: Arc<State>) -> axum::Router {
+    axum::Router::new().fallback(handle).with_state(state)
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn status_only(status: StatusCode) -> Response<Body> {
+    let mut r = Response::new(Body::empty());
+    *r.status_mut() = status;
+    r
+}
+
+async fn handle(
+    AxState(state): AxState<Arc<State>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response<Body> {
+    if method != Method::GET && method != Method::HEAD {
+        // Nix only PUTs when it writes to a cache; Ferry is read-only.
+        return status_only(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let target = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    match classify(target) {
+        Request::CacheInfo => text(
+            StatusCode::OK,
+            "text/x-nix-cache-info",
+            state.cache_info.clone(),
+        ),
+        Request::Metrics => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            render(&state.metrics, &state.views()),
+        ),
+        Request::Status => text(
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            render_status(&state.metrics, &state.views()),
+        ),
+        Request::NarInfo(hash) => {
+            let r = small(&state, Key::NarInfo(hash), "text/x-nix-narinfo").await;
+            if r.status() == StatusCode::OK {
+                state.metrics.narinfo_hits.inc();
+            } else {
+                state.metrics.narinfo_misses.inc();
+            }
+            r
+        }
+        Request::Other(key) => {
+            let ct = if key.starts_with("log/") {
+                "text/plain; charset=utf-8"
+            } else {
+                "application/json"
+            };
+            small(&state, Key::Other(key), ct).await
+        }
+        Request::Nar(key) => crate::nar::serve(state, key, &method, &headers).await,
+        Request::Unknown => status_only(StatusCode::NOT_FOUND),
+    }
+}
+
+/// A small object through the race: 200 with the body, or 404 for every kind of absence or
+/// failure. Never 5xx: Nix retries those and, without `fallback`, fails the build (doc §2.4).
+async fn small(state: &Arc<State>, key: Key, content_type: &'static str) -> Response<Body> {
+    match lookup(state, key).await {
+        Ok(a) => match &*a {
+            Answer::Found { body, .. } => {
+                let mut r = Response::new(Body::from(body.clone()));
+                r.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+                r
+            }
+            Answer::Missing => status_only(StatusCode::NOT_FOUND),
+        },
+        Err(_) => {
+            state.metrics.incomplete_misses.inc();
+            status_only(StatusCode::NOT_FOUND)
+        }
+    }
+}

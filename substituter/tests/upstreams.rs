@@ -1,0 +1,352 @@
+//! Ferry in-process against programmable HTTP upstreams (delay, status, Retry-After, bodies
+//! that fail mid-stream): coalescing, the priority race, deadlines, breakers and NAR resume,
+//! with timings that would be too slow or too flaky to drive through Nix on the fleet.
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Response, StatusCode, Uri};
+use bytes::Bytes;
+use ferry_nix::hash::Hash;
+use ferry_substituter::config::{Overrides, SubstituterConfig, UpstreamConfig};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const H: &str = "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig";
+
+fn narinfo(hash: &str, tag: &str) -> String {
+    format!(
+        "StorePath: /nix/store/{hash}-hello\nURL: nar/{tag}.nar\nCompression: none\nNarHash: {}\nNarSize: 120\nReferences: \n",
+        Hash::sha256_of(b"nar").to_nix32_prefixed()
+    )
+}
+
+type Behaviour = Arc<dyn Fn(&str, &HeaderMap, usize) -> Response<Body> + Send + Sync>;
+
+struct Mock {
+    url: String,
+    hits: Arc<AtomicUsize>,
+}
+
+/// An upstream whose answer to each request comes from `f(path, headers, request number)`,
+/// after `delay`.
+async fn mock(delay: Duration, f: Behaviour) -> Mock {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = Arc::clone(&hits);
+    let app = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap| {
+        let f = Arc::clone(&f);
+        let n = h.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(delay).await;
+            f(uri.path(), &headers, n)
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", l.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(l, app).await });
+    Mock { url, hits }
+}
+
+fn status(code: u16, body: impl Into<Body>) -> Response<Body> {
+    let mut r = Response::new(body.into());
+    *r.status_mut() = StatusCode::from_u16(code).expect("status");
+    r
+}
+
+fn hit(tag: &'static str) -> Behaviour {
+    Arc::new(move |path, _, _| {
+        match path
+            .strip_prefix('/')
+            .and_then(|p| p.strip_suffix(".narinfo"))
+        {
+            Some(h) => status(200, narinfo(h, tag)),
+            None => status(404, ""),
+        }
+    })
+}
+
+/// Starts Ferry with these upstreams (in priority order) and returns its base URL.
+async fn ferry(upstreams: &[&str], tune: impl FnOnce(&mut SubstituterConfig)) -> String {
+    ferry_substituter::install_crypto_provider();
+    let mut c = SubstituterConfig {
+        upstream: upstreams.iter().map(|u| UpstreamConfig::new(u)).collect(),
+        head_start_ms: 50,
+        ..SubstituterConfig::default()
+    };
+    tune(&mut c);
+    let s = c
+        .resolve(&Overrides::default(), |_| Ok(None))
+        .expect("settings");
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", l.local_addr().expect("addr"));
+    tokio::spawn(ferry_substituter::run(s, l, std::future::pending()));
+    url
+}
+
+async fn get(url: &str) -> (u16, String) {
+    let r = reqwest::get(url).await.expect("request to Ferry");
+    let code = r.status().as_u16();
+    (code, r.text().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn identical_concurrent_requests_share_one_upstream_request() {
+    let a = mock(Duration::from_millis(200), hit("a")).await;
+    let f = ferry(&[&a.url], |_| {}).await;
+    let url = format!("{f}/{H}.narinfo");
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            tokio::spawn({
+                let url = url.clone();
+                async move { get(&url).await }
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (code, body) = t.await.expect("task");
+        assert_eq!(code, 200);
+        assert_eq!(body, narinfo(H, "a"));
+    }
+    assert_eq!(a.hits.load(Ordering::SeqCst), 1);
+    // Warm: served from memory.
+    assert_eq!(get(&url).await.0, 200);
+    assert_eq!(a.hits.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn higher_priority_hit_beats_an_earlier_lower_priority_hit() {
+    let a = mock(Duration::from_millis(400), hit("a")).await;
+    let b = mock(Duration::ZERO, hit("b")).await;
+    let f = ferry(&[&a.url, &b.url], |_| {}).await;
+    let t = Instant::now();
+    let (code, body) = get(&format!("{f}/{H}.narinfo")).await;
+    assert_eq!(code, 200);
+    assert!(body.contains("URL: nar/a.nar"), "{body}");
+    assert!(t.elapsed() >= Duration::from_millis(400));
+    assert_eq!(
+        b.hits.load(Ordering::SeqCst),
+        1,
+        "b was raced after its head start"
+    );
+}
+
+#[tokio::test]
+async fn at_the_deadline_a_lower_priority_hit_is_served() {
+    let a = mock(Duration::from_secs(5), hit("a")).await;
+    let b = mock(Duration::ZERO, hit("b")).await;
+    let f = ferry(&[&a.url, &b.url], |c| {
+        c.narinfo_deadline_ms = 600;
+        c.upstream[0].read_timeout_ms = 10_000;
+    })
+    .await;
+    let t = Instant::now();
+    let (code, body) = get(&format!("{f}/{H}.narinfo")).await;
+    assert_eq!(code, 200);
+    assert!(body.contains("URL: nar/b.nar"), "{body}");
+    let e = t.elapsed();
+    assert!(
+        e >= Duration::from_millis(550) && e < Duration::from_secs(2),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_first_upstream_costs_little() {
+    let b = mock(Duration::ZERO, hit("b")).await;
+    // Port 1 on loopback refuses at once.
+    let f = ferry(&["http://127.0.0.1:1", &b.url], |c| c.head_start_ms = 250).await;
+    let t = Instant::now();
+    let (code, body) = get(&format!("{f}/{H}.narinfo")).await;
+    assert_eq!(code, 200);
+    assert!(body.contains("nar/b.nar"));
+    // The next upstream starts as soon as the first fails, not after the head start.
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn retry_after_opens_the_breaker_and_errors_are_not_negative_cached() {
+    let a = mock(
+        Duration::ZERO,
+        Arc::new(|_, _, _| {
+            let mut r = status(503, "slow down");
+            r.headers_mut()
+                .insert("retry-after", "30".parse().expect("header"));
+            r
+        }),
+    )
+    .await;
+    let b = mock(Duration::ZERO, Arc::new(|_, _, _| status(404, ""))).await;
+    let f = ferry(&[&a.url, &b.url], |_| {}).await;
+    let url = format!("{f}/{H}.narinfo");
+    assert_eq!(get(&url).await.0, 404);
+    assert_eq!(get(&url).await.0, 404);
+    // The miss was incomplete (a failed), so it was not cached: b was asked twice; a once,
+    // then skipped while its breaker honours Retry-After.
+    assert_eq!(a.hits.load(Ordering::SeqCst), 1);
+    assert_eq!(b.hits.load(Ordering::SeqCst), 2);
+    let (_, m) = get(&format!("{f}/metrics")).await;
+    assert!(
+        m.contains(&format!(
+            "ferry_substituter_upstream_breaker_state{{upstream=\"{}\"}} 1",
+            a.url
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains("ferry_substituter_negative_cache_hits_total 0\n"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn wrong_path_and_garbage_are_upstream_failures() {
+    let a = mock(
+        Duration::ZERO,
+        Arc::new(|_, _, n| {
+            if n % 2 == 0 {
+                status(200, narinfo("1c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig", "wrong"))
+            } else {
+                status(200, "<html>hello</html>\n")
+            }
+        }),
+    )
+    .await;
+    let b = mock(Duration::ZERO, hit("b")).await;
+    let f = ferry(&[&a.url, &b.url], |c| c.positive_ttl_secs = 0).await;
+    for _ in 0..2 {
+        let (code, body) = get(&format!("{f}/{H}.narinfo")).await;
+        assert_eq!(code, 200);
+        assert!(body.contains("nar/b.nar"), "{body}");
+    }
+}
+
+#[tokio::test]
+async fn definitive_misses_are_cached() {
+    let a = mock(Duration::ZERO, Arc::new(|_, _, _| status(404, ""))).await;
+    let b = mock(Duration::ZERO, Arc::new(|_, _, _| status(410, ""))).await;
+    let f = ferry(&[&a.url, &b.url], |_| {}).await;
+    for _ in 0..3 {
+        assert_eq!(get(&format!("{f}/{H}.narinfo")).await.0, 404);
+    }
+    assert_eq!(a.hits.load(Ordering::SeqCst), 1);
+    assert_eq!(b.hits.load(Ordering::SeqCst), 1);
+}
+
+/// A NAR of `len` bytes that honours `Range`; its first full (non-range) response fails after
+/// `cut` bytes.
+fn flaky_nar(data: Arc<Vec<u8>>, cut: usize) -> Behaviour {
+    Arc::new(move |path, headers, n| {
+        if !path.starts_with("/nar/") {
+            return status(404, "");
+        }
+        let range = headers
+            .get("range")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let start: usize = range
+            .as_deref()
+            .and_then(|r| r.strip_prefix("bytes="))
+            .and_then(|r| r.strip_suffix('-'))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let total = data.len();
+        let body = Bytes::copy_from_slice(&data[start..]);
+        let mut r = if n == 0 {
+            let first = body.slice(..cut);
+            let stream = futures_util::stream::iter(vec![
+                Ok::<_, std::io::Error>(first),
+                Err(std::io::Error::other("upstream died")),
+            ]);
+            status(200, Body::from_stream(stream))
+        } else if start > 0 {
+            let mut r = status(206, body);
+            r.headers_mut().insert(
+                "content-range",
+                format!("bytes {start}-{}/{total}", total - 1)
+                    .parse()
+                    .expect("header"),
+            );
+            r
+        } else {
+            status(200, body)
+        };
+        let len = total - start;
+        r.headers_mut()
+            .insert("content-length", len.to_string().parse().expect("header"));
+        r
+    })
+}
+
+#[tokio::test]
+async fn nar_resumes_with_range_from_the_same_upstream() {
+    let data: Arc<Vec<u8>> = Arc::new((0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect());
+    let a = mock(Duration::ZERO, flaky_nar(Arc::clone(&data), 1_000_000)).await;
+    let f = ferry(&[&a.url], |_| {}).await;
+    let r = reqwest::get(format!("{f}/nar/x.nar")).await.expect("get");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.content_length(), Some(3_000_000));
+    let body = r.bytes().await.expect("complete body");
+    assert!(body[..] == data[..], "body differs");
+    assert_eq!(a.hits.load(Ordering::SeqCst), 2, "one failure, one resume");
+    let (_, m) = get(&format!("{f}/metrics")).await;
+    assert!(m.contains("ferry_substituter_nar_resumes_total 1\n"), "{m}");
+}
+
+#[tokio::test]
+async fn file_upstream_serves_narinfo_nar_ranges_and_logs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("nar")).expect("nar dir");
+    std::fs::create_dir_all(dir.path().join("log")).expect("log dir");
+    std::fs::write(dir.path().join(format!("{H}.narinfo")), narinfo(H, "f")).expect("narinfo");
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(dir.path().join("nar/f.nar"), &data).expect("nar");
+    std::fs::write(dir.path().join("log/abc-foo.drv"), "build log\n").expect("log");
+    let url = format!("file://{}", dir.path().display());
+    let f = ferry(&[&url], |_| {}).await;
+
+    let (code, body) = get(&format!("{f}/{H}.narinfo")).await;
+    assert_eq!((code, body), (200, narinfo(H, "f")));
+    let r = reqwest::get(format!("{f}/nar/f.nar")).await.expect("nar");
+    assert_eq!(
+        r.headers().get("accept-ranges").map(|v| v.as_bytes()),
+        Some(&b"bytes"[..])
+    );
+    assert_eq!(r.bytes().await.expect("body")[..], data[..]);
+    let r = reqwest::Client::new()
+        .get(format!("{f}/nar/f.nar"))
+        .header("range", "bytes=999990-")
+        .send()
+        .await
+        .expect("range");
+    assert_eq!(r.status().as_u16(), 206);
+    assert_eq!(
+        r.headers().get("content-range").map(|v| v.as_bytes()),
+        Some(&b"bytes 999990-999999/1000000"[..])
+    );
+    assert_eq!(r.bytes().await.expect("body")[..], data[999_990..]);
+    let r = reqwest::Client::new()
+        .head(format!("{f}/nar/f.nar"))
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.headers().get("content-length").map(|v| v.as_bytes()),
+        Some(&b"1000000"[..])
+    );
+    assert_eq!(
+        get(&format!("{f}/log/abc-foo.drv")).await,
+        (200, "build log\n".to_owned())
+    );
+    assert_eq!(get(&format!("{f}/log/missing.drv")).await.0, 404);
+    assert_eq!(get(&format!("{f}/nar/missing.nar")).await.0, 404);
+    // Traversal out of the cache directory is not even routed.
+    assert_eq!(get(&format!("{f}/nar/..%2F..%2Fetc%2Fpasswd")).await.0, 404);
+}
