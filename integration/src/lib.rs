@@ -631,3 +631,55 @@ pub fn ferry_bin(name: &str) -> PathBuf {
     );
     p
 }
+
+/// Waits until `host` listens on TCP `port`.
+pub fn wait_listening(host: &Host, port: u16) -> Result<()> {
+    let netns = host.netns.clone();
+    let sport = format!(":{port}");
+    wait_until(&format!("{} to listen on {port}", host.role), Duration::from_secs(10), || {
+        Command::new("ip")
+            .args(["netns", "exec", &netns, "ss", "-Hltn", "sport", "=", &sport])
+            .output()
+            .map(|o| !o.stdout.is_empty())
+            .unwrap_or(false)
+    })
+}
+
+/// Starts a real nginx on `host` serving `www` on `host.addr:port` (a binary cache as users
+/// run it), accepting WebDAV `PUT` when `allow_put` (an upload target). Waits until it listens.
+pub fn start_nginx(host: &mut Host, port: u16, www: &Path, allow_put: bool) -> Result<()> {
+    let dir = host.dir.join(format!("nginx-{port}"));
+    std::fs::create_dir_all(dir.join("tmp"))?;
+    std::fs::create_dir_all(www)?;
+    let put = if allow_put {
+        "dav_methods PUT;\n      create_full_put_path on;\n      dav_access user:rw group:r all:r;\n"
+    } else {
+        ""
+    };
+    let conf = format!(
+        "daemon off;\nuser root;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+         events {{ worker_connections 512; }}\n\
+         http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n\
+         \x20 fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  scgi_temp_path {d}/tmp/scgi;\n\
+         \x20 server {{\n    listen {addr}:{port};\n    root {www};\n    client_max_body_size 0;\n\
+         \x20   location / {{\n      {put}    }}\n  }}\n}}\n",
+        d = dir.display(),
+        www = www.display(),
+        addr = host.addr,
+    );
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf)?;
+    let child = host
+        .command("nginx")
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-c")
+        .arg(&conf_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nginx")?;
+    host.adopt(child);
+    wait_listening(host, port)
+}
