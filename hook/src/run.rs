@@ -591,15 +591,22 @@ async fn build<R: AsyncRead + Unpin>(
         }
     };
     let local = ctx.settings.local_store();
-    let job = Job {
-        drv_path: t.drv_path.clone(),
-        inputs: accepted.inputs,
-        wanted_outputs: accepted.wanted_outputs,
-        options: ctx.settings.build_options(),
-        use_substitutes: ctx.settings.bool("builders-use-substitutes"),
-    };
-    let outputs = match local.derivation_outputs(&job.drv_path).await {
-        Ok(o) => o,
+    let job = Job::new(
+        &local.store_dir,
+        &t.drv_path,
+        &accepted.inputs,
+        accepted.wanted_outputs,
+        ctx.settings.build_options(),
+        ctx.settings.bool("builders-use-substitutes"),
+    );
+    let drv = job.map_err(|e| e.to_string()).and_then(|job| {
+        let drv = local
+            .read_derivation(&job.drv_path)
+            .map_err(|e| e.to_string())?;
+        Ok((job, drv))
+    });
+    let (job, drv) = match drv {
+        Ok(x) => x,
         Err(e) => {
             logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
             return 1;
@@ -662,11 +669,11 @@ async fn build<R: AsyncRead + Unpin>(
     };
 
     // The remote log goes to fd 4 as it arrives.
-    let forwarder = forward_log(conn.take_log(), ctx.env.build_log.clone());
+    let forwarder = conn.forward_log(ctx.env.build_log.clone());
     let importer = HeldLocksImporter {
         local: local.clone(),
     };
-    let result = remote::build_and_fetch(&mut conn, &job, &outputs, &importer).await;
+    let result = remote::build_and_fetch(&mut conn, &job, &drv, &importer).await;
     conn.close().await;
     let _ = tokio::time::timeout(Duration::from_secs(5), forwarder).await;
     drop(slot);
@@ -725,21 +732,4 @@ async fn failover(
         }
     }
     None
-}
-
-fn forward_log(mut tap: crate::ssh::LogTap, log_path: PathBuf) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let Ok(file) = std::fs::OpenOptions::new().write(true).open(&log_path) else {
-            while tap.next().await.is_some() {}
-            return;
-        };
-        let mut file = tokio::fs::File::from_std(file);
-        while let Some(chunk) = tap.next().await {
-            use tokio::io::AsyncWriteExt;
-            if file.write_all(&chunk).await.is_err() {
-                break;
-            }
-            let _ = file.flush().await;
-        }
-    })
 }

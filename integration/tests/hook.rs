@@ -52,6 +52,14 @@ fn chain_closure_builds_remotely(hook: Hook) {
     let builder_hash = stdout_of(q, "builder nix-store -q --hash");
     assert_eq!(client_hash, builder_hash, "{hook:?}: NAR hash differs");
 
+    // Built from a BasicDerivation (serve BuildDerivation), as the stock hook does on 2.8:
+    // the .drv is never copied to the builder.
+    let mut q = fleet.client_command("nix-store");
+    q.args(["-q", "--deriver", top]);
+    let drv = stdout_of(q, "nix-store -q --deriver");
+    assert!(drv.ends_with(".drv"), "{drv}");
+    assert!(!fleet.builders[0].has_store_path(&drv), "{hook:?}: {drv} was copied to b0");
+
     // References recorded on the client, and the closure is complete there.
     let mut q = fleet.client_command("nix-store");
     q.args(["-q", "--references", top]);
