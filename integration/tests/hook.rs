@@ -335,3 +335,70 @@ fn bench_ten_derivations_on_two_builders() {
     let (s, f) = (mean(Hook::Stock), mean(Hook::Ferry));
     println!("mean stock {s:.3} s, ferry {f:.3} s, ferry/stock = {:.2}", f / s);
 }
+
+/// An `ssh-ng://` builder (`nix-daemon --stdio` on the builder, root with a local store).
+/// Ferry speaks only the serve protocol, so it hands the derivation to the stock hook (with
+/// `builders` narrowed to the non-ssh machines) when no `ssh://` builder can take it.
+fn ssh_ng_builder_builds(hook: Hook) {
+    let fleet = fleet(hook, 1, 1);
+    let line = fleet.machine_line(0).expect("line").replacen("ssh://", "ssh-ng://", 1);
+    std::fs::write(fleet.client.dir.join("etc-nix/machines"), format!("{line}\n"))
+        .expect("machines");
+    let out = fleet.nix_build(&chain_drv(&nonce()), &["-j0", "-v"]);
+    check(&out, &format!("{hook:?}: ssh-ng build"))
+        .unwrap_or_else(|e| panic!("{e}\ndaemon log:\n{}", fleet.daemon_log()));
+    let top = &out_paths(&out)[0];
+    assert!(fleet.builders[0].has_store_path(top), "{hook:?}: {top} not built on b0");
+    assert!(fleet.client.has_store_path(top));
+    if hook == Hook::Ferry {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("handing it to the stock hook"), "not through Ferry:\n{err}");
+    }
+}
+
+#[test]
+fn ssh_ng_builder_builds_stock() {
+    ssh_ng_builder_builds(Hook::Stock);
+}
+
+#[test]
+fn ssh_ng_builder_builds_ferry() {
+    ssh_ng_builder_builds(Hook::Ferry);
+}
+
+/// Ferry keeps what it can build: with an `ssh://` builder eligible, the `ssh-ng://` one is
+/// not used; with only `ssh-ng://` and a `stock-hook` that does not exist, the derivation is
+/// declined with the reason (and `-j0` makes that a failure).
+#[test]
+fn stock_hook_only_when_no_ssh_builder_can_build() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = dir.path().join("ferry.toml");
+    let fleet = Fleet::start(FleetConfig {
+        builders: 2,
+        max_jobs_per_builder: 2,
+        client_conf: format!("build-hook = {}", ferry_bin("ferry-build-hook").display()),
+        daemon_env: vec![("FERRY_CONFIG".to_owned(), config.display().to_string())],
+    })
+    .expect("fleet");
+    let ng = fleet.machine_line(0).expect("line").replacen("ssh://", "ssh-ng://", 1);
+    let plain = fleet.machine_line(1).expect("line");
+    let machines = fleet.client.dir.join("etc-nix/machines");
+    std::fs::write(&machines, format!("{ng}\n{plain}\n")).expect("machines");
+    for k in 0..2 {
+        let out = fleet.nix_build(&trivial_drv(&format!("{}-{k}", nonce()), "m"), &["-j0"]);
+        check(&out, "mixed builders").unwrap_or_else(|e| panic!("{e}\n{}", fleet.daemon_log()));
+        let p = &out_paths(&out)[0];
+        assert!(fleet.builders[1].has_store_path(p), "not built on the ssh:// builder");
+        assert!(!fleet.builders[0].has_store_path(p), "built on the ssh-ng:// builder");
+    }
+
+    std::fs::write(&machines, format!("{ng}\n")).expect("machines");
+    std::fs::write(&config, "[build-hook]\nstock-hook = \"/nonexistent/build-remote\"\n")
+        .expect("config");
+    let out = fleet.nix_build(&trivial_drv(&nonce(), "n"), &["-j0"]);
+    assert!(!out.status.success(), "built without a stock hook");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/build-remote"), "{err}");
+    let b0 = &fleet.builders[0].addr;
+    assert!(err.contains(&format!("ssh-ng://root@{b0}")), "{err}");
+}
