@@ -34,9 +34,9 @@ pub enum RemoteError {
     /// The remote shell could not run the serve command: Nix is missing there, or not on
     /// the PATH of a non-interactive login, or `remote-program` is wrong.
     #[error(
-        "cannot build on '{machine}': the remote command {program} was not found there (is Nix \
-         installed and on the PATH of non-interactive ssh logins, or is remote-program wrong?); \
-         remote stderr: {stderr}"
+        "the remote command {program} was not found on '{machine}' (is Nix installed there and \
+         on the PATH of non-interactive ssh logins, or is remote-program wrong?); remote \
+         stderr: {stderr}"
     )]
     CommandNotFound {
         machine: String,

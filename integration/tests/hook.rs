@@ -402,3 +402,25 @@ fn stock_hook_only_when_no_ssh_builder_can_build() {
     let b0 = &fleet.builders[0].addr;
     assert!(err.contains(&format!("ssh-ng://root@{b0}")), "{err}");
 }
+
+/// A builder without Nix (here: `remote-program` pointing nowhere): the error names the
+/// builder and says the remote command was not found (Ferry only: the stock hook reports a
+/// protocol mismatch).
+#[test]
+fn builder_without_nix_is_named() {
+    let fleet = fleet(Hook::Ferry, 1, 1);
+    let line = fleet.machine_line(0).expect("line");
+    let mut f: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+    f[0].push_str("?remote-program=/nonexistent/nix-store");
+    std::fs::write(fleet.client.dir.join("etc-nix/machines"), f.join(" ") + "\n")
+        .expect("machines");
+    let out = fleet.nix_build(&trivial_drv(&nonce(), "nonix"), &["-j0"]);
+    assert!(!out.status.success(), "built on a builder without Nix");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let b0 = &fleet.builders[0].addr;
+    assert!(err.contains(&format!("ssh://root@{b0}?remote-program=/nonexistent/nix-store")), "{err}");
+    assert!(
+        err.contains("the remote command /nonexistent/nix-store was not found"),
+        "{err}"
+    );
+}
