@@ -424,3 +424,55 @@ fn builder_without_nix_is_named() {
         "{err}"
     );
 }
+
+/// Benchmark: closure copy throughput. A 256 MiB random file is added on the client with
+/// `nix-store --add` (not timed), then a derivation that reads it is built with `-j0` on one
+/// builder that lacks it: the time is dominated by copying the input. Stock and Ferry on fresh
+/// fleets in the same run, alternating. Build the binaries with `--release` for numbers
+/// worth comparing: `cargo build --release --workspace --bins && cargo test --release -p
+/// ferry-integration --test hook -- --ignored --nocapture bench_closure_copy`.
+#[test]
+#[ignore]
+fn bench_closure_copy_256_mib() {
+    const MIB: u64 = 256;
+    let mut times = Vec::new();
+    for round in 0..3 {
+        for hook in [Hook::Stock, Hook::Ferry] {
+            let fleet = fleet(hook, 1, 1);
+            let file = fleet.root.path().join(format!("ferry-big-{}", nonce()));
+            let st = std::process::Command::new("head")
+                .args(["-c", &(MIB << 20).to_string(), "/dev/urandom"])
+                .stdout(std::fs::File::create(&file).expect("big file"))
+                .status()
+                .expect("head");
+            assert!(st.success());
+            let mut add = fleet.client_command("nix-store");
+            add.arg("--add").arg(&file);
+            let input = stdout_of(add, "nix-store --add");
+            let expr = format!(
+                r#"builtins.derivation {{ name = "ferry-big-{n}"; system = "{SYSTEM}"; builder = "/bin/sh"; args = [ "-c" "wc -c < ${{builtins.storePath "{input}"}} > $out" ]; PATH = "/usr/bin:/bin"; }}"#,
+                n = nonce()
+            );
+            let t = std::time::Instant::now();
+            let out = fleet.nix_build(&expr, &["-j0"]);
+            let dt = t.elapsed().as_secs_f64();
+            check(&out, "bench build").unwrap_or_else(|e| panic!("{hook:?}: {e}"));
+            assert!(fleet.builders[0].has_store_path(&input), "{hook:?}: input not copied");
+            assert!(fleet.builders[0].has_store_path(&out_paths(&out)[0]));
+            println!("round {round} {hook:?}: {dt:.3} s, {:.0} MiB/s", MIB as f64 / dt);
+            times.push((hook, dt));
+            let _ = std::fs::remove_file(&file);
+        }
+    }
+    let mean = |h: Hook| {
+        let v: Vec<f64> = times.iter().filter(|(x, _)| *x == h).map(|(_, t)| *t).collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    let (s, f) = (mean(Hook::Stock), mean(Hook::Ferry));
+    println!(
+        "256 MiB input: mean stock {s:.3} s ({:.0} MiB/s), ferry {f:.3} s ({:.0} MiB/s), ferry/stock time = {:.2}",
+        MIB as f64 / s,
+        MIB as f64 / f,
+        f / s
+    );
+}
