@@ -31,6 +31,11 @@ pub struct HookConfig {
     /// hook's behaviour). `false` builds locally whenever the host can, and uses builders
     /// only for what it cannot build or when its slots are full (NixOS/nix#2589).
     pub prefer_remote: bool,
+    /// The stock hook that builds on machines Ferry does not speak to (`ssh-ng://`, local
+    /// stores): a command line split on whitespace, the verbosity appended. Unset: Debian's
+    /// `/usr/libexec/nix/build-remote` if it exists, else the `build-remote` next to `nix`
+    /// on PATH (Nix ≤ 2.9), else `nix __build-remote` (see `delegate.rs`).
+    pub stock_hook: Option<String>,
 }
 
 impl Default for HookConfig {
@@ -41,6 +46,7 @@ impl Default for HookConfig {
             backoff_cap_secs: 600,
             stale_after_secs: 60,
             prefer_remote: true,
+            stock_hook: None,
         }
     }
 }
@@ -124,8 +130,14 @@ impl HookConfig {
 
 /// Loads and validates the section from `path` (a missing file gives the defaults).
 pub fn load(path: &std::path::Path) -> Result<Tuning, ConfigError> {
+    load_all(path).map(|(t, _)| t)
+}
+
+/// The tuning and the `stock-hook` command, if set.
+pub fn load_all(path: &std::path::Path) -> Result<(Tuning, Option<String>), ConfigError> {
     let raw: HookConfig = ferry_nix::config::load_section(path, "build-hook")?;
-    raw.validate(&path.display().to_string())
+    let t = raw.validate(&path.display().to_string())?;
+    Ok((t, raw.stock_hook.filter(|s| !s.trim().is_empty())))
 }
 
 #[cfg(test)]

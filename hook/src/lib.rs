@@ -10,10 +10,13 @@
 //! - [`config`]: the `[build-hook]` section of `ferry.toml`; [`cli`]: `status`, `probe`,
 //!   `check-config`;
 //! - [`ssh`]: the transport to a builder; [`remote`]: copy, build and fetch over the serve
-//!   protocol; [`local`]: the local store through the `nix-store` / `nix` CLI.
+//!   protocol; [`local`]: the local store through the `nix-store` / `nix` CLI;
+//! - [`delegate`]: hands a derivation for a non-`ssh://` builder (`ssh-ng://`, …) to the
+//!   stock hook, which then is this hook process.
 
 pub mod cli;
 pub mod config;
+pub mod delegate;
 pub mod health;
 pub mod health_store;
 pub mod local;

@@ -1,61 +1,63 @@
-//! One remote build over the serve protocol (hook-protocol.md §3, §4): copy the missing
-//! input closure to the builder, build, fetch the outputs and import them locally.
+//! One remote build over the serve protocol (hook-protocol.md §3, §4.6), the way the stock
+//! hook does it on Nix 2.8 (`src/build-remote/build-remote.cc`): copy the missing part of the
+//! input closure to the builder (`QueryValidPaths`, then `AddToStoreNar` per path in
+//! dependency order), build the derivation sent as a `BasicDerivation` (`BuildDerivation`; the
+//! `.drv` files are never copied), then fetch the missing outputs (`QueryPathInfos`,
+//! `DumpStorePath`) and import them locally.
 //!
-//! The serve-protocol calls are in the small private [`Serve`] client below (handshake,
-//! QueryValidPaths, QueryPathInfos, AddToStoreNar, BuildPaths, DumpStorePath, as in Nix 2.8
-//! `src/libstore/legacy-ssh-store.cc` and the server `opServe` in
-//! `src/nix-store/nix-store.cc`). It is meant to be replaced by `ferry_nix::serve` once that
-//! lands; nothing outside this file sees it.
-//!
-//! Building: the `.drv` closure is copied along with the inputs and built with `BuildPaths`
-//! (`drv!out1,out2`), so the hook needs no derivation parser. The stock hook sends a
-//! `BasicDerivation` with `BuildDerivation` instead and skips the `.drv` files; switching is
-//! local to [`build_on`] once `ferry_nix::derivation` is available.
+//! The protocol itself is [`ferry_nix::serve::ServeClient`]. It owns no timer, so every call
+//! made here runs under a [`Limit`]: a half-open connection would otherwise block a read
+//! forever (NixOS/nix#16437), and after the accept nothing else stops the hook (the daemon
+//! does not apply `timeout` or `max-silent-time` to hooks, hook-protocol.md §3.2).
 
-use crate::local::{Fetched, Importer, LocalError, LocalStore, PathInfo, topo_sort};
+use crate::local::{Fetched, Importer, LocalError, LocalStore, store_dir_from_env, topo_sort};
 use crate::ssh::{LogTap, ProcessGuard, Session};
-use ferry_nix::hash::Hash;
-use ferry_nix::wire::{AsyncWireReader, AsyncWireWriter, WireError};
-use std::collections::{BTreeMap, BTreeSet};
+use ferry_nix::derivation::{Derivation, OutputKind};
+pub use ferry_nix::serve::BuildOptions;
+use ferry_nix::serve::{BuildStatus, PathInfo, ServeClient, ServeError};
+use ferry_nix::store_path::{StoreDir, StorePath, StorePathError};
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufWriter};
-
-const SERVE_MAGIC_1: u64 = 0x390c_9deb;
-const SERVE_MAGIC_2: u64 = 0x5452_eecb;
-/// Serve protocol 2.7, what Nix 2.8–2.34 speak (hook-protocol.md §4.1).
-const SERVE_VERSION: u64 = 0x207;
-const MAX_STR: u64 = 1 << 20;
-const MAX_PATHS: usize = 1 << 20;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum RemoteError {
+    /// The remote shell could not run the serve command: Nix is missing there, or not on
+    /// the PATH of a non-interactive login, or `remote-program` is wrong.
     #[error(
-        "'{machine}' does not speak the serve protocol (got {got:#x} instead of the magic number); \
-         is Nix installed there and on the login PATH? remote stderr: {stderr}"
+        "the remote command {program} was not found on '{machine}' (is Nix installed there and \
+         on the PATH of non-interactive ssh logins, or is remote-program wrong?); remote \
+         stderr: {stderr}"
     )]
-    BadMagic {
+    CommandNotFound {
         machine: String,
-        got: u64,
+        program: String,
         stderr: String,
     },
-    #[error("'{machine}' speaks serve protocol {version:#x}, Ferry needs 2.x")]
-    BadVersion { machine: String, version: u64 },
-    #[error("serve protocol with '{machine}' during {step}: {source}; remote stderr: {stderr}")]
-    Wire {
+    #[error("{source}{}", stderr_suffix(.stderr))]
+    Handshake {
         machine: String,
-        step: &'static str,
         #[source]
-        source: WireError,
+        source: Box<ServeError>,
         stderr: String,
     },
-    #[error("serve protocol with '{machine}' during {step}: {source}")]
-    Io {
+    #[error(transparent)]
+    Serve(Box<ServeError>),
+    #[error("{op} on '{machine}': {what} {after:?}; the connection is given up")]
+    Timeout {
         machine: String,
-        step: &'static str,
-        #[source]
-        source: std::io::Error,
+        op: &'static str,
+        what: &'static str,
+        after: Duration,
     },
     #[error("local store: {0}")]
     Local(#[from] LocalError),
@@ -63,7 +65,7 @@ pub enum RemoteError {
     BuildFailed {
         drv: String,
         machine: String,
-        status: u64,
+        status: BuildStatus,
         message: String,
     },
     #[error("'{machine}' did not produce output {path} of '{drv}'")]
@@ -74,6 +76,22 @@ pub enum RemoteError {
     },
     #[error("the derivation '{drv}': {problem}")]
     Derivation { drv: String, problem: String },
+    #[error("a path from the daemon: {0}")]
+    BadPath(#[from] StorePathError),
+}
+
+impl From<ServeError> for RemoteError {
+    fn from(e: ServeError) -> Self {
+        RemoteError::Serve(Box::new(e))
+    }
+}
+
+fn stderr_suffix(stderr: &str) -> String {
+    if stderr.is_empty() {
+        String::new()
+    } else {
+        format!("; remote stderr: {stderr}")
+    }
 }
 
 impl RemoteError {
@@ -82,125 +100,340 @@ impl RemoteError {
     /// counts against the builder's health, and before the build starts another builder
     /// may take over.
     pub fn is_builder_fault(&self) -> bool {
-        matches!(
-            self,
-            RemoteError::BadMagic { .. }
-                | RemoteError::BadVersion { .. }
-                | RemoteError::Wire { .. }
-                | RemoteError::Io { .. }
-        )
+        match self {
+            RemoteError::CommandNotFound { .. }
+            | RemoteError::Handshake { .. }
+            | RemoteError::Timeout { .. } => true,
+            // Errors about our side of the exchange: what we sent or where we wrote.
+            RemoteError::Serve(e) => !matches!(
+                **e,
+                ServeError::BadRequest { .. }
+                    | ServeError::NarSource { .. }
+                    | ServeError::NarHashMismatch { .. }
+                    | ServeError::Sink { .. }
+            ),
+            RemoteError::Local(_)
+            | RemoteError::BuildFailed { .. }
+            | RemoteError::MissingOutput { .. }
+            | RemoteError::Derivation { .. }
+            | RemoteError::BadPath(_) => false,
+        }
     }
 
     /// The hook's exit status for this failure (hook-protocol.md §1.8): 101 → `TimedOut`,
     /// 100 → permanent failure on Nix ≤ 2.28; any other non-zero is `MiscFailure`.
     pub fn exit_code(&self) -> i32 {
         match self {
-            RemoteError::BuildFailed { status: 101, .. } => 101,
-            RemoteError::BuildFailed { status: 100, .. } => 100,
+            RemoteError::BuildFailed { status, .. } => match status {
+                BuildStatus::TimedOut => 101,
+                BuildStatus::PermanentFailure | BuildStatus::OutputRejected => 100,
+                _ => 1,
+            },
             _ => 1,
         }
     }
 }
 
-/// Build settings sent to the builder (`BuildOptions`, hook-protocol.md §4.4), from the
-/// daemon's settings.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BuildOptions {
-    pub max_silent_time: u64,
-    pub build_timeout: u64,
-    pub max_log_size: u64,
-    pub keep_failed: bool,
-}
-
 /// Everything one remote build needs.
 #[derive(Debug, Clone)]
 pub struct Job {
-    pub drv_path: String,
-    pub inputs: BTreeSet<String>,
+    pub drv_path: StorePath,
+    /// The input closure from the daemon (`inputSrcs` plus the outputs of the input
+    /// derivations, and their closures; not the `.drv`).
+    pub inputs: BTreeSet<StorePath>,
     pub wanted_outputs: BTreeSet<String>,
     pub options: BuildOptions,
     /// `builders-use-substitutes`: let the builder substitute missing inputs first.
     pub use_substitutes: bool,
 }
 
-type Reader = AsyncWireReader<Box<dyn AsyncRead + Send + Unpin>>;
-type Writer = AsyncWireWriter<BufWriter<Box<dyn AsyncWrite + Send + Unpin>>>;
+impl Job {
+    /// A job from the daemon's strings (the `try` message and what follows the accept).
+    pub fn new(
+        store_dir: &StoreDir,
+        drv_path: &str,
+        inputs: &BTreeSet<String>,
+        wanted_outputs: BTreeSet<String>,
+        options: BuildOptions,
+        use_substitutes: bool,
+    ) -> Result<Job, RemoteError> {
+        Ok(Job {
+            drv_path: store_dir.parse(drv_path)?,
+            inputs: inputs
+                .iter()
+                .map(|p| store_dir.parse(p))
+                .collect::<Result<_, _>>()?,
+            wanted_outputs,
+            options,
+            use_substitutes,
+        })
+    }
+}
+
+/// When a serve call is given up. `ServeClient` has no timers; these are the hook's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limit {
+    /// The whole call.
+    pub total: Option<Duration>,
+    /// Nothing moved on the connection (either direction, or the remote log) for this long.
+    pub idle: Option<Duration>,
+}
+
+/// The limits a connection applies to its calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// Queries (`QueryValidPaths` without substitution, `QueryPathInfos`): the remote
+    /// answers from its database, in milliseconds on a live connection.
+    pub query: Duration,
+    /// NAR transfers: no byte moved for this long. Not a total, so a large closure over a
+    /// slow link is fine as long as it moves.
+    pub idle: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Deadlines {
+            query: Duration::from_secs(60),
+            idle: Duration::from_secs(120),
+        }
+    }
+}
+
+impl Deadlines {
+    /// `BuildDerivation`: the remote enforces `timeout` and `max-silent-time` itself and
+    /// then answers, so the hook waits that long plus a margin. With neither set there is
+    /// no bound, as with the stock hook: a build may take days, and the remote log is the
+    /// only sign of life.
+    pub fn build(&self, o: &BuildOptions) -> Limit {
+        let plus = |secs: u64| Some(Duration::from_secs(secs) + self.query);
+        Limit {
+            total: (o.build_timeout > 0)
+                .then(|| plus(o.build_timeout))
+                .flatten(),
+            idle: (o.max_silent_time > 0)
+                .then(|| plus(o.max_silent_time))
+                .flatten(),
+        }
+    }
+}
+
+/// When bytes last moved on a connection: shared by the stream wrappers, the log forwarder
+/// and the watchdog of [`within`].
+#[derive(Debug, Clone)]
+pub struct Activity {
+    base: Instant,
+    /// Milliseconds after `base`.
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Activity {
+    pub fn new() -> Self {
+        Activity {
+            base: Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    pub fn touch(&self) {
+        let ms = self.base.elapsed().as_millis() as u64;
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    pub fn last(&self) -> Instant {
+        self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity::new()
+    }
+}
+
+/// A stream half that records activity whenever bytes move.
+pub struct Tracked<T> {
+    inner: T,
+    activity: Activity,
+}
+
+impl<T> Tracked<T> {
+    pub fn new(inner: T, activity: Activity) -> Self {
+        Tracked { inner, activity }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Runs one serve call under `limit`. Giving up drops the call's future mid-message, which
+/// leaves the client refusing further calls ([`ServeError::Broken`]): the connection is done.
+pub async fn within<T>(
+    activity: &Activity,
+    machine: &str,
+    op: &'static str,
+    limit: Limit,
+    call: impl Future<Output = Result<T, ServeError>>,
+) -> Result<T, RemoteError> {
+    let timeout = |what, after| RemoteError::Timeout {
+        machine: machine.to_owned(),
+        op,
+        what,
+        after,
+    };
+    let started = Instant::now();
+    let total_deadline = limit.total.map(|d| started + d);
+    tokio::pin!(call);
+    // The start of the call counts as activity: the idle clock starts now.
+    activity.touch();
+    loop {
+        let idle_deadline = limit.idle.map(|d| activity.last() + d);
+        let next = match (total_deadline, idle_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let Some(next) = next else {
+            return Ok(call.await?);
+        };
+        tokio::select! {
+            r = &mut call => return Ok(r?),
+            () = tokio::time::sleep_until(next) => {
+                let now = Instant::now();
+                if let (Some(t), Some(d)) = (total_deadline, limit.total)
+                    && now >= t
+                {
+                    return Err(timeout("no answer within", d));
+                }
+                if let (Some(d), Some(_)) = (limit.idle, idle_deadline)
+                    && now >= activity.last() + d
+                {
+                    return Err(timeout("nothing moved on the connection for", d));
+                }
+            }
+        }
+    }
+}
+
+type Reader = Tracked<Box<dyn AsyncRead + Send + Unpin>>;
+type Writer = Tracked<Box<dyn AsyncWrite + Send + Unpin>>;
 
 /// A connected builder: the serve client, the remote log and the transport process.
 pub struct Connection {
     machine: String,
-    r: Reader,
-    w: Writer,
+    client: ServeClient<Reader, Writer>,
     log: LogTap,
     guard: ProcessGuard,
-    /// The negotiated serve protocol version.
-    pub version: u64,
+    activity: Activity,
+    pub deadlines: Deadlines,
 }
 
-/// Runs the serve handshake over a fresh session. On failure the remote stderr (ssh's and
+/// The program a store URI runs on the builder (`remote-program`, default `nix-store`).
+fn remote_program(uri: &str) -> String {
+    uri.split_once('?')
+        .and_then(|(_, q)| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix("remote-program="))
+                .filter(|p| !p.is_empty())
+        })
+        .unwrap_or("nix-store")
+        .to_owned()
+}
+
+/// What a shell prints when it cannot run a command: bash `command not found` /
+/// `No such file or directory`, dash `not found`.
+fn looks_like_missing_command(stderr: &str) -> bool {
+    stderr.contains("not found") || stderr.contains("No such file or directory")
+}
+
+/// Runs the serve handshake over a fresh session, in the local store directory
+/// (`$NIX_STORE_DIR`, else `/nix/store`; Nix requires the builder's to be the same). No
+/// timer here: callers bound it (the probe budget). On failure the remote stderr (ssh's and
 /// the remote shell's messages, e.g. `nix-store: command not found`) is part of the error.
 pub async fn open(machine: &str, session: Session) -> Result<Connection, RemoteError> {
+    open_in(machine, session, store_dir_from_env()).await
+}
+
+pub async fn open_in(
+    machine: &str,
+    session: Session,
+    store_dir: StoreDir,
+) -> Result<Connection, RemoteError> {
     let (writer, reader, mut log, guard) = session.into_parts();
-    let mut c = Connection {
-        machine: machine.to_owned(),
-        r: AsyncWireReader::new(reader),
-        w: AsyncWireWriter::new(BufWriter::new(writer)),
-        log: LogTap::spawn(tokio::io::empty()),
-        guard,
-        version: 0,
-    };
-    let result = async {
-        c.w.write_u64(SERVE_MAGIC_1).await?;
-        c.w.write_u64(SERVE_VERSION).await?;
-        c.w.flush().await?;
-        std::io::Result::Ok(())
-    }
+    let activity = Activity::new();
+    let handshake = ServeClient::handshake(
+        Tracked::new(reader, activity.clone()),
+        Tracked::new(writer, activity.clone()),
+        store_dir,
+        machine,
+    )
     .await;
-    if let Err(source) = result {
-        let stderr = log.collect(Duration::from_secs(2)).await;
-        return Err(RemoteError::Wire {
+    match handshake {
+        Ok(client) => Ok(Connection {
             machine: machine.to_owned(),
-            step: "the handshake",
-            source: WireError::Io { offset: 0, source },
-            stderr,
-        });
-    }
-    let magic = match c.r.read_u64().await {
-        Ok(m) => m,
+            client,
+            log,
+            guard,
+            activity,
+            deadlines: Deadlines::default(),
+        }),
         Err(source) => {
+            // The remote side has exited or is about to: its stderr ends soon.
             let stderr = log.collect(Duration::from_secs(2)).await;
-            return Err(RemoteError::Wire {
-                machine: machine.to_owned(),
-                step: "the handshake",
+            drop(guard);
+            let startup = matches!(
                 source,
+                ServeError::NoGreeting { .. }
+                    | ServeError::BadMagic { .. }
+                    | ServeError::Send { .. }
+                    | ServeError::Closed { .. }
+            );
+            if startup && looks_like_missing_command(&stderr) {
+                return Err(RemoteError::CommandNotFound {
+                    machine: machine.to_owned(),
+                    program: remote_program(machine),
+                    stderr,
+                });
+            }
+            Err(RemoteError::Handshake {
+                machine: machine.to_owned(),
+                source: Box::new(source),
                 stderr,
-            });
+            })
         }
-    };
-    if magic != SERVE_MAGIC_2 {
-        let stderr = log.collect(Duration::from_millis(500)).await;
-        return Err(RemoteError::BadMagic {
-            machine: machine.to_owned(),
-            got: magic,
-            stderr,
-        });
     }
-    let version = c.r.read_u64().await.map_err(|source| RemoteError::Wire {
-        machine: machine.to_owned(),
-        step: "the handshake",
-        source,
-        stderr: String::new(),
-    })?;
-    if version >> 8 != 2 {
-        return Err(RemoteError::BadVersion {
-            machine: machine.to_owned(),
-            version,
-        });
-    }
-    // Nix 2.8 clients use the server's number, HEAD the minimum; we only use what 2.7 has.
-    c.version = version.min(SERVE_VERSION);
-    c.log = log;
-    Ok(c)
 }
 
 impl Connection {
@@ -208,264 +441,182 @@ impl Connection {
         &self.machine
     }
 
-    fn wire(&self, step: &'static str) -> impl Fn(WireError) -> RemoteError + '_ {
-        move |source| RemoteError::Wire {
-            machine: self.machine.clone(),
-            step,
-            source,
-            stderr: String::new(),
-        }
+    /// The negotiated serve protocol version.
+    pub fn version(&self) -> u64 {
+        self.client.version()
     }
 
-    fn io(&self, step: &'static str) -> impl Fn(std::io::Error) -> RemoteError + '_ {
-        move |source| RemoteError::Io {
-            machine: self.machine.clone(),
-            step,
-            source,
-        }
+    pub fn store_dir(&self) -> &StoreDir {
+        self.client.store_dir()
     }
 
-    /// `QueryValidPaths` (op 1): which of `paths` the builder has. `lock` adds temp roots
-    /// on the builder so they are not collected before the build.
+    /// `QueryValidPaths` (op 1). `lock` adds temp roots on the builder so the paths are
+    /// not collected before the build (Hydra does; the stock hook does not).
     pub async fn query_valid_paths(
         &mut self,
-        paths: &BTreeSet<String>,
+        paths: &BTreeSet<StorePath>,
         lock: bool,
         substitute: bool,
-    ) -> Result<BTreeSet<String>, RemoteError> {
-        let step = "QueryValidPaths";
-        let io = |source| RemoteError::Io {
-            machine: self.machine.clone(),
-            step,
-            source,
+    ) -> Result<BTreeSet<StorePath>, RemoteError> {
+        // Substituting downloads on the builder, silently: no bound then.
+        let limit = if substitute {
+            Limit::default()
+        } else {
+            Limit {
+                total: Some(self.deadlines.query),
+                idle: None,
+            }
         };
-        let w = &mut self.w;
-        async {
-            w.write_u64(1).await?;
-            w.write_bool(lock).await?;
-            w.write_bool(substitute).await?;
-            w.write_strings(paths.iter()).await?;
-            w.flush().await
-        }
+        let call = self.client.query_valid_paths(lock, substitute, paths);
+        within(
+            &self.activity,
+            &self.machine,
+            "query_valid_paths",
+            limit,
+            call,
+        )
         .await
-        .map_err(io)?;
-        let valid = self
-            .r
-            .read_strings(MAX_PATHS, MAX_STR)
-            .await
-            .map_err(self.wire(step))?;
-        Ok(valid.into_iter().collect())
     }
 
     /// `QueryPathInfos` (op 2) for paths valid on the builder.
     pub async fn query_path_infos(
         &mut self,
-        paths: &BTreeSet<String>,
-    ) -> Result<BTreeMap<String, PathInfo>, RemoteError> {
-        let step = "QueryPathInfos";
-        let w = &mut self.w;
-        let r = async {
-            w.write_u64(2).await?;
-            w.write_strings(paths.iter()).await?;
-            w.flush().await
-        }
-        .await;
-        r.map_err(self.io(step))?;
-        let mut out = BTreeMap::new();
-        loop {
-            let path = self.r.read_string(MAX_STR).await.map_err(self.wire(step))?;
-            if path.is_empty() {
-                return Ok(out);
-            }
-            let deriver = self.r.read_string(MAX_STR).await.map_err(self.wire(step))?;
-            let references = self
-                .r
-                .read_strings(MAX_PATHS, MAX_STR)
-                .await
-                .map_err(self.wire(step))?;
-            let _download_size = self.r.read_u64().await.map_err(self.wire(step))?;
-            let nar_size = self.r.read_u64().await.map_err(self.wire(step))?;
-            // Protocol ≥ 2.4 (every Nix since 2.0) adds narHash, ca and sigs.
-            let hash = self.r.read_string(MAX_STR).await.map_err(self.wire(step))?;
-            let ca = self.r.read_string(MAX_STR).await.map_err(self.wire(step))?;
-            let sigs = self
-                .r
-                .read_strings(MAX_PATHS, MAX_STR)
-                .await
-                .map_err(self.wire(step))?;
-            let nar_hash =
-                Hash::parse_any_prefixed(&hash).map_err(|e| RemoteError::Derivation {
-                    drv: path.clone(),
-                    problem: format!("the builder sent narHash {hash:?}: {e}"),
-                })?;
-            out.insert(
-                path.clone(),
-                PathInfo {
-                    path,
-                    deriver: Some(deriver).filter(|d| !d.is_empty()),
-                    nar_hash,
-                    nar_size,
-                    references: references.into_iter().collect(),
-                    ca: Some(ca).filter(|c| !c.is_empty()),
-                    sigs,
-                },
-            );
-        }
+        paths: &BTreeSet<StorePath>,
+    ) -> Result<Vec<PathInfo>, RemoteError> {
+        let limit = Limit {
+            total: Some(self.deadlines.query),
+            idle: None,
+        };
+        let call = self.client.query_path_infos(paths);
+        within(
+            &self.activity,
+            &self.machine,
+            "query_path_infos",
+            limit,
+            call,
+        )
+        .await
     }
 
-    /// `AddToStoreNar` (op 9, serve ≥ 2.5): uploads one path, its NAR streamed from
-    /// `nix-store --dump`.
+    /// `AddToStoreNar` (op 9): uploads one path, its NAR streamed from `nix-store --dump`.
     pub async fn add_to_store_nar(
         &mut self,
         info: &PathInfo,
         local: &LocalStore,
     ) -> Result<(), RemoteError> {
-        let step = "AddToStoreNar";
-        let (mut child, mut nar) = local.dump(&info.path)?;
-        let w = &mut self.w;
-        let sent = async {
-            w.write_u64(9).await?;
-            w.write_str(&info.path).await?;
-            w.write_str(info.deriver.as_deref().unwrap_or("")).await?;
-            w.write_str(&info.nar_hash.to_base16()).await?;
-            w.write_strings(info.references.iter()).await?;
-            w.write_u64(0).await?; // registrationTime: now, on the builder
-            w.write_u64(info.nar_size).await?;
-            w.write_bool(false).await?; // ultimate
-            w.write_strings(info.sigs.iter()).await?;
-            w.write_str(info.ca.as_deref().unwrap_or("")).await?;
-            // Exactly narSize bytes: the server reads a sized source.
-            let copied = tokio::io::copy(&mut (&mut nar).take(info.nar_size), w.get_mut()).await?;
-            if copied != info.nar_size {
-                return Err(std::io::Error::other(format!(
-                    "nix-store --dump {} gave {copied} bytes, the store says {}",
-                    info.path, info.nar_size
-                )));
-            }
-            w.flush().await
-        }
+        let (mut child, nar) = local.dump(&info.path)?;
+        let limit = Limit {
+            total: None,
+            idle: Some(self.deadlines.idle),
+        };
+        let call = self.client.add_to_store_nar(info, nar);
+        let r = within(
+            &self.activity,
+            &self.machine,
+            "add_to_store_nar",
+            limit,
+            call,
+        )
         .await;
         let _ = child.wait().await;
-        sent.map_err(self.io(step))?;
-        let ok = self.r.read_u64().await.map_err(self.wire(step))?;
-        if ok != 1 {
-            return Err(RemoteError::Io {
-                machine: self.machine.clone(),
-                step,
-                source: std::io::Error::other(format!("the builder answered {ok} instead of 1")),
-            });
-        }
-        Ok(())
+        r
     }
 
-    /// `BuildPaths` (op 6) of `drv!outputs`. The server answers 0, or the failure's exit
-    /// status and message (2.8 `opServe`).
-    pub async fn build_paths(
+    /// `BuildDerivation` (op 8). A failed build is [`RemoteError::BuildFailed`].
+    pub async fn build_derivation(
         &mut self,
-        drv: &str,
-        outputs: &BTreeSet<String>,
-        opts: &BuildOptions,
+        job: &Job,
+        drv: &Derivation,
     ) -> Result<(), RemoteError> {
-        let step = "BuildPaths";
-        let outs: Vec<&str> = outputs.iter().map(String::as_str).collect();
-        let target = if outs.is_empty() {
-            drv.to_owned()
+        // 2.8 `build-remote.cc`: with input derivations, the builder gets the whole input
+        // closure as `inputSrcs` (it has no `.drv` to find the input derivations' outputs).
+        let basic = if drv.input_drvs.is_empty() {
+            drv.to_basic()
         } else {
-            format!("{drv}!{}", outs.join(","))
+            drv.to_basic_with_inputs(job.inputs.clone())
         };
-        let version = self.version;
-        let w = &mut self.w;
-        let r = async {
-            w.write_u64(6).await?;
-            w.write_strings([&target]).await?;
-            write_build_options(w, opts, version).await?;
-            w.flush().await
-        }
-        .await;
-        r.map_err(self.io(step))?;
-        let status = self.r.read_u64().await.map_err(self.wire(step))?;
-        if status == 0 {
+        let limit = self.deadlines.build(&job.options);
+        let call = self
+            .client
+            .build_derivation(&job.drv_path, &basic, &job.options);
+        let result = within(
+            &self.activity,
+            &self.machine,
+            "build_derivation",
+            limit,
+            call,
+        )
+        .await?;
+        if result.status.is_success() {
             return Ok(());
         }
-        let message = self.r.read_string(MAX_STR).await.map_err(self.wire(step))?;
         Err(RemoteError::BuildFailed {
-            drv: drv.to_owned(),
+            drv: self.store_dir().display(&job.drv_path),
             machine: self.machine.clone(),
-            status,
-            message,
+            status: result.status,
+            message: result.plain_error_msg(),
         })
     }
 
-    /// `DumpStorePath` (op 3): the NAR, unframed; its size comes from QueryPathInfos.
-    pub async fn dump_store_path(&mut self, info: &PathInfo) -> Result<Vec<u8>, RemoteError> {
-        let step = "DumpStorePath";
-        let w = &mut self.w;
-        let r = async {
-            w.write_u64(3).await?;
-            w.write_str(&info.path).await?;
-            w.flush().await
-        }
-        .await;
-        r.map_err(self.io(step))?;
-        let len = usize::try_from(info.nar_size).map_err(|_| RemoteError::Io {
-            machine: self.machine.clone(),
-            step,
-            source: std::io::Error::other("NAR too large for this machine"),
-        })?;
-        let mut nar = Vec::with_capacity(len.min(64 << 20));
-        let got = (&mut self.r.get_mut())
-            .take(info.nar_size)
-            .read_to_end(&mut nar)
-            .await
-            .map_err(self.io(step))?;
-        if got != len {
-            return Err(RemoteError::Io {
-                machine: self.machine.clone(),
-                step,
-                source: std::io::Error::other(format!(
-                    "NAR of {} ended after {got} of {len} bytes",
-                    info.path
-                )),
-            });
-        }
-        Ok(nar)
+    /// `DumpStorePath` (op 3): the NAR of `info.path`, checked against `info`'s hash.
+    pub async fn dump_store_path(&mut self, info: &PathInfo) -> Result<Fetched, RemoteError> {
+        let limit = Limit {
+            total: None,
+            idle: Some(self.deadlines.idle),
+        };
+        let mut nar = Vec::with_capacity(usize::try_from(info.nar_size.min(64 << 20)).unwrap_or(0));
+        let call = self.client.dump_store_path(&info.path, &mut nar);
+        within(
+            &self.activity,
+            &self.machine,
+            "dump_store_path",
+            limit,
+            call,
+        )
+        .await?;
+        let f = Fetched {
+            info: info.clone(),
+            nar,
+        };
+        f.verify()?;
+        Ok(f)
     }
 
     /// Ends the session: closes the builder's stdin and waits for the transport.
     pub async fn close(self) -> LogTap {
-        drop(self.w);
-        drop(self.r);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.close()).await;
         self.guard.finish().await;
         self.log
     }
 
-    /// Takes the remote log tap out (to forward it to the build log), leaving an empty one.
+    /// Takes the remote log tap out, leaving an empty one.
     pub fn take_log(&mut self) -> LogTap {
         std::mem::replace(&mut self.log, LogTap::spawn(tokio::io::empty()))
     }
-}
 
-/// `BuildOptions` as the server reads them (`getBuildSettings` in 2.8 `opServe`).
-async fn write_build_options(
-    w: &mut Writer,
-    o: &BuildOptions,
-    version: u64,
-) -> std::io::Result<()> {
-    let minor = version & 0xff;
-    w.write_u64(o.max_silent_time).await?;
-    w.write_u64(o.build_timeout).await?;
-    if minor >= 2 {
-        w.write_u64(o.max_log_size).await?;
+    /// Forwards the remote log (the serve process's stderr) to `log_path` (fd 4) as it
+    /// arrives; log output counts as activity, so a build that logs is alive.
+    pub fn forward_log(&mut self, log_path: PathBuf) -> tokio::task::JoinHandle<()> {
+        let mut tap = self.take_log();
+        let activity = self.activity.clone();
+        tokio::spawn(async move {
+            let Ok(file) = std::fs::OpenOptions::new().write(true).open(&log_path) else {
+                while tap.next().await.is_some() {
+                    activity.touch();
+                }
+                return;
+            };
+            let mut file = tokio::fs::File::from_std(file);
+            while let Some(chunk) = tap.next().await {
+                use tokio::io::AsyncWriteExt;
+                activity.touch();
+                if file.write_all(&chunk).await.is_err() {
+                    break;
+                }
+                let _ = file.flush().await;
+            }
+        })
     }
-    if minor >= 3 {
-        // nrRepeats, enforceDeterminism: HEAD refuses anything but 0, 0.
-        w.write_u64(0).await?;
-        w.write_u64(0).await?;
-    }
-    if minor >= 7 {
-        w.write_bool(o.keep_failed).await?;
-    }
-    Ok(())
 }
 
 /// Progress callbacks, so the caller can report through `@nix` messages.
@@ -480,9 +631,9 @@ pub struct Transfer {
     pub secs: f64,
 }
 
-/// Step one of a remote build (hook-protocol.md §4.6): copy the input closure and the `.drv`
-/// closure to the builder, as far as it lacks them. Failures here happen before the build
-/// starts, so the caller may retry on another builder.
+/// Step one of a remote build (hook-protocol.md §4.6): copy the input closure to the
+/// builder, as far as it lacks it. Failures here happen before the build starts, so the
+/// caller may retry on another builder.
 pub async fn upload(
     conn: &mut Connection,
     job: &Job,
@@ -491,11 +642,10 @@ pub async fn upload(
     upload_lock: Option<crate::slots::HeldLock>,
 ) -> Result<Transfer, RemoteError> {
     let start = std::time::Instant::now();
-    // The inputs plus the .drv closure (BuildPaths needs the derivations on the builder).
-    let mut roots: Vec<String> = job.inputs.iter().cloned().collect();
-    roots.push(job.drv_path.clone());
-    let closure = local.closure_infos(&roots).await?;
-    let all: BTreeSet<String> = closure.iter().map(|i| i.path.clone()).collect();
+    // The daemon's set is already closed under references; asking for the closure costs
+    // nothing extra (one `nix path-info` either way) and guards against a partial set.
+    let closure = local.closure_infos(&job.inputs).await?;
+    let all: BTreeSet<StorePath> = closure.iter().map(|i| i.path.clone()).collect();
     let valid = conn
         .query_valid_paths(&all, true, job.use_substitutes)
         .await?;
@@ -524,47 +674,66 @@ pub async fn upload(
     })
 }
 
-/// Step two: build, fetch the missing outputs and import them. `outputs` maps output
-/// name → store path. Returns the build time and what was fetched.
+/// The store paths of the wanted outputs. Outputs whose path is not known before the
+/// build (floating content-addressed, impure) are not supported.
+pub fn wanted_output_paths(
+    job: &Job,
+    drv: &Derivation,
+) -> Result<BTreeSet<StorePath>, RemoteError> {
+    let mut wanted = BTreeSet::new();
+    for name in &job.wanted_outputs {
+        let problem = |p: String| RemoteError::Derivation {
+            drv: job.drv_path.to_string(),
+            problem: p,
+        };
+        let out = drv
+            .outputs
+            .get(name)
+            .ok_or_else(|| problem(format!("it has no output '{name}'")))?;
+        match (&out.path, out.kind()) {
+            (Some(p), OutputKind::InputAddressed | OutputKind::FixedCa) => {
+                wanted.insert(p.clone());
+            }
+            (_, kind) => {
+                return Err(problem(format!(
+                    "output '{name}' is {kind:?}: only outputs with known paths can be built remotely by Ferry"
+                )));
+            }
+        }
+    }
+    Ok(wanted)
+}
+
+/// Step two: build, fetch the missing outputs and import them. Returns the build time and
+/// what was fetched.
 pub async fn build_and_fetch<I: Importer + Sync>(
     conn: &mut Connection,
     job: &Job,
-    outputs: &BTreeMap<String, String>,
+    drv: &Derivation,
     importer: &I,
 ) -> Result<(f64, Transfer), RemoteError> {
+    let wanted = wanted_output_paths(job, drv)?;
     let start = std::time::Instant::now();
-    conn.build_paths(&job.drv_path, &job.wanted_outputs, &job.options)
-        .await?;
+    conn.build_derivation(job, drv).await?;
     let build_secs = start.elapsed().as_secs_f64();
 
     let fetch_start = std::time::Instant::now();
-    let mut wanted = BTreeSet::new();
-    for name in &job.wanted_outputs {
-        let path = outputs.get(name).ok_or_else(|| RemoteError::Derivation {
-            drv: job.drv_path.clone(),
-            problem: format!("it has no output '{name}'"),
-        })?;
-        wanted.insert(path.clone());
-    }
     let infos = conn.query_path_infos(&wanted).await?;
     for p in &wanted {
-        if !infos.contains_key(p) {
+        if !infos.iter().any(|i| &i.path == p) {
             return Err(RemoteError::MissingOutput {
                 machine: conn.machine().to_owned(),
-                drv: job.drv_path.clone(),
-                path: p.clone(),
+                drv: job.drv_path.to_string(),
+                path: conn.store_dir().display(p),
             });
         }
     }
-    let infos = topo_sort(infos.into_values().collect())?;
+    let infos = topo_sort(infos)?;
     let mut fetched = Vec::new();
     let mut bytes = 0;
     for info in infos {
-        let nar = conn.dump_store_path(&info).await?;
         bytes += info.nar_size;
-        let f = Fetched { info, nar };
-        f.verify()?;
-        fetched.push(f);
+        fetched.push(conn.dump_store_path(&info).await?);
     }
     let fetch_secs = fetch_start.elapsed().as_secs_f64();
     importer.import(&fetched).await?;
@@ -589,38 +758,91 @@ mod tests {
             status,
             message: "x".into(),
         };
-        assert_eq!(f(101).exit_code(), 101);
-        assert_eq!(f(100).exit_code(), 100);
-        assert_eq!(f(1).exit_code(), 1);
-        assert_eq!(f(7).exit_code(), 1);
+        assert_eq!(f(BuildStatus::TimedOut).exit_code(), 101);
+        assert_eq!(f(BuildStatus::PermanentFailure).exit_code(), 100);
+        assert_eq!(f(BuildStatus::OutputRejected).exit_code(), 100);
+        assert_eq!(f(BuildStatus::MiscFailure).exit_code(), 1);
+        assert_eq!(f(BuildStatus::Unknown(77)).exit_code(), 1);
+        assert!(!f(BuildStatus::MiscFailure).is_builder_fault());
     }
 
     #[test]
-    fn build_options_by_version() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("rt");
-        let o = BuildOptions {
+    fn build_limits_follow_the_remote_settings() {
+        let d = Deadlines::default();
+        assert_eq!(d.build(&BuildOptions::default()), Limit::default());
+        let l = d.build(&BuildOptions {
+            build_timeout: 10,
             max_silent_time: 5,
-            build_timeout: 6,
-            max_log_size: 7,
-            keep_failed: true,
-        };
-        let bytes = rt.block_on(async {
-            let (a, mut b) = tokio::io::duplex(4096);
-            let boxed: Box<dyn AsyncWrite + Send + Unpin> = Box::new(a);
-            let mut w = AsyncWireWriter::new(BufWriter::new(boxed));
-            write_build_options(&mut w, &o, 0x207).await.expect("w");
-            w.flush().await.expect("flush");
-            drop(w);
-            let mut v = Vec::new();
-            b.read_to_end(&mut v).await.expect("read");
-            v
+            ..BuildOptions::default()
         });
-        let nums: Vec<u64> = bytes
-            .chunks(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8")))
-            .collect();
-        assert_eq!(nums, [5, 6, 7, 0, 0, 1]);
+        assert_eq!(l.total, Some(Duration::from_secs(10) + d.query));
+        assert_eq!(l.idle, Some(Duration::from_secs(5) + d.query));
+    }
+
+    #[test]
+    fn missing_commands_are_recognised() {
+        assert!(looks_like_missing_command(
+            "bash: line 1: /nonexistent/nix-store: No such file or directory"
+        ));
+        assert!(looks_like_missing_command("sh: 1: nix-store: not found"));
+        assert!(!looks_like_missing_command(
+            "Permission denied (publickey)."
+        ));
+        assert_eq!(
+            remote_program("ssh://h?remote-program=/opt/nix-store&x=1"),
+            "/opt/nix-store"
+        );
+        assert_eq!(remote_program("ssh://h"), "nix-store");
+    }
+
+    /// A call that never answers is given up at the idle limit, while one whose peer keeps
+    /// the connection busy is not; a total limit ends even a busy call.
+    #[tokio::test(start_paused = true)]
+    async fn limits_give_up_on_silence() {
+        let activity = Activity::new();
+        let never = std::future::pending::<Result<(), ServeError>>();
+        let idle = Limit {
+            total: None,
+            idle: Some(Duration::from_secs(5)),
+        };
+        let t = Instant::now();
+        let e = within(&activity, "m", "Op", idle, never)
+            .await
+            .expect_err("silent call");
+        assert!(e.to_string().contains("nothing moved"), "{e}");
+        assert!(e.is_builder_fault());
+        assert_eq!(t.elapsed(), Duration::from_secs(5));
+
+        // Busy for 12 s (activity every second), then done: the idle limit never fires.
+        let a2 = activity.clone();
+        let busy = async move {
+            for _ in 0..12 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                a2.touch();
+            }
+            Ok::<_, ServeError>(7)
+        };
+        let v = within(&activity, "m", "Op", idle, busy)
+            .await
+            .expect("busy call");
+        assert_eq!(v, 7);
+
+        let a3 = activity.clone();
+        let endless = async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                a3.touch();
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), ServeError>(())
+        };
+        let total = Limit {
+            total: Some(Duration::from_secs(3)),
+            idle: Some(Duration::from_secs(5)),
+        };
+        let e = within(&activity, "m", "Op", total, endless)
+            .await
+            .expect_err("over total");
+        assert!(e.to_string().contains("no answer within 3s"), "{e}");
     }
 }

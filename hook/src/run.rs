@@ -6,6 +6,7 @@
 //! messages (shown to the client at their level), and the remote build log goes raw to fd 4.
 
 use crate::config::{self, Tuning};
+use crate::delegate;
 use crate::health::{self, LocalSituation, Verdict};
 use crate::health_store::HealthStore;
 use crate::local::{HeldLocksImporter, LocalStore};
@@ -192,6 +193,10 @@ struct Ctx<'a> {
     env: &'a Env,
     prober: Arc<Prober>,
     logger: &'a Logger,
+    /// The settings stream as the daemon sent it (replayed to the stock hook).
+    daemon_settings: &'a [(String, String)],
+    /// `stock-hook` from `[build-hook]`.
+    stock_hook: Option<String>,
 }
 
 /// Runs the hook; returns the exit status.
@@ -233,18 +238,20 @@ pub async fn run<R: AsyncRead + Unpin>(
     conf.apply_overrides(&stream);
     let settings = Settings { conf };
     // A broken Ferry configuration must not break builds: say so and use the defaults.
-    let tuning = config::load(&env.config_path).unwrap_or_else(|e| {
+    let (tuning, stock_hook) = config::load_all(&env.config_path).unwrap_or_else(|e| {
         logger.log(
             Verbosity::WARN,
             format!("ferry-build-hook: using defaults: {e}"),
         );
-        Tuning::default()
+        (Tuning::default(), None)
     });
     let ctx = Ctx {
         settings: &settings,
         env,
         prober: Arc::new(prober(env, tuning)),
         logger,
+        daemon_settings: &stream,
+        stock_hook,
     };
 
     loop {
@@ -260,6 +267,13 @@ pub async fn run<R: AsyncRead + Unpin>(
             Answered::Replied => continue,
             Answered::Stop(code) => return code,
             Answered::Accepted(chosen) => return build(*chosen, &t, &mut input, &ctx).await,
+            Answered::Delegate(others) => {
+                let verbosity = argv.last().map_or("3", String::as_str);
+                match hand_over(&t, &others, verbosity, &ctx, input.get_mut()).await {
+                    Some(code) => return code,
+                    None => continue,
+                }
+            }
         }
     }
 }
@@ -293,6 +307,8 @@ enum Answered {
     Replied,
     Stop(i32),
     Accepted(Box<Chosen>),
+    /// Only these non-`ssh://` machines can take it: the stock hook builds it.
+    Delegate(Vec<Machine>),
 }
 
 /// Selects a machine for one `try` from the builders' health (probing those whose state
@@ -312,17 +328,13 @@ async fn answer(t: &TryRequest, ctx: &Ctx<'_>) -> Answered {
         return Answered::Stop(0);
     }
     // Only ssh:// is handled natively. Other schemes (ssh-ng://, local stores) are left out
-    // of the selection, so the daemon builds locally or another hook takes them.
-    let mut excluded: BTreeSet<usize> = BTreeSet::new();
+    // of the selection; if only they can take the derivation, the stock hook does
+    // (`delegate.rs`).
+    let (mut excluded, mut native) = (BTreeSet::new(), BTreeSet::new());
     for (i, m) in machines.iter().enumerate() {
-        if m.scheme() != Some("ssh") {
-            logger.log(
-                Verbosity::CHATTY,
-                format!(
-                    "ferry-build-hook: skipping '{}': only ssh:// builders are supported",
-                    m.store_uri
-                ),
-            );
+        if m.scheme() == Some("ssh") {
+            native.insert(i);
+        } else {
             excluded.insert(i);
         }
     }
@@ -352,6 +364,15 @@ async fn answer(t: &TryRequest, ctx: &Ctx<'_>) -> Answered {
     };
 
     let right_type = eligible(&machines, &need, &excluded);
+    if right_type.is_empty() {
+        let others: Vec<Machine> = eligible(&machines, &need, &native)
+            .into_iter()
+            .filter_map(|i| machines.get(i).cloned())
+            .collect();
+        if !others.is_empty() {
+            return Answered::Delegate(others);
+        }
+    }
     let (mut healthy, mut probed) = classify_and_probe(ctx, &machines, &right_type).await;
     loop {
         let policy = policy_for(ctx, &machines, tuning);
@@ -591,15 +612,22 @@ async fn build<R: AsyncRead + Unpin>(
         }
     };
     let local = ctx.settings.local_store();
-    let job = Job {
-        drv_path: t.drv_path.clone(),
-        inputs: accepted.inputs,
-        wanted_outputs: accepted.wanted_outputs,
-        options: ctx.settings.build_options(),
-        use_substitutes: ctx.settings.bool("builders-use-substitutes"),
-    };
-    let outputs = match local.derivation_outputs(&job.drv_path).await {
-        Ok(o) => o,
+    let job = Job::new(
+        &local.store_dir,
+        &t.drv_path,
+        &accepted.inputs,
+        accepted.wanted_outputs,
+        ctx.settings.build_options(),
+        ctx.settings.bool("builders-use-substitutes"),
+    );
+    let drv = job.map_err(|e| e.to_string()).and_then(|job| {
+        let drv = local
+            .read_derivation(&job.drv_path)
+            .map_err(|e| e.to_string())?;
+        Ok((job, drv))
+    });
+    let (job, drv) = match drv {
+        Ok(x) => x,
         Err(e) => {
             logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
             return 1;
@@ -662,11 +690,11 @@ async fn build<R: AsyncRead + Unpin>(
     };
 
     // The remote log goes to fd 4 as it arrives.
-    let forwarder = forward_log(conn.take_log(), ctx.env.build_log.clone());
+    let forwarder = conn.forward_log(ctx.env.build_log.clone());
     let importer = HeldLocksImporter {
         local: local.clone(),
     };
-    let result = remote::build_and_fetch(&mut conn, &job, &outputs, &importer).await;
+    let result = remote::build_and_fetch(&mut conn, &job, &drv, &importer).await;
     conn.close().await;
     let _ = tokio::time::timeout(Duration::from_secs(5), forwarder).await;
     drop(slot);
@@ -727,19 +755,53 @@ async fn failover(
     None
 }
 
-fn forward_log(mut tap: crate::ssh::LogTap, log_path: PathBuf) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let Ok(file) = std::fs::OpenOptions::new().write(true).open(&log_path) else {
-            while tap.next().await.is_some() {}
-            return;
-        };
-        let mut file = tokio::fs::File::from_std(file);
-        while let Some(chunk) = tap.next().await {
-            use tokio::io::AsyncWriteExt;
-            if file.write_all(&chunk).await.is_err() {
-                break;
-            }
-            let _ = file.flush().await;
+/// Hands the derivation to the stock hook (`delegate.rs`). `Some(status)`: the stock hook
+/// ran as this hook and exited with `status`. `None`: it could not be started; the
+/// derivation was declined with the reason, and Ferry keeps answering.
+async fn hand_over<R: AsyncRead + Unpin>(
+    t: &TryRequest,
+    others: &[Machine],
+    verbosity: &str,
+    ctx: &Ctx<'_>,
+    stdin: &mut R,
+) -> Option<i32> {
+    let logger = ctx.logger;
+    let names: Vec<&str> = others.iter().map(|m| m.store_uri.as_str()).collect();
+    let command = delegate::stock_hook_command(
+        ctx.stock_hook.as_deref(),
+        |p| p.exists(),
+        delegate::find_nix_on_path,
+    );
+    let started = match command {
+        Ok(command) => {
+            logger.log(
+                Verbosity::TALKATIVE,
+                format!(
+                    "ferry-build-hook: '{}' can only go to {}, which Ferry does not speak to (only ssh://); handing it to the stock hook {}",
+                    t.drv_path,
+                    names.join(", "),
+                    command.join(" ")
+                ),
+            );
+            let refs: Vec<&Machine> = others.iter().collect();
+            let prefix = delegate::replay(ctx.daemon_settings, &refs, t);
+            delegate::hand_over(&command, verbosity, prefix, stdin).await
         }
-    })
+        Err(e) => Err(e),
+    };
+    match started {
+        Ok(code) => Some(code),
+        Err(e) => {
+            logger.log(
+                Verbosity::ERROR,
+                format!(
+                    "ferry-build-hook: cannot build '{}' on {}: {e}",
+                    t.drv_path,
+                    names.join(", ")
+                ),
+            );
+            logger.reply(&Reply::Decline);
+            None
+        }
+    }
 }

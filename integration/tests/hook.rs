@@ -52,6 +52,14 @@ fn chain_closure_builds_remotely(hook: Hook) {
     let builder_hash = stdout_of(q, "builder nix-store -q --hash");
     assert_eq!(client_hash, builder_hash, "{hook:?}: NAR hash differs");
 
+    // Built from a BasicDerivation (serve BuildDerivation), as the stock hook does on 2.8:
+    // the .drv is never copied to the builder.
+    let mut q = fleet.client_command("nix-store");
+    q.args(["-q", "--deriver", top]);
+    let drv = stdout_of(q, "nix-store -q --deriver");
+    assert!(drv.ends_with(".drv"), "{drv}");
+    assert!(!fleet.builders[0].has_store_path(&drv), "{hook:?}: {drv} was copied to b0");
+
     // References recorded on the client, and the closure is complete there.
     let mut q = fleet.client_command("nix-store");
     q.args(["-q", "--references", top]);
@@ -326,4 +334,145 @@ fn bench_ten_derivations_on_two_builders() {
     };
     let (s, f) = (mean(Hook::Stock), mean(Hook::Ferry));
     println!("mean stock {s:.3} s, ferry {f:.3} s, ferry/stock = {:.2}", f / s);
+}
+
+/// An `ssh-ng://` builder (`nix-daemon --stdio` on the builder, root with a local store).
+/// Ferry speaks only the serve protocol, so it hands the derivation to the stock hook (with
+/// `builders` narrowed to the non-ssh machines) when no `ssh://` builder can take it.
+fn ssh_ng_builder_builds(hook: Hook) {
+    let fleet = fleet(hook, 1, 1);
+    let line = fleet.machine_line(0).expect("line").replacen("ssh://", "ssh-ng://", 1);
+    std::fs::write(fleet.client.dir.join("etc-nix/machines"), format!("{line}\n"))
+        .expect("machines");
+    let out = fleet.nix_build(&chain_drv(&nonce()), &["-j0", "-v"]);
+    check(&out, &format!("{hook:?}: ssh-ng build"))
+        .unwrap_or_else(|e| panic!("{e}\ndaemon log:\n{}", fleet.daemon_log()));
+    let top = &out_paths(&out)[0];
+    assert!(fleet.builders[0].has_store_path(top), "{hook:?}: {top} not built on b0");
+    assert!(fleet.client.has_store_path(top));
+    if hook == Hook::Ferry {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("handing it to the stock hook"), "not through Ferry:\n{err}");
+    }
+}
+
+#[test]
+fn ssh_ng_builder_builds_stock() {
+    ssh_ng_builder_builds(Hook::Stock);
+}
+
+#[test]
+fn ssh_ng_builder_builds_ferry() {
+    ssh_ng_builder_builds(Hook::Ferry);
+}
+
+/// Ferry keeps what it can build: with an `ssh://` builder eligible, the `ssh-ng://` one is
+/// not used; with only `ssh-ng://` and a `stock-hook` that does not exist, the derivation is
+/// declined with the reason (and `-j0` makes that a failure).
+#[test]
+fn stock_hook_only_when_no_ssh_builder_can_build() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = dir.path().join("ferry.toml");
+    let fleet = Fleet::start(FleetConfig {
+        builders: 2,
+        max_jobs_per_builder: 2,
+        client_conf: format!("build-hook = {}", ferry_bin("ferry-build-hook").display()),
+        daemon_env: vec![("FERRY_CONFIG".to_owned(), config.display().to_string())],
+    })
+    .expect("fleet");
+    let ng = fleet.machine_line(0).expect("line").replacen("ssh://", "ssh-ng://", 1);
+    let plain = fleet.machine_line(1).expect("line");
+    let machines = fleet.client.dir.join("etc-nix/machines");
+    std::fs::write(&machines, format!("{ng}\n{plain}\n")).expect("machines");
+    for k in 0..2 {
+        let out = fleet.nix_build(&trivial_drv(&format!("{}-{k}", nonce()), "m"), &["-j0"]);
+        check(&out, "mixed builders").unwrap_or_else(|e| panic!("{e}\n{}", fleet.daemon_log()));
+        let p = &out_paths(&out)[0];
+        assert!(fleet.builders[1].has_store_path(p), "not built on the ssh:// builder");
+        assert!(!fleet.builders[0].has_store_path(p), "built on the ssh-ng:// builder");
+    }
+
+    std::fs::write(&machines, format!("{ng}\n")).expect("machines");
+    std::fs::write(&config, "[build-hook]\nstock-hook = \"/nonexistent/build-remote\"\n")
+        .expect("config");
+    let out = fleet.nix_build(&trivial_drv(&nonce(), "n"), &["-j0"]);
+    assert!(!out.status.success(), "built without a stock hook");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/build-remote"), "{err}");
+    let b0 = &fleet.builders[0].addr;
+    assert!(err.contains(&format!("ssh-ng://root@{b0}")), "{err}");
+}
+
+/// A builder without Nix (here: `remote-program` pointing nowhere): the error names the
+/// builder and says the remote command was not found (Ferry only: the stock hook reports a
+/// protocol mismatch).
+#[test]
+fn builder_without_nix_is_named() {
+    let fleet = fleet(Hook::Ferry, 1, 1);
+    let line = fleet.machine_line(0).expect("line");
+    let mut f: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+    f[0].push_str("?remote-program=/nonexistent/nix-store");
+    std::fs::write(fleet.client.dir.join("etc-nix/machines"), f.join(" ") + "\n")
+        .expect("machines");
+    let out = fleet.nix_build(&trivial_drv(&nonce(), "nonix"), &["-j0"]);
+    assert!(!out.status.success(), "built on a builder without Nix");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let b0 = &fleet.builders[0].addr;
+    assert!(err.contains(&format!("ssh://root@{b0}?remote-program=/nonexistent/nix-store")), "{err}");
+    assert!(
+        err.contains("the remote command /nonexistent/nix-store was not found"),
+        "{err}"
+    );
+}
+
+/// Benchmark: closure copy throughput. A 256 MiB random file is added on the client with
+/// `nix-store --add` (not timed), then a derivation that reads it is built with `-j0` on one
+/// builder that lacks it: the time is dominated by copying the input. Stock and Ferry on fresh
+/// fleets in the same run, alternating. Build the binaries with `--release` for numbers
+/// worth comparing: `cargo build --release --workspace --bins && cargo test --release -p
+/// ferry-integration --test hook -- --ignored --nocapture bench_closure_copy`.
+#[test]
+#[ignore]
+fn bench_closure_copy_256_mib() {
+    const MIB: u64 = 256;
+    let mut times = Vec::new();
+    for round in 0..3 {
+        for hook in [Hook::Stock, Hook::Ferry] {
+            let fleet = fleet(hook, 1, 1);
+            let file = fleet.root.path().join(format!("ferry-big-{}", nonce()));
+            let st = std::process::Command::new("head")
+                .args(["-c", &(MIB << 20).to_string(), "/dev/urandom"])
+                .stdout(std::fs::File::create(&file).expect("big file"))
+                .status()
+                .expect("head");
+            assert!(st.success());
+            let mut add = fleet.client_command("nix-store");
+            add.arg("--add").arg(&file);
+            let input = stdout_of(add, "nix-store --add");
+            let expr = format!(
+                r#"builtins.derivation {{ name = "ferry-big-{n}"; system = "{SYSTEM}"; builder = "/bin/sh"; args = [ "-c" "wc -c < ${{builtins.storePath "{input}"}} > $out" ]; PATH = "/usr/bin:/bin"; }}"#,
+                n = nonce()
+            );
+            let t = std::time::Instant::now();
+            let out = fleet.nix_build(&expr, &["-j0"]);
+            let dt = t.elapsed().as_secs_f64();
+            check(&out, "bench build").unwrap_or_else(|e| panic!("{hook:?}: {e}"));
+            assert!(fleet.builders[0].has_store_path(&input), "{hook:?}: input not copied");
+            assert!(fleet.builders[0].has_store_path(&out_paths(&out)[0]));
+            println!("round {round} {hook:?}: {dt:.3} s, {:.0} MiB/s", MIB as f64 / dt);
+            times.push((hook, dt));
+            let _ = std::fs::remove_file(&file);
+        }
+    }
+    let mean = |h: Hook| {
+        let v: Vec<f64> = times.iter().filter(|(x, _)| *x == h).map(|(_, t)| *t).collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    let (s, f) = (mean(Hook::Stock), mean(Hook::Ferry));
+    println!(
+        "256 MiB input: mean stock {s:.3} s ({:.0} MiB/s), ferry {f:.3} s ({:.0} MiB/s), ferry/stock time = {:.2}",
+        MIB as f64 / s,
+        MIB as f64 / f,
+        f / s
+    );
 }

@@ -261,7 +261,7 @@ fn copy_failure_after_accept_fails_over_to_another_builder() {
         r0["last-error"]
             .as_str()
             .unwrap_or("")
-            .contains("QueryValidPaths"),
+            .contains("query_valid_paths"),
         "{r0}"
     );
     let r1 = row(&tf, &rows, 1);
