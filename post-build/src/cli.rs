@@ -60,7 +60,13 @@ fn config_path(cli: &Cli) -> PathBuf {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // Colours only for a terminal: logs written to files stay greppable.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 pub fn main(cli: Cli) -> ExitCode {
@@ -224,13 +230,15 @@ fn keygen(name: &str, secret_file: Option<&Path>, public_file: Option<&Path>) ->
 fn check_config(config: &Path) -> Result<()> {
     let settings = Settings::load(config)?;
     let keys = crate::daemon::load_keys(&settings)?;
-    crate::daemon::make_targets(&settings)?;
+    let targets = crate::daemon::make_targets(&settings)?;
     println!("{}: [post-build] OK", config.display());
     println!("  state dir: {}", settings.config.state_dir.display());
     println!("  store dir: {}", settings.store_dir);
     println!("  GC roots: {}", if settings.config.gc_roots { settings.gc_roots_dir().display().to_string() } else { "off".into() });
-    for t in &settings.config.targets {
-        println!("  target: {t}");
+    for t in &targets {
+        // The access key id identifies the credentials; the secret is never shown.
+        let s3 = t.s3_access_key_id().map(|id| format!(", S3 access key id {id}")).unwrap_or_default();
+        println!("  target: {} (compression {}{s3})", t.url, t.compression.narinfo_name());
     }
     if settings.config.targets.is_empty() {
         println!("  warning: no targets; the hook queues but nothing uploads");

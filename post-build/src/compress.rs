@@ -12,6 +12,15 @@ pub enum Compression {
 }
 
 impl Compression {
+    /// From a narinfo / store-parameter name.
+    pub fn from_name(name: &str) -> Option<Compression> {
+        match name {
+            "zstd" => Some(Compression::Zstd),
+            "none" => Some(Compression::None),
+            _ => None,
+        }
+    }
+
     /// The narinfo `Compression:` value.
     pub fn narinfo_name(self) -> &'static str {
         match self {

@@ -120,12 +120,12 @@ pub fn load_keys(settings: &Settings) -> Result<Vec<ferry_nix::signing::SecretKe
 }
 
 pub fn make_targets(settings: &Settings) -> Result<Vec<Arc<Target>>> {
-    let timeout = Duration::from_secs(settings.config.connect_timeout_secs.max(1));
+    let opts = settings.target_options();
     settings
         .config
         .targets
         .iter()
-        .map(|u| Target::new(u, timeout).map(Arc::new).map_err(anyhow::Error::from))
+        .map(|u| Target::new(u, &opts).map(Arc::new).map_err(anyhow::Error::from))
         .collect()
 }
 
@@ -156,7 +156,6 @@ impl Daemon {
             store: ferry_build_hook::local::LocalStore::default(),
             targets,
             keys,
-            compression: settings.config.compression,
             zstd_level: settings.config.zstd_level,
             work_dir,
             present: Default::default(),

@@ -57,7 +57,6 @@ pub struct Shared {
     pub store: LocalStore,
     pub targets: Vec<Arc<Target>>,
     pub keys: Vec<SecretKey>,
-    pub compression: Compression,
     pub zstd_level: i32,
     pub work_dir: PathBuf,
     /// `(target index, hash part)` of narinfos known to exist: saves a round trip per path
@@ -123,7 +122,7 @@ pub fn make_narinfo(
 }
 
 /// Serialises, hashes and compresses one path into the work directory (blocking).
-pub fn prepare(sh: &Shared, info: &PathInfo) -> Result<Prepared, PrepareError> {
+pub fn prepare(sh: &Shared, info: &PathInfo, compression: Compression) -> Result<Prepared, PrepareError> {
     let nar_err = |message: String| PrepareError::Nar {
         path: info.path.clone(),
         message,
@@ -136,7 +135,7 @@ pub fn prepare(sh: &Shared, info: &PathInfo) -> Result<Prepared, PrepareError> {
     let prepared_file = PreparedFile(file.clone());
     let f = std::fs::File::create(&file).map_err(|e| nar_err(format!("{}: {e}", file.display())))?;
     let sink = TeeWriter::new(BufWriter::with_capacity(256 * 1024, f), Sha256Sink::new());
-    let mut comp = Compressor::new(sh.compression, sh.zstd_level, sink).map_err(|e| nar_err(e.to_string()))?;
+    let mut comp = Compressor::new(compression, sh.zstd_level, sink).map_err(|e| nar_err(e.to_string()))?;
     let (nar_hash, nar_size) = ferry_nix::nar::dump_path_hashed(Path::new(&info.path), &mut comp)
         .map_err(|e| nar_err(e.to_string()))?;
     let tee = comp.finish().map_err(|e| nar_err(e.to_string()))?;
@@ -153,7 +152,7 @@ pub fn prepare(sh: &Shared, info: &PathInfo) -> Result<Prepared, PrepareError> {
             want_size: info.nar_size,
         });
     }
-    let narinfo = make_narinfo(&sh.store_dir, info, sh.compression, file_hash, file_size, &sh.keys)?;
+    let narinfo = make_narinfo(&sh.store_dir, info, compression, file_hash, file_size, &sh.keys)?;
     std::mem::forget(prepared_file);
     Ok(Prepared { file, narinfo })
 }
@@ -274,38 +273,47 @@ pub async fn upload_closure(sh: &Arc<Shared>, root: &str) -> (Outcome, TargetRes
         if need.is_empty() {
             continue;
         }
-        let sh2 = Arc::clone(sh);
-        let info2 = info.clone();
-        let prepared = match tokio::task::spawn_blocking(move || prepare(&sh2, &info2)).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(e @ PrepareError::Mismatch { .. })) => {
-                return (Outcome::Permanent { reason: e.to_string() }, results);
-            }
-            Ok(Err(e)) => {
-                // The path may have been collected between the query and the dump.
-                if !Path::new(&info.path).exists() {
+        // One NAR per compression in use: targets may differ (`?compression=`).
+        let mut compressions: Vec<Compression> = need.iter().map(|&t| sh.targets[t].compression).collect();
+        compressions.sort_by_key(|c| c.narinfo_name());
+        compressions.dedup();
+        for compression in compressions {
+            let sh2 = Arc::clone(sh);
+            let info2 = info.clone();
+            let prepared = match tokio::task::spawn_blocking(move || prepare(&sh2, &info2, compression)).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(e @ PrepareError::Mismatch { .. })) => {
                     return (Outcome::Permanent { reason: e.to_string() }, results);
                 }
-                return (transient(e.to_string(), None), results);
-            }
-            Err(e) => return (transient(format!("NAR worker: {e}"), None), results),
-        };
-        let text = prepared.narinfo.render(&sh.store_dir);
-        for t in need {
-            let target = &sh.targets[t];
-            let r = async {
-                target.put_file(&prepared.narinfo.url, &prepared.file, NAR_TYPE).await?;
-                target.put_bytes(&key, text.clone().into_bytes(), NARINFO_TYPE).await
-            }
-            .await;
-            match r {
-                Ok(()) => {
-                    tracing::info!(target = %target.url, path = %info.path, nar_size = info.nar_size,
-                        file_size = prepared.narinfo.file_size.unwrap_or(0), "uploaded");
-                    lock(&sh.present).insert((t, sp.hash_part().to_owned()));
-                    uploaded[t] += 1;
+                Ok(Err(e)) => {
+                    // The path may have been collected between the query and the dump.
+                    if !Path::new(&info.path).exists() {
+                        return (Outcome::Permanent { reason: e.to_string() }, results);
+                    }
+                    return (transient(e.to_string(), None), results);
                 }
-                Err(e) => failed[t] = Some(e),
+                Err(e) => return (transient(format!("NAR worker: {e}"), None), results),
+            };
+            let text = prepared.narinfo.render(&sh.store_dir);
+            for &t in need.iter().filter(|&&t| sh.targets[t].compression == compression) {
+                let target = &sh.targets[t];
+                let r = async {
+                    target
+                        .put_file(&prepared.narinfo.url, &prepared.file, NAR_TYPE, prepared.narinfo.file_hash.as_ref())
+                        .await?;
+                    target.put_bytes(&key, text.clone().into_bytes(), NARINFO_TYPE).await
+                }
+                .await;
+                match r {
+                    Ok(()) => {
+                        tracing::info!(target = %target.url, path = %info.path, nar_size = info.nar_size,
+                            compression = compression.narinfo_name(),
+                            file_size = prepared.narinfo.file_size.unwrap_or(0), "uploaded");
+                        lock(&sh.present).insert((t, sp.hash_part().to_owned()));
+                        uploaded[t] += 1;
+                    }
+                    Err(e) => failed[t] = Some(e),
+                }
             }
         }
     }
@@ -399,7 +407,6 @@ mod tests {
             store: LocalStore::default(),
             targets: vec![],
             keys: vec![],
-            compression: Compression::Zstd,
             zstd_level: 3,
             work_dir: d.path().join("work"),
             present: Default::default(),
@@ -409,13 +416,13 @@ mod tests {
         let mut i = info(&p.to_string_lossy(), &[]);
         i.nar_hash = h;
         i.nar_size = n;
-        let prep = prepare(&sh, &i).expect("prepare");
+        let prep = prepare(&sh, &i, Compression::Zstd).expect("prepare");
         let z = std::fs::read(&prep.file).expect("read");
         assert_eq!(zstd::decode_all(&z[..]).expect("unzstd"), nar);
         assert_eq!(prep.narinfo.file_hash, Some(Hash::sha256_of(&z)));
         drop(prep);
         i.nar_size += 1;
-        assert!(matches!(prepare(&sh, &i), Err(PrepareError::Mismatch { .. })));
+        assert!(matches!(prepare(&sh, &i, Compression::Zstd), Err(PrepareError::Mismatch { .. })));
         assert_eq!(std::fs::read_dir(d.path().join("work")).expect("work").count(), 0);
     }
 }
