@@ -227,6 +227,54 @@ fn s3_target_with_sigv4_on_moto_and_substitution_by_nix() {
     run(&mut v).unwrap_or_else(|e| panic!("nix store verify of the S3 bucket: {e}"));
 }
 
+/// A `file://…?compression=xz` target next to the default zstd one: the same paths get an
+/// xz NAR there (`Compression: xz`, `nar/….nar.xz`), and a second host with `require-sigs`
+/// substitutes everything from it with Nix 2.8's own xz decoder.
+#[test]
+fn xz_target_substitutes_with_nix() {
+    let ferry = Ferry::new();
+    let mut fleet = ferry.fleet(0);
+    let xz_dir = ferry.dir.path().join("xz-cache");
+    let xz_url = format!("file://{}?compression=xz", xz_dir.display());
+    ferry.write_config_with(std::slice::from_ref(&xz_url), "xz-level = 2\n");
+    let local = ["-j1", "--builders", ""];
+    let mut built = build(&fleet, &trivial_list(2, "xz"), &local, "trivials");
+    built.extend(build(&fleet, &chain_drv(&nonce()), &local, "chain"));
+    let outputs = all_outputs(&fleet, &built);
+    let expected = closure(&fleet, &outputs);
+    let mut d = ferry.command(&fleet.client, &["daemon", "--drain"]);
+    run(&mut d).expect("ferry-post-build daemon --drain");
+    assert_eq!(check_cache_dir(&xz_dir), expected.len());
+    assert_eq!(check_cache_dir(&ferry.file_cache), expected.len());
+    for p in &expected {
+        let xz = std::fs::read_to_string(xz_dir.join(format!("{}.narinfo", hash_part(p)))).expect("narinfo");
+        assert!(xz.contains("\nCompression: xz\n") && xz.contains(".nar.xz\n"), "{xz}");
+        let zst = std::fs::read_to_string(ferry.file_cache.join(format!("{}.narinfo", hash_part(p)))).expect("narinfo");
+        assert!(zst.contains("\nCompression: zstd\n"), "{zst}");
+    }
+
+    let client2 = fleet.add_host("client2").expect("client2");
+    client2
+        .write_nix_conf(&format!(
+            "require-sigs = true\ntrusted-public-keys = {}\nsubstituters = file://{}\n",
+            ferry.public_key,
+            xz_dir.display()
+        ))
+        .expect("nix.conf");
+    client2.start_nix_daemon(&[]).expect("client2 daemon");
+    let client2 = fleet.host("client2");
+    let mut r = client2.nix_command("nix-store");
+    r.arg("--realise").args(&outputs);
+    let out = r.output().expect("nix-store --realise");
+    check(&out, "client2 substitutes from the xz cache").unwrap_or_else(|e| panic!("{e}"));
+    for p in &expected {
+        assert!(client2.has_store_path(p), "{p} not substituted");
+        let mut v = client2.nix_command("nix-store");
+        v.args(["--verify-path", p]);
+        run(&mut v).unwrap_or_else(|e| panic!("verify {p}: {e}"));
+    }
+}
+
 /// With the uploader stopped and the HTTP cache blackholed, builds still succeed and the hook
 /// returns 0 quickly; queued outputs survive `nix-store --gc` (GC roots); once the uploader
 /// runs, the file cache fills at once and the HTTP cache after it comes back.

@@ -51,6 +51,8 @@ pub struct PostBuildConfig {
     pub secret_access_key_file: Option<PathBuf>,
     /// zstd level; 3 is zstd's default and Cachix/niks3's choice (ratio 0.40 at 123 MiB/s).
     pub zstd_level: i32,
+    /// xz preset (0–9) for `xz` targets; 6 is Nix's.
+    pub xz_level: u32,
     /// First retry delay of a failed job, in milliseconds; doubles per attempt.
     pub retry_initial_ms: u64,
     /// Longest retry delay, in seconds (15 min like niks3's batch back-off).
@@ -76,6 +78,7 @@ impl Default for PostBuildConfig {
             access_key_id_file: None,
             secret_access_key_file: None,
             zstd_level: 3,
+            xz_level: 6,
             retry_initial_ms: 1000,
             retry_max_secs: 900,
             poll_ms: 200,
@@ -102,6 +105,8 @@ pub enum SettingsError {
     Concurrency,
     #[error("zstd level {0} is outside 1..=19")]
     ZstdLevel(i32),
+    #[error("xz level {0} is outside 0..=9")]
+    XzLevel(u32),
 }
 
 impl Settings {
@@ -128,6 +133,9 @@ impl Settings {
         if !(1..=19).contains(&config.zstd_level) {
             return Err(SettingsError::ZstdLevel(config.zstd_level));
         }
+        if config.xz_level > 9 {
+            return Err(SettingsError::XzLevel(config.xz_level));
+        }
         Ok(Settings {
             config,
             store_dir,
@@ -149,6 +157,13 @@ impl Settings {
 
     pub fn gc_roots_dir(&self) -> PathBuf {
         self.nix_state_dir.join("gcroots").join("ferry")
+    }
+
+    pub fn levels(&self) -> crate::compress::Levels {
+        crate::compress::Levels {
+            zstd: self.config.zstd_level,
+            xz: self.config.xz_level,
+        }
     }
 
     pub fn target_options(&self) -> crate::target::TargetOptions {

@@ -156,7 +156,7 @@ impl Daemon {
             store: ferry_build_hook::local::LocalStore::default(),
             targets,
             keys,
-            zstd_level: settings.config.zstd_level,
+            levels: settings.levels(),
             work_dir,
             present: Default::default(),
             initialised: Default::default(),

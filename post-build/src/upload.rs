@@ -9,7 +9,7 @@
 //! the rest of the job, a narinfo is only ever written when its references' narinfos exist
 //! (Nix's `BinaryCacheStore::uploadNarInfo` rule; docs/upload.md §3.3).
 
-use crate::compress::{Compression, Compressor};
+use crate::compress::{Compression, Compressor, Levels};
 use crate::queue::Outcome;
 use crate::target::{NAR_TYPE, NARINFO_TYPE, Target, TargetError, nar_key, narinfo_key};
 use ferry_build_hook::local::{LocalError, LocalStore, PathInfo, topo_sort};
@@ -57,7 +57,7 @@ pub struct Shared {
     pub store: LocalStore,
     pub targets: Vec<Arc<Target>>,
     pub keys: Vec<SecretKey>,
-    pub zstd_level: i32,
+    pub levels: Levels,
     pub work_dir: PathBuf,
     /// `(target index, hash part)` of narinfos known to exist: saves a round trip per path
     /// shared between closures. Only positive facts are kept (a cache never loses a path
@@ -135,7 +135,7 @@ pub fn prepare(sh: &Shared, info: &PathInfo, compression: Compression) -> Result
     let prepared_file = PreparedFile(file.clone());
     let f = std::fs::File::create(&file).map_err(|e| nar_err(format!("{}: {e}", file.display())))?;
     let sink = TeeWriter::new(BufWriter::with_capacity(256 * 1024, f), Sha256Sink::new());
-    let mut comp = Compressor::new(compression, sh.zstd_level, sink).map_err(|e| nar_err(e.to_string()))?;
+    let mut comp = Compressor::new(compression, sh.levels, sink).map_err(|e| nar_err(e.to_string()))?;
     let (nar_hash, nar_size) = ferry_nix::nar::dump_path_hashed(Path::new(&info.path), &mut comp)
         .map_err(|e| nar_err(e.to_string()))?;
     let tee = comp.finish().map_err(|e| nar_err(e.to_string()))?;
@@ -407,7 +407,7 @@ mod tests {
             store: LocalStore::default(),
             targets: vec![],
             keys: vec![],
-            zstd_level: 3,
+            levels: Levels::default(),
             work_dir: d.path().join("work"),
             present: Default::default(),
             initialised: Default::default(),
@@ -420,6 +420,15 @@ mod tests {
         let z = std::fs::read(&prep.file).expect("read");
         assert_eq!(zstd::decode_all(&z[..]).expect("unzstd"), nar);
         assert_eq!(prep.narinfo.file_hash, Some(Hash::sha256_of(&z)));
+        drop(prep);
+        let prep = prepare(&sh, &i, Compression::Xz).expect("prepare xz");
+        let x = std::fs::read(&prep.file).expect("read");
+        let mut back = Vec::new();
+        std::io::copy(&mut liblzma::read::XzDecoder::new(&x[..]), &mut back).expect("unxz");
+        assert_eq!(back, nar);
+        assert_eq!(prep.narinfo.file_hash, Some(Hash::sha256_of(&x)));
+        assert_eq!(prep.narinfo.compression, "xz");
+        assert!(prep.narinfo.url.ends_with(".nar.xz"), "{}", prep.narinfo.url);
         drop(prep);
         i.nar_size += 1;
         assert!(matches!(prepare(&sh, &i, Compression::Zstd), Err(PrepareError::Mismatch { .. })));
