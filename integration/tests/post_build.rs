@@ -129,6 +129,152 @@ fn builds_are_uploaded_and_substituted_with_signatures() {
     run(&mut v).unwrap_or_else(|e| panic!("nix store verify of the file:// cache: {e}"));
 }
 
+/// An `s3://` target on a real S3 server (moto, in server mode on a LAN host, checking every
+/// request's SigV4 signature with botocore's code). Debian's Nix 2.8 is built without
+/// aws-sdk-cpp (`nix store ping --store s3://…` says "don't know how to open"), so Nix reads
+/// the bucket through moto's plain HTTP interface as a binary cache instead.
+///
+/// With a wrong secret every S3 request is refused (`SignatureDoesNotMatch` in `status`),
+/// the jobs stay queued and the `file://` target still fills; with the right key the closure
+/// lands in the bucket (narinfos after their NARs and references), and a second host with
+/// `require-sigs` substitutes every path from `http://<moto>/<bucket>`.
+#[test]
+fn s3_target_with_sigv4_on_moto_and_substitution_by_nix() {
+    let Some(python) = moto_python() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "moto is not installed (dev/setup installs it in /opt/ferry-venv); CI must run this test"
+        );
+        eprintln!("SKIPPED s3_target_with_sigv4_on_moto_and_substitution_by_nix: moto[server] not installed (run dev/setup)");
+        return;
+    };
+    let ferry = Ferry::new();
+    let mut fleet = ferry.fleet(0);
+    let endpoint = start_moto(fleet.add_host("s3").expect("s3 host"), &python);
+    let bucket = "ferry-cache";
+    let (key_id, secret) = moto_setup(fleet.host("s3"), &python, &endpoint, bucket);
+    let id_file = ferry.dir.path().join("s3-id");
+    let secret_file = ferry.dir.path().join("s3-secret");
+    std::fs::write(&id_file, format!("{key_id}\n")).expect("id");
+    std::fs::write(&secret_file, "not-the-secret\n").expect("secret");
+    let s3_url = format!("s3://{bucket}?endpoint={endpoint}&region=us-east-1");
+    let creds = format!(
+        "access-key-id-file = \"{}\"\nsecret-access-key-file = \"{}\"\n",
+        id_file.display(),
+        secret_file.display()
+    );
+    ferry.write_config_with(std::slice::from_ref(&s3_url), &creds);
+
+    let local = ["-j1", "--builders", ""];
+    let mut built = build(&fleet, &trivial_list(3, "s3"), &local, "trivials");
+    built.extend(build(&fleet, &multi_output("s3"), &local, "multi-output"));
+    built.extend(build(&fleet, &chain_drv(&nonce()), &local, "chain"));
+    let outputs = all_outputs(&fleet, &built);
+    let expected = closure(&fleet, &outputs);
+
+    // Wrong secret: moto refuses every signature; nothing leaves the queue.
+    let up = Uploader(ferry.start_uploader(&fleet));
+    wait_for("the file:// target (the S3 one is refused)", Duration::from_secs(30), || {
+        missing_narinfos(&ferry.file_cache, &expected).is_empty()
+    });
+    wait_for("SignatureDoesNotMatch in the status", Duration::from_secs(20), || {
+        ferry.status(&fleet).contains("(SignatureDoesNotMatch)")
+    });
+    let status = ferry.status(&fleet);
+    assert!(!status.contains("queued jobs: 0 "), "jobs left the queue though S3 refused them:\n{status}");
+    drop(up);
+    let log = ferry.uploader_log();
+    assert!(!log.contains("not-the-secret"), "the secret was logged:\n{log}");
+
+    // The right secret: everything goes up.
+    std::fs::write(&secret_file, format!("{secret}\n")).expect("secret");
+    let up = Uploader(ferry.start_uploader(&fleet));
+    wait_for_done(&ferry, &fleet);
+    drop(up);
+    let log = ferry.uploader_log();
+    assert!(!log.contains(&secret), "the secret was logged");
+    let status = ferry.status(&fleet);
+    assert!(status.contains(&format!("target {s3_url}: last success")), "{status}");
+    let uploaded_to_s3 = log
+        .lines()
+        .filter(|l| l.contains(" uploaded ") && l.contains(&format!("target={s3_url} ")))
+        .count();
+    assert_eq!(uploaded_to_s3, expected.len(), "paths uploaded to S3 (log):\n{log}");
+
+    // Nix reads the bucket over moto's HTTP interface, trusting only Ferry's key.
+    moto_allow_anonymous(fleet.host("s3"), &python, &endpoint);
+    let cache = format!("{endpoint}/{bucket}");
+    let client2 = fleet.add_host("client2").expect("client2");
+    client2
+        .write_nix_conf(&format!(
+            "require-sigs = true\ntrusted-public-keys = {}\nsubstituters = {cache}\n",
+            ferry.public_key
+        ))
+        .expect("nix.conf");
+    client2.start_nix_daemon(&[]).expect("client2 daemon");
+    let client2 = fleet.host("client2");
+    let mut r = client2.nix_command("nix-store");
+    r.arg("--realise").args(&outputs);
+    let out = r.output().expect("nix-store --realise");
+    check(&out, "client2 substitutes from the S3 bucket").unwrap_or_else(|e| panic!("{e}"));
+    for p in &expected {
+        assert!(client2.has_store_path(p), "{p} not substituted");
+    }
+    let mut v = client2.nix_command("nix");
+    v.args(["--extra-experimental-features", "nix-command", "store", "verify", "--store", &cache])
+        .args(["--trusted-public-keys", &ferry.public_key])
+        .args(&expected);
+    run(&mut v).unwrap_or_else(|e| panic!("nix store verify of the S3 bucket: {e}"));
+}
+
+/// A `file://…?compression=xz` target next to the default zstd one: the same paths get an
+/// xz NAR there (`Compression: xz`, `nar/….nar.xz`), and a second host with `require-sigs`
+/// substitutes everything from it with Nix 2.8's own xz decoder.
+#[test]
+fn xz_target_substitutes_with_nix() {
+    let ferry = Ferry::new();
+    let mut fleet = ferry.fleet(0);
+    let xz_dir = ferry.dir.path().join("xz-cache");
+    let xz_url = format!("file://{}?compression=xz", xz_dir.display());
+    ferry.write_config_with(std::slice::from_ref(&xz_url), "xz-level = 2\n");
+    let local = ["-j1", "--builders", ""];
+    let mut built = build(&fleet, &trivial_list(2, "xz"), &local, "trivials");
+    built.extend(build(&fleet, &chain_drv(&nonce()), &local, "chain"));
+    let outputs = all_outputs(&fleet, &built);
+    let expected = closure(&fleet, &outputs);
+    let mut d = ferry.command(&fleet.client, &["daemon", "--drain"]);
+    run(&mut d).expect("ferry-post-build daemon --drain");
+    assert_eq!(check_cache_dir(&xz_dir), expected.len());
+    assert_eq!(check_cache_dir(&ferry.file_cache), expected.len());
+    for p in &expected {
+        let xz = std::fs::read_to_string(xz_dir.join(format!("{}.narinfo", hash_part(p)))).expect("narinfo");
+        assert!(xz.contains("\nCompression: xz\n") && xz.contains(".nar.xz\n"), "{xz}");
+        let zst = std::fs::read_to_string(ferry.file_cache.join(format!("{}.narinfo", hash_part(p)))).expect("narinfo");
+        assert!(zst.contains("\nCompression: zstd\n"), "{zst}");
+    }
+
+    let client2 = fleet.add_host("client2").expect("client2");
+    client2
+        .write_nix_conf(&format!(
+            "require-sigs = true\ntrusted-public-keys = {}\nsubstituters = file://{}\n",
+            ferry.public_key,
+            xz_dir.display()
+        ))
+        .expect("nix.conf");
+    client2.start_nix_daemon(&[]).expect("client2 daemon");
+    let client2 = fleet.host("client2");
+    let mut r = client2.nix_command("nix-store");
+    r.arg("--realise").args(&outputs);
+    let out = r.output().expect("nix-store --realise");
+    check(&out, "client2 substitutes from the xz cache").unwrap_or_else(|e| panic!("{e}"));
+    for p in &expected {
+        assert!(client2.has_store_path(p), "{p} not substituted");
+        let mut v = client2.nix_command("nix-store");
+        v.args(["--verify-path", p]);
+        run(&mut v).unwrap_or_else(|e| panic!("verify {p}: {e}"));
+    }
+}
+
 /// With the uploader stopped and the HTTP cache blackholed, builds still succeed and the hook
 /// returns 0 quickly; queued outputs survive `nix-store --gc` (GC roots); once the uploader
 /// runs, the file cache fills at once and the HTTP cache after it comes back.
@@ -320,6 +466,143 @@ fn hook_exits_zero_on_every_problem() {
         assert!(out.status.success(), "{}: {stderr}", out.status);
         assert!(stderr.contains(expect), "wanted {expect:?} in {stderr:?}");
     }
+}
+
+/// One journal entry in journald's native protocol: `NAME=value\n`, or `NAME\n` + u64-LE
+/// length + value + `\n` for values that may hold newlines (systemd's JOURNAL_NATIVE_PROTOCOL).
+type Entry = Vec<(String, String)>;
+
+fn parse_journal_entry(mut b: &[u8]) -> Entry {
+    let mut fields = Vec::new();
+    while let Some(nl) = b.iter().position(|&c| c == b'\n') {
+        let line = &b[..nl];
+        if let Some(eq) = line.iter().position(|&c| c == b'=') {
+            fields.push((String::from_utf8_lossy(&line[..eq]).into_owned(), String::from_utf8_lossy(&line[eq + 1..]).into_owned()));
+            b = &b[nl + 1..];
+        } else {
+            let rest = &b[nl + 1..];
+            assert!(rest.len() >= 8, "truncated length field in {b:?}");
+            let len = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes")) as usize;
+            assert!(rest.len() > 8 + len && rest[8 + len] == b'\n', "bad length-encoded field");
+            fields.push((String::from_utf8_lossy(line).into_owned(), String::from_utf8_lossy(&rest[8..8 + len]).into_owned()));
+            b = &rest[8 + len + 1..];
+        }
+    }
+    assert!(b.is_empty(), "trailing bytes {b:?}");
+    fields
+}
+
+fn field<'a>(e: &'a Entry, name: &str) -> Option<&'a str> {
+    e.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+fn has_message(msgs: &[Entry], text: &str) -> bool {
+    msgs.iter().any(|e| field(e, "MESSAGE").is_some_and(|m| m.contains(text)))
+}
+
+/// Runs `ferry-post-build ARGS` in a private mount namespace whose
+/// `/run/systemd/journal/socket` is `sock` (a datagram socket this test listens on), the
+/// way journald's socket looks to a service, and returns the datagrams it sent.
+fn run_with_fake_journald(args: &[&str], env: &[(&str, String)], stderr: Stdio) -> (std::process::Output, Vec<Entry>) {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().expect("dir");
+    let sock_path = dir.path().join("journal.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind");
+    sock.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+    let script = "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && \
+                  touch /run/systemd/journal/socket && mount --bind \"$0\" /run/systemd/journal/socket && exec \"$@\"";
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .arg(&sock_path)
+        .arg(ferry_bin("ferry-post-build"))
+        .args(args)
+        .env_remove("JOURNAL_STREAM")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .output()
+        .expect("unshare");
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while let Ok(n) = sock.recv(&mut buf) {
+        // tracing-journald probes the socket with an empty datagram.
+        if n > 0 {
+            got.push(parse_journal_entry(&buf[..n]));
+        }
+    }
+    (out, got)
+}
+
+/// With journald there, the hook logs what it queued (and its problems, which also still go
+/// to stderr for Nix to show) as native journal entries with `FERRY_*` fields; the uploader
+/// logs to journald when asked (`--log journald`) or when its stderr is the journal
+/// (`JOURNAL_STREAM`), and to stderr otherwise.
+#[test]
+fn hook_and_uploader_log_to_journald() {
+    let dir = tempfile::tempdir().expect("dir");
+    let state = dir.path().join("state");
+    let conf = dir.path().join("ferry.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[post-build]\ntargets = [\"file://{}\"]\nstate-dir = \"{}\"\ngc-roots = false\n",
+            dir.path().join("cache").display(),
+            state.display()
+        ),
+    )
+    .expect("config");
+    let out_path = "/nix/store/7hmcr4m0qxnr5yb9mr37k2bw4ylp7wjc-ferry-journal-test";
+    let env = vec![("FERRY_CONFIG", conf.display().to_string()), ("OUT_PATHS", out_path.to_owned())];
+    let (out, msgs) = run_with_fake_journald(&[], &env, Stdio::piped());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stderr.is_empty(), "the hook wrote to stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let queued = msgs
+        .iter()
+        .find(|e| field(e, "MESSAGE") == Some("queued for upload"))
+        .unwrap_or_else(|| panic!("no 'queued' entry in {msgs:?}"));
+    assert_eq!(field(queued, "SYSLOG_IDENTIFIER"), Some("ferry-post-build"), "{queued:?}");
+    assert_eq!(field(queued, "FERRY_OUTS"), Some(out_path), "{queued:?}");
+    assert_eq!(field(queued, "PRIORITY"), Some("5"), "{queued:?}");
+    assert!(field(queued, "FERRY_SPOOL").is_some_and(|s| !s.is_empty()), "{queued:?}");
+
+    // A problem: on stderr for Nix, and in the journal as a warning.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, format!("[post-build]\nstate-dir = \"{}\"\ngc-roots = false\n", conf.display())).expect("w");
+    let env = vec![("FERRY_CONFIG", bad.display().to_string()), ("OUT_PATHS", out_path.to_owned())];
+    let (out, msgs) = run_with_fake_journald(&[], &env, Stdio::piped());
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NOT queued"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        msgs.iter().any(|e| field(e, "PRIORITY") == Some("4")
+            && field(e, "FERRY_PROBLEM").is_some_and(|p| p.contains("NOT queued"))),
+        "no warning entry in {msgs:?}"
+    );
+
+    // The uploader: --log journald puts its log there and not on stderr.
+    let env = vec![("FERRY_CONFIG", conf.display().to_string())];
+    let (out, msgs) = run_with_fake_journald(&["--log", "journald", "daemon", "--drain"], &env, Stdio::piped());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(has_message(&msgs, "uploader started") && has_message(&msgs, "queue drained"), "{msgs:?}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("uploader started"));
+
+    // Auto: journald when JOURNAL_STREAM names our stderr (as under systemd)…
+    use std::os::unix::fs::MetadataExt as _;
+    let f = std::fs::File::create(dir.path().join("stderr.log")).expect("log");
+    let m = f.metadata().expect("meta");
+    let env = vec![
+        ("FERRY_CONFIG", conf.display().to_string()),
+        ("JOURNAL_STREAM", format!("{}:{}", m.dev(), m.ino())),
+    ];
+    let (out, msgs) = run_with_fake_journald(&["daemon", "--drain"], &env, Stdio::from(f));
+    assert!(out.status.success());
+    assert!(has_message(&msgs, "uploader started"), "auto did not pick journald: {msgs:?}");
+    // …stderr when stderr is something else (a child of a service, a terminal, a test).
+    let env = vec![("FERRY_CONFIG", conf.display().to_string()), ("JOURNAL_STREAM", "1:2".to_owned())];
+    let (out, msgs) = run_with_fake_journald(&["daemon", "--drain"], &env, Stdio::piped());
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("uploader started"));
+    assert!(msgs.is_empty(), "{msgs:?}");
 }
 
 /// `keygen` writes a 0600 Nix secret key and prints the public key; `check-config` names a

@@ -16,6 +16,10 @@ pub struct Cli {
     /// Configuration file (default: $FERRY_CONFIG or /etc/ferry/ferry.toml).
     #[arg(long, global = true)]
     pub config: Option<PathBuf>,
+    /// Where logs go: `auto` is journald when systemd connected stderr to the journal
+    /// (`JOURNAL_STREAM`), stderr otherwise.
+    #[arg(long, global = true, value_enum, default_value_t = LogTo::Auto)]
+    pub log: LogTo,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -57,17 +61,83 @@ fn config_path(cli: &Cli) -> PathBuf {
     cli.config.clone().unwrap_or_else(ferry_nix::config::path_from_env)
 }
 
-fn init_logging() {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogTo {
+    Auto,
+    Journald,
+    Stderr,
+}
+
+/// The native journald layer, if journald's socket answers. Fields are prefixed `FERRY_`
+/// (`FERRY_PATH`, `FERRY_TARGET`…) so they never shadow journald's own (`TARGET` is one).
+fn journald_layer() -> Option<tracing_journald::Layer> {
+    tracing_journald::layer().ok().map(|l| {
+        l.with_syslog_identifier("ferry-post-build".into())
+            .with_field_prefix(Some("FERRY".into()))
+    })
+}
+
+/// Is stderr the journal? systemd sets `JOURNAL_STREAM=<dev>:<inode>` of the stream it gives
+/// a service, so that it can prefer the native protocol (systemd.exec(5)); a child whose
+/// stderr was redirected elsewhere inherits the variable but not the stream.
+pub fn stderr_is_journal(journal_stream: Option<&str>, stderr: Option<(u64, u64)>) -> bool {
+    let (Some(v), Some((dev, ino))) = (journal_stream, stderr) else {
+        return false;
+    };
+    let mut it = v.trim().split(':').map(str::parse::<u64>);
+    matches!((it.next(), it.next(), it.next()), (Some(Ok(d)), Some(Ok(i)), None) if d == dev && i == ino)
+}
+
+fn stderr_dev_ino() -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    // `/proc/self/fd/2` resolves to the open file (or pipe, or socket) itself.
+    std::fs::metadata("/proc/self/fd/2").ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Logging for the subcommands: journald (native protocol, structured fields) when asked or
+/// when stderr is the journal anyway; otherwise human-readable lines on stderr.
+fn init_logging(to: LogTo) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let want_journald = match to {
+        LogTo::Journald => true,
+        LogTo::Stderr => false,
+        LogTo::Auto => stderr_is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref(), stderr_dev_ino()),
+    };
+    let journald = if want_journald { journald_layer() } else { None };
+    if want_journald && journald.is_none() {
+        eprintln!("ferry-post-build: journald is not reachable; logging to stderr");
+    }
+    // Colours only for a terminal: logs written to files stay greppable.
+    let fmt = journald.is_none().then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+    });
+    let _ = tracing_subscriber::registry().with(filter).with(journald).with(fmt).try_init();
+}
+
+/// Hook mode logs to journald only, when it is there: the hook's stderr goes into Nix's
+/// build output (`post-build-hook: …` lines), where only problems belong.
+fn init_hook_logging() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    if let Some(j) = journald_layer() {
+        let _ = tracing_subscriber::registry()
+            .with(tracing_subscriber::filter::LevelFilter::INFO)
+            .with(j)
+            .try_init();
+    }
 }
 
 pub fn main(cli: Cli) -> ExitCode {
     let Some(cmd) = &cli.command else {
+        init_hook_logging();
         return hook_main(&config_path(&cli));
     };
-    init_logging();
+    init_logging(cli.log);
     let r = match cmd {
         Command::Daemon { drain } => daemon(&config_path(&cli), *drain),
         Command::Status { json } => status(&config_path(&cli), *json),
@@ -95,6 +165,8 @@ fn hook_main(config: &Path) -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             eprintln!("ferry-post-build: {e}; outputs NOT queued for upload");
+            tracing::error!(error = %e, drv = std::env::var("DRV_PATH").unwrap_or_default(),
+                outs = std::env::var("OUT_PATHS").unwrap_or_default(), "outputs NOT queued for upload");
             return ExitCode::SUCCESS;
         }
     };
@@ -103,6 +175,11 @@ fn hook_main(config: &Path) -> ExitCode {
     let report = crate::hook::run(&settings, &out_paths, drv_path.as_deref());
     for p in &report.problems {
         eprintln!("ferry-post-build: {p}");
+        tracing::warn!(problem = %p, drv = drv_path.as_deref().unwrap_or(""), "post-build hook problem");
+    }
+    if let Some(name) = &report.spool_name {
+        tracing::info!(drv = report.record.drv.as_deref().unwrap_or(""), outs = %report.record.outs.join(" "),
+            spool = %name, "queued for upload");
     }
     ExitCode::SUCCESS
 }
@@ -224,13 +301,15 @@ fn keygen(name: &str, secret_file: Option<&Path>, public_file: Option<&Path>) ->
 fn check_config(config: &Path) -> Result<()> {
     let settings = Settings::load(config)?;
     let keys = crate::daemon::load_keys(&settings)?;
-    crate::daemon::make_targets(&settings)?;
+    let targets = crate::daemon::make_targets(&settings)?;
     println!("{}: [post-build] OK", config.display());
     println!("  state dir: {}", settings.config.state_dir.display());
     println!("  store dir: {}", settings.store_dir);
     println!("  GC roots: {}", if settings.config.gc_roots { settings.gc_roots_dir().display().to_string() } else { "off".into() });
-    for t in &settings.config.targets {
-        println!("  target: {t}");
+    for t in &targets {
+        // The access key id identifies the credentials; the secret is never shown.
+        let s3 = t.s3_access_key_id().map(|id| format!(", S3 access key id {id}")).unwrap_or_default();
+        println!("  target: {} (compression {}{s3})", t.url, t.compression.narinfo_name());
     }
     if settings.config.targets.is_empty() {
         println!("  warning: no targets; the hook queues but nothing uploads");
@@ -239,4 +318,19 @@ fn check_config(config: &Path) -> Result<()> {
         println!("  signing key: {}", k.to_public());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn journal_stream_must_be_our_stderr() {
+        assert!(stderr_is_journal(Some("8:12345"), Some((8, 12345))));
+        assert!(!stderr_is_journal(Some("8:12345"), Some((8, 12346))));
+        assert!(!stderr_is_journal(Some("8:12345:1"), Some((8, 12345))));
+        assert!(!stderr_is_journal(Some("junk"), Some((8, 12345))));
+        assert!(!stderr_is_journal(None, Some((8, 12345))));
+        assert!(!stderr_is_journal(Some("8:12345"), None));
+    }
 }

@@ -6,7 +6,10 @@
 //! secret-key-files = ["/etc/nix/cache-key.sec"]
 //! state-dir = "/var/lib/ferry/post-build"
 //! concurrency = 4
-//! compression = "zstd"
+//! compression = "zstd"          # default for targets whose URL has no ?compression=
+//! # S3 targets (s3://bucket?endpoint=…&region=…): secrets only by file path.
+//! access-key-id-file = "/etc/ferry/s3-access-key-id"
+//! secret-access-key-file = "/etc/ferry/s3-secret-access-key"
 //! ```
 
 use crate::compress::Compression;
@@ -20,7 +23,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferry/post-build";
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct PostBuildConfig {
-    /// Upload targets: `file:///dir`, `http://…`, `https://…` (PUT). Every path goes to all.
+    /// Upload targets: `file:///dir`, `http://…`, `https://…` (PUT), `s3://bucket?…` (S3
+    /// API). Every path goes to all. Each may add `?compression=zstd|xz|none`.
     pub targets: Vec<String>,
     /// Nix secret key files (`nix key generate-secret` or `ferry-post-build keygen`); every
     /// narinfo is signed with each. Imported outputs carry no signature of the host's key
@@ -38,9 +42,17 @@ pub struct PostBuildConfig {
     /// Jobs uploaded at once. Uploads are compression-bound (zstd −3 ≈ 123 MiB/s/core), so
     /// about the number of cores is enough.
     pub concurrency: usize,
+    /// Default NAR compression (a target's `?compression=` overrides it).
     pub compression: Compression,
+    /// S3 access key id, read from this file. Without these two, S3 targets use
+    /// `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` or the shared credentials file.
+    pub access_key_id_file: Option<PathBuf>,
+    /// S3 secret access key, read from this file (never put secrets in ferry.toml itself).
+    pub secret_access_key_file: Option<PathBuf>,
     /// zstd level; 3 is zstd's default and Cachix/niks3's choice (ratio 0.40 at 123 MiB/s).
     pub zstd_level: i32,
+    /// xz preset (0–9) for `xz` targets; 6 is Nix's.
+    pub xz_level: u32,
     /// First retry delay of a failed job, in milliseconds; doubles per attempt.
     pub retry_initial_ms: u64,
     /// Longest retry delay, in seconds (15 min like niks3's batch back-off).
@@ -63,7 +75,10 @@ impl Default for PostBuildConfig {
             gc_roots: true,
             concurrency: 4,
             compression: Compression::Zstd,
+            access_key_id_file: None,
+            secret_access_key_file: None,
             zstd_level: 3,
+            xz_level: 6,
             retry_initial_ms: 1000,
             retry_max_secs: 900,
             poll_ms: 200,
@@ -90,6 +105,8 @@ pub enum SettingsError {
     Concurrency,
     #[error("zstd level {0} is outside 1..=19")]
     ZstdLevel(i32),
+    #[error("xz level {0} is outside 0..=9")]
+    XzLevel(u32),
 }
 
 impl Settings {
@@ -116,6 +133,9 @@ impl Settings {
         if !(1..=19).contains(&config.zstd_level) {
             return Err(SettingsError::ZstdLevel(config.zstd_level));
         }
+        if config.xz_level > 9 {
+            return Err(SettingsError::XzLevel(config.xz_level));
+        }
         Ok(Settings {
             config,
             store_dir,
@@ -137,6 +157,22 @@ impl Settings {
 
     pub fn gc_roots_dir(&self) -> PathBuf {
         self.nix_state_dir.join("gcroots").join("ferry")
+    }
+
+    pub fn levels(&self) -> crate::compress::Levels {
+        crate::compress::Levels {
+            zstd: self.config.zstd_level,
+            xz: self.config.xz_level,
+        }
+    }
+
+    pub fn target_options(&self) -> crate::target::TargetOptions {
+        crate::target::TargetOptions {
+            connect_timeout: Duration::from_secs(self.config.connect_timeout_secs.max(1)),
+            compression: self.config.compression,
+            access_key_id_file: self.config.access_key_id_file.clone(),
+            secret_access_key_file: self.config.secret_access_key_file.clone(),
+        }
     }
 
     pub fn retry_policy(&self) -> crate::retry::RetryPolicy {

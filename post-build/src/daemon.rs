@@ -76,11 +76,14 @@ pub fn ingest(spool: &Spool, queue: &mut Queue, settings: &Settings) -> Result<u
 /// Output paths of a derivation: read from the `.drv` itself, or asked of Nix.
 async fn drv_outputs(sh: &Shared, drv: &str) -> Result<Vec<String>> {
     if let Ok(text) = tokio::fs::read(drv).await
-        && let Ok(o) = crate::drv::outputs(&text)
+        && let Ok(o) = crate::drv::outputs(&text, &sh.store_dir)
     {
         return Ok(o.into_iter().map(|(_, p)| p).collect());
     }
-    Ok(sh.store.derivation_outputs(drv).await?.into_values().collect())
+    // Not readable here (another store root): ask the local store for the file.
+    let drv = sh.store_dir.parse(drv)?;
+    let d = sh.store.read_derivation(&drv)?;
+    Ok(d.outputs.values().filter_map(|o| o.path.as_ref().map(|p| sh.store_dir.display(p))).collect())
 }
 
 pub struct Daemon {
@@ -120,12 +123,12 @@ pub fn load_keys(settings: &Settings) -> Result<Vec<ferry_nix::signing::SecretKe
 }
 
 pub fn make_targets(settings: &Settings) -> Result<Vec<Arc<Target>>> {
-    let timeout = Duration::from_secs(settings.config.connect_timeout_secs.max(1));
+    let opts = settings.target_options();
     settings
         .config
         .targets
         .iter()
-        .map(|u| Target::new(u, timeout).map(Arc::new).map_err(anyhow::Error::from))
+        .map(|u| Target::new(u, &opts).map(Arc::new).map_err(anyhow::Error::from))
         .collect()
 }
 
@@ -156,8 +159,7 @@ impl Daemon {
             store: ferry_build_hook::local::LocalStore::default(),
             targets,
             keys,
-            compression: settings.config.compression,
-            zstd_level: settings.config.zstd_level,
+            levels: settings.levels(),
             work_dir,
             present: Default::default(),
             initialised: Default::default(),

@@ -16,7 +16,12 @@ pub struct HookReport {
 
 /// Outputs named by `OUT_PATHS`, or when it is empty (Nix 2.8.0, NixOS/nix#6446) read from
 /// the derivation file. `None` when neither works: the uploader resolves the derivation.
-pub fn outputs(out_paths: &str, drv_path: Option<&str>, problems: &mut Vec<String>) -> Vec<String> {
+pub fn outputs(
+    out_paths: &str,
+    drv_path: Option<&str>,
+    store_dir: &ferry_nix::store_path::StoreDir,
+    problems: &mut Vec<String>,
+) -> Vec<String> {
     let outs: Vec<String> = out_paths.split_whitespace().map(str::to_owned).collect();
     if !outs.is_empty() {
         return outs;
@@ -25,7 +30,7 @@ pub fn outputs(out_paths: &str, drv_path: Option<&str>, problems: &mut Vec<Strin
         return outs;
     };
     match std::fs::read(drv) {
-        Ok(text) => match crate::drv::outputs(&text) {
+        Ok(text) => match crate::drv::outputs(&text, store_dir) {
             Ok(o) => o.into_iter().map(|(_, p)| p).collect(),
             Err(e) => {
                 problems.push(format!("{drv}: {e}; the uploader will resolve its outputs"));
@@ -41,7 +46,7 @@ pub fn outputs(out_paths: &str, drv_path: Option<&str>, problems: &mut Vec<Strin
 
 pub fn run(settings: &Settings, out_paths: &str, drv_path: Option<&str>) -> HookReport {
     let mut report = HookReport::default();
-    let outs = outputs(out_paths, drv_path, &mut report.problems);
+    let outs = outputs(out_paths, drv_path, &settings.store_dir, &mut report.problems);
     report.record = SpoolRecord {
         drv: drv_path.filter(|d| !d.is_empty()).map(str::to_owned),
         outs,

@@ -17,6 +17,7 @@ pub mod gcroot;
 pub mod hook;
 pub mod queue;
 pub mod retry;
+pub mod s3;
 pub mod spool;
 pub mod target;
 pub mod upload;

@@ -6,10 +6,16 @@
 //!   `file://` store renames without fsync (`local-binary-cache-store.cc`, `upsertFile`).
 //! - `http(s)://…`: `PUT` per file, as Nix's `HttpBinaryCacheStore::upsertFile` does, with
 //!   Nix's content types; existence by `HEAD`. A PUT either lands whole or not at all.
+//! - `s3://bucket?endpoint=…&region=…`: the S3 API (`PUT`/`HEAD`/`GET` object) signed with
+//!   SigV4 (see `s3`); an S3 PUT is atomic too.
+//!
+//! Every URL may carry `?compression=zstd|xz|none` (Nix's store parameter), overriding the
+//! configured default for that target.
 //!
 //! The narinfo is the commit point: the uploader writes it last (see `upload`).
 
 use crate::compress::Compression;
+use crate::s3::{Credentials, S3Location};
 use crate::spool::fsync_dir;
 use ferry_nix::hash::Hash;
 use ferry_nix::store_path::{StoreDir, StorePath};
@@ -35,8 +41,22 @@ pub fn nar_key(file_hash: &Hash, c: Compression) -> String {
 
 #[derive(Debug, Error)]
 pub enum TargetError {
-    #[error("unsupported target URL {0:?} (use file:///dir, http://… or https://…)")]
+    #[error("unsupported target URL {0:?} (use file:///dir, http://…, https://… or s3://bucket)")]
     BadUrl(String),
+    #[error("target URL {url:?}: {message}")]
+    BadParam { url: String, message: String },
+    #[error("target URL {url:?}: {source}")]
+    S3Url {
+        url: String,
+        #[source]
+        source: crate::s3::S3UrlError,
+    },
+    #[error("{target}: S3 credentials: {source}")]
+    Credentials {
+        target: String,
+        #[source]
+        source: crate::s3::CredentialsError,
+    },
     #[error("{target}: {path}: {source}")]
     Io {
         target: String,
@@ -44,12 +64,14 @@ pub enum TargetError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{target}: {method} {key}: HTTP {status}")]
+    #[error("{target}: {method} {key}: HTTP {status}{}", code.as_ref().map(|c| format!(" ({c})")).unwrap_or_default())]
     Status {
         target: String,
         method: &'static str,
         key: String,
         status: u16,
+        /// S3's error code (`SignatureDoesNotMatch`, `NoSuchBucket`, `SlowDown`…).
+        code: Option<String>,
         retry_after: Option<Duration>,
     },
     #[error("{target}: {method} {key}: {message}")]
@@ -81,59 +103,209 @@ pub enum TargetUrl {
     File(PathBuf),
     /// Base URL without a trailing slash.
     Http(String),
+    S3(S3Location),
 }
 
-pub fn parse_url(url: &str) -> Result<TargetUrl, TargetError> {
-    if let Some(rest) = url.strip_prefix("file://") {
-        if !rest.starts_with('/') || rest.contains('?') || rest.len() < 2 {
-            return Err(TargetError::BadUrl(url.to_owned()));
+/// A target URL taken apart: where, and the per-target store parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedUrl {
+    pub location: TargetUrl,
+    /// `?compression=`; `None` means the configured default.
+    pub compression: Option<Compression>,
+}
+
+/// Percent-decoding of a URL query value (Nix decodes its store URL parameters).
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let h = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(h, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
         }
-        return Ok(TargetUrl::File(PathBuf::from(rest.trim_end_matches('/'))));
     }
-    if (url.starts_with("http://") || url.starts_with("https://")) && !url.contains('?') {
-        let base = url.trim_end_matches('/');
-        if base.split("://").nth(1).is_some_and(|h| !h.is_empty()) {
-            return Ok(TargetUrl::Http(base.to_owned()));
+    String::from_utf8(out).ok()
+}
+
+/// Parses a target URL. Unknown parameters are refused rather than ignored: a typo in
+/// `endpoint` must not send the cache to AWS.
+pub fn parse_url(url: &str) -> Result<ParsedUrl, TargetError> {
+    let bad = || TargetError::BadUrl(url.to_owned());
+    let bad_param = |message: String| TargetError::BadParam {
+        url: url.to_owned(),
+        message,
+    };
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let mut params = Vec::new();
+    for kv in query.unwrap_or_default().split('&').filter(|s| !s.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let v = percent_decode(v).ok_or_else(|| bad_param(format!("bad percent-encoding in {k}")))?;
+        params.push((k.to_owned(), v));
+    }
+    let is_s3 = base.starts_with("s3://");
+    let mut compression = None;
+    for (k, v) in &params {
+        match k.as_str() {
+            "compression" => {
+                compression = Some(
+                    Compression::from_name(v)
+                        .ok_or_else(|| bad_param(format!("compression={v} (use zstd, xz or none)")))?,
+                )
+            }
+            "endpoint" | "region" | "scheme" | "profile" if is_s3 => {}
+            _ => {
+                let known = if is_s3 {
+                    "compression, endpoint, region, scheme, profile"
+                } else {
+                    "compression"
+                };
+                return Err(bad_param(format!("unknown parameter {k:?} (known: {known})")));
+            }
         }
     }
-    Err(TargetError::BadUrl(url.to_owned()))
+    let location = if let Some(rest) = base.strip_prefix("file://") {
+        if !rest.starts_with('/') || rest.len() < 2 {
+            return Err(bad());
+        }
+        TargetUrl::File(PathBuf::from(rest.trim_end_matches('/')))
+    } else if base.starts_with("http://") || base.starts_with("https://") {
+        let trimmed = base.trim_end_matches('/');
+        if trimmed.split("://").nth(1).is_none_or(|h| h.is_empty()) {
+            return Err(bad());
+        }
+        TargetUrl::Http(trimmed.to_owned())
+    } else if let Some(bucket) = base.strip_prefix("s3://") {
+        let bucket = bucket.trim_end_matches('/');
+        TargetUrl::S3(S3Location::new(url, bucket, &params).map_err(|source| TargetError::S3Url {
+            url: url.to_owned(),
+            source,
+        })?)
+    } else {
+        return Err(bad());
+    };
+    Ok(ParsedUrl { location, compression })
+}
+
+/// What targets need besides their URL.
+#[derive(Debug, Clone)]
+pub struct TargetOptions {
+    pub connect_timeout: Duration,
+    /// Compression of targets whose URL does not say.
+    pub compression: Compression,
+    pub access_key_id_file: Option<PathBuf>,
+    pub secret_access_key_file: Option<PathBuf>,
+}
+
+impl Default for TargetOptions {
+    fn default() -> Self {
+        TargetOptions {
+            connect_timeout: Duration::from_secs(5),
+            compression: Compression::Zstd,
+            access_key_id_file: None,
+            secret_access_key_file: None,
+        }
+    }
 }
 
 pub struct Target {
     pub url: String,
+    pub compression: Compression,
     kind: Kind,
 }
 
 enum Kind {
     File(PathBuf),
-    Http { base: String, client: reqwest::Client },
+    Http {
+        base: String,
+        client: reqwest::Client,
+    },
+    S3 {
+        loc: S3Location,
+        creds: Credentials,
+        client: reqwest::Client,
+    },
+}
+
+/// A request body: bytes in memory or a file streamed from disk.
+enum Body<'a> {
+    Empty,
+    Bytes(Vec<u8>),
+    File(&'a Path),
 }
 
 impl Target {
-    pub fn new(url: &str, connect_timeout: Duration) -> Result<Target, TargetError> {
-        let kind = match parse_url(url)? {
+    pub fn new(url: &str, opts: &TargetOptions) -> Result<Target, TargetError> {
+        let parsed = parse_url(url)?;
+        let client = || {
+            // reqwest is built without a default TLS provider so that ring, not aws-lc, is
+            // used; installing it twice is harmless.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            // Connect time-out: a blackholed cache costs a worker seconds, not minutes.
+            // Read time-out rather than a total one: a large NAR may take long to send.
+            reqwest::Client::builder()
+                .connect_timeout(opts.connect_timeout)
+                .read_timeout(Duration::from_secs(120))
+                .user_agent(concat!("ferry-post-build/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .map_err(|e| TargetError::Network {
+                    target: url.to_owned(),
+                    method: "client",
+                    key: String::new(),
+                    message: e.to_string(),
+                })
+        };
+        let kind = match parsed.location {
             TargetUrl::File(dir) => Kind::File(dir),
-            TargetUrl::Http(base) => {
-                // Connect time-out: a blackholed cache costs a worker seconds, not minutes.
-                // Read time-out rather than a total one: a large NAR may take long to send.
-                let client = reqwest::Client::builder()
-                    .connect_timeout(connect_timeout)
-                    .read_timeout(Duration::from_secs(120))
-                    .user_agent(concat!("ferry-post-build/", env!("CARGO_PKG_VERSION")))
-                    .build()
-                    .map_err(|e| TargetError::Network {
-                        target: url.to_owned(),
-                        method: "client",
-                        key: String::new(),
-                        message: e.to_string(),
-                    })?;
-                Kind::Http { base, client }
+            TargetUrl::Http(base) => Kind::Http { base, client: client()? },
+            TargetUrl::S3(loc) => {
+                let env = |k: &str| std::env::var(k).ok();
+                let creds = crate::s3::resolve_credentials(
+                    &crate::s3::CredentialSources {
+                        access_key_id_file: opts.access_key_id_file.as_deref(),
+                        secret_access_key_file: opts.secret_access_key_file.as_deref(),
+                        env: &env,
+                    },
+                    loc.profile.as_deref(),
+                )
+                .map_err(|source| TargetError::Credentials {
+                    target: url.to_owned(),
+                    source,
+                })?;
+                Kind::S3 {
+                    loc,
+                    creds,
+                    client: client()?,
+                }
             }
         };
         Ok(Target {
             url: url.to_owned(),
+            compression: parsed.compression.unwrap_or(opts.compression),
             kind,
         })
+    }
+
+    /// The S3 access key id in use (never the secret), for `check-config`.
+    pub fn s3_access_key_id(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::S3 { creds, .. } => Some(&creds.access_key_id),
+            _ => None,
+        }
     }
 
     fn io(&self, path: &Path) -> impl FnOnce(std::io::Error) -> TargetError + '_ {
@@ -158,7 +330,7 @@ impl Target {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                 Err(e) => return Err(self.io(&dir.join(CACHE_INFO))(e)),
             },
-            Kind::Http { .. } => self.get_text(CACHE_INFO).await?,
+            Kind::Http { .. } | Kind::S3 { .. } => self.get_text(CACHE_INFO).await?,
         };
         match existing {
             None => self.put_bytes(CACHE_INFO, text.into_bytes(), CACHE_INFO_TYPE).await,
@@ -181,42 +353,93 @@ impl Target {
         }
     }
 
+    /// Sends one request to an HTTP or S3 target (signed for S3). `sha256` is the body's
+    /// hex SHA-256 when known (S3 signs it; computed here otherwise).
+    async fn send(
+        &self,
+        method: &'static str,
+        key: &str,
+        body: Body<'_>,
+        content_type: Option<&str>,
+        sha256: Option<String>,
+    ) -> Result<reqwest::Response, TargetError> {
+        let (client, url, extra) = match &self.kind {
+            // Callers handle `file://` themselves; never reached.
+            Kind::File(_) => return Err(TargetError::BadUrl(self.url.clone())),
+            Kind::Http { base, client } => (client, format!("{base}/{key}"), Vec::new()),
+            Kind::S3 { loc, creds, client } => {
+                let path = loc.object_path(key);
+                let sha = match (&body, sha256) {
+                    (_, Some(s)) => s,
+                    (Body::Empty, None) => crate::s3::sha256_hex(b""),
+                    (Body::Bytes(b), None) => crate::s3::sha256_hex(b),
+                    (Body::File(p), None) => {
+                        let p = p.to_path_buf();
+                        let h = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+                            let mut s = ferry_nix::hash::Sha256Sink::new();
+                            std::io::copy(&mut std::fs::File::open(&p)?, &mut s)?;
+                            Ok(s.finish().to_base16())
+                        })
+                        .await
+                        .map_err(|e| self.io(Path::new(key))(std::io::Error::other(e)))?;
+                        h.map_err(self.io(Path::new(key)))?
+                    }
+                };
+                let headers =
+                    crate::s3::s3_headers(loc, creds, method, &path, content_type, &sha, std::time::SystemTime::now());
+                (client, format!("{}{path}", loc.base), headers)
+            }
+        };
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
+        let mut rb = client.request(m, url);
+        for (k, v) in extra {
+            rb = rb.header(k, v);
+        }
+        if let Some(ct) = content_type {
+            rb = rb.header(reqwest::header::CONTENT_TYPE, ct);
+        }
+        rb = match body {
+            Body::Empty => rb,
+            Body::Bytes(b) => rb.header(reqwest::header::CONTENT_LENGTH, b.len()).body(b),
+            Body::File(p) => {
+                let f = tokio::fs::File::open(p).await.map_err(self.io(p))?;
+                let len = f.metadata().await.map_err(self.io(p))?.len();
+                let stream = tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024);
+                rb.header(reqwest::header::CONTENT_LENGTH, len)
+                    .body(reqwest::Body::wrap_stream(stream))
+            }
+        };
+        rb.send().await.map_err(|e| self.net(method, key, e))
+    }
+
     pub async fn exists(&self, key: &str) -> Result<bool, TargetError> {
-        match &self.kind {
-            Kind::File(dir) => match tokio::fs::symlink_metadata(dir.join(key)).await {
+        if let Kind::File(dir) = &self.kind {
+            return match tokio::fs::symlink_metadata(dir.join(key)).await {
                 Ok(_) => Ok(true),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
                 Err(e) => Err(self.io(&dir.join(key))(e)),
-            },
-            Kind::Http { base, client } => {
-                let r = client
-                    .head(format!("{base}/{key}"))
-                    .send()
-                    .await
-                    .map_err(|e| self.net("HEAD", key, e))?;
-                match r.status().as_u16() {
-                    200..=299 => Ok(true),
-                    // S3 answers 403 for a missing key without ListBucket permission.
-                    404 | 403 => Ok(false),
-                    _ => Err(self.status("HEAD", key, &r)),
-                }
-            }
+            };
+        }
+        let r = self.send("HEAD", key, Body::Empty, None, None).await?;
+        match r.status().as_u16() {
+            200..=299 => Ok(true),
+            // S3 answers 403 for a missing key without ListBucket permission.
+            404 | 403 => Ok(false),
+            _ => Err(self.status("HEAD", key, r).await),
         }
     }
 
     async fn get_text(&self, key: &str) -> Result<Option<String>, TargetError> {
-        let Kind::Http { base, client } = &self.kind else {
+        if let Kind::File(_) = &self.kind {
             return Ok(None);
-        };
-        let r = client
-            .get(format!("{base}/{key}"))
-            .send()
-            .await
-            .map_err(|e| self.net("GET", key, e))?;
+        }
+        let r = self.send("GET", key, Body::Empty, None, None).await?;
         match r.status().as_u16() {
             200..=299 => Ok(Some(r.text().await.map_err(|e| self.net("GET", key, e))?)),
+            // Without ListBucket permission S3 says 403 for a missing key; a real refusal
+            // (bad signature) shows up on the PUT that follows, with S3's error code.
             404 | 403 => Ok(None),
-            _ => Err(self.status("GET", key, &r)),
+            _ => Err(self.status("GET", key, r).await),
         }
     }
 
@@ -236,88 +459,120 @@ impl Target {
         }
     }
 
-    fn status(&self, method: &'static str, key: &str, r: &reqwest::Response) -> TargetError {
+    async fn status(&self, method: &'static str, key: &str, r: reqwest::Response) -> TargetError {
+        let status = r.status().as_u16();
+        let retry_after = r
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::retry::parse_retry_after);
+        // S3 explains itself in an XML body; read a little of it for the error code.
+        let code = if matches!(self.kind, Kind::S3 { .. }) && method != "HEAD" {
+            match tokio::time::timeout(Duration::from_secs(5), r.text()).await {
+                Ok(Ok(body)) => crate::s3::error_code(&body),
+                _ => None,
+            }
+        } else {
+            None
+        };
         TargetError::Status {
             target: self.url.clone(),
             method,
             key: key.to_owned(),
-            status: r.status().as_u16(),
-            retry_after: r
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(crate::retry::parse_retry_after),
+            status,
+            code,
+            retry_after,
         }
     }
 
     pub async fn put_bytes(&self, key: &str, data: Vec<u8>, content_type: &str) -> Result<(), TargetError> {
-        match &self.kind {
-            Kind::File(dir) => {
-                let dir = dir.clone();
-                let key2 = key.to_owned();
-                let dest = dir.join(key);
-                tokio::task::spawn_blocking(move || {
-                    file_put(&dir, &key2, |f| std::io::Write::write_all(f, &data))
-                })
+        if let Kind::File(dir) = &self.kind {
+            let dir = dir.clone();
+            let key2 = key.to_owned();
+            let dest = dir.join(key);
+            return tokio::task::spawn_blocking(move || file_put(&dir, &key2, |f| std::io::Write::write_all(f, &data)))
                 .await
                 .map_err(|e| self.io(&dest)(std::io::Error::other(e)))?
-                .map_err(self.io(&dest))
-            }
-            Kind::Http { base, client } => {
-                let len = data.len();
-                let r = client
-                    .put(format!("{base}/{key}"))
-                    .header(reqwest::header::CONTENT_TYPE, content_type)
-                    .header(reqwest::header::CONTENT_LENGTH, len)
-                    .body(data)
-                    .send()
-                    .await
-                    .map_err(|e| self.net("PUT", key, e))?;
-                if r.status().is_success() {
-                    Ok(())
-                } else {
-                    Err(self.status("PUT", key, &r))
-                }
-            }
+                .map_err(self.io(&dest));
+        }
+        let r = self.send("PUT", key, Body::Bytes(data), Some(content_type), None).await?;
+        if r.status().is_success() {
+            Ok(())
+        } else {
+            Err(self.status("PUT", key, r).await)
         }
     }
 
-    /// Uploads the local file `src` as `key`, streaming it.
-    pub async fn put_file(&self, key: &str, src: &Path, content_type: &str) -> Result<(), TargetError> {
-        match &self.kind {
-            Kind::File(dir) => {
-                let dir = dir.clone();
-                let key2 = key.to_owned();
-                let src2 = src.to_owned();
-                let dest = dir.join(key);
-                tokio::task::spawn_blocking(move || {
-                    file_put(&dir, &key2, |f| {
-                        let mut from = std::fs::File::open(&src2)?;
-                        std::io::copy(&mut from, f).map(|_| ())
-                    })
+    /// Uploads the local file `src` as `key`, streaming it. `sha256` is the file's SHA-256
+    /// if the caller knows it (S3 signs the payload hash; it is computed otherwise).
+    pub async fn put_file(
+        &self,
+        key: &str,
+        src: &Path,
+        content_type: &str,
+        sha256: Option<&Hash>,
+    ) -> Result<(), TargetError> {
+        if let Kind::File(dir) = &self.kind {
+            let dir = dir.clone();
+            let key2 = key.to_owned();
+            let src2 = src.to_owned();
+            let dest = dir.join(key);
+            return tokio::task::spawn_blocking(move || {
+                file_put(&dir, &key2, |f| {
+                    let mut from = std::fs::File::open(&src2)?;
+                    std::io::copy(&mut from, f).map(|_| ())
                 })
-                .await
-                .map_err(|e| self.io(&dest)(std::io::Error::other(e)))?
-                .map_err(self.io(&dest))
-            }
-            Kind::Http { base, client } => {
-                let f = tokio::fs::File::open(src).await.map_err(self.io(src))?;
-                let len = f.metadata().await.map_err(self.io(src))?.len();
-                let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024));
-                let r = client
-                    .put(format!("{base}/{key}"))
-                    .header(reqwest::header::CONTENT_TYPE, content_type)
-                    .header(reqwest::header::CONTENT_LENGTH, len)
-                    .body(body)
-                    .send()
-                    .await
-                    .map_err(|e| self.net("PUT", key, e))?;
-                if r.status().is_success() {
-                    Ok(())
-                } else {
-                    Err(self.status("PUT", key, &r))
-                }
-            }
+            })
+            .await
+            .map_err(|e| self.io(&dest)(std::io::Error::other(e)))?
+            .map_err(self.io(&dest));
+        }
+        let sha = sha256.map(Hash::to_base16);
+        let r = self.send("PUT", key, Body::File(src), Some(content_type), sha).await?;
+        if r.status().is_success() {
+            Ok(())
+        } else {
+            Err(self.status("PUT", key, r).await)
+        }
+    }
+
+    /// Creates the bucket of an S3 target (`PUT /bucket`); for tests and first set-up.
+    /// "Already yours" counts as success.
+    pub async fn create_bucket(&self) -> Result<(), TargetError> {
+        let Kind::S3 { loc, creds, client } = &self.kind else {
+            return Ok(());
+        };
+        let path = loc.bucket_path();
+        // Outside us-east-1 S3 wants the region in a CreateBucketConfiguration body.
+        let body = if loc.region == "us-east-1" {
+            Vec::new()
+        } else {
+            format!(
+                "<CreateBucketConfiguration xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
+                 <LocationConstraint>{}</LocationConstraint></CreateBucketConfiguration>",
+                loc.region
+            )
+            .into_bytes()
+        };
+        let sha = crate::s3::sha256_hex(&body);
+        let headers = crate::s3::s3_headers(loc, creds, "PUT", &path, None, &sha, std::time::SystemTime::now());
+        let mut rb = client.put(format!("{}{path}", loc.base));
+        for (k, v) in headers {
+            rb = rb.header(k, v);
+        }
+        let r = rb
+            .header(reqwest::header::CONTENT_LENGTH, body.len())
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.net("PUT", "", e))?;
+        if r.status().is_success() {
+            return Ok(());
+        }
+        let e = self.status("PUT", "", r).await;
+        match &e {
+            TargetError::Status { code: Some(c), .. } if c == "BucketAlreadyOwnedByYou" => Ok(()),
+            _ => Err(e),
         }
     }
 }
@@ -359,7 +614,10 @@ fn file_put(
 
 /// Removes staging files a killed uploader left in a `file://` target.
 pub fn clean_file_target(url: &str) {
-    if let Ok(TargetUrl::File(dir)) = parse_url(url)
+    if let Ok(ParsedUrl {
+        location: TargetUrl::File(dir),
+        ..
+    }) = parse_url(url)
         && let Ok(rd) = std::fs::read_dir(dir.join(FILE_TMP_DIR))
     {
         for e in rd.flatten() {
@@ -389,21 +647,65 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(parse_url("file:///var/c/").expect("f"), TargetUrl::File("/var/c".into()));
-        assert_eq!(
-            parse_url("http://10.0.0.1:8080/up/").expect("h"),
-            TargetUrl::Http("http://10.0.0.1:8080/up".into())
-        );
-        for bad in ["file://rel", "file:///", "s4://x", "http://", "file:///c?compression=xz", ""] {
+        let loc = |u: &str| parse_url(u).expect(u).location;
+        assert_eq!(loc("file:///var/c/"), TargetUrl::File("/var/c".into()));
+        assert_eq!(loc("http://10.0.0.1:8080/up/"), TargetUrl::Http("http://10.0.0.1:8080/up".into()));
+        let p = parse_url("file:///c?compression=none").expect("param");
+        assert_eq!((p.location, p.compression), (TargetUrl::File("/c".into()), Some(Compression::None)));
+        assert_eq!(parse_url("http://h/x").expect("h").compression, None);
+        let p = parse_url("s3://my-cache?endpoint=http%3A%2F%2F10.0.0.2%3A5000&region=eu-west-1&compression=zstd")
+            .expect("s3");
+        let TargetUrl::S3(s3) = p.location else { panic!("not s3") };
+        assert_eq!((s3.bucket.as_str(), s3.region.as_str()), ("my-cache", "eu-west-1"));
+        assert_eq!((s3.base.as_str(), s3.path_style), ("http://10.0.0.2:5000", true));
+        for bad in [
+            "file://rel",
+            "file:///",
+            "s4://x",
+            "http://",
+            "",
+            "file:///c?compression=lz5",
+            "file:///c?endpoint=x",
+            "http://h?region=x",
+            "s3://b?endpiont=http://h",
+            "s3://?region=x",
+            "s3://B?region=x",
+            "s3://bucket?scheme=ftp",
+        ] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
+        let e = parse_url("s3://bucket?endpiont=x").expect_err("typo").to_string();
+        assert!(e.contains("endpiont") && e.contains("endpoint, region"), "{e}");
+    }
+
+    #[test]
+    fn s3_targets_need_credentials_and_never_show_the_secret() {
+        let d = tempfile::tempdir().expect("dir");
+        let (id, secret) = (d.path().join("id"), d.path().join("secret"));
+        std::fs::write(&id, "AKIATEST\n").expect("w");
+        std::fs::write(&secret, "very-secret-value\n").expect("w");
+        let opts = TargetOptions {
+            access_key_id_file: Some(id),
+            secret_access_key_file: Some(secret),
+            ..Default::default()
+        };
+        let t = Target::new("s3://bucket?endpoint=http://127.0.0.1:1&compression=none", &opts).expect("s3");
+        assert_eq!(t.s3_access_key_id(), Some("AKIATEST"));
+        assert_eq!(t.compression, Compression::None);
+        let opts = TargetOptions {
+            access_key_id_file: Some(d.path().join("id")),
+            secret_access_key_file: Some(d.path().join("missing")),
+            ..Default::default()
+        };
+        let e = Target::new("s3://bucket", &opts).err().expect("missing file").to_string();
+        assert!(e.contains("missing") && !e.contains("AKIATEST"), "{e}");
     }
 
     #[tokio::test]
     async fn file_target_writes_atomically() {
         let d = tempfile::tempdir().expect("dir");
         let url = format!("file://{}", d.path().display());
-        let t = Target::new(&url, Duration::from_secs(1)).expect("target");
+        let t = Target::new(&url, &TargetOptions::default()).expect("target");
         let sd = StoreDir::new("/nix/store").expect("sd");
         t.init(&sd).await.expect("init");
         assert_eq!(

@@ -9,10 +9,11 @@
 //! the rest of the job, a narinfo is only ever written when its references' narinfos exist
 //! (Nix's `BinaryCacheStore::uploadNarInfo` rule; docs/upload.md §3.3).
 
-use crate::compress::{Compression, Compressor};
+use crate::compress::{Compression, Compressor, Levels};
 use crate::queue::Outcome;
 use crate::target::{NAR_TYPE, NARINFO_TYPE, Target, TargetError, nar_key, narinfo_key};
-use ferry_build_hook::local::{LocalError, LocalStore, PathInfo, topo_sort};
+use ferry_build_hook::local::{LocalError, LocalStore, topo_sort};
+use ferry_nix::serve::PathInfo;
 use ferry_nix::hash::{Hash, Sha256Sink};
 use ferry_nix::nar::TeeWriter;
 use ferry_nix::narinfo::NarInfo;
@@ -20,7 +21,7 @@ use ferry_nix::signing::{SecretKey, Signature};
 use ferry_nix::store_path::StoreDir;
 use std::collections::{BTreeSet, HashSet};
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use thiserror::Error;
 
@@ -57,8 +58,7 @@ pub struct Shared {
     pub store: LocalStore,
     pub targets: Vec<Arc<Target>>,
     pub keys: Vec<SecretKey>,
-    pub compression: Compression,
-    pub zstd_level: i32,
+    pub levels: Levels,
     pub work_dir: PathBuf,
     /// `(target index, hash part)` of narinfos known to exist: saves a round trip per path
     /// shared between closures. Only positive facts are kept (a cache never loses a path
@@ -87,19 +87,12 @@ pub fn make_narinfo(
     keys: &[SecretKey],
 ) -> Result<NarInfo, PrepareError> {
     let bad = |message: String| PrepareError::Info {
-        path: info.path.clone(),
+        path: store_dir.display(&info.path),
         message,
     };
-    let store_path = store_dir.parse(&info.path).map_err(|e| bad(e.to_string()))?;
-    let references = info
-        .references
-        .iter()
-        .map(|r| store_dir.parse(r).map_err(|e| bad(format!("reference {r}: {e}"))))
-        .collect::<Result<BTreeSet<_>, _>>()?;
-    let deriver = match &info.deriver {
-        Some(d) => Some(store_dir.parse(d).map_err(|e| bad(format!("deriver {d}: {e}")))?),
-        None => None,
-    };
+    let store_path = info.path.clone();
+    let references = info.references.clone();
+    let deriver = info.deriver.clone();
     // Signatures already in the store (e.g. the builder's) travel along, as with `nix copy`.
     let sigs = info.sigs.iter().filter_map(|s| Signature::parse(s).ok()).collect();
     let mut ni = NarInfo {
@@ -123,12 +116,13 @@ pub fn make_narinfo(
 }
 
 /// Serialises, hashes and compresses one path into the work directory (blocking).
-pub fn prepare(sh: &Shared, info: &PathInfo) -> Result<Prepared, PrepareError> {
+pub fn prepare(sh: &Shared, info: &PathInfo, compression: Compression) -> Result<Prepared, PrepareError> {
+    let full = sh.store.real_path(&info.path);
     let nar_err = |message: String| PrepareError::Nar {
-        path: info.path.clone(),
+        path: sh.store_dir.display(&info.path),
         message,
     };
-    let sp = sh.store_dir.parse(&info.path).map_err(|e| nar_err(e.to_string()))?;
+    let sp = &info.path;
     std::fs::create_dir_all(&sh.work_dir).map_err(|e| nar_err(format!("{}: {e}", sh.work_dir.display())))?;
     let mut r = [0u8; 4];
     let _ = getrandom::fill(&mut r);
@@ -136,8 +130,8 @@ pub fn prepare(sh: &Shared, info: &PathInfo) -> Result<Prepared, PrepareError> {
     let prepared_file = PreparedFile(file.clone());
     let f = std::fs::File::create(&file).map_err(|e| nar_err(format!("{}: {e}", file.display())))?;
     let sink = TeeWriter::new(BufWriter::with_capacity(256 * 1024, f), Sha256Sink::new());
-    let mut comp = Compressor::new(sh.compression, sh.zstd_level, sink).map_err(|e| nar_err(e.to_string()))?;
-    let (nar_hash, nar_size) = ferry_nix::nar::dump_path_hashed(Path::new(&info.path), &mut comp)
+    let mut comp = Compressor::new(compression, sh.levels, sink).map_err(|e| nar_err(e.to_string()))?;
+    let (nar_hash, nar_size) = ferry_nix::nar::dump_path_hashed(&full, &mut comp)
         .map_err(|e| nar_err(e.to_string()))?;
     let tee = comp.finish().map_err(|e| nar_err(e.to_string()))?;
     let (mut buf, file_sink) = tee.into_inner();
@@ -146,14 +140,14 @@ pub fn prepare(sh: &Shared, info: &PathInfo) -> Result<Prepared, PrepareError> {
     let file_hash = file_sink.finish();
     if nar_hash != info.nar_hash || nar_size != info.nar_size {
         return Err(PrepareError::Mismatch {
-            path: info.path.clone(),
+            path: sh.store_dir.display(&info.path),
             got: nar_hash.to_nix32_prefixed(),
             got_size: nar_size,
             want: info.nar_hash.to_nix32_prefixed(),
             want_size: info.nar_size,
         });
     }
-    let narinfo = make_narinfo(&sh.store_dir, info, sh.compression, file_hash, file_size, &sh.keys)?;
+    let narinfo = make_narinfo(&sh.store_dir, info, compression, file_hash, file_size, &sh.keys)?;
     std::mem::forget(prepared_file);
     Ok(Prepared { file, narinfo })
 }
@@ -215,7 +209,11 @@ async fn everywhere(sh: &Shared, path: &str) -> bool {
 /// Uploads the closure of `root` to every target.
 pub async fn upload_closure(sh: &Arc<Shared>, root: &str) -> (Outcome, TargetResults) {
     let mut results: TargetResults = Vec::new();
-    let infos = match sh.store.closure_infos(&[root.to_owned()]).await {
+    let root_path = match sh.store_dir.parse(root) {
+        Ok(p) => p,
+        Err(e) => return (Outcome::Permanent { reason: e.to_string() }, results),
+    };
+    let infos = match sh.store.closure_infos(&BTreeSet::from([root_path])).await {
         Ok(i) => i,
         Err(e) if is_gone(&e) => {
             // Uploaded by an earlier run that was killed before it could delete the job
@@ -252,12 +250,10 @@ pub async fn upload_closure(sh: &Arc<Shared>, root: &str) -> (Outcome, TargetRes
     }
 
     for info in &order {
-        let sp = match sh.store_dir.parse(&info.path) {
-            Ok(sp) => sp,
-            Err(e) => return (Outcome::Permanent { reason: e.to_string() }, results),
-        };
+        let sp = info.path.clone();
+        let full_path = sh.store_dir.display(&sp);
         let key = narinfo_key(&sp);
-        let _claim = claim(sh, &info.path).await;
+        let _claim = claim(sh, &full_path).await;
         let mut need = Vec::new();
         for (t, target) in sh.targets.iter().enumerate() {
             if failed[t].is_some() || lock(&sh.present).contains(&(t, sp.hash_part().to_owned())) {
@@ -274,38 +270,47 @@ pub async fn upload_closure(sh: &Arc<Shared>, root: &str) -> (Outcome, TargetRes
         if need.is_empty() {
             continue;
         }
-        let sh2 = Arc::clone(sh);
-        let info2 = info.clone();
-        let prepared = match tokio::task::spawn_blocking(move || prepare(&sh2, &info2)).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(e @ PrepareError::Mismatch { .. })) => {
-                return (Outcome::Permanent { reason: e.to_string() }, results);
-            }
-            Ok(Err(e)) => {
-                // The path may have been collected between the query and the dump.
-                if !Path::new(&info.path).exists() {
+        // One NAR per compression in use: targets may differ (`?compression=`).
+        let mut compressions: Vec<Compression> = need.iter().map(|&t| sh.targets[t].compression).collect();
+        compressions.sort_by_key(|c| c.narinfo_name());
+        compressions.dedup();
+        for compression in compressions {
+            let sh2 = Arc::clone(sh);
+            let info2 = info.clone();
+            let prepared = match tokio::task::spawn_blocking(move || prepare(&sh2, &info2, compression)).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(e @ PrepareError::Mismatch { .. })) => {
                     return (Outcome::Permanent { reason: e.to_string() }, results);
                 }
-                return (transient(e.to_string(), None), results);
-            }
-            Err(e) => return (transient(format!("NAR worker: {e}"), None), results),
-        };
-        let text = prepared.narinfo.render(&sh.store_dir);
-        for t in need {
-            let target = &sh.targets[t];
-            let r = async {
-                target.put_file(&prepared.narinfo.url, &prepared.file, NAR_TYPE).await?;
-                target.put_bytes(&key, text.clone().into_bytes(), NARINFO_TYPE).await
-            }
-            .await;
-            match r {
-                Ok(()) => {
-                    tracing::info!(target = %target.url, path = %info.path, nar_size = info.nar_size,
-                        file_size = prepared.narinfo.file_size.unwrap_or(0), "uploaded");
-                    lock(&sh.present).insert((t, sp.hash_part().to_owned()));
-                    uploaded[t] += 1;
+                Ok(Err(e)) => {
+                    // The path may have been collected between the query and the dump.
+                    if !sh.store.real_path(&info.path).exists() {
+                        return (Outcome::Permanent { reason: e.to_string() }, results);
+                    }
+                    return (transient(e.to_string(), None), results);
                 }
-                Err(e) => failed[t] = Some(e),
+                Err(e) => return (transient(format!("NAR worker: {e}"), None), results),
+            };
+            let text = prepared.narinfo.render(&sh.store_dir);
+            for &t in need.iter().filter(|&&t| sh.targets[t].compression == compression) {
+                let target = &sh.targets[t];
+                let r = async {
+                    target
+                        .put_file(&prepared.narinfo.url, &prepared.file, NAR_TYPE, prepared.narinfo.file_hash.as_ref())
+                        .await?;
+                    target.put_bytes(&key, text.clone().into_bytes(), NARINFO_TYPE).await
+                }
+                .await;
+                match r {
+                    Ok(()) => {
+                        tracing::info!(target = %target.url, path = %full_path, nar_size = info.nar_size,
+                            compression = compression.narinfo_name(),
+                            file_size = prepared.narinfo.file_size.unwrap_or(0), "uploaded");
+                        lock(&sh.present).insert((t, sp.hash_part().to_owned()));
+                        uploaded[t] += 1;
+                    }
+                    Err(e) => failed[t] = Some(e),
+                }
             }
         }
     }
@@ -399,8 +404,7 @@ mod tests {
             store: LocalStore::default(),
             targets: vec![],
             keys: vec![],
-            compression: Compression::Zstd,
-            zstd_level: 3,
+            levels: Levels::default(),
             work_dir: d.path().join("work"),
             present: Default::default(),
             initialised: Default::default(),
@@ -409,13 +413,22 @@ mod tests {
         let mut i = info(&p.to_string_lossy(), &[]);
         i.nar_hash = h;
         i.nar_size = n;
-        let prep = prepare(&sh, &i).expect("prepare");
+        let prep = prepare(&sh, &i, Compression::Zstd).expect("prepare");
         let z = std::fs::read(&prep.file).expect("read");
         assert_eq!(zstd::decode_all(&z[..]).expect("unzstd"), nar);
         assert_eq!(prep.narinfo.file_hash, Some(Hash::sha256_of(&z)));
         drop(prep);
+        let prep = prepare(&sh, &i, Compression::Xz).expect("prepare xz");
+        let x = std::fs::read(&prep.file).expect("read");
+        let mut back = Vec::new();
+        std::io::copy(&mut liblzma::read::XzDecoder::new(&x[..]), &mut back).expect("unxz");
+        assert_eq!(back, nar);
+        assert_eq!(prep.narinfo.file_hash, Some(Hash::sha256_of(&x)));
+        assert_eq!(prep.narinfo.compression, "xz");
+        assert!(prep.narinfo.url.ends_with(".nar.xz"), "{}", prep.narinfo.url);
+        drop(prep);
         i.nar_size += 1;
-        assert!(matches!(prepare(&sh, &i), Err(PrepareError::Mismatch { .. })));
+        assert!(matches!(prepare(&sh, &i, Compression::Zstd), Err(PrepareError::Mismatch { .. })));
         assert_eq!(std::fs::read_dir(d.path().join("work")).expect("work").count(), 0);
     }
 }

@@ -54,11 +54,16 @@ impl Ferry {
     /// Writes the config with the file cache plus `extra_targets`. The hook reads it on
     /// every run; an uploader reads it when it starts.
     pub fn write_config(&self, extra_targets: &[String]) {
+        self.write_config_with(extra_targets, "");
+    }
+
+    /// `write_config` plus `extra` lines in `[post-build]`.
+    pub fn write_config_with(&self, extra_targets: &[String], extra: &str) {
         let mut targets = vec![format!("\"file://{}\"", self.file_cache.display())];
         targets.extend(extra_targets.iter().map(|t| format!("\"{t}\"")));
         let text = format!(
             "[post-build]\ntargets = [{}]\nsecret-key-files = [\"{}\"]\nstate-dir = \"{}\"\n\
-             concurrency = 3\nretry-initial-ms = 200\nretry-max-secs = 2\nconnect-timeout-secs = 1\npoll-ms = 50\n",
+             concurrency = 3\nretry-initial-ms = 200\nretry-max-secs = 2\nconnect-timeout-secs = 1\npoll-ms = 50\n{extra}",
             targets.join(", "),
             self.secret_key.display(),
             self.state.display()
@@ -153,15 +158,110 @@ pub fn start_nginx(host: &mut Host) -> PathBuf {
         .spawn()
         .expect("nginx");
     host.adopt(child);
+    wait_listening(host, NGINX_PORT, "nginx");
+    www
+}
+
+/// Waits until something listens on TCP `port` in `host`'s network namespace.
+pub fn wait_listening(host: &Host, port: u16, what: &str) {
     let netns = host.netns.clone();
-    wait_for("nginx to listen", Duration::from_secs(10), || {
+    wait_for(&format!("{what} to listen on port {port}"), Duration::from_secs(20), || {
         Command::new("ip")
-            .args(["netns", "exec", &netns, "ss", "-Hltn", "sport", "=", &format!(":{NGINX_PORT}")])
+            .args(["netns", "exec", &netns, "ss", "-Hltn", "sport", "=", &format!(":{port}")])
             .output()
             .map(|o| !o.stdout.is_empty())
             .unwrap_or(false)
     });
-    www
+}
+
+pub const MOTO_PORT: u16 = 5000;
+
+/// A Python that can run moto's S3 server (`moto[server]`): dev/setup's venv first, then
+/// the `python3` on `PATH`. Returns the interpreter's real path (it runs in another mount
+/// namespace, where shims may not resolve).
+pub fn moto_python() -> Option<PathBuf> {
+    for py in ["/opt/ferry-venv/bin/python3", "python3"] {
+        let out = Command::new(py)
+            .args(["-c", "import sys, moto.server, boto3, flask; print(sys.executable)"])
+            .stderr(Stdio::null())
+            .output();
+        if let Ok(o) = out
+            && o.status.success()
+        {
+            let exe = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+            if !exe.is_empty() {
+                return Some(PathBuf::from(exe));
+            }
+        }
+    }
+    None
+}
+
+/// Creates an IAM user allowed `s3:*` with an access key, and a public-read bucket, on a fresh moto
+/// server (which starts with authentication off), then turns authentication on: from then
+/// on moto checks every request's SigV4 signature (with botocore's code) and refuses a bad
+/// one with `SignatureDoesNotMatch`. Prints `<access key id> <secret>`.
+const MOTO_SETUP: &str = r#"
+import sys, json, boto3, urllib.request
+endpoint, bucket = sys.argv[1], sys.argv[2]
+kw = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup")
+iam = boto3.client("iam", **kw)
+iam.create_user(UserName="ferry")
+iam.put_user_policy(UserName="ferry", PolicyName="s3", PolicyDocument=json.dumps(
+    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+key = iam.create_access_key(UserName="ferry")["AccessKey"]
+s3 = boto3.client("s3", **kw)
+s3.create_bucket(Bucket=bucket)
+# Public read, like a real public cache bucket: anonymous GETs are allowed by policy.
+# (moto checks HEAD as an "s3:HeadObject" action, which AWS folds into s3:GetObject.)
+s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Principal": "*", "Action": ["s3:GetObject", "s3:HeadObject"],
+     "Resource": f"arn:aws:s3:::{bucket}/*"}]}))
+urllib.request.urlopen(urllib.request.Request(endpoint + "/moto-api/reset-auth", data=b"0", method="POST", headers={"Content-Type": "text/plain"})).read()
+print(key["AccessKeyId"], key["SecretAccessKey"])
+"#;
+
+/// A moto S3 server on `host`; returns its endpoint URL.
+pub fn start_moto(host: &mut Host, python: &Path) -> String {
+    let log = std::fs::File::create(host.dir.join("moto.log")).expect("moto log");
+    let child = host
+        .command(&python.to_string_lossy())
+        .args(["-m", "moto.server", "-H", &host.addr, "-p", &MOTO_PORT.to_string()])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("moto server");
+    host.adopt(child);
+    wait_listening(host, MOTO_PORT, "moto");
+    format!("http://{}:{MOTO_PORT}", host.addr)
+}
+
+/// Runs [`MOTO_SETUP`]; returns the access key id and secret.
+pub fn moto_setup(host: &Host, python: &Path, endpoint: &str, bucket: &str) -> (String, String) {
+    let mut c = host.command(&python.to_string_lossy());
+    c.args(["-c", MOTO_SETUP, endpoint, bucket]);
+    let out = run(&mut c).expect("moto setup");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut it = text.split_whitespace();
+    match (it.next(), it.next()) {
+        (Some(id), Some(secret)) => (id.to_owned(), secret.to_owned()),
+        _ => panic!("moto setup printed {text:?}"),
+    }
+}
+
+/// Turns moto's request authentication off again: with it on, moto's server answers an
+/// unsigned request with a 500 before looking at the bucket policy; with it off, anonymous
+/// GETs are allowed by the bucket's public-read policy (and would be refused without it),
+/// so Nix can read the bucket as a plain HTTP binary cache.
+pub fn moto_allow_anonymous(host: &Host, python: &Path, endpoint: &str) {
+    let mut c = host.command(&python.to_string_lossy());
+    c.args([
+        "-c",
+        "import sys, urllib.request; urllib.request.urlopen(urllib.request.Request(sys.argv[1] + '/moto-api/reset-auth', data=b'inf', method='POST', headers={'Content-Type': 'text/plain'})).read()",
+        endpoint,
+    ]);
+    run(&mut c).expect("moto reset-auth");
 }
 
 pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
