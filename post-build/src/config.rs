@@ -2,11 +2,13 @@
 //!
 //! ```toml
 //! [post-build]
-//! targets = ["file:///var/cache/nix", "https://cache.example/upload"]
+//! targets = ["file:///var/cache/nix?compression=xz", "https://cache.example/upload",
+//!            "s3://my-cache?endpoint=http://minio.lan:9000&region=us-east-1"]
 //! secret-key-files = ["/etc/nix/cache-key.sec"]
 //! state-dir = "/var/lib/ferry/post-build"
 //! concurrency = 4
 //! compression = "zstd"          # default for targets whose URL has no ?compression=
+//! xz-level = 6                  # for xz targets (Nix's preset)
 //! # S3 targets (s3://bucket?endpoint=…&region=…): secrets only by file path.
 //! access-key-id-file = "/etc/ferry/s3-access-key-id"
 //! secret-access-key-file = "/etc/ferry/s3-secret-access-key"

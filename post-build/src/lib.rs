@@ -4,7 +4,7 @@
 //! - [`hook`]: hook mode (no arguments): GC root + one durable [`spool`] record, exit 0;
 //! - [`daemon`]: spool → [`queue`] (SQLite) → [`upload`] workers → [`target`]s;
 //! - pure pieces: [`spool`] record format, [`drv`] outputs, [`queue::transition`],
-//!   [`retry`] policy, [`target`] file naming, [`config`].
+//!   [`retry`] policy, [`target`] file naming and URLs, [`s3`] SigV4 signing, [`config`].
 //!
 //! See `docs/upload.md` for the hook semantics and the cache format this follows.
 
