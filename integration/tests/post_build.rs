@@ -8,7 +8,9 @@
 
 mod post_build_support;
 
-use ferry_integration::{SYSTEM, blackhole_port, chain_drv, check, ferry_bin, heal_host, nonce, out_paths, run};
+use ferry_integration::{
+    SYSTEM, blackhole_port, chain_drv, check, ferry_bin, heal_host, nonce, out_paths, run,
+};
 use post_build_support::*;
 use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
@@ -46,7 +48,10 @@ fn all_outputs(fleet: &ferry_integration::Fleet, paths: &[String]) -> Vec<String
     let drvs = String::from_utf8_lossy(&run(&mut c).expect("deriver").stdout).to_string();
     let mut c = fleet.client_command("nix-store");
     c.args(["-q", "--outputs"]).args(drvs.lines());
-    String::from_utf8_lossy(&run(&mut c).expect("outputs").stdout).lines().map(str::to_owned).collect()
+    String::from_utf8_lossy(&run(&mut c).expect("outputs").stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 struct Uploader(std::process::Child);
@@ -73,26 +78,55 @@ fn builds_are_uploaded_and_substituted_with_signatures() {
     let local = ["-j1", "--builders", ""];
     let mut built = Vec::new();
     built.extend(build(&fleet, &chain_drv(&nonce()), &local, "local chain"));
-    built.extend(build(&fleet, &trivial_list(4, "local"), &local, "local trivials"));
-    built.extend(build(&fleet, &multi_output("local"), &local, "local multi-output"));
+    built.extend(build(
+        &fleet,
+        &trivial_list(4, "local"),
+        &local,
+        "local trivials",
+    ));
+    built.extend(build(
+        &fleet,
+        &multi_output("local"),
+        &local,
+        "local multi-output",
+    ));
     let remote_chain = build(&fleet, &chain_drv(&nonce()), &["-j0"], "remote chain");
-    assert!(fleet.builders[0].has_store_path(&remote_chain[0]), "the chain was not built remotely");
+    assert!(
+        fleet.builders[0].has_store_path(&remote_chain[0]),
+        "the chain was not built remotely"
+    );
     built.extend(remote_chain);
-    built.extend(build(&fleet, &trivial_list(5, "remote"), &["-j0"], "remote trivials"));
+    built.extend(build(
+        &fleet,
+        &trivial_list(5, "remote"),
+        &["-j0"],
+        "remote trivials",
+    ));
     let outputs = all_outputs(&fleet, &built);
     assert_eq!(outputs.len(), 13, "{outputs:?}");
     let expected = closure(&fleet, &outputs);
     assert_eq!(expected.len(), 17, "{expected:?}");
 
     wait_for("every path in both caches", Duration::from_secs(60), || {
-        missing_narinfos(&ferry.file_cache, &expected).is_empty() && missing_narinfos(&www, &expected).is_empty()
+        missing_narinfos(&ferry.file_cache, &expected).is_empty()
+            && missing_narinfos(&www, &expected).is_empty()
     });
     assert_eq!(check_cache_dir(&ferry.file_cache), expected.len());
     assert_eq!(check_cache_dir(&www), expected.len());
-    wait_for("GC roots removed after upload", Duration::from_secs(10), || ferry.gc_roots(&fleet).is_empty());
+    wait_for(
+        "GC roots removed after upload",
+        Duration::from_secs(10),
+        || ferry.gc_roots(&fleet).is_empty(),
+    );
     let status = ferry.status(&fleet);
-    assert!(status.contains("queued jobs: 0 (0 retrying), dead letters: 0"), "{status}");
-    assert!(status.contains(&format!("target {cache_url}: last success")), "{status}");
+    assert!(
+        status.contains("queued jobs: 0 (0 retrying), dead letters: 0"),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!("target {cache_url}: last success")),
+        "{status}"
+    );
 
     // A second host trusts only Ferry's key and substitutes from nginx.
     let client2 = fleet.add_host("client2").expect("client2");
@@ -117,15 +151,26 @@ fn builds_are_uploaded_and_substituted_with_signatures() {
     // Nothing was built on client2: substitution only (`nix-store -r` would build otherwise).
     let mut q = client2.nix_command("nix-store");
     q.args(["-q", "--deriver", &outputs[0]]);
-    let deriver = String::from_utf8_lossy(&run(&mut q).expect("deriver").stdout).trim().to_owned();
-    assert!(!client2.has_store_path(&deriver), "client2 has the .drv: it built instead of substituting");
+    let deriver = String::from_utf8_lossy(&run(&mut q).expect("deriver").stdout)
+        .trim()
+        .to_owned();
+    assert!(
+        !client2.has_store_path(&deriver),
+        "client2 has the .drv: it built instead of substituting"
+    );
 
     // Nix checks the file:// cache: NAR hashes and Ferry's signature.
     let mut v = client2.nix_command("nix");
-    v.args(["--extra-experimental-features", "nix-command", "store", "verify", "--store"])
-        .arg(format!("file://{}", ferry.file_cache.display()))
-        .args(["--trusted-public-keys", &ferry.public_key])
-        .args(&expected);
+    v.args([
+        "--extra-experimental-features",
+        "nix-command",
+        "store",
+        "verify",
+        "--store",
+    ])
+    .arg(format!("file://{}", ferry.file_cache.display()))
+    .args(["--trusted-public-keys", &ferry.public_key])
+    .args(&expected);
     run(&mut v).unwrap_or_else(|e| panic!("nix store verify of the file:// cache: {e}"));
 }
 
@@ -288,59 +333,104 @@ fn hook_is_fast_and_nothing_is_lost_while_uploader_and_cache_are_down() {
     blackhole_port(fleet.host("cache"), NGINX_PORT).expect("blackhole");
 
     let start = Instant::now();
-    let built = build(&fleet, &trivial_list(6, "down"), &["-j1"], "builds with everything down");
+    let built = build(
+        &fleet,
+        &trivial_list(6, "down"),
+        &["-j1"],
+        "builds with everything down",
+    );
     let elapsed = start.elapsed();
-    assert!(elapsed < Duration::from_secs(20), "6 trivial builds took {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(20),
+        "6 trivial builds took {elapsed:?}"
+    );
     let outputs = all_outputs(&fleet, &built);
     let roots = ferry.gc_roots(&fleet);
     for o in &outputs {
         let base = o.rsplit('/').next().unwrap_or_default();
-        assert!(roots.iter().any(|r| r == base), "no GC root for {o}: {roots:?}");
+        assert!(
+            roots.iter().any(|r| r == base),
+            "no GC root for {o}: {roots:?}"
+        );
     }
 
     // The hook itself, run as Nix runs it (Nix 2.8: DRV_PATH only), while nothing uploads.
     let mut q = fleet.client_command("nix-store");
     q.args(["-q", "--deriver", &outputs[0]]);
-    let drv = String::from_utf8_lossy(&run(&mut q).expect("deriver").stdout).trim().to_owned();
+    let drv = String::from_utf8_lossy(&run(&mut q).expect("deriver").stdout)
+        .trim()
+        .to_owned();
     let mut times = Vec::new();
     for _ in 0..20 {
-        let mut h = fleet.client.command(&ferry_bin("ferry-post-build").to_string_lossy());
-        h.env("DRV_PATH", &drv).env("OUT_PATHS", "").env("FERRY_CONFIG", &ferry.config);
+        let mut h = fleet
+            .client
+            .command(&ferry_bin("ferry-post-build").to_string_lossy());
+        h.env("DRV_PATH", &drv)
+            .env("OUT_PATHS", "")
+            .env("FERRY_CONFIG", &ferry.config);
         let t = Instant::now();
         let out = h.stdin(Stdio::null()).output().expect("hook");
         times.push(t.elapsed());
-        assert!(out.status.success(), "hook exit {}: {}", out.status, String::from_utf8_lossy(&out.stderr));
-        assert!(out.stderr.is_empty(), "hook complained: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "hook exit {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stderr.is_empty(),
+            "hook complained: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     times.sort();
     // Generous bounds (debug build, nsenter): this catches waiting on the uploader or the
     // network, not milliseconds; the benchmark measures those.
     assert!(times[times.len() - 1] < Duration::from_secs(1), "{times:?}");
-    assert!(times[times.len() / 2] < Duration::from_millis(200), "{times:?}");
+    assert!(
+        times[times.len() / 2] < Duration::from_millis(200),
+        "{times:?}"
+    );
 
     let mut gc = fleet.client_command("nix-store");
     gc.arg("--gc");
     run(&mut gc).expect("nix-store --gc");
     for o in &outputs {
-        assert!(fleet.client.has_store_path(o), "{o} was collected while queued");
+        assert!(
+            fleet.client.has_store_path(o),
+            "{o} was collected while queued"
+        );
     }
 
     let up = Uploader(ferry.start_uploader(&fleet));
-    wait_for("the file cache (its target is up)", Duration::from_secs(30), || {
-        missing_narinfos(&ferry.file_cache, &outputs).is_empty()
-    });
-    wait_for("a recorded error for the blackholed cache", Duration::from_secs(30), || {
-        ferry.status(&fleet).contains(&format!("target {cache_url}: last success never"))
-            && ferry.status(&fleet).contains("retrying")
-    });
+    wait_for(
+        "the file cache (its target is up)",
+        Duration::from_secs(30),
+        || missing_narinfos(&ferry.file_cache, &outputs).is_empty(),
+    );
+    wait_for(
+        "a recorded error for the blackholed cache",
+        Duration::from_secs(30),
+        || {
+            ferry
+                .status(&fleet)
+                .contains(&format!("target {cache_url}: last success never"))
+                && ferry.status(&fleet).contains("retrying")
+        },
+    );
     let status = ferry.status(&fleet);
-    assert!(!status.contains("queued jobs: 0 "), "jobs left the queue while the cache was down:\n{status}");
+    assert!(
+        !status.contains("queued jobs: 0 "),
+        "jobs left the queue while the cache was down:\n{status}"
+    );
     assert_eq!(missing_narinfos(&www, &outputs).len(), outputs.len());
 
     heal_host(fleet.host("cache")).expect("heal");
-    wait_for("the HTTP cache after it came back", Duration::from_secs(30), || {
-        missing_narinfos(&www, &outputs).is_empty()
-    });
+    wait_for(
+        "the HTTP cache after it came back",
+        Duration::from_secs(30),
+        || missing_narinfos(&www, &outputs).is_empty(),
+    );
     wait_for_done(&ferry, &fleet);
     check_cache_dir(&ferry.file_cache);
     check_cache_dir(&www);
@@ -368,7 +458,10 @@ fn wait_for_done(ferry: &Ferry, fleet: &ferry_integration::Fleet) {
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self, below: u64) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (self.0 >> 33) % below
     }
 }
@@ -409,9 +502,14 @@ fn uploader_survives_sigkill_at_random_moments() {
     // Work must remain after the first kills for the test to mean something; the log shows
     // how far each run got.
     let up = Uploader(ferry.start_uploader(&fleet));
-    wait_for("both caches complete after the kills", Duration::from_secs(60), || {
-        missing_narinfos(&ferry.file_cache, &expected).is_empty() && missing_narinfos(&www, &expected).is_empty()
-    });
+    wait_for(
+        "both caches complete after the kills",
+        Duration::from_secs(60),
+        || {
+            missing_narinfos(&ferry.file_cache, &expected).is_empty()
+                && missing_narinfos(&www, &expected).is_empty()
+        },
+    );
     wait_for_done(&ferry, &fleet);
     drop(up);
     assert_eq!(check_cache_dir(&ferry.file_cache), expected.len());
@@ -427,7 +525,10 @@ fn uploader_survives_sigkill_at_random_moments() {
     // Most kills hit a running uploader (a few may land before it logs its start on a
     // loaded machine).
     let starts = log.matches("uploader started").count();
-    assert!(starts >= 14, "only {starts} of 26 uploader runs got going:\n{log}");
+    assert!(
+        starts >= 14,
+        "only {starts} of 26 uploader runs got going:\n{log}"
+    );
 }
 
 /// The hook never fails a build: a broken config, an unwritable spool or garbage in the
@@ -619,16 +720,29 @@ fn keygen_and_check_config() {
         .expect("keygen");
     check(&out, "keygen").unwrap_or_else(|e| panic!("{e}"));
     let public = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert!(public.starts_with("my-cache-1:") && public.len() == "my-cache-1:".len() + 44, "{public}");
+    assert!(
+        public.starts_with("my-cache-1:") && public.len() == "my-cache-1:".len() + 44,
+        "{public}"
+    );
     let mode = std::fs::metadata(&sec).expect("meta").permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let text = std::fs::read_to_string(&sec).expect("read");
-    assert!(text.starts_with("my-cache-1:") && !text.ends_with('\n'), "{text:?}");
+    assert!(
+        text.starts_with("my-cache-1:") && !text.ends_with('\n'),
+        "{text:?}"
+    );
     // Nix accepts the key: it converts it to the same public key.
     let mut c = Command::new("nix");
-    c.args(["--extra-experimental-features", "nix-command", "key", "convert-secret-to-public"])
-        .stdin(std::fs::File::open(&sec).expect("open"));
-    let nix_public = String::from_utf8_lossy(&c.output().expect("nix key").stdout).trim().to_owned();
+    c.args([
+        "--extra-experimental-features",
+        "nix-command",
+        "key",
+        "convert-secret-to-public",
+    ])
+    .stdin(std::fs::File::open(&sec).expect("open"));
+    let nix_public = String::from_utf8_lossy(&c.output().expect("nix key").stdout)
+        .trim()
+        .to_owned();
     assert_eq!(nix_public, public);
     // Never overwrites a key.
     let again = Command::new(ferry_bin("ferry-post-build"))
@@ -641,7 +755,10 @@ fn keygen_and_check_config() {
     let conf = dir.path().join("ferry.toml");
     std::fs::write(
         &conf,
-        format!("[post-build]\ntargets = [\"file:///tmp/x\"]\nsecret-key-files = [\"{}\"]\n", sec.display()),
+        format!(
+            "[post-build]\ntargets = [\"file:///tmp/x\"]\nsecret-key-files = [\"{}\"]\n",
+            sec.display()
+        ),
     )
     .expect("write");
     let out = Command::new(ferry_bin("ferry-post-build"))
@@ -666,7 +783,11 @@ fn keygen_and_check_config() {
         .output()
         .expect("check-config");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("line 3"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("line 3"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A chain of `n` derivations, each depending on the previous one: the post-build hook's
@@ -753,20 +874,33 @@ fn bench_upload_vs_nix_copy() {
         })
         .collect();
     // Built with the hook, but the uploader has not run: the measured part starts cold.
-    let paths = build(&fleet, &format!("[ {} ]", drvs.join(" ")), &["-j2"], "bench paths");
+    let paths = build(
+        &fleet,
+        &format!("[ {} ]", drvs.join(" ")),
+        &["-j2"],
+        "bench paths",
+    );
     let nar_bytes: u64 = paths
         .iter()
         .map(|p| {
             let mut c = fleet.client_command("nix-store");
             c.args(["-q", "--size", p]);
-            String::from_utf8_lossy(&run(&mut c).expect("size").stdout).trim().parse::<u64>().unwrap_or(0)
+            String::from_utf8_lossy(&run(&mut c).expect("size").stdout)
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0)
         })
         .sum();
     let copy_dir = ferry.dir.path().join("nix-copy-cache");
     let mut c = fleet.client_command("nix");
-    c.args(["--extra-experimental-features", "nix-command", "copy", "--to"])
-        .arg(format!("file://{}?compression=zstd", copy_dir.display()))
-        .args(&paths);
+    c.args([
+        "--extra-experimental-features",
+        "nix-command",
+        "copy",
+        "--to",
+    ])
+    .arg(format!("file://{}?compression=zstd", copy_dir.display()))
+    .args(&paths);
     let t = Instant::now();
     run(&mut c).expect("nix copy");
     let nix_copy = t.elapsed();

@@ -330,6 +330,91 @@ fn nar_resumes_from_another_upstream_and_never_truncates_silently() {
     assert_eq!(code, 404);
 }
 
+#[test]
+fn disk_cache_substitutes_again_with_the_upstream_gone_after_a_restart() {
+    let keys_dir = tempfile::tempdir().expect("tempdir");
+    let key = generate_key(keys_dir.path(), "ferry-test-cache-1");
+    let mut fleet = fleet(&key.public);
+    add_producer(&mut fleet);
+    let expr = producer_only_drv(&nonce(), 1_000_000);
+    let paths = build_on_producer(&fleet, &expr);
+    let dir = fleet.root.path().join("cache-good");
+    // xz: the narinfos carry FileHash/FileSize, which Ferry checks before keeping a NAR.
+    copy_to_cache(&fleet, &paths, &dir, &key.secret, "xz");
+    let good = serve_cache(&mut fleet, "cache-good", "good", &dir);
+    let cache_dir = fleet.root.path().join("ferry-disk-cache");
+    let conf = format!(
+        "cache-dir = \"{}\"\ncache-max-size = \"1G\"\n",
+        cache_dir.display()
+    );
+    let ferry = start_ferry(&fleet, std::slice::from_ref(&good), &conf);
+    let (out, stderr, _) = client_build(&fleet, &expr);
+    check(&out, "first substitution through Ferry")
+        .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_text()));
+    assert!(
+        substituted_from_ferry(&stderr),
+        "not substituted:\n{stderr}"
+    );
+    assert_quiet(&stderr, "first substitution");
+    let t = Instant::now();
+    while metric(&metrics(&fleet), "ferry_substituter_disk_nar_stored_total") < 3.0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "{}", metrics(&fleet));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(ferry);
+
+    // The upstream disappears, Ferry restarts (nothing in memory), the client loses the paths.
+    blackhole_port(fleet.host("cache-good"), CACHE_PORT).expect("blackhole");
+    let ferry = start_ferry(&fleet, std::slice::from_ref(&good), &conf);
+    let closure = paths_of_closure(&fleet, &paths[0]);
+    let mut del = fleet.client_command("nix-store");
+    del.arg("--delete").args(&closure);
+    stdout_of(del, "nix-store --delete");
+    assert!(!fleet.client.has_store_path(&paths[0]));
+
+    let t = Instant::now();
+    let (out, stderr, _) = client_build(&fleet, &expr);
+    check(&out, "substitution from Ferry's disk cache").unwrap_or_else(|e| {
+        panic!(
+            "{e}\ndaemon log:\n{}\nferry log:\n{}",
+            fleet.daemon_log(),
+            ferry.log_text()
+        )
+    });
+    assert!(
+        substituted_from_ferry(&stderr),
+        "not substituted:\n{stderr}"
+    );
+    assert_quiet(&stderr, "substitution from disk");
+    eprintln!(
+        "3-path closure from the disk cache, upstream black-holed: {:?}",
+        t.elapsed()
+    );
+    let mut v = fleet.client_command("nix-store");
+    v.args(["--verify-path", &paths[0]]);
+    stdout_of(v, "nix-store --verify-path");
+    let m = metrics(&fleet);
+    assert_eq!(
+        metric(&m, "ferry_substituter_disk_nar_hits_total"),
+        3.0,
+        "{m}"
+    );
+    // Nix had the narinfos in its own cache; asked directly, Ferry serves them from disk,
+    // byte for byte as the upstream wrote them.
+    for p in &closure {
+        let name = narinfo_name(p);
+        let (code, body) = http_get(&fleet, &format!("{}/{name}", ferry_url()), &[]);
+        assert_eq!(code, 200, "{name}");
+        assert_eq!(body, std::fs::read(dir.join(&name)).expect("narinfo"));
+    }
+    let m = metrics(&fleet);
+    assert_eq!(
+        metric(&m, "ferry_substituter_disk_narinfo_hits_total"),
+        3.0,
+        "{m}"
+    );
+}
+
 fn paths_of_closure(fleet: &ferry_integration::Fleet, top: &str) -> Vec<String> {
     let mut q = fleet.client_command("nix-store");
     q.args(["-qR", top]);

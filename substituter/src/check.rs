@@ -32,6 +32,37 @@ pub struct Checked {
     pub trusted: bool,
     /// The NAR key Nix will ask Ferry for, when the NAR flows through Ferry.
     pub nar_key: Option<String>,
+    /// What the file at `nar_key` must be, as far as the narinfo says.
+    pub expect: Expect,
+}
+
+/// Size and SHA-256 of the NAR file as served (compressed or not), when the narinfo gives
+/// them: `FileHash`/`FileSize`, or `NarHash`/`NarSize` for `Compression: none`. Nix never
+/// checks `FileHash` on substitution (doc §1.3), but Ferry does before keeping a file on disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Expect {
+    pub size: Option<u64>,
+    pub sha256: Option<ferry_nix::hash::Hash>,
+}
+
+impl Expect {
+    pub fn of(info: &NarInfo) -> Expect {
+        let sha256 = |h: &ferry_nix::hash::Hash| {
+            (h.algo() == ferry_nix::hash::HashAlgo::Sha256).then(|| h.clone())
+        };
+        // A missing or empty Compression means bzip2 (nar-info.cc), not none.
+        if info.compression == "none" {
+            Expect {
+                size: Some(info.nar_size),
+                sha256: sha256(&info.nar_hash),
+            }
+        } else {
+            Expect {
+                size: info.file_size,
+                sha256: info.file_hash.as_ref().and_then(sha256),
+            }
+        }
+    }
 }
 
 pub fn check_narinfo(
@@ -65,6 +96,7 @@ pub fn check_narinfo(
         body,
         trusted,
         nar_key,
+        expect: Expect::of(&info),
     })
 }
 
@@ -108,6 +140,8 @@ mod tests {
         assert!(c.trusted);
         assert_eq!(c.body, text, "unknown keys and Sig lines are kept");
         assert_eq!(c.nar_key.as_deref(), Some("nar/abc.nar.xz"));
+        // xz without FileHash/FileSize: nothing to check but the length.
+        assert_eq!(c.expect, Expect::default());
     }
 
     #[test]
@@ -180,5 +214,18 @@ mod tests {
         .expect("valid");
         assert!(c.body.contains("\nURL: nar/abc.nar\n"));
         assert_eq!(c.nar_key.as_deref(), Some("nar/abc.nar"));
+        // No Compression line means bzip2: NarHash says nothing about the file.
+        assert_eq!(c.expect, Expect::default());
+        let none = text.replace("NarSize", "Compression: none\nNarSize");
+        let c = check_narinfo(
+            &sd(),
+            "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
+            none.as_bytes(),
+            &TrustedKeys::new(),
+            None,
+        )
+        .expect("valid");
+        assert_eq!(c.expect.size, Some(120));
+        assert_eq!(c.expect.sha256, Some(Hash::sha256_of(b"nar")));
     }
 }

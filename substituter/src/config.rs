@@ -54,6 +54,90 @@ pub struct SubstituterConfig {
     pub nar_idle_timeout_ms: u64,
     /// The upstream caches, in any order (they are sorted by priority).
     pub upstream: Vec<UpstreamConfig>,
+    /// Directory of the disk cache of narinfos and NARs. Unset: no disk cache. What users get
+    /// from an nginx caching proxy today (seed 001), with narinfo validation in front of it.
+    pub cache_dir: Option<PathBuf>,
+    /// Quota of the disk cache: bytes, or a number with K, M, G or T (powers of 1024, as in
+    /// nginx). Least recently used entries are evicted to stay under it. 10G by default: safe on
+    /// a laptop; the seed's proxy used 100G.
+    pub cache_max_size: ByteSize,
+    /// Entries not used for this long are dropped (nginx's `inactive`): seconds, or a number
+    /// with s, m, h, d or w. 30d by default, Nix's own reuse period for narinfo URLs (doc §2.5).
+    pub cache_max_age: Age,
+}
+
+/// A size in bytes, written as a number or as text like `"100G"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+/// A duration, written as seconds or as text like `"30d"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Age(pub Duration);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumOrText {
+    Num(u64),
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match NumOrText::deserialize(d)? {
+            NumOrText::Num(n) => Ok(ByteSize(n)),
+            NumOrText::Text(t) => parse_size(&t)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Age {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match NumOrText::deserialize(d)? {
+            NumOrText::Num(n) => Ok(Age(Duration::from_secs(n))),
+            NumOrText::Text(t) => parse_age(&t).map(Age).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+fn split_number(text: &str) -> Option<(u64, &str)> {
+    let t = text.trim();
+    let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+    let n = t[..digits].parse().ok()?;
+    Some((n, t[digits..].trim()))
+}
+
+/// `"100G"`, `"512M"`, `"1T"`, `"4096"`; an optional `i` and `B` after the unit are accepted
+/// (`"100GiB"`). Units are powers of 1024.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let bad = || format!("invalid size {text:?} (expected e.g. 100G, 512M or a number of bytes)");
+    let (n, unit) = split_number(text).ok_or_else(bad)?;
+    let unit = unit.trim_end_matches(['B', 'b']).trim_end_matches('i');
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+/// `"30d"`, `"12h"`, `"90m"`, `"45s"`, `"2w"`, `"3600"` (seconds).
+pub fn parse_age(text: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid age {text:?} (expected e.g. 30d, 12h or a number of seconds)");
+    let (n, unit) = split_number(text).ok_or_else(bad)?;
+    let secs: u64 = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(secs).map(Duration::from_secs).ok_or_else(bad)
 }
 
 impl Default for SubstituterConfig {
@@ -71,6 +155,9 @@ impl Default for SubstituterConfig {
             serve_untrusted: false,
             nar_idle_timeout_ms: 30_000,
             upstream: Vec::new(),
+            cache_dir: None,
+            cache_max_size: ByteSize(10 << 30),
+            cache_max_age: Age(Duration::from_secs(30 * 86_400)),
         }
     }
 }
@@ -152,6 +239,8 @@ pub enum SettingsError {
     NixConf(#[from] ferry_nix::nixconf::NixConfError),
     #[error("{0} must be greater than 0")]
     Zero(&'static str),
+    #[error("cache-dir '{}' must be an absolute path", .0.display())]
+    CacheDir(PathBuf),
 }
 
 /// Where an upstream's files are.
@@ -191,6 +280,15 @@ pub struct Settings {
     pub nar_idle_timeout: Duration,
     /// Sorted by priority (stable: equal priorities keep their order).
     pub upstreams: Vec<UpstreamSettings>,
+    pub disk: Option<DiskSettings>,
+}
+
+/// The disk cache, when configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSettings {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+    pub max_age: Duration,
 }
 
 /// Command-line overrides of the file.
@@ -307,6 +405,22 @@ impl SubstituterConfig {
             self.trusted_public_keys.join(" ")
         };
         let trusted_keys = TrustedKeys::parse_list(&keys_text)?;
+        let disk = match &self.cache_dir {
+            None => None,
+            Some(dir) => {
+                if !dir.is_absolute() {
+                    return Err(SettingsError::CacheDir(dir.clone()));
+                }
+                if self.cache_max_size.0 == 0 {
+                    return Err(SettingsError::Zero("cache-max-size"));
+                }
+                Some(DiskSettings {
+                    dir: dir.clone(),
+                    max_bytes: self.cache_max_size.0,
+                    max_age: self.cache_max_age.0,
+                })
+            }
+        };
         Ok(Settings {
             listen,
             store_dir,
@@ -319,6 +433,7 @@ impl SubstituterConfig {
             serve_untrusted: self.serve_untrusted,
             nar_idle_timeout: Duration::from_millis(self.nar_idle_timeout_ms),
             upstreams,
+            disk,
         })
     }
 }
@@ -415,6 +530,56 @@ priority = 5
         assert_eq!(s.upstreams[0].priority, 10);
         assert_eq!(s.upstreams[1].priority, 20);
         assert_eq!(s.trusted_keys.len(), 1);
+    }
+
+    #[test]
+    fn disk_cache_sizes_and_ages() {
+        assert_eq!(parse_size("100G"), Ok(100 << 30));
+        assert_eq!(parse_size("100GiB"), Ok(100 << 30));
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        for bad in ["", "G", "10X", "-1", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_age("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_age("90m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_age("3600"), Ok(Duration::from_secs(3600)));
+        assert!(parse_age("1y").is_err());
+
+        let text = "[substituter]\ncache-dir = \"/var/cache/ferry\"\ncache-max-size = \"100G\"\ncache-max-age = \"30d\"\n";
+        let c: SubstituterConfig =
+            ferry_nix::config::parse_section(text, std::path::Path::new("f.toml"), "substituter")
+                .expect("parses");
+        let s = c
+            .resolve(&Overrides::default(), no_nix_conf)
+            .expect("resolves");
+        assert_eq!(
+            s.disk,
+            Some(DiskSettings {
+                dir: "/var/cache/ferry".into(),
+                max_bytes: 100 << 30,
+                max_age: Duration::from_secs(30 * 86_400),
+            })
+        );
+        let text = "[substituter]\ncache-max-size = 1000\ncache-max-age = 60\n";
+        let c: SubstituterConfig =
+            ferry_nix::config::parse_section(text, std::path::Path::new("f.toml"), "substituter")
+                .expect("numbers parse");
+        assert_eq!(c.cache_max_size, ByteSize(1000));
+        assert_eq!(
+            c.resolve(&Overrides::default(), no_nix_conf)
+                .expect("ok")
+                .disk,
+            None,
+            "no cache-dir, no disk cache"
+        );
+        let e = ferry_nix::config::parse_section::<SubstituterConfig>(
+            "[substituter]\ncache-max-size = \"lots\"\n",
+            std::path::Path::new("f.toml"),
+            "substituter",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("invalid size"), "{e}");
     }
 
     #[test]

@@ -6,17 +6,21 @@
 //! upstream with a circuit breaker ([`breaker`]), a rate limit and an in-flight cap, and streams
 //! NARs with resume on upstream failure ([`nar`]). See `shared/docs/binary-cache.md`.
 //!
-//! Pure core: [`breaker`], [`race`], [`paths`], [`check`], [`config`]. Async shell:
-//! [`upstream`], [`lookup`], [`nar`], [`server`].
+//! Pure core: [`breaker`], [`race`], [`paths`], [`check`], [`config`], [`lru`],
+//! [`retry_after`]. Async shell:
+//! [`upstream`], [`lookup`], [`nar`], [`disk`], [`server`].
 
 pub mod breaker;
 pub mod check;
 pub mod config;
+pub mod disk;
 pub mod lookup;
+pub mod lru;
 pub mod metrics;
 pub mod nar;
 pub mod paths;
 pub mod race;
+pub mod retry_after;
 pub mod server;
 pub mod upstream;
 

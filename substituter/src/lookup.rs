@@ -6,9 +6,9 @@
 //! failed, timed out, was skipped or missed the deadline) is returned as an error, which moka
 //! never caches.
 
-use crate::check::check_narinfo;
+use crate::check::{Expect, check_narinfo};
 use crate::race::{Decision, Slot, decide, start_next_early};
-use crate::server::State;
+use crate::server::{Route, State};
 use crate::upstream::Fetch;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
@@ -31,7 +31,8 @@ pub enum Key {
 pub enum Answer {
     Found {
         body: Bytes,
-        upstream: usize,
+        /// None: from the disk cache.
+        upstream: Option<usize>,
         nar_key: Option<String>,
     },
     /// Every upstream said no.
@@ -95,13 +96,62 @@ pub async fn lookup(state: &Arc<State>, key: Key) -> Result<Arc<Answer>, Arc<Inc
     let k = key.clone();
     state
         .answers
-        .try_get_with(key, async move { race(&st, &k).await })
+        .try_get_with(key, async move {
+            if let Key::NarInfo(h) = &k
+                && let Some(a) = from_disk(&st, h).await
+            {
+                return Ok(a);
+            }
+            race(&st, &k).await
+        })
         .await
 }
 
+/// A narinfo from the disk cache, checked again as if an upstream had sent it (the trusted
+/// keys may have changed since it was stored).
+async fn from_disk(state: &Arc<State>, hash: &str) -> Option<Arc<Answer>> {
+    let disk = state.disk.as_ref()?;
+    let bytes = disk.narinfo(hash).await?;
+    let c = match check_narinfo(
+        &state.settings.store_dir,
+        hash,
+        &bytes,
+        &state.settings.trusted_keys,
+        None,
+    ) {
+        Ok(c) if c.trusted => c,
+        Ok(_) => return None,
+        Err(error) => {
+            tracing::warn!(%hash, %error, "invalid narinfo in the disk cache; ignored");
+            return None;
+        }
+    };
+    disk.metrics.narinfo_hits.inc();
+    if let Some(k) = &c.nar_key {
+        state
+            .routes
+            .insert(
+                k.clone(),
+                Route {
+                    upstream: None,
+                    expect: c.expect.clone(),
+                },
+            )
+            .await;
+    }
+    Some(Arc::new(Answer::Found {
+        body: bytes,
+        upstream: None,
+        nar_key: c.nar_key,
+    }))
+}
+
+/// A usable answer: body, NAR key, what the NAR must be.
+type Found = (Bytes, Option<String>, Expect);
+
 struct Outcome {
     slot: Slot,
-    found: Option<(Bytes, Option<String>)>,
+    found: Option<Found>,
 }
 
 /// Asks one upstream, validates, and feeds its breaker.
@@ -136,7 +186,7 @@ async fn ask(state: Arc<State>, i: usize, key: Key) -> Outcome {
                 up.metrics.hits.inc();
                 Outcome {
                     slot: Slot::Hit { trusted: true },
-                    found: Some((bytes, None)),
+                    found: Some((bytes, None, Expect::default())),
                 }
             }
             Some(h) => match check_narinfo(
@@ -154,7 +204,7 @@ async fn ask(state: Arc<State>, i: usize, key: Key) -> Outcome {
                     }
                     Outcome {
                         slot: Slot::Hit { trusted: c.trusted },
-                        found: Some((Bytes::from(c.body), c.nar_key)),
+                        found: Some((Bytes::from(c.body), c.nar_key, c.expect)),
                     }
                 }
                 Err(error) => {
@@ -187,7 +237,7 @@ enum Event {
 async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> {
     let n = state.upstreams.len();
     let mut slots = vec![Slot::Pending; n];
-    let mut found: Vec<Option<(Bytes, Option<String>)>> = vec![None; n];
+    let mut found: Vec<Option<Found>> = vec![None; n];
     let mut running: Running = FuturesUnordered::new();
     let mut handles = Vec::new();
     let start = Instant::now();
@@ -251,14 +301,30 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
     let elapsed = start.elapsed();
     match decision {
         Decision::Serve(i) => {
-            let (body, nar_key) = found[i].take().unwrap_or_default();
+            let (body, nar_key, expect) = found[i].take().unwrap_or_default();
             if let Some(k) = &nar_key {
-                state.routes.insert(k.clone(), i).await;
+                state
+                    .routes
+                    .insert(
+                        k.clone(),
+                        Route {
+                            upstream: Some(i),
+                            expect,
+                        },
+                    )
+                    .await;
+            }
+            // Only narinfos Nix would trust are kept on disk; written in the background.
+            if let (Key::NarInfo(h), Some(disk), Slot::Hit { trusted: true }) =
+                (key, &state.disk, slots[i])
+            {
+                let (disk, h, body) = (Arc::clone(disk), h.clone(), body.clone());
+                tokio::spawn(async move { disk.put_narinfo(&h, body).await });
             }
             tracing::debug!(?key, upstream = %state.upstreams[i].settings.url, ?elapsed, "found");
             Ok(Arc::new(Answer::Found {
                 body,
-                upstream: i,
+                upstream: Some(i),
                 nar_key,
             }))
         }

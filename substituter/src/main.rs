@@ -72,6 +72,15 @@ fn main() -> anyhow::Result<()> {
             println!("listen {}", s.listen);
             println!("store-dir {} priority {}", s.store_dir, s.priority);
             println!("trusted keys: {}", s.trusted_keys.len());
+            match &s.disk {
+                Some(d) => println!(
+                    "disk cache {} max-size {} bytes max-age {:?}",
+                    d.dir.display(),
+                    d.max_bytes,
+                    d.max_age
+                ),
+                None => println!("disk cache: off"),
+            }
             for u in &s.upstreams {
                 println!(
                     "upstream {} priority {} connect {:?} read {:?} rate {}/s in-flight {}",

@@ -81,7 +81,10 @@ pub struct UpstreamView<'a> {
     pub metrics: &'a UpstreamMetrics,
 }
 
-pub fn render(m: &Metrics, ups: &[UpstreamView<'_>]) -> String {
+/// The disk cache's counters and its (entries, bytes), when it is enabled.
+pub type DiskView<'a> = Option<(&'a crate::disk::DiskMetrics, (usize, u64))>;
+
+pub fn render(m: &Metrics, ups: &[UpstreamView<'_>], disk: DiskView<'_>) -> String {
     let mut s = String::with_capacity(4096);
     let mut counter = |name: &str, help: &str, v: u64| {
         let _ = writeln!(s, "# HELP ferry_substituter_{name} {help}");
@@ -134,6 +137,37 @@ pub fn render(m: &Metrics, ups: &[UpstreamView<'_>]) -> String {
         "NAR requests answered 404",
         m.nar_not_found.get(),
     );
+    if let Some((d, (entries, bytes))) = disk {
+        counter(
+            "disk_narinfo_hits_total",
+            "narinfos served from the disk cache",
+            d.narinfo_hits.get(),
+        );
+        counter(
+            "disk_nar_hits_total",
+            "NARs served from the disk cache",
+            d.nar_hits.get(),
+        );
+        counter(
+            "disk_nar_stored_total",
+            "NARs verified and stored in the disk cache",
+            d.nar_stored.get(),
+        );
+        counter(
+            "disk_nar_discarded_total",
+            "NAR copies not kept (stream cut, wrong length or hash, write error)",
+            d.nar_discarded.get(),
+        );
+        counter(
+            "disk_evictions_total",
+            "disk cache entries evicted (quota or age)",
+            d.evictions.get(),
+        );
+        let _ = writeln!(s, "# TYPE ferry_substituter_disk_entries gauge");
+        let _ = writeln!(s, "ferry_substituter_disk_entries {entries}");
+        let _ = writeln!(s, "# TYPE ferry_substituter_disk_bytes gauge");
+        let _ = writeln!(s, "ferry_substituter_disk_bytes {bytes}");
+    }
     let label = |u: &UpstreamView<'_>| format!("upstream=\"{}\"", u.url.replace(['"', '\\'], "_"));
     let _ = writeln!(
         s,
@@ -210,7 +244,7 @@ pub fn render(m: &Metrics, ups: &[UpstreamView<'_>]) -> String {
 }
 
 /// The human summary printed by `ferry-substituter status`.
-pub fn render_status(m: &Metrics, ups: &[UpstreamView<'_>]) -> String {
+pub fn render_status(m: &Metrics, ups: &[UpstreamView<'_>], disk: DiskView<'_>) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -230,6 +264,17 @@ pub fn render_status(m: &Metrics, ups: &[UpstreamView<'_>]) -> String {
         m.nar_aborts.get(),
         m.nar_not_found.get()
     );
+    if let Some((d, (entries, bytes))) = disk {
+        let _ = writeln!(
+            s,
+            "disk cache: {entries} entries, {bytes} bytes; {} narinfo and {} NAR hits, {} NARs stored, {} discarded, {} evicted",
+            d.narinfo_hits.get(),
+            d.nar_hits.get(),
+            d.nar_stored.get(),
+            d.nar_discarded.get(),
+            d.evictions.get()
+        );
+    }
     for u in ups {
         let state = match u.breaker {
             0 => "closed",
@@ -274,6 +319,7 @@ mod tests {
                 breaker: 1,
                 metrics: &um,
             }],
+            None,
         );
         assert!(text.contains("ferry_substituter_narinfo_hits_total 1\n"));
         assert!(

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use futures_util::StreamExt as _;
 use std::io;
 use std::sync::Arc;
+use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
 /// Parses a single `Range: bytes=a-` or `bytes=a-b`. Other forms (suffix, multiple ranges) are
 /// ignored, which RFC 9110 allows: the whole file is sent with 200.
@@ -39,8 +40,7 @@ pub fn parse_range(v: &str) -> Option<(u64, Option<u64>)> {
 }
 
 /// The upstreams to try, in order: the one that served the narinfo first.
-async fn candidates(state: &Arc<State>, key: &str) -> Vec<usize> {
-    let first = state.routes.get(key).await;
+fn candidates(state: &Arc<State>, first: Option<usize>) -> Vec<usize> {
     let mut v: Vec<usize> = first.into_iter().collect();
     v.extend((0..state.upstreams.len()).filter(|i| Some(*i) != first));
     v
@@ -52,6 +52,56 @@ fn not_found() -> Response<Body> {
     r
 }
 
+/// The response head for a file of `total` bytes (if known) and the requested range: status,
+/// `Content-Length`, `Content-Range`, `Accept-Ranges`.
+fn frame(range: Option<(u64, Option<u64>)>, total: Option<u64>) -> Framed {
+    let mut resp = Response::new(Body::empty());
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-nix-nar"),
+    );
+    if total.is_some() {
+        // Lets Nix resume by itself too (`Accept-Ranges` and no `Content-Encoding`, doc §2.2).
+        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    }
+    let end_excl = match (range, total) {
+        (Some((s, e)), Some(t)) => {
+            if s >= t {
+                let mut r = Response::new(Body::empty());
+                *r.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{t}")) {
+                    r.headers_mut().insert(header::CONTENT_RANGE, v);
+                }
+                return Framed::Answered(r);
+            }
+            let last = e.map_or(t - 1, |e| e.min(t - 1));
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {s}-{last}/{t}")) {
+                h.insert(header::CONTENT_RANGE, v);
+            }
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(last + 1 - s));
+            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+            Some(last + 1)
+        }
+        // A range on a file of unknown length: serve it whole.
+        (Some(_), None) => None,
+        (None, t) => {
+            if let Some(t) = t {
+                h.insert(header::CONTENT_LENGTH, HeaderValue::from(t));
+            }
+            t
+        }
+    };
+    Framed::Body(resp, end_excl)
+}
+
+enum Framed {
+    /// The head, and the offset to stop at (exclusive).
+    Body(Response<Body>, Option<u64>),
+    /// A complete answer (416).
+    Answered(Response<Body>),
+}
+
 pub async fn serve(
     state: Arc<State>,
     key: String,
@@ -59,7 +109,6 @@ pub async fn serve(
     headers: &HeaderMap,
 ) -> Response<Body> {
     state.metrics.nar_requests.inc();
-    let order = candidates(&state, &key).await;
     let range = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
@@ -67,6 +116,16 @@ pub async fn serve(
     let start = range.map_or(0, |r| r.0);
     let head = method == Method::HEAD;
 
+    // The disk cache first: no upstream is asked for a NAR Ferry already holds.
+    if let Some(disk) = &state.disk
+        && let Some((file, len)) = disk.open_nar(&key).await
+    {
+        disk.metrics.nar_hits.inc();
+        return serve_file(&state, file, len, range, head).await;
+    }
+
+    let route = state.routes.get(&key).await;
+    let order = candidates(&state, route.as_ref().and_then(|r| r.upstream));
     // Open the first candidate that has the file.
     let mut opened = None;
     for (pos, &i) in order.iter().enumerate() {
@@ -99,44 +158,10 @@ pub async fn serve(
     };
 
     let total = body.total;
-    let mut resp = Response::new(Body::empty());
-    let mut h = HeaderMap::new();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/x-nix-nar"),
-    );
-    let end_excl = match (range, total) {
-        (Some((s, e)), Some(t)) => {
-            if s >= t {
-                *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
-                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{t}")) {
-                    resp.headers_mut().insert(header::CONTENT_RANGE, v);
-                }
-                return resp;
-            }
-            let last = e.map_or(t - 1, |e| e.min(t - 1));
-            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes {s}-{last}/{t}")) {
-                h.insert(header::CONTENT_RANGE, v);
-            }
-            h.insert(header::CONTENT_LENGTH, HeaderValue::from(last + 1 - s));
-            Some(last + 1)
-        }
-        // A range on a file of unknown length: serve it whole.
-        (Some(_), None) => None,
-        (None, t) => {
-            if let Some(t) = t {
-                h.insert(header::CONTENT_LENGTH, HeaderValue::from(t));
-            }
-            t
-        }
+    let (mut resp, end_excl) = match frame(range, total) {
+        Framed::Body(r, e) => (r, e),
+        Framed::Answered(r) => return r,
     };
-    resp.headers_mut().extend(h);
-    if total.is_some() {
-        // Lets Nix resume by itself too (`Accept-Ranges` and no `Content-Encoding`, doc §2.2).
-        resp.headers_mut()
-            .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    }
     if head {
         return resp;
     }
@@ -157,6 +182,13 @@ pub async fn serve(
     } else {
         body
     };
+    // A copy for the disk cache: only whole files of known length, verified before commit.
+    let writer = match (&state.disk, range, total) {
+        (Some(d), None, Some(t)) => {
+            d.nar_writer(&key, t, route.map(|r| r.expect).unwrap_or_default())
+        }
+        _ => None,
+    };
     let pump = Pump {
         excluded: vec![false; order.len()],
         state: Arc::clone(&state),
@@ -168,6 +200,7 @@ pub async fn serve(
         end: end_excl,
         total,
         body: Some(body),
+        writer,
     };
     // The body is polled directly by hyper: no task or channel between upstream and client.
     let stream = futures_util::stream::unfold(pump, |mut p| async move {
@@ -176,6 +209,55 @@ pub async fn serve(
     *resp.body_mut() = Body::from_stream(stream);
     resp
 }
+
+/// A NAR from the disk cache, with `Range` (a failed read aborts the connection).
+async fn serve_file(
+    state: &Arc<State>,
+    mut file: tokio::fs::File,
+    len: u64,
+    range: Option<(u64, Option<u64>)>,
+    head: bool,
+) -> Response<Body> {
+    let (mut resp, end) = match frame(range, Some(len)) {
+        Framed::Body(r, e) => (r, e),
+        Framed::Answered(r) => return r,
+    };
+    if head {
+        return resp;
+    }
+    let start = range.map_or(0, |r| r.0);
+    if start > 0
+        && let Err(e) = file.seek(io::SeekFrom::Start(start)).await
+    {
+        tracing::warn!(error = %e, "disk cache seek failed");
+        return not_found();
+    }
+    let remaining = end.unwrap_or(len).saturating_sub(start);
+    let state = Arc::clone(state);
+    let stream = futures_util::stream::unfold((file, remaining), move |(mut f, left)| {
+        let state = Arc::clone(&state);
+        async move {
+            if left == 0 {
+                return None;
+            }
+            let mut buf = vec![0u8; FILE_CHUNK.min(left as usize)];
+            match f.read(&mut buf).await {
+                // The file shrank under us: abort rather than end early.
+                Ok(0) => Some((Err(io::Error::other("disk cache file truncated")), (f, 0))),
+                Ok(n) => {
+                    buf.truncate(n);
+                    state.metrics.nar_bytes.add(n as u64);
+                    Some((Ok(Bytes::from(buf)), (f, left - n as u64)))
+                }
+                Err(e) => Some((Err(e), (f, 0))),
+            }
+        }
+    });
+    *resp.body_mut() = Body::from_stream(stream);
+    resp
+}
+
+const FILE_CHUNK: usize = 256 * 1024;
 
 struct Pump {
     state: Arc<State>,
@@ -195,6 +277,8 @@ struct Pump {
     body: Option<NarBody>,
     /// `pos` when `body` was opened, to tell whether it made progress.
     opened_at: u64,
+    /// The disk cache's copy of this stream, if one is being made.
+    writer: Option<crate::disk::NarWriter>,
 }
 
 enum Read {
@@ -211,9 +295,26 @@ impl Pump {
             match self.read(&mut body).await {
                 Read::Chunk(c) => {
                     self.body = Some(body);
+                    if let Some(w) = &self.writer
+                        && !w.write(c.clone()).await
+                    {
+                        self.writer = None;
+                    }
+                    // Commit as soon as the last byte is read, not when hyper polls for the
+                    // end (it may never, if the client hangs up right after the last byte).
+                    if self.end == Some(self.pos)
+                        && let Some(w) = self.writer.take()
+                    {
+                        w.finish().await;
+                    }
                     return Some(Ok(c));
                 }
-                Read::Done => return None,
+                Read::Done => {
+                    if let Some(w) = self.writer.take() {
+                        w.finish().await;
+                    }
+                    return None;
+                }
                 Read::Failed(why) => {
                     let up = &self.state.upstreams[self.order[self.current]];
                     tracing::warn!(upstream = %up.settings.url, key = %self.key, offset = self.pos, %why, "NAR stream failed; resuming");

@@ -1,6 +1,8 @@
 //! The HTTP front: routing and the mapping of every outcome to 200 or 404 (doc §5.1 rules 1–2).
 
+use crate::check::Expect;
 use crate::config::Settings;
+use crate::disk::DiskCache;
 use crate::lookup::{Answer, AnswerCache, Key, answer_cache, lookup};
 use crate::metrics::{Metrics, UpstreamView, render, render_status};
 use crate::paths::{Request, classify};
@@ -17,14 +19,36 @@ pub struct State {
     pub upstreams: Vec<Arc<Upstream>>,
     pub metrics: Metrics,
     pub answers: AnswerCache,
-    /// NAR key → upstream whose narinfo named it. In memory: after a restart, every upstream
-    /// is tried in priority order, so URLs Nix cached for 30 days stay resolvable (doc §2.5).
-    pub routes: moka::future::Cache<String, usize>,
+    /// NAR key → upstream whose narinfo named it, and what the file must be. In memory: after
+    /// a restart, every upstream is tried in priority order, so URLs Nix cached for 30 days
+    /// stay resolvable (doc §2.5).
+    pub routes: moka::future::Cache<String, Route>,
+    /// The disk cache, when `cache-dir` is set.
+    pub disk: Option<Arc<DiskCache>>,
     cache_info: String,
 }
 
+/// Where a NAR key came from.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The upstream whose narinfo named it (None: the narinfo came from the disk cache).
+    pub upstream: Option<usize>,
+    pub expect: Expect,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error("disk cache {}: {error}", dir.display())]
+    Disk {
+        dir: std::path::PathBuf,
+        error: std::io::Error,
+    },
+}
+
 impl State {
-    pub fn new(settings: Settings) -> Result<Arc<Self>, reqwest::Error> {
+    pub fn new(settings: Settings) -> Result<Arc<Self>, StateError> {
         crate::install_crypto_provider();
         let upstreams = settings
             .upstreams
@@ -36,7 +60,19 @@ impl State {
             "StoreDir: {}\nWantMassQuery: 1\nPriority: {}\n",
             settings.store_dir, settings.priority
         );
+        let disk = match &settings.disk {
+            Some(d) => Some(Arc::new(
+                DiskCache::open(&d.dir, d.max_bytes, d.max_age).map_err(|error| {
+                    StateError::Disk {
+                        dir: d.dir.clone(),
+                        error,
+                    }
+                })?,
+            )),
+            None => None,
+        };
         Ok(Arc::new(State {
+            disk,
             answers: answer_cache(settings.positive_ttl, settings.negative_ttl),
             routes: moka::future::Cache::builder()
                 .max_capacity(1_000_000)
@@ -100,12 +136,20 @@ async fn handle(
         Request::Metrics => text(
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            render(&state.metrics, &state.views()),
+            render(
+                &state.metrics,
+                &state.views(),
+                state.disk.as_deref().map(|d| (&d.metrics, d.usage())),
+            ),
         ),
         Request::Status => text(
             StatusCode::OK,
             "text/plain; charset=utf-8",
-            render_status(&state.metrics, &state.views()),
+            render_status(
+                &state.metrics,
+                &state.views(),
+                state.disk.as_deref().map(|d| (&d.metrics, d.usage())),
+            ),
         ),
         Request::NarInfo(hash) => {
             let r = small(&state, Key::NarInfo(hash), "text/x-nix-narinfo").await;

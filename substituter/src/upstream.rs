@@ -87,15 +87,9 @@ fn is_missing(status: u16) -> bool {
 }
 
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    // Only the delta-seconds form; an HTTP date is rare from caches and needs a date parser.
-    headers
-        .get(reqwest::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .map(Duration::from_secs)
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    // A zero delay (or a date already past) says nothing about the upstream's health.
+    crate::retry_after::parse(v, std::time::SystemTime::now()).filter(|d| !d.is_zero())
 }
 
 fn classify_reqwest(e: &reqwest::Error) -> FetchError {

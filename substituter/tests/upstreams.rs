@@ -157,14 +157,15 @@ async fn at_the_deadline_a_lower_priority_hit_is_served() {
 async fn a_refused_first_upstream_costs_little() {
     let b = mock(Duration::ZERO, hit("b")).await;
     // Port 1 on loopback refuses at once.
-    let f = ferry(&["http://127.0.0.1:1", &b.url], |c| c.head_start_ms = 250).await;
+    // A long head start, so that waiting for it would be unmistakable even on a loaded machine.
+    let f = ferry(&["http://127.0.0.1:1", &b.url], |c| c.head_start_ms = 3000).await;
     let t = Instant::now();
     let (code, body) = get(&format!("{f}/{H}.narinfo")).await;
     assert_eq!(code, 200);
     assert!(body.contains("nar/b.nar"));
     // The next upstream starts as soon as the first fails, not after the head start.
     assert!(
-        t.elapsed() < Duration::from_millis(200),
+        t.elapsed() < Duration::from_millis(1500),
         "{:?}",
         t.elapsed()
     );
@@ -202,6 +203,39 @@ async fn retry_after_opens_the_breaker_and_errors_are_not_negative_cached() {
     assert!(
         m.contains("ferry_substituter_negative_cache_hits_total 0\n"),
         "{m}"
+    );
+}
+
+#[tokio::test]
+async fn retry_after_as_an_http_date_opens_the_breaker() {
+    let a = mock(
+        Duration::ZERO,
+        Arc::new(|_, _, _| {
+            let mut r = status(503, "slow down");
+            r.headers_mut().insert(
+                "retry-after",
+                "Fri, 01 Jan 2100 00:00:00 GMT".parse().expect("header"),
+            );
+            r
+        }),
+    )
+    .await;
+    let b = mock(Duration::ZERO, hit("b")).await;
+    let f = ferry(&[&a.url, &b.url], |c| {
+        // One failure alone must not open it: only Retry-After does.
+        c.upstream[0].breaker_failures = 10;
+        c.positive_ttl_secs = 0;
+    })
+    .await;
+    for _ in 0..3 {
+        let (code, body) = get(&format!("{f}/{H}.narinfo")).await;
+        assert_eq!(code, 200);
+        assert!(body.contains("nar/b.nar"), "{body}");
+    }
+    assert_eq!(
+        a.hits.load(Ordering::SeqCst),
+        1,
+        "asked again while told to wait"
     );
 }
 

@@ -1,0 +1,350 @@
+//! The disk cache in-process, against programmable HTTP upstreams: NARs and narinfos served
+//! from disk with the upstream down (also after a restart, from the rebuilt index), `Range` on
+//! disk hits, quota eviction by last use, and the rule that only a complete, verified stream
+//! becomes an entry (cut streams, wrong hashes, crashes leave nothing).
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Response, StatusCode, Uri};
+use bytes::Bytes;
+use ferry_nix::hash::Hash;
+use ferry_substituter::config::{Overrides, SubstituterConfig, UpstreamConfig};
+use ferry_substituter::disk::nar_entry;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const H: &str = "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig";
+
+fn data(len: usize, seed: u32) -> Arc<Vec<u8>> {
+    Arc::new(
+        (0..len as u32)
+            .map(|i| (i.wrapping_mul(31).wrapping_add(seed) % 251) as u8)
+            .collect(),
+    )
+}
+
+fn narinfo(hash: &str, key: &str, nar: &[u8]) -> String {
+    format!(
+        "StorePath: /nix/store/{hash}-hello\nURL: {key}\nCompression: none\nNarHash: {}\nNarSize: {}\nReferences: \n",
+        Hash::sha256_of(nar).to_nix32_prefixed(),
+        nar.len()
+    )
+}
+
+fn status(code: u16, body: impl Into<Body>) -> Response<Body> {
+    let mut r = Response::new(body.into());
+    *r.status_mut() = StatusCode::from_u16(code).expect("status");
+    r
+}
+
+/// An upstream serving `files` (path → bytes; NARs in 64 KiB chunks `chunk_delay` apart), or
+/// 500 to everything while `down`.
+struct Upstream {
+    url: String,
+    hits: Arc<AtomicUsize>,
+    down: Arc<AtomicBool>,
+}
+
+async fn upstream(files: Vec<(String, Arc<Vec<u8>>)>, chunk_delay: Duration) -> Upstream {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let down = Arc::new(AtomicBool::new(false));
+    let (h, d) = (Arc::clone(&hits), Arc::clone(&down));
+    let files = Arc::new(files);
+    let app = axum::Router::new().fallback(move |uri: Uri, _: HeaderMap| {
+        h.fetch_add(1, Ordering::SeqCst);
+        let down = d.load(Ordering::SeqCst);
+        let files = Arc::clone(&files);
+        async move {
+            if down {
+                return status(500, "down");
+            }
+            let Some((_, body)) = files.iter().find(|(p, _)| *p == uri.path()) else {
+                return status(404, "");
+            };
+            let len = body.len();
+            let chunks: Vec<Bytes> = body.chunks(64 * 1024).map(Bytes::copy_from_slice).collect();
+            let stream =
+                futures_util::stream::unfold(chunks.into_iter(), move |mut it| async move {
+                    let c = it.next()?;
+                    tokio::time::sleep(chunk_delay).await;
+                    Some((Ok::<_, std::io::Error>(c), it))
+                });
+            let mut r = status(200, Body::from_stream(stream));
+            r.headers_mut()
+                .insert("content-length", len.to_string().parse().expect("header"));
+            r
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", l.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(l, app).await });
+    Upstream { url, hits, down }
+}
+
+/// Starts Ferry with one upstream and a disk cache in `dir`; returns its base URL.
+async fn ferry(up: &str, dir: &Path, max_size: u64) -> String {
+    ferry_substituter::install_crypto_provider();
+    let c = SubstituterConfig {
+        upstream: vec![UpstreamConfig::new(up)],
+        cache_dir: Some(dir.to_owned()),
+        cache_max_size: ferry_substituter::config::ByteSize(max_size),
+        ..SubstituterConfig::default()
+    };
+    let s = c
+        .resolve(&Overrides::default(), |_| Ok(None))
+        .expect("settings");
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", l.local_addr().expect("addr"));
+    tokio::spawn(ferry_substituter::run(s, l, std::future::pending()));
+    url
+}
+
+async fn get(url: &str) -> (u16, Bytes) {
+    let r = reqwest::get(url).await.expect("request to Ferry");
+    let code = r.status().as_u16();
+    (code, r.bytes().await.expect("whole body"))
+}
+
+async fn metric(ferry: &str, name: &str) -> f64 {
+    let (_, m) = get(&format!("{ferry}/metrics")).await;
+    let m = String::from_utf8_lossy(&m).into_owned();
+    m.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{m}"))
+}
+
+/// Waits until `name` reaches `want` (disk commits finish just after the last byte is sent).
+async fn wait_metric(ferry: &str, name: &str, want: f64) {
+    let t = Instant::now();
+    loop {
+        let v = metric(ferry, name).await;
+        if v >= want {
+            assert_eq!(v, want, "{name}");
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "{name} stayed at {v}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn served_from_disk_with_the_upstream_down_and_after_a_restart() {
+    let nar = data(3_000_000, 1);
+    let info = narinfo(H, "nar/x.nar", &nar);
+    let up = upstream(
+        vec![
+            (format!("/{H}.narinfo"), Arc::new(info.clone().into_bytes())),
+            ("/nar/x.nar".into(), Arc::clone(&nar)),
+        ],
+        Duration::ZERO,
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = ferry(&up.url, dir.path(), 1 << 30).await;
+
+    assert_eq!(
+        get(&format!("{f}/{H}.narinfo")).await,
+        (200, Bytes::from(info.clone()))
+    );
+    let (code, body) = get(&format!("{f}/nar/x.nar")).await;
+    assert_eq!(code, 200);
+    assert!(body[..] == nar[..]);
+    wait_metric(&f, "ferry_substituter_disk_nar_stored_total", 1.0).await;
+    assert_eq!(
+        std::fs::read(dir.path().join(nar_entry("nar/x.nar"))).expect("entry")[..],
+        nar[..]
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join(format!("narinfo/{H}.narinfo"))).expect("narinfo"),
+        info
+    );
+    assert!(files_in(&dir.path().join("tmp")).is_empty());
+
+    // The upstream goes down: the NAR comes from disk, with ranges, and nobody asks upstream.
+    up.down.store(true, Ordering::SeqCst);
+    let hits = up.hits.load(Ordering::SeqCst);
+    let (code, body) = get(&format!("{f}/nar/x.nar")).await;
+    assert_eq!(code, 200);
+    assert!(body[..] == nar[..], "disk hit differs");
+    let r = reqwest::Client::new()
+        .get(format!("{f}/nar/x.nar"))
+        .header("range", "bytes=2999000-")
+        .send()
+        .await
+        .expect("range");
+    assert_eq!(r.status().as_u16(), 206);
+    assert_eq!(
+        r.headers().get("content-range").map(|v| v.as_bytes()),
+        Some(&b"bytes 2999000-2999999/3000000"[..])
+    );
+    assert_eq!(r.bytes().await.expect("body")[..], nar[2_999_000..]);
+    let r = reqwest::Client::new()
+        .head(format!("{f}/nar/x.nar"))
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(
+        r.headers().get("content-length").map(|v| v.as_bytes()),
+        Some(&b"3000000"[..])
+    );
+    assert_eq!(
+        metric(&f, "ferry_substituter_disk_nar_hits_total").await,
+        3.0
+    );
+    assert_eq!(
+        up.hits.load(Ordering::SeqCst),
+        hits,
+        "the upstream was asked"
+    );
+
+    // A new instance on the same directory (the index rebuilt from the files) serves the
+    // narinfo and the NAR with the upstream still down.
+    let g = ferry(&up.url, dir.path(), 1 << 30).await;
+    assert_eq!(
+        get(&format!("{g}/{H}.narinfo")).await,
+        (200, Bytes::from(info))
+    );
+    let (code, body) = get(&format!("{g}/nar/x.nar")).await;
+    assert_eq!(code, 200);
+    assert!(body[..] == nar[..]);
+    assert_eq!(
+        metric(&g, "ferry_substituter_disk_narinfo_hits_total").await,
+        1.0
+    );
+    assert_eq!(
+        up.hits.load(Ordering::SeqCst),
+        hits,
+        "the upstream was asked"
+    );
+    assert_eq!(metric(&g, "ferry_substituter_disk_entries").await, 2.0);
+}
+
+#[tokio::test]
+async fn a_nar_whose_hash_differs_from_the_narinfo_is_not_kept() {
+    let nar = data(500_000, 2);
+    let other = data(500_000, 3);
+    // The narinfo announces `other`'s hash with the same size.
+    let info = narinfo(H, "nar/y.nar", &other);
+    let up = upstream(
+        vec![
+            (format!("/{H}.narinfo"), Arc::new(info.into_bytes())),
+            ("/nar/y.nar".into(), Arc::clone(&nar)),
+        ],
+        Duration::ZERO,
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = ferry(&up.url, dir.path(), 1 << 30).await;
+    assert_eq!(get(&format!("{f}/{H}.narinfo")).await.0, 200);
+    // Ferry passes the bytes on (Nix checks NarHash itself) but does not keep them.
+    assert_eq!(get(&format!("{f}/nar/y.nar")).await.0, 200);
+    wait_metric(&f, "ferry_substituter_disk_nar_discarded_total", 1.0).await;
+    assert!(files_in(&dir.path().join("nar")).is_empty());
+    assert!(files_in(&dir.path().join("tmp")).is_empty());
+}
+
+#[tokio::test]
+async fn quota_evicts_the_least_recently_used_nar() {
+    let (a, b, c) = (data(1_000_000, 4), data(1_000_000, 5), data(1_000_000, 6));
+    let up = upstream(
+        vec![
+            ("/nar/a.nar".into(), Arc::clone(&a)),
+            ("/nar/b.nar".into(), Arc::clone(&b)),
+            ("/nar/c.nar".into(), Arc::clone(&c)),
+        ],
+        Duration::ZERO,
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = ferry(&up.url, dir.path(), 2_500_000).await;
+    assert_eq!(get(&format!("{f}/nar/a.nar")).await.0, 200);
+    wait_metric(&f, "ferry_substituter_disk_nar_stored_total", 1.0).await;
+    assert_eq!(get(&format!("{f}/nar/b.nar")).await.0, 200);
+    wait_metric(&f, "ferry_substituter_disk_nar_stored_total", 2.0).await;
+    // `a` is used again (from disk), so `b` is now the least recently used.
+    let (code, body) = get(&format!("{f}/nar/a.nar")).await;
+    assert_eq!((code, &body[..]), (200, &a[..]));
+    assert_eq!(
+        metric(&f, "ferry_substituter_disk_nar_hits_total").await,
+        1.0
+    );
+    assert_eq!(get(&format!("{f}/nar/c.nar")).await.0, 200);
+    wait_metric(&f, "ferry_substituter_disk_nar_stored_total", 3.0).await;
+
+    assert!(dir.path().join(nar_entry("nar/a.nar")).exists());
+    assert!(!dir.path().join(nar_entry("nar/b.nar")).exists(), "b kept");
+    assert!(dir.path().join(nar_entry("nar/c.nar")).exists());
+    assert_eq!(
+        metric(&f, "ferry_substituter_disk_evictions_total").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&f, "ferry_substituter_disk_bytes").await,
+        2_000_000.0
+    );
+    // `b` comes from the upstream again.
+    let hits = up.hits.load(Ordering::SeqCst);
+    let (code, body) = get(&format!("{f}/nar/b.nar")).await;
+    assert_eq!((code, &body[..]), (200, &b[..]));
+    assert_eq!(up.hits.load(Ordering::SeqCst), hits + 1);
+}
+
+#[tokio::test]
+async fn a_cut_stream_leaves_no_entry_and_start_up_clears_leftovers() {
+    // 4 MiB in 64 KiB chunks, 20 ms apart: about 1.3 s to stream.
+    let nar = data(4 << 20, 7);
+    let up = upstream(
+        vec![("/nar/slow.nar".into(), Arc::clone(&nar))],
+        Duration::from_millis(20),
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = ferry(&up.url, dir.path(), 1 << 30).await;
+    let mut r = reqwest::get(format!("{f}/nar/slow.nar"))
+        .await
+        .expect("get");
+    let mut got = 0;
+    while got < 200_000 {
+        got += r.chunk().await.expect("chunk").expect("more").len();
+    }
+    // Mid-stream, a temp file exists and no entry.
+    assert_eq!(files_in(&dir.path().join("tmp")).len(), 1);
+    drop(r);
+    wait_metric(&f, "ferry_substituter_disk_nar_discarded_total", 1.0).await;
+    assert!(
+        files_in(&dir.path().join("tmp")).is_empty(),
+        "temp file left"
+    );
+    assert!(
+        files_in(&dir.path().join("nar")).is_empty(),
+        "partial NAR kept"
+    );
+    assert_eq!(
+        metric(&f, "ferry_substituter_disk_nar_stored_total").await,
+        0.0
+    );
+
+    // What a killed process would leave behind is removed when the next one starts.
+    std::fs::write(dir.path().join("tmp/123-0"), b"half a NAR").expect("leftover");
+    let g = ferry(&up.url, dir.path(), 1 << 30).await;
+    assert_eq!(get(&format!("{g}/nix-cache-info")).await.0, 200);
+    assert!(files_in(&dir.path().join("tmp")).is_empty());
+}
