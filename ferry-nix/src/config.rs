@@ -59,8 +59,12 @@ pub fn parse_section<T: DeserializeOwned + Default>(
         line,
         message,
     };
-    let de = toml::de::Deserializer::parse(text)
-        .map_err(|e| invalid(e.span().map(|s| line_of(text, s.start)), e.message().to_owned()))?;
+    let de = toml::de::Deserializer::parse(text).map_err(|e| {
+        invalid(
+            e.span().map(|s| line_of(text, s.start)),
+            e.message().to_owned(),
+        )
+    })?;
     // Walk the top-level table with toml's own deserializer, so errors inside the section
     // carry spans within the real file.
     let unknown = std::cell::Cell::new(None);
@@ -194,9 +198,17 @@ anything = \"for the substituter to check\"
     fn unknown_section_and_syntax_errors_name_the_line() {
         let e = parse_section::<Hook>("\n[buildhook]\n", Path::new("f.toml"), "build-hook")
             .unwrap_err();
-        assert!(e.to_string().starts_with("f.toml line 2: unknown section 'buildhook'"), "{e}");
-        let e = parse_section::<Hook>("[build-hook]\nprobe-timeout-ms = \n", Path::new("f.toml"), "build-hook")
-            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("f.toml line 2: unknown section 'buildhook'"),
+            "{e}"
+        );
+        let e = parse_section::<Hook>(
+            "[build-hook]\nprobe-timeout-ms = \n",
+            Path::new("f.toml"),
+            "build-hook",
+        )
+        .unwrap_err();
         assert!(e.to_string().starts_with("f.toml line 2:"), "{e}");
     }
 }

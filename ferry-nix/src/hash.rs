@@ -254,7 +254,10 @@ impl Hash {
         } else if rest.len() == nix32_len(size) {
             nix32_decode(rest, size).map_err(|e| match e {
                 HashError::BadChar {
-                    encoding, ch, offset, ..
+                    encoding,
+                    ch,
+                    offset,
+                    ..
                 } => HashError::BadChar {
                     input: whole.to_owned(),
                     encoding,
@@ -386,7 +389,10 @@ mod tests {
             h.to_base16(),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
-        assert_eq!(h.to_sri(), "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=");
+        assert_eq!(
+            h.to_sri(),
+            "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
+        );
     }
 
     #[test]
@@ -408,7 +414,10 @@ mod tests {
     fn nix32_round_trips_all_sizes() {
         for n in [1usize, 5, 16, 20, 32, 64] {
             let bytes: Vec<u8> = (0..n).map(|i| (i * 37 + 11) as u8).collect();
-            assert_eq!(nix32_decode(&nix32_encode(&bytes), n).expect("decode"), bytes);
+            assert_eq!(
+                nix32_decode(&nix32_encode(&bytes), n).expect("decode"),
+                bytes
+            );
         }
     }
 
@@ -429,7 +438,14 @@ mod tests {
         bad.replace_range(10..11, "e");
         let e = Hash::parse_any_prefixed(&bad).unwrap_err();
         assert!(
-            matches!(e, HashError::BadChar { ch: 'e', offset: 10, .. }),
+            matches!(
+                e,
+                HashError::BadChar {
+                    ch: 'e',
+                    offset: 10,
+                    ..
+                }
+            ),
             "{e:?}"
         );
 

@@ -18,7 +18,9 @@ pub enum StorePathError {
     BadStoreDir(String),
     #[error("path '{path}' is not in the store directory '{store_dir}'")]
     NotInStore { path: String, store_dir: String },
-    #[error("store path '{0}' has a '/' after its name (a path inside a store object, not a store path)")]
+    #[error(
+        "store path '{0}' has a '/' after its name (a path inside a store object, not a store path)"
+    )]
     SubPath(String),
     #[error("store path base name '{0}' is too short: need 32 hash characters, '-' and a name")]
     TooShort(String),
@@ -29,7 +31,11 @@ pub enum StorePathError {
     #[error("store path name in '{path}' is {len} bytes long, the limit is {MAX_NAME_LEN}")]
     NameTooLong { path: String, len: usize },
     #[error("store path name in '{path}' has the forbidden character {ch:?} at offset {offset}")]
-    BadNameChar { path: String, ch: char, offset: usize },
+    BadNameChar {
+        path: String,
+        ch: char,
+        offset: usize,
+    },
     #[error("store path name in '{0}' must not be '.', '..' or start with '.-' or '..-'")]
     DotName(String),
 }

@@ -23,7 +23,12 @@ fn every_encoding_matches_nix() {
         assert_eq!(h.to_base64(), b64, "{input}");
         assert_eq!(h.to_sri(), sri, "{input}");
         let name = algo.name();
-        for form in [format!("{name}:{b16}"), format!("{name}:{b32}"), format!("{name}:{b64}"), sri.to_owned()] {
+        for form in [
+            format!("{name}:{b16}"),
+            format!("{name}:{b32}"),
+            format!("{name}:{b64}"),
+            sri.to_owned(),
+        ] {
             assert_eq!(Hash::parse_any_prefixed(&form).expect(&form), h, "{form}");
         }
         for bare in [b16, b32, b64] {

@@ -755,13 +755,17 @@ pub fn ferry_bin(name: &str) -> PathBuf {
 pub fn wait_listening(host: &Host, port: u16) -> Result<()> {
     let netns = host.netns.clone();
     let sport = format!(":{port}");
-    wait_until(&format!("{} to listen on {port}", host.role), Duration::from_secs(10), || {
-        Command::new("ip")
-            .args(["netns", "exec", &netns, "ss", "-Hltn", "sport", "=", &sport])
-            .output()
-            .map(|o| !o.stdout.is_empty())
-            .unwrap_or(false)
-    })
+    wait_until(
+        &format!("{} to listen on {port}", host.role),
+        Duration::from_secs(10),
+        || {
+            Command::new("ip")
+                .args(["netns", "exec", &netns, "ss", "-Hltn", "sport", "=", &sport])
+                .output()
+                .map(|o| !o.stdout.is_empty())
+                .unwrap_or(false)
+        },
+    )
 }
 
 /// Starts a real nginx on `host` serving `www` on `host.addr:port` (a binary cache as users

@@ -61,7 +61,10 @@ fn chain_closure_builds_remotely(hook: Hook) {
     q.args(["-q", "--deriver", top]);
     let drv = stdout_of(q, "nix-store -q --deriver");
     assert!(drv.ends_with(".drv"), "{drv}");
-    assert!(!fleet.builders[0].has_store_path(&drv), "{hook:?}: {drv} was copied to b0");
+    assert!(
+        !fleet.builders[0].has_store_path(&drv),
+        "{hook:?}: {drv} was copied to b0"
+    );
 
     // References recorded on the client, and the closure is complete there.
     let mut q = fleet.client_command("nix-store");
@@ -409,18 +412,30 @@ fn bench_ten_derivations_on_two_builders() {
 /// `builders` narrowed to the non-ssh machines) when no `ssh://` builder can take it.
 fn ssh_ng_builder_builds(hook: Hook) {
     let fleet = fleet(hook, 1, 1);
-    let line = fleet.machine_line(0).expect("line").replacen("ssh://", "ssh-ng://", 1);
-    std::fs::write(fleet.client.dir.join("etc-nix/machines"), format!("{line}\n"))
-        .expect("machines");
+    let line = fleet
+        .machine_line(0)
+        .expect("line")
+        .replacen("ssh://", "ssh-ng://", 1);
+    std::fs::write(
+        fleet.client.dir.join("etc-nix/machines"),
+        format!("{line}\n"),
+    )
+    .expect("machines");
     let out = fleet.nix_build(&chain_drv(&nonce()), &["-j0", "-v"]);
     check(&out, &format!("{hook:?}: ssh-ng build"))
         .unwrap_or_else(|e| panic!("{e}\ndaemon log:\n{}", fleet.daemon_log()));
     let top = &out_paths(&out)[0];
-    assert!(fleet.builders[0].has_store_path(top), "{hook:?}: {top} not built on b0");
+    assert!(
+        fleet.builders[0].has_store_path(top),
+        "{hook:?}: {top} not built on b0"
+    );
     assert!(fleet.client.has_store_path(top));
     if hook == Hook::Ferry {
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("handing it to the stock hook"), "not through Ferry:\n{err}");
+        assert!(
+            err.contains("handing it to the stock hook"),
+            "not through Ferry:\n{err}"
+        );
     }
 }
 
@@ -448,7 +463,10 @@ fn stock_hook_only_when_no_ssh_builder_can_build() {
         daemon_env: vec![("FERRY_CONFIG".to_owned(), config.display().to_string())],
     })
     .expect("fleet");
-    let ng = fleet.machine_line(0).expect("line").replacen("ssh://", "ssh-ng://", 1);
+    let ng = fleet
+        .machine_line(0)
+        .expect("line")
+        .replacen("ssh://", "ssh-ng://", 1);
     let plain = fleet.machine_line(1).expect("line");
     let machines = fleet.client.dir.join("etc-nix/machines");
     std::fs::write(&machines, format!("{ng}\n{plain}\n")).expect("machines");
@@ -456,13 +474,22 @@ fn stock_hook_only_when_no_ssh_builder_can_build() {
         let out = fleet.nix_build(&trivial_drv(&format!("{}-{k}", nonce()), "m"), &["-j0"]);
         check(&out, "mixed builders").unwrap_or_else(|e| panic!("{e}\n{}", fleet.daemon_log()));
         let p = &out_paths(&out)[0];
-        assert!(fleet.builders[1].has_store_path(p), "not built on the ssh:// builder");
-        assert!(!fleet.builders[0].has_store_path(p), "built on the ssh-ng:// builder");
+        assert!(
+            fleet.builders[1].has_store_path(p),
+            "not built on the ssh:// builder"
+        );
+        assert!(
+            !fleet.builders[0].has_store_path(p),
+            "built on the ssh-ng:// builder"
+        );
     }
 
     std::fs::write(&machines, format!("{ng}\n")).expect("machines");
-    std::fs::write(&config, "[build-hook]\nstock-hook = \"/nonexistent/build-remote\"\n")
-        .expect("config");
+    std::fs::write(
+        &config,
+        "[build-hook]\nstock-hook = \"/nonexistent/build-remote\"\n",
+    )
+    .expect("config");
     let out = fleet.nix_build(&trivial_drv(&nonce(), "n"), &["-j0"]);
     assert!(!out.status.success(), "built without a stock hook");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -480,13 +507,21 @@ fn builder_without_nix_is_named() {
     let line = fleet.machine_line(0).expect("line");
     let mut f: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
     f[0].push_str("?remote-program=/nonexistent/nix-store");
-    std::fs::write(fleet.client.dir.join("etc-nix/machines"), f.join(" ") + "\n")
-        .expect("machines");
+    std::fs::write(
+        fleet.client.dir.join("etc-nix/machines"),
+        f.join(" ") + "\n",
+    )
+    .expect("machines");
     let out = fleet.nix_build(&trivial_drv(&nonce(), "nonix"), &["-j0"]);
     assert!(!out.status.success(), "built on a builder without Nix");
     let err = String::from_utf8_lossy(&out.stderr);
     let b0 = &fleet.builders[0].addr;
-    assert!(err.contains(&format!("ssh://root@{b0}?remote-program=/nonexistent/nix-store")), "{err}");
+    assert!(
+        err.contains(&format!(
+            "ssh://root@{b0}?remote-program=/nonexistent/nix-store"
+        )),
+        "{err}"
+    );
     assert!(
         err.contains("the remote command /nonexistent/nix-store was not found"),
         "{err}"
@@ -525,15 +560,25 @@ fn bench_closure_copy_256_mib() {
             let out = fleet.nix_build(&expr, &["-j0"]);
             let dt = t.elapsed().as_secs_f64();
             check(&out, "bench build").unwrap_or_else(|e| panic!("{hook:?}: {e}"));
-            assert!(fleet.builders[0].has_store_path(&input), "{hook:?}: input not copied");
+            assert!(
+                fleet.builders[0].has_store_path(&input),
+                "{hook:?}: input not copied"
+            );
             assert!(fleet.builders[0].has_store_path(&out_paths(&out)[0]));
-            println!("round {round} {hook:?}: {dt:.3} s, {:.0} MiB/s", MIB as f64 / dt);
+            println!(
+                "round {round} {hook:?}: {dt:.3} s, {:.0} MiB/s",
+                MIB as f64 / dt
+            );
             times.push((hook, dt));
             let _ = std::fs::remove_file(&file);
         }
     }
     let mean = |h: Hook| {
-        let v: Vec<f64> = times.iter().filter(|(x, _)| *x == h).map(|(_, t)| *t).collect();
+        let v: Vec<f64> = times
+            .iter()
+            .filter(|(x, _)| *x == h)
+            .map(|(_, t)| *t)
+            .collect();
         v.iter().sum::<f64>() / v.len() as f64
     };
     let (s, f) = (mean(Hook::Stock), mean(Hook::Ferry));

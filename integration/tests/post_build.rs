@@ -190,7 +190,9 @@ fn s3_target_with_sigv4_on_moto_and_substitution_by_nix() {
             std::env::var_os("CI").is_none(),
             "moto is not installed (dev/setup installs it in /opt/ferry-venv); CI must run this test"
         );
-        eprintln!("SKIPPED s3_target_with_sigv4_on_moto_and_substitution_by_nix: moto[server] not installed (run dev/setup)");
+        eprintln!(
+            "SKIPPED s3_target_with_sigv4_on_moto_and_substitution_by_nix: moto[server] not installed (run dev/setup)"
+        );
         return;
     };
     let ferry = Ferry::new();
@@ -219,17 +221,27 @@ fn s3_target_with_sigv4_on_moto_and_substitution_by_nix() {
 
     // Wrong secret: moto refuses every signature; nothing leaves the queue.
     let up = Uploader(ferry.start_uploader(&fleet));
-    wait_for("the file:// target (the S3 one is refused)", Duration::from_secs(30), || {
-        missing_narinfos(&ferry.file_cache, &expected).is_empty()
-    });
-    wait_for("SignatureDoesNotMatch in the status", Duration::from_secs(20), || {
-        ferry.status(&fleet).contains("(SignatureDoesNotMatch)")
-    });
+    wait_for(
+        "the file:// target (the S3 one is refused)",
+        Duration::from_secs(30),
+        || missing_narinfos(&ferry.file_cache, &expected).is_empty(),
+    );
+    wait_for(
+        "SignatureDoesNotMatch in the status",
+        Duration::from_secs(20),
+        || ferry.status(&fleet).contains("(SignatureDoesNotMatch)"),
+    );
     let status = ferry.status(&fleet);
-    assert!(!status.contains("queued jobs: 0 "), "jobs left the queue though S3 refused them:\n{status}");
+    assert!(
+        !status.contains("queued jobs: 0 "),
+        "jobs left the queue though S3 refused them:\n{status}"
+    );
     drop(up);
     let log = ferry.uploader_log();
-    assert!(!log.contains("not-the-secret"), "the secret was logged:\n{log}");
+    assert!(
+        !log.contains("not-the-secret"),
+        "the secret was logged:\n{log}"
+    );
 
     // The right secret: everything goes up.
     std::fs::write(&secret_file, format!("{secret}\n")).expect("secret");
@@ -239,12 +251,19 @@ fn s3_target_with_sigv4_on_moto_and_substitution_by_nix() {
     let log = ferry.uploader_log();
     assert!(!log.contains(&secret), "the secret was logged");
     let status = ferry.status(&fleet);
-    assert!(status.contains(&format!("target {s3_url}: last success")), "{status}");
+    assert!(
+        status.contains(&format!("target {s3_url}: last success")),
+        "{status}"
+    );
     let uploaded_to_s3 = log
         .lines()
         .filter(|l| l.contains(" uploaded ") && l.contains(&format!("target={s3_url} ")))
         .count();
-    assert_eq!(uploaded_to_s3, expected.len(), "paths uploaded to S3 (log):\n{log}");
+    assert_eq!(
+        uploaded_to_s3,
+        expected.len(),
+        "paths uploaded to S3 (log):\n{log}"
+    );
 
     // Nix reads the bucket over moto's HTTP interface, trusting only Ferry's key.
     moto_allow_anonymous(fleet.host("s3"), &python, &endpoint);
@@ -266,9 +285,16 @@ fn s3_target_with_sigv4_on_moto_and_substitution_by_nix() {
         assert!(client2.has_store_path(p), "{p} not substituted");
     }
     let mut v = client2.nix_command("nix");
-    v.args(["--extra-experimental-features", "nix-command", "store", "verify", "--store", &cache])
-        .args(["--trusted-public-keys", &ferry.public_key])
-        .args(&expected);
+    v.args([
+        "--extra-experimental-features",
+        "nix-command",
+        "store",
+        "verify",
+        "--store",
+        &cache,
+    ])
+    .args(["--trusted-public-keys", &ferry.public_key])
+    .args(&expected);
     run(&mut v).unwrap_or_else(|e| panic!("nix store verify of the S3 bucket: {e}"));
 }
 
@@ -292,9 +318,15 @@ fn xz_target_substitutes_with_nix() {
     assert_eq!(check_cache_dir(&xz_dir), expected.len());
     assert_eq!(check_cache_dir(&ferry.file_cache), expected.len());
     for p in &expected {
-        let xz = std::fs::read_to_string(xz_dir.join(format!("{}.narinfo", hash_part(p)))).expect("narinfo");
-        assert!(xz.contains("\nCompression: xz\n") && xz.contains(".nar.xz\n"), "{xz}");
-        let zst = std::fs::read_to_string(ferry.file_cache.join(format!("{}.narinfo", hash_part(p)))).expect("narinfo");
+        let xz = std::fs::read_to_string(xz_dir.join(format!("{}.narinfo", hash_part(p))))
+            .expect("narinfo");
+        assert!(
+            xz.contains("\nCompression: xz\n") && xz.contains(".nar.xz\n"),
+            "{xz}"
+        );
+        let zst =
+            std::fs::read_to_string(ferry.file_cache.join(format!("{}.narinfo", hash_part(p))))
+                .expect("narinfo");
         assert!(zst.contains("\nCompression: zstd\n"), "{zst}");
     }
 
@@ -578,14 +610,23 @@ fn parse_journal_entry(mut b: &[u8]) -> Entry {
     while let Some(nl) = b.iter().position(|&c| c == b'\n') {
         let line = &b[..nl];
         if let Some(eq) = line.iter().position(|&c| c == b'=') {
-            fields.push((String::from_utf8_lossy(&line[..eq]).into_owned(), String::from_utf8_lossy(&line[eq + 1..]).into_owned()));
+            fields.push((
+                String::from_utf8_lossy(&line[..eq]).into_owned(),
+                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+            ));
             b = &b[nl + 1..];
         } else {
             let rest = &b[nl + 1..];
             assert!(rest.len() >= 8, "truncated length field in {b:?}");
             let len = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes")) as usize;
-            assert!(rest.len() > 8 + len && rest[8 + len] == b'\n', "bad length-encoded field");
-            fields.push((String::from_utf8_lossy(line).into_owned(), String::from_utf8_lossy(&rest[8..8 + len]).into_owned()));
+            assert!(
+                rest.len() > 8 + len && rest[8 + len] == b'\n',
+                "bad length-encoded field"
+            );
+            fields.push((
+                String::from_utf8_lossy(line).into_owned(),
+                String::from_utf8_lossy(&rest[8..8 + len]).into_owned(),
+            ));
             b = &rest[8 + len + 1..];
         }
     }
@@ -598,18 +639,24 @@ fn field<'a>(e: &'a Entry, name: &str) -> Option<&'a str> {
 }
 
 fn has_message(msgs: &[Entry], text: &str) -> bool {
-    msgs.iter().any(|e| field(e, "MESSAGE").is_some_and(|m| m.contains(text)))
+    msgs.iter()
+        .any(|e| field(e, "MESSAGE").is_some_and(|m| m.contains(text)))
 }
 
 /// Runs `ferry-post-build ARGS` in a private mount namespace whose
 /// `/run/systemd/journal/socket` is `sock` (a datagram socket this test listens on), the
 /// way journald's socket looks to a service, and returns the datagrams it sent.
-fn run_with_fake_journald(args: &[&str], env: &[(&str, String)], stderr: Stdio) -> (std::process::Output, Vec<Entry>) {
+fn run_with_fake_journald(
+    args: &[&str],
+    env: &[(&str, String)],
+    stderr: Stdio,
+) -> (std::process::Output, Vec<Entry>) {
     use std::os::unix::net::UnixDatagram;
     let dir = tempfile::tempdir().expect("dir");
     let sock_path = dir.path().join("journal.sock");
     let sock = UnixDatagram::bind(&sock_path).expect("bind");
-    sock.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
     let script = "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && \
                   touch /run/systemd/journal/socket && mount --bind \"$0\" /run/systemd/journal/socket && exec \"$@\"";
     let out = Command::new("unshare")
@@ -654,26 +701,58 @@ fn hook_and_uploader_log_to_journald() {
     )
     .expect("config");
     let out_path = "/nix/store/7hmcr4m0qxnr5yb9mr37k2bw4ylp7wjc-ferry-journal-test";
-    let env = vec![("FERRY_CONFIG", conf.display().to_string()), ("OUT_PATHS", out_path.to_owned())];
+    let env = vec![
+        ("FERRY_CONFIG", conf.display().to_string()),
+        ("OUT_PATHS", out_path.to_owned()),
+    ];
     let (out, msgs) = run_with_fake_journald(&[], &env, Stdio::piped());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.stderr.is_empty(), "the hook wrote to stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "the hook wrote to stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let queued = msgs
         .iter()
         .find(|e| field(e, "MESSAGE") == Some("queued for upload"))
         .unwrap_or_else(|| panic!("no 'queued' entry in {msgs:?}"));
-    assert_eq!(field(queued, "SYSLOG_IDENTIFIER"), Some("ferry-post-build"), "{queued:?}");
+    assert_eq!(
+        field(queued, "SYSLOG_IDENTIFIER"),
+        Some("ferry-post-build"),
+        "{queued:?}"
+    );
     assert_eq!(field(queued, "FERRY_OUTS"), Some(out_path), "{queued:?}");
     assert_eq!(field(queued, "PRIORITY"), Some("5"), "{queued:?}");
-    assert!(field(queued, "FERRY_SPOOL").is_some_and(|s| !s.is_empty()), "{queued:?}");
+    assert!(
+        field(queued, "FERRY_SPOOL").is_some_and(|s| !s.is_empty()),
+        "{queued:?}"
+    );
 
     // A problem: on stderr for Nix, and in the journal as a warning.
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, format!("[post-build]\nstate-dir = \"{}\"\ngc-roots = false\n", conf.display())).expect("w");
-    let env = vec![("FERRY_CONFIG", bad.display().to_string()), ("OUT_PATHS", out_path.to_owned())];
+    std::fs::write(
+        &bad,
+        format!(
+            "[post-build]\nstate-dir = \"{}\"\ngc-roots = false\n",
+            conf.display()
+        ),
+    )
+    .expect("w");
+    let env = vec![
+        ("FERRY_CONFIG", bad.display().to_string()),
+        ("OUT_PATHS", out_path.to_owned()),
+    ];
     let (out, msgs) = run_with_fake_journald(&[], &env, Stdio::piped());
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("NOT queued"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NOT queued"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         msgs.iter().any(|e| field(e, "PRIORITY") == Some("4")
             && field(e, "FERRY_PROBLEM").is_some_and(|p| p.contains("NOT queued"))),
@@ -682,9 +761,20 @@ fn hook_and_uploader_log_to_journald() {
 
     // The uploader: --log journald puts its log there and not on stderr.
     let env = vec![("FERRY_CONFIG", conf.display().to_string())];
-    let (out, msgs) = run_with_fake_journald(&["--log", "journald", "daemon", "--drain"], &env, Stdio::piped());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(has_message(&msgs, "uploader started") && has_message(&msgs, "queue drained"), "{msgs:?}");
+    let (out, msgs) = run_with_fake_journald(
+        &["--log", "journald", "daemon", "--drain"],
+        &env,
+        Stdio::piped(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        has_message(&msgs, "uploader started") && has_message(&msgs, "queue drained"),
+        "{msgs:?}"
+    );
     assert!(!String::from_utf8_lossy(&out.stderr).contains("uploader started"));
 
     // Auto: journald when JOURNAL_STREAM names our stderr (as under systemd)…
@@ -697,9 +787,15 @@ fn hook_and_uploader_log_to_journald() {
     ];
     let (out, msgs) = run_with_fake_journald(&["daemon", "--drain"], &env, Stdio::from(f));
     assert!(out.status.success());
-    assert!(has_message(&msgs, "uploader started"), "auto did not pick journald: {msgs:?}");
+    assert!(
+        has_message(&msgs, "uploader started"),
+        "auto did not pick journald: {msgs:?}"
+    );
     // …stderr when stderr is something else (a child of a service, a terminal, a test).
-    let env = vec![("FERRY_CONFIG", conf.display().to_string()), ("JOURNAL_STREAM", "1:2".to_owned())];
+    let env = vec![
+        ("FERRY_CONFIG", conf.display().to_string()),
+        ("JOURNAL_STREAM", "1:2".to_owned()),
+    ];
     let (out, msgs) = run_with_fake_journald(&["daemon", "--drain"], &env, Stdio::piped());
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("uploader started"));

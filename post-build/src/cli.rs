@@ -11,7 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
-#[command(name = "ferry-post-build", version, about = "Queue built Nix paths durably and upload them to binary caches")]
+#[command(
+    name = "ferry-post-build",
+    version,
+    about = "Queue built Nix paths durably and upload them to binary caches"
+)]
 pub struct Cli {
     /// Configuration file (default: $FERRY_CONFIG or /etc/ferry/ferry.toml).
     #[arg(long, global = true)]
@@ -58,7 +62,9 @@ pub enum Command {
 }
 
 fn config_path(cli: &Cli) -> PathBuf {
-    cli.config.clone().unwrap_or_else(ferry_nix::config::path_from_env)
+    cli.config
+        .clone()
+        .unwrap_or_else(ferry_nix::config::path_from_env)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -91,7 +97,9 @@ pub fn stderr_is_journal(journal_stream: Option<&str>, stderr: Option<(u64, u64)
 fn stderr_dev_ino() -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt as _;
     // `/proc/self/fd/2` resolves to the open file (or pipe, or socket) itself.
-    std::fs::metadata("/proc/self/fd/2").ok().map(|m| (m.dev(), m.ino()))
+    std::fs::metadata("/proc/self/fd/2")
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// Logging for the subcommands: journald (native protocol, structured fields) when asked or
@@ -104,9 +112,16 @@ fn init_logging(to: LogTo) {
     let want_journald = match to {
         LogTo::Journald => true,
         LogTo::Stderr => false,
-        LogTo::Auto => stderr_is_journal(std::env::var("JOURNAL_STREAM").ok().as_deref(), stderr_dev_ino()),
+        LogTo::Auto => stderr_is_journal(
+            std::env::var("JOURNAL_STREAM").ok().as_deref(),
+            stderr_dev_ino(),
+        ),
     };
-    let journald = if want_journald { journald_layer() } else { None };
+    let journald = if want_journald {
+        journald_layer()
+    } else {
+        None
+    };
     if want_journald && journald.is_none() {
         eprintln!("ferry-post-build: journald is not reachable; logging to stderr");
     }
@@ -116,7 +131,11 @@ fn init_logging(to: LogTo) {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_writer(std::io::stderr)
     });
-    let _ = tracing_subscriber::registry().with(filter).with(journald).with(fmt).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(journald)
+        .with(fmt)
+        .try_init();
 }
 
 /// Hook mode logs to journald only, when it is there: the hook's stderr goes into Nix's
@@ -211,7 +230,9 @@ fn status(config: &Path, json: bool) -> Result<()> {
     let spooled = spool.pending()?.len();
     let db = settings.queue_db();
     let st = if db.exists() {
-        Queue::open(&db).with_context(|| format!("opening {}", db.display()))?.status()?
+        Queue::open(&db)
+            .with_context(|| format!("opening {}", db.display()))?
+            .status()?
     } else {
         crate::queue::QueueStatus {
             depth: 0,
@@ -228,7 +249,11 @@ fn status(config: &Path, json: bool) -> Result<()> {
         return Ok(());
     }
     writeln!(out, "spooled (not yet in the queue): {spooled}")?;
-    writeln!(out, "queued jobs: {} ({} retrying), dead letters: {}", st.depth, st.retrying, st.dead)?;
+    writeln!(
+        out,
+        "queued jobs: {} ({} retrying), dead letters: {}",
+        st.depth, st.retrying, st.dead
+    )?;
     if let Some(t) = st.oldest_enqueued_ms {
         writeln!(out, "oldest job: enqueued {}", age(Some(t)))?;
     }
@@ -240,7 +265,9 @@ fn status(config: &Path, json: bool) -> Result<()> {
             age(s.and_then(|s| s.last_ok_ms)),
             s.map(|s| s.paths_uploaded).unwrap_or(0),
             age(s.and_then(|s| s.last_error_ms)),
-            s.and_then(|s| s.last_error.as_deref()).map(|e| format!(": {e}")).unwrap_or_default()
+            s.and_then(|s| s.last_error.as_deref())
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
         )?;
     }
     Ok(())
@@ -305,11 +332,25 @@ fn check_config(config: &Path) -> Result<()> {
     println!("{}: [post-build] OK", config.display());
     println!("  state dir: {}", settings.config.state_dir.display());
     println!("  store dir: {}", settings.store_dir);
-    println!("  GC roots: {}", if settings.config.gc_roots { settings.gc_roots_dir().display().to_string() } else { "off".into() });
+    println!(
+        "  GC roots: {}",
+        if settings.config.gc_roots {
+            settings.gc_roots_dir().display().to_string()
+        } else {
+            "off".into()
+        }
+    );
     for t in &targets {
         // The access key id identifies the credentials; the secret is never shown.
-        let s3 = t.s3_access_key_id().map(|id| format!(", S3 access key id {id}")).unwrap_or_default();
-        println!("  target: {} (compression {}{s3})", t.url, t.compression.narinfo_name());
+        let s3 = t
+            .s3_access_key_id()
+            .map(|id| format!(", S3 access key id {id}"))
+            .unwrap_or_default();
+        println!(
+            "  target: {} (compression {}{s3})",
+            t.url,
+            t.compression.narinfo_name()
+        );
     }
     if settings.config.targets.is_empty() {
         println!("  warning: no targets; the hook queues but nothing uploads");

@@ -69,7 +69,9 @@ impl Default for Levels {
 impl<W: Write> Compressor<W> {
     pub fn new(c: Compression, levels: Levels, inner: W) -> io::Result<Self> {
         Ok(match c {
-            Compression::Zstd => Compressor::Zstd(zstd::stream::write::Encoder::new(inner, levels.zstd)?),
+            Compression::Zstd => {
+                Compressor::Zstd(zstd::stream::write::Encoder::new(inner, levels.zstd)?)
+            }
             Compression::Xz => Compressor::Xz(liblzma::write::XzEncoder::new(inner, levels.xz)),
             Compression::None => Compressor::None(inner),
         })
@@ -128,7 +130,8 @@ mod tests {
             (x >> 16) as u8
         }));
         for level in [0, 6] {
-            let mut c = Compressor::new(Compression::Xz, Levels { zstd: 3, xz: level }, Vec::new()).expect("new");
+            let mut c = Compressor::new(Compression::Xz, Levels { zstd: 3, xz: level }, Vec::new())
+                .expect("new");
             for chunk in data.chunks(7919) {
                 c.write_all(chunk).expect("write");
             }

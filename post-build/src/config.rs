@@ -121,13 +121,21 @@ impl Settings {
         let store = config
             .store_dir
             .clone()
-            .or_else(|| std::env::var("NIX_STORE_DIR").ok().filter(|s| !s.is_empty()))
+            .or_else(|| {
+                std::env::var("NIX_STORE_DIR")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+            })
             .unwrap_or_else(|| "/nix/store".to_owned());
         let store_dir = StoreDir::new(store.clone()).map_err(|_| SettingsError::StoreDir(store))?;
         let nix_state_dir = config
             .nix_state_dir
             .clone()
-            .or_else(|| std::env::var_os("NIX_STATE_DIR").filter(|s| !s.is_empty()).map(PathBuf::from))
+            .or_else(|| {
+                std::env::var_os("NIX_STATE_DIR")
+                    .filter(|s| !s.is_empty())
+                    .map(PathBuf::from)
+            })
             .unwrap_or_else(|| PathBuf::from("/nix/var/nix"));
         if config.concurrency == 0 {
             return Err(SettingsError::Concurrency);
@@ -213,12 +221,18 @@ mod tests {
             concurrency: 0,
             ..Default::default()
         };
-        assert!(matches!(Settings::resolve(c), Err(SettingsError::Concurrency)));
+        assert!(matches!(
+            Settings::resolve(c),
+            Err(SettingsError::Concurrency)
+        ));
         let c = PostBuildConfig {
             store_dir: Some("relative".into()),
             ..Default::default()
         };
-        assert!(matches!(Settings::resolve(c), Err(SettingsError::StoreDir(_))));
+        assert!(matches!(
+            Settings::resolve(c),
+            Err(SettingsError::StoreDir(_))
+        ));
         let s = Settings::resolve(PostBuildConfig {
             store_dir: Some("/s".into()),
             nix_state_dir: Some("/v".into()),

@@ -83,7 +83,10 @@ async fn drv_outputs(sh: &Shared, drv: &str) -> Result<Vec<String>> {
     // Not readable here (another store root): ask the local store for the file.
     let drv = sh.store_dir.parse(drv)?;
     let d = sh.store.read_derivation(&drv)?;
-    Ok(d.outputs.values().filter_map(|o| o.path.as_ref().map(|p| sh.store_dir.display(p))).collect())
+    Ok(d.outputs
+        .values()
+        .filter_map(|o| o.path.as_ref().map(|p| sh.store_dir.display(p)))
+        .collect())
 }
 
 pub struct Daemon {
@@ -107,9 +110,14 @@ fn lock_state(settings: &Settings) -> Result<std::fs::File> {
     match f.try_lock() {
         Ok(()) => Ok(f),
         Err(std::fs::TryLockError::WouldBlock) => {
-            bail!("another uploader holds {}; only one may run per state directory", path.display())
+            bail!(
+                "another uploader holds {}; only one may run per state directory",
+                path.display()
+            )
         }
-        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
     }
 }
 
@@ -128,7 +136,11 @@ pub fn make_targets(settings: &Settings) -> Result<Vec<Arc<Target>>> {
         .config
         .targets
         .iter()
-        .map(|u| Target::new(u, &opts).map(Arc::new).map_err(anyhow::Error::from))
+        .map(|u| {
+            Target::new(u, &opts)
+                .map(Arc::new)
+                .map_err(anyhow::Error::from)
+        })
         .collect()
 }
 
@@ -140,7 +152,9 @@ impl Daemon {
         }
         let keys = load_keys(&settings)?;
         if keys.is_empty() {
-            tracing::warn!("no secret-key-files: narinfos will carry only the signatures already in the store");
+            tracing::warn!(
+                "no secret-key-files: narinfos will carry only the signatures already in the store"
+            );
         }
         let targets = make_targets(&settings)?;
         for t in &settings.config.targets {
@@ -183,9 +197,11 @@ impl Daemon {
     }
 
     fn sweep_roots(&self) {
-        let stale = crate::gcroot::stale(&self.settings.gc_roots_dir(), Duration::from_secs(600), &|p| {
-            self.queue.contains(p).unwrap_or(true)
-        });
+        let stale = crate::gcroot::stale(
+            &self.settings.gc_roots_dir(),
+            Duration::from_secs(600),
+            &|p| self.queue.contains(p).unwrap_or(true),
+        );
         for r in stale {
             tracing::info!(root = %r.display(), "removing a GC root left by an interrupted run");
             let _ = std::fs::remove_file(r);
@@ -196,15 +212,24 @@ impl Daemon {
         let now = now_ms();
         for (t, r) in &results {
             let url = &self.shared.targets[*t].url;
-            self.queue.record_target(url, r.as_ref().map(|n| *n).map_err(String::as_str), now)?;
+            self.queue
+                .record_target(url, r.as_ref().map(|n| *n).map_err(String::as_str), now)?;
         }
-        let t = transition(job, &outcome, now, &self.settings.retry_policy(), crate::retry::random_unit());
+        let t = transition(
+            job,
+            &outcome,
+            now,
+            &self.settings.retry_policy(),
+            crate::retry::random_unit(),
+        );
         match &outcome {
             Outcome::Uploaded => tracing::info!(path = %job.path, "job done"),
             Outcome::Transient { error, .. } => {
                 tracing::warn!(path = %job.path, attempts = job.attempts + 1, %error, "job failed; will retry")
             }
-            Outcome::Permanent { reason } => tracing::error!(path = %job.path, %reason, "job dead-lettered"),
+            Outcome::Permanent { reason } => {
+                tracing::error!(path = %job.path, %reason, "job dead-lettered")
+            }
         }
         // The root goes before the job: killed in between, the job is still queued and its
         // next attempt finds the narinfos in place (see `upload_closure`); the other order
@@ -255,10 +280,9 @@ impl Daemon {
             }
             let free = concurrency.saturating_sub(running.len());
             if free > 0 {
-                for job in self
-                    .queue
-                    .due(now_ms(), free, &|p| running.contains(p) || p.ends_with(".drv"))?
-                {
+                for job in self.queue.due(now_ms(), free, &|p| {
+                    running.contains(p) || p.ends_with(".drv")
+                })? {
                     if job.kind == JobKind::Drv {
                         continue;
                     }

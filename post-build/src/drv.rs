@@ -7,12 +7,19 @@ use ferry_nix::derivation::{Derivation, DerivationError};
 use ferry_nix::store_path::StoreDir;
 
 /// `(output name, absolute output path)` of every output with a known path.
-pub fn outputs(text: &[u8], store_dir: &StoreDir) -> Result<Vec<(String, String)>, DerivationError> {
+pub fn outputs(
+    text: &[u8],
+    store_dir: &StoreDir,
+) -> Result<Vec<(String, String)>, DerivationError> {
     let drv = Derivation::parse(text, store_dir)?;
     Ok(drv
         .outputs
         .iter()
-        .filter_map(|(name, o)| o.path.as_ref().map(|p| (name.clone(), store_dir.display(p))))
+        .filter_map(|(name, o)| {
+            o.path
+                .as_ref()
+                .map(|p| (name.clone(), store_dir.display(p)))
+        })
         .collect())
 }
 
@@ -28,8 +35,14 @@ mod tests {
         assert_eq!(
             o,
             vec![
-                ("dev".to_owned(), "/nix/store/0aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x-dev".to_owned()),
-                ("out".to_owned(), "/nix/store/1aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x".to_owned()),
+                (
+                    "dev".to_owned(),
+                    "/nix/store/0aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x-dev".to_owned()
+                ),
+                (
+                    "out".to_owned(),
+                    "/nix/store/1aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x".to_owned()
+                ),
             ]
         );
     }
@@ -38,6 +51,9 @@ mod tests {
     fn garbage_names_the_offset() {
         let sd = StoreDir::new("/nix/store").expect("store dir");
         let e = outputs(b"Derive([(\"out\"", &sd).unwrap_err();
-        assert!(e.to_string().contains("14") || e.to_string().contains("offset"), "{e}");
+        assert!(
+            e.to_string().contains("14") || e.to_string().contains("offset"),
+            "{e}"
+        );
     }
 }

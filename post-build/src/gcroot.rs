@@ -6,14 +6,19 @@
 use std::path::{Path, PathBuf};
 
 pub fn root_path(gcroots: &Path, store_path: &str) -> Option<PathBuf> {
-    let base = store_path.rsplit('/').next().filter(|b| !b.is_empty() && *b != "." && *b != "..")?;
+    let base = store_path
+        .rsplit('/')
+        .next()
+        .filter(|b| !b.is_empty() && *b != "." && *b != "..")?;
     Some(gcroots.join(base))
 }
 
 /// Creates the root; an existing one (the same path queued twice) is fine.
 pub fn add(gcroots: &Path, store_path: &str) -> std::io::Result<()> {
     let Some(link) = root_path(gcroots, store_path) else {
-        return Err(std::io::Error::other(format!("not a store path: {store_path:?}")));
+        return Err(std::io::Error::other(format!(
+            "not a store path: {store_path:?}"
+        )));
     };
     let mk = || std::os::unix::fs::symlink(store_path, &link);
     match mk() {
@@ -42,7 +47,11 @@ pub fn remove(gcroots: &Path, store_path: &str) -> std::io::Result<()> {
 
 /// Roots older than `min_age` whose path `is_queued` says no longer waits: left behind by an
 /// uploader killed between deleting a job and removing its root.
-pub fn stale(gcroots: &Path, min_age: std::time::Duration, is_queued: &dyn Fn(&str) -> bool) -> Vec<PathBuf> {
+pub fn stale(
+    gcroots: &Path,
+    min_age: std::time::Duration,
+    is_queued: &dyn Fn(&str) -> bool,
+) -> Vec<PathBuf> {
     let Ok(rd) = std::fs::read_dir(gcroots) else {
         return Vec::new();
     };
@@ -72,10 +81,17 @@ mod tests {
         let roots = d.path().join("gcroots/ferry");
         add(&roots, "/nix/store/abc-x").expect("add");
         add(&roots, "/nix/store/abc-x").expect("add again");
-        assert_eq!(std::fs::read_link(roots.join("abc-x")).expect("link"), PathBuf::from("/nix/store/abc-x"));
+        assert_eq!(
+            std::fs::read_link(roots.join("abc-x")).expect("link"),
+            PathBuf::from("/nix/store/abc-x")
+        );
         let st = stale(&roots, std::time::Duration::ZERO, &|_| false);
         assert_eq!(st.len(), 1);
-        assert!(stale(&roots, std::time::Duration::ZERO, &|p| p == "/nix/store/abc-x").is_empty());
+        assert!(
+            stale(&roots, std::time::Duration::ZERO, &|p| p
+                == "/nix/store/abc-x")
+            .is_empty()
+        );
         remove(&roots, "/nix/store/abc-x").expect("remove");
         remove(&roots, "/nix/store/abc-x").expect("remove again");
         assert!(root_path(&roots, "/nix/store/").is_none());

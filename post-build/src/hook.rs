@@ -38,7 +38,9 @@ pub fn outputs(
             }
         },
         Err(e) => {
-            problems.push(format!("reading {drv}: {e}; the uploader will resolve its outputs"));
+            problems.push(format!(
+                "reading {drv}: {e}; the uploader will resolve its outputs"
+            ));
             Vec::new()
         }
     }
@@ -46,7 +48,12 @@ pub fn outputs(
 
 pub fn run(settings: &Settings, out_paths: &str, drv_path: Option<&str>) -> HookReport {
     let mut report = HookReport::default();
-    let outs = outputs(out_paths, drv_path, &settings.store_dir, &mut report.problems);
+    let outs = outputs(
+        out_paths,
+        drv_path,
+        &settings.store_dir,
+        &mut report.problems,
+    );
     report.record = SpoolRecord {
         drv: drv_path.filter(|d| !d.is_empty()).map(str::to_owned),
         outs,
@@ -59,20 +66,27 @@ pub fn run(settings: &Settings, out_paths: &str, drv_path: Option<&str>) -> Hook
 /// durable the path must already be safe from the collector.
 pub fn enqueue(settings: &Settings, report: &mut HookReport) {
     if report.record.drv.is_none() && report.record.outs.is_empty() {
-        report.problems.push("neither OUT_PATHS nor DRV_PATH is set: nothing to upload".into());
+        report
+            .problems
+            .push("neither OUT_PATHS nor DRV_PATH is set: nothing to upload".into());
         return;
     }
     if settings.config.gc_roots {
         let roots = settings.gc_roots_dir();
         for o in &report.record.outs {
             if let Err(e) = crate::gcroot::add(&roots, o) {
-                report.problems.push(format!("GC root for {o} in {}: {e}", roots.display()));
+                report
+                    .problems
+                    .push(format!("GC root for {o} in {}: {e}", roots.display()));
             }
         }
     }
     let spool = Spool::new(settings.spool_dir());
     match spool.write(&report.record) {
         Ok(name) => report.spool_name = Some(name),
-        Err(e) => report.problems.push(format!("{e}: {:?} NOT queued for upload", report.record.outs)),
+        Err(e) => report.problems.push(format!(
+            "{e}: {:?} NOT queued for upload",
+            report.record.outs
+        )),
     }
 }

@@ -33,7 +33,11 @@ impl JobKind {
         }
     }
     fn parse(s: &str) -> JobKind {
-        if s == "drv" { JobKind::Drv } else { JobKind::Out }
+        if s == "drv" {
+            JobKind::Drv
+        } else {
+            JobKind::Out
+        }
     }
 }
 
@@ -188,11 +192,20 @@ impl Queue {
     }
 
     /// Replaces a derivation job by jobs for its outputs, atomically.
-    pub fn resolve_drv(&mut self, drv: &str, outputs: &[String], now: i64) -> Result<(), QueueError> {
+    pub fn resolve_drv(
+        &mut self,
+        drv: &str,
+        outputs: &[String],
+        now: i64,
+    ) -> Result<(), QueueError> {
         let tx = self.conn.transaction()?;
         {
             let enq: Option<i64> = tx
-                .query_row("SELECT enqueued_at FROM jobs WHERE path = ?1", params![drv], |r| r.get(0))
+                .query_row(
+                    "SELECT enqueued_at FROM jobs WHERE path = ?1",
+                    params![drv],
+                    |r| r.get(0),
+                )
                 .optional()?;
             let at = enq.unwrap_or(now);
             let mut ins = tx.prepare_cached(
@@ -208,7 +221,12 @@ impl Queue {
     }
 
     /// Jobs due at `now`, oldest first, skipping `exclude` (those running).
-    pub fn due(&self, now: i64, limit: usize, exclude: &dyn Fn(&str) -> bool) -> Result<Vec<Job>, QueueError> {
+    pub fn due(
+        &self,
+        now: i64,
+        limit: usize,
+        exclude: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<Job>, QueueError> {
         let mut st = self.conn.prepare_cached(
             "SELECT path, kind, enqueued_at, attempts FROM jobs WHERE next_at <= ?1 ORDER BY next_at, enqueued_at, path",
         )?;
@@ -235,13 +253,16 @@ impl Queue {
 
     /// When the next job becomes due, if any.
     pub fn next_due_ms(&self) -> Result<Option<i64>, QueueError> {
-        Ok(self.conn.query_row("SELECT MIN(next_at) FROM jobs", [], |r| r.get(0))?)
+        Ok(self
+            .conn
+            .query_row("SELECT MIN(next_at) FROM jobs", [], |r| r.get(0))?)
     }
 
     pub fn apply(&mut self, job: &Job, t: &Transition, now: i64) -> Result<(), QueueError> {
         match t {
             Transition::Delete => {
-                self.conn.execute("DELETE FROM jobs WHERE path = ?1", params![job.path])?;
+                self.conn
+                    .execute("DELETE FROM jobs WHERE path = ?1", params![job.path])?;
             }
             Transition::Reschedule {
                 attempts,
@@ -269,13 +290,23 @@ impl Queue {
     pub fn contains(&self, path: &str) -> Result<bool, QueueError> {
         Ok(self
             .conn
-            .query_row("SELECT 1 FROM jobs WHERE path = ?1", params![path], |_| Ok(()))
+            .query_row("SELECT 1 FROM jobs WHERE path = ?1", params![path], |_| {
+                Ok(())
+            })
             .optional()?
             .is_some())
     }
 
-    pub fn record_target(&self, url: &str, ok: Result<u64, &str>, now: i64) -> Result<(), QueueError> {
-        self.conn.execute("INSERT OR IGNORE INTO targets(url) VALUES (?1)", params![url])?;
+    pub fn record_target(
+        &self,
+        url: &str,
+        ok: Result<u64, &str>,
+        now: i64,
+    ) -> Result<(), QueueError> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO targets(url) VALUES (?1)",
+            params![url],
+        )?;
         match ok {
             Ok(n) => self.conn.execute(
                 "UPDATE targets SET last_ok = ?2, uploaded = uploaded + ?3 WHERE url = ?1",
@@ -295,10 +326,12 @@ impl Queue {
             [],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
-        let dead: i64 = self.conn.query_row("SELECT COUNT(*) FROM dead", [], |r| r.get(0))?;
-        let mut st = self
+        let dead: i64 = self
             .conn
-            .prepare("SELECT url, last_ok, last_err_at, last_err, uploaded FROM targets ORDER BY url")?;
+            .query_row("SELECT COUNT(*) FROM dead", [], |r| r.get(0))?;
+        let mut st = self.conn.prepare(
+            "SELECT url, last_ok, last_err_at, last_err, uploaded FROM targets ORDER BY url",
+        )?;
         let targets = st
             .query_map([], |r| {
                 Ok(TargetStatus {
@@ -321,7 +354,9 @@ impl Queue {
 
     /// Dead-lettered paths with their reasons.
     pub fn dead(&self) -> Result<Vec<(String, String)>, QueueError> {
-        let mut st = self.conn.prepare("SELECT path, reason FROM dead ORDER BY path")?;
+        let mut st = self
+            .conn
+            .prepare("SELECT path, reason FROM dead ORDER BY path")?;
         let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
@@ -348,7 +383,10 @@ mod tests {
 
     #[test]
     fn transitions() {
-        assert_eq!(transition(&job(0), &Outcome::Uploaded, 5, &P, 0.5), Transition::Delete);
+        assert_eq!(
+            transition(&job(0), &Outcome::Uploaded, 5, &P, 0.5),
+            Transition::Delete
+        );
         let t = transition(
             &job(2),
             &Outcome::Transient {
@@ -376,16 +414,25 @@ mod tests {
             &P,
             0.0,
         );
-        assert_eq!(t, Transition::DeadLetter { reason: "gone".into() });
+        assert_eq!(
+            t,
+            Transition::DeadLetter {
+                reason: "gone".into()
+            }
+        );
     }
 
     #[test]
     fn dedup_reschedule_dead_and_resolve() {
         let mut q = Queue::open_in_memory().expect("open");
-        let jobs = vec![("/s/a".to_owned(), JobKind::Out), ("/s/a".to_owned(), JobKind::Out)];
+        let jobs = vec![
+            ("/s/a".to_owned(), JobKind::Out),
+            ("/s/a".to_owned(), JobKind::Out),
+        ];
         assert_eq!(q.enqueue(&jobs, 10).expect("enqueue"), 1);
         assert_eq!(q.enqueue(&jobs, 11).expect("enqueue"), 0);
-        q.enqueue(&[("/s/x.drv".to_owned(), JobKind::Drv)], 12).expect("drv");
+        q.enqueue(&[("/s/x.drv".to_owned(), JobKind::Drv)], 12)
+            .expect("drv");
         let due = q.due(20, 10, &|_| false).expect("due");
         assert_eq!(due.len(), 2);
         assert_eq!(due[0].path, "/s/a");
@@ -408,7 +455,8 @@ mod tests {
         let later = q.due(1020, 10, &|_| false).expect("due");
         assert!(later.iter().any(|j| j.path == "/s/a" && j.attempts == 1));
 
-        q.resolve_drv("/s/x.drv", &["/s/x".into(), "/s/a".into()], 30).expect("resolve");
+        q.resolve_drv("/s/x.drv", &["/s/x".into(), "/s/a".into()], 30)
+            .expect("resolve");
         assert!(!q.contains("/s/x.drv").expect("c"));
         assert!(q.contains("/s/x").expect("c"));
 
@@ -423,13 +471,24 @@ mod tests {
             enqueued_at_ms: 12,
             attempts: 0,
         };
-        q.apply(&x, &Transition::DeadLetter { reason: "gone".into() }, 40).expect("dead");
+        q.apply(
+            &x,
+            &Transition::DeadLetter {
+                reason: "gone".into(),
+            },
+            40,
+        )
+        .expect("dead");
         q.apply(&due[0], &Transition::Delete, 40).expect("delete");
         let st = q.status().expect("status");
         assert_eq!((st.depth, st.dead), (0, 1));
-        assert_eq!(q.dead().expect("dead"), vec![("/s/x".into(), "gone".into())]);
+        assert_eq!(
+            q.dead().expect("dead"),
+            vec![("/s/x".into(), "gone".into())]
+        );
         // Enqueued again (rebuilt): it leaves the dead letters.
-        q.enqueue(&[("/s/x".to_owned(), JobKind::Out)], 50).expect("again");
+        q.enqueue(&[("/s/x".to_owned(), JobKind::Out)], 50)
+            .expect("again");
         assert_eq!(q.status().expect("status").dead, 0);
     }
 
@@ -437,7 +496,8 @@ mod tests {
     fn target_status() {
         let q = Queue::open_in_memory().expect("open");
         q.record_target("file:///c", Ok(3), 5).expect("ok");
-        q.record_target("file:///c", Err("disk full"), 6).expect("err");
+        q.record_target("file:///c", Err("disk full"), 6)
+            .expect("err");
         q.record_target("file:///c", Ok(2), 7).expect("ok");
         let t = &q.status().expect("status").targets[0];
         assert_eq!(t.paths_uploaded, 5);
@@ -451,7 +511,8 @@ mod tests {
         let db = d.path().join("q.sqlite");
         {
             let mut q = Queue::open(&db).expect("open");
-            q.enqueue(&[("/s/a".to_owned(), JobKind::Out)], 1).expect("enqueue");
+            q.enqueue(&[("/s/a".to_owned(), JobKind::Out)], 1)
+                .expect("enqueue");
         }
         let q = Queue::open(&db).expect("reopen");
         assert!(q.contains("/s/a").expect("contains"));

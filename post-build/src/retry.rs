@@ -24,7 +24,11 @@ impl RetryPolicy {
             .checked_mul(1u32 << exp.min(31))
             .unwrap_or(self.max)
             .min(self.max);
-        let unit = if unit.is_finite() { unit.clamp(0.0, 1.0) } else { 0.5 };
+        let unit = if unit.is_finite() {
+            unit.clamp(0.0, 1.0)
+        } else {
+            0.5
+        };
         let jittered = base / 2 + base.mul_f64(unit / 2.0);
         match retry_after {
             Some(ra) => jittered.max(ra.min(MAX_RETRY_AFTER)),
@@ -82,8 +86,14 @@ mod tests {
     fn retry_after_is_a_floor_with_a_ceiling() {
         let ra = Some(Duration::from_secs(30));
         assert_eq!(P.delay(1, 0.0, ra), Duration::from_secs(30));
-        assert_eq!(P.delay(9, 1.0, Some(Duration::from_secs(1))), Duration::from_secs(60));
-        assert_eq!(P.delay(1, 0.0, Some(Duration::from_secs(86400 * 7))), MAX_RETRY_AFTER);
+        assert_eq!(
+            P.delay(9, 1.0, Some(Duration::from_secs(1))),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            P.delay(1, 0.0, Some(Duration::from_secs(86400 * 7))),
+            MAX_RETRY_AFTER
+        );
         assert_eq!(parse_retry_after(" 120 "), Some(Duration::from_secs(120)));
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
     }

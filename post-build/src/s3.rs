@@ -54,8 +54,18 @@ pub struct S3Location {
 impl S3Location {
     /// From the bucket and the URL's S3 parameters (`region`, `endpoint`, `scheme`,
     /// `profile`); `url` is only for messages.
-    pub fn new(url: &str, bucket: &str, params: &[(String, String)]) -> Result<S3Location, S3UrlError> {
-        let get = |k: &str| params.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    pub fn new(
+        url: &str,
+        bucket: &str,
+        params: &[(String, String)],
+    ) -> Result<S3Location, S3UrlError> {
+        let get = |k: &str| {
+            params
+                .iter()
+                .rev()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.as_str())
+        };
         if bucket.is_empty() {
             return Err(S3UrlError::NoBucket(url.to_owned()));
         }
@@ -70,7 +80,10 @@ impl S3Location {
             });
         }
         // aws-sdk-cpp's default region, which Nix 2.8 keeps (`region` defaults to us-east-1).
-        let region = get("region").filter(|r| !r.is_empty()).unwrap_or("us-east-1").to_owned();
+        let region = get("region")
+            .filter(|r| !r.is_empty())
+            .unwrap_or("us-east-1")
+            .to_owned();
         let scheme = get("scheme").filter(|s| !s.is_empty()).unwrap_or("https");
         if scheme != "http" && scheme != "https" {
             return Err(S3UrlError::BadScheme {
@@ -100,8 +113,16 @@ impl S3Location {
                 (s.to_owned(), authority.to_owned(), true)
             }
             // Bucket names with dots do not match the `*.s3…` certificate: path-style then.
-            None if bucket.contains('.') => (scheme.to_owned(), format!("s3.{region}.amazonaws.com"), true),
-            None => (scheme.to_owned(), format!("{bucket}.s3.{region}.amazonaws.com"), false),
+            None if bucket.contains('.') => (
+                scheme.to_owned(),
+                format!("s3.{region}.amazonaws.com"),
+                true,
+            ),
+            None => (
+                scheme.to_owned(),
+                format!("{bucket}.s3.{region}.amazonaws.com"),
+                false,
+            ),
         };
         // The URL parser drops a default port and hyper then sends `Host` without it: sign
         // exactly that.
@@ -152,7 +173,10 @@ impl fmt::Debug for Credentials {
         f.debug_struct("Credentials")
             .field("access_key_id", &self.access_key_id)
             .field("secret_access_key", &"<hidden>")
-            .field("session_token", &self.session_token.as_ref().map(|_| "<hidden>"))
+            .field(
+                "session_token",
+                &self.session_token.as_ref().map(|_| "<hidden>"),
+            )
             .finish()
     }
 }
@@ -204,7 +228,9 @@ fn shared_credentials_path(env: &dyn Fn(&str) -> Option<String>) -> Option<PathB
     if let Some(p) = env("AWS_SHARED_CREDENTIALS_FILE").filter(|p| !p.is_empty()) {
         return Some(PathBuf::from(p));
     }
-    env("HOME").filter(|h| !h.is_empty()).map(|h| Path::new(&h).join(".aws/credentials"))
+    env("HOME")
+        .filter(|h| !h.is_empty())
+        .map(|h| Path::new(&h).join(".aws/credentials"))
 }
 
 /// Reads `[profile]` from an AWS shared credentials file (INI: `key = value`, `#`/`;`
@@ -245,7 +271,10 @@ pub fn parse_profile(text: &str, profile: &str) -> Option<Credentials> {
 /// shared credentials file (as Nix uses aws-sdk-cpp's profile provider then); else the
 /// environment variables, then the shared file's `AWS_PROFILE` or `default` profile (the
 /// front of aws-sdk-cpp's default chain, which Nix uses without `profile=`).
-pub fn resolve_credentials(src: &CredentialSources<'_>, profile: Option<&str>) -> Result<Credentials, CredentialsError> {
+pub fn resolve_credentials(
+    src: &CredentialSources<'_>,
+    profile: Option<&str>,
+) -> Result<Credentials, CredentialsError> {
     let env = src.env;
     match (src.access_key_id_file, src.secret_access_key_file) {
         (Some(id), Some(secret)) => {
@@ -273,7 +302,9 @@ pub fn resolve_credentials(src: &CredentialSources<'_>, profile: Option<&str>) -
     if let Some(p) = profile {
         return from_file(p)?.ok_or_else(|| CredentialsError::NoProfile {
             profile: p.to_owned(),
-            path: shared.clone().unwrap_or_else(|| PathBuf::from("~/.aws/credentials")),
+            path: shared
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("~/.aws/credentials")),
         });
     }
     if let (Some(id), Some(secret)) = (
@@ -286,7 +317,9 @@ pub fn resolve_credentials(src: &CredentialSources<'_>, profile: Option<&str>) -
             session_token: env("AWS_SESSION_TOKEN").filter(|s| !s.is_empty()),
         });
     }
-    let name = env("AWS_PROFILE").filter(|p| !p.is_empty()).unwrap_or_else(|| "default".into());
+    let name = env("AWS_PROFILE")
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "default".into());
     from_file(&name)?.ok_or_else(|| {
         CredentialsError::None(
             shared
@@ -303,7 +336,9 @@ pub fn uri_encode(s: &str, encode_slash: bool) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
             b'/' if !encode_slash => out.push('/'),
             _ => out.push_str(&format!("%{b:02X}")),
         }
@@ -321,14 +356,18 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
     // HMAC accepts keys of any length; this cannot fail.
-    let mut m = <HmacSha256 as KeyInit>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    let mut m = <HmacSha256 as KeyInit>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
     m.update(data);
     m.finalize().into_bytes().to_vec()
 }
 
 /// `YYYYMMDDTHHMMSSZ` (UTC) for `x-amz-date`.
 pub fn amz_date(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let (days, rem) = (secs / 86400, secs % 86400);
     // Civil date from days since 1970-01-01 (proleptic Gregorian; "days_from_civil"
     // inverse, Howard Hinnant's chrono-compatible algorithm).
@@ -372,22 +411,41 @@ pub struct Signed {
 
 /// SigV4: canonical request → string to sign → signature. `amz_date` must equal the
 /// `x-amz-date` header.
-pub fn sign(req: &SignRequest<'_>, creds: &Credentials, amz_date: &str, region: &str, service: &str) -> Signed {
+pub fn sign(
+    req: &SignRequest<'_>,
+    creds: &Credentials,
+    amz_date: &str,
+    region: &str,
+    service: &str,
+) -> Signed {
     let mut query: Vec<(String, String)> = req
         .query
         .iter()
         .map(|(k, v)| (uri_encode(k, true), uri_encode(v, true)))
         .collect();
     query.sort();
-    let canonical_query = query.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&");
+    let canonical_query = query
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&");
     let mut headers: Vec<(String, String)> = req
         .headers
         .iter()
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.split_whitespace().collect::<Vec<_>>().join(" ")))
+        .map(|(k, v)| {
+            (
+                k.to_ascii_lowercase(),
+                v.split_whitespace().collect::<Vec<_>>().join(" "),
+            )
+        })
         .collect();
     headers.sort();
     let canonical_headers: String = headers.iter().map(|(k, v)| format!("{k}:{v}\n")).collect();
-    let signed_headers = headers.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(";");
+    let signed_headers = headers
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .collect::<Vec<_>>()
+        .join(";");
     let canonical_request = format!(
         "{}\n{}\n{canonical_query}\n{canonical_headers}\n{signed_headers}\n{}",
         req.method, req.canonical_uri, req.payload_sha256
@@ -398,7 +456,10 @@ pub fn sign(req: &SignRequest<'_>, creds: &Credentials, amz_date: &str, region: 
         "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
         sha256_hex(canonical_request.as_bytes())
     );
-    let k_date = hmac(format!("AWS4{}", creds.secret_access_key).as_bytes(), date.as_bytes());
+    let k_date = hmac(
+        format!("AWS4{}", creds.secret_access_key).as_bytes(),
+        date.as_bytes(),
+    );
     let k_region = hmac(&k_date, region.as_bytes());
     let k_service = hmac(&k_region, service.as_bytes());
     let k_signing = hmac(&k_service, b"aws4_request");
@@ -496,7 +557,10 @@ mod tests {
     const EMPTY: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
     fn suite(method: &str, query: &[(&str, &str)]) -> Signed {
-        let headers = [("Host", "example.amazonaws.com"), ("X-Amz-Date", "20150830T123600Z")];
+        let headers = [
+            ("Host", "example.amazonaws.com"),
+            ("X-Amz-Date", "20150830T123600Z"),
+        ];
         sign(
             &SignRequest {
                 method,
@@ -517,7 +581,9 @@ mod tests {
         let s = suite("GET", &[]);
         assert_eq!(
             s.canonical_request,
-            format!("GET\n/\n\nhost:example.amazonaws.com\nx-amz-date:20150830T123600Z\n\nhost;x-amz-date\n{EMPTY}")
+            format!(
+                "GET\n/\n\nhost:example.amazonaws.com\nx-amz-date:20150830T123600Z\n\nhost;x-amz-date\n{EMPTY}"
+            )
         );
         assert_eq!(
             s.string_to_sign,
@@ -534,8 +600,14 @@ mod tests {
             "5da7c1a2acd57cee7505fc6676e4e544621c30862966e37dddb68e92efbe5d6b"
         );
         let q = suite("GET", &[("Param2", "value2"), ("Param1", "value1")]);
-        assert!(q.canonical_request.contains("\nParam1=value1&Param2=value2\n"));
-        assert_eq!(q.signature, "b97d918cfa904a5beff61c982a1b6f458b799221646efd99d3219ec94cdf2500");
+        assert!(
+            q.canonical_request
+                .contains("\nParam1=value1&Param2=value2\n")
+        );
+        assert_eq!(
+            q.signature,
+            "b97d918cfa904a5beff61c982a1b6f458b799221646efd99d3219ec94cdf2500"
+        );
     }
 
     #[test]
@@ -558,9 +630,15 @@ mod tests {
             "us-east-1",
             "s3",
         );
-        assert_eq!(get.signature, "f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41");
+        assert_eq!(
+            get.signature,
+            "f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+        );
         let body_hash = sha256_hex(b"Welcome to Amazon S3.");
-        assert_eq!(body_hash, "44ce7dd67c959e0d3524ffac1771dfbba87d2b6b4b4e99e42034a8b803f8b072");
+        assert_eq!(
+            body_hash,
+            "44ce7dd67c959e0d3524ffac1771dfbba87d2b6b4b4e99e42034a8b803f8b072"
+        );
         let path = format!("/{}", uri_encode("test$file.text", false));
         assert_eq!(path, "/test%24file.text");
         let put = sign(
@@ -582,7 +660,10 @@ mod tests {
             "us-east-1",
             "s3",
         );
-        assert_eq!(put.signature, "98ad721746da40c64f1a55b78f14c238d841ea1380cd77a1b5971af0ece108bd");
+        assert_eq!(
+            put.signature,
+            "98ad721746da40c64f1a55b78f14c238d841ea1380cd77a1b5971af0ece108bd"
+        );
     }
 
     /// A request shaped like Ferry's (path-style, a port, a key needing encoding), signed by
@@ -597,8 +678,20 @@ mod tests {
         let path = loc.object_path("nar/a bé.nar.zst");
         assert_eq!(path, "/ferry-bucket/nar/a%20b%C3%A9.nar.zst");
         let t = UNIX_EPOCH + std::time::Duration::from_secs(1_369_353_600); // 2013-05-24T00:00:00Z
-        let h = s3_headers(&loc, &s3_doc_creds(), "PUT", &path, Some("application/x-nix-nar"), &sha256_hex(b"abc"), t);
-        let auth = &h.iter().find(|(k, _)| *k == "authorization").expect("auth").1;
+        let h = s3_headers(
+            &loc,
+            &s3_doc_creds(),
+            "PUT",
+            &path,
+            Some("application/x-nix-nar"),
+            &sha256_hex(b"abc"),
+            t,
+        );
+        let auth = &h
+            .iter()
+            .find(|(k, _)| *k == "authorization")
+            .expect("auth")
+            .1;
         assert_eq!(
             auth,
             "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/eu-west-1/s3/aws4_request, \
@@ -610,28 +703,57 @@ mod tests {
     #[test]
     fn dates() {
         assert_eq!(amz_date(UNIX_EPOCH), "19700101T000000Z");
-        assert_eq!(amz_date(UNIX_EPOCH + std::time::Duration::from_secs(1_440_938_160)), "20150830T123600Z");
+        assert_eq!(
+            amz_date(UNIX_EPOCH + std::time::Duration::from_secs(1_440_938_160)),
+            "20150830T123600Z"
+        );
         // A leap day and the end of a century year.
-        assert_eq!(amz_date(UNIX_EPOCH + std::time::Duration::from_secs(951_782_400)), "20000229T000000Z");
-        assert_eq!(amz_date(UNIX_EPOCH + std::time::Duration::from_secs(4_107_542_399)), "21000228T235959Z");
+        assert_eq!(
+            amz_date(UNIX_EPOCH + std::time::Duration::from_secs(951_782_400)),
+            "20000229T000000Z"
+        );
+        assert_eq!(
+            amz_date(UNIX_EPOCH + std::time::Duration::from_secs(4_107_542_399)),
+            "21000228T235959Z"
+        );
     }
 
     #[test]
     fn locations() {
-        let p = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
+        let p = |kv: &[(&str, &str)]| {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+        };
         let l = S3Location::new("u", "my-bucket", &p(&[])).expect("aws");
         assert_eq!(l.base, "https://my-bucket.s3.us-east-1.amazonaws.com");
         assert_eq!(l.object_path("x.narinfo"), "/x.narinfo");
         assert!(!l.path_style);
         let l = S3Location::new("u", "my.bucket", &p(&[("region", "eu-west-1")])).expect("dots");
-        assert_eq!((l.base.as_str(), l.object_path("k").as_str()), ("https://s3.eu-west-1.amazonaws.com", "/my.bucket/k"));
-        let l = S3Location::new("u", "b12", &p(&[("endpoint", "minio:9000"), ("scheme", "http")])).expect("minio");
-        assert_eq!((l.base.as_str(), l.host.as_str()), ("http://minio:9000", "minio:9000"));
+        assert_eq!(
+            (l.base.as_str(), l.object_path("k").as_str()),
+            ("https://s3.eu-west-1.amazonaws.com", "/my.bucket/k")
+        );
+        let l = S3Location::new(
+            "u",
+            "b12",
+            &p(&[("endpoint", "minio:9000"), ("scheme", "http")]),
+        )
+        .expect("minio");
+        assert_eq!(
+            (l.base.as_str(), l.host.as_str()),
+            ("http://minio:9000", "minio:9000")
+        );
         assert_eq!(l.object_path("nar/x.nar.xz"), "/b12/nar/x.nar.xz");
-        let l = S3Location::new("u", "b12", &p(&[("endpoint", "http://h:80/")])).expect("default port");
+        let l =
+            S3Location::new("u", "b12", &p(&[("endpoint", "http://h:80/")])).expect("default port");
         assert_eq!((l.base.as_str(), l.host.as_str()), ("http://h", "h"));
-        let l = S3Location::new("u", "b12", &p(&[("endpoint", "h"), ("profile", "ci")])).expect("https");
-        assert_eq!((l.base.as_str(), l.profile.as_deref()), ("https://h", Some("ci")));
+        let l = S3Location::new("u", "b12", &p(&[("endpoint", "h"), ("profile", "ci")]))
+            .expect("https");
+        assert_eq!(
+            (l.base.as_str(), l.profile.as_deref()),
+            ("https://h", Some("ci"))
+        );
         assert!(S3Location::new("u", "", &p(&[])).is_err());
         assert!(S3Location::new("u", "Upper", &p(&[])).is_err());
         assert!(S3Location::new("u", "b12", &p(&[("scheme", "ftp")])).is_err());
@@ -653,7 +775,9 @@ mod tests {
         )
         .expect("w");
         let shared_s = shared.display().to_string();
-        let env_with = |vars: Vec<(&'static str, String)>| move |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        let env_with = |vars: Vec<(&'static str, String)>| {
+            move |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+        };
         let env_none = env_with(vec![("AWS_SHARED_CREDENTIALS_FILE", shared_s.clone())]);
         let env_keys = env_with(vec![
             ("AWS_SHARED_CREDENTIALS_FILE", shared_s.clone()),
@@ -666,17 +790,31 @@ mod tests {
             env: &env_keys,
         };
         let c = resolve_credentials(&files, Some("ci")).expect("files");
-        assert_eq!((c.access_key_id.as_str(), c.secret_access_key.as_str()), ("AKIAFILE", "file-secret"));
+        assert_eq!(
+            (c.access_key_id.as_str(), c.secret_access_key.as_str()),
+            ("AKIAFILE", "file-secret")
+        );
         let dbg = format!("{c:?}");
-        assert!(dbg.contains("AKIAFILE") && !dbg.contains("file-secret"), "{dbg}");
+        assert!(
+            dbg.contains("AKIAFILE") && !dbg.contains("file-secret"),
+            "{dbg}"
+        );
         let env_src = CredentialSources {
             access_key_id_file: None,
             secret_access_key_file: None,
             env: &env_keys,
         };
-        assert_eq!(resolve_credentials(&env_src, None).expect("env").access_key_id, "AKIAENV");
+        assert_eq!(
+            resolve_credentials(&env_src, None)
+                .expect("env")
+                .access_key_id,
+            "AKIAENV"
+        );
         let c = resolve_credentials(&env_src, Some("ci")).expect("profile");
-        assert_eq!((c.access_key_id.as_str(), c.session_token.as_deref()), ("AKIACI", Some("tok")));
+        assert_eq!(
+            (c.access_key_id.as_str(), c.session_token.as_deref()),
+            ("AKIACI", Some("tok"))
+        );
         assert!(matches!(
             resolve_credentials(&env_src, Some("nope")),
             Err(CredentialsError::NoProfile { .. })
@@ -686,20 +824,34 @@ mod tests {
             secret_access_key_file: None,
             env: &env_none,
         };
-        assert_eq!(resolve_credentials(&shared_src, None).expect("default").access_key_id, "AKIADEFAULT");
+        assert_eq!(
+            resolve_credentials(&shared_src, None)
+                .expect("default")
+                .access_key_id,
+            "AKIADEFAULT"
+        );
         let half = CredentialSources {
             access_key_id_file: Some(&id),
             secret_access_key_file: None,
             env: &env_none,
         };
-        assert!(matches!(resolve_credentials(&half, None), Err(CredentialsError::Half)));
-        let nothing = env_with(vec![("HOME", d.path().join("nohome").display().to_string())]);
+        assert!(matches!(
+            resolve_credentials(&half, None),
+            Err(CredentialsError::Half)
+        ));
+        let nothing = env_with(vec![(
+            "HOME",
+            d.path().join("nohome").display().to_string(),
+        )]);
         let none = CredentialSources {
             access_key_id_file: None,
             secret_access_key_file: None,
             env: &nothing,
         };
-        assert!(matches!(resolve_credentials(&none, None), Err(CredentialsError::None(_))));
+        assert!(matches!(
+            resolve_credentials(&none, None),
+            Err(CredentialsError::None(_))
+        ));
         // A missing secret file is named; its would-be contents never appear.
         let missing = CredentialSources {
             access_key_id_file: Some(&id),

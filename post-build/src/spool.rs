@@ -242,7 +242,11 @@ fn unique_name() -> String {
         .unwrap_or(0);
     let mut r = [0u8; 4];
     let _ = getrandom::fill(&mut r);
-    format!("{nanos:020}.{}.{:08x}", std::process::id(), u32::from_le_bytes(r))
+    format!(
+        "{nanos:020}.{}.{:08x}",
+        std::process::id(),
+        u32::from_le_bytes(r)
+    )
 }
 
 /// `fsync` on a directory makes a rename in it durable (POSIX leaves it to the caller).
@@ -278,8 +282,14 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(matches!(SpoolRecord::decode(""), Err(DecodeError::BadMagic(_))));
-        assert!(matches!(SpoolRecord::decode("hello\nout /x"), Err(DecodeError::BadMagic(_))));
+        assert!(matches!(
+            SpoolRecord::decode(""),
+            Err(DecodeError::BadMagic(_))
+        ));
+        assert!(matches!(
+            SpoolRecord::decode("hello\nout /x"),
+            Err(DecodeError::BadMagic(_))
+        ));
         assert_eq!(
             SpoolRecord::decode("ferry-post-build-spool 1\n"),
             Err(DecodeError::Empty)

@@ -152,9 +152,14 @@ pub fn parse_url(url: &str) -> Result<ParsedUrl, TargetError> {
         None => (url, None),
     };
     let mut params = Vec::new();
-    for kv in query.unwrap_or_default().split('&').filter(|s| !s.is_empty()) {
+    for kv in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|s| !s.is_empty())
+    {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        let v = percent_decode(v).ok_or_else(|| bad_param(format!("bad percent-encoding in {k}")))?;
+        let v =
+            percent_decode(v).ok_or_else(|| bad_param(format!("bad percent-encoding in {k}")))?;
         params.push((k.to_owned(), v));
     }
     let is_s3 = base.starts_with("s3://");
@@ -162,10 +167,10 @@ pub fn parse_url(url: &str) -> Result<ParsedUrl, TargetError> {
     for (k, v) in &params {
         match k.as_str() {
             "compression" => {
-                compression = Some(
-                    Compression::from_name(v)
-                        .ok_or_else(|| bad_param(format!("compression={v} (use zstd, xz or none)")))?,
-                )
+                compression =
+                    Some(Compression::from_name(v).ok_or_else(|| {
+                        bad_param(format!("compression={v} (use zstd, xz or none)"))
+                    })?)
             }
             "endpoint" | "region" | "scheme" | "profile" if is_s3 => {}
             _ => {
@@ -174,7 +179,9 @@ pub fn parse_url(url: &str) -> Result<ParsedUrl, TargetError> {
                 } else {
                     "compression"
                 };
-                return Err(bad_param(format!("unknown parameter {k:?} (known: {known})")));
+                return Err(bad_param(format!(
+                    "unknown parameter {k:?} (known: {known})"
+                )));
             }
         }
     }
@@ -191,14 +198,19 @@ pub fn parse_url(url: &str) -> Result<ParsedUrl, TargetError> {
         TargetUrl::Http(trimmed.to_owned())
     } else if let Some(bucket) = base.strip_prefix("s3://") {
         let bucket = bucket.trim_end_matches('/');
-        TargetUrl::S3(S3Location::new(url, bucket, &params).map_err(|source| TargetError::S3Url {
-            url: url.to_owned(),
-            source,
+        TargetUrl::S3(S3Location::new(url, bucket, &params).map_err(|source| {
+            TargetError::S3Url {
+                url: url.to_owned(),
+                source,
+            }
         })?)
     } else {
         return Err(bad());
     };
-    Ok(ParsedUrl { location, compression })
+    Ok(ParsedUrl {
+        location,
+        compression,
+    })
 }
 
 /// What targets need besides their URL.
@@ -271,7 +283,10 @@ impl Target {
         };
         let kind = match parsed.location {
             TargetUrl::File(dir) => Kind::File(dir),
-            TargetUrl::Http(base) => Kind::Http { base, client: client()? },
+            TargetUrl::Http(base) => Kind::Http {
+                base,
+                client: client()?,
+            },
             TargetUrl::S3(loc) => {
                 let env = |k: &str| std::env::var(k).ok();
                 let creds = crate::s3::resolve_credentials(
@@ -333,7 +348,10 @@ impl Target {
             Kind::Http { .. } | Kind::S3 { .. } => self.get_text(CACHE_INFO).await?,
         };
         match existing {
-            None => self.put_bytes(CACHE_INFO, text.into_bytes(), CACHE_INFO_TYPE).await,
+            None => {
+                self.put_bytes(CACHE_INFO, text.into_bytes(), CACHE_INFO_TYPE)
+                    .await
+            }
             Some(t) => {
                 let found = ferry_nix::narinfo::CacheInfo::parse(&t)
                     .ok()
@@ -385,8 +403,15 @@ impl Target {
                         h.map_err(self.io(Path::new(key)))?
                     }
                 };
-                let headers =
-                    crate::s3::s3_headers(loc, creds, method, &path, content_type, &sha, std::time::SystemTime::now());
+                let headers = crate::s3::s3_headers(
+                    loc,
+                    creds,
+                    method,
+                    &path,
+                    content_type,
+                    &sha,
+                    std::time::SystemTime::now(),
+                );
                 (client, format!("{}{path}", loc.base), headers)
             }
         };
@@ -485,17 +510,26 @@ impl Target {
         }
     }
 
-    pub async fn put_bytes(&self, key: &str, data: Vec<u8>, content_type: &str) -> Result<(), TargetError> {
+    pub async fn put_bytes(
+        &self,
+        key: &str,
+        data: Vec<u8>,
+        content_type: &str,
+    ) -> Result<(), TargetError> {
         if let Kind::File(dir) = &self.kind {
             let dir = dir.clone();
             let key2 = key.to_owned();
             let dest = dir.join(key);
-            return tokio::task::spawn_blocking(move || file_put(&dir, &key2, |f| std::io::Write::write_all(f, &data)))
-                .await
-                .map_err(|e| self.io(&dest)(std::io::Error::other(e)))?
-                .map_err(self.io(&dest));
+            return tokio::task::spawn_blocking(move || {
+                file_put(&dir, &key2, |f| std::io::Write::write_all(f, &data))
+            })
+            .await
+            .map_err(|e| self.io(&dest)(std::io::Error::other(e)))?
+            .map_err(self.io(&dest));
         }
-        let r = self.send("PUT", key, Body::Bytes(data), Some(content_type), None).await?;
+        let r = self
+            .send("PUT", key, Body::Bytes(data), Some(content_type), None)
+            .await?;
         if r.status().is_success() {
             Ok(())
         } else {
@@ -528,7 +562,9 @@ impl Target {
             .map_err(self.io(&dest));
         }
         let sha = sha256.map(Hash::to_base16);
-        let r = self.send("PUT", key, Body::File(src), Some(content_type), sha).await?;
+        let r = self
+            .send("PUT", key, Body::File(src), Some(content_type), sha)
+            .await?;
         if r.status().is_success() {
             Ok(())
         } else {
@@ -555,7 +591,15 @@ impl Target {
             .into_bytes()
         };
         let sha = crate::s3::sha256_hex(&body);
-        let headers = crate::s3::s3_headers(loc, creds, "PUT", &path, None, &sha, std::time::SystemTime::now());
+        let headers = crate::s3::s3_headers(
+            loc,
+            creds,
+            "PUT",
+            &path,
+            None,
+            &sha,
+            std::time::SystemTime::now(),
+        );
         let mut rb = client.put(format!("{}{path}", loc.base));
         for (k, v) in headers {
             rb = rb.header(k, v);
@@ -594,9 +638,16 @@ fn file_put(
     }
     let mut r = [0u8; 8];
     let _ = getrandom::fill(&mut r);
-    let tmp = tmp_dir.join(format!("{}.{:016x}", std::process::id(), u64::from_le_bytes(r)));
+    let tmp = tmp_dir.join(format!(
+        "{}.{:016x}",
+        std::process::id(),
+        u64::from_le_bytes(r)
+    ));
     let result = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
         fill(&mut f)?;
         f.sync_all()?;
         // Caches are read by others (nginx, nix-serve): world-readable like Nix's files.
@@ -632,7 +683,8 @@ mod tests {
 
     #[test]
     fn keys_follow_nix() {
-        let sp = StorePath::from_base_name("7hmcr4m0qxnr5yb9mr37k2bw4ylp7wjc-hello-2.12").expect("sp");
+        let sp =
+            StorePath::from_base_name("7hmcr4m0qxnr5yb9mr37k2bw4ylp7wjc-hello-2.12").expect("sp");
         assert_eq!(narinfo_key(&sp), "7hmcr4m0qxnr5yb9mr37k2bw4ylp7wjc.narinfo");
         let h = Hash::sha256_of(b"");
         assert_eq!(
@@ -649,15 +701,31 @@ mod tests {
     fn urls() {
         let loc = |u: &str| parse_url(u).expect(u).location;
         assert_eq!(loc("file:///var/c/"), TargetUrl::File("/var/c".into()));
-        assert_eq!(loc("http://10.0.0.1:8080/up/"), TargetUrl::Http("http://10.0.0.1:8080/up".into()));
+        assert_eq!(
+            loc("http://10.0.0.1:8080/up/"),
+            TargetUrl::Http("http://10.0.0.1:8080/up".into())
+        );
         let p = parse_url("file:///c?compression=none").expect("param");
-        assert_eq!((p.location, p.compression), (TargetUrl::File("/c".into()), Some(Compression::None)));
+        assert_eq!(
+            (p.location, p.compression),
+            (TargetUrl::File("/c".into()), Some(Compression::None))
+        );
         assert_eq!(parse_url("http://h/x").expect("h").compression, None);
-        let p = parse_url("s3://my-cache?endpoint=http%3A%2F%2F10.0.0.2%3A5000&region=eu-west-1&compression=zstd")
-            .expect("s3");
-        let TargetUrl::S3(s3) = p.location else { panic!("not s3") };
-        assert_eq!((s3.bucket.as_str(), s3.region.as_str()), ("my-cache", "eu-west-1"));
-        assert_eq!((s3.base.as_str(), s3.path_style), ("http://10.0.0.2:5000", true));
+        let p = parse_url(
+            "s3://my-cache?endpoint=http%3A%2F%2F10.0.0.2%3A5000&region=eu-west-1&compression=zstd",
+        )
+        .expect("s3");
+        let TargetUrl::S3(s3) = p.location else {
+            panic!("not s3")
+        };
+        assert_eq!(
+            (s3.bucket.as_str(), s3.region.as_str()),
+            ("my-cache", "eu-west-1")
+        );
+        assert_eq!(
+            (s3.base.as_str(), s3.path_style),
+            ("http://10.0.0.2:5000", true)
+        );
         for bad in [
             "file://rel",
             "file:///",
@@ -674,8 +742,13 @@ mod tests {
         ] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
-        let e = parse_url("s3://bucket?endpiont=x").expect_err("typo").to_string();
-        assert!(e.contains("endpiont") && e.contains("endpoint, region"), "{e}");
+        let e = parse_url("s3://bucket?endpiont=x")
+            .expect_err("typo")
+            .to_string();
+        assert!(
+            e.contains("endpiont") && e.contains("endpoint, region"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -689,7 +762,11 @@ mod tests {
             secret_access_key_file: Some(secret),
             ..Default::default()
         };
-        let t = Target::new("s3://bucket?endpoint=http://127.0.0.1:1&compression=none", &opts).expect("s3");
+        let t = Target::new(
+            "s3://bucket?endpoint=http://127.0.0.1:1&compression=none",
+            &opts,
+        )
+        .expect("s3");
         assert_eq!(t.s3_access_key_id(), Some("AKIATEST"));
         assert_eq!(t.compression, Compression::None);
         let opts = TargetOptions {
@@ -697,7 +774,10 @@ mod tests {
             secret_access_key_file: Some(d.path().join("missing")),
             ..Default::default()
         };
-        let e = Target::new("s3://bucket", &opts).err().expect("missing file").to_string();
+        let e = Target::new("s3://bucket", &opts)
+            .err()
+            .expect("missing file")
+            .to_string();
         assert!(e.contains("missing") && !e.contains("AKIATEST"), "{e}");
     }
 
@@ -714,11 +794,24 @@ mod tests {
         );
         t.init(&sd).await.expect("init again");
         let other = StoreDir::new("/other").expect("sd");
-        assert!(matches!(t.init(&other).await, Err(TargetError::StoreDirMismatch { .. })));
+        assert!(matches!(
+            t.init(&other).await,
+            Err(TargetError::StoreDirMismatch { .. })
+        ));
         assert!(!t.exists("nar/x.nar").await.expect("exists"));
-        t.put_bytes("nar/x.nar", b"abc".to_vec(), NAR_TYPE).await.expect("put");
+        t.put_bytes("nar/x.nar", b"abc".to_vec(), NAR_TYPE)
+            .await
+            .expect("put");
         assert!(t.exists("nar/x.nar").await.expect("exists"));
-        assert_eq!(std::fs::read(d.path().join("nar/x.nar")).expect("read"), b"abc");
-        assert_eq!(std::fs::read_dir(d.path().join(FILE_TMP_DIR)).expect("tmp").count(), 0);
+        assert_eq!(
+            std::fs::read(d.path().join("nar/x.nar")).expect("read"),
+            b"abc"
+        );
+        assert_eq!(
+            std::fs::read_dir(d.path().join(FILE_TMP_DIR))
+                .expect("tmp")
+                .count(),
+            0
+        );
     }
 }

@@ -13,10 +13,10 @@ use crate::compress::{Compression, Compressor, Levels};
 use crate::queue::Outcome;
 use crate::target::{NAR_TYPE, NARINFO_TYPE, Target, TargetError, nar_key, narinfo_key};
 use ferry_build_hook::local::{LocalError, LocalStore, topo_sort};
-use ferry_nix::serve::PathInfo;
 use ferry_nix::hash::{Hash, Sha256Sink};
 use ferry_nix::nar::TeeWriter;
 use ferry_nix::narinfo::NarInfo;
+use ferry_nix::serve::PathInfo;
 use ferry_nix::signing::{SecretKey, Signature};
 use ferry_nix::store_path::StoreDir;
 use std::collections::{BTreeSet, HashSet};
@@ -94,7 +94,11 @@ pub fn make_narinfo(
     let references = info.references.clone();
     let deriver = info.deriver.clone();
     // Signatures already in the store (e.g. the builder's) travel along, as with `nix copy`.
-    let sigs = info.sigs.iter().filter_map(|s| Signature::parse(s).ok()).collect();
+    let sigs = info
+        .sigs
+        .iter()
+        .filter_map(|s| Signature::parse(s).ok())
+        .collect();
     let mut ni = NarInfo {
         store_path,
         url: nar_key(&file_hash, compression),
@@ -116,23 +120,34 @@ pub fn make_narinfo(
 }
 
 /// Serialises, hashes and compresses one path into the work directory (blocking).
-pub fn prepare(sh: &Shared, info: &PathInfo, compression: Compression) -> Result<Prepared, PrepareError> {
+pub fn prepare(
+    sh: &Shared,
+    info: &PathInfo,
+    compression: Compression,
+) -> Result<Prepared, PrepareError> {
     let full = sh.store.real_path(&info.path);
     let nar_err = |message: String| PrepareError::Nar {
         path: sh.store_dir.display(&info.path),
         message,
     };
     let sp = &info.path;
-    std::fs::create_dir_all(&sh.work_dir).map_err(|e| nar_err(format!("{}: {e}", sh.work_dir.display())))?;
+    std::fs::create_dir_all(&sh.work_dir)
+        .map_err(|e| nar_err(format!("{}: {e}", sh.work_dir.display())))?;
     let mut r = [0u8; 4];
     let _ = getrandom::fill(&mut r);
-    let file = sh.work_dir.join(format!("{}.{:08x}.nar", sp.hash_part(), u32::from_le_bytes(r)));
+    let file = sh.work_dir.join(format!(
+        "{}.{:08x}.nar",
+        sp.hash_part(),
+        u32::from_le_bytes(r)
+    ));
     let prepared_file = PreparedFile(file.clone());
-    let f = std::fs::File::create(&file).map_err(|e| nar_err(format!("{}: {e}", file.display())))?;
+    let f =
+        std::fs::File::create(&file).map_err(|e| nar_err(format!("{}: {e}", file.display())))?;
     let sink = TeeWriter::new(BufWriter::with_capacity(256 * 1024, f), Sha256Sink::new());
-    let mut comp = Compressor::new(compression, sh.levels, sink).map_err(|e| nar_err(e.to_string()))?;
-    let (nar_hash, nar_size) = ferry_nix::nar::dump_path_hashed(&full, &mut comp)
-        .map_err(|e| nar_err(e.to_string()))?;
+    let mut comp =
+        Compressor::new(compression, sh.levels, sink).map_err(|e| nar_err(e.to_string()))?;
+    let (nar_hash, nar_size) =
+        ferry_nix::nar::dump_path_hashed(&full, &mut comp).map_err(|e| nar_err(e.to_string()))?;
     let tee = comp.finish().map_err(|e| nar_err(e.to_string()))?;
     let (mut buf, file_sink) = tee.into_inner();
     buf.flush().map_err(|e| nar_err(e.to_string()))?;
@@ -147,7 +162,14 @@ pub fn prepare(sh: &Shared, info: &PathInfo, compression: Compression) -> Result
             want_size: info.nar_size,
         });
     }
-    let narinfo = make_narinfo(&sh.store_dir, info, compression, file_hash, file_size, &sh.keys)?;
+    let narinfo = make_narinfo(
+        &sh.store_dir,
+        info,
+        compression,
+        file_hash,
+        file_size,
+        &sh.keys,
+    )?;
     std::mem::forget(prepared_file);
     Ok(Prepared { file, narinfo })
 }
@@ -168,7 +190,9 @@ fn transient(error: String, retry_after: Option<std::time::Duration>) -> Outcome
 fn is_gone(e: &LocalError) -> bool {
     match e {
         LocalError::BadInfo { problem, .. } => problem.contains("not valid"),
-        LocalError::Failed { stderr, .. } => stderr.contains("is not valid") || stderr.contains("does not exist"),
+        LocalError::Failed { stderr, .. } => {
+            stderr.contains("is not valid") || stderr.contains("does not exist")
+        }
         _ => false,
     }
 }
@@ -177,7 +201,10 @@ fn is_gone(e: &LocalError) -> bool {
 async fn claim<'a>(sh: &'a Shared, path: &str) -> Claim<'a> {
     loop {
         if lock(&sh.busy).insert(path.to_owned()) {
-            return Claim { sh, path: path.to_owned() };
+            return Claim {
+                sh,
+                path: path.to_owned(),
+            };
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
@@ -211,7 +238,14 @@ pub async fn upload_closure(sh: &Arc<Shared>, root: &str) -> (Outcome, TargetRes
     let mut results: TargetResults = Vec::new();
     let root_path = match sh.store_dir.parse(root) {
         Ok(p) => p,
-        Err(e) => return (Outcome::Permanent { reason: e.to_string() }, results),
+        Err(e) => {
+            return (
+                Outcome::Permanent {
+                    reason: e.to_string(),
+                },
+                results,
+            );
+        }
     };
     let infos = match sh.store.closure_infos(&BTreeSet::from([root_path])).await {
         Ok(i) => i,
@@ -232,7 +266,14 @@ pub async fn upload_closure(sh: &Arc<Shared>, root: &str) -> (Outcome, TargetRes
     };
     let order = match topo_sort(infos) {
         Ok(o) => o,
-        Err(e) => return (Outcome::Permanent { reason: e.to_string() }, results),
+        Err(e) => {
+            return (
+                Outcome::Permanent {
+                    reason: e.to_string(),
+                },
+                results,
+            );
+        }
     };
 
     let mut failed: Vec<Option<TargetError>> = sh.targets.iter().map(|_| None).collect();
@@ -271,34 +312,57 @@ pub async fn upload_closure(sh: &Arc<Shared>, root: &str) -> (Outcome, TargetRes
             continue;
         }
         // One NAR per compression in use: targets may differ (`?compression=`).
-        let mut compressions: Vec<Compression> = need.iter().map(|&t| sh.targets[t].compression).collect();
+        let mut compressions: Vec<Compression> =
+            need.iter().map(|&t| sh.targets[t].compression).collect();
         compressions.sort_by_key(|c| c.narinfo_name());
         compressions.dedup();
         for compression in compressions {
             let sh2 = Arc::clone(sh);
             let info2 = info.clone();
-            let prepared = match tokio::task::spawn_blocking(move || prepare(&sh2, &info2, compression)).await {
-                Ok(Ok(p)) => p,
-                Ok(Err(e @ PrepareError::Mismatch { .. })) => {
-                    return (Outcome::Permanent { reason: e.to_string() }, results);
-                }
-                Ok(Err(e)) => {
-                    // The path may have been collected between the query and the dump.
-                    if !sh.store.real_path(&info.path).exists() {
-                        return (Outcome::Permanent { reason: e.to_string() }, results);
+            let prepared =
+                match tokio::task::spawn_blocking(move || prepare(&sh2, &info2, compression)).await
+                {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(e @ PrepareError::Mismatch { .. })) => {
+                        return (
+                            Outcome::Permanent {
+                                reason: e.to_string(),
+                            },
+                            results,
+                        );
                     }
-                    return (transient(e.to_string(), None), results);
-                }
-                Err(e) => return (transient(format!("NAR worker: {e}"), None), results),
-            };
+                    Ok(Err(e)) => {
+                        // The path may have been collected between the query and the dump.
+                        if !sh.store.real_path(&info.path).exists() {
+                            return (
+                                Outcome::Permanent {
+                                    reason: e.to_string(),
+                                },
+                                results,
+                            );
+                        }
+                        return (transient(e.to_string(), None), results);
+                    }
+                    Err(e) => return (transient(format!("NAR worker: {e}"), None), results),
+                };
             let text = prepared.narinfo.render(&sh.store_dir);
-            for &t in need.iter().filter(|&&t| sh.targets[t].compression == compression) {
+            for &t in need
+                .iter()
+                .filter(|&&t| sh.targets[t].compression == compression)
+            {
                 let target = &sh.targets[t];
                 let r = async {
                     target
-                        .put_file(&prepared.narinfo.url, &prepared.file, NAR_TYPE, prepared.narinfo.file_hash.as_ref())
+                        .put_file(
+                            &prepared.narinfo.url,
+                            &prepared.file,
+                            NAR_TYPE,
+                            prepared.narinfo.file_hash.as_ref(),
+                        )
                         .await?;
-                    target.put_bytes(&key, text.clone().into_bytes(), NARINFO_TYPE).await
+                    target
+                        .put_bytes(&key, text.clone().into_bytes(), NARINFO_TYPE)
+                        .await
                 }
                 .await;
                 match r {
@@ -344,7 +408,10 @@ mod tests {
             deriver: None,
             nar_hash: Hash::sha256_of(path.as_bytes()),
             nar_size: 100,
-            references: refs.iter().map(|r| sd.parse(r).expect("reference")).collect(),
+            references: refs
+                .iter()
+                .map(|r| sd.parse(r).expect("reference"))
+                .collect(),
             ca: None,
             sigs: Default::default(),
         }
@@ -361,7 +428,8 @@ mod tests {
     #[test]
     fn narinfos_go_references_first() {
         // c → b → a, plus c → a; input in the worst order.
-        let order = topo_sort(vec![info(C, &[B, A, C]), info(B, &[A]), info(A, &[])]).expect("sort");
+        let order =
+            topo_sort(vec![info(C, &[B, A, C]), info(B, &[A]), info(A, &[])]).expect("sort");
         let sd = StoreDir::new("/nix/store").expect("sd");
         let paths: Vec<String> = order.iter().map(|i| sd.display(&i.path)).collect();
         assert_eq!(paths, [A, B, C]);
@@ -369,7 +437,11 @@ mod tests {
         for (i, p) in order.iter().enumerate() {
             for r in &p.references {
                 if r != &p.path {
-                    assert!(order[..i].iter().any(|q| &q.path == r), "{} before {r}", p.path);
+                    assert!(
+                        order[..i].iter().any(|q| &q.path == r),
+                        "{} before {r}",
+                        p.path
+                    );
                 }
             }
         }
@@ -379,13 +451,23 @@ mod tests {
     fn narinfo_is_signed_and_renders() {
         let sd = StoreDir::new("/nix/store").expect("sd");
         let key = SecretKey::from_seed("test-1", [7; 32]).expect("key");
-        let ni = make_narinfo(&sd, &info(C, &[A, C]), Compression::Zstd, Hash::sha256_of(b"f"), 42, std::slice::from_ref(&key))
-            .expect("narinfo");
+        let ni = make_narinfo(
+            &sd,
+            &info(C, &[A, C]),
+            Compression::Zstd,
+            Hash::sha256_of(b"f"),
+            42,
+            std::slice::from_ref(&key),
+        )
+        .expect("narinfo");
         assert!(ni.verify_with(&sd, &key.to_public()).expect("verify"));
         let text = ni.render(&sd);
         assert!(text.contains("Compression: zstd\n"), "{text}");
         assert!(text.contains("FileSize: 42\n"), "{text}");
-        assert!(text.contains(&format!("URL: nar/{}.nar.zst\n", Hash::sha256_of(b"f").to_nix32())));
+        assert!(text.contains(&format!(
+            "URL: nar/{}.nar.zst\n",
+            Hash::sha256_of(b"f").to_nix32()
+        )));
         assert!(text.contains("References: 7hmcr4m0qxnr5yb9mr37k2bw4ylp7wjc-a ap5lw0pk0i0b3nmpmqa5ryz3a9gd5yvc-c\n"), "{text}");
         let back = NarInfo::parse(&sd, &text).expect("parse back");
         assert_eq!(back, ni);
@@ -430,10 +512,22 @@ mod tests {
         assert_eq!(back, nar);
         assert_eq!(prep.narinfo.file_hash, Some(Hash::sha256_of(&x)));
         assert_eq!(prep.narinfo.compression, "xz");
-        assert!(prep.narinfo.url.ends_with(".nar.xz"), "{}", prep.narinfo.url);
+        assert!(
+            prep.narinfo.url.ends_with(".nar.xz"),
+            "{}",
+            prep.narinfo.url
+        );
         drop(prep);
         i.nar_size += 1;
-        assert!(matches!(prepare(&sh, &i, Compression::Zstd), Err(PrepareError::Mismatch { .. })));
-        assert_eq!(std::fs::read_dir(d.path().join("work")).expect("work").count(), 0);
+        assert!(matches!(
+            prepare(&sh, &i, Compression::Zstd),
+            Err(PrepareError::Mismatch { .. })
+        ));
+        assert_eq!(
+            std::fs::read_dir(d.path().join("work"))
+                .expect("work")
+                .count(),
+            0
+        );
     }
 }

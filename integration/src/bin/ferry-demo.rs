@@ -11,7 +11,7 @@
 
 use anyhow::{Context, Result, anyhow, ensure};
 use ferry_integration::{
-    Fleet, FleetConfig, Host, blackhole_port, start_nginx, check, ferry_bin, nonce, out_paths, run,
+    Fleet, FleetConfig, Host, blackhole_port, check, ferry_bin, nonce, out_paths, run, start_nginx,
     trivial_drv,
 };
 use std::path::Path;
@@ -22,7 +22,14 @@ const CACHE_PORT: u16 = 8080;
 const SUBSTITUTER: &str = "127.0.0.1:37515";
 
 fn list_expr(exprs: &[String]) -> String {
-    format!("[ {} ]", exprs.iter().map(|e| format!("({e})")).collect::<Vec<_>>().join(" "))
+    format!(
+        "[ {} ]",
+        exprs
+            .iter()
+            .map(|e| format!("({e})"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
 }
 
 fn build(fleet_host: &Host, expr: &str) -> Result<(Vec<String>, f64)> {
@@ -40,14 +47,20 @@ fn build(fleet_host: &Host, expr: &str) -> Result<(Vec<String>, f64)> {
 fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<()> {
     let start = Instant::now();
     while !ok() {
-        ensure!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        ensure!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
 }
 
 fn narinfo_name(store_path: &str) -> String {
-    let base = Path::new(store_path).file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let base = Path::new(store_path)
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     format!("{}.narinfo", &base[..32.min(base.len())])
 }
 
@@ -60,16 +73,25 @@ fn main() -> Result<()> {
 
     // Signing key and the uploader's configuration.
     let secret = work.path().join("cache.sec");
-    let out = Command::new(&post).args(["keygen", "ferry-demo-1", "--secret-file"]).arg(&secret).output()?;
+    let out = Command::new(&post)
+        .args(["keygen", "ferry-demo-1", "--secret-file"])
+        .arg(&secret)
+        .output()?;
     check(&out, "ferry-post-build keygen")?;
     let public = String::from_utf8_lossy(&out.stdout).trim().to_owned();
 
-    println!("Starting a fleet of real Nix hosts on this machine (network and mount namespaces)...");
+    println!(
+        "Starting a fleet of real Nix hosts on this machine (network and mount namespaces)..."
+    );
     let config = work.path().join("ferry.toml");
     let mut fleet = Fleet::start(FleetConfig {
         builders: 2,
         max_jobs_per_builder: 2,
-        client_conf: format!("build-hook = {}\npost-build-hook = {}", hook.display(), post.display()),
+        client_conf: format!(
+            "build-hook = {}\npost-build-hook = {}",
+            hook.display(),
+            post.display()
+        ),
         daemon_env: vec![("FERRY_CONFIG".into(), config.display().to_string())],
     })
     .context("starting the fleet")?;
@@ -85,7 +107,10 @@ fn main() -> Result<()> {
     let dead_url = format!("http://{}:{CACHE_PORT}", dead.addr);
     blackhole_port(fleet.host("deadcache"), CACHE_PORT)?;
     fleet.blackhole(1).context("blackholing b1")?;
-    println!("  builders: b0 {} (up), b1 {} (dead: packets dropped)", fleet.builders[0].addr, fleet.builders[1].addr);
+    println!(
+        "  builders: b0 {} (up), b1 {} (dead: packets dropped)",
+        fleet.builders[0].addr, fleet.builders[1].addr
+    );
     println!("  caches:   {cache_url} (up), {dead_url} (dead: packets dropped)");
 
     let state = work.path().join("uploader-state");
@@ -114,24 +139,52 @@ fn main() -> Result<()> {
     let mut all = Vec::new();
     let mut exprs_all = Vec::new();
     for run_no in 1..=2 {
-        let exprs: Vec<String> = (0..5).map(|i| trivial_drv(&nonce(), &format!("demo{run_no}-{i}"))).collect();
+        let exprs: Vec<String> = (0..5)
+            .map(|i| trivial_drv(&nonce(), &format!("demo{run_no}-{i}")))
+            .collect();
         let (paths, secs) = build(&fleet.client, &list_expr(&exprs))?;
-        let remote = paths.iter().filter(|p| fleet.builders[0].has_store_path(p)).count();
-        println!("laptop: run {run_no}, {} derivations built on b0 in {secs:.2} s (nix-build -j0 through ferry-build-hook)", paths.len());
-        ensure!(remote == paths.len(), "only {remote} of {} derivations were built on b0", paths.len());
+        let remote = paths
+            .iter()
+            .filter(|p| fleet.builders[0].has_store_path(p))
+            .count();
+        println!(
+            "laptop: run {run_no}, {} derivations built on b0 in {secs:.2} s (nix-build -j0 through ferry-build-hook)",
+            paths.len()
+        );
+        ensure!(
+            remote == paths.len(),
+            "only {remote} of {} derivations were built on b0",
+            paths.len()
+        );
         all.extend(paths);
         exprs_all.extend(exprs);
     }
-    let status = fleet.client.command(&hook.display().to_string()).arg("status").output()?;
-    println!("\n$ ferry-build-hook status\n{}", String::from_utf8_lossy(&status.stdout));
+    let status = fleet
+        .client
+        .command(&hook.display().to_string())
+        .arg("status")
+        .output()?;
+    println!(
+        "\n$ ferry-build-hook status\n{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
 
     // 2. The uploader signs and uploads every output to the LAN cache.
     let t = Instant::now();
     wait_for("the uploads", Duration::from_secs(60), || {
         all.iter().all(|p| www.join(narinfo_name(p)).exists())
     })
-    .map_err(|e| anyhow!("{e}\n{}", std::fs::read_to_string(work.path().join("uploader.log")).unwrap_or_default()))?;
-    println!("ferry-post-build: {} outputs signed and uploaded to the LAN cache ({:.2} s after the builds)", all.len(), t.elapsed().as_secs_f64());
+    .map_err(|e| {
+        anyhow!(
+            "{e}\n{}",
+            std::fs::read_to_string(work.path().join("uploader.log")).unwrap_or_default()
+        )
+    })?;
+    println!(
+        "ferry-post-build: {} outputs signed and uploaded to the LAN cache ({:.2} s after the builds)",
+        all.len(),
+        t.elapsed().as_secs_f64()
+    );
 
     // 3. A second laptop substitutes everything through ferry-substituter, dead cache first.
     let laptop2 = fleet.add_host("laptop2")?;
@@ -142,7 +195,14 @@ fn main() -> Result<()> {
     let slog = std::fs::File::create(work.path().join("substituter.log"))?;
     let substituter = laptop2
         .command(&subst.display().to_string())
-        .args(["--listen", SUBSTITUTER, "--upstream", &dead_url, "--upstream", &cache_url])
+        .args([
+            "--listen",
+            SUBSTITUTER,
+            "--upstream",
+            &dead_url,
+            "--upstream",
+            &cache_url,
+        ])
         .env("FERRY_CONFIG", work.path().join("none.toml"))
         .env("RUST_LOG", "ferry_substituter=debug,info")
         .stdin(Stdio::null())
@@ -154,7 +214,11 @@ fn main() -> Result<()> {
     wait_for("ferry-substituter", Duration::from_secs(10), || {
         laptop2
             .command("python3")
-            .args(["-c", "import sys,urllib.request as u; u.urlopen(sys.argv[1], timeout=1)", &format!("http://{SUBSTITUTER}/nix-cache-info")])
+            .args([
+                "-c",
+                "import sys,urllib.request as u; u.urlopen(sys.argv[1], timeout=1)",
+                &format!("http://{SUBSTITUTER}/nix-cache-info"),
+            ])
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false)
@@ -163,7 +227,10 @@ fn main() -> Result<()> {
         let log = std::fs::read_to_string(work.path().join("substituter.log")).unwrap_or_default();
         anyhow!("{e}\nferry-substituter log:\n{log}")
     })?;
-    ensure!(paths == all, "laptop2 got other paths than the laptop built");
+    ensure!(
+        paths == all,
+        "laptop2 got other paths than the laptop built"
+    );
     for p in &paths {
         run(laptop2.nix_command("nix-store").args(["--verify-path", p]))?;
     }
@@ -171,6 +238,8 @@ fn main() -> Result<()> {
         "laptop2: {} outputs substituted through ferry-substituter in {secs:.2} s (max-jobs 0, require-sigs, first upstream dead)",
         paths.len()
     );
-    println!("\nDone: offloaded past a dead builder, uploaded and signed, substituted past a dead cache.");
+    println!(
+        "\nDone: offloaded past a dead builder, uploaded and signed, substituted past a dead cache."
+    );
     Ok(())
 }

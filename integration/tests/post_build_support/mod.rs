@@ -15,7 +15,9 @@ pub const NGINX_PORT: u16 = 8080;
 /// The `ferry-post-build` under test: `FERRY_POST_BUILD_BIN` (benchmarks point it at a
 /// release build) or this build's.
 pub fn post_build_bin() -> PathBuf {
-    std::env::var_os("FERRY_POST_BUILD_BIN").map(PathBuf::from).unwrap_or_else(|| ferry_bin("ferry-post-build"))
+    std::env::var_os("FERRY_POST_BUILD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ferry_bin("ferry-post-build"))
 }
 
 /// Ferry's files for one test: config, state, signing key, a `file://` cache.
@@ -30,7 +32,10 @@ pub struct Ferry {
 
 impl Ferry {
     pub fn new() -> Ferry {
-        let dir = tempfile::Builder::new().prefix("ferry-post-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-post-")
+            .tempdir()
+            .expect("tempdir");
         let secret_key = dir.path().join("cache.sec");
         let out = Command::new(post_build_bin())
             .args(["keygen", "ferry-test-1", "--secret-file"])
@@ -90,7 +95,9 @@ impl Ferry {
     /// `ferry-post-build ARGS` on `host` (its store, its network), with this config.
     pub fn command(&self, host: &Host, args: &[&str]) -> Command {
         let mut c = host.nix_command(&post_build_bin().to_string_lossy());
-        c.args(args).env("FERRY_CONFIG", &self.config).env("RUST_LOG", "info");
+        c.args(args)
+            .env("FERRY_CONFIG", &self.config)
+            .env("RUST_LOG", "info");
         c
     }
 
@@ -114,14 +121,21 @@ impl Ferry {
     }
 
     pub fn status(&self, fleet: &Fleet) -> String {
-        let out = self.command(&fleet.client, &["status"]).output().expect("status");
+        let out = self
+            .command(&fleet.client, &["status"])
+            .output()
+            .expect("status");
         check(&out, "ferry-post-build status").unwrap_or_else(|e| panic!("{e}"));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     pub fn gc_roots(&self, fleet: &Fleet) -> Vec<String> {
         std::fs::read_dir(fleet.client.nix_path("/nix/var/nix/gcroots/ferry"))
-            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -165,13 +179,26 @@ pub fn start_nginx(host: &mut Host) -> PathBuf {
 /// Waits until something listens on TCP `port` in `host`'s network namespace.
 pub fn wait_listening(host: &Host, port: u16, what: &str) {
     let netns = host.netns.clone();
-    wait_for(&format!("{what} to listen on port {port}"), Duration::from_secs(20), || {
-        Command::new("ip")
-            .args(["netns", "exec", &netns, "ss", "-Hltn", "sport", "=", &format!(":{port}")])
-            .output()
-            .map(|o| !o.stdout.is_empty())
-            .unwrap_or(false)
-    });
+    wait_for(
+        &format!("{what} to listen on port {port}"),
+        Duration::from_secs(20),
+        || {
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &netns,
+                    "ss",
+                    "-Hltn",
+                    "sport",
+                    "=",
+                    &format!(":{port}"),
+                ])
+                .output()
+                .map(|o| !o.stdout.is_empty())
+                .unwrap_or(false)
+        },
+    );
 }
 
 pub const MOTO_PORT: u16 = 5000;
@@ -182,7 +209,10 @@ pub const MOTO_PORT: u16 = 5000;
 pub fn moto_python() -> Option<PathBuf> {
     for py in ["/opt/ferry-venv/bin/python3", "python3"] {
         let out = Command::new(py)
-            .args(["-c", "import sys, moto.server, boto3, flask; print(sys.executable)"])
+            .args([
+                "-c",
+                "import sys, moto.server, boto3, flask; print(sys.executable)",
+            ])
             .stderr(Stdio::null())
             .output();
         if let Ok(o) = out
@@ -226,7 +256,14 @@ pub fn start_moto(host: &mut Host, python: &Path) -> String {
     let log = std::fs::File::create(host.dir.join("moto.log")).expect("moto log");
     let child = host
         .command(&python.to_string_lossy())
-        .args(["-m", "moto.server", "-H", &host.addr, "-p", &MOTO_PORT.to_string()])
+        .args([
+            "-m",
+            "moto.server",
+            "-H",
+            &host.addr,
+            "-p",
+            &MOTO_PORT.to_string(),
+        ])
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
@@ -267,7 +304,10 @@ pub fn moto_allow_anonymous(host: &Host, python: &Path, endpoint: &str) {
 pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ok() {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -277,7 +317,10 @@ pub fn closure(fleet: &Fleet, paths: &[String]) -> BTreeSet<String> {
     let mut c = fleet.client_command("nix-store");
     c.arg("-qR").args(paths);
     let out = run(&mut c).expect("nix-store -qR");
-    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 pub fn hash_part(store_path: &str) -> &str {
@@ -286,7 +329,10 @@ pub fn hash_part(store_path: &str) -> &str {
 }
 
 /// Which of `paths` have a narinfo in the cache directory `dir`.
-pub fn missing_narinfos<'a>(dir: &Path, paths: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+pub fn missing_narinfos<'a>(
+    dir: &Path,
+    paths: impl IntoIterator<Item = &'a String>,
+) -> Vec<String> {
     paths
         .into_iter()
         .filter(|p| !dir.join(format!("{}.narinfo", hash_part(p))).exists())
@@ -325,17 +371,37 @@ pub fn check_cache_dir(dir: &Path) -> usize {
         let url = field("URL: ");
         let size: u64 = field("FileSize: ").parse().expect("FileSize");
         let nar = dir.join(&url);
-        let len = std::fs::metadata(&nar).unwrap_or_else(|e| panic!("{n} points at {url}: {e}")).len();
-        assert_eq!(len, size, "{url}: size on disk differs from the narinfo's FileSize");
+        let len = std::fs::metadata(&nar)
+            .unwrap_or_else(|e| panic!("{n} points at {url}: {e}"))
+            .len();
+        assert_eq!(
+            len, size,
+            "{url}: size on disk differs from the narinfo's FileSize"
+        );
         for r in field("References: ").split_whitespace() {
-            assert!(hashes.contains(&r[..32]), "{n} references {r}, which has no narinfo");
+            assert!(
+                hashes.contains(&r[..32]),
+                "{n} references {r}, which has no narinfo"
+            );
         }
-        assert!(text.contains("\nSig: ferry-test-1:"), "{n} is not signed by Ferry's key:\n{text}");
+        assert!(
+            text.contains("\nSig: ferry-test-1:"),
+            "{n} is not signed by Ferry's key:\n{text}"
+        );
         urls.insert(url);
     }
     let nars: BTreeSet<String> = std::fs::read_dir(dir.join("nar"))
-        .map(|rd| rd.flatten().map(|e| format!("nar/{}", e.file_name().to_string_lossy())).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| format!("nar/{}", e.file_name().to_string_lossy()))
+                .collect()
+        })
         .unwrap_or_default();
-    assert_eq!(nars, urls, "NAR files and narinfo URLs differ in {}", dir.display());
+    assert_eq!(
+        nars,
+        urls,
+        "NAR files and narinfo URLs differ in {}",
+        dir.display()
+    );
     narinfos.len()
 }
