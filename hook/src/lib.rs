@@ -9,7 +9,7 @@
 //!   disk, shared by every hook; [`probe`]: reaching builders within a deadline;
 //! - [`config`]: the `[build-hook]` section of `ferry.toml`; [`cli`]: `status`, `probe`,
 //!   `check-config`;
-//! - [`ssh`]: the transport to a builder; [`remote`]: copy, build and fetch over the serve
+//! - [`ssh`]: the transport to a builder (OpenSSH), [`russh`]: the in-process one; [`remote`]: copy, build and fetch over the serve
 //!   protocol; [`local`]: the local store through the `nix-store` / `nix` CLI.
 
 pub mod cli;
@@ -21,6 +21,7 @@ pub mod probe;
 pub mod protocol;
 pub mod remote;
 pub mod run;
+pub mod russh;
 pub mod select;
 pub mod slots;
 pub mod ssh;
