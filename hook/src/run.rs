@@ -273,6 +273,7 @@ pub fn prober(env: &Env, tuning: Tuning) -> Prober {
         .unwrap_or_else(|_| HealthStore::at(&env.ferry_state_dir));
     Prober {
         ssh,
+        russh: crate::russh::Russh::for_current_user(),
         health,
         tuning,
     }

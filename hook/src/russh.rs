@@ -206,7 +206,10 @@ impl HostKeyPolicy {
                 ))
             }
             HostKeyPolicy::Known { entries, files } => {
-                if entries.iter().any(|(_, _, k)| k.key_data() == offered.key_data()) {
+                if entries
+                    .iter()
+                    .any(|(_, _, k)| k.key_data() == offered.key_data())
+                {
                     return Ok(());
                 }
                 if let Some((f, line, _)) = entries
@@ -603,7 +606,8 @@ fn session(handle: Handle<Checker>, channel: ::russh::Channel<client::Msg>) -> S
                 }
                 ChannelMsg::Eof => pipe = None,
                 ChannelMsg::Failure => {
-                    let _ = log_tx.send(b"the builder's sshd refused to run the command\n".to_vec());
+                    let _ =
+                        log_tx.send(b"the builder's sshd refused to run the command\n".to_vec());
                 }
                 ChannelMsg::ExitSignal {
                     signal_name,
@@ -611,8 +615,10 @@ fn session(handle: Handle<Checker>, channel: ::russh::Channel<client::Msg>) -> S
                     ..
                 } => {
                     let _ = log_tx.send(
-                        format!("remote command killed by signal {signal_name:?} {error_message}\n")
-                            .into_bytes(),
+                        format!(
+                            "remote command killed by signal {signal_name:?} {error_message}\n"
+                        )
+                        .into_bytes(),
                     );
                 }
                 ChannelMsg::Close => break,
@@ -625,9 +631,7 @@ fn session(handle: Handle<Checker>, channel: ::russh::Channel<client::Msg>) -> S
     let finish: crate::ssh::Finisher = Box::pin(async move {
         let _ = wr.eof().await;
         let _ = tokio::time::timeout(Duration::from_secs(5), pump).await;
-        let _ = handle
-            .disconnect(Disconnect::ByApplication, "", "en")
-            .await;
+        let _ = handle.disconnect(Disconnect::ByApplication, "", "en").await;
     });
     Session::with_finisher(Box::new(writer), Box::new(pipe_rx), log, finish)
 }
@@ -670,8 +674,10 @@ mod tests {
     use super::*;
     use ferry_nix::machines::parse_builders_setting;
 
-    const K1: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIC6WBW6Q7E+z9lfqr3ChtmMvBQ71YLRDg/IrLFd9KWNY";
-    const K2: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ6ignflF9oSCIPSZN4nVXjQ6Vru5xgGZGb5fWJ2CMwG";
+    const K1: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIC6WBW6Q7E+z9lfqr3ChtmMvBQ71YLRDg/IrLFd9KWNY";
+    const K2: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJ6ignflF9oSCIPSZN4nVXjQ6Vru5xgGZGb5fWJ2CMwG";
 
     fn key(line: &str) -> PublicKey {
         pinned_keys(line).expect("key").remove(0)
@@ -706,7 +712,10 @@ mod tests {
         assert!(policy.check(&t, &key(K1)).is_ok());
         let e = policy.check(&t, &key(K2)).expect_err("wrong key");
         assert!(e.contains("host key mismatch for b1"), "{e}");
-        assert!(e.contains("SHA256:TwwyrvyMkN90XvNcLrBrq9E5dbKbxGYsIhL+jKTPa54"), "{e}");
+        assert!(
+            e.contains("SHA256:TwwyrvyMkN90XvNcLrBrq9E5dbKbxGYsIhL+jKTPa54"),
+            "{e}"
+        );
         // A known_hosts-style line (host names first) works too.
         assert_eq!(pinned_keys(&format!("b1,b1.lan {K1}")).expect("k").len(), 1);
         let e = pinned_keys("not a key").expect_err("garbage");
@@ -743,10 +752,7 @@ mod tests {
     fn known_key_algorithms_come_first() {
         let p = HostKeyPolicy::Pinned(vec![key(K1)]);
         assert_eq!(p.preferred_algorithms().first(), Some(&Algorithm::Ed25519));
-        assert_eq!(
-            p.preferred_algorithms().len(),
-            Preferred::DEFAULT.key.len()
-        );
+        assert_eq!(p.preferred_algorithms().len(), Preferred::DEFAULT.key.len());
     }
 
     #[test]
@@ -777,8 +783,7 @@ mod tests {
         let r = Russh::for_current_user();
         let e = rt
             .block_on(async {
-                tokio::time::timeout(Duration::from_secs(5), r.open(&m, &Progress::default()))
-                    .await
+                tokio::time::timeout(Duration::from_secs(5), r.open(&m, &Progress::default())).await
             })
             .expect("no network wait")
             .err()
