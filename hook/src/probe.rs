@@ -79,7 +79,7 @@ impl Prober {
                     .russh
                     .open(m, &progress)
                     .await
-                    .map_err(|e| format!("cannot connect to '{}': {e}", m.store_uri))?,
+                    .map_err(|e| e.into_ssh_error(m).to_string())?,
             };
             progress.set("the nix-store --serve handshake");
             remote::open(&m.store_uri, session)

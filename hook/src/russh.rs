@@ -48,11 +48,12 @@ pub enum RusshError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{0}")]
+    /// Worded like OpenSSH's refusal, so one search finds both.
+    #[error("Host key verification failed: {0}")]
     HostKey(String),
     #[error("cannot use the ssh key {path}: {reason}")]
     KeyFile { path: PathBuf, reason: String },
-    #[error("{user}@{host}: permission denied (publickey); tried {tried}")]
+    #[error("{user}@{host}: Permission denied (publickey); tried {tried}")]
     Auth {
         user: String,
         host: String,
@@ -636,14 +637,24 @@ fn session(handle: Handle<Checker>, channel: ::russh::Channel<client::Msg>) -> S
     Session::with_finisher(Box::new(writer), Box::new(pipe_rx), log, finish)
 }
 
+impl RusshError {
+    /// As the OpenSSH transport reports it: "cannot connect to 'user@host': …".
+    pub fn into_ssh_error(self, machine: &Machine) -> SshError {
+        match self {
+            RusshError::NoHost { uri } => SshError::NoHost { uri },
+            e => SshError::Connect {
+                host: machine.host().unwrap_or(&machine.store_uri).to_owned(),
+                reason: e.to_string(),
+            },
+        }
+    }
+}
+
 impl Transport for Russh {
     async fn connect(&self, machine: &Machine) -> Result<Session, SshError> {
         self.open(machine, &Progress::default())
             .await
-            .map_err(|e| SshError::Connect {
-                host: machine.host().unwrap_or(&machine.store_uri).to_owned(),
-                reason: e.to_string(),
-            })
+            .map_err(|e| e.into_ssh_error(machine))
     }
 }
 

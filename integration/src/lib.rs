@@ -89,9 +89,11 @@ impl Host {
         let child = cmd.spawn().context("starting nix-daemon")?;
         self.daemons.push(child);
         let sock = self.nix_path("/nix/var/nix/daemon-socket/socket");
-        wait_until(&format!("the nix-daemon socket of {}", self.role), Duration::from_secs(10), || {
-            sock.exists()
-        })
+        wait_until(
+            &format!("the nix-daemon socket of {}", self.role),
+            Duration::from_secs(10),
+            || sock.exists(),
+        )
     }
 
     /// A command run on this host that talks to its nix-daemon, with a private narinfo
@@ -107,7 +109,10 @@ impl Host {
 
     /// Writes this host's `/etc/nix/nix.conf`: the fleet's base settings plus `extra`.
     pub fn write_nix_conf(&self, extra: &str) -> Result<()> {
-        std::fs::write(self.dir.join("etc-nix/nix.conf"), format!("{BASE_CONF}{extra}\n"))?;
+        std::fs::write(
+            self.dir.join("etc-nix/nix.conf"),
+            format!("{BASE_CONF}{extra}\n"),
+        )?;
         Ok(())
     }
 
@@ -240,7 +245,9 @@ impl Fleet {
         let pid = std::process::id();
         let id = format!("{NS_PREFIX}{pid}n{seq}");
         // A /24 per fleet, unique among this process's fleets and spread across processes.
-        let mix = pid.wrapping_mul(2_654_435_761).wrapping_add(seq.wrapping_mul(97));
+        let mix = pid
+            .wrapping_mul(2_654_435_761)
+            .wrapping_add(seq.wrapping_mul(97));
         let subnet = (64 + (mix % 128) as u8, ((mix >> 8) % 256) as u8);
         let root = tempfile::Builder::new()
             .prefix(&format!("ferry-fleet-{id}-"))
@@ -248,7 +255,16 @@ impl Fleet {
             .context("creating the fleet directory")?;
         let client_key = root.path().join("client_key");
         run(Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "ferry-fleet-client", "-f"])
+            .args([
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "ferry-fleet-client",
+                "-f",
+            ])
             .arg(&client_key))?;
 
         let client_addr = format!("10.{}.{}.1", subnet.0, subnet.1);
@@ -257,7 +273,15 @@ impl Fleet {
         // by a veth pair, so hosts reach each other (a second client reaches a cache) and the
         // client is one of them.
         ip(&["-n", &client.netns, "link", "add", "lan", "type", "bridge"])?;
-        ip(&["-n", &client.netns, "addr", "add", &format!("{client_addr}/24"), "dev", "lan"])?;
+        ip(&[
+            "-n",
+            &client.netns,
+            "addr",
+            "add",
+            &format!("{client_addr}/24"),
+            "dev",
+            "lan",
+        ])?;
         ip(&["-n", &client.netns, "link", "set", "lan", "up"])?;
         let mut fleet = Fleet {
             id,
@@ -294,7 +318,15 @@ impl Fleet {
             etc = dir.join("etc-nix").display()
         );
         let holder = Command::new("ip")
-            .args(["netns", "exec", &netns, "unshare", "-m", "--propagation", "private"])
+            .args([
+                "netns",
+                "exec",
+                &netns,
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+            ])
             .args(["sh", "-c", &script])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -348,11 +380,37 @@ impl Fleet {
         // The veth pair is created directly inside the two namespaces: no interface and no
         // fleet address ever exists in the root namespace.
         ip(&[
-            "link", "add", &c_if, "netns", &self.client.netns, "type", "veth", "peer", "name",
-            "to-client", "netns", &host.netns,
+            "link",
+            "add",
+            &c_if,
+            "netns",
+            &self.client.netns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "to-client",
+            "netns",
+            &host.netns,
         ])?;
-        ip(&["-n", &self.client.netns, "link", "set", &c_if, "master", "lan"])?;
-        ip(&["-n", &host.netns, "addr", "add", &format!("{addr}/24"), "dev", "to-client"])?;
+        ip(&[
+            "-n",
+            &self.client.netns,
+            "link",
+            "set",
+            &c_if,
+            "master",
+            "lan",
+        ])?;
+        ip(&[
+            "-n",
+            &host.netns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "to-client",
+        ])?;
         ip(&["-n", &self.client.netns, "link", "set", &c_if, "up"])?;
         ip(&["-n", &host.netns, "link", "set", "to-client", "up"])?;
         Ok(host)
@@ -450,13 +508,17 @@ impl Fleet {
         }
         let _ = std::fs::remove_file(pidfile);
         let netns = b.netns.clone();
-        wait_until(&format!("sshd of b{i} to stop"), Duration::from_secs(10), || {
-            Command::new("ip")
-                .args(["netns", "exec", &netns, "ss", "-Hltn", "sport", "=", ":22"])
-                .output()
-                .map(|o| o.stdout.is_empty())
-                .unwrap_or(false)
-        })
+        wait_until(
+            &format!("sshd of b{i} to stop"),
+            Duration::from_secs(10),
+            || {
+                Command::new("ip")
+                    .args(["netns", "exec", &netns, "ss", "-Hltn", "sport", "=", ":22"])
+                    .output()
+                    .map(|o| o.stdout.is_empty())
+                    .unwrap_or(false)
+            },
+        )
     }
 
     /// Fault: builder `i` drops every packet to its sshd (a machine that is off or
@@ -471,8 +533,22 @@ impl Fleet {
     pub fn throttle(&self, i: usize, rate: &str) -> Result<()> {
         let ns = &self.builders[i].netns;
         run(Command::new("ip").args([
-            "netns", "exec", ns, "tc", "qdisc", "replace", "dev", "to-client", "root", "tbf",
-            "rate", rate, "burst", "4kb", "latency", "2s",
+            "netns",
+            "exec",
+            ns,
+            "tc",
+            "qdisc",
+            "replace",
+            "dev",
+            "to-client",
+            "root",
+            "tbf",
+            "rate",
+            rate,
+            "burst",
+            "4kb",
+            "latency",
+            "2s",
         ]))
         .map(|_| ())
     }
@@ -483,8 +559,25 @@ impl Fleet {
         let ns = &self.builders[i].netns;
         let p = format!("{p}");
         run(Command::new("ip").args([
-            "netns", "exec", ns, "iptables", "-w", "-A", "INPUT", "-p", "tcp", "--dport", "22",
-            "-m", "statistic", "--mode", "random", "--probability", &p, "-j", "DROP",
+            "netns",
+            "exec",
+            ns,
+            "iptables",
+            "-w",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "22",
+            "-m",
+            "statistic",
+            "--mode",
+            "random",
+            "--probability",
+            &p,
+            "-j",
+            "DROP",
         ]))
         .map(|_| ())
     }
@@ -549,8 +642,19 @@ impl Drop for Fleet {
 pub fn blackhole_port(host: &Host, port: u16) -> Result<()> {
     let port = port.to_string();
     run(Command::new("ip").args([
-        "netns", "exec", &host.netns, "iptables", "-w", "-A", "INPUT", "-p", "tcp", "--dport",
-        &port, "-j", "DROP",
+        "netns",
+        "exec",
+        &host.netns,
+        "iptables",
+        "-w",
+        "-A",
+        "INPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        &port,
+        "-j",
+        "DROP",
     ]))
     .map(|_| ())
 }
@@ -560,7 +664,17 @@ pub fn heal_host(host: &Host) -> Result<()> {
     let ns = &host.netns;
     run(Command::new("ip").args(["netns", "exec", ns, "iptables", "-w", "-F", "INPUT"]))?;
     let _ = Command::new("ip")
-        .args(["netns", "exec", ns, "tc", "qdisc", "del", "dev", "to-client", "root"])
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "tc",
+            "qdisc",
+            "del",
+            "dev",
+            "to-client",
+            "root",
+        ])
         .output();
     Ok(())
 }
@@ -590,7 +704,12 @@ pub fn nonce() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    format!("{}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst), t % 1_000_000_007)
+    format!(
+        "{}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::SeqCst),
+        t % 1_000_000_007
+    )
 }
 
 /// Output paths printed by `nix-build`.

@@ -7,8 +7,14 @@ use ferry_integration::{Fleet, FleetConfig, chain_drv, check, nonce, out_paths, 
 use std::process::Command;
 
 fn namespaces() -> String {
-    String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().expect("ip").stdout)
-        .into_owned()
+    String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip")
+            .stdout,
+    )
+    .into_owned()
 }
 
 #[test]
@@ -22,21 +28,30 @@ fn stock_build_remote_offloads_a_two_level_closure() {
     assert_eq!(paths.len(), 1, "{paths:?}");
     let top = &paths[0];
     // Built on the builder: the output and its whole closure exist in the builder's store.
-    assert!(fleet.builders[0].has_store_path(top), "{top} not built on b0");
+    assert!(
+        fleet.builders[0].has_store_path(top),
+        "{top} not built on b0"
+    );
     // Valid on the client, with the references the build recorded.
-    let refs = fleet.client_command("nix-store")
+    let refs = fleet
+        .client_command("nix-store")
         .args(["-q", "--references", top])
         .output()
         .expect("nix-store -q");
     check(&refs, "nix-store -q --references").expect("references");
     let refs = String::from_utf8_lossy(&refs.stdout).into_owned();
-    assert!(refs.lines().any(|l| l.contains("-ferry-mid-")), "references: {refs}");
-    let verify = fleet.client_command("nix-store")
+    assert!(
+        refs.lines().any(|l| l.contains("-ferry-mid-")),
+        "references: {refs}"
+    );
+    let verify = fleet
+        .client_command("nix-store")
         .args(["--verify-path", top])
         .output()
         .expect("verify");
     check(&verify, "nix-store --verify-path on the client").expect("valid on client");
-    let copy = std::fs::read_to_string(fleet.client.nix_path(&format!("{top}/copy"))).expect("copy");
+    let copy =
+        std::fs::read_to_string(fleet.client.nix_path(&format!("{top}/copy"))).expect("copy");
     assert_eq!(copy, "leaf\n");
 }
 
@@ -47,7 +62,10 @@ fn stock_build_remote_fails_with_max_jobs_0_when_the_builder_refuses() {
     let out = fleet.nix_build(&trivial_drv(&nonce(), "x"), &["-j0"]);
     assert!(!out.status.success(), "built with no builder and -j0");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("Failed to find a machine for remote build"), "{err}");
+    assert!(
+        err.contains("Failed to find a machine for remote build"),
+        "{err}"
+    );
     // Healing brings the builder back.
     fleet.start_sshd(0).expect("restart sshd");
     let out = fleet.nix_build(&trivial_drv(&nonce(), "y"), &["-j0"]);
@@ -90,7 +108,11 @@ fn two_fleets_run_side_by_side_without_colliding() {
 
 #[test]
 fn teardown_leaves_no_namespace_mount_or_process() {
-    let fleet = Fleet::start(FleetConfig { builders: 2, ..Default::default() }).expect("fleet");
+    let fleet = Fleet::start(FleetConfig {
+        builders: 2,
+        ..Default::default()
+    })
+    .expect("fleet");
     let names = fleet.namespaces();
     let dir = fleet.root.path().to_owned();
     let listed = namespaces();
@@ -105,8 +127,14 @@ fn teardown_leaves_no_namespace_mount_or_process() {
     for n in &names {
         assert!(!listed.contains(n.as_str()), "namespace {n} left behind");
     }
-    let ps = String::from_utf8_lossy(&Command::new("ps").args(["-eo", "args"]).output().expect("ps").stdout)
-        .into_owned();
+    let ps = String::from_utf8_lossy(
+        &Command::new("ps")
+            .args(["-eo", "args"])
+            .output()
+            .expect("ps")
+            .stdout,
+    )
+    .into_owned();
     let d = dir.display().to_string();
     assert!(!ps.contains(&d), "process left behind:\n{ps}");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
@@ -129,9 +157,15 @@ fn fault_helpers_break_and_heal_a_builder() {
     check(&out, "build with a blackholed builder").expect("local fallback");
     let p = &out_paths(&out)[0];
     assert!(fleet.client.has_store_path(p));
-    assert!(!fleet.builders[0].has_store_path(p), "built remotely through a blackhole");
+    assert!(
+        !fleet.builders[0].has_store_path(p),
+        "built remotely through a blackhole"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("timed out") || err.contains("cannot build on"), "{err}");
+    assert!(
+        err.contains("timed out") || err.contains("cannot build on"),
+        "{err}"
+    );
 
     fleet.heal(0).expect("heal");
     // A slow link: 64 kbit/s from the builder. Copying a 64 KiB output back takes > 5 s.
@@ -144,8 +178,15 @@ fn fault_helpers_break_and_heal_a_builder() {
     let out = fleet.nix_build(&big, &["-j0"]);
     check(&out, "build over a slow link").expect("slow link");
     let p = &out_paths(&out)[0];
-    assert!(fleet.builders[0].has_store_path(p), "not built remotely over the slow link");
-    assert!(t.elapsed() >= std::time::Duration::from_secs(5), "link not throttled: {:?}", t.elapsed());
+    assert!(
+        fleet.builders[0].has_store_path(p),
+        "not built remotely over the slow link"
+    );
+    assert!(
+        t.elapsed() >= std::time::Duration::from_secs(5),
+        "link not throttled: {:?}",
+        t.elapsed()
+    );
     fleet.heal(0).expect("heal throttle");
     // A lossy link still carries a build (TCP retransmits).
     fleet.lossy(0, 0.1).expect("lossy");
@@ -167,7 +208,14 @@ fn hosts_on_the_lan_reach_each_other_and_faults_apply_to_them() {
     std::fs::write(www.join("nix-cache-info"), "StoreDir: /nix/store\n").expect("write");
     let server = cache
         .command("python3")
-        .args(["-m", "http.server", "--bind", &cache.addr.clone(), "8080", "--directory"])
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            &cache.addr.clone(),
+            "8080",
+            "--directory",
+        ])
         .arg(&www)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -188,19 +236,40 @@ fn hosts_on_the_lan_reach_each_other_and_faults_apply_to_them() {
     for _ in 0..50 {
         let out = fetch(fleet.host("client2"));
         if out.status.success() {
-            assert_eq!(String::from_utf8_lossy(&out.stdout), "StoreDir: /nix/store\n");
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                "StoreDir: /nix/store\n"
+            );
             ok = true;
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert!(ok, "client2 never reached the cache host");
-    assert!(fetch(&fleet.client).status.success(), "client cannot reach the cache");
+    assert!(
+        fetch(&fleet.client).status.success(),
+        "client cannot reach the cache"
+    );
     // The second host has its own nix-daemon and store.
-    let out = fleet.host("client2").nix_command("nix-store").args(["-q", "--hash", "/nix/store/00000000000000000000000000000000-x"]).output().expect("nix-store");
+    let out = fleet
+        .host("client2")
+        .nix_command("nix-store")
+        .args([
+            "-q",
+            "--hash",
+            "/nix/store/00000000000000000000000000000000-x",
+        ])
+        .output()
+        .expect("nix-store");
     assert!(!out.status.success());
     blackhole_port(fleet.host("cache"), 8080).expect("blackhole");
-    assert!(!fetch(fleet.host("client2")).status.success(), "blackholed cache still answers");
+    assert!(
+        !fetch(fleet.host("client2")).status.success(),
+        "blackholed cache still answers"
+    );
     heal_host(fleet.host("cache")).expect("heal");
-    assert!(fetch(fleet.host("client2")).status.success(), "healed cache does not answer");
+    assert!(
+        fetch(fleet.host("client2")).status.success(),
+        "healed cache does not answer"
+    );
 }

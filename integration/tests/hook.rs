@@ -41,7 +41,10 @@ fn chain_closure_builds_remotely(hook: Hook) {
     let paths = out_paths(&out);
     assert_eq!(paths.len(), 1, "{paths:?}");
     let top = &paths[0];
-    assert!(fleet.builders[0].has_store_path(top), "{hook:?}: {top} not built on b0");
+    assert!(
+        fleet.builders[0].has_store_path(top),
+        "{hook:?}: {top} not built on b0"
+    );
 
     // Same NAR hash on both sides.
     let mut q = fleet.client_command("nix-store");
@@ -56,7 +59,10 @@ fn chain_closure_builds_remotely(hook: Hook) {
     let mut q = fleet.client_command("nix-store");
     q.args(["-q", "--references", top]);
     let refs = stdout_of(q, "nix-store -q --references");
-    assert!(refs.lines().any(|l| l.contains("-ferry-mid-")), "{hook:?}: references: {refs}");
+    assert!(
+        refs.lines().any(|l| l.contains("-ferry-mid-")),
+        "{hook:?}: references: {refs}"
+    );
     let mut v = fleet.client_command("nix-store");
     v.args(["--verify-path", top]);
     stdout_of(v, "nix-store --verify-path");
@@ -77,7 +83,10 @@ fn chain_closure_builds_remotely(hook: Hook) {
     let mut l = fleet.client_command("nix-store");
     l.args(["-l", p]);
     let log = stdout_of(l, "nix-store -l");
-    assert!(log.contains(&marker), "{hook:?}: build log on the client: {log:?}");
+    assert!(
+        log.contains(&marker),
+        "{hook:?}: build log on the client: {log:?}"
+    );
 }
 
 #[test]
@@ -94,7 +103,10 @@ fn remote_failure_is_reported(hook: Hook) {
     let fleet = fleet(hook, 1, 2);
     let ok = fleet.nix_build(&trivial_drv(&nonce(), "fine"), &["-j0"]);
     check(&ok, "healthy -j0 build").unwrap_or_else(|e| panic!("{e}\n{}", fleet.daemon_log()));
-    assert!(fleet.builders[0].has_store_path(&out_paths(&ok)[0]), "not built remotely");
+    assert!(
+        fleet.builders[0].has_store_path(&out_paths(&ok)[0]),
+        "not built remotely"
+    );
 
     let marker = format!("ferry-fail-marker-{}", nonce());
     let expr = format!(
@@ -106,7 +118,10 @@ fn remote_failure_is_reported(hook: Hook) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&marker), "{hook:?}: no remote log in:\n{err}");
     let addr = &fleet.builders[0].addr;
-    assert!(err.contains(addr.as_str()), "{hook:?}: builder {addr} not named in:\n{err}");
+    assert!(
+        err.contains(addr.as_str()),
+        "{hook:?}: builder {addr} not named in:\n{err}"
+    );
 }
 
 #[test]
@@ -150,16 +165,28 @@ fn route_by_system_and_features(hook: Hook) {
     let out = fleet.nix_build(&with_feature, &["-j0"]);
     check(&out, "feature build").unwrap_or_else(|e| panic!("{e}\n{}", fleet.daemon_log()));
     let p = &out_paths(&out)[0];
-    assert!(fleet.builders[1].has_store_path(p), "{hook:?}: feature build not on b1");
-    assert!(!fleet.builders[0].has_store_path(p), "{hook:?}: feature build on b0");
+    assert!(
+        fleet.builders[1].has_store_path(p),
+        "{hook:?}: feature build not on b1"
+    );
+    assert!(
+        !fleet.builders[0].has_store_path(p),
+        "{hook:?}: feature build on b0"
+    );
 
     // Without the feature, b1 (mandatory) is not eligible: everything goes to b0.
     for k in 0..2 {
         let out = fleet.nix_build(&trivial_drv(&format!("{n}-plain{k}"), "p"), &["-j0"]);
         check(&out, "plain build").unwrap_or_else(|e| panic!("{e}\n{}", fleet.daemon_log()));
         let p = &out_paths(&out)[0];
-        assert!(fleet.builders[0].has_store_path(p), "{hook:?}: plain build not on b0");
-        assert!(!fleet.builders[1].has_store_path(p), "{hook:?}: plain build on b1");
+        assert!(
+            fleet.builders[0].has_store_path(p),
+            "{hook:?}: plain build not on b0"
+        );
+        assert!(
+            !fleet.builders[1].has_store_path(p),
+            "{hook:?}: plain build on b1"
+        );
     }
 
     // A system only b0 has, built with `-j0` and no way to run it: the stock test for
@@ -171,9 +198,15 @@ fn route_by_system_and_features(hook: Hook) {
     let out = fleet.nix_build(&other, &["-j0"]);
     let err = String::from_utf8_lossy(&out.stderr);
     let b0 = &fleet.builders[0].addr;
-    assert!(err.contains(b0.as_str()), "{hook:?}: aarch64 build not sent to b0:\n{err}");
+    assert!(
+        err.contains(b0.as_str()),
+        "{hook:?}: aarch64 build not sent to b0:\n{err}"
+    );
     let b1 = &fleet.builders[1].addr;
-    assert!(!err.contains(b1.as_str()), "{hook:?}: aarch64 build sent to b1:\n{err}");
+    assert!(
+        !err.contains(b1.as_str()),
+        "{hook:?}: aarch64 build sent to b1:\n{err}"
+    );
 }
 
 #[test]
@@ -213,18 +246,27 @@ fn spread_over_builders(hook: Hook) {
     assert_eq!(paths.len(), 6, "{paths:?}");
     let mut used = [0usize; 2];
     for p in &paths {
-        let on: Vec<usize> = (0..2).filter(|&i| fleet.builders[i].has_store_path(p)).collect();
+        let on: Vec<usize> = (0..2)
+            .filter(|&i| fleet.builders[i].has_store_path(p))
+            .collect();
         assert_eq!(on.len(), 1, "{hook:?}: {p} built on {on:?}");
         used[on[0]] += 1;
         assert!(fleet.client.has_store_path(p));
     }
-    assert!(used.iter().all(|&u| u > 0), "{hook:?}: only one builder used: {used:?}");
+    assert!(
+        used.iter().all(|&u| u > 0),
+        "{hook:?}: only one builder used: {used:?}"
+    );
     for b in &fleet.builders {
         let listing: Vec<String> = std::fs::read_dir(b.nix_path(trace))
             .expect("trace dir")
             .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
             .collect();
-        assert!(listing.is_empty(), "{hook:?}: two builds at once on {}: {listing:?}", b.role);
+        assert!(
+            listing.is_empty(),
+            "{hook:?}: two builds at once on {}: {listing:?}",
+            b.role
+        );
     }
 }
 
@@ -251,13 +293,22 @@ fn connect_failures_name_the_builder_and_the_reason() {
         f[7] = l1.split_whitespace().nth(7).expect("host key");
         f.join(" ")
     };
-    std::fs::write(fleet.client.dir.join("etc-nix/machines"), format!("{wrong_key}\n"))
-        .expect("machines");
+    std::fs::write(
+        fleet.client.dir.join("etc-nix/machines"),
+        format!("{wrong_key}\n"),
+    )
+    .expect("machines");
     let out = fleet.nix_build(&trivial_drv(&nonce(), "k"), &["-j0"]);
-    assert!(!out.status.success(), "built through a builder with the wrong host key");
+    assert!(
+        !out.status.success(),
+        "built through a builder with the wrong host key"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     let b0 = &fleet.builders[0].addr;
-    assert!(err.contains(&format!("cannot build on 'ssh://root@{b0}'")), "{err}");
+    assert!(
+        err.contains(&format!("cannot build on 'ssh://root@{b0}'")),
+        "{err}"
+    );
     assert!(err.contains("Host key verification failed"), "{err}");
 
     // b1 with a client key its sshd does not accept.
@@ -274,13 +325,19 @@ fn connect_failures_name_the_builder_and_the_reason() {
         f[2] = other_key.display().to_string();
         f.join(" ")
     };
-    std::fs::write(fleet.client.dir.join("etc-nix/machines"), format!("{refused}\n"))
-        .expect("machines");
+    std::fs::write(
+        fleet.client.dir.join("etc-nix/machines"),
+        format!("{refused}\n"),
+    )
+    .expect("machines");
     let out = fleet.nix_build(&trivial_drv(&nonce(), "r"), &["-j0"]);
     assert!(!out.status.success(), "built with a refused key");
     let err = String::from_utf8_lossy(&out.stderr);
     let b1 = &fleet.builders[1].addr;
-    assert!(err.contains(&format!("cannot build on 'ssh://root@{b1}'")), "{err}");
+    assert!(
+        err.contains(&format!("cannot build on 'ssh://root@{b1}'")),
+        "{err}"
+    );
     assert!(err.contains("Permission denied"), "{err}");
 }
 
@@ -294,7 +351,10 @@ fn empty_builders_declines_permanently() {
         check(&out, "local build").unwrap_or_else(|e| panic!("{hook:?}: {e}"));
         let p = &out_paths(&out)[0];
         assert!(fleet.client.has_store_path(p));
-        assert!(!fleet.builders[0].has_store_path(p), "{hook:?}: built remotely");
+        assert!(
+            !fleet.builders[0].has_store_path(p),
+            "{hook:?}: built remotely"
+        );
     }
 }
 
@@ -309,8 +369,9 @@ fn bench_ten_derivations_on_two_builders() {
         for hook in [Hook::Stock, Hook::Ferry] {
             let fleet = fleet(hook, 2, 2);
             let n = nonce();
-            let drvs: Vec<String> =
-                (0..10).map(|k| format!("({})", trivial_drv(&format!("{n}-{k}"), "b"))).collect();
+            let drvs: Vec<String> = (0..10)
+                .map(|k| format!("({})", trivial_drv(&format!("{n}-{k}"), "b")))
+                .collect();
             let expr = format!("[ {} ]", drvs.join(" "));
             let t = std::time::Instant::now();
             let out = fleet.nix_build(&expr, &["-j0"]);
@@ -321,9 +382,16 @@ fn bench_ten_derivations_on_two_builders() {
         }
     }
     let mean = |h: Hook| {
-        let v: Vec<f64> = times.iter().filter(|(x, _)| *x == h).map(|(_, t)| *t).collect();
+        let v: Vec<f64> = times
+            .iter()
+            .filter(|(x, _)| *x == h)
+            .map(|(_, t)| *t)
+            .collect();
         v.iter().sum::<f64>() / v.len() as f64
     };
     let (s, f) = (mean(Hook::Stock), mean(Hook::Ferry));
-    println!("mean stock {s:.3} s, ferry {f:.3} s, ferry/stock = {:.2}", f / s);
+    println!(
+        "mean stock {s:.3} s, ferry {f:.3} s, ferry/stock = {:.2}",
+        f / s
+    );
 }

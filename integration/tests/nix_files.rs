@@ -18,6 +18,11 @@ fn flake_module_and_vm_tests_parse() {
             .arg(&f)
             .output()
             .expect("nix-instantiate");
-        assert!(out.status.success(), "{}: {}", f.display(), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            f.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
