@@ -61,29 +61,51 @@ impl Prober {
     ) -> Result<(Connection, f64), String> {
         self.connect_via(self.tuning.build_transport, m, budget)
             .await
+            .map(|(c, l, _)| (c, l))
     }
 
-    /// Connects over `via` and handshakes within `budget`.
+    /// The transport for `m` when `via` is configured: russh defers to OpenSSH for builders
+    /// the user's SSH configuration is about ([`Russh::defer_reason`]).
+    pub fn transport_for(&self, via: TransportKind, m: &Machine) -> TransportKind {
+        match via {
+            TransportKind::Russh if self.russh.defer_reason(m).is_some() => TransportKind::Openssh,
+            v => v,
+        }
+    }
+
+    /// Connects over `via` and handshakes within `budget`. Returns the connection, the time
+    /// it took and the transport it went over (russh falls back to OpenSSH when it fails
+    /// where OpenSSH's configuration might succeed).
     pub async fn connect_via(
         &self,
         via: TransportKind,
         m: &Machine,
         budget: Duration,
-    ) -> Result<(Connection, f64), String> {
+    ) -> Result<(Connection, f64, TransportKind), String> {
         let start = Instant::now();
+        let via = self.transport_for(via, m);
         let progress = Progress::default();
         let attempt = async {
-            let session = match via {
-                TransportKind::Openssh => self.ssh.connect(m).await.map_err(|e| e.to_string())?,
-                TransportKind::Russh => self
-                    .russh
-                    .open(m, &progress)
-                    .await
-                    .map_err(|e| e.into_ssh_error(m).to_string())?,
+            let (session, used) = match via {
+                TransportKind::Openssh => {
+                    (self.ssh.connect(m).await.map_err(|e| e.to_string())?, via)
+                }
+                TransportKind::Russh => match self.russh.open(m, &progress).await {
+                    Ok(s) => (s, via),
+                    Err(e) if e.openssh_might_work() => {
+                        progress.set("OpenSSH, after russh failed");
+                        let s = self.ssh.connect(m).await.map_err(|e2| {
+                            format!("{e2} (and over russh: {})", e.into_ssh_error(m))
+                        })?;
+                        (s, TransportKind::Openssh)
+                    }
+                    Err(e) => return Err(e.into_ssh_error(m).to_string()),
+                },
             };
             progress.set("the nix-store --serve handshake");
             remote::open(&m.store_uri, session)
                 .await
+                .map(|c| (c, used))
                 .map_err(|e| e.to_string())
         };
         // The configured budget, not what was left of it, so one outage reads the same in
@@ -94,7 +116,7 @@ impl Prober {
             .as_millis()
             .max(budget.as_millis());
         match tokio::time::timeout(budget, attempt).await {
-            Ok(Ok(c)) => Ok((c, start.elapsed().as_secs_f64() * 1000.0)),
+            Ok(Ok((c, used))) => Ok((c, start.elapsed().as_secs_f64() * 1000.0, used)),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(match via {
                 TransportKind::Openssh => format!(
@@ -129,6 +151,7 @@ impl Prober {
     ) -> Result<Connection, String> {
         self.connect_recorded_via(self.tuning.build_transport, m, budget)
             .await
+            .map(|(c, _)| c)
     }
 
     async fn connect_recorded_via(
@@ -136,11 +159,11 @@ impl Prober {
         via: TransportKind,
         m: &Machine,
         budget: Duration,
-    ) -> Result<Connection, String> {
+    ) -> Result<(Connection, TransportKind), String> {
         match self.connect_via(via, m, budget).await {
-            Ok((c, latency)) => {
+            Ok((c, latency, used)) => {
                 self.record_up(&m.store_uri, Some(latency));
-                Ok(c)
+                Ok((c, used))
             }
             Err(e) => {
                 self.record_down(&m.store_uri, &e);
@@ -162,9 +185,10 @@ impl Prober {
         m: &Machine,
         budget: Duration,
     ) -> Result<Option<Connection>, String> {
-        let via = self.tuning.probe_transport;
-        let c = self.connect_recorded_via(via, m, budget).await?;
-        if via == self.tuning.build_transport {
+        let (c, used) = self
+            .connect_recorded_via(self.tuning.probe_transport, m, budget)
+            .await?;
+        if used == self.transport_for(self.tuning.build_transport, m) {
             return Ok(Some(c));
         }
         // Closing (EOF, the remote `nix-store` exits, disconnect) is not on the critical

@@ -310,6 +310,54 @@ pub struct Russh {
     /// SSH keep-alives: a builder that stops answering mid-build is noticed (Nix's daemon
     /// does not time hooks out, NixOS/nix#16437; the values of NixOS/nix PR #15620).
     pub keepalive: Option<Duration>,
+    /// `Host` patterns of the user's `~/.ssh/config` (see [`Russh::defer_reason`]).
+    pub ssh_config_hosts: Vec<String>,
+    /// `NIX_SSHOPTS` is set: OpenSSH options this client cannot apply.
+    pub nix_sshopts: bool,
+}
+
+/// The `Host` patterns of an ssh_config text (`Host a b*`, `Host=a`; negated patterns are
+/// kept with their `!`).
+pub fn ssh_config_hosts(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        let (kw, rest) = match line.split_once(|c: char| c.is_whitespace() || c == '=') {
+            Some(x) => x,
+            None => continue,
+        };
+        if kw.eq_ignore_ascii_case("host") {
+            out.extend(
+                rest.trim_start_matches(|c: char| c.is_whitespace() || c == '=')
+                    .split_whitespace()
+                    .map(str::to_owned),
+            );
+        }
+    }
+    out
+}
+
+/// ssh_config's pattern matching: `*` any run, `?` one character.
+fn glob(pattern: &str, name: &str) -> bool {
+    fn go(p: &[u8], n: &[u8]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => {
+                go(p.get(1..).unwrap_or_default(), n)
+                    || (!n.is_empty() && go(p, n.get(1..).unwrap_or_default()))
+            }
+            (Some(b'?'), Some(_)) => go(
+                p.get(1..).unwrap_or_default(),
+                n.get(1..).unwrap_or_default(),
+            ),
+            (Some(a), Some(b)) if a.eq_ignore_ascii_case(b) => go(
+                p.get(1..).unwrap_or_default(),
+                n.get(1..).unwrap_or_default(),
+            ),
+            _ => false,
+        }
+    }
+    go(pattern.as_bytes(), name.as_bytes())
 }
 
 impl Russh {
@@ -318,6 +366,9 @@ impl Russh {
     pub fn for_current_user() -> Self {
         let (user, home) = current_user();
         let ssh_dir = home.join(".ssh");
+        let ssh_config_hosts = std::fs::read_to_string(ssh_dir.join("config"))
+            .map(|t| ssh_config_hosts(&t))
+            .unwrap_or_default();
         Russh {
             user,
             known_hosts: vec![
@@ -327,7 +378,27 @@ impl Russh {
             ssh_dir,
             use_agent: true,
             keepalive: Some(Duration::from_secs(30)),
+            ssh_config_hosts,
+            nix_sshopts: false,
         }
+    }
+
+    /// Why this builder's connections must go through OpenSSH even where russh is
+    /// configured, if they must: `NIX_SSHOPTS` is set, or a `Host` block of `~/.ssh/config`
+    /// other than a bare `Host *` names it (an alias, a port, a jump host, an identity:
+    /// things only `ssh` applies). Global `Host *` defaults (keep-alives, multiplexing) are
+    /// not taken as a reason, or no one with such a file could use this transport.
+    pub fn defer_reason(&self, m: &Machine) -> Option<String> {
+        if self.nix_sshopts {
+            return Some("NIX_SSHOPTS is set".to_owned());
+        }
+        let spec = m.host()?;
+        let host = Target::parse(spec, &self.user).ok()?.host;
+        self.ssh_config_hosts
+            .iter()
+            .filter(|p| p.as_str() != "*" && !p.starts_with('!'))
+            .find(|p| glob(p, &host))
+            .map(|p| format!("~/.ssh/config has 'Host {p}'"))
     }
 
     fn policy(&self, m: &Machine, target: &Target) -> Result<HostKeyPolicy, RusshError> {
@@ -638,6 +709,13 @@ fn session(handle: Handle<Checker>, channel: ::russh::Channel<client::Msg>) -> S
 }
 
 impl RusshError {
+    /// A failure OpenSSH might not have, because it reads `~/.ssh/config` and ssh-agent
+    /// setups this client does not (a `Host` alias that is not a DNS name, another user or
+    /// identity): worth one more try through OpenSSH before calling the builder down.
+    pub fn openssh_might_work(&self) -> bool {
+        matches!(self, RusshError::Resolve { .. } | RusshError::Auth { .. })
+    }
+
     /// As the OpenSSH transport reports it: "cannot connect to 'user@host': …".
     pub fn into_ssh_error(self, machine: &Machine) -> SshError {
         match self {
@@ -764,6 +842,26 @@ mod tests {
         let p = HostKeyPolicy::Pinned(vec![key(K1)]);
         assert_eq!(p.preferred_algorithms().first(), Some(&Algorithm::Ed25519));
         assert_eq!(p.preferred_algorithms().len(), Preferred::DEFAULT.key.len());
+    }
+
+    #[test]
+    fn ssh_config_host_blocks_defer_to_openssh() {
+        let hosts = ssh_config_hosts(
+            "# c\nHost *\n  ServerAliveInterval 30\nHost builder? *.lan !x.lan\nhost=jump\n  HostName 10.0.0.9\n",
+        );
+        assert_eq!(hosts, ["*", "builder?", "*.lan", "!x.lan", "jump"]);
+        let mut r = Russh::for_current_user();
+        r.ssh_config_hosts = hosts;
+        let m = |s: &str| parse_builders_setting(s, "x").expect("m").remove(0);
+        assert!(r.defer_reason(&m("ssh://root@10.0.0.1")).is_none());
+        assert!(r.defer_reason(&m("ssh://builder1")).is_some());
+        assert!(r.defer_reason(&m("ssh://root@b.LAN:2222")).is_some());
+        assert_eq!(
+            r.defer_reason(&m("ssh://jump")).as_deref(),
+            Some("~/.ssh/config has 'Host jump'")
+        );
+        r.nix_sshopts = true;
+        assert!(r.defer_reason(&m("ssh://root@10.0.0.1")).is_some());
     }
 
     #[test]

@@ -150,7 +150,8 @@ fn builds_over_russh_copy_build_fetch_and_forward_the_log() {
 /// process and state directory each time, no ControlMaster: a hook's first contact),
 /// alternating in the same run; plus OpenSSH with its master warm, which is what the build
 /// connection costs after a russh probe once the first build opened the master.
-/// `cargo test -p ferry-integration --test hook_russh -- --ignored --nocapture bench`.
+/// `cargo test -p ferry-integration --test hook_russh -- --ignored --nocapture bench`;
+/// `FERRY_HOOK_BIN=target/release/ferry-build-hook` measures a release build of the hook.
 #[test]
 #[ignore]
 fn bench_probe_latency_russh_vs_openssh() {
@@ -171,12 +172,14 @@ fn bench_probe_latency_russh_vs_openssh() {
     let (russh, openssh) = (config("russh"), config("openssh"));
     let tf = start(Hook::Ferry, 1, 1, "");
     // One `probe --json`: (wall ms of the process, connect + serve handshake ms it recorded).
+    let bin = std::env::var("FERRY_HOOK_BIN").unwrap_or_else(|_| {
+        ferry_integration::ferry_bin("ferry-build-hook")
+            .display()
+            .to_string()
+    });
+    println!("hook: {bin}");
     let probe = |cfg: &std::path::Path, state: &str| -> (f64, f64) {
-        let mut c = tf.client.command(
-            &ferry_integration::ferry_bin("ferry-build-hook")
-                .display()
-                .to_string(),
-        );
+        let mut c = tf.client.command(&bin);
         c.args(["probe", "--json"])
             .env("FERRY_CONFIG", cfg)
             .env("FERRY_STATE_DIR", state)
@@ -217,6 +220,17 @@ fn bench_probe_latency_russh_vs_openssh() {
         stop_masters(&s_r);
         let s_o = format!("/nix/var/nix/bench-openssh-{r}");
         let cold_o = probe(&openssh, &s_o);
+        // Keep the master (ssh/), forget the health (its latency is a moving average).
+        for e in std::fs::read_dir(tf.client.nix_path(&s_o))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.file_name() != "ssh" {
+                let _ =
+                    std::fs::remove_dir_all(e.path()).or_else(|_| std::fs::remove_file(e.path()));
+            }
+        }
         let warm_o = probe(&openssh, &s_o);
         stop_masters(&s_o);
         if r == 0 {
