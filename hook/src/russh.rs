@@ -662,6 +662,13 @@ fn session(handle: Handle<Checker>, channel: ::russh::Channel<client::Msg>) -> S
     let (pipe_rx, pipe_tx) = tokio::io::simplex(256 * 1024);
     let (log_tx, log) = LogTap::pair();
     let pump = tokio::spawn(async move {
+        // The reader sees the end of the stream only after `shutdown`: the halves of a
+        // simplex pipe share one buffer, so dropping the writer is not enough.
+        async fn end(pipe: &mut Option<tokio::io::WriteHalf<tokio::io::SimplexStream>>) {
+            if let Some(mut p) = pipe.take() {
+                let _ = p.shutdown().await;
+            }
+        }
         let mut pipe = Some(pipe_tx);
         while let Some(msg) = rd.wait().await {
             match msg {
@@ -676,7 +683,7 @@ fn session(handle: Handle<Checker>, channel: ::russh::Channel<client::Msg>) -> S
                 ChannelMsg::ExtendedData { data, ext: 1 } => {
                     let _ = log_tx.send(data.to_vec());
                 }
-                ChannelMsg::Eof => pipe = None,
+                ChannelMsg::Eof => end(&mut pipe).await,
                 ChannelMsg::Failure => {
                     let _ =
                         log_tx.send(b"the builder's sshd refused to run the command\n".to_vec());
@@ -697,6 +704,8 @@ fn session(handle: Handle<Checker>, channel: ::russh::Channel<client::Msg>) -> S
                 _ => {}
             }
         }
+        // Closed, or the connection is gone: the serve client must not wait for more.
+        end(&mut pipe).await;
     });
     // The serve loop ends when its stdin ends: send EOF, let the remote side close the
     // channel (draining the last output and log), then close the connection.

@@ -10,7 +10,8 @@ mod hook_health_support;
 
 use ferry_integration::{SYSTEM, chain_drv, check, nonce, out_paths, trivial_drv};
 use hook_health_support::{
-    Hook, TestFleet, hook_command, row, start, status, timed_build, write_machines,
+    Hook, TestFleet, hook_command, machine_line_with, row, start, status, timed_build,
+    write_machines,
 };
 use std::time::{Duration, Instant};
 
@@ -144,6 +145,45 @@ fn builds_over_russh_copy_build_fetch_and_forward_the_log() {
         "up",
         "a build failure is not a builder fault"
     );
+
+    // A builder without that Nix program: the remote shell's complaint (stderr, carried as
+    // SSH extended data) is the reason recorded.
+    let line = machine_line_with(&tf, 0, "?remote-program=/nonexistent/nix-store", 1);
+    write_machines(&tf, &[line]);
+    let probe = hook_command(&tf, &["probe", "--json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&probe.stdout).expect("json");
+    let r = &rows[0];
+    assert_eq!(r["state"], "down", "{r}");
+    assert!(
+        str_of(&r["last-error"]).contains("/nonexistent/nix-store"),
+        "{r}"
+    );
+}
+
+/// The builder's `nix-store --serve` dies in the middle of a build (the derivation kills
+/// its parent): over russh the channel closes, and the hook must report the failure rather
+/// than wait for more bytes forever.
+#[test]
+fn a_serve_process_dying_mid_build_over_russh_fails_the_build_promptly() {
+    let tf = start(Hook::Ferry, 1, 1, "build-transport = \"russh\"");
+    let expr = format!(
+        r#"builtins.derivation {{ name = "ferry-kills-{n}"; system = "{SYSTEM}"; builder = "/bin/sh"; args = [ "-c" "echo about-to-kill >&2; kill -9 $PPID; sleep 30; echo > $out" ]; PATH = "/usr/bin:/bin"; }}"#,
+        n = nonce()
+    );
+    let (out, t) = timed_build(&tf, &expr, &["-j0"], Duration::from_secs(40));
+    let out = out.unwrap_or_else(|| {
+        panic!(
+            "the hook hung after the builder's nix-store died\n{}",
+            tf.daemon_log()
+        )
+    });
+    assert!(
+        !out.status.success(),
+        "built although the serve process died"
+    );
+    assert!(t < Duration::from_secs(25), "took {t:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("about-to-kill"), "{err}");
 }
 
 /// Benchmark: one probe of one healthy builder over russh and over OpenSSH, cold (a new
