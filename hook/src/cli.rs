@@ -264,7 +264,7 @@ fn command(cmd: Cmd, env: &Env) -> anyhow::Result<i32> {
                 for m in ms.iter().filter(|m| m.scheme() == Some("ssh")) {
                     let (p, m) = (Arc::clone(&p), m.clone());
                     set.spawn(async move {
-                        if let Ok(c) = p.connect_recorded(&m, p.tuning.probe_timeout).await {
+                        if let Ok(Some(c)) = p.probe_recorded(&m, p.tuning.probe_timeout).await {
                             c.close().await;
                         }
                     });
@@ -284,12 +284,14 @@ fn command(cmd: Cmd, env: &Env) -> anyhow::Result<i32> {
             let t = config::load(&env.config_path)?;
             println!("{}: ok", env.config_path.display());
             println!(
-                "[build-hook]\nprobe-timeout-ms = {}\nbackoff-base-secs = {}\nbackoff-cap-secs = {}\nstale-after-secs = {}\nprefer-remote = {}",
+                "[build-hook]\nprobe-timeout-ms = {}\nbackoff-base-secs = {}\nbackoff-cap-secs = {}\nstale-after-secs = {}\nprefer-remote = {}\nprobe-transport = \"{}\"\nbuild-transport = \"{}\"",
                 t.probe_timeout.as_millis(),
                 t.backoff_base.as_secs(),
                 t.backoff_cap.as_secs(),
                 t.stale_after.as_secs(),
-                t.prefer_remote
+                t.prefer_remote,
+                t.probe_transport.name(),
+                t.build_transport.name()
             );
             let ms = machines(env, None)?;
             let ssh = ms.iter().filter(|m| m.scheme() == Some("ssh")).count();

@@ -36,6 +36,38 @@ pub struct HookConfig {
     /// `/usr/libexec/nix/build-remote` if it exists, else the `build-remote` next to `nix`
     /// on PATH (Nix ≤ 2.9), else `nix __build-remote` (see `delegate.rs`).
     pub stock_hook: Option<String>,
+    /// How probes reach a builder. `russh` (default): Ferry's in-process SSH client, which
+    /// runs every step (TCP connect, SSH handshake, login, serve handshake) under the probe
+    /// deadline, names the step that failed, and needs no `ssh` process. It reads neither
+    /// `~/.ssh/config` nor `NIX_SSHOPTS`: it connects to the machines file's host and port,
+    /// checks the host key against the machines file (8th field) or `~/.ssh/known_hosts`,
+    /// and logs in with the machine's key file, ssh-agent or `~/.ssh/id_*`. Builders that
+    /// only work through `~/.ssh/config` (`Host` aliases, `Port`, `ProxyJump`,
+    /// `IdentityFile`) or `NIX_SSHOPTS` need `openssh` here.
+    pub probe_transport: TransportKind,
+    /// How builds reach a builder. `openssh` (default): the `ssh` program, exactly as the
+    /// stock hook runs it, so `~/.ssh/config`, `NIX_SSHOPTS` and agents work as users expect,
+    /// with a ControlMaster per builder so later builds skip the handshakes. `russh`: the
+    /// in-process client (see `probe-transport` for what it does not read). When both
+    /// transports are the same, a probe's connection is kept for the build it precedes.
+    pub build_transport: TransportKind,
+}
+
+/// An SSH transport (see [`crate::ssh`] and [`crate::russh`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    Openssh,
+    Russh,
+}
+
+impl TransportKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TransportKind::Openssh => "openssh",
+            TransportKind::Russh => "russh",
+        }
+    }
 }
 
 impl Default for HookConfig {
@@ -47,6 +79,8 @@ impl Default for HookConfig {
             stale_after_secs: 60,
             prefer_remote: true,
             stock_hook: None,
+            probe_transport: TransportKind::Russh,
+            build_transport: TransportKind::Openssh,
         }
     }
 }
@@ -73,6 +107,8 @@ pub struct Tuning {
     pub backoff_cap: Duration,
     pub stale_after: Duration,
     pub prefer_remote: bool,
+    pub probe_transport: TransportKind,
+    pub build_transport: TransportKind,
 }
 
 impl Default for Tuning {
@@ -86,6 +122,8 @@ impl Default for Tuning {
                 backoff_cap: Duration::from_secs(600),
                 stale_after: Duration::from_secs(60),
                 prefer_remote: true,
+                probe_transport: TransportKind::Russh,
+                build_transport: TransportKind::Openssh,
             })
     }
 }
@@ -124,6 +162,8 @@ impl HookConfig {
             backoff_cap: Duration::from_secs(self.backoff_cap_secs),
             stale_after: Duration::from_secs(self.stale_after_secs),
             prefer_remote: self.prefer_remote,
+            probe_transport: self.probe_transport,
+            build_transport: self.build_transport,
         })
     }
 }
@@ -161,6 +201,24 @@ mod tests {
         assert_eq!(t.backoff_cap, Duration::from_secs(2));
         assert!(!t.prefer_remote);
         assert_eq!(t.stale_after, Duration::from_secs(60));
+        assert_eq!(t.probe_transport, TransportKind::Russh);
+        assert_eq!(t.build_transport, TransportKind::Openssh);
+        let raw: HookConfig = ferry_nix::config::parse_section(
+            "[build-hook]\nprobe-transport = \"openssh\"\nbuild-transport = \"russh\"\n",
+            Path::new("f.toml"),
+            "build-hook",
+        )
+        .expect("parse");
+        let t = raw.validate("f.toml").expect("valid");
+        assert_eq!(t.probe_transport, TransportKind::Openssh);
+        assert_eq!(t.build_transport, TransportKind::Russh);
+        let e = ferry_nix::config::parse_section::<HookConfig>(
+            "[build-hook]\nprobe-transport = \"libssh\"\n",
+            Path::new("f.toml"),
+            "build-hook",
+        )
+        .expect_err("unknown transport");
+        assert!(e.to_string().contains("line 2"), "{e}");
     }
 
     #[test]

@@ -341,7 +341,7 @@ mod tests {
             backoff_base: Duration::from_secs(10),
             backoff_cap: Duration::from_secs(60),
             stale_after: Duration::from_secs(30),
-            prefer_remote: true,
+            ..Tuning::default()
         }
     }
 

@@ -9,8 +9,9 @@
 //!   disk, shared by every hook; [`probe`]: reaching builders within a deadline;
 //! - [`config`]: the `[build-hook]` section of `ferry.toml`; [`cli`]: `status`, `probe`,
 //!   `check-config`;
-//! - [`ssh`]: the transport to a builder; [`remote`]: copy, build and fetch over the serve
-//!   protocol; [`local`]: the local store through the `nix-store` / `nix` CLI;
+//! - [`ssh`]: the transport to a builder (OpenSSH), [`russh`]: the in-process one;
+//!   [`remote`]: copy, build and fetch over the serve protocol; [`local`]: the local store
+//!   through the `nix-store` / `nix` CLI;
 //! - [`delegate`]: hands a derivation for a non-`ssh://` builder (`ssh-ng://`, …) to the
 //!   stock hook, which then is this hook process.
 
@@ -24,6 +25,7 @@ pub mod probe;
 pub mod protocol;
 pub mod remote;
 pub mod run;
+pub mod russh;
 pub mod select;
 pub mod slots;
 pub mod ssh;

@@ -287,6 +287,13 @@ pub fn prober(env: &Env, tuning: Tuning) -> Prober {
         .unwrap_or_else(|_| HealthStore::at(&env.ferry_state_dir));
     Prober {
         ssh,
+        russh: crate::russh::Russh {
+            nix_sshopts: env
+                .nix_sshopts
+                .as_deref()
+                .is_some_and(|o| !o.trim().is_empty()),
+            ..crate::russh::Russh::for_current_user()
+        },
         health,
         tuning,
     }

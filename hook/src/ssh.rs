@@ -5,13 +5,14 @@
 //! client, like the stock hook (Nix 2.8 `src/libstore/ssh.cc` `SSHMaster::startCommand`:
 //! `ssh host -x -a [NIX_SSHOPTS] [-i key] [-oUserKnownHostsFile=…] cmd`), and adds one
 //! multiplexed ControlMaster per builder kept alive for a few minutes, so later builds (each
-//! in a new hook process) skip the TCP and SSH handshakes (NixOS/nix#8499). An in-process
-//! SSH client can implement the same trait later.
+//! in a new hook process) skip the TCP and SSH handshakes (NixOS/nix#8499). The in-process
+//! client in [`crate::russh`] implements the same trait.
 
 use ferry_nix::machines::Machine;
 use sha2::{Digest, Sha256};
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::Stdio;
 use std::time::Duration;
 use thiserror::Error;
@@ -47,7 +48,12 @@ pub struct Session {
     pub reader: Box<dyn AsyncRead + Send + Unpin>,
     pub log: LogTap,
     child: Option<Child>,
+    finisher: Option<Finisher>,
 }
+
+/// How an in-process transport ends its session (see [`ProcessGuard::finish`]); dropping it
+/// instead tears the session down at once.
+pub type Finisher = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl Session {
     /// Builds a session from raw parts (tests, other transports).
@@ -61,6 +67,21 @@ impl Session {
             reader,
             log,
             child: None,
+            finisher: None,
+        }
+    }
+
+    /// A session of an in-process transport: `finish` is awaited when the serve client is
+    /// done (after its writer was dropped).
+    pub fn with_finisher(
+        writer: Box<dyn AsyncWrite + Send + Unpin>,
+        reader: Box<dyn AsyncRead + Send + Unpin>,
+        log: LogTap,
+        finish: Finisher,
+    ) -> Self {
+        Session {
+            finisher: Some(finish),
+            ..Session::from_parts(writer, reader, log)
         }
     }
 
@@ -73,17 +94,26 @@ impl Session {
         LogTap,
         ProcessGuard,
     ) {
-        (self.writer, self.reader, self.log, ProcessGuard(self.child))
+        (
+            self.writer,
+            self.reader,
+            self.log,
+            ProcessGuard(self.child, self.finisher),
+        )
     }
 }
 
-/// The transport process of a session (killed if dropped while running).
-pub struct ProcessGuard(Option<Child>);
+/// The transport process of a session (killed if dropped while running), or the end of an
+/// in-process session.
+pub struct ProcessGuard(Option<Child>, Option<Finisher>);
 
 impl ProcessGuard {
     /// Waits briefly for the transport process to exit after its stdin was closed (the
     /// serve loop ends on EOF); kills it if it lingers.
     pub async fn finish(mut self) {
+        if let Some(f) = self.1.take() {
+            f.await;
+        }
         if let Some(mut child) = self.0.take()
             && tokio::time::timeout(Duration::from_secs(5), child.wait())
                 .await
@@ -102,6 +132,12 @@ pub struct LogTap {
 }
 
 impl LogTap {
+    /// A tap fed by hand, chunk by chunk; it ends when the sender is dropped.
+    pub fn pair() -> (mpsc::UnboundedSender<Vec<u8>>, Self) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (tx, LogTap { rx })
+    }
+
     pub fn spawn<R: AsyncRead + Send + Unpin + 'static>(mut r: R) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
@@ -435,6 +471,7 @@ impl Transport for OpenSsh {
             reader: Box::new(stdout),
             log: LogTap::spawn(stderr),
             child: Some(child),
+            finisher: None,
         })
     }
 }
