@@ -167,7 +167,7 @@ fn builds_over_russh_copy_build_fetch_and_forward_the_log() {
 fn a_serve_process_dying_mid_build_over_russh_fails_the_build_promptly() {
     let tf = start(Hook::Ferry, 1, 1, "build-transport = \"russh\"");
     let expr = format!(
-        r#"builtins.derivation {{ name = "ferry-kills-{n}"; system = "{SYSTEM}"; builder = "/bin/sh"; args = [ "-c" "echo about-to-kill >&2; kill -9 $PPID; sleep 30; echo > $out" ]; PATH = "/usr/bin:/bin"; }}"#,
+        r#"builtins.derivation {{ name = "ferry-kills-{n}"; system = "{SYSTEM}"; builder = "/bin/sh"; args = [ "-c" "echo about-to-kill >&2; sleep 1; kill -9 $PPID; sleep 30; echo > $out" ]; PATH = "/usr/bin:/bin"; }}"#,
         n = nonce()
     );
     let (out, t) = timed_build(&tf, &expr, &["-j0"], Duration::from_secs(40));
