@@ -4,6 +4,7 @@
 //! processes or the filesystem beyond a NAR tree lives in the binaries.
 //! The store directory is always a parameter ([`store_path::StoreDir`]).
 
+pub mod civil;
 pub mod config;
 pub mod derivation;
 pub mod hash;
