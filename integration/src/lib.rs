@@ -170,7 +170,8 @@ fn ip(args: &[&str]) -> Result<()> {
     run(Command::new("ip").args(args)).map(|_| ())
 }
 
-fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<()> {
+/// Polls `ok` every 20 ms until it holds, or fails after `timeout` naming `what`.
+pub fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<()> {
     let start = Instant::now();
     while !ok() {
         if start.elapsed() > timeout {

@@ -8,7 +8,7 @@ use ferry_integration::{Fleet, FleetConfig, Host, check, ferry_bin, run};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const NGINX_PORT: u16 = 8080;
 
@@ -142,37 +142,8 @@ impl Ferry {
 
 /// nginx with WebDAV PUT on `host`, serving and storing under `<host dir>/www`.
 pub fn start_nginx(host: &mut Host) -> PathBuf {
-    let dir = host.dir.join("nginx");
-    let www = dir.join("www");
-    std::fs::create_dir_all(&www).expect("www");
-    std::fs::create_dir_all(dir.join("tmp")).expect("tmp");
-    let conf = format!(
-        "daemon off;\nuser root;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-         events {{ worker_connections 256; }}\n\
-         http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n\
-           fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  scgi_temp_path {d}/tmp/scgi;\n\
-           server {{\n    listen {addr}:{port};\n    root {www};\n    client_max_body_size 0;\n\
-             location / {{\n      dav_methods PUT;\n      create_full_put_path on;\n      dav_access user:rw group:r all:r;\n    }}\n  }}\n}}\n",
-        d = dir.display(),
-        www = www.display(),
-        addr = host.addr,
-        port = NGINX_PORT
-    );
-    let conf_path = dir.join("nginx.conf");
-    std::fs::write(&conf_path, conf).expect("nginx.conf");
-    let child = host
-        .command("nginx")
-        .arg("-e")
-        .arg(dir.join("error.log"))
-        .arg("-c")
-        .arg(&conf_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nginx");
-    host.adopt(child);
-    wait_listening(host, NGINX_PORT, "nginx");
+    let www = host.dir.join("nginx").join("www");
+    ferry_integration::start_nginx(host, NGINX_PORT, &www, true).expect("nginx");
     www
 }
 
@@ -301,15 +272,8 @@ pub fn moto_allow_anonymous(host: &Host, python: &Path, endpoint: &str) {
     run(&mut c).expect("moto reset-auth");
 }
 
-pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+pub fn wait_for(what: &str, timeout: Duration, ok: impl FnMut() -> bool) {
+    ferry_integration::wait_until(what, timeout, ok).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// The closure of `paths` in the client's store.

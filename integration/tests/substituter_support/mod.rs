@@ -153,31 +153,7 @@ pub fn serve_cache(fleet: &mut Fleet, role: &str, mode: &str, dir: &Path) -> Str
 }
 
 fn wait_listening(h: &Host, port: u16) {
-    let start = Instant::now();
-    loop {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &h.netns,
-                "ss",
-                "-Hltn",
-                "sport",
-                "=",
-                &format!(":{port}"),
-            ])
-            .output()
-            .expect("ss");
-        if !out.stdout.is_empty() {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{} never listened on {port}",
-            h.role
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    ferry_integration::wait_listening(h, port).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// A running ferry-substituter in the client's namespace; killed on drop.
