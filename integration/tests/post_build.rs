@@ -62,7 +62,7 @@ impl Drop for Uploader {
     }
 }
 
-/// 16 derivations (local with no builders, remote through Ferry's build hook, a
+/// 20 derivations (local with no builders, remote through Ferry's build hook, a
 /// multi-output one) are uploaded while they build to a `file://` cache and to nginx over
 /// HTTP PUT; a second host with `require-sigs` substitutes every path from nginx and
 /// verifies it; Nix itself verifies the `file://` cache's NARs and signatures.
@@ -80,7 +80,7 @@ fn builds_are_uploaded_and_substituted_with_signatures() {
     built.extend(build(&fleet, &chain_drv(&nonce()), &local, "local chain"));
     built.extend(build(
         &fleet,
-        &trivial_list(4, "local"),
+        &trivial_list(6, "local"),
         &local,
         "local trivials",
     ));
@@ -98,14 +98,14 @@ fn builds_are_uploaded_and_substituted_with_signatures() {
     built.extend(remote_chain);
     built.extend(build(
         &fleet,
-        &trivial_list(5, "remote"),
+        &trivial_list(7, "remote"),
         &["-j0"],
         "remote trivials",
     ));
     let outputs = all_outputs(&fleet, &built);
-    assert_eq!(outputs.len(), 13, "{outputs:?}");
+    assert_eq!(outputs.len(), 17, "{outputs:?}");
     let expected = closure(&fleet, &outputs);
-    assert_eq!(expected.len(), 17, "{expected:?}");
+    assert_eq!(expected.len(), 21, "{expected:?}");
 
     wait_for("every path in both caches", Duration::from_secs(60), || {
         missing_narinfos(&ferry.file_cache, &expected).is_empty()
@@ -912,12 +912,12 @@ fn timed_chain(client_conf: String, env: Vec<(String, String)>, n: usize) -> Dur
 }
 
 /// Benchmark (run with `--ignored --nocapture`, ideally with
-/// `FERRY_POST_BUILD_BIN=<release build>`): a chain of 40 derivations with no hook, with the
+/// `FERRY_POST_BUILD_BIN=<release build>`): a chain of 50 derivations with no hook, with the
 /// seeds' synchronous `nix copy --to file://` hook and with Ferry's hook, same run.
 #[test]
 #[ignore]
 fn bench_hook_on_a_chain_of_builds() {
-    let n = 40;
+    let n = 50;
     let dir = tempfile::tempdir().expect("dir");
     // The seeds' recipe; on Nix 2.8 OUT_PATHS is empty, so it asks for the outputs.
     let script = dir.path().join("copy-hook.sh");
