@@ -12,7 +12,7 @@
 //! - derivations: the `.drv` file read and parsed with [`ferry_nix::derivation`];
 //! - import: [`Importer`], either [`HeldLocksImporter`] (`NIX_HELD_LOCKS` + `nix-store
 //!   --import`, Nix 2.0–2.28 and every Lix) or [`RestoreImporter`] (`nix-store --restore`
-//!   + `--register-validity`, every version); [`held_locks_supported`] picks one from
+//!   then `--register-validity`, every version); [`held_locks_supported`] picks one from
 //!   `nix-store --version` for `import-method = "auto"`.
 
 use ferry_nix::derivation::{Derivation, DerivationError};

@@ -701,9 +701,10 @@ async fn build<R: AsyncRead + Unpin>(
     // After the accept, once per hook process: `auto` runs `nix-store --version`.
     let importer = AnyImporter::choose(ctx.prober.tuning.import_method, &local).await;
     logger.log(
-        Verbosity::DEBUG,
+        Verbosity::TALKATIVE,
         format!(
-            "ferry-build-hook: importing outputs with {}",
+            "ferry-build-hook: importing the outputs of '{}' with import-method {}",
+            t.drv_path,
             importer.name()
         ),
     );
