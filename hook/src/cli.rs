@@ -284,14 +284,15 @@ fn command(cmd: Cmd, env: &Env) -> anyhow::Result<i32> {
             let t = config::load(&env.config_path)?;
             println!("{}: ok", env.config_path.display());
             println!(
-                "[build-hook]\nprobe-timeout-ms = {}\nbackoff-base-secs = {}\nbackoff-cap-secs = {}\nstale-after-secs = {}\nprefer-remote = {}\nprobe-transport = \"{}\"\nbuild-transport = \"{}\"",
+                "[build-hook]\nprobe-timeout-ms = {}\nbackoff-base-secs = {}\nbackoff-cap-secs = {}\nstale-after-secs = {}\nprefer-remote = {}\nprobe-transport = \"{}\"\nbuild-transport = \"{}\"\nimport-method = \"{}\"",
                 t.probe_timeout.as_millis(),
                 t.backoff_base.as_secs(),
                 t.backoff_cap.as_secs(),
                 t.stale_after.as_secs(),
                 t.prefer_remote,
                 t.probe_transport.name(),
-                t.build_transport.name()
+                t.build_transport.name(),
+                t.import_method.name()
             );
             let ms = machines(env, None)?;
             let ssh = ms.iter().filter(|m| m.scheme() == Some("ssh")).count();

@@ -51,6 +51,33 @@ pub struct HookConfig {
     /// in-process client (see `probe-transport` for what it does not read). When both
     /// transports are the same, a probe's connection is kept for the build it precedes.
     pub build_transport: TransportKind,
+    /// How fetched outputs become valid in the local store while the daemon holds their
+    /// locks (hook-protocol.md §3.4). `auto` (default): `held-locks` when `nix-store
+    /// --version` names Lix or a Nix older than 2.29, else `restore`. `held-locks`:
+    /// `nix-store --import` with `NIX_HELD_LOCKS` (Nix 2.0–2.28, Lix; on Nix ≥ 2.29 it would
+    /// block on the daemon's lock). `restore`: `nix-store --restore` under a temporary name,
+    /// rename into place, `nix-store --register-validity`, then a NAR hash check (every
+    /// version; no signatures or `ca` are recorded).
+    pub import_method: ImportMethod,
+}
+
+/// How outputs are imported (see [`crate::local`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImportMethod {
+    Auto,
+    HeldLocks,
+    Restore,
+}
+
+impl ImportMethod {
+    pub fn name(self) -> &'static str {
+        match self {
+            ImportMethod::Auto => "auto",
+            ImportMethod::HeldLocks => "held-locks",
+            ImportMethod::Restore => "restore",
+        }
+    }
 }
 
 /// An SSH transport (see [`crate::ssh`] and [`crate::russh`]).
@@ -81,6 +108,7 @@ impl Default for HookConfig {
             stock_hook: None,
             probe_transport: TransportKind::Russh,
             build_transport: TransportKind::Openssh,
+            import_method: ImportMethod::Auto,
         }
     }
 }
@@ -109,6 +137,7 @@ pub struct Tuning {
     pub prefer_remote: bool,
     pub probe_transport: TransportKind,
     pub build_transport: TransportKind,
+    pub import_method: ImportMethod,
 }
 
 impl Default for Tuning {
@@ -124,6 +153,7 @@ impl Default for Tuning {
                 prefer_remote: true,
                 probe_transport: TransportKind::Russh,
                 build_transport: TransportKind::Openssh,
+                import_method: ImportMethod::Auto,
             })
     }
 }
@@ -164,6 +194,7 @@ impl HookConfig {
             prefer_remote: self.prefer_remote,
             probe_transport: self.probe_transport,
             build_transport: self.build_transport,
+            import_method: self.import_method,
         })
     }
 }
@@ -212,6 +243,28 @@ mod tests {
         let t = raw.validate("f.toml").expect("valid");
         assert_eq!(t.probe_transport, TransportKind::Openssh);
         assert_eq!(t.build_transport, TransportKind::Russh);
+        assert_eq!(t.import_method, ImportMethod::Auto);
+        for (text, want) in [
+            ("held-locks", ImportMethod::HeldLocks),
+            ("restore", ImportMethod::Restore),
+            ("auto", ImportMethod::Auto),
+        ] {
+            let raw: HookConfig = ferry_nix::config::parse_section(
+                &format!("[build-hook]\nimport-method = \"{text}\"\n"),
+                Path::new("f.toml"),
+                "build-hook",
+            )
+            .expect("parse");
+            assert_eq!(raw.validate("f").expect("valid").import_method, want);
+            assert_eq!(want.name(), text);
+        }
+        let e = ferry_nix::config::parse_section::<HookConfig>(
+            "[build-hook]\nimport-method = \"copy\"\n",
+            Path::new("f.toml"),
+            "build-hook",
+        )
+        .expect_err("unknown import method");
+        assert!(e.to_string().contains("line 2"), "{e}");
         let e = ferry_nix::config::parse_section::<HookConfig>(
             "[build-hook]\nprobe-transport = \"libssh\"\n",
             Path::new("f.toml"),

@@ -10,9 +10,10 @@
 //! - path infos: `nix path-info --json PATHS…` (one process for a whole closure);
 //! - NARs: `nix-store --dump PATH` streamed from its stdout;
 //! - derivations: the `.drv` file read and parsed with [`ferry_nix::derivation`];
-//! - import: [`Importer`], today [`HeldLocksImporter`] (`NIX_HELD_LOCKS` + `nix-store
-//!   --import`, Nix 2.0–2.28 and every Lix). A restore + `--register-validity` importer for
-//!   Nix ≥ 2.29 fits the same trait.
+//! - import: [`Importer`], either [`HeldLocksImporter`] (`NIX_HELD_LOCKS` + `nix-store
+//!   --import`, Nix 2.0–2.28 and every Lix) or [`RestoreImporter`] (`nix-store --restore`
+//!   then `--register-validity`, every version); [`held_locks_supported`] picks one from
+//!   `nix-store --version` for `import-method = "auto"`.
 
 use ferry_nix::derivation::{Derivation, DerivationError};
 use ferry_nix::hash::{Hash, HashAlgo};
@@ -62,6 +63,17 @@ pub enum LocalError {
     },
     #[error("the references of {paths:?} form a cycle")]
     Cycle { paths: Vec<String> },
+    #[error("importing {path}: {problem}")]
+    Import { path: String, problem: String },
+    #[error(
+        "{path} was registered with NAR hash {got}, the builder said {want}; the store now \
+         holds a wrong copy (repair it with `nix-store --repair-path {path}` or delete it)"
+    )]
+    RegisteredHashMismatch {
+        path: String,
+        got: String,
+        want: String,
+    },
 }
 
 /// Orders `infos` so that every path comes after the paths it references (self-references
@@ -210,6 +222,15 @@ impl LocalStore {
         }
         c.stdin(Stdio::null()).kill_on_drop(true);
         c
+    }
+
+    /// The store URI for a tool that must open the store itself rather than ask the daemon
+    /// (the hook runs as the daemon's user): the configured `local…` store, else `local`.
+    pub fn direct_uri(&self) -> String {
+        match &self.store {
+            Some(s) if s.starts_with("local") => s.clone(),
+            _ => "local".to_owned(),
+        }
     }
 
     /// The absolute path of `p` as the tools and the daemon print it.
@@ -386,10 +407,7 @@ impl Importer for HeldLocksImporter {
             .map(|o| self.local.display(&o.info.path))
             .collect();
         let stream = export_stream(objects, &self.local.store_dir);
-        let store = match &self.local.store {
-            Some(s) if s.starts_with("local") => s.clone(),
-            _ => "local".to_owned(),
-        };
+        let store = self.local.direct_uri();
         let program = &self.local.nix_store;
         let mut child = Command::new(program)
             .arg("--import")
@@ -423,6 +441,373 @@ impl Importer for HeldLocksImporter {
             });
         }
         Ok(())
+    }
+}
+
+/// What `nix-store --version` says about the local Nix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NixVersion {
+    /// Lix (`nix-store (Lix, like Nix) 2.91.1`) rather than Nix.
+    pub lix: bool,
+    pub major: u64,
+    pub minor: u64,
+}
+
+/// Parses the first line of `nix-store --version`: `nix-store (Nix) 2.8.0`, `nix-store
+/// (Lix, like Nix) 2.93.0`, `nix-store (Determinate Nix 3.8.2) 2.30.1`, `nix-store (Nix)
+/// 2.29.0pre20250407_1a2b3c4d`. The version is the last word; `None` if it has no
+/// `major.minor`.
+pub fn parse_nix_version(text: &str) -> Option<NixVersion> {
+    let line = text.lines().next()?.trim();
+    let word = line.split_whitespace().last()?;
+    let mut parts = word.split('.');
+    let number = |s: Option<&str>| -> Option<u64> {
+        let digits: String = s?.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    };
+    let major = number(parts.next())?;
+    let minor = number(parts.next())?;
+    Some(NixVersion {
+        lix: line.contains("Lix"),
+        major,
+        minor,
+    })
+}
+
+/// Whether `NIX_HELD_LOCKS` still works: every Lix (`lix/libstore/local-store.cc`) and Nix
+/// before 2.29.0, which removed it (commit 78eed85b).
+pub fn held_locks_supported(v: &NixVersion) -> bool {
+    v.lix || (v.major, v.minor) < (2, 29)
+}
+
+/// The stdin of `nix-store --register-validity` without `--hash-given` (2.8
+/// `decodeValidPathInfo`): per path its absolute path, its deriver (empty line if none),
+/// the number of references, then one reference per line. `infos` in the order given
+/// (references first: Nix registers them in one transaction either way, but keep the order
+/// a reader expects).
+pub fn register_validity_input(infos: &[&PathInfo], store_dir: &StoreDir) -> String {
+    let mut s = String::new();
+    for i in infos {
+        s.push_str(&store_dir.display(&i.path));
+        s.push('\n');
+        if let Some(d) = &i.deriver {
+            s.push_str(&store_dir.display(d));
+        }
+        s.push('\n');
+        s.push_str(&i.references.len().to_string());
+        s.push('\n');
+        for r in &i.references {
+            s.push_str(&store_dir.display(r));
+            s.push('\n');
+        }
+    }
+    s
+}
+
+/// Makes objects valid without taking the output locks, on every Nix version
+/// (hook-protocol.md §3.4): `nix-store --restore` of the NAR under a temporary name in the
+/// store directory, `rename` into place (same directory: atomic), `nix-store
+/// --register-validity` for all of them in one transaction (Nix hashes the files itself and
+/// canonicalises them: mode 444/555, mtime 1, owner root), then `nix-store -q --hash` must
+/// equal the builder's `narHash`. No signatures, `ca` or `ultimate` are recorded, unlike
+/// `--import` (the daemon does not need them for a built output).
+///
+/// Garbage collection: a path is garbage while it is invalid and unrooted. The final name is
+/// rooted for the whole hook run: the daemon's `DerivationGoal::haveDerivation` calls
+/// `addTempRoot` on every known output path before it asks the hook (2.8
+/// `derivation-goal.cc`, unchanged at HEAD), and a concurrent GC reads those temp roots. The
+/// temporary name is not rooted, so a GC running right then may delete it while it is
+/// being restored (`LocalStore::collectGarbage` deletes any entry of the store directory
+/// that is not a valid or rooted path); then the restore or the rename fails, or the tree is
+/// incomplete — which is why the NAR hash of the final path is checked before it is
+/// registered. Nothing is ever registered that does not hash to the builder's `narHash`.
+#[derive(Debug, Clone)]
+pub struct RestoreImporter {
+    pub local: LocalStore,
+}
+
+/// Removes whatever is at `p` (a tree, file or symlink); absent is fine.
+fn remove_tree(p: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(p) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
+        Ok(_) => std::fs::remove_file(p),
+    }
+}
+
+impl RestoreImporter {
+    fn tool(&self) -> Command {
+        let mut c = Command::new(&self.local.nix_store);
+        c.env("NIX_REMOTE", self.local.direct_uri())
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        c
+    }
+
+    fn failed(&self, path: &StorePath, problem: impl std::fmt::Display) -> LocalError {
+        LocalError::Import {
+            path: self.local.display(path),
+            problem: problem.to_string(),
+        }
+    }
+
+    /// The subset of `paths` that is not valid (`nix-store --check-validity --print-invalid`).
+    async fn invalid(&self, paths: &[&StorePath]) -> Result<BTreeSet<StorePath>, LocalError> {
+        let mut c = self.tool();
+        c.args(["--check-validity", "--print-invalid"])
+            .args(paths.iter().map(|p| self.local.display(p)));
+        let out = output(c, &self.local.nix_store, "nix-store --check-validity").await?;
+        String::from_utf8_lossy(&out)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                self.local
+                    .store_dir
+                    .parse(l.trim())
+                    .map_err(LocalError::from)
+            })
+            .collect()
+    }
+
+    /// Restores `o` under a temporary name, renames it into place and checks its NAR hash.
+    /// Returns the final path once something is there (for clean-up on failure).
+    async fn place(&self, o: &Fetched, placed: &mut Vec<PathBuf>) -> Result<(), LocalError> {
+        let path = &o.info.path;
+        let real = self.local.real_path(path);
+        let Some(dir) = real.parent() else {
+            return Err(self.failed(path, "the store path has no parent directory"));
+        };
+        // Short (a store path's name may be 211 bytes and NAME_MAX is 255) and unique per
+        // hook process; a leftover of a crashed run with the same pid is removed first.
+        let tmp = dir.join(format!(
+            ".ferry-import-{}-{}",
+            path.hash_part(),
+            std::process::id()
+        ));
+        remove_tree(&tmp)
+            .map_err(|e| self.failed(path, format!("removing {}: {e}", tmp.display())))?;
+        let mut child = self
+            .tool()
+            .arg("--restore")
+            .arg(&tmp)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| LocalError::Spawn {
+                program: self.local.nix_store.clone(),
+                source,
+            })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // A write error shows up as the tool's failure below.
+            let _ = stdin.write_all(&o.nar).await;
+        }
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|source| LocalError::Spawn {
+                program: self.local.nix_store.clone(),
+                source,
+            })?;
+        if !out.status.success() {
+            let _ = remove_tree(&tmp);
+            return Err(LocalError::Failed {
+                command: format!("nix-store --restore {}", tmp.display()),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        // Something at the final name is an invalid leftover (the path was checked invalid
+        // and the daemon holds its lock): Nix deletes it too before it adds a path (2.8
+        // `LocalStore::addToStore`, `deletePath(realPath)`).
+        let moved = remove_tree(&real).and_then(|()| std::fs::rename(&tmp, &real));
+        if let Err(e) = moved {
+            let _ = remove_tree(&tmp);
+            return Err(self.failed(path, format!("moving {} into place: {e}", tmp.display())));
+        }
+        placed.push(real.clone());
+        if o.info.nar_hash.algo() == HashAlgo::Sha256 {
+            let at = real.clone();
+            let hashed = tokio::task::spawn_blocking(move || {
+                ferry_nix::nar::dump_path_hashed(&at, std::io::sink())
+            })
+            .await
+            .map_err(|e| self.failed(path, e))?
+            .map_err(|e| self.failed(path, format!("hashing the restored tree: {e}")))?;
+            if hashed.0 != o.info.nar_hash {
+                return Err(self.failed(
+                    path,
+                    format!(
+                        "the restored tree has NAR hash {}, the builder said {} (was it \
+                         changed while restoring, e.g. by a garbage collection?)",
+                        hashed.0.to_nix32_prefixed(),
+                        o.info.nar_hash.to_nix32_prefixed()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn place_and_register(
+        &self,
+        todo: &[&Fetched],
+        placed: &mut Vec<PathBuf>,
+    ) -> Result<(), LocalError> {
+        for o in todo {
+            self.place(o, placed).await?;
+        }
+        let infos: Vec<&PathInfo> = todo.iter().map(|o| &o.info).collect();
+        let input = register_validity_input(&infos, &self.local.store_dir);
+        let mut child = self
+            .tool()
+            .arg("--register-validity")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| LocalError::Spawn {
+                program: self.local.nix_store.clone(),
+                source,
+            })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(input.as_bytes()).await;
+        }
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|source| LocalError::Spawn {
+                program: self.local.nix_store.clone(),
+                source,
+            })?;
+        if !out.status.success() {
+            return Err(LocalError::Failed {
+                command: "nix-store --register-validity".into(),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// `nix-store -q --hash` of each path must be the builder's `narHash`.
+    async fn check_registered(&self, todo: &[&Fetched]) -> Result<(), LocalError> {
+        let mut c = self.tool();
+        c.args(["-q", "--hash"])
+            .args(todo.iter().map(|o| self.local.display(&o.info.path)));
+        let out = output(c, &self.local.nix_store, "nix-store -q --hash").await?;
+        let text = String::from_utf8_lossy(&out);
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        if lines.len() != todo.len() {
+            return Err(LocalError::BadJson(format!(
+                "`nix-store -q --hash` printed {} lines for {} paths",
+                lines.len(),
+                todo.len()
+            )));
+        }
+        for (o, line) in todo.iter().zip(lines) {
+            let got = Hash::parse_any_prefixed(line.trim())
+                .map_err(|e| self.failed(&o.info.path, format!("registered hash {line:?}: {e}")))?;
+            if got != o.info.nar_hash {
+                return Err(LocalError::RegisteredHashMismatch {
+                    path: self.local.display(&o.info.path),
+                    got: got.to_nix32_prefixed(),
+                    want: o.info.nar_hash.to_nix32_prefixed(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Importer for RestoreImporter {
+    async fn import(&self, objects: &[Fetched]) -> Result<(), LocalError> {
+        if objects.is_empty() {
+            return Ok(());
+        }
+        let paths: Vec<&StorePath> = objects.iter().map(|o| &o.info.path).collect();
+        // Outputs already valid (built earlier, or another output of the same derivation
+        // registered by an earlier run) are left alone.
+        let invalid = self.invalid(&paths).await?;
+        let todo: Vec<&Fetched> = objects
+            .iter()
+            .filter(|o| invalid.contains(&o.info.path))
+            .collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let mut placed = Vec::new();
+        if let Err(e) = self.place_and_register(&todo, &mut placed).await {
+            // Registration is one transaction: on failure none of them is valid. Ask
+            // anyway, and only remove what the store confirms invalid.
+            let todo_paths: Vec<&StorePath> = todo.iter().map(|o| &o.info.path).collect();
+            if let Ok(still) = self.invalid(&todo_paths).await {
+                for o in &todo {
+                    let real = self.local.real_path(&o.info.path);
+                    if still.contains(&o.info.path) && placed.contains(&real) {
+                        let _ = remove_tree(&real);
+                    }
+                }
+            }
+            return Err(e);
+        }
+        self.check_registered(&todo).await
+    }
+}
+
+/// The importer `import-method` asks for; `auto` looks at `nix-store --version` once per
+/// process (unknown versions get [`RestoreImporter`], which works everywhere).
+#[derive(Debug, Clone)]
+pub enum AnyImporter {
+    HeldLocks(HeldLocksImporter),
+    Restore(RestoreImporter),
+}
+
+static HELD_LOCKS_OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+impl AnyImporter {
+    pub async fn choose(method: crate::config::ImportMethod, local: &LocalStore) -> AnyImporter {
+        use crate::config::ImportMethod;
+        let held = match method {
+            ImportMethod::HeldLocks => true,
+            ImportMethod::Restore => false,
+            ImportMethod::Auto => match HELD_LOCKS_OK.get() {
+                Some(b) => *b,
+                None => {
+                    let mut c = Command::new(&local.nix_store);
+                    c.arg("--version").stdin(Stdio::null()).kill_on_drop(true);
+                    let b = output(c, &local.nix_store, "nix-store --version")
+                        .await
+                        .ok()
+                        .and_then(|o| parse_nix_version(&String::from_utf8_lossy(&o)))
+                        .is_some_and(|v| held_locks_supported(&v));
+                    *HELD_LOCKS_OK.get_or_init(|| b)
+                }
+            },
+        };
+        let local = local.clone();
+        if held {
+            AnyImporter::HeldLocks(HeldLocksImporter { local })
+        } else {
+            AnyImporter::Restore(RestoreImporter { local })
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            AnyImporter::HeldLocks(_) => "held-locks",
+            AnyImporter::Restore(_) => "restore",
+        }
+    }
+}
+
+impl Importer for AnyImporter {
+    async fn import(&self, objects: &[Fetched]) -> Result<(), LocalError> {
+        match self {
+            AnyImporter::HeldLocks(i) => i.import(objects).await,
+            AnyImporter::Restore(i) => i.import(objects).await,
+        }
     }
 }
 
@@ -542,5 +927,58 @@ mod tests {
         bad.nar.push(b'x');
         let e = bad.verify().expect_err("mismatch");
         assert!(e.to_string().contains(&a.to_string()), "{e}");
+    }
+
+    #[test]
+    fn nix_versions_choose_the_importer() {
+        let v = |t| parse_nix_version(t).expect(t);
+        let nix28 = v("nix-store (Nix) 2.8.0\n");
+        assert_eq!(
+            nix28,
+            NixVersion {
+                lix: false,
+                major: 2,
+                minor: 8
+            }
+        );
+        assert!(held_locks_supported(&nix28));
+        assert!(held_locks_supported(&v("nix-store (Nix) 2.28.4")));
+        assert!(!held_locks_supported(&v("nix-store (Nix) 2.29.0")));
+        assert!(!held_locks_supported(&v(
+            "nix-store (Nix) 2.29.0pre20250407_1a2b3c4d"
+        )));
+        assert!(!held_locks_supported(&v("nix-store (Nix) 3.0.1")));
+        assert!(!held_locks_supported(&v(
+            "nix-store (Determinate Nix 3.8.2) 2.30.1"
+        )));
+        let lix = v("nix-store (Lix, like Nix) 2.93.0\nSystem type: x86_64-linux\n");
+        assert!(lix.lix && lix.minor == 93);
+        assert!(held_locks_supported(&lix));
+        assert_eq!(parse_nix_version(""), None);
+        assert_eq!(parse_nix_version("nix-store (Nix) unknown"), None);
+        assert_eq!(parse_nix_version("nix-store (Nix) 2"), None);
+    }
+
+    #[test]
+    fn register_validity_input_layout() {
+        let (out, dev, lib, drv) = (
+            sp('a', "p"),
+            sp('b', "p-dev"),
+            sp('c', "lib"),
+            sp('d', "p.drv"),
+        );
+        let mut o = info(&out, &[&lib, &out]);
+        o.deriver = Some(drv.clone());
+        let d = info(&dev, &[&out]);
+        let text = register_validity_input(&[&o, &d], &sd());
+        let (a, b, c, dd) = (
+            sd().display(&out),
+            sd().display(&dev),
+            sd().display(&lib),
+            sd().display(&drv),
+        );
+        // References in path order (hash part a < c), the self-reference included.
+        assert_eq!(text, format!("{a}\n{dd}\n2\n{a}\n{c}\n{b}\n\n1\n{a}\n"));
+        assert_eq!(register_validity_input(&[], &sd()), "");
     }
 }

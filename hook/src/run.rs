@@ -9,7 +9,7 @@ use crate::config::{self, Tuning};
 use crate::delegate;
 use crate::health::{self, LocalSituation, Verdict};
 use crate::health_store::HealthStore;
-use crate::local::{HeldLocksImporter, LocalStore};
+use crate::local::{AnyImporter, LocalStore};
 use crate::probe::{Kind, Outcome, Prober};
 use crate::protocol::{self, NixLog, Reply, Request, TryRequest, Verbosity};
 use crate::remote::{self, BuildOptions, Job, Progress};
@@ -698,9 +698,16 @@ async fn build<R: AsyncRead + Unpin>(
 
     // The remote log goes to fd 4 as it arrives.
     let forwarder = conn.forward_log(ctx.env.build_log.clone());
-    let importer = HeldLocksImporter {
-        local: local.clone(),
-    };
+    // After the accept, once per hook process: `auto` runs `nix-store --version`.
+    let importer = AnyImporter::choose(ctx.prober.tuning.import_method, &local).await;
+    logger.log(
+        Verbosity::TALKATIVE,
+        format!(
+            "ferry-build-hook: importing the outputs of '{}' with import-method {}",
+            t.drv_path,
+            importer.name()
+        ),
+    );
     let result = remote::build_and_fetch(&mut conn, &job, &drv, &importer).await;
     conn.close().await;
     let _ = tokio::time::timeout(Duration::from_secs(5), forwarder).await;
