@@ -171,6 +171,16 @@ pub struct UpstreamConfig {
     pub priority: Option<i32>,
     /// TCP connect time-out. 250 ms by default: a LAN or CDN answers SYNs in a few ms, so a
     /// dead host costs little (goal G5).
+    ///
+    /// Under load this is shorter than any SYN loss: when a busy cache's listen backlog is full
+    /// it drops the SYN, and Linux resends it only after 1 s (`TCP_TIMEOUT_INIT`), so a single
+    /// drop always exceeds 250 ms. Raising the time-out to cover that (over 1 s) would make
+    /// every dead host cost more than a second and eat half the narinfo deadline. Instead a
+    /// transient failure is retried on a fresh connection (a new SYN at once) after 50 ms and
+    /// then 150 ms while the deadline has room for one more connect time-out (`race::retry_delay`),
+    /// so a lost SYN costs about 300 ms, not a 404 that Nix would remember for an hour
+    /// (`narinfo-cache-negative-ttl`, doc §2.5). Keep it well under a third of
+    /// `narinfo-deadline-ms` so that the retries fit.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
     /// Time-out for a whole small response (narinfo, log, listing) and for each NAR read.

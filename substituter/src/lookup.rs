@@ -7,7 +7,7 @@
 //! never caches.
 
 use crate::check::{Expect, check_narinfo};
-use crate::race::{Decision, Slot, decide, start_next_early};
+use crate::race::{Decision, FailureKind, Slot, decide, retry_delay, start_next_early};
 use crate::server::{Route, State};
 use crate::upstream::Fetch;
 use bytes::Bytes;
@@ -152,6 +152,8 @@ type Found = (Bytes, Option<String>, Expect);
 struct Outcome {
     slot: Slot,
     found: Option<Found>,
+    /// For [`Slot::Failed`]: whether trying again may help.
+    failure: Option<FailureKind>,
 }
 
 /// Asks one upstream, validates, and feeds its breaker.
@@ -162,9 +164,10 @@ async fn ask(state: Arc<State>, i: usize, key: Key) -> Outcome {
         Key::NarInfo(h) => (format!("{h}.narinfo"), Some(h.as_str())),
         Key::Other(k) => (k.clone(), None),
     };
-    let failed = Outcome {
+    let failed = |kind| Outcome {
         slot: Slot::Failed,
         found: None,
+        failure: Some(kind),
     };
     match up.fetch_small(&object, MAX_SMALL).await {
         Fetch::Missing => {
@@ -173,12 +176,13 @@ async fn ask(state: Arc<State>, i: usize, key: Key) -> Outcome {
             Outcome {
                 slot: Slot::Miss,
                 found: None,
+                failure: None,
             }
         }
         Fetch::Failed { error, retry_after } => {
             tracing::warn!(upstream = %up.settings.url, %object, %error, "upstream request failed");
             up.record_failure(retry_after);
-            failed
+            failed(error.kind())
         }
         Fetch::Found(bytes) => match hash {
             None => {
@@ -187,6 +191,7 @@ async fn ask(state: Arc<State>, i: usize, key: Key) -> Outcome {
                 Outcome {
                     slot: Slot::Hit { trusted: true },
                     found: Some((bytes, None, Expect::default())),
+                    failure: None,
                 }
             }
             Some(h) => match check_narinfo(
@@ -205,6 +210,7 @@ async fn ask(state: Arc<State>, i: usize, key: Key) -> Outcome {
                     Outcome {
                         slot: Slot::Hit { trusted: c.trusted },
                         found: Some((Bytes::from(c.body), c.nar_key, c.expect)),
+                        failure: None,
                     }
                 }
                 Err(error) => {
@@ -212,7 +218,8 @@ async fn ask(state: Arc<State>, i: usize, key: Key) -> Outcome {
                     // upstream failure, not a miss (doc §5.1 rule 3).
                     tracing::warn!(upstream = %up.settings.url, %object, %error, "invalid narinfo");
                     up.record_failure(None);
-                    failed
+                    // The same bytes would come again.
+                    failed(FailureKind::Permanent)
                 }
             },
         },
@@ -228,9 +235,14 @@ type Running = FuturesUnordered<
     >,
 >;
 
+type Backoffs =
+    FuturesUnordered<std::pin::Pin<Box<dyn std::future::Future<Output = usize> + Send>>>;
+
 enum Event {
     Answer(usize, Outcome),
     HeadStart,
+    /// An upstream's back-off after a transient failure is over.
+    Retry(usize),
     Deadline,
 }
 
@@ -239,6 +251,9 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
     let mut slots = vec![Slot::Pending; n];
     let mut found: Vec<Option<Found>> = vec![None; n];
     let mut running: Running = FuturesUnordered::new();
+    let mut backoffs: Backoffs = FuturesUnordered::new();
+    // Attempts started per upstream in this race.
+    let mut attempts = vec![0u32; n];
     let mut handles = Vec::new();
     let start = Instant::now();
     let deadline = tokio::time::sleep(state.settings.narinfo_deadline);
@@ -247,23 +262,28 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
     tokio::pin!(head);
     let mut next = 0usize;
 
-    let mut launch = |i: usize, slots: &mut [Slot], running: &mut Running| {
+    // Starts an attempt at upstream `i`; false when its breaker or rate limit says no.
+    let mut launch = |i: usize, running: &mut Running| {
         let up = &state.upstreams[i];
         if up.admit().is_err() {
-            slots[i] = Slot::Skipped;
-            return;
+            return false;
         }
         // A task, so that a request still running at the deadline completes and teaches the
         // breaker; it is aborted only once a winner is known.
         let h = tokio::spawn(ask(Arc::clone(state), i, key.clone()));
         handles.push(h.abort_handle());
         running.push(Box::pin(async move { (i, h.await) }));
+        true
     };
 
     let decision = loop {
         // Ask the next upstream now when every earlier one has already said no.
         while next < n && (next == 0 || start_next_early(&slots, next)) {
-            launch(next, &mut slots, &mut running);
+            if launch(next, &mut running) {
+                attempts[next] = 1;
+            } else {
+                slots[next] = Slot::Skipped;
+            }
             next += 1;
             head.as_mut()
                 .reset(tokio::time::Instant::now() + state.settings.head_start);
@@ -274,18 +294,57 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
         }
         let event = tokio::select! {
             Some((i, r)) = running.next() => {
-                Event::Answer(i, r.unwrap_or(Outcome { slot: Slot::Failed, found: None }))
+                Event::Answer(i, r.unwrap_or(Outcome {
+                    slot: Slot::Failed,
+                    found: None,
+                    failure: Some(FailureKind::Permanent),
+                }))
             }
+            Some(i) = backoffs.next() => Event::Retry(i),
             _ = &mut head, if next < n => Event::HeadStart,
             _ = &mut deadline => Event::Deadline,
         };
         match event {
             Event::Answer(i, o) => {
-                slots[i] = o.slot;
-                found[i] = o.found;
+                let up = &state.upstreams[i];
+                let retry = o.failure.and_then(|kind| {
+                    retry_delay(
+                        kind,
+                        attempts[i],
+                        up.breaker_closed(),
+                        start.elapsed(),
+                        state.settings.narinfo_deadline,
+                        up.settings.connect_timeout,
+                    )
+                });
+                if let Some(backoff) = retry {
+                    slots[i] = Slot::Retrying;
+                    backoffs.push(Box::pin(async move {
+                        tokio::time::sleep(backoff).await;
+                        i
+                    }));
+                } else {
+                    slots[i] = o.slot;
+                    found[i] = o.found;
+                }
+            }
+            Event::Retry(i) => {
+                // Its breaker may have opened during the back-off (other lookups fail too):
+                // then it is down, not blipping, and gets no more traffic (goal G5).
+                if launch(i, &mut running) {
+                    attempts[i] += 1;
+                    state.upstreams[i].metrics.retries.inc();
+                    tracing::debug!(?key, upstream = %state.upstreams[i].settings.url, attempt = attempts[i], "retrying after a transient failure");
+                } else {
+                    slots[i] = Slot::Failed;
+                }
             }
             Event::HeadStart => {
-                launch(next, &mut slots, &mut running);
+                if launch(next, &mut running) {
+                    attempts[next] = 1;
+                } else {
+                    slots[next] = Slot::Skipped;
+                }
                 next += 1;
                 head.as_mut()
                     .reset(tokio::time::Instant::now() + state.settings.head_start);

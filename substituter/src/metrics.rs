@@ -51,6 +51,8 @@ pub struct UpstreamMetrics {
     pub hits: Counter,
     pub misses: Counter,
     pub failures: Counter,
+    /// Attempts repeated after a transient failure within one race.
+    pub retries: Counter,
     pub skipped_breaker: Counter,
     pub skipped_rate: Counter,
     pub nar_bytes: Counter,
@@ -183,10 +185,11 @@ pub fn render(m: &Metrics, ups: &[UpstreamView<'_>], disk: DiskView<'_>) -> Stri
         );
     }
     type Get = fn(&UpstreamMetrics) -> u64;
-    let per: [(&str, Get); 6] = [
+    let per: [(&str, Get); 7] = [
         ("upstream_hits_total", |m| m.hits.get()),
         ("upstream_misses_total", |m| m.misses.get()),
         ("upstream_failures_total", |m| m.failures.get()),
+        ("upstream_retries_total", |m| m.retries.get()),
         ("upstream_skipped_breaker_total", |m| {
             m.skipped_breaker.get()
         }),

@@ -18,8 +18,22 @@
 //!    none had an acceptable hit. A failure, time-out, skipped (breaker open, rate limited)
 //!    or pending upstream makes the 404 non-definitive and uncached (doc §5.1 rule 2, ncps#298).
 //!
+//! 5. **A transient failure is retried while the deadline allows** ([`retry_delay`]): a connect
+//!    error or time-out, a read time-out, a reset or a 5xx gets up to two more attempts after
+//!    [`RETRY_BACKOFFS`], unless the upstream's breaker has opened or the attempt could not
+//!    last one connect time-out before the deadline. Meanwhile the slot is
+//!    [`Slot::Retrying`], which counts as failed for rule 1 (a lower-priority hit is served at
+//!    once, exactly as without retries) but keeps a 404 from being decided. Why: Nix 2.8
+//!    remembers a narinfo 404 for `narinfo-cache-negative-ttl` (an hour by default, doc §2.5),
+//!    so one dropped SYN on the only upstream that has a path must not become a 404 while the
+//!    deadline still has room for a fresh connection.
+//!
 //! A dead first upstream therefore costs its connect time-out (250 ms by default), after which
-//! rule 1 lets the next hit through: about the head start plus the next upstream's latency.
+//! rule 1 lets the next hit through: about the head start plus the next upstream's latency. Its
+//! retries delay only a 404, by at most two back-offs and connect time-outs, and only until its
+//! breaker opens (three failures by default: one request's attempts).
+
+use std::time::Duration;
 
 /// What one upstream has said so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +48,43 @@ pub enum Slot {
     Failed,
     /// Not asked: breaker open, rate limit, or in-flight cap.
     Skipped,
+    /// Failed transiently; another attempt is waiting for its back-off or running. Counts as
+    /// failed when a hit waits on it, as pending when only a 404 is left (rule 5).
+    Retrying,
+}
+
+/// Why an attempt failed, as far as trying again is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Connect error or time-out, read time-out, reset, 5xx: a fresh attempt may well succeed.
+    Transient,
+    /// The same request would get the same answer: an invalid or wrong narinfo, too large a
+    /// body, a 429 or another 4xx.
+    Permanent,
+}
+
+/// Back-off before the second and the third attempt at one upstream within one race.
+pub const RETRY_BACKOFFS: [Duration; 2] = [Duration::from_millis(50), Duration::from_millis(150)];
+
+/// After attempt number `attempts` (1 for the first) at one upstream failed with `kind`,
+/// `elapsed` into a race with `deadline`: the back-off before the next attempt, or `None` to
+/// give up on this upstream. `breaker_closed` is the upstream's breaker after this failure was
+/// recorded: an open breaker means the upstream is presumed down, and retries would only
+/// prolong the miss (goal G5). `min_attempt` (the upstream's connect time-out) is the least
+/// time an attempt needs to be worth sending before the deadline.
+pub fn retry_delay(
+    kind: FailureKind,
+    attempts: u32,
+    breaker_closed: bool,
+    elapsed: Duration,
+    deadline: Duration,
+    min_attempt: Duration,
+) -> Option<Duration> {
+    if kind != FailureKind::Transient || !breaker_closed {
+        return None;
+    }
+    let backoff = *RETRY_BACKOFFS.get(usize::try_from(attempts).ok()?.checked_sub(1)?)?;
+    (elapsed + backoff + min_attempt <= deadline).then_some(backoff)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +119,10 @@ pub fn decide(slots: &[Slot], deadline_passed: bool, serve_untrusted: bool) -> D
     {
         return Decision::Serve(u);
     }
+    // Rule 5: a 404 waits for upstreams that are being tried again.
+    if !deadline_passed && slots.contains(&Slot::Retrying) {
+        return Decision::Wait;
+    }
     let definitive = !deadline_passed
         && slots
             .iter()
@@ -81,7 +136,11 @@ pub fn start_next_early(slots: &[Slot], next: usize) -> bool {
     slots[..next.min(slots.len())].iter().all(|s| {
         matches!(
             s,
-            Slot::Miss | Slot::Failed | Slot::Skipped | Slot::Hit { trusted: false }
+            Slot::Miss
+                | Slot::Failed
+                | Slot::Retrying
+                | Slot::Skipped
+                | Slot::Hit { trusted: false }
         )
     })
 }
@@ -156,5 +215,68 @@ mod tests {
         assert!(start_next_early(&[Miss, Skipped, Pending], 2));
         assert!(!start_next_early(&[Pending, Pending], 1));
         assert!(!start_next_early(&[T, Pending], 1));
+        assert!(start_next_early(&[Retrying, Pending], 1));
+    }
+
+    #[test]
+    fn a_retrying_upstream_never_delays_a_lower_priority_hit() {
+        // As if it had failed: the dead-upstream case costs what it cost without retries.
+        assert_eq!(decide(&[Retrying, T], false, false), Decision::Serve(1));
+        assert_eq!(decide(&[Retrying, U], false, true), Decision::Serve(1));
+        assert_eq!(decide(&[Retrying, Pending], false, false), Decision::Wait);
+        // Its retry can still win while the lower ones are pending.
+        assert_eq!(decide(&[T, Pending], false, false), Decision::Serve(0));
+    }
+
+    #[test]
+    fn a_retrying_upstream_holds_back_a_404_until_the_deadline() {
+        assert_eq!(decide(&[Retrying, Miss], false, false), Decision::Wait);
+        assert_eq!(decide(&[Miss, Retrying], false, false), Decision::Wait);
+        assert_eq!(decide(&[Retrying], false, false), Decision::Wait);
+        assert_eq!(
+            decide(&[Retrying, Miss], true, false),
+            Decision::NotFound { definitive: false }
+        );
+        // Given up after its last attempt: an uncached 404 as before.
+        assert_eq!(
+            decide(&[Failed, Miss], false, false),
+            Decision::NotFound { definitive: false }
+        );
+    }
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn transient_failures_get_two_retries_with_growing_back_off() {
+        let t = FailureKind::Transient;
+        let d = MS(2000);
+        assert_eq!(retry_delay(t, 1, true, MS(500), d, MS(250)), Some(MS(50)));
+        assert_eq!(retry_delay(t, 2, true, MS(800), d, MS(250)), Some(MS(150)));
+        assert_eq!(retry_delay(t, 3, true, MS(1000), d, MS(250)), None);
+        assert_eq!(retry_delay(t, 0, true, MS(0), d, MS(250)), None);
+    }
+
+    #[test]
+    fn permanent_failures_and_open_breakers_are_not_retried() {
+        let d = MS(2000);
+        assert_eq!(
+            retry_delay(FailureKind::Permanent, 1, true, MS(10), d, MS(250)),
+            None
+        );
+        assert_eq!(
+            retry_delay(FailureKind::Transient, 1, false, MS(10), d, MS(250)),
+            None
+        );
+    }
+
+    #[test]
+    fn retries_never_run_past_the_deadline() {
+        let t = FailureKind::Transient;
+        let d = MS(2000);
+        // The attempt after the back-off must have one connect time-out left.
+        assert_eq!(retry_delay(t, 1, true, MS(1700), d, MS(250)), Some(MS(50)));
+        assert_eq!(retry_delay(t, 1, true, MS(1701), d, MS(250)), None);
+        assert_eq!(retry_delay(t, 2, true, MS(1650), d, MS(250)), None);
+        assert_eq!(retry_delay(t, 1, true, MS(2500), d, MS(250)), None);
     }
 }

@@ -5,6 +5,7 @@ use crate::breaker::{Admit, Breaker};
 use crate::config::{UpstreamLocation, UpstreamSettings};
 use crate::metrics::UpstreamMetrics;
 use crate::paths::{file_path, http_url};
+use crate::race::FailureKind;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use futures_util::stream::BoxStream;
@@ -34,6 +35,25 @@ pub enum FetchError {
     Io(#[from] io::Error),
     #[error("bad Content-Range {0:?} for the requested offset")]
     BadRange(String),
+}
+
+impl FetchError {
+    /// Whether a fresh attempt may succeed (`race::retry_delay`): connect errors and time-outs
+    /// (a dropped SYN, a full listen backlog), resets and early closes, and 5xx. A 429 asks
+    /// for less traffic, other statuses and oversized bodies would repeat, and a local file's
+    /// I/O error is not a network blip.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            FetchError::Connect(_) | FetchError::Timeout | FetchError::Transfer(_) => {
+                FailureKind::Transient
+            }
+            FetchError::Status(s) if (500..600).contains(s) => FailureKind::Transient,
+            FetchError::Status(_)
+            | FetchError::TooLarge(_)
+            | FetchError::Io(_)
+            | FetchError::BadRange(_) => FailureKind::Permanent,
+        }
+    }
 }
 
 /// The answer to a small request (narinfo, listing, log).
@@ -150,6 +170,11 @@ impl Upstream {
     /// The base URL for narinfo URL rewriting (None for directories).
     pub fn http_base(&self) -> Option<&str> {
         self.base()
+    }
+
+    /// Whether the breaker lets requests through (closed), after the failures recorded so far.
+    pub fn breaker_closed(&self) -> bool {
+        self.breaker_state() == 0
     }
 
     pub fn breaker_state(&self) -> u8 {
@@ -489,5 +514,23 @@ mod tests {
         );
         assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, None)));
         assert_eq!(parse_content_range("items 1-2/3"), None);
+    }
+
+    #[test]
+    fn network_blips_and_5xx_are_transient_other_answers_are_not() {
+        use FailureKind::*;
+        for (e, k) in [
+            (FetchError::Connect("refused".into()), Transient),
+            (FetchError::Timeout, Transient),
+            (FetchError::Transfer("reset".into()), Transient),
+            (FetchError::Status(500), Transient),
+            (FetchError::Status(503), Transient),
+            (FetchError::Status(429), Permanent),
+            (FetchError::Status(400), Permanent),
+            (FetchError::TooLarge(1), Permanent),
+            (FetchError::BadRange("x".into()), Permanent),
+        ] {
+            assert_eq!(e.kind(), k, "{e}");
+        }
     }
 }

@@ -384,3 +384,155 @@ async fn file_upstream_serves_narinfo_nar_ranges_and_logs() {
     // Traversal out of the cache directory is not even routed.
     assert_eq!(get(&format!("{f}/nar/..%2F..%2Fetc%2Fpasswd")).await.0, 404);
 }
+
+/// An upstream that accepts and at once closes its first `drop_first` connections (what a
+/// client sees from a server whose backlog overflowed mid-handshake, or that was restarting),
+/// then answers every narinfo request with a hit, one request per connection. Returns its URL
+/// and the number of connections accepted.
+async fn closes_first_connections(drop_first: usize) -> (String, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", l.local_addr().expect("addr"));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            if count.fetch_add(1, Ordering::SeqCst) < drop_first {
+                drop(s);
+                continue;
+            }
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let line = String::from_utf8_lossy(&req);
+                let path = line.split(' ').nth(1).unwrap_or("");
+                let resp = match path
+                    .strip_prefix('/')
+                    .and_then(|p| p.strip_suffix(".narinfo"))
+                {
+                    Some(h) => {
+                        let body = narinfo(h, "c");
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                    }
+                    None => {
+                        "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                            .to_owned()
+                    }
+                };
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    (url, accepted)
+}
+
+#[tokio::test]
+async fn a_connection_closed_by_the_only_healthy_upstream_is_retried_not_a_404() {
+    // The end-to-end failure: the first upstream is down, the only one with the path drops a
+    // connection. Without a retry all slots fail and Nix caches the 404 for an hour.
+    let (c, accepted) = closes_first_connections(2).await;
+    let f = ferry(&["http://127.0.0.1:1", &c], |_| {}).await;
+    let t = Instant::now();
+    let (code, body) = get(&format!("{f}/{H}.narinfo")).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("URL: nar/c.nar"), "{body}");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        3,
+        "two closed, then answered"
+    );
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let (_, m) = get(&format!("{f}/metrics")).await;
+    assert!(
+        m.contains(&format!(
+            "ferry_substituter_upstream_retries_total{{upstream=\"{c}\"}} 2\n"
+        )),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_503_once_is_retried_not_a_404() {
+    let a = mock(
+        Duration::ZERO,
+        Arc::new(|path, h, n| {
+            if n == 0 {
+                status(503, "busy")
+            } else {
+                hit("a")(path, h, n)
+            }
+        }),
+    )
+    .await;
+    let b = mock(Duration::ZERO, Arc::new(|_, _, _| status(404, ""))).await;
+    let f = ferry(&[&a.url, &b.url], |_| {}).await;
+    let (code, body) = get(&format!("{f}/{H}.narinfo")).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("URL: nar/a.nar"), "{body}");
+    assert_eq!(a.hits.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_permanently_failing_upstream_gives_a_quick_404_and_no_retries_once_its_breaker_opens() {
+    let a = mock(Duration::ZERO, Arc::new(|_, _, _| status(500, "broken"))).await;
+    let b = mock(Duration::ZERO, Arc::new(|_, _, _| status(404, ""))).await;
+    let f = ferry(&[&a.url, &b.url], |c| {
+        // Two failures open it: the first retry opens it, so a second retry would be a bug.
+        c.upstream[0].breaker_failures = 2;
+        c.upstream[0].breaker_cooldown_ms = 60_000;
+    })
+    .await;
+    let url = format!("{f}/{H}.narinfo");
+    let t = Instant::now();
+    assert_eq!(get(&url).await.0, 404);
+    let e = t.elapsed();
+    assert!(
+        e < Duration::from_millis(1500),
+        "within the 2 s deadline: {e:?}"
+    );
+    assert_eq!(
+        a.hits.load(Ordering::SeqCst),
+        2,
+        "one retry, then its breaker opened"
+    );
+    // Open breaker: skipped, not retried, and the 404 comes at once.
+    let t = Instant::now();
+    assert_eq!(get(&url).await.0, 404);
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(a.hits.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        b.hits.load(Ordering::SeqCst),
+        2,
+        "incomplete 404s are not cached"
+    );
+}
+
+#[tokio::test]
+async fn retrying_a_hanging_first_upstream_does_not_delay_a_lower_priority_hit() {
+    // a times out at about 250 + 300 ms and is retried; b's hit arrives after that first
+    // failure and must be served at once, not after a's retries (which end near 1.85 s).
+    let a = mock(Duration::from_secs(10), hit("a")).await;
+    let b = mock(Duration::from_millis(600), hit("b")).await;
+    let f = ferry(&[&a.url, &b.url], |c| c.upstream[0].read_timeout_ms = 300).await;
+    let t = Instant::now();
+    let (code, body) = get(&format!("{f}/{H}.narinfo")).await;
+    assert_eq!(code, 200);
+    assert!(body.contains("URL: nar/b.nar"), "{body}");
+    let e = t.elapsed();
+    assert!(e < Duration::from_millis(1400), "{e:?}");
+}
