@@ -44,6 +44,10 @@ enum Cmd {
         json: bool,
         #[arg(long)]
         builders: Option<String>,
+        /// How to reach the builders: russh (in-process, every step under the deadline, the
+        /// failing step named) or openssh (the `ssh` program with the user's configuration).
+        #[arg(long, default_value = "russh")]
+        transport: String,
     },
     /// Check the [build-hook] section of ferry.toml and the builders in nix.conf.
     CheckConfig,
@@ -251,9 +255,18 @@ fn command(cmd: Cmd, env: &Env) -> anyhow::Result<i32> {
             print(&rows(env, &ms), json)?;
             Ok(0)
         }
-        Cmd::Probe { json, builders } => {
+        Cmd::Probe {
+            json,
+            builders,
+            transport,
+        } => {
             let ms = machines(env, builders.as_deref())?;
-            let tuning = config::load(&env.config_path)?;
+            let mut tuning = config::load(&env.config_path)?;
+            tuning.probe_transport = match transport.as_str() {
+                "russh" => config::TransportKind::Russh,
+                "openssh" => config::TransportKind::Openssh,
+                other => anyhow::bail!("--transport {other}: expected russh or openssh"),
+            };
             let p = Arc::new(prober(env, tuning));
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -107,7 +107,12 @@ fn russh_probes_find_dead_wrong_key_and_healthy_builders() {
 /// reaches `nix-build`'s stderr.
 #[test]
 fn builds_over_russh_copy_build_fetch_and_forward_the_log() {
-    let tf = start(Hook::Ferry, 1, 2, "build-transport = \"russh\"");
+    let tf = start(
+        Hook::Ferry,
+        1,
+        2,
+        "build-transport = \"russh\"\nprobe-transport = \"russh\"",
+    );
     let out = tf.nix_build(&chain_drv(&nonce()), &["-j0"]);
     check(&out, "chain over russh").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
     let top = &out_paths(&out)[0];
@@ -165,7 +170,12 @@ fn builds_over_russh_copy_build_fetch_and_forward_the_log() {
 /// than wait for more bytes forever.
 #[test]
 fn a_serve_process_dying_mid_build_over_russh_fails_the_build_promptly() {
-    let tf = start(Hook::Ferry, 1, 1, "build-transport = \"russh\"");
+    let tf = start(
+        Hook::Ferry,
+        1,
+        1,
+        "build-transport = \"russh\"\nprobe-transport = \"russh\"",
+    );
     let expr = format!(
         r#"builtins.derivation {{ name = "ferry-kills-{n}"; system = "{SYSTEM}"; builder = "/bin/sh"; args = [ "-c" "echo about-to-kill >&2; sleep 1; kill -9 $PPID; sleep 30; echo > $out" ]; PATH = "/usr/bin:/bin"; }}"#,
         n = nonce()
