@@ -193,6 +193,40 @@ fn default_store_dir() -> StoreDir {
     StoreDir::new("/nix/store").expect("a valid literal")
 }
 
+/// Runs `cmd` (a `program` invocation described as `what`) with `input` on its stdin and
+/// fails with its stderr unless it exits 0.
+async fn feed(mut cmd: Command, program: &str, what: &str, input: &[u8]) -> Result<(), LocalError> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| LocalError::Spawn {
+            program: program.to_owned(),
+            source,
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A write error shows up as the tool's failure below.
+        let _ = stdin.write_all(input).await;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|source| LocalError::Spawn {
+            program: program.to_owned(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(LocalError::Failed {
+            command: what.into(),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
+}
+
 /// The local store as seen by the CLI tools.
 #[derive(Debug, Clone)]
 pub struct LocalStore {
@@ -409,38 +443,11 @@ impl Importer for HeldLocksImporter {
         let stream = export_stream(objects, &self.local.store_dir);
         let store = self.local.direct_uri();
         let program = &self.local.nix_store;
-        let mut child = Command::new(program)
-            .arg("--import")
+        let mut cmd = Command::new(program);
+        cmd.arg("--import")
             .env("NIX_REMOTE", store)
-            .env("NIX_HELD_LOCKS", held.join(" "))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| LocalError::Spawn {
-                program: program.clone(),
-                source,
-            })?;
-        if let Some(mut stdin) = child.stdin.take() {
-            // A write error shows up as the tool's failure below.
-            let _ = stdin.write_all(&stream).await;
-        }
-        let out = child
-            .wait_with_output()
-            .await
-            .map_err(|source| LocalError::Spawn {
-                program: program.clone(),
-                source,
-            })?;
-        if !out.status.success() {
-            return Err(LocalError::Failed {
-                command: "nix-store --import".into(),
-                status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
-        }
-        Ok(())
+            .env("NIX_HELD_LOCKS", held.join(" "));
+        feed(cmd, program, "nix-store --import", &stream).await
     }
 }
 
@@ -660,35 +667,15 @@ impl RestoreImporter {
         }
         let infos: Vec<&PathInfo> = todo.iter().map(|o| &o.info).collect();
         let input = register_validity_input(&infos, &self.local.store_dir);
-        let mut child = self
-            .tool()
-            .arg("--register-validity")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| LocalError::Spawn {
-                program: self.local.nix_store.clone(),
-                source,
-            })?;
-        if let Some(mut stdin) = child.stdin.take() {
-            let _ = stdin.write_all(input.as_bytes()).await;
-        }
-        let out = child
-            .wait_with_output()
-            .await
-            .map_err(|source| LocalError::Spawn {
-                program: self.local.nix_store.clone(),
-                source,
-            })?;
-        if !out.status.success() {
-            return Err(LocalError::Failed {
-                command: "nix-store --register-validity".into(),
-                status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
-        }
-        Ok(())
+        let mut cmd = self.tool();
+        cmd.arg("--register-validity");
+        feed(
+            cmd,
+            &self.local.nix_store,
+            "nix-store --register-validity",
+            input.as_bytes(),
+        )
+        .await
     }
 
     /// `nix-store -q --hash` of each path must be the builder's `narHash`.
