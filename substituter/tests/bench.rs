@@ -70,7 +70,19 @@ fn write_cache(dir: &Path, key: &SecretKey, hashes: &[String]) {
 
 struct Proc(Child);
 impl Drop for Proc {
+    /// SIGTERM first: nginx's master stops its workers only when it is asked to (a SIGKILL
+    /// leaves them running, orphaned); SIGKILL after 2 s if it has not exited.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(2) {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
