@@ -217,14 +217,19 @@ async fn feed(mut cmd: Command, program: &str, what: &str, input: &[u8]) -> Resu
             program: program.to_owned(),
             source,
         })?;
+    succeeded(out, what).map(drop)
+}
+
+/// The tool's stdout if it exited 0, else its status and stderr under `what`.
+fn succeeded(out: std::process::Output, what: &str) -> Result<Vec<u8>, LocalError> {
     if !out.status.success() {
         return Err(LocalError::Failed {
-            command: what.into(),
+            command: what.to_owned(),
             status: out.status.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         });
     }
-    Ok(())
+    Ok(out.stdout)
 }
 
 /// The local store as seen by the CLI tools.
@@ -363,14 +368,7 @@ async fn output(mut c: Command, program: &str, what: &str) -> Result<Vec<u8>, Lo
             program: program.to_owned(),
             source,
         })?;
-    if !out.status.success() {
-        return Err(LocalError::Failed {
-            command: what.to_owned(),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(out.stdout)
+    succeeded(out, what)
 }
 
 /// A store object fetched from a builder.
@@ -594,36 +592,12 @@ impl RestoreImporter {
         ));
         remove_tree(&tmp)
             .map_err(|e| self.failed(path, format!("removing {}: {e}", tmp.display())))?;
-        let mut child = self
-            .tool()
-            .arg("--restore")
-            .arg(&tmp)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| LocalError::Spawn {
-                program: self.local.nix_store.clone(),
-                source,
-            })?;
-        if let Some(mut stdin) = child.stdin.take() {
-            // A write error shows up as the tool's failure below.
-            let _ = stdin.write_all(&o.nar).await;
-        }
-        let out = child
-            .wait_with_output()
-            .await
-            .map_err(|source| LocalError::Spawn {
-                program: self.local.nix_store.clone(),
-                source,
-            })?;
-        if !out.status.success() {
+        let mut cmd = self.tool();
+        cmd.arg("--restore").arg(&tmp);
+        let what = format!("nix-store --restore {}", tmp.display());
+        if let Err(e) = feed(cmd, &self.local.nix_store, &what, &o.nar).await {
             let _ = remove_tree(&tmp);
-            return Err(LocalError::Failed {
-                command: format!("nix-store --restore {}", tmp.display()),
-                status: out.status.to_string(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
+            return Err(e);
         }
         // Something at the final name is an invalid leftover (the path was checked invalid
         // and the daemon holds its lock): Nix deletes it too before it adds a path (2.8
