@@ -557,30 +557,12 @@ impl Fleet {
     /// Fault: builder `i`'s sshd drops each incoming packet with probability `p`
     /// (a lossy link, with iptables' `statistic` match since `netem` is not available).
     pub fn lossy(&self, i: usize, p: f64) -> Result<()> {
-        let ns = &self.builders[i].netns;
         let p = format!("{p}");
-        run(Command::new("ip").args([
-            "netns",
-            "exec",
-            ns,
-            "iptables",
-            "-w",
-            "-A",
-            "INPUT",
-            "-p",
-            "tcp",
-            "--dport",
-            "22",
-            "-m",
-            "statistic",
-            "--mode",
-            "random",
-            "--probability",
-            &p,
-            "-j",
-            "DROP",
-        ]))
-        .map(|_| ())
+        drop_incoming(
+            &self.builders[i],
+            22,
+            &["-m", "statistic", "--mode", "random", "--probability", &p],
+        )
     }
 
     /// Heals builder `i`: no packet filter, no shaping (sshd is restarted separately).
@@ -641,8 +623,14 @@ impl Drop for Fleet {
 /// Fault: `host` drops every incoming TCP packet to `port` (connections hang).
 /// [`heal_host`] undoes it.
 pub fn blackhole_port(host: &Host, port: u16) -> Result<()> {
+    drop_incoming(host, port, &[])
+}
+
+/// Adds an iptables rule on `host` that drops incoming TCP packets to `port` which also
+/// satisfy `matches` (none: every packet).
+fn drop_incoming(host: &Host, port: u16, matches: &[&str]) -> Result<()> {
     let port = port.to_string();
-    run(Command::new("ip").args([
+    let mut args = vec![
         "netns",
         "exec",
         &host.netns,
@@ -654,10 +642,10 @@ pub fn blackhole_port(host: &Host, port: u16) -> Result<()> {
         "tcp",
         "--dport",
         &port,
-        "-j",
-        "DROP",
-    ]))
-    .map(|_| ())
+    ];
+    args.extend_from_slice(matches);
+    args.extend(["-j", "DROP"]);
+    run(Command::new("ip").args(&args)).map(|_| ())
 }
 
 /// Removes every packet filter and traffic shaper from `host`.
