@@ -117,6 +117,18 @@ fn teardown_leaves_no_namespace_mount_or_process() {
     let dir = fleet.root.path().to_owned();
     let listed = namespaces();
     assert!(names.iter().all(|n| listed.contains(n.as_str())));
+    // A process the fixture did not start itself (as an SSH session's `nix-store --serve`
+    // would be), detached from us: teardown must find it through the namespace.
+    let out = fleet.builders[1]
+        .command("sh")
+        .args(["-c", "sleep 1000 >/dev/null 2>&1 & echo $!"])
+        .output()
+        .expect("stray process");
+    let stray: u32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("pid");
+    assert!(std::path::Path::new(&format!("/proc/{stray}")).exists());
     // Teardown also runs when a test panics: unwind through a panic with the fleet alive.
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
         let _f = fleet;
@@ -139,6 +151,20 @@ fn teardown_leaves_no_namespace_mount_or_process() {
     assert!(!ps.contains(&d), "process left behind:\n{ps}");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     assert!(!mounts.contains(&d), "mount left behind");
+    // Gone, or a zombie: on some machines pid 1 does not reap the orphans it inherits.
+    let stray_gone = (0..50).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::read_to_string(format!("/proc/{stray}/stat"))
+            .map(|st| {
+                st.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true)
+    });
+    assert!(
+        stray_gone,
+        "process {stray} in a builder's namespace outlived the fleet"
+    );
     assert!(!dir.exists(), "fleet directory left behind");
 }
 
