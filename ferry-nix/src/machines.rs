@@ -141,6 +141,35 @@ pub struct Machine {
     pub public_host_key: Option<PublicHostKey>,
 }
 
+impl Machine {
+    /// The machine as one machines-file line, which parses back to an equal `Machine` (every
+    /// field written out, `-` for unset ones). Used to hand builders to another process.
+    pub fn to_line(&self) -> String {
+        let list = |s: &BTreeSet<String>| {
+            if s.is_empty() {
+                "-".to_owned()
+            } else {
+                s.iter().map(String::as_str).collect::<Vec<_>>().join(",")
+            }
+        };
+        format!(
+            "{} {} {} {} {} {} {} {}",
+            self.store_uri,
+            if self.systems.is_empty() {
+                "-".to_owned()
+            } else {
+                self.systems.join(",")
+            },
+            self.ssh_key.as_deref().unwrap_or("-"),
+            self.max_jobs,
+            self.speed_factor,
+            list(&self.supported_features),
+            list(&self.mandatory_features),
+            self.public_host_key.as_ref().map_or("-", |k| k.base64.as_str()),
+        )
+    }
+}
+
 /// The `Machine` constructor's rule: prepend `ssh://` unless the URI has a scheme, contains a
 /// `/` anywhere (a path), or is one of the special store words (optionally with parameters).
 pub fn normalize_store_uri(uri: &str) -> String {
@@ -487,6 +516,18 @@ mod tests {
 
     fn set(items: &[&str]) -> BTreeSet<String> {
         items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn machine_lines_round_trip() {
+        for line in [
+            "ssh://root@a x86_64-linux,aarch64-linux /root/.ssh/id 4 2.5 kvm,big-parallel big-parallel c3NoLWVkMjU1MTkgQUFBQQ==",
+            "ssh://b",
+            "ssh://c - - 0 0 - benchmark",
+        ] {
+            let m = one(line);
+            assert_eq!(one(&m.to_line()), m, "{line} -> {}", m.to_line());
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use crate::config;
 use crate::health::{self, Health, State};
 use crate::health_store::HealthStore;
+use crate::probe;
 use crate::run::{Env, Settings, prober};
 use crate::slots::LoadDir;
 use clap::{Parser, Subcommand};
@@ -51,13 +52,17 @@ enum Cmd {
     },
     /// Check the [build-hook] section of ferry.toml and the builders in nix.conf.
     CheckConfig,
+    /// Used by the hook itself: probe the builders given as machines-file lines on stdin,
+    /// record the results, print nothing (see `probe::hand_off`).
+    #[command(hide = true)]
+    ProbeDetached,
 }
 
 /// Is this a command line for a person (rather than Nix running the hook)? Nix passes the
 /// verbosity, a number, as the last argument.
 pub fn is_command(argv: &[String]) -> bool {
     match argv.get(1).map(String::as_str) {
-        Some("status" | "probe" | "check-config" | "help") => true,
+        Some("status" | "probe" | "probe-detached" | "check-config" | "help") => true,
         Some(a) => a.starts_with('-'),
         // Without arguments the hook reports the missing verbosity, as the stock hook does.
         None => false,
@@ -293,12 +298,37 @@ fn command(cmd: Cmd, env: &Env) -> anyhow::Result<i32> {
                 1
             })
         }
+        Cmd::ProbeDetached => {
+            let mut lines = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut lines)?;
+            let ms = ferry_nix::machines::parse_builders_setting(&lines, "")?;
+            // A broken configuration is the hook's to report; probe with the defaults.
+            let tuning = config::load(&env.config_path).unwrap_or_default();
+            let p = Arc::new(prober(env, tuning));
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let which = (0..ms.len()).map(|i| (i, probe::Kind::Fresh)).collect();
+            rt.block_on(async {
+                // Nobody waits for these answers, so no grace: every probe runs to its end.
+                let round = p.probe_all_to_end(&ms, which).await;
+                for (_, outcome) in round.outcomes {
+                    if let probe::Outcome::Up(Some(c)) = outcome {
+                        c.close().await;
+                    }
+                }
+            });
+            rt.shutdown_timeout(std::time::Duration::from_millis(100));
+            Ok(0)
+        }
         Cmd::CheckConfig => {
             let t = config::load(&env.config_path)?;
             println!("{}: ok", env.config_path.display());
             println!(
-                "[build-hook]\nprobe-timeout-ms = {}\nbackoff-base-secs = {}\nbackoff-cap-secs = {}\nstale-after-secs = {}\nprefer-remote = {}\nprobe-transport = \"{}\"\nbuild-transport = \"{}\"\nimport-method = \"{}\"",
+                "[build-hook]\nprobe-timeout-ms = {}\nprobe-grace-ms = {}\nbackoff-base-secs = {}\nbackoff-cap-secs = {}\nstale-after-secs = {}\nprefer-remote = {}\nprobe-transport = \"{}\"\nbuild-transport = \"{}\"\nimport-method = \"{}\"",
                 t.probe_timeout.as_millis(),
+                t.probe_grace.as_millis(),
                 t.backoff_base.as_secs(),
                 t.backoff_cap.as_secs(),
                 t.stale_after.as_secs(),

@@ -18,6 +18,14 @@ pub struct HookConfig {
     /// on a LAN or a nearby data centre several times over; raise it for builders across
     /// slow links.
     pub probe_timeout_ms: u64,
+    /// When no builder is known healthy and several are probed, how long to keep waiting,
+    /// once one has answered, for those with a higher speed factor (which the selection
+    /// would prefer); probes of builders that could not be preferred are not waited for.
+    /// Probes still running then go on in a detached `ferry-build-hook` process that
+    /// records their result, so a dead builder costs one derivation at most this much, not
+    /// the whole probe budget. When some builder is already known healthy, the hook does not
+    /// wait for probes at all.
+    pub probe_grace_ms: u64,
     /// First back-off after a failure; doubled on each further consecutive failure.
     /// Hydra's queue runner waits 60 s (×3 per failure); a hook answers interactive users,
     /// so Ferry starts lower and relies on the single half-open probe to keep retries cheap.
@@ -107,6 +115,7 @@ impl Default for HookConfig {
     fn default() -> Self {
         HookConfig {
             probe_timeout_ms: 1000,
+            probe_grace_ms: 250,
             backoff_base_secs: 10,
             backoff_cap_secs: 600,
             stale_after_secs: 60,
@@ -137,6 +146,7 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuning {
     pub probe_timeout: Duration,
+    pub probe_grace: Duration,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
     pub stale_after: Duration,
@@ -153,6 +163,7 @@ impl Default for Tuning {
             .validate("<defaults>")
             .unwrap_or(Tuning {
                 probe_timeout: Duration::from_secs(1),
+                probe_grace: Duration::from_millis(250),
                 backoff_base: Duration::from_secs(10),
                 backoff_cap: Duration::from_secs(600),
                 stale_after: Duration::from_secs(60),
@@ -182,6 +193,13 @@ impl HookConfig {
                 "must be at most 600000 (the daemon waits that long for every derivation)",
             ));
         }
+        if self.probe_grace_ms > self.probe_timeout_ms {
+            return Err(bad(
+                "probe-grace-ms",
+                self.probe_grace_ms,
+                "must not be above probe-timeout-ms",
+            ));
+        }
         if self.backoff_base_secs == 0 {
             return Err(bad("backoff-base-secs", 0, "must be at least 1"));
         }
@@ -194,6 +212,7 @@ impl HookConfig {
         }
         Ok(Tuning {
             probe_timeout: Duration::from_millis(self.probe_timeout_ms),
+            probe_grace: Duration::from_millis(self.probe_grace_ms),
             backoff_base: Duration::from_secs(self.backoff_base_secs),
             backoff_cap: Duration::from_secs(self.backoff_cap_secs),
             stale_after: Duration::from_secs(self.stale_after_secs),
@@ -294,6 +313,12 @@ mod tests {
             ..HookConfig::default()
         };
         assert!(raw.validate("f").is_err());
+        let raw = HookConfig {
+            probe_grace_ms: 2000,
+            ..HookConfig::default()
+        };
+        let e = raw.validate("f.toml").expect_err("grace above budget");
+        assert!(e.to_string().contains("probe-grace-ms = 2000"), "{e}");
         let e = ferry_nix::config::parse_section::<HookConfig>(
             "[build-hook]\nprobe-timeout = 3\n",
             Path::new("f.toml"),

@@ -161,7 +161,9 @@ impl HealthStore {
 
     /// The probe lock, waiting at most `wait` for another hook's probe to finish. Returns
     /// the lock and whether it had to wait (then the other hook's result is on disk).
-    pub fn probe_lock(
+    /// Polls rather than blocking a thread in `flock`, so a caller that stops waiting
+    /// (its answer no longer needs this builder) leaves nothing behind.
+    pub async fn probe_lock(
         &self,
         uri: &str,
         wait: Duration,
@@ -176,7 +178,7 @@ impl HealthStore {
                 return Ok(None);
             }
             waited = true;
-            std::thread::sleep(Duration::from_millis(10));
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }
@@ -239,8 +241,8 @@ mod tests {
         assert_ne!(key("ssh://a/b"), key("ssh://a_b"));
     }
 
-    #[test]
-    fn probe_lock_is_exclusive_and_waits_boundedly() {
+    #[tokio::test]
+    async fn probe_lock_is_exclusive_and_waits_boundedly() {
         let tmp = tempfile::tempdir().expect("tmp");
         let s = HealthStore::open(tmp.path()).expect("open");
         let held = s.try_probe_lock("ssh://a").expect("lock").expect("free");
@@ -248,6 +250,7 @@ mod tests {
         let t = Instant::now();
         assert!(
             s.probe_lock("ssh://a", Duration::from_millis(50))
+                .await
                 .expect("l")
                 .is_none()
         );
@@ -255,6 +258,7 @@ mod tests {
         drop(held);
         let (_l, waited) = s
             .probe_lock("ssh://a", Duration::from_millis(50))
+            .await
             .expect("l")
             .expect("free");
         assert!(!waited);

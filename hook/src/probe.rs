@@ -18,7 +18,10 @@ use crate::remote::{self, Connection};
 use crate::russh::{Progress, Russh};
 use crate::ssh::{OpenSsh, Transport};
 use ferry_nix::machines::Machine;
+use std::io::Write as _;
+use std::os::unix::process::CommandExt as _;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Everything a probe needs; cheap to clone into tasks.
@@ -199,53 +202,45 @@ impl Prober {
         Ok(None)
     }
 
-    /// One probe, as described by `kind`, ending by `deadline`.
-    pub async fn probe(&self, m: &Machine, kind: Kind, deadline: Instant) -> Outcome {
+    /// One probe, as described by `kind`, ending by `deadline`. `started` is set once this
+    /// probe holds the builder's probe lock and is connecting (so a caller that stops
+    /// waiting knows the builder's state is still being found out, and by it).
+    pub async fn probe(
+        &self,
+        m: &Machine,
+        kind: Kind,
+        deadline: Instant,
+        started: &AtomicBool,
+    ) -> Outcome {
         let uri = m.store_uri.clone();
         let _lock = match kind {
-            Kind::HalfOpen(lock) => lock,
+            Kind::HalfOpen(lock) => Some(lock),
             Kind::Fresh => {
-                let health = self.health.clone();
-                let (u, wait) = (
-                    uri.clone(),
-                    deadline.saturating_duration_since(Instant::now()),
-                );
-                let got = tokio::task::spawn_blocking(move || health.probe_lock(&u, wait)).await;
-                match got {
-                    Ok(Ok(Some((lock, waited)))) => {
+                let wait = deadline.saturating_duration_since(Instant::now());
+                match self.health.probe_lock(&uri, wait).await {
+                    Ok(Some((lock, waited))) => {
                         if waited {
                             // Another hook probed it meanwhile: use its answer.
-                            match self
-                                .health
-                                .read(&uri)
-                                .verdict(health::now_ms(), &self.tuning)
-                            {
+                            let h = self.health.read(&uri);
+                            match h.verdict(health::now_ms(), &self.tuning) {
                                 Verdict::Healthy => return Outcome::Up(None),
                                 Verdict::BackingOff { .. } => {
-                                    return Outcome::Down(
-                                        self.health.read(&uri).last_error.unwrap_or_default(),
-                                    );
+                                    return Outcome::Down(h.last_error.unwrap_or_default());
                                 }
                                 Verdict::Probe => {}
                             }
                         }
-                        lock
+                        Some(lock)
                     }
                     // Still being probed elsewhere at the deadline: not usable for this
                     // derivation, and nothing learned to record.
-                    Ok(Ok(None)) => return Outcome::Skipped,
+                    Ok(None) => return Outcome::Skipped,
                     // The lock itself failed (state directory unwritable): probe anyway.
-                    _ => match self.health.try_probe_lock(&uri) {
-                        Ok(Some(l)) => l,
-                        _ => return self.unlocked_probe(m, deadline).await,
-                    },
+                    Err(_) => None,
                 }
             }
         };
-        self.unlocked_probe(m, deadline).await
-    }
-
-    async fn unlocked_probe(&self, m: &Machine, deadline: Instant) -> Outcome {
+        started.store(true, Ordering::Relaxed);
         let left = deadline.saturating_duration_since(Instant::now());
         if left < Duration::from_millis(50) {
             return Outcome::Skipped;
@@ -256,28 +251,157 @@ impl Prober {
         }
     }
 
-    /// Probes `which` in parallel; every probe ends within the probe budget from now.
+    /// Probes `which` in parallel, all ending within the probe budget from now, and returns
+    /// as soon as the answer to the daemon no longer depends on them: when every probe has
+    /// ended, or `probe-grace-ms` after the first builder answered. The probes still
+    /// connecting then are listed in `unfinished` (stopped here; see [`hand_off`]).
     pub async fn probe_all(
         self: &Arc<Self>,
         machines: &[Machine],
         which: Vec<(usize, Kind)>,
-    ) -> Vec<(usize, Outcome)> {
+    ) -> Round {
+        self.probe_all_within(machines, which, Some(self.tuning.probe_grace))
+            .await
+    }
+
+    /// Probes `which` in parallel and waits for every probe to end (within the budget).
+    pub async fn probe_all_to_end(
+        self: &Arc<Self>,
+        machines: &[Machine],
+        which: Vec<(usize, Kind)>,
+    ) -> Round {
+        self.probe_all_within(machines, which, None).await
+    }
+
+    async fn probe_all_within(
+        self: &Arc<Self>,
+        machines: &[Machine],
+        which: Vec<(usize, Kind)>,
+        grace: Option<Duration>,
+    ) -> Round {
         let deadline = Instant::now() + self.tuning.probe_timeout;
+        // Every probe ends by `deadline` on its own (with its time-out recorded); the slack
+        // lets those results arrive rather than count them as unfinished.
+        let mut stop_at = deadline + Duration::from_millis(100);
         let mut set = tokio::task::JoinSet::new();
+        let mut flags = Vec::new();
         for (i, kind) in which {
             let Some(m) = machines.get(i).cloned() else {
                 continue;
             };
             let p = Arc::clone(self);
-            set.spawn(async move { (i, p.probe(&m, kind, deadline).await) });
+            let started = Arc::new(AtomicBool::new(false));
+            flags.push((i, Arc::clone(&started)));
+            set.spawn(async move { (i, p.probe(&m, kind, deadline, &started).await) });
         }
-        let mut out = Vec::new();
-        while let Some(r) = set.join_next().await {
-            if let Ok(r) = r {
-                out.push(r);
+        let mut round = Round::default();
+        let speed = |i: usize| machines.get(i).map_or(0.0, |m| m.speed_factor);
+        let mut best_up: Option<f64> = None;
+        loop {
+            tokio::select! {
+                r = set.join_next() => match r {
+                    Some(Ok((i, outcome))) => {
+                        let up = matches!(outcome, Outcome::Up(_));
+                        round.outcomes.push((i, outcome));
+                        if let (true, Some(g)) = (up, grace) {
+                            if best_up.is_none() {
+                                stop_at = stop_at.min(Instant::now() + g);
+                            }
+                            best_up = Some(best_up.map_or(speed(i), |b| b.max(speed(i))));
+                        }
+                        if let Some(best) = best_up {
+                            let pending = flags
+                                .iter()
+                                .filter(|(j, _)| !round.outcomes.iter().any(|(k, _)| k == j))
+                                .map(|(j, _)| speed(*j));
+                            if !worth_waiting(best, pending) {
+                                break;
+                            }
+                        }
+                    }
+                    Some(Err(_)) => {}
+                    None => break,
+                },
+                () = tokio::time::sleep_until(stop_at.into()) => break,
             }
         }
-        out.sort_by_key(|(i, _)| *i);
-        out
+        // Dropping the set stops the probes still running (their ssh processes are killed
+        // on drop and their probe locks released).
+        drop(set);
+        let done: Vec<usize> = round.outcomes.iter().map(|(i, _)| *i).collect();
+        round.unfinished = flags
+            .into_iter()
+            .filter(|(i, started)| !done.contains(i) && started.load(Ordering::Relaxed))
+            .map(|(i, _)| i)
+            .collect();
+        round.outcomes.sort_by_key(|(i, _)| *i);
+        round
+    }
+}
+
+/// Once a builder of speed factor `best_up` has answered, is any still-pending probe of a
+/// builder the selection could prefer? Only a higher speed factor can: the pending builders
+/// have no measured speed yet, and equal ones would only tie. (A pending builder could
+/// also have a free slot when the answered one has none; then the daemon is told to
+/// postpone and asks again shortly, by when the detached probe has recorded its state.)
+fn worth_waiting(best_up: f64, mut pending: impl Iterator<Item = f64>) -> bool {
+    pending.any(|s| s > best_up)
+}
+
+/// What [`Prober::probe_all`] found by the time it returned.
+#[derive(Default)]
+pub struct Round {
+    pub outcomes: Vec<(usize, Outcome)>,
+    /// Builders whose probe (by this process) was still connecting: their state is still
+    /// unknown, and nobody else is finding it out.
+    pub unfinished: Vec<usize>,
+}
+
+/// Finds out the state of `machines` in a detached `ferry-build-hook probe-detached`
+/// process, which records what it finds in the health store like any hook's probe.
+///
+/// The hook cannot do it itself once it has answered: when the build ends the daemon kills
+/// the hook's whole process group (2.8 `DerivationGoal::buildDone`, `hook->pid.kill()`),
+/// and a short build would end a probe of a dead builder before its deadline, so nothing
+/// would be learnt and every later derivation would probe again. The detached process has
+/// its own process group and none of the daemon's pipes (stdin, stdout, stderr, the build
+/// log on fd 4), so the daemon neither waits for it nor kills it.
+pub fn hand_off(machines: &[&Machine]) {
+    if machines.is_empty() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    // The daemon's pipes other than stdio (fd 4: the build log; later Nix versions also
+    // pass fd 5) are inherited without close-on-exec: a shell closes them before the
+    // probe process starts, so the daemon sees their end when this hook exits.
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg("exec \"$0\" probe-detached 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&-")
+        .arg(exe)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0);
+    let Ok(mut child) = cmd.spawn() else { return };
+    if let Some(mut stdin) = child.stdin.take() {
+        let lines: String = machines.iter().map(|m| m.to_line() + "\n").collect();
+        let _ = stdin.write_all(lines.as_bytes());
+    }
+    // Not waited for: it outlives this process and is reaped by init.
+    drop(child);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worth_waiting;
+
+    #[test]
+    fn waits_only_for_builders_that_could_be_preferred() {
+        assert!(!worth_waiting(1.0, [].into_iter()));
+        assert!(!worth_waiting(1.0, [1.0, 0.5].into_iter()));
+        assert!(worth_waiting(1.0, [1.0, 2.0].into_iter()));
+        assert!(!worth_waiting(4.0, [2.0].into_iter()));
     }
 }

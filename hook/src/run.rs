@@ -10,7 +10,7 @@ use crate::delegate;
 use crate::health::{self, LocalSituation, Verdict};
 use crate::health_store::HealthStore;
 use crate::local::{AnyImporter, LocalStore};
-use crate::probe::{Kind, Outcome, Prober};
+use crate::probe::{self, Kind, Outcome, Prober};
 use crate::protocol::{self, NixLog, Reply, Request, TryRequest, Verbosity};
 use crate::remote::{self, BuildOptions, Job, Progress};
 use crate::select::{
@@ -306,8 +306,8 @@ struct Chosen {
     slot: Option<HeldLock>,
     machines: Vec<Machine>,
     need: Need,
-    /// Builders known healthy when the choice was made.
-    healthy: BTreeSet<usize>,
+    /// The builders that can take the derivation (system, features), whatever their health.
+    candidates: BTreeSet<usize>,
 }
 
 enum Answered {
@@ -413,7 +413,7 @@ async fn answer(t: &TryRequest, ctx: &Ctx<'_>) -> Answered {
                             slot,
                             machines: machines.clone(),
                             need,
-                            healthy,
+                            candidates: right_type.iter().copied().collect(),
                         }));
                     }
                     Err(e) => {
@@ -467,28 +467,72 @@ async fn classify_and_probe(
         }
     }
     let mut conns = BTreeMap::new();
-    if !to_probe.is_empty() {
-        for (i, outcome) in ctx.prober.probe_all(machines, to_probe).await {
-            match outcome {
-                Outcome::Up(conn) => {
-                    healthy.insert(i);
-                    if let Some(c) = conn {
-                        conns.insert(i, c);
-                    }
-                }
-                Outcome::Down(e) => {
-                    if let Some(m) = machines.get(i) {
-                        ctx.logger.log(
-                            Verbosity::WARN,
-                            format!("cannot build on '{}': {e}", m.store_uri),
-                        );
-                    }
-                }
-                Outcome::Skipped => {}
+    if to_probe.is_empty() {
+        return (healthy, conns);
+    }
+    if !healthy.is_empty() {
+        // A builder is known to be up: answer from it now, and find out the others' states
+        // in the background rather than keep the daemon waiting for them.
+        let mut unknown = Vec::new();
+        for (i, kind) in to_probe {
+            let free = match kind {
+                Kind::HalfOpen(_) => true,
+                // Being probed by another process already: nothing to add.
+                Kind::Fresh => matches!(
+                    ctx.prober.health.try_probe_lock(&machines[i].store_uri),
+                    Ok(Some(_))
+                ),
+            };
+            if free {
+                unknown.push(&machines[i]);
             }
         }
+        log_hand_off(ctx, &unknown);
+        probe::hand_off(&unknown);
+        return (healthy, conns);
     }
+    let round = ctx.prober.probe_all(machines, to_probe).await;
+    for (i, outcome) in round.outcomes {
+        match outcome {
+            Outcome::Up(conn) => {
+                healthy.insert(i);
+                if let Some(c) = conn {
+                    conns.insert(i, c);
+                }
+            }
+            Outcome::Down(e) => {
+                if let Some(m) = machines.get(i) {
+                    ctx.logger.log(
+                        Verbosity::WARN,
+                        format!("cannot build on '{}': {e}", m.store_uri),
+                    );
+                }
+            }
+            Outcome::Skipped => {}
+        }
+    }
+    let unknown: Vec<&Machine> = round
+        .unfinished
+        .iter()
+        .filter_map(|&i| machines.get(i))
+        .collect();
+    log_hand_off(ctx, &unknown);
+    probe::hand_off(&unknown);
     (healthy, conns)
+}
+
+fn log_hand_off(ctx: &Ctx<'_>, machines: &[&Machine]) {
+    if machines.is_empty() {
+        return;
+    }
+    let names: Vec<&str> = machines.iter().map(|m| m.store_uri.as_str()).collect();
+    ctx.logger.log(
+        Verbosity::TALKATIVE,
+        format!(
+            "ferry-build-hook: not waiting for {}; probing in the background",
+            names.join(", ")
+        ),
+    );
 }
 
 fn policy_for(ctx: &Ctx<'_>, machines: &[Machine], tuning: Tuning) -> HealthPolicy {
@@ -646,8 +690,11 @@ async fn build<R: AsyncRead + Unpin>(
         mut slot,
         machines,
         need,
-        mut healthy,
+        candidates,
     } = chosen;
+    // Builders that failed this derivation (their failure is also recorded in their health,
+    // but that may not be writable).
+    let mut failed = BTreeSet::new();
     let load_dir = LoadDir::open(&ctx.env.nix_state_dir).ok();
     let upload = loop {
         let Some(m) = machines.get(machine) else {
@@ -673,8 +720,17 @@ async fn build<R: AsyncRead + Unpin>(
         ctx.prober.record_down(&m.store_uri, &e.to_string());
         let _ = tokio::time::timeout(Duration::from_secs(2), conn.close()).await;
         drop(slot.take());
-        healthy.remove(&machine);
-        match failover(ctx, load_dir.as_ref(), &machines, &need, &mut healthy).await {
+        failed.insert(machine);
+        match failover(
+            ctx,
+            load_dir.as_ref(),
+            &machines,
+            &need,
+            &candidates,
+            &mut failed,
+        )
+        .await
+        {
             Some((c, i, s)) => {
                 logger.log(
                     Verbosity::WARN,
@@ -732,25 +788,46 @@ async fn build<R: AsyncRead + Unpin>(
     }
 }
 
-/// Another healthy builder with a free slot, connected, or `None`.
+/// Another builder with a free slot, connected, or `None`. Candidates are the builders
+/// that fit and are not known to be down now: healthy ones, and those whose state is still
+/// unknown (the answer to the daemon did not wait for their probe), which get connected to
+/// within the probe budget like a probe.
 async fn failover(
     ctx: &Ctx<'_>,
     load_dir: Option<&LoadDir>,
     machines: &[Machine],
     need: &Need,
-    healthy: &mut BTreeSet<usize>,
+    candidates: &BTreeSet<usize>,
+    failed: &mut BTreeSet<usize>,
 ) -> Option<(remote::Connection, usize, Option<HeldLock>)> {
     let dir = load_dir?;
     // The daemon's local-build question is settled by the accept: only builders now.
     let no_local = LocalCaps::default();
     let tuning = ctx.prober.tuning;
-    while !healthy.is_empty() {
+    loop {
+        let now = health::now_ms();
+        let usable: BTreeSet<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|i| !failed.contains(i))
+            .filter(|&i| {
+                machines.get(i).is_some_and(|m| {
+                    !matches!(
+                        ctx.prober.health.read(&m.store_uri).verdict(now, &tuning),
+                        Verdict::BackingOff { .. }
+                    )
+                })
+            })
+            .collect();
+        if usable.is_empty() {
+            return None;
+        }
         let policy = HealthPolicy {
             prefer_remote: true,
             ..policy_for(ctx, machines, tuning)
         };
         let picked =
-            tokio::task::block_in_place(|| pick(dir, machines, need, &no_local, healthy, &policy));
+            tokio::task::block_in_place(|| pick(dir, machines, need, &no_local, &usable, &policy));
         let Ok((Decision::Use { machine, .. }, slot)) = picked else {
             return None;
         };
@@ -762,11 +839,10 @@ async fn failover(
                     Verbosity::WARN,
                     format!("cannot build on '{}': {e}", m.store_uri),
                 );
-                healthy.remove(&machine);
+                failed.insert(machine);
             }
         }
     }
-    None
 }
 
 /// Hands the derivation to the stock hook (`delegate.rs`). `Some(status)`: the stock hook

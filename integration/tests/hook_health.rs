@@ -14,8 +14,8 @@ mod hook_health_support;
 
 use ferry_integration::{check, nonce, out_paths, trivial_drv};
 use hook_health_support::{
-    Hook, hook_command, install_script, machine_line_with, many, row, start, status, timed_build,
-    write_machines,
+    Hook, hook_command, install_script, machine_line_with, many, row, settled_row, start, status,
+    timed_build, write_machines,
 };
 use std::time::Duration;
 
@@ -53,8 +53,8 @@ fn blackholed_builder_is_skipped_and_remembered_across_runs() {
     // (plus the builds, with slack for a loaded CI machine).
     assert!(t1 < Duration::from_secs(20), "first run took {t1:?}");
 
+    let b0 = settled_row(&tf, 0);
     let rows = status(&tf);
-    let b0 = row(&tf, &rows, 0);
     assert_eq!(b0["state"], "down", "{b0}");
     assert_eq!(b0["consecutive-failures"], 1, "{b0}");
     assert!(
@@ -145,8 +145,8 @@ fn refused_and_slow_builders_are_marked_down_with_the_reason() {
     check(&out, "build").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
     assert!(built_on(&tf, &out_paths(&out)).iter().all(|on| on == &[2]));
     assert!(t < Duration::from_secs(20), "took {t:?}");
+    let (b0, b1) = (settled_row(&tf, 0), settled_row(&tf, 1));
     let rows = status(&tf);
-    let (b0, b1) = (row(&tf, &rows, 0), row(&tf, &rows, 1));
     assert_eq!(b0["state"], "down", "{b0}");
     assert!(
         b0["last-error"]

@@ -143,6 +143,20 @@ pub fn row(tf: &TestFleet, rows: &[serde_json::Value], i: usize) -> serde_json::
         .unwrap_or_else(|| panic!("no status row for b{i} in {rows:?}"))
 }
 
+/// Builder `i`'s status row once its state is known: a probe the hook did not wait for
+/// (it answered from another, healthy builder) finishes in a detached process within the
+/// probe budget, possibly after the build that started it.
+pub fn settled_row(tf: &TestFleet, i: usize) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    let settled =
+        ferry_integration::wait_until("a builder's probe result", Duration::from_secs(5), || {
+            last = row(tf, &status(tf), i);
+            last["state"] != "unknown"
+        });
+    settled.unwrap_or_else(|e| panic!("{e}: {last}"));
+    last
+}
+
 /// Installs an executable script at `path` (under /nix) on builder `i`.
 pub fn install_script(f: &Fleet, i: usize, path: &str, body: &str) {
     let p = f.builders[i].nix_path(path);
