@@ -15,6 +15,9 @@
 //! server's own CPU time per request, which depends less on how the scheduler interleaves them.
 //!
 //! `cargo test --release -p ferry-substituter --test bench -- --ignored --nocapture`
+//!
+//! `FERRY_BIN=/path/to/ferry-substituter` runs another build of Ferry instead of this one (an
+//! older commit's, to compare before and after in the same time window).
 
 use ferry_nix::hash::Hash;
 use ferry_nix::narinfo::NarInfo;
@@ -142,7 +145,9 @@ fn start_ferry(tmp: &Path, name: &str, port: u16, upstreams: &[String], extra: &
     }
     std::fs::write(&conf, toml).expect("ferry.toml");
     let log = std::fs::File::create(tmp.join(format!("{name}.log"))).expect("log");
-    let child = Command::new(env!("CARGO_BIN_EXE_ferry-substituter"))
+    let bin = std::env::var("FERRY_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_ferry-substituter").to_owned());
+    let child = Command::new(bin)
         .env("FERRY_CONFIG", &conf)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
