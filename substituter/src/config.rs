@@ -33,8 +33,10 @@ pub struct SubstituterConfig {
     /// per-substituter timeout; 2 s keeps one lookup well under Nix's own timeouts (doc §5.1 rule 2).
     pub narinfo_deadline_ms: u64,
     /// Head start of each upstream over the next one in priority order: the next one is asked
-    /// after this delay even if the first has not answered, so a dead first upstream costs
-    /// about this much (goal G5).
+    /// after this delay even if the first has not answered (and at once when the first has
+    /// failed, e.g. after its connect time-out). It bounds how long a lower-priority upstream
+    /// waits to be asked, not how long its hit waits: a hit is served once every
+    /// higher-priority upstream has resolved (`race::decide`).
     pub head_start_ms: u64,
     /// How long a definitive miss (every upstream answered 404) is remembered.
     pub negative_ttl_secs: u64,
@@ -169,18 +171,20 @@ pub struct UpstreamConfig {
     pub url: String,
     /// Lower is asked first, as in Nix. Default: the position in the list times 10, plus 10.
     pub priority: Option<i32>,
-    /// TCP connect time-out. 250 ms by default: a LAN or CDN answers SYNs in a few ms, so a
-    /// dead host costs little (goal G5).
+    /// TCP connect time-out. 200 ms by default: a LAN or CDN answers SYNs in a few ms, so a
+    /// dead host costs little. A dead first-priority upstream costs this time-out plus the next
+    /// upstream's answer (`race`), and goal G5 allows 250 ms for both: 200 ms leaves 50 ms
+    /// for the next upstream, a LAN cache or a CDN, and for timer and scheduling slack.
     ///
     /// Under load this is shorter than any SYN loss: when a busy cache's listen backlog is full
     /// it drops the SYN, and Linux resends it only after 1 s (`TCP_TIMEOUT_INIT`), so a single
-    /// drop always exceeds 250 ms. Raising the time-out to cover that (over 1 s) would make
+    /// drop always exceeds 200 ms. Raising the time-out to cover that (over 1 s) would make
     /// every dead host cost more than a second and eat half the narinfo deadline. Instead a
     /// transient failure is retried on a fresh connection (a new SYN at once) after 50 ms and
     /// then 150 ms while the deadline has room for one more connect time-out (`race::retry_delay`),
-    /// so a lost SYN costs about 300 ms, not a 404 that Nix would remember for an hour
-    /// (`narinfo-cache-negative-ttl`, doc §2.5). Keep it well under a third of
-    /// `narinfo-deadline-ms` so that the retries fit.
+    /// so a lost SYN costs about 250 ms (the time-out and the first back-off), not a 404 that
+    /// Nix would remember for an hour (`narinfo-cache-negative-ttl`, doc §2.5). Keep it well
+    /// under a third of `narinfo-deadline-ms` so that the retries fit.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
     /// Time-out for a whole small response (narinfo, log, listing) and for each NAR read.
@@ -202,7 +206,7 @@ pub struct UpstreamConfig {
 }
 
 fn default_connect_timeout_ms() -> u64 {
-    250
+    200
 }
 fn default_read_timeout_ms() -> u64 {
     1500

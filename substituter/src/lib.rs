@@ -43,7 +43,9 @@ pub async fn run(
     for u in &state.upstreams {
         tracing::info!(upstream = %u.settings.url, priority = u.settings.priority, "upstream");
     }
-    axum::serve(listener, router(state))
+    // The handler as the service itself: no routing table to consult for every request.
+    let service = axum::handler::Handler::with_state(server::handle, state);
+    axum::serve(listener, service.into_make_service())
         .with_graceful_shutdown(shutdown)
         .await?;
     Ok(())

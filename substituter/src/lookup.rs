@@ -7,6 +7,7 @@
 //! never caches.
 
 use crate::check::{Expect, check_narinfo};
+use crate::paths::HashPart;
 use crate::race::{Decision, FailureKind, Slot, decide, retry_delay, start_next_early};
 use crate::server::{Route, State};
 use crate::upstream::Fetch;
@@ -22,7 +23,7 @@ pub const MAX_SMALL: usize = 16 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Key {
     /// A narinfo by hash part.
-    NarInfo(String),
+    NarInfo(HashPart),
     /// Another small object by key.
     Other(String),
 }
@@ -70,7 +71,8 @@ pub fn answer_cache(positive: Duration, negative: Duration) -> AnswerCache {
         // Weighted by body size: 256 MiB of answers at most; a miss weighs 64 bytes.
         .weigher(|k: &Key, v: &Arc<Answer>| {
             let key_len = match k {
-                Key::NarInfo(h) | Key::Other(h) => h.len(),
+                Key::NarInfo(h) => h.as_str().len(),
+                Key::Other(k) => k.len(),
             };
             let body = match &**v {
                 Answer::Found { body, .. } => body.len(),
@@ -98,7 +100,7 @@ pub async fn lookup(state: &Arc<State>, key: Key) -> Result<Arc<Answer>, Arc<Inc
         .answers
         .try_get_with(key, async move {
             if let Key::NarInfo(h) = &k
-                && let Some(a) = from_disk(&st, h).await
+                && let Some(a) = from_disk(&st, h.as_str()).await
             {
                 return Ok(a);
             }
@@ -377,8 +379,8 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
             if let (Key::NarInfo(h), Some(disk), Slot::Hit { trusted: true }) =
                 (key, &state.disk, slots[i])
             {
-                let (disk, h, body) = (Arc::clone(disk), h.clone(), body.clone());
-                tokio::spawn(async move { disk.put_narinfo(&h, body).await });
+                let (disk, h, body) = (Arc::clone(disk), *h, body.clone());
+                tokio::spawn(async move { disk.put_narinfo(h.as_str(), body).await });
             }
             tracing::debug!(?key, upstream = %state.upstreams[i].settings.url, ?elapsed, "found");
             Ok(Arc::new(Answer::Found {

@@ -15,7 +15,7 @@ pub enum Request {
     Metrics,
     Status,
     /// `<hash>.narinfo`: the 32-character hash part.
-    NarInfo(String),
+    NarInfo(HashPart),
     /// A NAR file: the key as Nix requests it, relative to the cache root, query included.
     Nar(String),
     /// `.ls` listings, `log/`, `realisations/`, `build-trace-v2/`, `debuginfo/`: passed through.
@@ -24,10 +24,41 @@ pub enum Request {
     Unknown,
 }
 
+/// A store path's hash part, validated: 32 characters of Nix's base-32 alphabet. Kept inline
+/// (no heap allocation) because it keys every narinfo request, the hot path.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HashPart([u8; ferry_nix::store_path::HASH_PART_LEN]);
+
+impl HashPart {
+    pub fn parse(s: &str) -> Option<HashPart> {
+        if !is_hash_part(s) {
+            return None;
+        }
+        s.as_bytes().try_into().ok().map(HashPart)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII nix32 characters get in (`parse`), so this never falls back.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for HashPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for HashPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
 /// Nix's base-32 alphabet (no e, o, u, t).
 fn is_nix32(s: &str) -> bool {
     s.bytes()
-        .all(|b| b"0123456789abcdfghijklmnpqrsvwxyz".contains(&b))
+        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'z') && !matches!(b, b'e' | b'o' | b'u' | b't'))
 }
 
 fn is_hash_part(s: &str) -> bool {
@@ -57,13 +88,13 @@ pub fn classify(path_and_query: &str) -> Request {
         "ferry/status" => return Request::Status,
         _ => {}
     }
+    // Checked first, as the most frequent request: a valid hash part is a safe key by itself
+    // (nix32 characters only), and the query, if any, is not part of the lookup.
+    if let Some(h) = path.strip_suffix(".narinfo").and_then(HashPart::parse) {
+        return Request::NarInfo(h);
+    }
     if !is_safe_key(key) {
         return Request::Unknown;
-    }
-    if let Some(h) = path.strip_suffix(".narinfo")
-        && is_hash_part(h)
-    {
-        return Request::NarInfo(h.to_owned());
     }
     if path.starts_with("nar/") {
         return Request::Nar(key.to_owned());
@@ -159,7 +190,7 @@ mod tests {
         assert_eq!(classify("/nix-cache-info"), Request::CacheInfo);
         assert_eq!(
             classify(&format!("/{H}.narinfo")),
-            Request::NarInfo(H.into())
+            Request::NarInfo(HashPart::parse(H).expect("hash part"))
         );
         assert_eq!(
             classify("/nar/abc.nar.xz"),
@@ -182,6 +213,19 @@ mod tests {
             Request::Other("realisations/sha256:00ff!out.doi".into())
         );
         assert_eq!(classify("/metrics"), Request::Metrics);
+        // A query does not change which narinfo is asked for.
+        assert_eq!(
+            classify(&format!("/{H}.narinfo?x=1")),
+            Request::NarInfo(HashPart::parse(H).expect("hash part"))
+        );
+    }
+
+    #[test]
+    fn a_hash_part_is_kept_as_its_text() {
+        let h = HashPart::parse(H).expect("hash part");
+        assert_eq!(h.as_str(), H);
+        assert_eq!(h.to_string(), H);
+        assert_eq!(format!("{h:?}"), format!("{H:?}"));
     }
 
     #[test]
@@ -192,6 +236,12 @@ mod tests {
             classify("/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee.narinfo"),
             Request::Unknown
         );
+        for c in ["o", "u", "t", "A", "-", "."] {
+            let h = format!("{}{c}", &H[1..]);
+            assert_eq!(classify(&format!("/{h}.narinfo")), Request::Unknown, "{h}");
+            assert_eq!(HashPart::parse(&h), None, "{h}");
+        }
+        assert_eq!(classify(&format!("/{H}x.narinfo")), Request::Unknown);
         assert_eq!(classify("/nar/../../etc/passwd"), Request::Unknown);
         assert_eq!(classify("/nar//x"), Request::Unknown);
         assert_eq!(classify("/index.html"), Request::Unknown);

@@ -28,10 +28,11 @@
 //!    so one dropped SYN on the only upstream that has a path must not become a 404 while the
 //!    deadline still has room for a fresh connection.
 //!
-//! A dead first upstream therefore costs its connect time-out (250 ms by default), after which
-//! rule 1 lets the next hit through: about the head start plus the next upstream's latency. Its
-//! retries delay only a 404, by at most two back-offs and connect time-outs, and only until its
-//! breaker opens (three failures by default: one request's attempts).
+//! A dead first upstream therefore costs its connect time-out (200 ms by default): its failure
+//! starts the next upstream at once (unless the head start already has) and rule 1 lets the
+//! next hit through, so the lookup takes the connect time-out plus the next upstream's latency
+//! (goal G5: 250 ms in all). Its retries delay only a 404, by at most two back-offs and connect
+//! time-outs, and only until its breaker opens (three failures by default).
 
 use std::time::Duration;
 

@@ -9,7 +9,7 @@ use crate::paths::{Request, classify};
 use crate::upstream::Upstream;
 use axum::body::Body;
 use axum::extract::State as AxState;
-use axum::http::{HeaderMap, HeaderValue, Method, Response, StatusCode, Uri, header};
+use axum::http::{HeaderValue, Method, Response, StatusCode, header};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -98,6 +98,8 @@ impl State {
     }
 }
 
+/// Every path goes to one handler; [`classify`] decides. `run` serves the handler directly
+/// (`Handler::with_state`), without this router's routing layer.
 pub fn router(state: Arc<State>) -> axum::Router {
     axum::Router::new().fallback(handle).with_state(state)
 }
@@ -116,16 +118,19 @@ fn status_only(status: StatusCode) -> Response<Body> {
     r
 }
 
-async fn handle(
+/// The whole request is taken by value and only borrowed from: extracting `Method`, `Uri` and
+/// `HeaderMap` separately would clone each of them for every request (G2's hot path).
+pub(crate) async fn handle(
     AxState(state): AxState<Arc<State>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    req: axum::extract::Request,
 ) -> Response<Body> {
+    let (parts, _body) = req.into_parts();
+    let method = &parts.method;
     if method != Method::GET && method != Method::HEAD {
         // Nix only PUTs when it writes to a cache; Ferry is read-only.
         return status_only(StatusCode::METHOD_NOT_ALLOWED);
     }
+    let uri = &parts.uri;
     let target = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
     match classify(target) {
         Request::CacheInfo => text(
@@ -168,7 +173,7 @@ async fn handle(
             };
             small(&state, Key::Other(key), ct).await
         }
-        Request::Nar(key) => crate::nar::serve(state, key, &method, &headers).await,
+        Request::Nar(key) => crate::nar::serve(state, key, method, &parts.headers).await,
         Request::Unknown => status_only(StatusCode::NOT_FOUND),
     }
 }

@@ -524,8 +524,9 @@ async fn a_permanently_failing_upstream_gives_a_quick_404_and_no_retries_once_it
 
 #[tokio::test]
 async fn retrying_a_hanging_first_upstream_does_not_delay_a_lower_priority_hit() {
-    // a times out at about 250 + 300 ms and is retried; b's hit arrives after that first
-    // failure and must be served at once, not after a's retries (which end near 1.85 s).
+    // a times out at about 200 + 300 ms (connect and read time-outs) and is retried; b's hit
+    // arrives after that first failure and must be served at once, not after a's retries
+    // (which end near 1.7 s).
     let a = mock(Duration::from_secs(10), hit("a")).await;
     let b = mock(Duration::from_millis(600), hit("b")).await;
     let f = ferry(&[&a.url, &b.url], |c| c.upstream[0].read_timeout_ms = 300).await;
