@@ -313,10 +313,19 @@ impl Fleet {
         ip(&["netns", "add", &netns])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
         // The holder keeps the host's mount namespace alive; everything else enters it.
+        // Root's shell start-up files are hidden behind an empty file: Debian's bash runs
+        // ~/.bashrc for every SSH command, and a developer machine's (pyenv init, say) can
+        // make each login slow, or wait a minute on a lock a killed login left behind. The
+        // fleet's hosts are clean machines whose logins cost what sshd and Nix cost.
+        std::fs::write(dir.join("empty-rc"), "")?;
         let script = format!(
-            "mount --bind {nix} /nix && mount --bind {etc} /etc/nix && exec sleep 100000000",
+            "mount --bind {nix} /nix && mount --bind {etc} /etc/nix && \
+             for f in /root/.bashrc /root/.profile /root/.bash_profile /root/.bash_login; do \
+             if [ -f \"$f\" ]; then mount --bind {empty} \"$f\" || exit 1; fi; done && \
+             exec sleep 100000000",
             nix = dir.join("nix").display(),
-            etc = dir.join("etc-nix").display()
+            etc = dir.join("etc-nix").display(),
+            empty = dir.join("empty-rc").display()
         );
         let holder = Command::new("ip")
             .args([

@@ -299,3 +299,23 @@ fn hosts_on_the_lan_reach_each_other_and_faults_apply_to_them() {
         "healed cache does not answer"
     );
 }
+
+/// SSH commands on fleet hosts do not run root's shell start-up files (Debian's bash runs
+/// ~/.bashrc for every SSH command; this machine's may start pyenv, which made logins slow
+/// and, after a killed login left its lock, a minute long).
+#[test]
+fn logins_on_fleet_hosts_skip_the_machines_shell_rc_files() {
+    let fleet = Fleet::start(FleetConfig::default()).expect("fleet");
+    let b = &fleet.builders[0];
+    let mut c = fleet.client.command("ssh");
+    c.args(["-i"]).arg(&fleet.client_key).args([
+        "-oUserKnownHostsFile=/dev/null",
+        "-oStrictHostKeyChecking=no",
+        "-oBatchMode=yes",
+        &format!("root@{}", b.addr),
+        "echo \"rc:${PYENV_ROOT-}:$(cat /root/.bashrc 2>/dev/null | wc -c)\"",
+    ]);
+    let out = c.output().expect("ssh");
+    check(&out, "ssh to b0").expect("ssh works");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "rc::0");
+}
