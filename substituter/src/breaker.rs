@@ -89,6 +89,13 @@ impl Breaker {
         }
     }
 
+    /// Closed, but the last request(s) failed: the upstream may be going down. A race does
+    /// not hold a lower-priority hit back for it (see `race.rs`, rule 1), so a dead upstream
+    /// delays one lookup by its time-out, not every lookup until the breaker opens.
+    pub fn suspect(&self) -> bool {
+        self.state == State::Closed && self.consecutive_failures > 0
+    }
+
     /// A request (or the probe) succeeded: any definite answer, including 404.
     pub fn on_success(&mut self) {
         self.state = State::Closed;
@@ -139,6 +146,16 @@ mod tests {
             max_cooldown: Duration::from_secs(60),
             probe_timeout: Duration::from_secs(5),
         }
+    }
+
+    #[test]
+    fn suspect_between_a_failure_and_the_next_success() {
+        let mut b = Breaker::new(cfg());
+        assert!(!b.suspect());
+        b.on_failure(Instant::now(), None);
+        assert!(b.suspect());
+        b.on_success();
+        assert!(!b.suspect());
     }
 
     #[test]

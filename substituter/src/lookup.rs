@@ -10,7 +10,7 @@ use crate::check::{Expect, check_narinfo};
 use crate::paths::HashPart;
 use crate::race::{Decision, FailureKind, Slot, decide, retry_delay, start_next_early};
 use crate::server::{Route, State};
-use crate::upstream::Fetch;
+use crate::upstream::{Fetch, Upstream};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
@@ -248,6 +248,19 @@ enum Event {
     Deadline,
 }
 
+/// The slot of an upstream just asked: pending, or, when its last requests failed (its
+/// breaker is closed but counting), not waited for by lower-priority hits while it answers
+/// (rule 1 treats it like an upstream being retried). A black-holed upstream thus costs
+/// the first lookups that find it dead their connect time-out, and the lookups after them
+/// nothing, even before its breaker opens (goal G5).
+fn first_slot(up: &Upstream) -> Slot {
+    if up.suspect() {
+        Slot::Retrying
+    } else {
+        Slot::Pending
+    }
+}
+
 async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> {
     let n = state.upstreams.len();
     let mut slots = vec![Slot::Pending; n];
@@ -283,6 +296,7 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
         while next < n && (next == 0 || start_next_early(&slots, next)) {
             if launch(next, &mut running) {
                 attempts[next] = 1;
+                slots[next] = first_slot(&state.upstreams[next]);
             } else {
                 slots[next] = Slot::Skipped;
             }
@@ -344,6 +358,7 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
             Event::HeadStart => {
                 if launch(next, &mut running) {
                     attempts[next] = 1;
+                    slots[next] = first_slot(&state.upstreams[next]);
                 } else {
                     slots[next] = Slot::Skipped;
                 }

@@ -28,10 +28,17 @@
 //!    so one dropped SYN on the only upstream that has a path must not become a 404 while the
 //!    deadline still has room for a fresh connection.
 //!
+//! 6. **A suspect upstream is not waited for.** An upstream whose last requests failed (its
+//!    breaker is closed but counting failures) starts each race as [`Slot::Retrying`] rather
+//!    than pending: a lower-priority hit is served without waiting for it, and its own answer
+//!    still counts when it comes (a hit of its own wins if nothing better is there; a 404
+//!    waits for it). It stops being suspect at its first success.
+//!
 //! A dead first upstream therefore costs its connect time-out (200 ms by default): its failure
 //! starts the next upstream at once (unless the head start already has) and rule 1 lets the
 //! next hit through, so the lookup takes the connect time-out plus the next upstream's latency
-//! (goal G5: 250 ms in all). Its retries delay only a 404, by at most two back-offs and connect
+//! (goal G5: 250 ms in all), and only for the lookups that find it dead first: the ones after
+//! them find it suspect (rule 6). Its retries delay only a 404, by at most two back-offs and connect
 //! time-outs, and only until its breaker opens (three failures by default).
 
 use std::time::Duration;

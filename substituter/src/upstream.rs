@@ -177,6 +177,11 @@ impl Upstream {
         self.breaker_state() == 0
     }
 
+    /// See [`Breaker::suspect`].
+    pub fn suspect(&self) -> bool {
+        self.breaker.lock().is_ok_and(|b| b.suspect())
+    }
+
     pub fn breaker_state(&self) -> u8 {
         self.breaker.lock().map(|b| b.state_code()).unwrap_or(0)
     }

@@ -537,3 +537,38 @@ async fn retrying_a_hanging_first_upstream_does_not_delay_a_lower_priority_hit()
     let e = t.elapsed();
     assert!(e < Duration::from_millis(1400), "{e:?}");
 }
+
+#[tokio::test]
+async fn after_a_first_failure_a_hanging_upstream_no_longer_holds_back_lower_priority_hits() {
+    // a hangs (its read time-out, 1 s, is its failure); b answers at once. The first lookup
+    // waits for a's failure; the next ones, while a's breaker is still closed (3 failures open
+    // it), must not wait for a again: a is suspect and b's hit is served at once.
+    let a = mock(Duration::from_secs(10), hit("a")).await;
+    let b = mock(Duration::ZERO, hit("b")).await;
+    let f = ferry(&[&a.url, &b.url], |c| {
+        c.upstream[0].read_timeout_ms = 1000;
+        c.narinfo_deadline_ms = 5000;
+    })
+    .await;
+    let t = Instant::now();
+    let (code, body) = get(&format!("{f}/{H}.narinfo")).await;
+    assert_eq!(code, 200);
+    assert!(body.contains("URL: nar/b.nar"), "{body}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    let other = "1c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig";
+    let t = Instant::now();
+    let (code, body) = get(&format!("{f}/{other}.narinfo")).await;
+    assert_eq!(code, 200);
+    assert!(body.contains("URL: nar/b.nar"), "{body}");
+    assert!(
+        t.elapsed() < Duration::from_millis(700),
+        "waited for the suspect upstream: {:?}",
+        t.elapsed()
+    );
+    // It was still asked (its answer would count if it came).
+    assert!(a.hits.load(Ordering::SeqCst) >= 2);
+}
