@@ -414,6 +414,19 @@ fn describe_failure(stderr: &str, code: Option<i32>) -> String {
     lines.join("; ")
 }
 
+/// The channel for ssh's stdin: a Unix socket pair rather than a pipe. A pipe holds 64 KiB
+/// and wakes its writer whenever ssh has read a little of it, so a NAR upload goes out in
+/// many small writes, each a wake-up of this process; a socket holds about 200 KiB and
+/// wakes the writer only once most of it has been read. ssh reads a socket like a pipe, and
+/// our end's shutdown (or drop) is its end of input.
+fn stdin_socket() -> std::io::Result<(tokio::net::UnixStream, std::os::unix::net::UnixStream)> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    // Only the other end is written by us; ssh never writes to its stdin.
+    ours.shutdown(std::net::Shutdown::Read)?;
+    ours.set_nonblocking(true)?;
+    Ok((tokio::net::UnixStream::from_std(ours)?, theirs))
+}
+
 async fn master_alive(sock: &Path) -> bool {
     sock.exists() && tokio::net::UnixStream::connect(sock).await.is_ok()
 }
@@ -444,12 +457,16 @@ impl Transport for OpenSsh {
         let key = self.key(machine, &host);
         let common = self.common_args(machine, &host, &key)?;
         self.ensure_master(&host, &key, &common).await?;
+        let (ours, theirs) = stdin_socket().map_err(|source| SshError::Spawn {
+            program: self.program.clone(),
+            source,
+        })?;
         let mut child = Command::new(&self.program)
             .args(&common)
             .arg("-oControlMaster=no")
             .arg(&host)
             .args(remote_command(machine))
-            .stdin(Stdio::piped())
+            .stdin(std::os::fd::OwnedFd::from(theirs))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -458,16 +475,14 @@ impl Transport for OpenSsh {
                 program: self.program.clone(),
                 source,
             })?;
-        let (Some(stdin), Some(stdout), Some(stderr)) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
+        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
             return Err(SshError::Spawn {
                 program: self.program.clone(),
                 source: std::io::Error::other("stdio pipes missing"),
             });
         };
         Ok(Session {
-            writer: Box::new(stdin),
+            writer: Box::new(ours),
             reader: Box::new(stdout),
             log: LogTap::spawn(stderr),
             child: Some(child),
