@@ -219,8 +219,9 @@ async fn add_query_and_dump_paths() {
         .add_to_store_nar(&dep_info, &dep_nar[..])
         .await
         .expect("add dep");
+    // Unhashed on this side: the remote still checks it.
     client
-        .add_to_store_nar(&user_info, &user_nar[..])
+        .add_to_store_nar_unhashed(&user_info, &user_nar[..])
         .await
         .expect("add user");
 
@@ -320,6 +321,27 @@ async fn add_with_wrong_hash_is_reported_and_poisons_the_connection() {
         .expect_err("broken");
     assert!(matches!(err, ServeError::Broken { .. }), "{err}");
     // The server rejected the path as well.
+    let _ = child.wait().await;
+    assert!(
+        store.server_log().contains("hash mismatch"),
+        "{}",
+        store.server_log()
+    );
+}
+
+#[tokio::test]
+async fn unhashed_add_with_wrong_hash_is_refused_by_the_remote() {
+    let store = TestStore::new();
+    let (mut client, mut child) = store.connect().await;
+    let nar = dep_nar();
+    let mut info = info_for(store_path("ferry-bad-hash-2"), &nar, BTreeSet::new());
+    info.nar_hash = Hash::sha256_of(b"something else");
+    let err = client
+        .add_to_store_nar_unhashed(&info, &nar[..])
+        .await
+        .expect_err("the remote refuses it");
+    // Not our check: the remote's, which ends the connection.
+    assert!(!matches!(err, ServeError::NarHashMismatch { .. }), "{err}");
     let _ = child.wait().await;
     assert!(
         store.server_log().contains("hash mismatch"),

@@ -105,13 +105,7 @@ impl RemoteError {
             | RemoteError::Handshake { .. }
             | RemoteError::Timeout { .. } => true,
             // Errors about our side of the exchange: what we sent or where we wrote.
-            RemoteError::Serve(e) => !matches!(
-                **e,
-                ServeError::BadRequest { .. }
-                    | ServeError::NarSource { .. }
-                    | ServeError::NarHashMismatch { .. }
-                    | ServeError::Sink { .. }
-            ),
+            RemoteError::Serve(e) => !is_local_side(e),
             RemoteError::Local(_)
             | RemoteError::BuildFailed { .. }
             | RemoteError::MissingOutput { .. }
@@ -372,6 +366,17 @@ fn remote_program(uri: &str) -> String {
         .to_owned()
 }
 
+/// Errors of a serve call that are about our side of it (what we asked or sent).
+fn is_local_side(e: &ServeError) -> bool {
+    matches!(
+        e,
+        ServeError::BadRequest { .. }
+            | ServeError::NarSource { .. }
+            | ServeError::NarHashMismatch { .. }
+            | ServeError::Sink { .. }
+    )
+}
+
 /// What a shell prints when it cannot run a command: bash `command not found` /
 /// `No such file or directory`, dash `not found`.
 fn looks_like_missing_command(stderr: &str) -> bool {
@@ -498,18 +503,26 @@ impl Connection {
         .await
     }
 
-    /// `AddToStoreNar` (op 9): uploads one path, its NAR streamed from `nix-store --dump`.
+    /// `AddToStoreNar` (op 9): uploads one path, its NAR streamed from the local store
+    /// ([`LocalStore::nar`]).
+    ///
+    /// The NAR is not hashed on the way out: that pass over the data would be the
+    /// sender's largest cost, and the builder hashes it anyway and ends the connection on
+    /// a mismatch. Only when the call fails after the whole NAR went out is the local NAR
+    /// hashed, so that a local store whose files no longer match their recorded hash is
+    /// reported as such ([`ServeError::NarHashMismatch`], not the builder's fault) rather
+    /// than as a broken connection.
     pub async fn add_to_store_nar(
         &mut self,
         info: &PathInfo,
         local: &LocalStore,
     ) -> Result<(), RemoteError> {
-        let (mut child, nar) = local.dump(&info.path)?;
+        let mut nar = local.nar(&info.path)?;
         let limit = Limit {
             total: None,
             idle: Some(self.deadlines.idle),
         };
-        let call = self.client.add_to_store_nar(info, nar);
+        let call = self.client.add_to_store_nar_unhashed(info, &mut nar);
         let r = within(
             &self.activity,
             &self.machine,
@@ -518,8 +531,25 @@ impl Connection {
             call,
         )
         .await;
-        let _ = child.wait().await;
-        r
+        let sent_all = nar.bytes_read() >= info.nar_size;
+        nar.finish().await;
+        match r {
+            Err(RemoteError::Serve(e)) if sent_all && !is_local_side(&e) => {
+                if let Ok(got) = local.nar_hash(&info.path).await
+                    && got != info.nar_hash
+                {
+                    return Err(ServeError::NarHashMismatch {
+                        remote: self.machine.clone(),
+                        path: local.display(&info.path),
+                        expected: info.nar_hash.to_nix32_prefixed(),
+                        got: got.to_nix32_prefixed(),
+                    }
+                    .into());
+                }
+                Err(RemoteError::Serve(e))
+            }
+            r => r,
+        }
     }
 
     /// `BuildDerivation` (op 8). A failed build is [`RemoteError::BuildFailed`].

@@ -531,16 +531,28 @@ fn builder_without_nix_is_named() {
 /// Benchmark: closure copy throughput. A 256 MiB random file is added on the client with
 /// `nix-store --add` (not timed), then a derivation that reads it is built with `-j0` on one
 /// builder that lacks it: the time is dominated by copying the input. Stock and Ferry on fresh
-/// fleets in the same run, alternating. Build the binaries with `--release` for numbers
-/// worth comparing: `cargo build --release --workspace --bins && cargo test --release -p
-/// ferry-integration --test hook -- --ignored --nocapture bench_closure_copy`.
+/// fleets in the same run, alternating which goes first, 5 rounds (`FERRY_BENCH_ROUNDS` to
+/// change); the ratio is of the medians, since the machine is shared and single samples
+/// swing. Build the binaries with `--release` for numbers worth comparing: `cargo build
+/// --release --workspace --bins && cargo test --release -p ferry-integration --test hook --
+/// --ignored --nocapture bench_closure_copy`.
 #[test]
 #[ignore]
 fn bench_closure_copy_256_mib() {
     const MIB: u64 = 256;
+    let rounds: usize = std::env::var("FERRY_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(5);
     let mut times = Vec::new();
-    for round in 0..3 {
-        for hook in [Hook::Stock, Hook::Ferry] {
+    for round in 0..rounds {
+        let order = if round % 2 == 0 {
+            [Hook::Stock, Hook::Ferry]
+        } else {
+            [Hook::Ferry, Hook::Stock]
+        };
+        for hook in order {
             let fleet = fleet(hook, 1, 1);
             let file = fleet.root.path().join(format!("ferry-big-{}", nonce()));
             let st = std::process::Command::new("head")
@@ -573,17 +585,26 @@ fn bench_closure_copy_256_mib() {
             let _ = std::fs::remove_file(&file);
         }
     }
-    let mean = |h: Hook| {
-        let v: Vec<f64> = times
+    // Median, min, max.
+    let stats = |h: Hook| {
+        let mut v: Vec<f64> = times
             .iter()
             .filter(|(x, _)| *x == h)
             .map(|(_, t)| *t)
             .collect();
-        v.iter().sum::<f64>() / v.len() as f64
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        (median, v[0], v[n - 1])
     };
-    let (s, f) = (mean(Hook::Stock), mean(Hook::Ferry));
+    let ((s, s_min, s_max), (f, f_min, f_max)) = (stats(Hook::Stock), stats(Hook::Ferry));
     println!(
-        "256 MiB input: mean stock {s:.3} s ({:.0} MiB/s), ferry {f:.3} s ({:.0} MiB/s), ferry/stock time = {:.2}",
+        "256 MiB input, {rounds} rounds: median stock {s:.3} s ({:.0} MiB/s, range {s_min:.3}-{s_max:.3}), \
+         ferry {f:.3} s ({:.0} MiB/s, range {f_min:.3}-{f_max:.3}), ferry/stock time = {:.2}",
         MIB as f64 / s,
         MIB as f64 / f,
         f / s
