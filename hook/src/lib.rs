@@ -27,5 +27,6 @@ pub mod remote;
 pub mod run;
 pub mod russh;
 pub mod select;
+pub mod siblings;
 pub mod slots;
 pub mod ssh;

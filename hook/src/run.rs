@@ -16,6 +16,7 @@ use crate::remote::{self, BuildOptions, Job, Progress};
 use crate::select::{
     Decision, DeclineReason, HealthPolicy, LocalCaps, Need, Policy, Speed, eligible,
 };
+use crate::siblings;
 use crate::slots::{HeldLock, LoadDir};
 use crate::ssh::OpenSsh;
 use ferry_nix::machines::{Machine, parse_builders_setting};
@@ -426,7 +427,23 @@ async fn answer(t: &TryRequest, ctx: &Ctx<'_>) -> Answered {
                 }
             }
             Decision::Postpone => {
-                logger.reply(&Reply::Postpone);
+                // Every fitting builder is busy. A postponed goal is asked again only every
+                // 5 s; a declined one that the host could build but has no local slot for is
+                // asked again as soon as one of the worker's builds ends (`siblings.rs`).
+                let running =
+                    !ctx.settings.max_jobs_zero() && !t.am_willing || siblings::count() > 0;
+                if local.could_build(&need) && running {
+                    logger.log(
+                        Verbosity::CHATTY,
+                        format!(
+                            "ferry-build-hook: every builder for '{}' is busy; asking again when a running build ends",
+                            t.drv_path
+                        ),
+                    );
+                    logger.reply(&Reply::Decline);
+                } else {
+                    logger.reply(&Reply::Postpone);
+                }
                 return Answered::Replied;
             }
             Decision::Decline(reason) => {

@@ -272,6 +272,23 @@ fn copy_failure_after_accept_fails_over_to_another_builder() {
     );
 }
 
+/// Every builder busy and `max-jobs = 0`: the stock answer, `# postpone`, makes Nix 2.8 ask
+/// again only every `build-poll-interval` (5 s), however soon a slot frees. Ferry declines
+/// while the daemon's worker has builds running, which makes Nix ask again as soon as one
+/// ends: four derivations through one slot, none of them "waiting for a machine".
+#[test]
+fn busy_builders_are_asked_again_when_a_build_ends_not_after_the_poll_interval() {
+    let tf = start(Hook::Ferry, 1, 1, "");
+    let (out, _) = timed_build(&tf, &many(&nonce(), 4), &["-j0"], LIMIT);
+    let out = out.expect("timed out");
+    check(&out, "build").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    let paths = out_paths(&out);
+    assert_eq!(paths.len(), 4);
+    assert!(built_on(&tf, &paths).iter().all(|on| on == &[0]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("waiting for a machine"), "postponed: {err}");
+}
+
 /// Benchmark, stock untuned vs stock tuned (`NIX_SSHOPTS="-o ConnectTimeout=2"`) vs Ferry on
 /// fresh fleets in the same run, 5 trivial derivations per build:
 /// - A: one blackholed builder, `-j1` (local fallback); goal: Ferry ≤ 3 s;
