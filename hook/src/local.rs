@@ -693,6 +693,15 @@ pub fn held_locks_supported(v: &NixVersion) -> bool {
     v.lix || (v.major, v.minor) < (2, 29)
 }
 
+/// Whether a `# decline` under `max-jobs = 0` makes the daemon wait for a build slot (woken
+/// when any of its builds ends) rather than fail: Nix 2.8 to 2.19 go from `rpDecline` to
+/// `waitForBuildSlot` (2.8 `DerivationGoal::tryToBuild`); later Nix rejects the derivation
+/// at once as "Cannot build … required system or feature not available", since
+/// `canBuildLocally` is false with `max-jobs = 0`. Lix is not known to wait, so no.
+pub fn decline_waits_with_max_jobs_zero(v: &NixVersion) -> bool {
+    !v.lix && (v.major, v.minor) < (2, 20)
+}
+
 /// The stdin of `nix-store --register-validity` without `--hash-given` (2.8
 /// `decodeValidPathInfo`): per path its absolute path, its deriver (empty line if none),
 /// the number of references, then one reference per line. `infos` in the order given
@@ -933,7 +942,23 @@ pub enum AnyImporter {
     Restore(RestoreImporter),
 }
 
-static HELD_LOCKS_OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+static LOCAL_VERSION: tokio::sync::OnceCell<Option<NixVersion>> =
+    tokio::sync::OnceCell::const_new();
+
+/// The local Nix's version from `nix-store --version`, asked once per process; `None` when
+/// it cannot be run or parsed.
+pub async fn local_nix_version(local: &LocalStore) -> Option<NixVersion> {
+    *LOCAL_VERSION
+        .get_or_init(|| async {
+            let mut c = Command::new(&local.nix_store);
+            c.arg("--version").stdin(Stdio::null()).kill_on_drop(true);
+            output(c, &local.nix_store, "nix-store --version")
+                .await
+                .ok()
+                .and_then(|o| parse_nix_version(&String::from_utf8_lossy(&o)))
+        })
+        .await
+}
 
 impl AnyImporter {
     pub async fn choose(method: crate::config::ImportMethod, local: &LocalStore) -> AnyImporter {
@@ -941,19 +966,9 @@ impl AnyImporter {
         let held = match method {
             ImportMethod::HeldLocks => true,
             ImportMethod::Restore => false,
-            ImportMethod::Auto => match HELD_LOCKS_OK.get() {
-                Some(b) => *b,
-                None => {
-                    let mut c = Command::new(&local.nix_store);
-                    c.arg("--version").stdin(Stdio::null()).kill_on_drop(true);
-                    let b = output(c, &local.nix_store, "nix-store --version")
-                        .await
-                        .ok()
-                        .and_then(|o| parse_nix_version(&String::from_utf8_lossy(&o)))
-                        .is_some_and(|v| held_locks_supported(&v));
-                    *HELD_LOCKS_OK.get_or_init(|| b)
-                }
-            },
+            ImportMethod::Auto => local_nix_version(local)
+                .await
+                .is_some_and(|v| held_locks_supported(&v)),
         };
         let local = local.clone();
         if held {
@@ -1096,6 +1111,16 @@ mod tests {
         bad.nar.push(b'x');
         let e = bad.verify().expect_err("mismatch");
         assert!(e.to_string().contains(&a.to_string()), "{e}");
+    }
+
+    #[test]
+    fn decline_waits_for_a_slot_only_on_nix_before_2_20() {
+        let v = |t: &str| parse_nix_version(t).expect("version");
+        assert!(decline_waits_with_max_jobs_zero(&v("nix-store (Nix) 2.8.0")));
+        assert!(decline_waits_with_max_jobs_zero(&v("nix-store (Nix) 2.18.8")));
+        assert!(!decline_waits_with_max_jobs_zero(&v("nix-store (Nix) 2.20.0")));
+        assert!(!decline_waits_with_max_jobs_zero(&v("nix-store (Nix) 2.31.2")));
+        assert!(!decline_waits_with_max_jobs_zero(&v("nix-store (Lix, like Nix) 2.91.1")));
     }
 
     #[test]

@@ -430,9 +430,7 @@ async fn answer(t: &TryRequest, ctx: &Ctx<'_>) -> Answered {
                 // Every fitting builder is busy. A postponed goal is asked again only every
                 // 5 s; a declined one that the host could build but has no local slot for is
                 // asked again as soon as one of the worker's builds ends (`siblings.rs`).
-                let running =
-                    !ctx.settings.max_jobs_zero() && !t.am_willing || siblings::count() > 0;
-                if local.could_build(&need) && running {
+                if local.could_build(&need) && decline_waits(ctx, t).await {
                     logger.log(
                         Verbosity::CHATTY,
                         format!(
@@ -453,6 +451,25 @@ async fn answer(t: &TryRequest, ctx: &Ctx<'_>) -> Answered {
             }
         }
     }
+}
+
+/// Whether a `# decline` now makes the daemon wait for a build slot and ask again when one
+/// of its builds ends. With local slots (`max-jobs` > 0) the host is not willing only when
+/// they are all taken by running builds, and every Nix then waits for one of them. With
+/// `max-jobs = 0` the waiting builds must be remote ones of this worker (this hook's
+/// siblings: without a running build Nix 2.8 gives up), and only some Nix versions wait
+/// (`local::decline_waits_with_max_jobs_zero`).
+async fn decline_waits(ctx: &Ctx<'_>, t: &TryRequest) -> bool {
+    if !ctx.settings.max_jobs_zero() {
+        return !t.am_willing;
+    }
+    if siblings::count() == 0 {
+        return false;
+    }
+    let local = ctx.settings.local_store();
+    crate::local::local_nix_version(&local)
+        .await
+        .is_some_and(|v| crate::local::decline_waits_with_max_jobs_zero(&v))
 }
 
 /// Sorts the right-type builders by their health and probes those that need it. Returns

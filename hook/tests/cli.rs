@@ -71,9 +71,11 @@ fn no_machine_of_the_right_type_declines_with_a_message() {
 }
 
 #[test]
-fn busy_machines_postpone_when_local_cannot_build() {
-    // One slot on h, held from here as another hook would hold it; amWilling is 0, so the
-    // local host cannot take the build either.
+fn busy_machines_and_busy_local_slots_decline_so_nix_waits_for_a_slot() {
+    // One slot on h, held from here as another hook would hold it; amWilling is 0 with the
+    // default max-jobs (1), so the local slot is taken by a running build. The stock hook
+    // would postpone (asked again in 5 s); a decline makes Nix wait for a build slot and ask
+    // again as soon as any build ends.
     let tmp_state = tempfile::tempdir().expect("tmp");
     let load = tmp_state.path().join("current-load");
     std::fs::create_dir_all(&load).expect("dir");
@@ -107,7 +109,7 @@ fn busy_machines_postpone_when_local_cannot_build() {
         .expect("write");
     let out = child.wait_with_output().expect("wait");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err, "# postpone\n# postpone\n");
+    assert_eq!(err, "# decline\n# decline\n");
     assert_eq!(out.status.code(), Some(0));
 }
 
