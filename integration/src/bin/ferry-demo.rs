@@ -56,6 +56,19 @@ fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Resu
     Ok(())
 }
 
+/// A builder's state from `ferry-build-hook status --json` (`up`, `down`, `unknown`).
+fn builder_state(client: &ferry_integration::Host, hook: &Path, uri_part: &str) -> Result<String> {
+    let out = client
+        .command(&hook.display().to_string())
+        .args(["status", "--json"])
+        .output()?;
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
+    rows.iter()
+        .find(|r| r["builder"].as_str().is_some_and(|b| b.contains(uri_part)))
+        .and_then(|r| r["state"].as_str().map(str::to_owned))
+        .ok_or_else(|| anyhow!("no status row for {uri_part}"))
+}
+
 fn narinfo_name(store_path: &str) -> String {
     let base = Path::new(store_path)
         .file_name()
@@ -158,6 +171,17 @@ fn main() -> Result<()> {
         );
         all.extend(paths);
         exprs_all.extend(exprs);
+        if run_no == 1 {
+            // The hook did not wait for the dead builder: a detached probe records it as down
+            // within the 1 s probe budget, and run 2 skips it without probing.
+            let dead = format!("@{}", fleet.builders[1].addr);
+            let mut state = String::new();
+            wait_for("b1's probe result", Duration::from_secs(5), || {
+                state = builder_state(&fleet.client, &hook, &dead).unwrap_or_default();
+                !state.is_empty() && state != "unknown"
+            })?;
+            ensure!(state == "down", "b1 is {state}, not down");
+        }
     }
     let status = fleet
         .client
