@@ -15,7 +15,10 @@
 //!
 //! The eviction index ([`crate::lru`]) lives in memory and is rebuilt from the directory at
 //! start: file sizes, and modification times as last use (Ferry sets a file's modification
-//! time when it serves it, rather than trusting atime on `noatime`/`relatime` mounts).
+//! time when it serves it, rather than trusting atime on `noatime`/`relatime` mounts). The
+//! rebuild runs on a thread of its own while Ferry already serves: a 100 GB cache on a NAS
+//! disk can take many seconds to list, and Nix must not wait for it. Until it is done, a
+//! lookup the index does not know yet looks at the file itself.
 
 use crate::check::Expect;
 use crate::lru::{Lru, Policy, Touch};
@@ -25,8 +28,9 @@ use ferry_nix::hash::{Hash, Sha256Sink};
 use std::fs;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Chunks in flight between a NAR stream and its disk writer: bounded, so a slow disk slows
@@ -49,6 +53,8 @@ pub struct DiskMetrics {
 pub struct DiskCache {
     dir: PathBuf,
     index: Mutex<Lru<String>>,
+    /// The index holds every file that was in the directory at start.
+    indexed: AtomicBool,
     tmp_seq: AtomicU64,
     pub metrics: DiskMetrics,
 }
@@ -81,9 +87,19 @@ fn fsync_dir(dir: &Path) -> io::Result<()> {
 }
 
 impl DiskCache {
-    /// Creates the layout, empties `tmp/` and rebuilds the index from the files present
-    /// (evicting what no longer fits the policy).
-    pub fn open(dir: &Path, max_bytes: u64, max_age: Duration) -> io::Result<DiskCache> {
+    /// Creates the layout, empties `tmp/`, and starts rebuilding the index from the files
+    /// present (evicting what no longer fits the policy) on a thread of its own.
+    pub fn open(dir: &Path, max_bytes: u64, max_age: Duration) -> io::Result<Arc<DiskCache>> {
+        let cache = Self::create(dir, max_bytes, max_age)?;
+        let me = Arc::clone(&cache);
+        std::thread::Builder::new()
+            .name("disk-index".into())
+            .spawn(move || me.index_existing())?;
+        Ok(cache)
+    }
+
+    /// The layout and an empty index, not yet rebuilt.
+    fn create(dir: &Path, max_bytes: u64, max_age: Duration) -> io::Result<Arc<DiskCache>> {
         for sub in ["narinfo", "nar", "tmp"] {
             fs::create_dir_all(dir.join(sub))?;
         }
@@ -91,36 +107,64 @@ impl DiskCache {
         for e in fs::read_dir(dir.join("tmp"))? {
             let _ = fs::remove_file(e?.path());
         }
-        let mut lru = Lru::new(Policy {
-            max_bytes,
-            max_idle_ms: max_age.as_millis() as u64,
+        let cache = Arc::new(DiskCache {
+            dir: dir.to_owned(),
+            index: Mutex::new(Lru::new(Policy {
+                max_bytes,
+                max_idle_ms: max_age.as_millis() as u64,
+            })),
+            indexed: AtomicBool::new(false),
+            tmp_seq: AtomicU64::new(0),
+            metrics: DiskMetrics::default(),
         });
+        Ok(cache)
+    }
+
+    /// Adds the files present at start to the index. Entries the serving side added meanwhile
+    /// (stored, or found by [`DiskCache::touch`]) are left as they are.
+    fn index_existing(&self) {
         let now = now_ms();
         let mut doomed = Vec::new();
+        let mut errors = 0usize;
         for sub in ["narinfo", "nar"] {
-            for e in fs::read_dir(dir.join(sub))? {
-                let e = e?;
-                let m = e.metadata()?;
+            let Ok(entries) = fs::read_dir(self.dir.join(sub)) else {
+                errors += 1;
+                continue;
+            };
+            for e in entries {
+                let Some((name, m)) = e.ok().and_then(|e| {
+                    let m = e.metadata().ok()?;
+                    Some((e.file_name().to_str()?.to_owned(), m))
+                }) else {
+                    errors += 1;
+                    continue;
+                };
                 if !m.is_file() {
                     continue;
                 }
-                let Some(name) = e.file_name().to_str().map(str::to_owned) else {
-                    continue;
-                };
-                doomed.extend(lru.insert(format!("{sub}/{name}"), m.len(), mtime_ms(&m), now));
+                let key = format!("{sub}/{name}");
+                if let Ok(mut l) = self.index.lock()
+                    && l.last_use(&key).is_none()
+                {
+                    doomed.extend(l.insert(key, m.len(), mtime_ms(&m), now));
+                }
             }
         }
-        doomed.extend(lru.expire(now));
-        for k in &doomed {
-            let _ = fs::remove_file(dir.join(k));
-        }
-        tracing::info!(dir = %dir.display(), entries = lru.len(), bytes = lru.total_bytes(), evicted = doomed.len(), "disk cache opened");
-        Ok(DiskCache {
-            dir: dir.to_owned(),
-            index: Mutex::new(lru),
-            tmp_seq: AtomicU64::new(0),
-            metrics: DiskMetrics::default(),
-        })
+        let (entries, bytes) = match self.index.lock() {
+            Ok(mut l) => {
+                doomed.extend(l.expire(now));
+                (l.len(), l.total_bytes())
+            }
+            Err(_) => (0, 0),
+        };
+        self.remove_files(&doomed);
+        self.indexed.store(true, Ordering::Release);
+        tracing::info!(dir = %self.dir.display(), entries, bytes, evicted = doomed.len(), errors, "disk cache indexed");
+    }
+
+    /// Whether the files present at start are all in the index.
+    pub fn indexed(&self) -> bool {
+        self.indexed.load(Ordering::Acquire)
     }
 
     /// (entries, bytes) for metrics.
@@ -144,6 +188,20 @@ impl DiskCache {
                 let _ = fs::remove_file(self.dir.join(entry));
                 self.metrics.evictions.inc();
                 None
+            }
+            // Not indexed yet (the rebuild is still running): the file itself decides.
+            Touch::Absent if !self.indexed() => {
+                drop(l);
+                let m = fs::metadata(self.dir.join(entry))
+                    .ok()
+                    .filter(|m| m.is_file())?;
+                let doomed = {
+                    let mut l = self.index.lock().ok()?;
+                    l.insert(entry.to_owned(), m.len(), now, now)
+                };
+                let kept = !doomed.iter().any(|d| d == entry);
+                self.remove_files(&doomed);
+                kept.then_some(true)
             }
             Touch::Absent => None,
         }
@@ -362,5 +420,83 @@ impl NarWriter {
     /// The stream reached its announced end: verify and commit.
     pub async fn finish(self) {
         let _ = self.tx.send(Msg::Finish).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait_indexed(c: &DiskCache) {
+        let t = std::time::Instant::now();
+        while !c.indexed() {
+            assert!(t.elapsed() < Duration::from_secs(10), "index never built");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn layout(dir: &Path, files: &[(&str, usize)]) {
+        for sub in ["narinfo", "nar", "tmp"] {
+            fs::create_dir_all(dir.join(sub)).expect("dir");
+        }
+        for (name, len) in files {
+            fs::write(dir.join(name), vec![b'x'; *len]).expect("file");
+        }
+    }
+
+    #[tokio::test]
+    async fn files_present_at_start_are_served_before_and_after_the_index_is_built() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let hash = "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig";
+        let nar = nar_entry("nar/x.nar");
+        layout(
+            tmp.path(),
+            &[(&narinfo_entry(hash), 10), (&nar, 20), ("tmp/leftover", 5)],
+        );
+        let c = DiskCache::create(tmp.path(), 1 << 20, Duration::from_secs(3600)).expect("open");
+        assert!(
+            fs::read_dir(tmp.path().join("tmp"))
+                .expect("tmp")
+                .next()
+                .is_none()
+        );
+        // Before the rebuild: served from the file itself, and indexed from then on.
+        assert_eq!(c.narinfo(hash).await.map(|b| b.len()), Some(10));
+        assert_eq!(c.usage(), (1, 10));
+        assert!(
+            c.narinfo("1c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig")
+                .await
+                .is_none()
+        );
+        c.index_existing();
+        assert!(c.indexed());
+        assert_eq!(
+            c.usage(),
+            (2, 30),
+            "the entry found early is not counted twice"
+        );
+        assert_eq!(c.open_nar("nar/x.nar").await.map(|(_, l)| l), Some(20));
+        assert!(
+            c.narinfo("1c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig")
+                .await
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn the_rebuild_evicts_what_exceeds_the_quota() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let files: Vec<(String, usize)> = (0..10).map(|i| (format!("nar/{i:02}"), 100)).collect();
+        let refs: Vec<(&str, usize)> = files.iter().map(|(n, l)| (n.as_str(), *l)).collect();
+        layout(tmp.path(), &refs);
+        let c = DiskCache::open(tmp.path(), 450, Duration::from_secs(3600)).expect("open");
+        wait_indexed(&c);
+        let (entries, bytes) = c.usage();
+        assert!(
+            bytes <= 450 && entries == 4,
+            "{entries} entries, {bytes} bytes"
+        );
+        let left = fs::read_dir(tmp.path().join("nar")).expect("nar").count();
+        assert_eq!(left, 4);
     }
 }

@@ -60,17 +60,16 @@ impl State {
             "StoreDir: {}\nWantMassQuery: 1\nPriority: {}\n",
             settings.store_dir, settings.priority
         );
-        let disk = match &settings.disk {
-            Some(d) => Some(Arc::new(
-                DiskCache::open(&d.dir, d.max_bytes, d.max_age).map_err(|error| {
-                    StateError::Disk {
+        let disk =
+            match &settings.disk {
+                Some(d) => Some(DiskCache::open(&d.dir, d.max_bytes, d.max_age).map_err(
+                    |error| StateError::Disk {
                         dir: d.dir.clone(),
                         error,
-                    }
-                })?,
-            )),
-            None => None,
-        };
+                    },
+                )?),
+                None => None,
+            };
         Ok(Arc::new(State {
             disk,
             answers: answer_cache(settings.positive_ttl, settings.negative_ttl),
