@@ -33,20 +33,122 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// Serves on `listener` until `shutdown` completes.
+/// Serves on `listener` until `shutdown` completes, on the caller's runtime (the in-process
+/// tests' entry point; the binary uses [`run_workers`]).
 pub async fn run(
     settings: Settings,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let state = State::new(settings)?;
+    log_upstreams(&state);
+    serve(state, listener, shutdown).await
+}
+
+fn log_upstreams(state: &State) {
     for u in &state.upstreams {
         tracing::info!(upstream = %u.settings.url, priority = u.settings.priority, "upstream");
     }
+}
+
+/// Serves `state` on `listener` until `shutdown` completes, then finishes the requests in
+/// progress.
+pub async fn serve(
+    state: std::sync::Arc<State>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     // The handler as the service itself: no routing table to consult for every request.
     let service = axum::handler::Handler::with_state(server::handle, state);
     axum::serve(listener, service.into_make_service())
         .with_graceful_shutdown(shutdown)
         .await?;
     Ok(())
+}
+
+/// Binds `workers` listening sockets on `addr` with `SO_REUSEPORT` (the kernel spreads new
+/// connections over them), all on the port of the first (so port 0 works). Blocking sockets
+/// are returned in non-blocking mode, ready for `tokio::net::TcpListener::from_std`.
+pub fn bind_workers(
+    addr: std::net::SocketAddr,
+    workers: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    // `TcpSocket::listen` registers with a reactor: a throw-away runtime provides one, and
+    // `into_std` takes the socket out of it again.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let _guard = rt.enter();
+    let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(workers.max(1));
+    let mut addr = addr;
+    for _ in 0..workers.max(1) {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        let l = socket.listen(1024)?.into_std()?;
+        addr = l.local_addr()?;
+        out.push(l);
+    }
+    Ok(out)
+}
+
+/// Serves on `listeners` (from [`bind_workers`]) with one single-threaded runtime per
+/// listener, each on its own thread, until `shutdown` completes; then every runtime finishes
+/// its requests in progress.
+///
+/// Why not one multi-threaded runtime: like nginx's workers, a connection stays on the core
+/// that accepted it, with no work stealing, cross-thread wake-ups or shared run queue on the
+/// per-request path (G2: warm narinfos on 25 keep-alive connections). The state (answer
+/// caches, routes, breakers, metrics, disk cache, HTTP clients) is one `Arc` shared by all
+/// runtimes; tasks a request spawns (upstream races, breaker probes, disk writes) run on the
+/// runtime that spawned them.
+pub fn run_workers(
+    settings: Settings,
+    listeners: Vec<std::net::TcpListener>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let state = State::new(settings)?;
+    log_upstreams(&state);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut threads = Vec::with_capacity(listeners.len());
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let state = std::sync::Arc::clone(&state);
+        let mut stop = stop_rx.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("ferry-worker-{i}"))
+            .spawn(move || -> anyhow::Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)?;
+                    let stopped = async move {
+                        // An error means the sender is gone: stop as well.
+                        let _ = stop.wait_for(|s| *s).await;
+                    };
+                    serve(state, listener, stopped).await
+                })
+            })?;
+        threads.push(t);
+    }
+    // The signal handler and nothing else on the calling thread.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(shutdown);
+    let _ = stop_tx.send(true);
+    let mut result = Ok(());
+    for t in threads {
+        match t.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(e),
+            Err(_) => result = Err(anyhow::anyhow!("a worker thread panicked")),
+        }
+    }
+    result
 }

@@ -17,6 +17,10 @@ struct Cli {
     /// Replaces the upstreams of ferry.toml.
     #[arg(long = "upstream", global = true)]
     upstreams: Vec<String>,
+    /// Serving threads, each with its own single-threaded runtime and listening socket
+    /// (default: one per core).
+    #[arg(long, global = true)]
+    workers: Option<std::num::NonZeroUsize>,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -56,18 +60,20 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let s = settings(&cli)?;
-    let rt = tokio::runtime::Runtime::new()?;
     match cli.command {
-        None | Some(Cmd::Serve) => rt.block_on(async {
-            let listener = tokio::net::TcpListener::bind(s.listen)
-                .await
+        None | Some(Cmd::Serve) => {
+            let workers = cli.workers.map_or_else(
+                || std::thread::available_parallelism().map_or(1, |n| n.get()),
+                |n| n.get(),
+            );
+            let listeners = ferry_substituter::bind_workers(s.listen, workers)
                 .with_context(|| format!("binding {}", s.listen))?;
-            tracing::info!(listen = %s.listen, "serving");
+            tracing::info!(listen = %s.listen, workers, "serving");
             let shutdown = async {
                 let _ = tokio::signal::ctrl_c().await;
             };
-            ferry_substituter::run(s, listener, shutdown).await
-        }),
+            ferry_substituter::run_workers(s, listeners, shutdown)
+        }
         Some(Cmd::CheckConfig) => {
             println!("listen {}", s.listen);
             println!("store-dir {} priority {}", s.store_dir, s.priority);
@@ -94,17 +100,20 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Some(Cmd::Status { url }) => rt.block_on(async {
-            ferry_substituter::install_crypto_provider();
-            let base = url.unwrap_or_else(|| format!("http://{}", s.listen));
-            let body = reqwest::get(format!("{}/ferry/status", base.trim_end_matches('/')))
-                .await
-                .and_then(|r| r.error_for_status())
-                .with_context(|| format!("asking {base}"))?
-                .text()
-                .await?;
-            print!("{body}");
-            Ok(())
-        }),
+        Some(Cmd::Status { url }) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                ferry_substituter::install_crypto_provider();
+                let base = url.unwrap_or_else(|| format!("http://{}", s.listen));
+                let body = reqwest::get(format!("{}/ferry/status", base.trim_end_matches('/')))
+                    .await
+                    .and_then(|r| r.error_for_status())
+                    .with_context(|| format!("asking {base}"))?
+                    .text()
+                    .await?;
+                print!("{body}");
+                Ok(())
+            }),
     }
 }

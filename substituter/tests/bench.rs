@@ -9,10 +9,11 @@
 //! written to a temp dir, Ferry as its own process (the binary of this build), and a small
 //! blocking HTTP/1.1 client (one thread per connection, keep-alive, no allocation per request
 //! beyond the read buffer) so client overhead is small and identical for both servers.
-//! nginx runs `worker_processes auto` (one worker per core), Ferry its default runtime (one
-//! worker thread per core). The client threads share the cores with the server under test, so
-//! G2 measures client and server together; it runs in alternating rounds and also prints each
-//! server's own CPU time per request, which depends less on how the scheduler interleaves them.
+//! nginx runs `worker_processes auto` (one worker per core), Ferry its default (one
+//! single-threaded runtime per core). The client threads share the cores with the server under
+//! test, so G2 measures client and server together; it runs in alternating rounds and also
+//! prints each server's own CPU time per request, which depends less on how the scheduler
+//! interleaves them.
 //!
 //! `cargo test --release -p ferry-substituter --test bench -- --ignored --nocapture`
 //!
