@@ -253,6 +253,18 @@ pub fn main(argv: &[String]) -> i32 {
     }
 }
 
+/// Runs `f` on a runtime like the hook's; connections still closing in the background get
+/// 100 ms, then the command ends without them.
+fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let out = rt.block_on(f);
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    Ok(out)
+}
+
 fn command(cmd: Cmd, env: &Env) -> anyhow::Result<i32> {
     match cmd {
         Cmd::Status { json, builders } => {
@@ -273,11 +285,7 @@ fn command(cmd: Cmd, env: &Env) -> anyhow::Result<i32> {
                 other => anyhow::bail!("--transport {other}: expected russh or openssh"),
             };
             let p = Arc::new(prober(env, tuning));
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
+            block_on(async {
                 let mut set = tokio::task::JoinSet::new();
                 for m in ms.iter().filter(|m| m.scheme() == Some("ssh")) {
                     let (p, m) = (Arc::clone(&p), m.clone());
@@ -288,8 +296,7 @@ fn command(cmd: Cmd, env: &Env) -> anyhow::Result<i32> {
                     });
                 }
                 while set.join_next().await.is_some() {}
-            });
-            rt.shutdown_timeout(std::time::Duration::from_millis(100));
+            })?;
             let rows = rows(env, &ms);
             print(&rows, json)?;
             Ok(if rows.iter().all(|r| r.state == State::Up) {
@@ -305,12 +312,8 @@ fn command(cmd: Cmd, env: &Env) -> anyhow::Result<i32> {
             // A broken configuration is the hook's to report; probe with the defaults.
             let tuning = config::load(&env.config_path).unwrap_or_default();
             let p = Arc::new(prober(env, tuning));
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
             let which = (0..ms.len()).map(|i| (i, probe::Kind::Fresh)).collect();
-            rt.block_on(async {
+            block_on(async {
                 // Nobody waits for these answers, so no grace: every probe runs to its end.
                 let round = p.probe_all_to_end(&ms, which).await;
                 for (_, outcome) in round.outcomes {
@@ -318,8 +321,7 @@ fn command(cmd: Cmd, env: &Env) -> anyhow::Result<i32> {
                         c.close().await;
                     }
                 }
-            });
-            rt.shutdown_timeout(std::time::Duration::from_millis(100));
+            })?;
             Ok(0)
         }
         Cmd::CheckConfig => {

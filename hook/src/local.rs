@@ -1116,11 +1116,21 @@ mod tests {
     #[test]
     fn decline_waits_for_a_slot_only_on_nix_before_2_20() {
         let v = |t: &str| parse_nix_version(t).expect("version");
-        assert!(decline_waits_with_max_jobs_zero(&v("nix-store (Nix) 2.8.0")));
-        assert!(decline_waits_with_max_jobs_zero(&v("nix-store (Nix) 2.18.8")));
-        assert!(!decline_waits_with_max_jobs_zero(&v("nix-store (Nix) 2.20.0")));
-        assert!(!decline_waits_with_max_jobs_zero(&v("nix-store (Nix) 2.31.2")));
-        assert!(!decline_waits_with_max_jobs_zero(&v("nix-store (Lix, like Nix) 2.91.1")));
+        assert!(decline_waits_with_max_jobs_zero(&v(
+            "nix-store (Nix) 2.8.0"
+        )));
+        assert!(decline_waits_with_max_jobs_zero(&v(
+            "nix-store (Nix) 2.18.8"
+        )));
+        assert!(!decline_waits_with_max_jobs_zero(&v(
+            "nix-store (Nix) 2.20.0"
+        )));
+        assert!(!decline_waits_with_max_jobs_zero(&v(
+            "nix-store (Nix) 2.31.2"
+        )));
+        assert!(!decline_waits_with_max_jobs_zero(&v(
+            "nix-store (Lix, like Nix) 2.91.1"
+        )));
     }
 
     #[test]

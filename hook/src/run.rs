@@ -509,20 +509,19 @@ async fn classify_and_probe(
         // in the background rather than keep the daemon waiting for them.
         let mut unknown = Vec::new();
         for (i, kind) in to_probe {
+            let Some(m) = machines.get(i) else { continue };
             let free = match kind {
                 Kind::HalfOpen(_) => true,
                 // Being probed by another process already: nothing to add.
-                Kind::Fresh => matches!(
-                    ctx.prober.health.try_probe_lock(&machines[i].store_uri),
-                    Ok(Some(_))
-                ),
+                Kind::Fresh => {
+                    matches!(ctx.prober.health.try_probe_lock(&m.store_uri), Ok(Some(_)))
+                }
             };
             if free {
-                unknown.push(&machines[i]);
+                unknown.push(m);
             }
         }
-        log_hand_off(ctx, &unknown);
-        probe::hand_off(&unknown);
+        probe_in_background(ctx, &unknown);
         return (healthy, conns);
     }
     let round = ctx.prober.probe_all(machines, to_probe).await;
@@ -550,12 +549,13 @@ async fn classify_and_probe(
         .iter()
         .filter_map(|&i| machines.get(i))
         .collect();
-    log_hand_off(ctx, &unknown);
-    probe::hand_off(&unknown);
+    probe_in_background(ctx, &unknown);
     (healthy, conns)
 }
 
-fn log_hand_off(ctx: &Ctx<'_>, machines: &[&Machine]) {
+/// Says which builders the answer does not wait for, and hands their probes to a detached
+/// process ([`probe::hand_off`]).
+fn probe_in_background(ctx: &Ctx<'_>, machines: &[&Machine]) {
     if machines.is_empty() {
         return;
     }
@@ -567,6 +567,7 @@ fn log_hand_off(ctx: &Ctx<'_>, machines: &[&Machine]) {
             names.join(", ")
         ),
     );
+    probe::hand_off(machines);
 }
 
 fn policy_for(ctx: &Ctx<'_>, machines: &[Machine], tuning: Tuning) -> HealthPolicy {
