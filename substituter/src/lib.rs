@@ -25,7 +25,7 @@ pub mod server;
 pub mod upstream;
 
 pub use config::{Overrides, Settings, SubstituterConfig};
-pub use server::{State, router};
+pub use server::State;
 
 /// Installs rustls' ring provider for HTTPS upstreams (reqwest is built without a default
 /// one); later calls do nothing.

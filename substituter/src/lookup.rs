@@ -248,16 +248,17 @@ enum Event {
     Deadline,
 }
 
-/// The slot of an upstream just asked: pending, or, when its last requests failed (its
-/// breaker is closed but counting), not waited for by lower-priority hits while it answers
-/// (rule 1 treats it like an upstream being retried). A black-holed upstream thus costs
-/// the first lookups that find it dead their connect time-out, and the lookups after them
-/// nothing, even before its breaker opens (goal G5).
-fn first_slot(up: &Upstream) -> Slot {
-    if up.suspect() {
-        Slot::Retrying
-    } else {
-        Slot::Pending
+/// The slot and attempt count of an upstream after its first attempt was started or
+/// refused (breaker, rate limit). A started one is pending, or, when its last requests
+/// failed (its breaker is closed but counting), not waited for by lower-priority hits while
+/// it answers (rule 1 treats it like an upstream being retried). A black-holed upstream thus
+/// costs the first lookups that find it dead their connect time-out, and the lookups after
+/// them nothing, even before its breaker opens (goal G5).
+fn first_attempt(up: &Upstream, started: bool) -> (Slot, u32) {
+    match (started, up.suspect()) {
+        (false, _) => (Slot::Skipped, 0),
+        (true, true) => (Slot::Retrying, 1),
+        (true, false) => (Slot::Pending, 1),
     }
 }
 
@@ -294,12 +295,8 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
     let decision = loop {
         // Ask the next upstream now when every earlier one has already said no.
         while next < n && (next == 0 || start_next_early(&slots, next)) {
-            if launch(next, &mut running) {
-                attempts[next] = 1;
-                slots[next] = first_slot(&state.upstreams[next]);
-            } else {
-                slots[next] = Slot::Skipped;
-            }
+            (slots[next], attempts[next]) =
+                first_attempt(&state.upstreams[next], launch(next, &mut running));
             next += 1;
             head.as_mut()
                 .reset(tokio::time::Instant::now() + state.settings.head_start);
@@ -356,12 +353,8 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
                 }
             }
             Event::HeadStart => {
-                if launch(next, &mut running) {
-                    attempts[next] = 1;
-                    slots[next] = first_slot(&state.upstreams[next]);
-                } else {
-                    slots[next] = Slot::Skipped;
-                }
+                (slots[next], attempts[next]) =
+                    first_attempt(&state.upstreams[next], launch(next, &mut running));
                 next += 1;
                 head.as_mut()
                     .reset(tokio::time::Instant::now() + state.settings.head_start);

@@ -60,16 +60,16 @@ impl State {
             "StoreDir: {}\nWantMassQuery: 1\nPriority: {}\n",
             settings.store_dir, settings.priority
         );
-        let disk =
-            match &settings.disk {
-                Some(d) => Some(DiskCache::open(&d.dir, d.max_bytes, d.max_age).map_err(
-                    |error| StateError::Disk {
-                        dir: d.dir.clone(),
-                        error,
-                    },
-                )?),
-                None => None,
-            };
+        let disk = settings
+            .disk
+            .as_ref()
+            .map(|d| {
+                DiskCache::open(&d.dir, d.max_bytes, d.max_age).map_err(|error| StateError::Disk {
+                    dir: d.dir.clone(),
+                    error,
+                })
+            })
+            .transpose()?;
         Ok(Arc::new(State {
             disk,
             answers: answer_cache(settings.positive_ttl, settings.negative_ttl),
@@ -95,12 +95,6 @@ impl State {
             })
             .collect()
     }
-}
-
-/// Every path goes to one handler; [`classify`] decides. `run` serves the handler directly
-/// (`Handler::with_state`), without this router's routing layer.
-pub fn router(state: Arc<State>) -> axum::Router {
-    axum::Router::new().fallback(handle).with_state(state)
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
