@@ -115,33 +115,10 @@ impl Policy for StockPolicy {
         need: &Need,
         local: &LocalCaps,
     ) -> Decision {
-        let mut best: Option<(Load, f64)> = None;
-        for l in loads {
-            let (Some(_), Some(m)) = (l.free_slot, machines.get(l.machine)) else {
-                continue;
-            };
-            // Nix ≥ 2.20 compares float speed factors (2.8 divided integers, which hides
-            // differences); the machines parser already turned 0 into 1.
-            let sf = if m.speed_factor > 0.0 {
-                m.speed_factor
-            } else {
-                1.0
-            };
-            let better = match &best {
-                None => true,
-                Some((b, bsf)) => beats(l.load, sf, b.load, *bsf),
-            };
-            if better {
-                best = Some((*l, sf));
-            }
-        }
-        if let Some((l, _)) = best
-            && let Some(slot) = l.free_slot
-        {
-            return Decision::Use {
-                machine: l.machine,
-                slot,
-            };
+        if let Some(d) = best_free(machines, loads, |m, sm, b, sb| {
+            beats(m.load, sm, b.load, sb)
+        }) {
+            return d;
         }
         let right_type = !loads.is_empty();
         if right_type && !local.can_build(need) {
@@ -152,6 +129,37 @@ impl Policy for StockPolicy {
             Decision::Decline(DeclineReason::NoMachine)
         }
     }
+}
+
+/// Among the machines with a free slot, the one no later one `beats` (so the first wins a
+/// tie), as the decision to use it. `beats(m, sf_m, b, sf_b)`: load `m` of a machine with
+/// speed factor `sf_m` is strictly better than the best so far. Speed factors are compared
+/// as floats, as Nix ≥ 2.20 does (2.8 divided integers, which hides differences); the
+/// machines parser already turned 0 into 1.
+fn best_free(
+    machines: &[Machine],
+    loads: &[Load],
+    beats: impl Fn(&Load, f64, &Load, f64) -> bool,
+) -> Option<Decision> {
+    let mut best: Option<(Load, f64)> = None;
+    for l in loads {
+        let (Some(_), Some(m)) = (l.free_slot, machines.get(l.machine)) else {
+            continue;
+        };
+        let sf = if m.speed_factor > 0.0 {
+            m.speed_factor
+        } else {
+            1.0
+        };
+        if best.as_ref().is_none_or(|(b, bsf)| beats(l, sf, b, *bsf)) {
+            best = Some((*l, sf));
+        }
+    }
+    let (l, _) = best?;
+    Some(Decision::Use {
+        machine: l.machine,
+        slot: l.free_slot?,
+    })
 }
 
 /// `m` beats the current best `b` (2.8 `build-remote.cc`: lower load per speed, then higher
@@ -200,32 +208,14 @@ impl Policy for HealthPolicy {
         if !self.prefer_remote && local.can_build(need) {
             return Decision::Decline(DeclineReason::LocalPreferred);
         }
-        let mut best: Option<(Load, f64, Speed)> = None;
-        for l in loads {
-            let (Some(_), Some(m)) = (l.free_slot, machines.get(l.machine)) else {
-                continue;
-            };
-            let sf = if m.speed_factor > 0.0 {
-                m.speed_factor
-            } else {
-                1.0
-            };
-            let sp = self.speeds.get(&l.machine).copied().unwrap_or_default();
-            let better = match &best {
-                None => true,
-                Some((b, bsf, bsp)) => health_beats((l.load, sf, sp), (b.load, *bsf, *bsp)),
-            };
-            if better {
-                best = Some((*l, sf, sp));
-            }
-        }
-        if let Some((l, _, _)) = best
-            && let Some(slot) = l.free_slot
-        {
-            return Decision::Use {
-                machine: l.machine,
-                slot,
-            };
+        let speed = |i: usize| self.speeds.get(&i).copied().unwrap_or_default();
+        if let Some(d) = best_free(machines, loads, |m, sm, b, sb| {
+            health_beats(
+                (m.load, sm, speed(m.machine)),
+                (b.load, sb, speed(b.machine)),
+            )
+        }) {
+            return d;
         }
         if loads.is_empty() {
             Decision::Decline(DeclineReason::NoMachine)
