@@ -536,16 +536,7 @@ impl Russh {
                     }
                 },
             };
-            let hash = if key.algorithm().is_rsa() {
-                handle
-                    .best_supported_rsa_hash()
-                    .await
-                    .ok()
-                    .flatten()
-                    .flatten()
-            } else {
-                None
-            };
+            let hash = rsa_hash(handle, key.algorithm()).await;
             let r = handle
                 .authenticate_publickey(
                     target.user.clone(),
@@ -596,16 +587,7 @@ impl Russh {
             let ::russh::keys::agent::AgentIdentity::PublicKey { key, comment } = id else {
                 continue;
             };
-            let hash = if key.algorithm().is_rsa() {
-                handle
-                    .best_supported_rsa_hash()
-                    .await
-                    .ok()
-                    .flatten()
-                    .flatten()
-            } else {
-                None
-            };
+            let hash = rsa_hash(handle, key.algorithm()).await;
             match handle
                 .authenticate_publickey_with(target.user.clone(), key, hash, &mut agent)
                 .await
@@ -765,6 +747,20 @@ fn current_user() -> (String, PathBuf) {
         .map(PathBuf::from)
         .unwrap_or_else(|| "/root".into());
     (user, home)
+}
+
+/// The signature hash to use with a key of `algorithm`: the best RSA hash the server
+/// accepts for RSA keys (`server-sig-algs`), none for other keys.
+async fn rsa_hash(handle: &Handle<Checker>, algorithm: Algorithm) -> Option<HashAlg> {
+    if !algorithm.is_rsa() {
+        return None;
+    }
+    handle
+        .best_supported_rsa_hash()
+        .await
+        .ok()
+        .flatten()
+        .flatten()
 }
 
 #[cfg(test)]
