@@ -165,7 +165,9 @@ impl Machine {
             self.speed_factor,
             list(&self.supported_features),
             list(&self.mandatory_features),
-            self.public_host_key.as_ref().map_or("-", |k| k.base64.as_str()),
+            self.public_host_key
+                .as_ref()
+                .map_or("-", |k| k.base64.as_str()),
         )
     }
 }

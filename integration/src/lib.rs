@@ -27,6 +27,122 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 /// The system string of this machine, as Nix calls it.
 pub const SYSTEM: &str = "x86_64-linux";
 
+/// A Nix version a fleet host runs: this machine's own Debian `nix-bin`, or a Debian suite's
+/// `nix-bin` in a root file system of its own (built and cached by `dev/rootfs`). The list
+/// lives in `integration/nix-versions`, one line per version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nix {
+    /// Short version label, `2.8`, `2.26`, ...: what `FERRY_NIX` names.
+    pub label: String,
+    /// Debian suite whose `nix-bin` the host runs; `None` for this machine's own.
+    pub suite: Option<String>,
+}
+
+const NIX_VERSIONS: &str = include_str!("../nix-versions");
+
+impl Nix {
+    /// Every version of `integration/nix-versions`, in file order.
+    pub fn all() -> Vec<Nix> {
+        NIX_VERSIONS
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                let label = f.next()?.to_owned();
+                let suite = f.next().filter(|s| *s != "-").map(str::to_owned);
+                Some(Nix { label, suite })
+            })
+            .collect()
+    }
+
+    /// The version labelled `label` (`2.26`), or an error listing the known ones.
+    pub fn by_label(label: &str) -> Result<Nix> {
+        let all = Nix::all();
+        all.iter()
+            .find(|n| n.label == label)
+            .cloned()
+            .ok_or_else(|| {
+                let known: Vec<&str> = all.iter().map(|n| n.label.as_str()).collect();
+                anyhow!(
+                    "unknown Nix version '{label}' (integration/nix-versions has {})",
+                    known.join(", ")
+                )
+            })
+    }
+
+    /// This machine's own Nix (Debian bookworm's 2.8).
+    pub fn native() -> Nix {
+        Nix::all()
+            .into_iter()
+            .find(|n| n.suite.is_none())
+            .unwrap_or(Nix {
+                label: "native".into(),
+                suite: None,
+            })
+    }
+
+    /// The version under test: `FERRY_NIX` (a label), else this machine's own. Every host
+    /// whose Nix the test does not choose runs this one, so the whole suite runs on a
+    /// version by setting one variable (`dev/test` does it for each).
+    pub fn under_test() -> Nix {
+        match std::env::var("FERRY_NIX") {
+            Ok(l) if !l.is_empty() => {
+                Nix::by_label(&l).unwrap_or_else(|e| panic!("FERRY_NIX: {e}"))
+            }
+            _ => Nix::native(),
+        }
+    }
+
+    /// (major, minor) from the label, for behaviour that differs by version.
+    pub fn minor(&self) -> (u32, u32) {
+        let mut it = self.label.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        (it.next().unwrap_or(0), it.next().unwrap_or(0))
+    }
+
+    /// Nix 2.25 to 2.33 ignore `build-hook` in `nix.conf` (it became an internal setting);
+    /// only the daemon's environment (`NIX_CONFIG`) sets it there.
+    pub fn ignores_build_hook_in_conf(&self) -> bool {
+        let v = self.minor();
+        v >= (2, 25) && v < (2, 34)
+    }
+
+    /// The root file system of this version, built on first use (`dev/rootfs`).
+    fn rootfs(&self) -> Result<Option<PathBuf>> {
+        let Some(suite) = &self.suite else {
+            return Ok(None);
+        };
+        static CACHE: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+        let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, p)) = cache.iter().find(|(s, _)| s == suite) {
+            return Ok(Some(p.clone()));
+        }
+        let script = workspace_root().join("dev/rootfs");
+        let out = run(Command::new(&script).arg(suite).stderr(Stdio::inherit()))
+            .with_context(|| format!("preparing the {suite} root file system"))?;
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        cache.push((suite.clone(), dir.clone()));
+        Ok(Some(dir))
+    }
+}
+
+impl std::fmt::Display for Nix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.suite {
+            Some(s) => write!(f, "Nix {} ({s})", self.label),
+            None => write!(f, "Nix {} (this machine)", self.label),
+        }
+    }
+}
+
+/// The workspace's root directory (the parent of `integration/`).
+pub fn workspace_root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| here.to_path_buf())
+}
+
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
@@ -38,6 +154,11 @@ pub struct FleetConfig {
     pub client_conf: String,
     /// Environment for the client's nix-daemon (for example `NIX_SSHOPTS`).
     pub daemon_env: Vec<(String, String)>,
+    /// The client's Nix (and that of hosts added with [`Fleet::add_client`]); `None`: the
+    /// version under test ([`Nix::under_test`]).
+    pub client_nix: Option<Nix>,
+    /// The builders' Nix; `None`: the version under test.
+    pub builder_nix: Option<Nix>,
 }
 
 impl Default for FleetConfig {
@@ -47,6 +168,8 @@ impl Default for FleetConfig {
             max_jobs_per_builder: 2,
             client_conf: String::new(),
             daemon_env: Vec::new(),
+            client_nix: None,
+            builder_nix: None,
         }
     }
 }
@@ -61,6 +184,8 @@ pub struct Host {
     pub dir: PathBuf,
     /// The host's address on its link to the client (for the client: unused).
     pub addr: String,
+    /// The Nix this host runs.
+    pub nix: Nix,
     holder: Child,
     daemons: Vec<Child>,
 }
@@ -122,13 +247,23 @@ impl Host {
         self.daemons.push(child);
     }
 
-    /// A command that runs inside this host's network and mount namespaces.
+    /// A command that runs inside this host's network and mount namespaces (and its own
+    /// root file system, for a host with a Debian suite's Nix).
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("nsenter");
         c.arg("-t")
             .arg(self.holder.id().to_string())
-            .args(["-m", "-n", "--"])
+            .args(["-m", "-n", "-r", "--"])
             .arg(program);
+        if self.nix.suite.is_some() {
+            // Inside another Debian: this machine's search paths and library paths (cargo
+            // sets some for tests) mean nothing there.
+            c.env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .env_remove("LD_LIBRARY_PATH");
+        }
         c
     }
 }
@@ -269,7 +404,9 @@ impl Fleet {
             .arg(&client_key))?;
 
         let client_addr = format!("10.{}.{}.1", subnet.0, subnet.1);
-        let client = Self::start_host(&id, root.path(), "client", client_addr.clone())?;
+        let client_nix = config.client_nix.clone().unwrap_or_else(Nix::under_test);
+        let client =
+            Self::start_host(&id, root.path(), "client", client_addr.clone(), &client_nix)?;
         // The fleet's LAN: a bridge in the client's namespace; every other host hangs off it
         // by a veth pair, so hosts reach each other (a second client reaches a cache) and the
         // client is one of them.
@@ -303,30 +440,42 @@ impl Fleet {
         Ok(fleet)
     }
 
-    fn start_host(id: &str, root: &Path, role: &str, addr: String) -> Result<Host> {
+    fn start_host(id: &str, root: &Path, role: &str, addr: String, nix: &Nix) -> Result<Host> {
         let netns = format!("{id}{role}");
         let dir = root.join(role);
         for d in ["nix/store", "nix/var/nix", "etc-nix", "log"] {
             std::fs::create_dir_all(dir.join(d))?;
         }
         std::fs::write(dir.join("etc-nix/nix.conf"), BASE_CONF)?;
+        let rootfs = nix.rootfs()?;
         ip(&["netns", "add", &netns])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
         // The holder keeps the host's mount namespace alive; everything else enters it.
-        // Root's shell start-up files are hidden behind an empty file: Debian's bash runs
-        // ~/.bashrc for every SSH command, and a developer machine's (pyenv init, say) can
-        // make each login slow, or wait a minute on a lock a killed login left behind. The
-        // fleet's hosts are clean machines whose logins cost what sshd and Nix cost.
-        std::fs::write(dir.join("empty-rc"), "")?;
-        let script = format!(
-            "mount --bind {nix} /nix && mount --bind {etc} /etc/nix && \
-             for f in /root/.bashrc /root/.profile /root/.bash_profile /root/.bash_login; do \
-             if [ -f \"$f\" ]; then mount --bind {empty} \"$f\" || exit 1; fi; done && \
-             exec sleep 100000000",
-            nix = dir.join("nix").display(),
-            etc = dir.join("etc-nix").display(),
-            empty = dir.join("empty-rc").display()
-        );
+        let script = match &rootfs {
+            None => {
+                // This machine's own Nix: the host's /nix and /etc/nix over the machine's.
+                // Debian's nix-bin creates neither, so the mount points are made first (empty
+                // directories, in the machine's own root).
+                // Root's shell start-up files are hidden behind an empty file: Debian's bash
+                // runs ~/.bashrc for every SSH command, and a developer machine's (pyenv init,
+                // say) can make each login slow, or wait a minute on a lock a killed login
+                // left behind. The fleet's hosts are clean machines whose logins cost what
+                // sshd and Nix cost.
+                std::fs::create_dir_all("/nix")?;
+                std::fs::create_dir_all("/etc/nix")?;
+                std::fs::write(dir.join("empty-rc"), "")?;
+                format!(
+                    "mount --bind {nix} /nix && mount --bind {etc} /etc/nix && \
+                     for f in /root/.bashrc /root/.profile /root/.bash_profile /root/.bash_login; do \
+                     if [ -f \"$f\" ]; then mount --bind {empty} \"$f\" || exit 1; fi; done && \
+                     exec sleep 100000000",
+                    nix = dir.join("nix").display(),
+                    etc = dir.join("etc-nix").display(),
+                    empty = dir.join("empty-rc").display()
+                )
+            }
+            Some(lower) => rootfs_holder_script(&dir, lower)?,
+        };
         let holder = Command::new("ip")
             .args([
                 "netns",
@@ -342,29 +491,55 @@ impl Fleet {
             .stdout(Stdio::null())
             .spawn()
             .context("starting the namespace holder")?;
-        let host = Host {
+        let mut host = Host {
             role: role.to_owned(),
             netns,
             dir,
             addr,
+            nix: nix.clone(),
             holder,
             daemons: Vec::new(),
         };
         // The holder is ready once its mount namespace shows the bind mount.
         let conf = host.dir.join("etc-nix/nix.conf");
         let pid = host.holder.id();
-        wait_until("the host's mounts", Duration::from_secs(10), || {
+        let ready = wait_until("the host's mounts", Duration::from_secs(10), || {
             std::fs::read_to_string(format!("/proc/{pid}/root/etc/nix/nix.conf")).ok()
                 == std::fs::read_to_string(&conf).ok()
-        })?;
+        });
+        if let Err(e) = ready {
+            let status = host.holder.try_wait().ok().flatten();
+            let _ = host.holder.kill();
+            let _ = host.holder.wait();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &host.netns])
+                .status();
+            return Err(e.context(format!(
+                "setting up host {role} ({nix}); holder exited: {status:?}"
+            )));
+        }
         Ok(host)
     }
 
     /// Adds a host on the fleet's LAN, in its own namespaces with its own `/nix` and
     /// `/etc/nix`, and returns it. The caller starts what it should run with
     /// [`Host::command`]; teardown kills every process in the host's namespace.
+    ///
+    /// The host runs this machine's own system (nginx, Python and the other test servers
+    /// live there); for a host that runs Nix as a client, use [`Fleet::add_client`].
     pub fn add_host(&mut self, role: &str) -> Result<&mut Host> {
-        let host = self.link_host(role)?;
+        self.add_host_with(role, &Nix::native())
+    }
+
+    /// Adds a host that runs the client's Nix (a second client, a producer of a cache).
+    pub fn add_client(&mut self, role: &str) -> Result<&mut Host> {
+        let nix = self.client.nix.clone();
+        self.add_host_with(role, &nix)
+    }
+
+    /// Adds a host running `nix`.
+    pub fn add_host_with(&mut self, role: &str, nix: &Nix) -> Result<&mut Host> {
+        let host = self.link_host(role, nix)?;
         self.others.push(host);
         let i = self.others.len() - 1;
         Ok(&mut self.others[i])
@@ -378,14 +553,14 @@ impl Fleet {
             .unwrap_or_else(|| panic!("no host '{role}' in the fleet"))
     }
 
-    fn link_host(&mut self, role: &str) -> Result<Host> {
+    fn link_host(&mut self, role: &str, nix: &Nix) -> Result<Host> {
         let k = self.next_host;
         if k >= 200 {
             bail!("a fleet holds at most 200 hosts");
         }
         self.next_host += 1;
         let addr = format!("10.{}.{}.{}", self.subnet.0, self.subnet.1, 10 + k);
-        let host = Self::start_host(&self.id, self.root.path(), role, addr.clone())?;
+        let host = Self::start_host(&self.id, self.root.path(), role, addr.clone(), nix)?;
         let c_if = format!("to-{role}");
         // The veth pair is created directly inside the two namespaces: no interface and no
         // fleet address ever exists in the root namespace.
@@ -427,7 +602,12 @@ impl Fleet {
     }
 
     fn add_builder(&mut self, i: usize) -> Result<()> {
-        let host = self.link_host(&format!("b{i}"))?;
+        let nix = self
+            .config
+            .builder_nix
+            .clone()
+            .unwrap_or_else(Nix::under_test);
+        let host = self.link_host(&format!("b{i}"), &nix)?;
         let addr = host.addr.clone();
         let host_key = host.dir.join("ssh_host_ed25519_key");
         run(Command::new("ssh-keygen")
@@ -478,7 +658,27 @@ impl Fleet {
     }
 
     fn start_client_daemon(&mut self) -> Result<()> {
-        let env = self.config.daemon_env.clone();
+        let mut env = self.config.daemon_env.clone();
+        if self.client.nix.ignores_build_hook_in_conf() {
+            // Nix 2.25-2.33 read `build-hook` only from the daemon's environment: set it there,
+            // as the README tells users to, when the test chose a hook.
+            if let Some(line) = self
+                .config
+                .client_conf
+                .lines()
+                .find(|l| l.trim_start().starts_with("build-hook"))
+            {
+                let mut conf = env
+                    .iter()
+                    .find(|(k, _)| k == "NIX_CONFIG")
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default();
+                env.retain(|(k, _)| k != "NIX_CONFIG");
+                conf.push_str(line.trim());
+                conf.push('\n');
+                env.push(("NIX_CONFIG".to_owned(), conf));
+            }
+        }
         self.client.start_nix_daemon(&env)
     }
 
@@ -716,6 +916,54 @@ pub fn out_paths(out: &Output) -> Vec<String> {
         .lines()
         .map(str::to_owned)
         .collect()
+}
+
+/// The holder script of a host that runs a Debian suite's Nix: the cached root file system
+/// as the read-only layer of an overlay (the host's changes go to its own directory), the
+/// host's `/nix` and `/etc/nix` bound over it, the kernel file systems, a private `/run`, and
+/// the directories tests share with hosts (`/tmp`, where fleets and their files live, and the
+/// workspace, where Ferry's binaries are). Then the root is switched with `pivot_root`, not
+/// `chroot`: Nix 2.8 `setns()`es its ssh child back into its mount namespace, which resets a
+/// chroot's root but keeps a pivoted one. Root's shell start-up files are removed in the
+/// host's layer, as they are hidden on hosts of this machine's Nix: logins cost what sshd and
+/// Nix cost.
+fn rootfs_holder_script(dir: &Path, lower: &Path) -> Result<String> {
+    for d in ["root", "upper", "overlay-work"] {
+        std::fs::create_dir_all(dir.join(d))?;
+    }
+    let mut shared = vec![std::env::temp_dir(), workspace_root()];
+    // The target directory may live outside the workspace (CARGO_TARGET_DIR).
+    if let Some(t) = std::env::current_exe().ok().and_then(|e| {
+        e.ancestors()
+            .find(|a| a.ends_with("target"))
+            .map(Path::to_path_buf)
+    }) {
+        shared.push(t);
+    }
+    let mut binds = String::new();
+    for d in &shared {
+        let d = d.display();
+        binds.push_str(&format!(
+            "mkdir -p \"$R{d}\" && mount --bind \"{d}\" \"$R{d}\" && "
+        ));
+    }
+    Ok(format!(
+        "set -e; R={root}; \
+         mount -t overlay overlay -o lowerdir={lower},upperdir={upper},workdir={work} \"$R\" && \
+         mkdir -p \"$R/nix\" \"$R/etc/nix\" \"$R/.oldroot\" \"$R/proc\" \"$R/sys\" \"$R/dev\" \"$R/run\" && \
+         mount --bind {nix} \"$R/nix\" && mount --bind {etc} \"$R/etc/nix\" && \
+         mount -t proc proc \"$R/proc\" && mount --rbind /sys \"$R/sys\" && mount --rbind /dev \"$R/dev\" && \
+         mount -t tmpfs -o mode=755 tmpfs \"$R/run\" && mkdir -p \"$R/run/sshd\" && \
+         rm -f \"$R/root/.bashrc\" \"$R/root/.profile\" && \
+         {binds}cd \"$R\" && pivot_root . .oldroot && umount -l /.oldroot && cd / && \
+         exec sleep 100000000",
+        root = dir.join("root").display(),
+        lower = lower.display(),
+        upper = dir.join("upper").display(),
+        work = dir.join("overlay-work").display(),
+        nix = dir.join("nix").display(),
+        etc = dir.join("etc-nix").display(),
+    ))
 }
 
 /// Fails unless `out` succeeded, with stdout and stderr in the message.

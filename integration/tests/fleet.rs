@@ -248,13 +248,14 @@ fn hosts_on_the_lan_reach_each_other_and_faults_apply_to_them() {
         .spawn()
         .expect("http server");
     cache.adopt(server);
-    let url = format!("http://{}:8080/nix-cache-info", fleet.host("cache").addr);
-    let second = fleet.add_host("client2").expect("second client");
+    let cache_addr = fleet.host("cache").addr.clone();
+    let second = fleet.add_client("client2").expect("second client");
     second.write_nix_conf("").expect("conf");
     second.start_nix_daemon(&[]).expect("daemon");
     let fetch = |h: &ferry_integration::Host| {
-        h.command("python3")
-            .args(["-c", "import sys,urllib.request as u; print(u.urlopen(sys.argv[1], timeout=2).read().decode(), end='')", &url])
+        // bash's /dev/tcp: on this machine and in every Nix root file system the fleet uses.
+        h.command("timeout")
+            .args(["2", "bash", "-c", r#"exec 3<>"/dev/tcp/$1/8080" && printf 'GET /nix-cache-info HTTP/1.0\r\n\r\n' >&3 && cat <&3 | sed '1,/^\r$/d'"#, "fetch", &cache_addr])
             .output()
             .expect("fetch")
     };
@@ -318,4 +319,24 @@ fn logins_on_fleet_hosts_skip_the_machines_shell_rc_files() {
     let out = c.output().expect("ssh");
     check(&out, "ssh to b0").expect("ssh works");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "rc::0");
+}
+
+#[test]
+fn hosts_run_the_nix_under_test() {
+    let want = ferry_integration::Nix::under_test();
+    let fleet = Fleet::start(FleetConfig::default()).expect("fleet");
+    for h in [&fleet.client, &fleet.builders[0]] {
+        let out = h
+            .command("nix-store")
+            .arg("--version")
+            .output()
+            .expect("nix-store");
+        check(&out, "nix-store --version").expect("version");
+        let v = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            v.contains(&format!(" {}.", want.label)),
+            "{} runs {v:?}, expected {want}",
+            h.role
+        );
+    }
 }

@@ -23,6 +23,7 @@ fn fleet(hook: Hook, builders: usize, slots: u32) -> Fleet {
         max_jobs_per_builder: slots,
         client_conf,
         daemon_env: Vec::new(),
+        ..Default::default()
     })
     .expect("fleet")
 }
@@ -461,6 +462,7 @@ fn stock_hook_only_when_no_ssh_builder_can_build() {
         max_jobs_per_builder: 2,
         client_conf: format!("build-hook = {}", ferry_bin("ferry-build-hook").display()),
         daemon_env: vec![("FERRY_CONFIG".to_owned(), config.display().to_string())],
+        ..Default::default()
     })
     .expect("fleet");
     let ng = fleet

@@ -129,7 +129,7 @@ fn builds_are_uploaded_and_substituted_with_signatures() {
     );
 
     // A second host trusts only Ferry's key and substitutes from nginx.
-    let client2 = fleet.add_host("client2").expect("client2");
+    let client2 = fleet.add_client("client2").expect("client2");
     client2
         .write_nix_conf(&format!(
             "require-sigs = true\ntrusted-public-keys = {}\nsubstituters = {cache_url}\n",
@@ -268,7 +268,7 @@ fn s3_target_with_sigv4_on_moto_and_substitution_by_nix() {
     // Nix reads the bucket over moto's HTTP interface, trusting only Ferry's key.
     moto_allow_anonymous(fleet.host("s3"), &python, &endpoint);
     let cache = format!("{endpoint}/{bucket}");
-    let client2 = fleet.add_host("client2").expect("client2");
+    let client2 = fleet.add_client("client2").expect("client2");
     client2
         .write_nix_conf(&format!(
             "require-sigs = true\ntrusted-public-keys = {}\nsubstituters = {cache}\n",
@@ -330,7 +330,7 @@ fn xz_target_substitutes_with_nix() {
         assert!(zst.contains("\nCompression: zstd\n"), "{zst}");
     }
 
-    let client2 = fleet.add_host("client2").expect("client2");
+    let client2 = fleet.add_client("client2").expect("client2");
     client2
         .write_nix_conf(&format!(
             "require-sigs = true\ntrusted-public-keys = {}\nsubstituters = file://{}\n",
@@ -902,6 +902,7 @@ fn timed_chain(client_conf: String, env: Vec<(String, String)>, n: usize) -> Dur
         max_jobs_per_builder: 1,
         client_conf,
         daemon_env: env,
+        ..Default::default()
     })
     .expect("fleet");
     let t = Instant::now();

@@ -106,6 +106,7 @@ fn main() -> Result<()> {
             post.display()
         ),
         daemon_env: vec![("FERRY_CONFIG".into(), config.display().to_string())],
+        ..Default::default()
     })
     .context("starting the fleet")?;
 
@@ -211,7 +212,7 @@ fn main() -> Result<()> {
     );
 
     // 3. A second laptop substitutes everything through ferry-substituter, dead cache first.
-    let laptop2 = fleet.add_host("laptop2")?;
+    let laptop2 = fleet.add_client("laptop2")?;
     laptop2.write_nix_conf(&format!(
         "substituters = http://{SUBSTITUTER}\ntrusted-public-keys = {public}\nrequire-sigs = true\nbuilders =\nmax-jobs = 0\n"
     ))?;

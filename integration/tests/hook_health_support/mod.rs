@@ -53,6 +53,7 @@ pub fn start(hook: Hook, builders: usize, slots: u32, ferry_toml: &str) -> TestF
         max_jobs_per_builder: slots,
         client_conf,
         daemon_env,
+        ..Default::default()
     })
     .expect("fleet");
     TestFleet {

@@ -88,6 +88,7 @@ impl Ferry {
                 ferry_bin("ferry-build-hook").display()
             ),
             daemon_env: vec![("FERRY_CONFIG".into(), self.config.display().to_string())],
+            ..Default::default()
         })
         .expect("fleet")
     }

@@ -68,13 +68,14 @@ pub fn fleet(trusted_keys: &str) -> Fleet {
         max_jobs_per_builder: 1,
         client_conf: client_conf(trusted_keys),
         daemon_env: Vec::new(),
+        ..Default::default()
     })
     .expect("fleet")
 }
 
 /// Adds the producer: a host with its own daemon and the marker that lets its builds succeed.
 pub fn add_producer(fleet: &mut Fleet) {
-    let h = fleet.add_host("producer").expect("producer host");
+    let h = fleet.add_client("producer").expect("producer host");
     h.write_nix_conf("").expect("producer nix.conf");
     std::fs::write(h.dir.join("etc-nix/ferry-producer"), "1\n").expect("marker");
     h.start_nix_daemon(&[]).expect("producer daemon");
