@@ -189,7 +189,7 @@ fn transient(error: String, retry_after: Option<std::time::Duration>) -> Outcome
 /// Is this local-store error "the path is not (or no longer) in the store"?
 fn is_gone(e: &LocalError) -> bool {
     match e {
-        LocalError::BadInfo { problem, .. } => problem.contains("not valid"),
+        LocalError::NotValid { .. } => true,
         LocalError::Failed { stderr, .. } => {
             stderr.contains("is not valid") || stderr.contains("does not exist")
         }
