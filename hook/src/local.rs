@@ -467,6 +467,10 @@ impl LocalStore {
             return true;
         };
         let (scheme, query) = uri.split_once('?').unwrap_or((uri, ""));
+        // Nix 2.34 hands the hook `store` rendered as a URI, `local://?root=/r` for
+        // `local?root=/r` (ferry-nix/tests/golden/wire/nix-2.34/hook-stdin.bin;
+        // https://github.com/NixOS/nix/blob/2.34.0/src/libstore/store-reference.cc).
+        let scheme = scheme.strip_suffix("://").unwrap_or(scheme);
         let local = matches!(scheme, "auto" | "local" | "daemon") || scheme.starts_with("unix://");
         local
             && !query
@@ -1441,18 +1445,24 @@ mod tests {
             Some("daemon"),
             Some("unix:///nix/var/nix/daemon-socket/socket"),
             Some("local?root=/tmp/r"),
+            // As Nix 2.34 sends them in the settings stream.
+            Some("local://?root=/tmp/r"),
+            Some("local://"),
+            Some("daemon://"),
         ] {
             assert!(with(ok).files_readable_here(), "{ok:?}");
         }
         for no in [
             Some("local?real=/elsewhere"),
             Some("local?store=/other/store"),
+            Some("local://?real=/elsewhere"),
             Some("ssh://h"),
             Some("s3://bucket"),
         ] {
             assert!(!with(no).files_readable_here(), "{no:?}");
         }
     }
+
     /// The Nix versions of `integration/nix-versions` and their directory of
     /// `ferry-nix/tests/golden/cli/` (regen-cli.sh; 2.26 and 2.34 through regen-version.sh).
     fn cli_goldens() -> Vec<(&'static str, std::path::PathBuf)> {
