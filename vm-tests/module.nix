@@ -18,7 +18,7 @@ in
 
   config = lib.mkIf cfg.buildHook.enable {
     # Set through the daemon's own options rather than nix.conf: Nix 2.25.0 to 2.33.x ignore
-    # `build-hook` in /etc/nix/nix.conf (see shared/docs/hook-protocol.md §1.1).
+    # `build-hook` in /etc/nix/nix.conf (see docs/hook-protocol.md §1.1).
     nix.settings.build-hook = "${cfg.package}/bin/ferry-build-hook";
     systemd.services.nix-daemon.environment.NIX_CONFIG =
       "build-hook = ${cfg.package}/bin/ferry-build-hook";

@@ -2,7 +2,7 @@
 //!
 //! Follows Nix 2.8 `src/libstore/derivations.cc`: `parseDerivation` (the grammar and the
 //! string escapes), `Derivation::unparse` (the rendering, which decides which fields are
-//! escaped) and `writeDerivation` (the `BasicDerivation` on the wire, hook-protocol.md §4.3).
+//! escaped) and `writeDerivation` (the `BasicDerivation` on the wire, docs/hook-protocol.md §4.3).
 //!
 //! ```text
 //! Derive([outputs],[inputDrvs],[inputSrcs],platform,builder,[args],[env])
@@ -155,7 +155,7 @@ pub struct DerivationOutput {
 }
 
 /// What an output's `(path, hashAlgo, hash)` triple means (`parseDerivationOutput`, and the
-/// table in hook-protocol.md §4.3).
+/// table in docs/hook-protocol.md §4.3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputKind {
     /// `path, "", ""`.
@@ -319,7 +319,7 @@ impl Derivation {
 
     /// The derivation without its input derivations, `inputSrcs` as in the file. When the
     /// derivation has input derivations, the build hook must send the whole input closure
-    /// instead ([`Derivation::to_basic_with_inputs`], hook-protocol.md §3.2).
+    /// instead ([`Derivation::to_basic_with_inputs`], docs/hook-protocol.md §3.2).
     pub fn to_basic(&self) -> BasicDerivation {
         self.to_basic_with_inputs(self.input_srcs.clone())
     }
@@ -339,7 +339,7 @@ impl Derivation {
 }
 
 impl BasicDerivation {
-    /// The serve-protocol encoding (`writeDerivation`, hook-protocol.md §4.3): outputs
+    /// The serve-protocol encoding (`writeDerivation`, docs/hook-protocol.md §4.3): outputs
     /// (count; name, path, hashAlgo, hash each, sorted by name), inputSrcs (sorted string
     /// set), platform, builder, args, env (count; key, value each, sorted by key).
     pub fn to_wire(&self, store_dir: &StoreDir) -> Vec<u8> {

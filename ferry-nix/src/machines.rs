@@ -1,6 +1,6 @@
 //! The remote-builder machine list (the `builders` setting and machines files), following
-//! `src/libstore/machines.cc` (Nix 2.8 and HEAD, see hook-protocol.md §2.1), and the slot-lock
-//! file names of `build-remote.cc` (§2.2) so Ferry and stock hooks share slot accounting.
+//! `src/libstore/machines.cc` (Nix 2.8 and HEAD, see docs/hook-protocol.md §2.1), and the slot-lock
+//! file names of `build-remote.cc` (docs/hook-protocol.md §2.2) so Ferry and stock hooks share slot accounting.
 //!
 //! Format: entries separated by newlines and `;`; `#` starts a comment; `@PATH` reads another
 //! file recursively (a missing file is ignored). Each entry has up to 8 whitespace-separated
@@ -234,7 +234,7 @@ impl Machine {
         self.mandatory_features.iter().all(|m| required.contains(m))
     }
 
-    /// The stock hook's eligibility test (hook-protocol.md §2.1), without the per-process
+    /// The stock hook's eligibility test (docs/hook-protocol.md §2.1), without the per-process
     /// `enabled` flag: system, `all_supported` and `mandatory_met`.
     pub fn accepts(&self, system: &str, required: &BTreeSet<String>) -> bool {
         self.system_supported(system)

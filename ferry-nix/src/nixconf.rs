@@ -501,7 +501,7 @@ impl NixConf {
         );
     }
 
-    /// Layers settings on top, e.g. the build hook's settings stream (hook-protocol.md §1.3:
+    /// Layers settings on top, e.g. the build hook's settings stream (docs/hook-protocol.md §1.3:
     /// values there are effective values with `extra-*` already merged).
     pub fn apply_overrides<N: AsRef<str>, V: AsRef<str>>(&mut self, overrides: &[(N, V)]) {
         for (name, value) in overrides {

@@ -2,7 +2,7 @@
 //!
 //! Follows Nix 2.8 `src/libstore/serve-protocol.hh`, the client `src/libstore/legacy-ssh-store.cc`
 //! and the server `opServe` in `src/nix-store/nix-store.cc`, checked against HEAD
-//! (`serve-protocol-connection.cc`); the facts are in hook-protocol.md §4.
+//! (`serve-protocol-connection.cc`); the facts are in docs/hook-protocol.md §4.
 //!
 //! The transport stays outside: [`ServeClient`] takes the two halves of any byte stream
 //! (for the build hook, ssh's stdout and stdin) and owns no process, socket or timer.
@@ -249,7 +249,7 @@ pub struct PathInfo {
     pub sigs: BTreeSet<String>,
 }
 
-/// Build settings sent with `BuildDerivation` (`putBuildSettings`, hook-protocol.md §4.4).
+/// Build settings sent with `BuildDerivation` (`putBuildSettings`, docs/hook-protocol.md §4.4).
 /// `nrRepeats` and `enforceDeterminism` are always sent as 0: HEAD servers refuse anything
 /// else.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -347,7 +347,7 @@ impl BuiltOutput {
     }
 }
 
-/// The reply to `BuildDerivation` (hook-protocol.md §4.5). Fields a version does not send
+/// The reply to `BuildDerivation` (docs/hook-protocol.md §4.5). Fields a version does not send
 /// keep their defaults (0, false, empty).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildResult {
@@ -416,7 +416,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
         Self::handshake_with_limits(reader, writer, store_dir, remote, ServeLimits::default()).await
     }
 
-    /// Performs the handshake (hook-protocol.md §4.1): sends `SERVE_MAGIC_1` and 2.7, expects
+    /// Performs the handshake (docs/hook-protocol.md §4.1): sends `SERVE_MAGIC_1` and 2.7, expects
     /// `SERVE_MAGIC_2` and a version with major 2 and minor ≥ 5.
     ///
     /// If the first 8 bytes are not the magic, this closes the writer (so a remote waiting for

@@ -182,7 +182,7 @@ fn input_derivations() {
 
 #[test]
 fn basic_derivation_wire_encoding() {
-    // hook-protocol.md §4.3: outputs (name, path, hashAlgo, hash), inputSrcs, platform,
+    // docs/hook-protocol.md §4.3: outputs (name, path, hashAlgo, hash), inputSrcs, platform,
     // builder, args, env, in the wire format.
     let d = parse("fixed-rec.drv");
     let bytes = d.to_basic().to_wire(&sd());

@@ -69,7 +69,7 @@ fn all_eight_fields_with_a_real_host_key() {
     assert_eq!(m.host(), Some("nix-builder@ser5.internal"));
     assert_eq!(m.scheme(), Some("ssh"));
 
-    // Eligibility (hook-protocol.md §2.1): benchmark is mandatory.
+    // Eligibility (docs/hook-protocol.md §2.1): benchmark is mandatory.
     assert!(m.accepts("x86_64-linux", &set(&["benchmark", "kvm"])));
     assert!(!m.accepts("x86_64-linux", &set(&["kvm"])));
     assert!(!m.accepts("aarch64-linux", &set(&["benchmark"])));

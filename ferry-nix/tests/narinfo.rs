@@ -242,7 +242,7 @@ fn golden_cache_info() {
 
 #[test]
 fn cache_nixos_org_fingerprint_vector() {
-    // upload.md §3.4: references given unsorted come out sorted.
+    // docs/upload.md §3.4: references given unsorted come out sorted.
     let sd = sd();
     let refs: Vec<StorePath> = [
         "yxvjs9drzsphm9pcf42a4byzj1kb9m7k-openssl-1.1.1n",

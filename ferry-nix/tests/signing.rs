@@ -1,5 +1,5 @@
 //! Keys and signatures against files written by Nix 2.8.0 (`golden/regen-narinfo.sh`) and
-//! the cache.nixos.org vector of upload.md §3.4.
+//! the cache.nixos.org vector of docs/upload.md §3.4.
 
 use std::path::PathBuf;
 

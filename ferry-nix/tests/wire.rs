@@ -114,7 +114,7 @@ macro_rules! encode_serve_request {
     }};
 }
 
-/// Decodes the server's side of that session (hook-protocol.md §4.1, §4.2; Nix 2.8
+/// Decodes the server's side of that session (docs/hook-protocol.md §4.1, §4.2; Nix 2.8
 /// `opServe` in `src/nix-store/nix-store.cc`): handshake, the valid-path set, then path infos
 /// ending with an empty path. Returns the server version, valid paths and infos.
 macro_rules! decode_serve_reply {
@@ -215,7 +215,7 @@ fn serve_reply_decodes_async() {
     }
 }
 
-/// Settings stream then the `try` message (hook-protocol.md §1.3, §1.4).
+/// Settings stream then the `try` message (docs/hook-protocol.md §1.3, §1.4).
 macro_rules! decode_hook_stdin {
     ($r:expr, $($aw:tt)*) => {{
         let r = $r;

@@ -13,7 +13,7 @@ use std::time::Duration;
 pub struct HookConfig {
     /// Budget for reaching a builder before answering the daemon: TCP connect, SSH
     /// handshake and authentication, and the `nix-store --serve` handshake. The daemon
-    /// waits for the hook's answer with the client's build blocked (hook-protocol.md §1.9),
+    /// waits for the hook's answer with the client's build blocked (docs/hook-protocol.md §1.9),
     /// so this bounds what a dead builder can cost one derivation. 1 s covers an SSH login
     /// on a LAN or a nearby data centre several times over; raise it for builders across
     /// slow links.
@@ -66,7 +66,7 @@ pub struct HookConfig {
     /// transports are the same, a probe's connection is kept for the build it precedes.
     pub build_transport: TransportKind,
     /// How fetched outputs become valid in the local store while the daemon holds their
-    /// locks (hook-protocol.md §3.4). `auto` (default): `held-locks` when `nix-store
+    /// locks (docs/hook-protocol.md §3.4). `auto` (default): `held-locks` when `nix-store
     /// --version` names Lix or a Nix older than 2.29, else `restore`. `held-locks`:
     /// `nix-store --import` with `NIX_HELD_LOCKS` (Nix 2.0–2.28, Lix; on Nix ≥ 2.29 it would
     /// block on the daemon's lock). `restore`: `nix-store --restore` under a temporary name,

@@ -4,7 +4,7 @@
 //! When a `try` can only go to such machines, Ferry starts the stock hook (Nix 2.8:
 //! `/usr/libexec/nix/build-remote`; later Nix: `nix __build-remote`; or `stock-hook` in
 //! `[build-hook]`), writes to its stdin the settings stream it read (with `builders`
-//! narrowed to those machines) and the current `try` in wire form (hook-protocol.md §1.3,
+//! narrowed to those machines) and the current `try` in wire form (docs/hook-protocol.md §1.3,
 //! §1.4), then copies the rest of its own stdin through. The stock hook inherits stderr (the
 //! reply channel, and stdout, which the daemon points at the same pipe) and the build log on
 //! fd 4 (and fd 5), so it answers the daemon itself.
@@ -13,7 +13,7 @@
 //! the stock hook's exit status. If the stock hook declines or postpones, the daemon's next
 //! `try` for this Worker goes to it as well, with the narrowed `builders`; once it accepts
 //! and finishes, the hook process ends and the daemon's next hook is Ferry again
-//! (hook-protocol.md §1.9).
+//! (docs/hook-protocol.md §1.9).
 
 use crate::protocol::TryRequest;
 use ferry_nix::machines::Machine;

@@ -3,7 +3,7 @@
 //! on-disk store is [`crate::health_store`].
 //!
 //! Why this exists: the daemon starts a new hook process for every accepted build
-//! (hook-protocol.md §1.9), so the stock hook's in-memory "this machine failed" dies with
+//! (docs/hook-protocol.md §1.9), so the stock hook's in-memory "this machine failed" dies with
 //! each accept, and every derivation pays the dead builder's SSH time-out again
 //! (NixOS/nix#13513, #1712). Ferry keeps the verdict on disk, shared by every hook.
 //!

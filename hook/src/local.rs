@@ -4,7 +4,7 @@
 //! daemon's user with the daemon's environment, so `nix-store` / `nix` open exactly the
 //! store the daemon uses (a direct local store as root), whatever its layout; and the one
 //! operation that must bypass the daemon, importing outputs whose locks the daemon holds
-//! (hook-protocol.md §3.4), is only possible in a process that opens the store itself.
+//! (docs/hook-protocol.md §3.4), is only possible in a process that opens the store itself.
 //! Costs: one process per query batch and one per NAR, a few milliseconds each.
 //!
 //! - path infos: `nix path-info --json PATHS…` (one process for a whole closure);
@@ -839,7 +839,7 @@ pub fn register_validity_input(infos: &[&PathInfo], store_dir: &StoreDir) -> Str
 }
 
 /// Makes objects valid without taking the output locks, on every Nix version
-/// (hook-protocol.md §3.4): `nix-store --restore` of the NAR under a temporary name in the
+/// (docs/hook-protocol.md §3.4): `nix-store --restore` of the NAR under a temporary name in the
 /// store directory, `rename` into place (same directory: atomic), `nix-store
 /// --register-validity` for all of them in one transaction (Nix hashes the files itself and
 /// canonicalises them: mode 444/555, mtime 1, owner root), then `nix-store -q --hash` must

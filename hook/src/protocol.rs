@@ -1,4 +1,4 @@
-//! The build-hook protocol adapter (hook-protocol.md §1): argv, the settings stream, `try`
+//! The build-hook protocol adapter (docs/hook-protocol.md §1): argv, the settings stream, `try`
 //! requests, the inputs and wanted outputs after an accept, reply lines and `@nix` JSON log
 //! lines. Pure: it reads from any `AsyncRead` and renders bytes; nothing here decides which
 //! machine builds what, so the rest of the hook can sit behind another entry point later
@@ -73,7 +73,7 @@ pub fn parse_args(argv: &[String]) -> Result<Verbosity, ProtocolError> {
         .map_err(|_| ProtocolError::BadVerbosity { arg: last.clone() })
 }
 
-/// Reads the settings stream (hook-protocol.md §1.3).
+/// Reads the settings stream (docs/hook-protocol.md §1.3).
 pub async fn read_settings<R: AsyncRead + Unpin>(
     r: &mut AsyncWireReader<R>,
 ) -> Result<Settings, ProtocolError> {
@@ -82,7 +82,7 @@ pub async fn read_settings<R: AsyncRead + Unpin>(
         .map_err(ProtocolError::Settings)
 }
 
-/// One `try` message (hook-protocol.md §1.4, `DerivationGoal::tryBuildHook`).
+/// One `try` message (docs/hook-protocol.md §1.4, `DerivationGoal::tryBuildHook`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TryRequest {
     /// A local build slot is free (always false with `max-jobs = 0`).
@@ -153,7 +153,7 @@ pub async fn read_accepted<R: AsyncRead + Unpin>(
     })
 }
 
-/// The hook's answer to a `try` (hook-protocol.md §1.5).
+/// The hook's answer to a `try` (docs/hook-protocol.md §1.5).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {
     /// Build remotely; the name only appears in the daemon's messages.
@@ -197,7 +197,7 @@ pub enum Field {
     Str(String),
 }
 
-/// One `@nix` JSON log message (hook-protocol.md §1.7; 2.8 `JSONLogger`).
+/// One `@nix` JSON log message (docs/hook-protocol.md §1.7; 2.8 `JSONLogger`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NixLog {
     Msg {

@@ -1,4 +1,4 @@
-//! One remote build over the serve protocol (hook-protocol.md §3, §4.6), the way the stock
+//! One remote build over the serve protocol (docs/hook-protocol.md §3, §4.6), the way the stock
 //! hook does it on Nix 2.8 (`src/build-remote/build-remote.cc`): copy the missing part of the
 //! input closure to the builder (`QueryValidPaths`, then `AddToStoreNar` per path in
 //! dependency order), build the derivation sent as a `BasicDerivation` (`BuildDerivation`; the
@@ -8,7 +8,7 @@
 //! The protocol itself is [`ferry_nix::serve::ServeClient`]. It owns no timer, so every call
 //! made here runs under a [`Limit`]: a half-open connection would otherwise block a read
 //! forever (NixOS/nix#16437), and after the accept nothing else stops the hook (the daemon
-//! does not apply `timeout` or `max-silent-time` to hooks, hook-protocol.md §3.2).
+//! does not apply `timeout` or `max-silent-time` to hooks, docs/hook-protocol.md §3.2).
 
 use crate::local::{Fetched, Importer, LocalError, LocalStore, store_dir_from_env, topo_sort};
 use crate::ssh::{LogTap, ProcessGuard, Session};
@@ -114,7 +114,7 @@ impl RemoteError {
         }
     }
 
-    /// The hook's exit status for this failure (hook-protocol.md §1.8): 101 → `TimedOut`,
+    /// The hook's exit status for this failure (docs/hook-protocol.md §1.8): 101 → `TimedOut`,
     /// 100 → permanent failure on Nix ≤ 2.28; any other non-zero is `MiscFailure`.
     pub fn exit_code(&self) -> i32 {
         match self {
@@ -661,7 +661,7 @@ pub struct Transfer {
     pub secs: f64,
 }
 
-/// Step one of a remote build (hook-protocol.md §4.6): copy the input closure to the
+/// Step one of a remote build (docs/hook-protocol.md §4.6): copy the input closure to the
 /// builder, as far as it lacks it. Failures here happen before the build starts, so the
 /// caller may retry on another builder.
 pub async fn upload(

@@ -1,4 +1,4 @@
-//! One hook process, from the settings stream to the exit status (hook-protocol.md §1):
+//! One hook process, from the settings stream to the exit status (docs/hook-protocol.md §1):
 //! answer `try` requests until one is accepted, then do that build and exit.
 //!
 //! Logging: stderr is the reply channel, and after `# accept` the daemon drops every line
@@ -220,7 +220,7 @@ pub async fn run<R: AsyncRead + Unpin>(
         }
     };
     // Nix's own configuration first, then the daemon's effective values (Lix 2.92–2.93 send
-    // only overridden settings, hook-protocol.md §1.3).
+    // only overridden settings, docs/hook-protocol.md §1.3).
     let mut conf = match NixConf::load_system(&env.conf_dir, &RealFs) {
         Ok(c) => c,
         Err(e) => {
@@ -603,7 +603,7 @@ fn explain_decline(
 ) {
     let logger = ctx.logger;
     if reason != DeclineReason::NoMachine || right_type.is_empty() {
-        // The stock hook's message and levels (hook-protocol.md §2.2 step 4).
+        // The stock hook's message and levels (docs/hook-protocol.md §2.2 step 4).
         let level = if reason != DeclineReason::NoMachine || local.can_build(need) {
             Verbosity::CHATTY
         } else {
@@ -751,7 +751,7 @@ async fn build<R: AsyncRead + Unpin>(
             return e.exit_code();
         }
         // The builder broke before the build started: the machine name the daemon printed
-        // is cosmetic, so another healthy builder can take over (hook-protocol.md §7.5).
+        // is cosmetic, so another healthy builder can take over (docs/hook-protocol.md §7.5).
         ctx.prober.record_down(&m.store_uri, &e.to_string());
         let _ = tokio::time::timeout(Duration::from_secs(2), conn.close()).await;
         drop(slot.take());

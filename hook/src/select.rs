@@ -1,4 +1,4 @@
-//! Machine selection, as the stock hook does it (hook-protocol.md §2.1–§2.2; Nix 2.8
+//! Machine selection, as the stock hook does it (docs/hook-protocol.md §2.1–§2.2; Nix 2.8
 //! `src/build-remote/build-remote.cc`, HEAD `src/nix/build-remote/build-remote.cc`).
 //!
 //! Pure policy: it sees machines, what the derivation needs, what the local host can do and

@@ -1,4 +1,4 @@
-//! Slot locks under `<stateDir>/current-load`, in the stock hook's layout (hook-protocol.md
+//! Slot locks under `<stateDir>/current-load`, in the stock hook's layout (docs/hook-protocol.md
 //! §2.2; Nix 2.8 `src/build-remote/build-remote.cc` `openSlotLock`, `main-lock`,
 //! `.upload-lock`), so Ferry and stock hooks on one host share slot accounting.
 //!

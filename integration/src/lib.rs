@@ -4,7 +4,7 @@
 //! own mount namespace in which a host directory is bind-mounted over `/nix` and another over
 //! `/etc/nix`: every host has its own store and its own `nix.conf`, and nothing is written to
 //! the machine's global `/etc/nix`. Builders run their own `sshd`; the client runs a real
-//! `nix-daemon`. See `shared/docs/fleet.md` for the recipe and the rules that keep it safe:
+//! `nix-daemon`. See `docs/testing.md` for the recipe and the rules that keep it safe:
 //! fleet addresses exist only inside the namespaces, and every command that may reach them
 //! runs inside the client's namespace.
 //!
@@ -365,7 +365,7 @@ fn kill_netns_processes(netns: &str) {
 const BASE_CONF: &str = "\
 # Written by Ferry's test fleet: this host's own /etc/nix/nix.conf.
 # Hosts share the kernel and /etc/passwd: builds run as root so that hosts never kill each
-# other's nixbld users' processes (fleet.md).
+# other's nixbld users' processes (docs/testing.md §2).
 build-users-group =
 sandbox = false
 substituters =

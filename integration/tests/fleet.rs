@@ -170,7 +170,7 @@ fn teardown_leaves_no_namespace_mount_or_process() {
 
 #[test]
 fn fault_helpers_break_and_heal_a_builder() {
-    // Stock hook tuned as careful users tune it (fleet.md): a 2 s connect time-out.
+    // Stock hook tuned as careful users tune it (docs/testing.md §5): a 2 s connect time-out.
     let config = FleetConfig {
         daemon_env: vec![("NIX_SSHOPTS".into(), "-o ConnectTimeout=2".into())],
         ..Default::default()

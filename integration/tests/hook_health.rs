@@ -5,8 +5,8 @@
 //! reasons; a builder that breaks after the accept is replaced by another.
 //!
 //! The bug class: the stock hook forgets a dead builder with every accept (a new hook
-//! process per build, hook-protocol.md §1.9), so each derivation pays its SSH time-out
-//! again (NixOS/nix#13513, #1712; fleet.md: 676 s for 5 derivations).
+//! process per build, docs/hook-protocol.md §1.9), so each derivation pays its SSH time-out
+//! again (NixOS/nix#13513, #1712; docs/testing.md §5: 676 s for 5 derivations).
 //!
 //! These tests need root (network and mount namespaces); CI runs them as root.
 
@@ -290,13 +290,13 @@ fn busy_builders_are_asked_again_when_a_build_ends_not_after_the_poll_interval()
 }
 
 /// Benchmark, stock untuned vs stock tuned (`NIX_SSHOPTS="-o ConnectTimeout=2"`) vs Ferry on
-/// fresh fleets in the same run, 5 trivial derivations per build:
+/// fresh fleets in the same run, 5 trivial derivations per build (goals of docs/goals.md):
 /// - A: one blackholed builder, `-j1` (local fallback); goal: Ferry ≤ 3 s;
 /// - B: one blackholed + one healthy builder, `-j0`; goal: within 1.2× of the all-healthy
 ///   time (also measured);
 /// - C: every builder blackholed, `-j0`: time to a clear error; goal ≤ 2 s.
 ///
-/// Untuned stock waits for the kernel's TCP time-out (~135 s per attempt, fleet.md), so its
+/// Untuned stock waits for the kernel's TCP time-out (~135 s per attempt, docs/testing.md §5), so its
 /// runs are capped at `FERRY_BENCH_CAP_SECS` (default 30) and reported as "> cap".
 /// `cargo test -p ferry-integration --test hook_health -- --ignored --nocapture bench`.
 #[test]

@@ -548,7 +548,7 @@ fn bench_substituter_against_direct_upstream() {
     eprintln!(
         "black-holed first upstream, cold narinfo: direct to the healthy upstream {direct_mean:.2} ms; \
          Ferry with the breaker closed {:.0} ms, {:.0} ms, {:.0} ms; after it opened {open_mean:.2} ms \
-         (ratio {:.2}); stock Nix 2.8 with such a substituter: 10–25 min per narinfo (doc §2.2)",
+         (ratio {:.2}); stock Nix 2.8 with such a substituter: 10–25 min per narinfo (docs/binary-cache.md §2.2)",
         via[0],
         via[1],
         via[2],

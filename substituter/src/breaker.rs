@@ -8,7 +8,7 @@
 //! (429/503) opens it at once, for at least that long.
 //!
 //! Why: Nix 2.8 retries a failing substituter 5 times per request with back-off and aborts the
-//! build on the first narinfo error (doc §2.2, §2.4); Ferry must make a dead upstream cheap
+//! build on the first narinfo error (docs/binary-cache.md §2.2, §2.4); Ferry must make a dead upstream cheap
 //! (≤ 5 ms once open, goal G5) and send it at most one probe per cool-down (goal G6).
 
 use std::time::{Duration, Instant};

@@ -1,4 +1,4 @@
-//! Validation of an upstream's narinfo before Ferry forwards it (doc §1.3, §5.1 rule 3).
+//! Validation of an upstream's narinfo before Ferry forwards it (docs/binary-cache.md §1.3, §5.1 rule 3).
 //!
 //! The text is parsed strictly with `ferry_nix::narinfo` (Nix's own parser rules), the
 //! `StorePath` must have the requested hash part (Nix would print "asked '…' for '…' but got
@@ -38,7 +38,7 @@ pub struct Checked {
 
 /// Size and SHA-256 of the NAR file as served (compressed or not), when the narinfo gives
 /// them: `FileHash`/`FileSize`, or `NarHash`/`NarSize` for `Compression: none`. Nix never
-/// checks `FileHash` on substitution (doc §1.3), but Ferry does before keeping a file on disk.
+/// checks `FileHash` on substitution (docs/binary-cache.md §1.3), but Ferry does before keeping a file on disk.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Expect {
     pub size: Option<u64>,

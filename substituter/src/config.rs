@@ -3,7 +3,7 @@
 //!
 //! With no file and no flags, Ferry proxies `https://cache.nixos.org` on `127.0.0.1:37515`.
 //! Every default below says why it was chosen; the reasoning about Nix's client behaviour is in
-//! `shared/docs/binary-cache.md` (§2 and §5).
+//! `docs/binary-cache.md` (§2 and §5).
 
 use ferry_nix::signing::TrustedKeys;
 use ferry_nix::store_path::StoreDir;
@@ -27,10 +27,10 @@ pub struct SubstituterConfig {
     /// The store directory announced in `nix-cache-info` and used to validate narinfos.
     pub store_dir: String,
     /// `Priority` announced in `nix-cache-info`. 20 puts Ferry before cache.nixos.org (40) and
-    /// LAN caches (30), so Nix asks Ferry first (doc §5.1 rule 1).
+    /// LAN caches (30), so Nix asks Ferry first (docs/binary-cache.md §5.1 rule 1).
     pub priority: i32,
     /// Total time Ferry spends on one narinfo before answering 404 (not cached). Nix 2.8 has no
-    /// per-substituter timeout; 2 s keeps one lookup well under Nix's own timeouts (doc §5.1 rule 2).
+    /// per-substituter timeout; 2 s keeps one lookup well under Nix's own timeouts (docs/binary-cache.md §5.1 rule 2).
     pub narinfo_deadline_ms: u64,
     /// Head start of each upstream over the next one in priority order: the next one is asked
     /// after this delay even if the first has not answered (and at once when the first has
@@ -57,14 +57,14 @@ pub struct SubstituterConfig {
     /// The upstream caches, in any order (they are sorted by priority).
     pub upstream: Vec<UpstreamConfig>,
     /// Directory of the disk cache of narinfos and NARs. Unset: no disk cache. What users get
-    /// from an nginx caching proxy today (seed 001), with narinfo validation in front of it.
+    /// from an nginx caching proxy today (seed 001, docs/goals.md), with narinfo validation in front of it.
     pub cache_dir: Option<PathBuf>,
     /// Quota of the disk cache: bytes, or a number with K, M, G or T (powers of 1024, as in
     /// nginx). Least recently used entries are evicted to stay under it. 10G by default: safe on
     /// a laptop; the seed's proxy used 100G.
     pub cache_max_size: ByteSize,
     /// Entries not used for this long are dropped (nginx's `inactive`): seconds, or a number
-    /// with s, m, h, d or w. 30d by default, Nix's own reuse period for narinfo URLs (doc §2.5).
+    /// with s, m, h, d or w. 30d by default, Nix's own reuse period for narinfo URLs (docs/binary-cache.md §2.5).
     pub cache_max_age: Age,
 }
 
@@ -183,7 +183,7 @@ pub struct UpstreamConfig {
     /// transient failure is retried on a fresh connection (a new SYN at once) after 50 ms and
     /// then 150 ms while the deadline has room for one more connect time-out (`race::retry_delay`),
     /// so a lost SYN costs about 250 ms (the time-out and the first back-off), not a 404 that
-    /// Nix would remember for an hour (`narinfo-cache-negative-ttl`, doc §2.5). Keep it well
+    /// Nix would remember for an hour (`narinfo-cache-negative-ttl`, docs/binary-cache.md §2.5). Keep it well
     /// under a third of `narinfo-deadline-ms` so that the retries fit.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
@@ -191,7 +191,7 @@ pub struct UpstreamConfig {
     #[serde(default = "default_read_timeout_ms")]
     pub read_timeout_ms: u64,
     /// Requests per second Ferry sends to this upstream; over the limit it skips to the next
-    /// upstream instead of waiting (doc §5.1 rule 7). 0: unlimited.
+    /// upstream instead of waiting (docs/binary-cache.md §5.1 rule 7). 0: unlimited.
     #[serde(default = "default_rate_limit")]
     pub rate_limit: u32,
     /// Concurrent requests to this upstream; Nix itself opens up to 25 connections.

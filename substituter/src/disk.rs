@@ -1,5 +1,5 @@
 //! The optional disk cache of narinfos and NARs: what users build today with an nginx caching
-//! proxy (seed 001: 100 GB, 30 days), behind Ferry's validation and race.
+//! proxy (seed 001 in docs/goals.md: 100 GB, 30 days), behind Ferry's validation and race.
 //!
 //! Layout under `cache-dir`:
 //! - `narinfo/<hash>.narinfo`: the narinfo exactly as Ferry served it (the upstream's bytes;

@@ -4,7 +4,8 @@
 //! Ferry asks upstreams in priority order with a head-start race ([`race`]), validates and
 //! passes narinfos through byte for byte ([`check`]), remembers definitive misses, guards each
 //! upstream with a circuit breaker ([`breaker`]), a rate limit and an in-flight cap, and streams
-//! NARs with resume on upstream failure ([`nar`]). See `shared/docs/binary-cache.md`.
+//! NARs with resume on upstream failure ([`nar`]). See `docs/binary-cache.md`;
+//! goal ids (G2, G5, …) are in `docs/goals.md`.
 //!
 //! Pure core: [`breaker`], [`race`], [`paths`], [`check`], [`config`], [`lru`],
 //! [`retry_after`]. Async shell:

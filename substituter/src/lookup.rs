@@ -217,7 +217,7 @@ async fn ask(state: Arc<State>, i: usize, key: Key) -> Outcome {
                 }
                 Err(error) => {
                     // An unparsable 200 (an HTML interstitial, a truncated body) is an
-                    // upstream failure, not a miss (doc §5.1 rule 3).
+                    // upstream failure, not a miss (docs/binary-cache.md §5.1 rule 3).
                     tracing::warn!(upstream = %up.settings.url, %object, %error, "invalid narinfo");
                     up.record_failure(None);
                     // The same bytes would come again.

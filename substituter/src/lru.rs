@@ -1,6 +1,6 @@
 //! The disk cache's eviction policy: a size quota with least-recently-used eviction and a
 //! maximum idle age, as users configure an nginx caching proxy today (`max_size=100g
-//! inactive=30d`, seed 001). Pure: the caller passes the clock (milliseconds since the Unix
+//! inactive=30d`, seed 001 in docs/goals.md). Pure: the caller passes the clock (milliseconds since the Unix
 //! epoch, so that file modification times can rebuild the order after a restart) and deletes
 //! the files this module names.
 

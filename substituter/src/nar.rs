@@ -2,13 +2,13 @@
 //!
 //! Candidates are the upstream whose narinfo named this NAR (remembered by the lookup), then
 //! every other upstream in priority order (the same relative key names the same file on every
-//! Nix-written cache, and after a restart Ferry has no memory of routes: doc §1.4, §5.1 rule 5).
+//! Nix-written cache, and after a restart Ferry has no memory of routes: docs/binary-cache.md §1.4, §5.1 rule 5).
 //! Nothing served before the first byte means 404. Once the headers are out, a failing upstream
 //! (error, early end, idle time-out) is replaced by resuming at the current offset with `Range`
 //! from the same upstream (if it made progress) or the next candidate; an upstream that ignores
 //! `Range` is read from the start and the prefix dropped. When no candidate can continue, the
 //! body ends with an error, which makes hyper abort the connection: the client sees a short body
-//! against its `Content-Length`, never a clean end (doc §5.1 rule 6; ncro#77, attic#124).
+//! against its `Content-Length`, never a clean end (docs/binary-cache.md §5.1 rule 6; ncro#77, attic#124).
 
 use crate::server::State;
 use crate::upstream::{NarBody, OpenNar};
@@ -62,7 +62,7 @@ fn frame(range: Option<(u64, Option<u64>)>, total: Option<u64>) -> Framed {
         HeaderValue::from_static("application/x-nix-nar"),
     );
     if total.is_some() {
-        // Lets Nix resume by itself too (`Accept-Ranges` and no `Content-Encoding`, doc §2.2).
+        // Lets Nix resume by itself too (`Accept-Ranges` and no `Content-Encoding`, docs/binary-cache.md §2.2).
         h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     }
     let end_excl = match (range, total) {

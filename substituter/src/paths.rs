@@ -1,6 +1,6 @@
 //! What a request path names, and how names map to upstream URLs and files.
 //!
-//! Nix builds request paths from the cache URL (doc §1.1, §1.5): `nix-cache-info`,
+//! Nix builds request paths from the cache URL (docs/binary-cache.md §1.1, §1.5): `nix-cache-info`,
 //! `<hash32>.narinfo`, and whatever the narinfo's `URL:` says (Nix-written caches use
 //! `nar/<filehash>.nar.xz`; nix-serve and harmonia differ, and harmonia adds `?hash=`). Ferry
 //! treats everything after the cache root as an opaque key, query included, and asks an
@@ -133,9 +133,9 @@ pub enum NarRoute {
 
 /// Maps a narinfo `URL:` from the upstream at `base` (None for `file://` upstreams) to a route.
 /// Relative URLs are kept byte for byte (Nix 2.8 concatenates, 2.32+ resolves per RFC 3986;
-/// both give the same key for a relative path without a leading '/', doc §1.5). An absolute
+/// both give the same key for a relative path without a leading '/', docs/binary-cache.md §1.5). An absolute
 /// URL inside the upstream's own base is rewritten to the relative key so the NAR also flows
-/// through Ferry. A leading '/' is ambiguous across Nix versions (doc §1.5) and is treated as
+/// through Ferry. A leading '/' is ambiguous across Nix versions (docs/binary-cache.md §1.5) and is treated as
 /// relative to the upstream's base, which is what Nix ≤ 2.31 does.
 pub fn nar_route(url: &str, base: Option<&str>) -> NarRoute {
     let has_scheme = ["http://", "https://", "file://", "s3://"]
@@ -163,7 +163,7 @@ pub fn nar_route(url: &str, base: Option<&str>) -> NarRoute {
     NarRoute::Absolute
 }
 
-/// Replaces the value of every `URL:` line (an unsigned field, doc §1.6) and keeps every other
+/// Replaces the value of every `URL:` line (an unsigned field, docs/binary-cache.md §1.6) and keeps every other
 /// byte, signatures included.
 pub fn rewrite_url_line(text: &str, new_url: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -261,7 +261,7 @@ mod tests {
 
     #[test]
     fn routes_every_url_shape_in_the_wild() {
-        // Nix-written, nix-serve, harmonia, cachix, snix (doc §1.4): kept as they are.
+        // Nix-written, nix-serve, harmonia, cachix, snix (docs/binary-cache.md §1.4): kept as they are.
         for u in [
             "nar/1w1fff338fvdw53sqgamddn1b2xgds473pv6y13gizdbqjv4i5p3.nar.xz",
             "nar/0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig-1w1fff338fvdw53sqgamddn1b2xgds47.nar",

@@ -16,7 +16,7 @@
 //!    served, else 404.
 //! 4. **Negative caching** happens only for a *definitive* miss: every upstream answered and
 //!    none had an acceptable hit. A failure, time-out, skipped (breaker open, rate limited)
-//!    or pending upstream makes the 404 non-definitive and uncached (doc §5.1 rule 2, ncps#298).
+//!    or pending upstream makes the 404 non-definitive and uncached (docs/binary-cache.md §5.1 rule 2, ncps#298).
 //!
 //! 5. **A transient failure is retried while the deadline allows** ([`retry_delay`]): a connect
 //!    error or time-out, a read time-out, a reset or a 5xx gets up to two more attempts after
@@ -24,7 +24,7 @@
 //!    last one connect time-out before the deadline. Meanwhile the slot is
 //!    [`Slot::Retrying`], which counts as failed for rule 1 (a lower-priority hit is served at
 //!    once, exactly as without retries) but keeps a 404 from being decided. Why: Nix 2.8
-//!    remembers a narinfo 404 for `narinfo-cache-negative-ttl` (an hour by default, doc §2.5),
+//!    remembers a narinfo 404 for `narinfo-cache-negative-ttl` (an hour by default, docs/binary-cache.md §2.5),
 //!    so one dropped SYN on the only upstream that has a path must not become a 404 while the
 //!    deadline still has room for a fresh connection.
 //!

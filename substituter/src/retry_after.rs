@@ -2,7 +2,7 @@
 //! the clock.
 //!
 //! S3-style object stores and CDNs in front of caches send the date form with 503s; the
-//! breaker honours either (doc §5.1 rule 7). RFC 9110 §5.6.7 requires recipients to accept
+//! breaker honours either (docs/binary-cache.md §5.1 rule 7). RFC 9110 §5.6.7 requires recipients to accept
 //! all three date formats: IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the obsolete RFC 850
 //! form (`Sunday, 06-Nov-94 08:49:37 GMT`) and asctime (`Sun Nov  6 08:49:37 1994`).
 

@@ -1,4 +1,4 @@
-//! The HTTP front: routing and the mapping of every outcome to 200 or 404 (doc §5.1 rules 1–2).
+//! The HTTP front: routing and the mapping of every outcome to 200 or 404 (docs/binary-cache.md §5.1 rules 1–2).
 
 use crate::check::Expect;
 use crate::config::Settings;
@@ -21,7 +21,7 @@ pub struct State {
     pub answers: AnswerCache,
     /// NAR key → upstream whose narinfo named it, and what the file must be. In memory: after
     /// a restart, every upstream is tried in priority order, so URLs Nix cached for 30 days
-    /// stay resolvable (doc §2.5).
+    /// stay resolvable (docs/binary-cache.md §2.5).
     pub routes: moka::future::Cache<String, Route>,
     /// The disk cache, when `cache-dir` is set.
     pub disk: Option<Arc<DiskCache>>,
@@ -172,7 +172,7 @@ pub(crate) async fn handle(
 }
 
 /// A small object through the race: 200 with the body, or 404 for every kind of absence or
-/// failure. Never 5xx: Nix retries those and, without `fallback`, fails the build (doc §2.4).
+/// failure. Never 5xx: Nix retries those and, without `fallback`, fails the build (docs/binary-cache.md §2.4).
 async fn small(state: &Arc<State>, key: Key, content_type: &'static str) -> Response<Body> {
     match lookup(state, key).await {
         Ok(a) => match &*a {

@@ -233,7 +233,7 @@ impl Upstream {
         }
     }
 
-    /// The half-open probe: `nix-cache-info` must answer 200 (doc §5.1 rule 7).
+    /// The half-open probe: `nix-cache-info` must answer 200 (docs/binary-cache.md §5.1 rule 7).
     async fn probe(&self) {
         let ok = matches!(
             self.fetch_small("nix-cache-info", 64 * 1024).await,

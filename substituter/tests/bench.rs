@@ -1,5 +1,5 @@
 //! Benchmarks of `ferry-substituter` against nginx serving the same binary-cache directory from
-//! disk, measured in the same run with the same client, printed as ratios (doc §5.2 goals):
+//! disk, measured in the same run with the same client, printed as ratios (docs/goals.md):
 //! warm narinfo latency on one connection (G1), narinfo throughput on 25 connections (G2),
 //! cold narinfo added latency (G4), a SYN-dropping first-priority upstream before and after its
 //! breaker opens (G5), NAR pass-through and disk-cache hits against nginx (G8, G10), and

@@ -119,7 +119,7 @@ impl<R: AsyncRead + Unpin> AsyncWireReader<R> {
         check_expected(at, expected, &got)
     }
 
-    /// Reads the build-hook settings stream (hook-protocol.md §1.3): `1, name, value` per
+    /// Reads the build-hook settings stream (docs/hook-protocol.md §1.3): `1, name, value` per
     /// setting, then `0`. At most `max_settings` settings; names and values at most `max_len`
     /// bytes each. The order of the stream is kept.
     pub async fn read_settings(

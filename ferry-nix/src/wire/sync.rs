@@ -117,7 +117,7 @@ impl<R: Read> WireReader<R> {
         check_expected(at, expected, &got)
     }
 
-    /// Reads the build-hook settings stream (hook-protocol.md §1.3): `1, name, value` per
+    /// Reads the build-hook settings stream (docs/hook-protocol.md §1.3): `1, name, value` per
     /// setting, then `0`. At most `max_settings` settings; names and values at most `max_len`
     /// bytes each. The order of the stream is kept.
     pub fn read_settings(

@@ -51,7 +51,7 @@ pub fn generate_key(dir: &Path, name: &str) -> Key {
 }
 
 /// The client daemon's nix.conf additions: Ferry as the only substituter, signatures required,
-/// short daemon-side download time-outs so a hang would fail a test quickly (fleet.md: the 2.8
+/// short daemon-side download time-outs so a hang would fail a test quickly (docs/testing.md §2: the 2.8
 /// daemon ignores these from clients).
 pub fn client_conf(trusted_keys: &str) -> String {
     format!(
