@@ -26,6 +26,8 @@ pub enum StorePathError {
     TooShort(String),
     #[error("store path base name '{0}' lacks the '-' after its 32-character hash part")]
     MissingDash(String),
+    #[error("store path base name '{0}' has a non-ASCII character in its 32-character hash part")]
+    NonAsciiHash(String),
     #[error("invalid hash part in store path '{path}': {source}")]
     BadHash { path: String, source: HashError },
     #[error("store path name in '{path}' is {len} bytes long, the limit is {MAX_NAME_LEN}")]
@@ -159,7 +161,11 @@ impl StorePath {
         if base.len() < HASH_PART_LEN + 2 {
             return Err(StorePathError::TooShort(base.to_owned()));
         }
-        let (hash, rest) = base.split_at(HASH_PART_LEN);
+        // A non-ASCII character across byte 32 is not a char boundary: `split_at` would panic
+        // on it, and such a hash part is invalid anyway (nix32 is ASCII).
+        let Some((hash, rest)) = base.split_at_checked(HASH_PART_LEN) else {
+            return Err(StorePathError::NonAsciiHash(base.to_owned()));
+        };
         let name = rest
             .strip_prefix('-')
             .ok_or_else(|| StorePathError::MissingDash(base.to_owned()))?;
@@ -211,6 +217,22 @@ mod tests {
     use super::*;
 
     const BUSYBOX: &str = "ap5lw0pkyvrc3bbxz5qq1fs0yn7xm1n0-busybox";
+
+    /// Found by fuzzing: a multi-byte character straddling byte 32 of a base name (from a
+    /// narinfo `References:` line or a builder's reply) panicked in `split_at`.
+    #[test]
+    fn non_ascii_across_the_hash_part_is_an_error_not_a_panic() {
+        for base in [
+            "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0i\u{e9}x-name",
+            "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0\u{e9}-name",
+            "\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}-x",
+        ] {
+            let e = StorePath::from_base_name(base).expect_err(base);
+            assert!(e.to_string().contains(base), "{e}");
+            let sd = StoreDir::new("/nix/store").expect("dir");
+            assert!(sd.parse(&format!("/nix/store/{base}")).is_err());
+        }
+    }
 
     #[test]
     fn parses_with_any_store_dir() {
