@@ -180,8 +180,8 @@ fn builds_are_uploaded_and_substituted_with_signatures() {
 /// the bucket through moto's plain HTTP interface as a binary cache instead.
 ///
 /// With a wrong secret every S3 request is refused (`SignatureDoesNotMatch` in `status`),
-/// the jobs stay queued and the `file://` target still fills; with the right key the closure
-/// lands in the bucket (narinfos after their NARs and references), and a second host with
+/// a permanent failure: the jobs wait in the dead letters and the `file://` target still
+/// fills; with the right key and `retry --all` the closure lands in the bucket (narinfos after their NARs and references), and a second host with
 /// `require-sigs` substitutes every path from `http://<moto>/<bucket>`.
 #[test]
 fn s3_target_with_sigv4_on_moto_and_substitution_by_nix() {
@@ -219,7 +219,7 @@ fn s3_target_with_sigv4_on_moto_and_substitution_by_nix() {
     let outputs = all_outputs(&fleet, &built);
     let expected = closure(&fleet, &outputs);
 
-    // Wrong secret: moto refuses every signature; nothing leaves the queue.
+    // Wrong secret: moto refuses every signature.
     let up = Uploader(ferry.start_uploader(&fleet));
     wait_for(
         "the file:// target (the S3 one is refused)",
@@ -231,11 +231,25 @@ fn s3_target_with_sigv4_on_moto_and_substitution_by_nix() {
         Duration::from_secs(20),
         || ferry.status(&fleet).contains("(SignatureDoesNotMatch)"),
     );
+    // A refused signature is permanent: every job waits in the dead letters, none is lost.
+    wait_for("every job dead-lettered", Duration::from_secs(20), || {
+        ferry.status(&fleet).contains(&format!(
+            "queued jobs: 0 (0 retrying), dead letters: {}",
+            expected.len()
+        ))
+    });
     let status = ferry.status(&fleet);
-    assert!(
-        !status.contains("queued jobs: 0 "),
-        "jobs left the queue though S3 refused them:\n{status}"
-    );
+    // Every built path had its own job (the hook ran for each derivation).
+    for o in &expected {
+        assert!(
+            status
+                .lines()
+                .any(|l| l.contains(&format!("{o}: dead since"))
+                    && l.contains("(target)")
+                    && l.contains("SignatureDoesNotMatch")),
+            "{o} is not listed as a dead letter:\n{status}"
+        );
+    }
     drop(up);
     let log = ferry.uploader_log();
     assert!(
@@ -243,9 +257,11 @@ fn s3_target_with_sigv4_on_moto_and_substitution_by_nix() {
         "the secret was logged:\n{log}"
     );
 
-    // The right secret: everything goes up.
+    // The right secret: `retry` queues the dead letters again and everything goes up.
     std::fs::write(&secret_file, format!("{secret}\n")).expect("secret");
     let up = Uploader(ferry.start_uploader(&fleet));
+    let mut r = ferry.command(&fleet.client, &["retry", "--all"]);
+    run(&mut r).expect("ferry-post-build retry --all");
     wait_for_done(&ferry, &fleet);
     drop(up);
     let log = ferry.uploader_log();
