@@ -52,6 +52,8 @@ pub enum LocalError {
     BadInfo { path: String, problem: String },
     #[error("`nix path-info --json` printed something that is not its JSON: {0}")]
     BadJson(String),
+    #[error("{path} is not valid in the local store")]
+    NotValid { path: String },
     #[error("{0}")]
     BadPath(#[from] StorePathError),
     #[error("reading the derivation {path}: {source}")]
@@ -118,46 +120,101 @@ pub fn topo_sort(infos: Vec<PathInfo>) -> Result<Vec<PathInfo>, LocalError> {
     Ok(out)
 }
 
-/// Parses `nix path-info --json` output (Nix 2.8: an array of objects with `path`,
-/// `narHash` (SRI in 2.8, `sha256:` nix32 in older versions), `narSize`, `references`,
-/// optional `deriver`, `ca`, `signatures`; an invalid path has `"valid": false`).
+/// Parses `nix path-info --json` output, in each shape Nix has printed:
+/// - Nix 2.8 to 2.18: an array of objects, each with `path`; an invalid path has
+///   `"valid": false`;
+/// - Nix 2.19 to 2.33, and `--json-format 1`: an object keyed by absolute store path, `null`
+///   for an invalid path (2.34 adds `storeDir` and `version` inside each entry);
+/// - `--json-format 2` (Nix 2.34): `{"info": {<base name>: {...} | null}, "storeDir": ...,
+///   "version": 2}`, references and deriver may be base names, and `ca` an object
+///   `{"method": "nar" | "flat" | "text", "hash": <SRI>}`.
+///
+/// Each entry has `narHash` (SRI since 2.4, `sha256:` nix32 before), `narSize`,
+/// `references`, optional `deriver`, `ca`, `signatures`. The shapes are told apart by their
+/// structure, not by the Nix version, so a store reached through another Nix still parses.
+/// Sources: `src/nix/path-info.cc` and `src/libstore/path-info.cc` (`UnkeyedValidPathInfo::toJSON`)
+/// in <https://github.com/NixOS/nix>.
 pub fn parse_path_info_json(text: &str, store_dir: &StoreDir) -> Result<Vec<PathInfo>, LocalError> {
-    let v: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| LocalError::BadJson(e.to_string()))?;
-    let items: Vec<&serde_json::Value> = match &v {
-        serde_json::Value::Array(a) => a.iter().collect(),
-        // Newer Nix prints an object keyed by path.
-        serde_json::Value::Object(o) => o.values().collect(),
+    use serde_json::Value;
+    let v: Value = serde_json::from_str(text).map_err(|e| LocalError::BadJson(e.to_string()))?;
+    // (path as printed, entry): `None` for an invalid path.
+    let mut entries: Vec<(String, Option<&Value>)> = Vec::new();
+    // Store directory prefix for base names (format 2).
+    let mut base_dir: Option<String> = None;
+    match &v {
+        Value::Array(a) => {
+            for item in a {
+                let path = item
+                    .get("path")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| LocalError::BadJson("an array entry without \"path\"".into()))?
+                    .to_owned();
+                let valid = item.get("valid").and_then(Value::as_bool) != Some(false);
+                entries.push((path, valid.then_some(item)));
+            }
+        }
+        Value::Object(o) if o.get("info").is_some_and(Value::is_object) => {
+            let dir = o
+                .get("storeDir")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .unwrap_or_else(|| store_dir.to_string());
+            if let Some(Value::Object(info)) = o.get("info") {
+                for (k, item) in info {
+                    let path = if k.starts_with('/') {
+                        k.clone()
+                    } else {
+                        format!("{}/{k}", dir.trim_end_matches('/'))
+                    };
+                    entries.push((path, item.is_object().then_some(item)));
+                }
+            }
+            base_dir = Some(dir);
+        }
+        Value::Object(o) => {
+            for (k, item) in o {
+                match item {
+                    Value::Object(_) => entries.push((k.clone(), Some(item))),
+                    Value::Null => entries.push((k.clone(), None)),
+                    _ => {
+                        return Err(LocalError::BadJson(format!(
+                            "the entry of {k:?} is neither an object nor null"
+                        )));
+                    }
+                }
+            }
+        }
         _ => return Err(LocalError::BadJson("neither an array nor an object".into())),
+    }
+    let full = |p: &str| -> String {
+        match &base_dir {
+            Some(d) if !p.starts_with('/') => format!("{}/{p}", d.trim_end_matches('/')),
+            _ => p.to_owned(),
+        }
     };
     let mut out = Vec::new();
-    for item in items {
-        let path_text = item
-            .get("path")
-            .and_then(|p| p.as_str())
-            .ok_or_else(|| LocalError::BadJson("an entry without \"path\"".into()))?
-            .to_owned();
+    for (path_text, item) in entries {
+        let Some(item) = item else {
+            return Err(LocalError::NotValid { path: path_text });
+        };
         let bad = |problem: &str| LocalError::BadInfo {
             path: path_text.clone(),
             problem: problem.to_owned(),
         };
-        if item.get("valid").and_then(|v| v.as_bool()) == Some(false) {
-            return Err(bad("not valid in the local store"));
-        }
         let path = store_dir.parse(&path_text)?;
         let hash_text = item
             .get("narHash")
-            .and_then(|h| h.as_str())
+            .and_then(Value::as_str)
             .ok_or_else(|| bad("no narHash"))?;
         let nar_hash = Hash::parse_any_prefixed(hash_text)
             .map_err(|e| bad(&format!("narHash {hash_text:?}: {e}")))?;
         let nar_size = item
             .get("narSize")
-            .and_then(|n| n.as_u64())
+            .and_then(Value::as_u64)
             .ok_or_else(|| bad("no narSize"))?;
         let strings = |key: &str| -> Vec<String> {
             item.get(key)
-                .and_then(|r| r.as_array())
+                .and_then(Value::as_array)
                 .map(|a| {
                     a.iter()
                         .filter_map(|s| s.as_str().map(str::to_owned))
@@ -165,20 +222,26 @@ pub fn parse_path_info_json(text: &str, store_dir: &StoreDir) -> Result<Vec<Path
                 })
                 .unwrap_or_default()
         };
-        let opt = |key: &str| {
-            item.get(key)
-                .and_then(|d| d.as_str())
-                .filter(|d| !d.is_empty())
-                .map(str::to_owned)
-        };
         let references = strings("references")
             .iter()
-            .map(|r| store_dir.parse(r))
+            .map(|r| store_dir.parse(&full(r)))
             .collect::<Result<BTreeSet<_>, _>>()?;
-        let deriver = opt("deriver").map(|d| store_dir.parse(&d)).transpose()?;
+        let deriver = item
+            .get("deriver")
+            .and_then(Value::as_str)
+            .filter(|d| !d.is_empty())
+            .map(|d| store_dir.parse(&full(d)))
+            .transpose()?;
+        let ca = match item.get("ca") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(c)) if c.is_empty() => None,
+            Some(Value::String(c)) => Some(c.clone()),
+            Some(obj @ Value::Object(_)) => Some(ca_from_json_object(obj).map_err(|p| bad(&p))?),
+            Some(_) => return Err(bad("ca is neither a string nor an object")),
+        };
         out.push(PathInfo {
             deriver,
-            ca: opt("ca"),
+            ca,
             references,
             sigs: strings("signatures").into_iter().collect(),
             path,
@@ -187,6 +250,29 @@ pub fn parse_path_info_json(text: &str, store_dir: &StoreDir) -> Result<Vec<Path
         });
     }
     Ok(out)
+}
+
+/// The textual content address (`fixed:r:sha256:<nix32>`, the form of narinfo `CA:` and the
+/// serve protocol) of a format-2 `ca` object `{"method": ..., "hash": <SRI>}`
+/// (`src/libstore/content-address.cc` `renderContentAddress`).
+fn ca_from_json_object(obj: &serde_json::Value) -> Result<String, String> {
+    let method = obj
+        .get("method")
+        .and_then(|m| m.as_str())
+        .ok_or("ca has no method")?;
+    let hash_text = obj
+        .get("hash")
+        .and_then(|h| h.as_str())
+        .ok_or("ca has no hash")?;
+    let hash =
+        Hash::parse_any_prefixed(hash_text).map_err(|e| format!("ca hash {hash_text:?}: {e}"))?;
+    let h = hash.to_nix32_prefixed();
+    match method {
+        "nar" => Ok(format!("fixed:r:{h}")),
+        "flat" => Ok(format!("fixed:{h}")),
+        "text" => Ok(format!("text:{h}")),
+        other => Err(format!("ca method {other:?} is not one Ferry knows")),
+    }
 }
 
 /// The store directory of the local store: `$NIX_STORE_DIR`, else `/nix/store` (Nix 2.8
@@ -320,22 +406,44 @@ impl LocalStore {
             if group.is_empty() {
                 continue;
             }
+            let out = self.path_info_json(extra, &group).await?;
+            for i in parse_path_info_json(&String::from_utf8_lossy(&out), &self.store_dir)? {
+                all.insert(i.path.clone(), i);
+            }
+        }
+        Ok(all.into_values().collect())
+    }
+
+    /// Runs `nix path-info --json -r [extra] PATHS` and returns its stdout. Plain `--json` is
+    /// what every version from 2.8 on accepts (2.26 rejects `--json-format`); Nix 2.34 warns
+    /// that it is deprecated and a later Nix may refuse it, so a refusal that names
+    /// `--json-format` is answered by asking again with `--json-format 1`, the format every
+    /// version that has the flag prints (keyed by absolute path).
+    async fn path_info_json(
+        &self,
+        extra: Option<&str>,
+        paths: &[&StorePath],
+    ) -> Result<Vec<u8>, LocalError> {
+        let run = |format: Option<&'static str>| {
             let mut c = self.command(&self.nix);
             c.args([
                 "--extra-experimental-features",
                 "nix-command",
                 "path-info",
                 "--json",
-                "-r",
             ])
+            .args(format.map(|f| ["--json-format", f]).into_iter().flatten())
+            .arg("-r")
             .args(extra)
-            .args(group.iter().map(|p| self.display(p)));
-            let out = output(c, &self.nix, "nix path-info --json -r").await?;
-            for i in parse_path_info_json(&String::from_utf8_lossy(&out), &self.store_dir)? {
-                all.insert(i.path.clone(), i);
+            .args(paths.iter().map(|p| self.display(p)));
+            output(c, &self.nix, "nix path-info --json -r")
+        };
+        match run(None).await {
+            Err(LocalError::Failed { stderr, .. }) if stderr.contains("--json-format") => {
+                run(Some("1")).await
             }
+            other => other,
         }
-        Ok(all.into_values().collect())
     }
 
     /// Reads and parses the `.drv` file (valid in the local store: the daemon asked about it).
@@ -1054,6 +1162,69 @@ mod tests {
         let other = StoreDir::new("/gnu/store").expect("dir");
         let e = parse_path_info_json(text, &other).expect_err("not in /gnu/store");
         assert!(e.to_string().contains("/gnu/store"), "{e}");
+    }
+
+    /// The same store object as Nix 2.26 and 2.34 print it (`nix path-info --json`, and
+    /// 2.34's `--json-format 2`), with an invalid path beside it: every shape gives the same
+    /// path info, and the invalid path is reported as such.
+    #[test]
+    fn path_info_json_of_newer_nix() {
+        let a = "/nix/store/z3n6ml62lc6l9glpaz6fq7fvi2rks9vq-a.txt";
+        let v226 = r#"{"/nix/store/z3n6ml62lc6l9glpaz6fq7fvi2rks9vq-a.txt":{"ca":"fixed:r:sha256:04zwf782yjwnh3q6hz5izfd6jyip8kgw6g6yj43fiqhbyhdd0dqw","deriver":null,"narHash":"sha256-HDfQGvQL4ugGkd48w99EN3ppmvuxfGjwgJZLL9Bx/BM=","narSize":120,"references":[],"registrationTime":1796491372,"signatures":[],"ultimate":false}}"#;
+        let v234 = r#"{"/nix/store/z3n6ml62lc6l9glpaz6fq7fvi2rks9vq-a.txt":{"ca":"fixed:r:sha256:04zwf782yjwnh3q6hz5izfd6jyip8kgw6g6yj43fiqhbyhdd0dqw","deriver":null,"narHash":"sha256-HDfQGvQL4ugGkd48w99EN3ppmvuxfGjwgJZLL9Bx/BM=","narSize":120,"references":[],"registrationTime":1796491363,"signatures":[],"storeDir":"/nix/store","ultimate":false,"version":1}}"#;
+        let v234f2 = r#"{"info":{"z3n6ml62lc6l9glpaz6fq7fvi2rks9vq-a.txt":{"ca":{"hash":"sha256-HDfQGvQL4ugGkd48w99EN3ppmvuxfGjwgJZLL9Bx/BM=","method":"nar"},"deriver":null,"narHash":"sha256-HDfQGvQL4ugGkd48w99EN3ppmvuxfGjwgJZLL9Bx/BM=","narSize":120,"references":[],"registrationTime":1796491363,"signatures":[],"storeDir":"/nix/store","ultimate":false,"version":2}},"storeDir":"/nix/store","version":2}"#;
+        let mut seen = Vec::new();
+        for text in [v226, v234, v234f2] {
+            let infos = parse_path_info_json(text, &sd()).expect("parse");
+            assert_eq!(infos.len(), 1, "{text}");
+            let i = &infos[0];
+            assert_eq!(sd().display(&i.path), a);
+            assert_eq!(i.nar_size, 120);
+            assert_eq!(
+                i.ca.as_deref(),
+                Some("fixed:r:sha256:04zwf782yjwnh3q6hz5izfd6jyip8kgw6g6yj43fiqhbyhdd0dqw")
+            );
+            assert_eq!(i.deriver, None);
+            seen.push(i.clone());
+        }
+        assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
+        // Invalid paths: `null` (keyed forms), as Nix 2.26 and 2.34 print them.
+        let x = "/nix/store/00000000000000000000000000000000-x";
+        let e = parse_path_info_json(&format!(r#"{{"{x}":null}}"#), &sd()).expect_err("null");
+        assert!(
+            matches!(&e, LocalError::NotValid { path } if path == x),
+            "{e}"
+        );
+        let e = parse_path_info_json(
+            r#"{"info":{"00000000000000000000000000000000-x":null},"storeDir":"/nix/store","version":2}"#,
+            &sd(),
+        )
+        .expect_err("null");
+        assert!(
+            matches!(&e, LocalError::NotValid { path } if path == x),
+            "{e}"
+        );
+        // Format 2 references and derivers as base names.
+        let f2 = format!(
+            r#"{{"info":{{"z3n6ml62lc6l9glpaz6fq7fvi2rks9vq-a.txt":{{"narHash":"sha256-HDfQGvQL4ugGkd48w99EN3ppmvuxfGjwgJZLL9Bx/BM=","narSize":120,"references":["{b}"],"deriver":"{b}.drv","ca":{{"method":"text","hash":"sha256-HDfQGvQL4ugGkd48w99EN3ppmvuxfGjwgJZLL9Bx/BM="}}}}}},"storeDir":"/nix/store","version":2}}"#,
+            b = "00000000000000000000000000000000-x"
+        );
+        let i = &parse_path_info_json(&f2, &sd()).expect("f2")[0];
+        assert_eq!(
+            i.references
+                .iter()
+                .map(|r| sd().display(r))
+                .collect::<Vec<_>>(),
+            [x]
+        );
+        assert_eq!(
+            i.deriver.as_ref().map(|d| sd().display(d)),
+            Some(format!("{x}.drv"))
+        );
+        assert!(
+            i.ca.as_deref()
+                .is_some_and(|c| c.starts_with("text:sha256:"))
+        );
     }
 
     #[test]

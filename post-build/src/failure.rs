@@ -156,6 +156,9 @@ impl Classify for LocalError {
                 _ => true,
             },
             LocalError::RegisteredHashMismatch { .. } => true,
+            // Callers check this first and treat the job as gone from the store; anywhere
+            // else an invalid path stays invalid.
+            LocalError::NotValid { .. } => true,
             // `nix` could not be started, exited non-zero (daemon down or restarting, database
             // busy), or printed path info this version of Ferry cannot read. The last is fixed
             // by upgrading Ferry or Nix, and both restart the uploader, which then finds the

@@ -13,7 +13,7 @@ use crate::compress::{Compression, Compressor, Levels};
 use crate::failure::{Classify, Side};
 use crate::queue::Outcome;
 use crate::target::{NAR_TYPE, NARINFO_TYPE, Target, TargetError, nar_key, narinfo_key};
-use ferry_build_hook::local::{LocalStore, topo_sort};
+use ferry_build_hook::local::{LocalError, LocalStore, topo_sort};
 use ferry_nix::hash::{Hash, Sha256Sink};
 use ferry_nix::nar::TeeWriter;
 use ferry_nix::narinfo::NarInfo;
@@ -296,7 +296,9 @@ pub async fn upload_closure(sh: &Arc<Shared>, root: &str) -> (Outcome, TargetRes
         .await
     {
         Ok(i) => i,
-        Err(e) if gone_from_store(sh, &root_path) => {
+        // Nix says so (2.19+ print `null` for an invalid path), or its file is gone (2.8
+        // exits non-zero with a message that is not worth parsing).
+        Err(e) if matches!(e, LocalError::NotValid { .. }) || gone_from_store(sh, &root_path) => {
             // Uploaded by an earlier run that was killed before it could delete the job
             // (after removing the GC root, so the collector may have taken the path since).
             if everywhere(sh, root).await {
