@@ -51,9 +51,10 @@ pub enum Command {
     /// path whose contents no longer match its hash) or when its path left the store. Dead
     /// letters stay until this command (or a new build of the path) queues them again; a
     /// running uploader picks them up at its next poll.
+    #[command(group = clap::ArgGroup::new("which").required(true).args(["all", "paths"]))]
     Retry {
         /// Every dead letter.
-        #[arg(long, conflicts_with = "paths", required_unless_present = "paths")]
+        #[arg(long, conflicts_with = "paths")]
         all: bool,
         /// Store paths of dead letters (or `./result` links to them).
         paths: Vec<String>,
@@ -559,6 +560,25 @@ fn check_config(config: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_wants_all_or_paths_not_both() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("ferry-post-build").chain(args.iter().copied()))
+        };
+        assert!(parse(&["retry"]).is_err());
+        assert!(parse(&["retry", "--all", "/nix/store/x"]).is_err());
+        assert!(matches!(
+            parse(&["retry", "--all"]).map(|c| c.command),
+            Ok(Some(Command::Retry { all: true, .. }))
+        ));
+        match parse(&["retry", "/nix/store/a", "./result"]).map(|c| c.command) {
+            Ok(Some(Command::Retry { all: false, paths })) => {
+                assert_eq!(paths, ["/nix/store/a", "./result"])
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn journal_stream_must_be_our_stderr() {
