@@ -311,6 +311,11 @@ fn clamp_u32(v: i64) -> u32 {
 /// the work done.
 fn migrate(conn: &mut Connection) -> Result<(), QueueError> {
     let known = schema_version();
+    // Up to date (the usual case): no write lock, so `status` never waits on the uploader.
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current == known {
+        return Ok(());
+    }
     let tx = Transaction::new(conn, rusqlite::TransactionBehavior::Immediate)?;
     let found: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if found > known {
