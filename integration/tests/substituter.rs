@@ -639,7 +639,8 @@ fn bench_dead_first_cache_stock_vs_ferry() {
         Some((d, true)) => format!("{:.2} s", d.as_secs_f64()),
         Some((d, false)) => format!("failed after {:.2} s", d.as_secs_f64()),
     };
-    let secs = |r: Option<(Duration, bool)>| r.map_or(limit.as_secs_f64(), |(d, _)| d.as_secs_f64());
+    let secs =
+        |r: Option<(Duration, bool)>| r.map_or(limit.as_secs_f64(), |(d, _)| d.as_secs_f64());
     assert!(via.is_some_and(|(_, ok)| ok), "Ferry: {}", show(via));
     eprintln!(
         "{}: {} paths, first cache black-holed: healthy cache alone {}; stock {}; stock tuned (connect-timeout = 2) {}; \

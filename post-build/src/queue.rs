@@ -331,6 +331,16 @@ fn migrate(conn: &mut Connection) -> Result<(), QueueError> {
 }
 
 impl Queue {
+    /// A transaction that takes the write lock at once. A deferred one that reads first
+    /// and writes later fails with SQLITE_BUSY (no waiting) when another process, the
+    /// uploader or `retry`, committed in between; an immediate one waits its turn under the
+    /// busy time-out.
+    fn write_tx(&mut self) -> Result<Transaction<'_>, QueueError> {
+        Ok(self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?)
+    }
+
     pub fn open(path: &Path) -> Result<Queue, QueueError> {
         let conn = Connection::open(path)?;
         Self::init(conn)
@@ -351,7 +361,7 @@ impl Queue {
     /// Adds jobs in one transaction; paths already queued stay as they are (dedup). A path
     /// in the dead letters comes back as a new job (it was built again).
     pub fn enqueue(&mut self, jobs: &[(String, JobKind)], now: i64) -> Result<usize, QueueError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.write_tx()?;
         let mut added = 0;
         {
             let mut ins = tx.prepare_cached(
@@ -374,7 +384,7 @@ impl Queue {
         outputs: &[String],
         now: i64,
     ) -> Result<(), QueueError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.write_tx()?;
         {
             let enq: Option<i64> = tx
                 .query_row(
@@ -470,7 +480,7 @@ impl Queue {
                 error,
                 cause,
             } => {
-                let tx = self.conn.transaction()?;
+                let tx = self.write_tx()?;
                 tx.execute(
                     "INSERT OR REPLACE INTO dead(path, kind, reason, at, attempts, enqueued_at, cause)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -677,7 +687,7 @@ impl Queue {
         paths: Option<&[String]>,
         now: i64,
     ) -> Result<(Vec<String>, Vec<String>), QueueError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.write_tx()?;
         let dead: Vec<(String, String, Option<i64>)> = {
             let mut st = tx.prepare("SELECT path, kind, enqueued_at FROM dead ORDER BY path")?;
             st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
@@ -1100,6 +1110,44 @@ mod tests {
             [],
         )
         .expect("old reschedule");
+    }
+
+    /// `retry` and the uploader write the same database: a transaction that reads and then
+    /// writes must wait for the other's commit, not fail with "database is locked" (seen
+    /// end to end before transactions took the write lock up front).
+    #[test]
+    fn concurrent_writer_is_waited_for() {
+        let d = tempfile::tempdir().expect("dir");
+        let db = d.path().join("queue.sqlite");
+        let mut q = Queue::open(&db).expect("open");
+        q.enqueue(&[("/s/a".to_owned(), JobKind::Out)], 1)
+            .expect("enqueue");
+        let a = q.due(1, 1, &|_| false).expect("due").remove(0);
+        let t = Transition::DeadLetter {
+            attempts: 1,
+            error: "403".into(),
+            cause: DeadCause::Permanent(Side::Target),
+        };
+        q.apply(&a, &t, Some(Side::Target), 2).expect("dead");
+        let other = Connection::open(&db).expect("other");
+        other
+            .busy_timeout(Duration::from_secs(10))
+            .expect("timeout");
+        other.execute_batch("BEGIN IMMEDIATE").expect("lock");
+        other
+            .execute(
+                "INSERT INTO jobs(path, kind, enqueued_at, next_at) VALUES ('/s/b', 'out', 3, 3)",
+                [],
+            )
+            .expect("insert");
+        let committer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            other.execute_batch("COMMIT").expect("commit");
+        });
+        let (requeued, _) = q.requeue_dead(None, 4).expect("requeue waits for the lock");
+        committer.join().expect("thread");
+        assert_eq!(requeued, vec!["/s/a".to_owned()]);
+        assert_eq!(q.status().expect("status").depth, 2);
     }
 
     #[test]
