@@ -1,6 +1,7 @@
-//! `ferry-post-build` on a real Nix 2.8 fleet: the client daemon runs it as its
-//! `post-build-hook` (Nix 2.8.0 passes only `DRV_PATH`, NixOS/nix#6446, so the hook reads the
-//! outputs from the derivation), the uploader runs in the client's namespaces, an nginx with
+//! `ferry-post-build` on a real Nix fleet of the version under test (`FERRY_NIX`): the client
+//! daemon runs it as its `post-build-hook` (Nix 2.8.0 passes only `DRV_PATH`,
+//! NixOS/nix#6446, so the hook reads the outputs from the derivation; 2.26 and 2.34 set
+//! `OUT_PATHS`), the uploader runs in the client's namespaces, an nginx with
 //! WebDAV PUT on a LAN host is the HTTP cache, and a second host substitutes from it with
 //! signatures required.
 //!
@@ -10,6 +11,7 @@ mod post_build_support;
 
 use ferry_integration::{
     SYSTEM, blackhole_port, chain_drv, check, ferry_bin, heal_host, nonce, out_paths, run,
+    trivial_drv,
 };
 use post_build_support::*;
 use std::collections::BTreeSet;
@@ -180,8 +182,8 @@ fn builds_are_uploaded_and_substituted_with_signatures() {
 /// the bucket through moto's plain HTTP interface as a binary cache instead.
 ///
 /// With a wrong secret every S3 request is refused (`SignatureDoesNotMatch` in `status`),
-/// the jobs stay queued and the `file://` target still fills; with the right key the closure
-/// lands in the bucket (narinfos after their NARs and references), and a second host with
+/// a permanent failure: the jobs wait in the dead letters and the `file://` target still
+/// fills; with the right key and `retry --all` the closure lands in the bucket (narinfos after their NARs and references), and a second host with
 /// `require-sigs` substitutes every path from `http://<moto>/<bucket>`.
 #[test]
 fn s3_target_with_sigv4_on_moto_and_substitution_by_nix() {
@@ -219,7 +221,7 @@ fn s3_target_with_sigv4_on_moto_and_substitution_by_nix() {
     let outputs = all_outputs(&fleet, &built);
     let expected = closure(&fleet, &outputs);
 
-    // Wrong secret: moto refuses every signature; nothing leaves the queue.
+    // Wrong secret: moto refuses every signature.
     let up = Uploader(ferry.start_uploader(&fleet));
     wait_for(
         "the file:// target (the S3 one is refused)",
@@ -231,11 +233,25 @@ fn s3_target_with_sigv4_on_moto_and_substitution_by_nix() {
         Duration::from_secs(20),
         || ferry.status(&fleet).contains("(SignatureDoesNotMatch)"),
     );
+    // A refused signature is permanent: every job waits in the dead letters, none is lost.
+    wait_for("every job dead-lettered", Duration::from_secs(20), || {
+        ferry.status(&fleet).contains(&format!(
+            "queued jobs: 0 (0 retrying), dead letters: {}",
+            expected.len()
+        ))
+    });
     let status = ferry.status(&fleet);
-    assert!(
-        !status.contains("queued jobs: 0 "),
-        "jobs left the queue though S3 refused them:\n{status}"
-    );
+    // Every built path had its own job (the hook ran for each derivation).
+    for o in &expected {
+        assert!(
+            status
+                .lines()
+                .any(|l| l.contains(&format!("{o}: dead since"))
+                    && l.contains("(target)")
+                    && l.contains("SignatureDoesNotMatch")),
+            "{o} is not listed as a dead letter:\n{status}"
+        );
+    }
     drop(up);
     let log = ferry.uploader_log();
     assert!(
@@ -243,9 +259,11 @@ fn s3_target_with_sigv4_on_moto_and_substitution_by_nix() {
         "the secret was logged:\n{log}"
     );
 
-    // The right secret: everything goes up.
+    // The right secret: `retry` queues the dead letters again and everything goes up.
     std::fs::write(&secret_file, format!("{secret}\n")).expect("secret");
     let up = Uploader(ferry.start_uploader(&fleet));
+    let mut r = ferry.command(&fleet.client, &["retry", "--all"]);
+    run(&mut r).expect("ferry-post-build retry --all");
     wait_for_done(&ferry, &fleet);
     drop(up);
     let log = ferry.uploader_log();
@@ -469,6 +487,23 @@ fn hook_is_fast_and_nothing_is_lost_while_uploader_and_cache_are_down() {
     drop(up);
 }
 
+/// `wait_for`, failing with the uploader's status and log.
+fn wait_or_explain(
+    ferry: &Ferry,
+    fleet: &ferry_integration::Fleet,
+    what: &str,
+    timeout: Duration,
+    ok: impl FnMut() -> bool,
+) {
+    if let Err(e) = ferry_integration::wait_until(what, timeout, ok) {
+        panic!(
+            "{e}\nstatus:\n{}\nuploader log:\n{}",
+            ferry.status(fleet),
+            ferry.uploader_log()
+        );
+    }
+}
+
 fn wait_for_done(ferry: &Ferry, fleet: &ferry_integration::Fleet) {
     let start = Instant::now();
     loop {
@@ -560,6 +595,374 @@ fn uploader_survives_sigkill_at_random_moments() {
     assert!(
         starts >= 14,
         "only {starts} of 26 uploader runs got going:\n{log}"
+    );
+}
+
+/// The hook takes the outputs from `OUT_PATHS` when Nix sets it and reads them from
+/// `DRV_PATH` only when it is empty (measured on the fleet's versions: empty on Nix 2.8.0,
+/// NixOS/nix#6446; set on 2.26 and 2.34, all outputs of the derivation). The spool records,
+/// caught before any uploader runs, show which way the hook went: a record from `OUT_PATHS`
+/// has `out` lines only, one read from the derivation also names it. Both upload.
+#[test]
+fn hook_spools_out_paths_when_nix_sets_them() {
+    let ferry = Ferry::new();
+    let fleet = ferry.fleet(0);
+    let local = ["-j1", "--builders", ""];
+    let mut built = build(&fleet, &multi_output("outpaths"), &local, "multi-output");
+    built.extend(build(
+        &fleet,
+        &trivial_list(2, "outpaths"),
+        &local,
+        "trivials",
+    ));
+    let outputs = all_outputs(&fleet, &built);
+    assert_eq!(outputs.len(), 4, "{outputs:?}");
+
+    let records = spool_records(&ferry.state);
+    assert_eq!(records.len(), 3, "one record per derivation: {records:?}");
+    let nix_sets_out_paths = fleet.client.nix.minor() >= (2, 26);
+    let mut spooled = BTreeSet::new();
+    for r in &records {
+        let field = |k: &str| -> Vec<String> {
+            r.lines()
+                .filter_map(|l| l.strip_prefix(k).map(str::to_owned))
+                .collect()
+        };
+        let (drvs, outs) = (field("drv "), field("out "));
+        assert!(!outs.is_empty(), "no outputs in the record:\n{r}");
+        if nix_sets_out_paths {
+            assert!(
+                drvs.is_empty(),
+                "{}: OUT_PATHS is set, yet the record names the derivation:\n{r}",
+                fleet.client.nix
+            );
+        } else {
+            assert_eq!(drvs.len(), 1, "{}: no derivation in\n{r}", fleet.client.nix);
+            // The outputs the hook read from the derivation are Nix's.
+            let mut q = fleet.client_command("nix-store");
+            q.args(["-q", "--outputs", &drvs[0]]);
+            let mut want: Vec<String> = String::from_utf8_lossy(&run(&mut q).expect("q").stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect();
+            let mut got = outs.clone();
+            want.sort();
+            got.sort();
+            assert_eq!(got, want, "{r}");
+        }
+        spooled.extend(outs);
+    }
+    // Every output (the multi-output derivation's `dev` too) is in a record.
+    assert_eq!(spooled, outputs.iter().cloned().collect::<BTreeSet<_>>());
+
+    let mut d = ferry.command(&fleet.client, &["daemon", "--drain"]);
+    run(&mut d).expect("ferry-post-build daemon --drain");
+    assert!(missing_narinfos(&ferry.file_cache, &outputs).is_empty());
+    assert_eq!(check_cache_dir(&ferry.file_cache), outputs.len());
+}
+
+/// A cache that refuses uploads (a real nginx answering every `PUT` with 403) is a
+/// permanent failure: each job is tried once and moves to the dead letters, `status` (text
+/// and `--json`) lists every one with the 403, nginx sees no more attempts, the dead
+/// letters survive an uploader restart and keep their GC roots through `nix-store --gc`.
+/// Once nginx takes uploads, `retry PATH` and `retry --all` queue them again, everything
+/// is uploaded and a second host substitutes it with `require-sigs`.
+#[test]
+fn refused_uploads_are_dead_lettered_until_retry() {
+    let ferry = Ferry::new();
+    let mut fleet = ferry.fleet(0);
+    let nginx = GuardedNginx::start(
+        fleet.add_host("cache").expect("cache host"),
+        Uploads::Forbidden,
+    );
+    ferry.write_config(std::slice::from_ref(&nginx.url));
+    let local = ["-j1", "--builders", ""];
+    let mut built = build(&fleet, &chain_drv(&nonce()), &local, "chain");
+    built.extend(build(
+        &fleet,
+        &trivial_list(2, "refused"),
+        &local,
+        "trivials",
+    ));
+    let outputs = all_outputs(&fleet, &built);
+    // Every path of the closure was built here, so each is a job of its own.
+    let expected = closure(&fleet, &outputs);
+    assert_eq!(expected.len(), 5, "{expected:?}");
+
+    let up = Uploader(ferry.start_uploader(&fleet));
+    let all_dead = format!(
+        "queued jobs: 0 (0 retrying), dead letters: {}",
+        expected.len()
+    );
+    wait_for("every job dead-lettered", Duration::from_secs(30), || {
+        ferry.status(&fleet).contains(&all_dead)
+    });
+    // The file:// target took everything meanwhile.
+    assert!(missing_narinfos(&ferry.file_cache, &expected).is_empty());
+    let status = ferry.status(&fleet);
+    for p in &expected {
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with(&format!("  {p}: dead since "))
+                    && l.contains("after 1 attempt(s) (target)")
+                    && l.contains("HTTP 403")),
+            "{p} is not a dead letter with its 403:\n{status}"
+        );
+    }
+    assert!(
+        status.lines().any(|l| l.starts_with("last error: ")
+            && l.contains("(target)")
+            && l.contains("HTTP 403")),
+        "{status}"
+    );
+    let json = status_json(&ferry, &fleet);
+    let dead = json["dead_letters"].as_array().expect("dead_letters");
+    assert_eq!(dead.len(), expected.len(), "{json}");
+    for d in dead {
+        assert_eq!(d["cause"], "target", "{d}");
+        assert_eq!(d["attempts"], 1, "{d}");
+        assert!(
+            d["error"].as_str().is_some_and(|e| e.contains("HTTP 403")),
+            "{d}"
+        );
+        assert!(
+            expected.contains(d["path"].as_str().unwrap_or_default()),
+            "{d}"
+        );
+    }
+    assert_eq!(json["queue"]["depth"], 0, "{json}");
+    assert!(
+        json["queue"]["last_error"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("HTTP 403")),
+        "{json}"
+    );
+
+    // Dead letters are not retried: nginx sees no new PUT, also after a restart.
+    let puts = nginx.puts();
+    assert!(
+        !puts.is_empty() && puts.iter().all(|s| s == "403"),
+        "{puts:?}"
+    );
+    drop(up);
+    let up = Uploader(ferry.start_uploader(&fleet));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        nginx.puts().len(),
+        puts.len(),
+        "a dead letter was tried again"
+    );
+    assert!(ferry.status(&fleet).contains(&all_dead));
+    // Their paths stay rooted: nothing is lost while someone fixes the cache.
+    let mut gc = fleet.client_command("nix-store");
+    gc.arg("--gc");
+    run(&mut gc).expect("nix-store --gc");
+    for p in &expected {
+        assert!(
+            fleet.client.has_store_path(p),
+            "{p} was collected while dead-lettered"
+        );
+    }
+
+    // `retry` names what it cannot find.
+    let mut r = ferry.command(
+        &fleet.client,
+        &["retry", "/nix/store/00000000000000000000000000000000-nope"],
+    );
+    let out = r.output().expect("retry");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("not dead-lettered: /nix/store/00000000000000000000000000000000-nope"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The operator lets the uploader in, then retries one path, then all.
+    nginx.set_uploads(host_mut(&mut fleet, "cache"), Uploads::Accepted);
+    let first = &outputs[0];
+    let mut r = ferry.command(&fleet.client, &["retry", first]);
+    let out = run(&mut r).expect("retry PATH");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("queued again: {first}")),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let first_closure = closure(&fleet, std::slice::from_ref(first));
+    wait_or_explain(
+        &ferry,
+        &fleet,
+        "the retried path's closure on nginx",
+        Duration::from_secs(20),
+        || missing_narinfos(&nginx.www, &first_closure).is_empty(),
+    );
+    assert!(
+        ferry
+            .status(&fleet)
+            .contains(&format!("dead letters: {}", expected.len() - 1)),
+        "{}",
+        ferry.status(&fleet)
+    );
+    let mut r = ferry.command(&fleet.client, &["retry", "--all"]);
+    run(&mut r).expect("retry --all");
+    wait_for_done(&ferry, &fleet);
+    drop(up);
+    assert_eq!(check_cache_dir(&nginx.www), expected.len());
+
+    let client2 = fleet.add_client("client2").expect("client2");
+    client2
+        .write_nix_conf(&format!(
+            "require-sigs = true\ntrusted-public-keys = {}\nsubstituters = {}\n",
+            ferry.public_key, nginx.url
+        ))
+        .expect("nix.conf");
+    client2.start_nix_daemon(&[]).expect("client2 daemon");
+    let client2 = fleet.host("client2");
+    let mut r = client2.nix_command("nix-store");
+    r.arg("--realise").args(&outputs);
+    let out = r.output().expect("nix-store --realise");
+    check(&out, "client2 substitutes the retried uploads").unwrap_or_else(|e| panic!("{e}"));
+    for p in &expected {
+        assert!(client2.has_store_path(p), "{p} not substituted");
+    }
+}
+
+/// Local-side failures count as errors. With the client's nix-daemon stopped the uploader
+/// cannot read path infos: `status` shows the error (text and time) as the last error and
+/// the local store's, every job with its attempts, error side and next attempt, and the
+/// targets blameless; once the daemon is back the queue drains. A store path whose contents
+/// no longer match its recorded NAR hash is a permanent local failure: dead-lettered with
+/// the mismatch, and uploaded by `retry` once the contents are restored.
+#[test]
+fn local_store_failures_show_in_status() {
+    let ferry = Ferry::new();
+    let mut fleet = ferry.fleet(0);
+    let local = ["-j1", "--builders", ""];
+    let mut built = build(&fleet, &chain_drv(&nonce()), &local, "chain");
+    built.extend(build(
+        &fleet,
+        &trivial_list(2, "local-err"),
+        &local,
+        "trivials",
+    ));
+    let outputs = all_outputs(&fleet, &built);
+    let expected = closure(&fleet, &outputs);
+
+    stop_nix_daemon(&fleet.client);
+    let up = Uploader(ferry.start_uploader(&fleet));
+    wait_for(
+        "every job retried at least twice",
+        Duration::from_secs(30),
+        || {
+            let j = status_json(&ferry, &fleet);
+            j["retrying_jobs"].as_array().is_some_and(|a| {
+                a.len() == expected.len() && a.iter().all(|r| r["attempts"].as_u64() >= Some(2))
+            })
+        },
+    );
+    let status = ferry.status(&fleet);
+    let last = status
+        .lines()
+        .find(|l| l.starts_with("last error: "))
+        .unwrap_or_default();
+    assert!(
+        last.contains("(local store)") && last.contains("nix path-info"),
+        "the local failure is not the last error:\n{status}"
+    );
+    assert!(
+        status.lines().any(
+            |l| l.starts_with("local store: last success never, errors ")
+                && l.contains("nix path-info")
+        ),
+        "{status}"
+    );
+    assert!(status.contains("next retry: "), "{status}");
+    for p in &expected {
+        assert!(
+            status.lines().any(|l| l.starts_with(&format!("  {p}: "))
+                && l.contains("(local), next attempt ")
+                && l.contains("nix path-info")),
+            "{p} has no retry line:\n{status}"
+        );
+    }
+    assert!(
+        status.contains(&format!(
+            "target file://{}: last success never, paths uploaded 0, last error never",
+            ferry.file_cache.display()
+        )),
+        "a target was blamed for a local failure:\n{status}"
+    );
+    let json = status_json(&ferry, &fleet);
+    assert!(
+        json["queue"]["local"]["errors"].as_i64() >= Some(2 * expected.len() as i64),
+        "{json}"
+    );
+    assert_eq!(json["queue"]["last_error"]["source"], "local", "{json}");
+    for r in json["retrying_jobs"].as_array().expect("retrying") {
+        assert_eq!(r["last_error_side"], "local", "{r}");
+        assert!(
+            r["next_attempt_ms"].as_i64().is_some() && r["last_error_ms"].as_i64().is_some(),
+            "{r}"
+        );
+    }
+
+    // The daemon comes back: the queue drains.
+    fleet
+        .client
+        .start_nix_daemon(&[("FERRY_CONFIG".into(), ferry.config.display().to_string())])
+        .expect("restart nix-daemon");
+    wait_for_done(&ferry, &fleet);
+    assert_eq!(check_cache_dir(&ferry.file_cache), expected.len());
+    assert!(
+        !ferry
+            .status(&fleet)
+            .contains("local store: last success never"),
+        "{}",
+        ferry.status(&fleet)
+    );
+    drop(up);
+
+    // A corrupt store path: permanent, on the local side.
+    let bad = build(
+        &fleet,
+        &trivial_drv(&nonce(), "intact"),
+        &local,
+        "to be corrupted",
+    );
+    let file = fleet.client.nix_path(&bad[0]);
+    let intact = std::fs::read(&file).expect("read output");
+    std::fs::write(&file, b"tampered\n").expect("corrupt the output");
+    let mut d = ferry.command(&fleet.client, &["daemon", "--drain"]);
+    run(&mut d).expect("daemon --drain");
+    let status = ferry.status(&fleet);
+    assert!(
+        status.contains("queued jobs: 0 (0 retrying), dead letters: 1")
+            && status
+                .lines()
+                .any(|l| l.starts_with(&format!("  {}: dead since ", bad[0]))
+                    && l.contains("(local)")
+                    && l.contains("NAR hash")),
+        "{status}"
+    );
+    assert!(
+        missing_narinfos(&ferry.file_cache, &bad).len() == 1,
+        "a corrupt NAR was uploaded"
+    );
+    std::fs::write(&file, &intact).expect("restore the output");
+    let mut r = ferry.command(&fleet.client, &["retry", &bad[0]]);
+    run(&mut r).expect("retry");
+    let mut d = ferry.command(&fleet.client, &["daemon", "--drain"]);
+    run(&mut d).expect("daemon --drain");
+    assert!(
+        missing_narinfos(&ferry.file_cache, &bad).is_empty(),
+        "{}",
+        ferry.status(&fleet)
+    );
+    assert!(
+        ferry
+            .status(&fleet)
+            .contains("queued jobs: 0 (0 retrying), dead letters: 0")
     );
 }
 

@@ -1,6 +1,6 @@
 //! Command line: no subcommand is hook mode (Nix passes no arguments to its
 //! `post-build-hook`, so the mode cannot be chosen in the setting); `daemon`, `status`,
-//! `push`, `keygen` and `check-config` are for people and service managers.
+//! `retry`, `push`, `keygen` and `check-config` are for people and service managers.
 
 use crate::config::Settings;
 use crate::queue::{Queue, now_ms};
@@ -36,10 +36,28 @@ pub enum Command {
         #[arg(long)]
         drain: bool,
     },
-    /// Queue depth, oldest job, per-target last success and error.
+    /// Queue depth, the last error (local store or target), jobs being retried with their
+    /// errors and next attempt, dead letters with their errors, per-target last success and
+    /// error.
     Status {
+        /// One JSON object with everything, every retrying job and dead letter included.
         #[arg(long)]
         json: bool,
+    },
+    /// Put dead-lettered jobs back in the queue, once what made them fail is fixed.
+    ///
+    /// A job is dead-lettered when it failed for a reason that retrying cannot change (the
+    /// target refused it: HTTP 401/403/404/405/413…, a read-only cache directory, a store
+    /// path whose contents no longer match its hash) or when its path left the store. Dead
+    /// letters stay until this command (or a new build of the path) queues them again; a
+    /// running uploader picks them up at its next poll.
+    #[command(group = clap::ArgGroup::new("which").required(true).args(["all", "paths"]))]
+    Retry {
+        /// Every dead letter.
+        #[arg(long, conflicts_with = "paths")]
+        all: bool,
+        /// Store paths of dead letters (or `./result` links to them).
+        paths: Vec<String>,
     },
     /// Queue store paths for upload (as the hook would).
     Push {
@@ -160,6 +178,7 @@ pub fn main(cli: Cli) -> ExitCode {
     let r = match cmd {
         Command::Daemon { drain } => daemon(&config_path(&cli), *drain),
         Command::Status { json } => status(&config_path(&cli), *json),
+        Command::Retry { all, paths } => retry(&config_path(&cli), *all, paths),
         Command::Push { paths } => push(&config_path(&cli), paths),
         Command::Keygen {
             name,
@@ -197,8 +216,8 @@ fn hook_main(config: &Path) -> ExitCode {
         tracing::warn!(problem = %p, drv = drv_path.as_deref().unwrap_or(""), "post-build hook problem");
     }
     if let Some(name) = &report.spool_name {
-        tracing::info!(drv = report.record.drv.as_deref().unwrap_or(""), outs = %report.record.outs.join(" "),
-            spool = %name, "queued for upload");
+        tracing::info!(drv = report.drv.as_deref().unwrap_or(""), outs = %report.record.outs.join(" "),
+            outputs_from = report.outputs_from.as_str(), spool = %name, "queued for upload");
     }
     ExitCode::SUCCESS
 }
@@ -224,27 +243,51 @@ fn age(ms: Option<i64>) -> String {
     }
 }
 
+/// A time that may lie ahead: "in 3.2s", or "now" once it has passed.
+fn until(ms: i64) -> String {
+    let d = ms - now_ms();
+    if d <= 0 {
+        "now".into()
+    } else {
+        format!("in {:.1}s", d as f64 / 1000.0)
+    }
+}
+
+/// How many retrying jobs and dead letters the text status lists; `--json` lists all.
+const STATUS_LIST_LIMIT: usize = 20;
+
+/// Opens the queue database, or `None` when the uploader has never run.
+fn open_queue(settings: &Settings) -> Result<Option<Queue>> {
+    let db = settings.queue_db();
+    if !db.exists() {
+        return Ok(None);
+    }
+    Ok(Some(
+        Queue::open(&db).with_context(|| format!("opening {}", db.display()))?,
+    ))
+}
+
 fn status(config: &Path, json: bool) -> Result<()> {
     let settings = Settings::load(config)?;
     let spool = crate::spool::Spool::new(settings.spool_dir());
     let spooled = spool.pending()?.len();
-    let db = settings.queue_db();
-    let st = if db.exists() {
-        Queue::open(&db)
-            .with_context(|| format!("opening {}", db.display()))?
-            .status()?
-    } else {
-        crate::queue::QueueStatus {
-            depth: 0,
-            oldest_enqueued_ms: None,
-            dead: 0,
-            retrying: 0,
-            targets: vec![],
-        }
+    let (st, retrying, dead) = match open_queue(&settings)? {
+        Some(q) => (
+            q.status()?,
+            q.retrying(if json { usize::MAX } else { STATUS_LIST_LIMIT })?,
+            q.dead()?,
+        ),
+        None => Default::default(),
     };
     let mut out = std::io::stdout().lock();
     if json {
-        let v = serde_json::json!({ "spooled": spooled, "queue": st, "now_ms": now_ms() });
+        let v = serde_json::json!({
+            "spooled": spooled,
+            "queue": st,
+            "retrying_jobs": retrying,
+            "dead_letters": dead,
+            "now_ms": now_ms(),
+        });
         writeln!(out, "{v}")?;
         return Ok(());
     }
@@ -257,6 +300,37 @@ fn status(config: &Path, json: bool) -> Result<()> {
     if let Some(t) = st.oldest_enqueued_ms {
         writeln!(out, "oldest job: enqueued {}", age(Some(t)))?;
     }
+    if let Some(t) = st.next_retry_ms {
+        writeln!(out, "next retry: {}", until(t))?;
+    }
+    match &st.last_error {
+        None => writeln!(out, "last error: never")?,
+        Some(e) => {
+            let source = if e.source == "local" {
+                "local store"
+            } else {
+                "target"
+            };
+            writeln!(
+                out,
+                "last error: {} ({source}): {}",
+                age(Some(e.at_ms)),
+                e.error
+            )?
+        }
+    }
+    writeln!(
+        out,
+        "local store: last success {}, errors {}, last error {}{}",
+        age(st.local.last_ok_ms),
+        st.local.errors,
+        age(st.local.last_error_ms),
+        st.local
+            .last_error
+            .as_deref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default()
+    )?;
     for t in &settings.config.targets {
         let s = st.targets.iter().find(|s| &s.url == t);
         writeln!(
@@ -269,6 +343,121 @@ fn status(config: &Path, json: bool) -> Result<()> {
                 .map(|e| format!(": {e}"))
                 .unwrap_or_default()
         )?;
+    }
+    if !retrying.is_empty() {
+        writeln!(out, "retrying jobs:")?;
+        for j in &retrying {
+            let side = j
+                .last_error_side
+                .map(|s| format!(" ({})", s.as_str()))
+                .unwrap_or_default();
+            writeln!(
+                out,
+                "  {}: {} failed attempt(s), last {}{side}, next attempt {}: {}",
+                j.path,
+                j.attempts,
+                age(j.last_error_ms),
+                until(j.next_attempt_ms),
+                j.last_error.as_deref().unwrap_or("(no error recorded)")
+            )?;
+        }
+        if (st.retrying as usize) > retrying.len() {
+            writeln!(
+                out,
+                "  … and {} more (status --json lists all)",
+                st.retrying as usize - retrying.len()
+            )?;
+        }
+    }
+    if !dead.is_empty() {
+        writeln!(
+            out,
+            "dead letters (fix the cause, then `ferry-post-build retry --all` or `retry PATH…`):"
+        )?;
+        for d in dead.iter().take(STATUS_LIST_LIMIT) {
+            writeln!(
+                out,
+                "  {}: dead since {} after {} attempt(s) ({}): {}",
+                d.path,
+                age(Some(d.dead_since_ms)),
+                d.attempts,
+                d.cause.label(),
+                d.error
+            )?;
+        }
+        if dead.len() > STATUS_LIST_LIMIT {
+            writeln!(
+                out,
+                "  … and {} more (status --json lists all)",
+                dead.len() - STATUS_LIST_LIMIT
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// A store path as given on the command line (`./result` links and paths inside a store
+/// object are followed, like `nix copy`), as the queue spells it.
+fn store_path_arg(settings: &Settings, p: &str) -> Result<String> {
+    if let Ok(sp) = settings.store_dir.parse(p) {
+        return Ok(settings.store_dir.display(&sp));
+    }
+    let real = std::fs::canonicalize(p).with_context(|| p.to_string())?;
+    let real = real.to_string_lossy();
+    let (sp, _) = settings
+        .store_dir
+        .parse_with_subpath(&real)
+        .with_context(|| format!("{p} is not in {}", settings.store_dir))?;
+    Ok(settings.store_dir.display(&sp))
+}
+
+fn retry(config: &Path, all: bool, paths: &[String]) -> Result<()> {
+    let settings = Settings::load(config)?;
+    let wanted = if all {
+        None
+    } else {
+        Some(
+            paths
+                .iter()
+                .map(|p| store_path_arg(&settings, p))
+                .collect::<Result<Vec<_>>>()?,
+        )
+    };
+    let Some(mut q) = open_queue(&settings)? else {
+        if let Some(w) = &wanted {
+            bail!("not dead-lettered (the queue is empty): {}", w.join(" "));
+        }
+        println!("no dead letters");
+        return Ok(());
+    };
+    // Roots first: dead letters of the first release lost theirs, and the path must be
+    // safe from the collector before the job is queued again.
+    if settings.config.gc_roots {
+        for d in q.dead()? {
+            let chosen = wanted.as_ref().is_none_or(|w| w.contains(&d.path));
+            if chosen
+                && d.kind == crate::queue::JobKind::Out
+                && std::fs::symlink_metadata(&d.path).is_ok()
+                && let Err(e) = crate::gcroot::add(&settings.gc_roots_dir(), &d.path)
+            {
+                eprintln!(
+                    "ferry-post-build: GC root for {} in {}: {e}",
+                    d.path,
+                    settings.gc_roots_dir().display()
+                );
+            }
+        }
+    }
+    let (requeued, missing) = q.requeue_dead(wanted.as_deref(), now_ms())?;
+    for p in &requeued {
+        tracing::info!(path = %p, "dead letter queued again");
+        println!("queued again: {p}");
+    }
+    if !missing.is_empty() {
+        bail!("not dead-lettered: {}", missing.join(" "));
+    }
+    if requeued.is_empty() {
+        println!("no dead letters");
     }
     Ok(())
 }
@@ -358,12 +547,38 @@ fn check_config(config: &Path) -> Result<()> {
     for k in &keys {
         println!("  signing key: {}", k.to_public());
     }
+    let policy = settings.retry_policy();
+    println!(
+        "  failures: transient ones (network, HTTP 5xx/429, local store busy) retried after {:?} \
+         doubling up to {:?}; permanent ones (target refuses: HTTP 4xx, read-only cache; \
+         corrupt store path) dead-lettered: see `status`, then `retry`",
+        policy.initial, policy.max
+    );
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_wants_all_or_paths_not_both() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("ferry-post-build").chain(args.iter().copied()))
+        };
+        assert!(parse(&["retry"]).is_err());
+        assert!(parse(&["retry", "--all", "/nix/store/x"]).is_err());
+        assert!(matches!(
+            parse(&["retry", "--all"]).map(|c| c.command),
+            Ok(Some(Command::Retry { all: true, .. }))
+        ));
+        match parse(&["retry", "/nix/store/a", "./result"]).map(|c| c.command) {
+            Ok(Some(Command::Retry { all: false, paths })) => {
+                assert_eq!(paths, ["/nix/store/a", "./result"])
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn journal_stream_must_be_our_stderr() {

@@ -55,7 +55,9 @@ pub struct PostBuildConfig {
     pub zstd_level: i32,
     /// xz preset (0–9) for `xz` targets; 6 is Nix's.
     pub xz_level: u32,
-    /// First retry delay of a failed job, in milliseconds; doubles per attempt.
+    /// First retry delay of a job that failed for a transient reason, in milliseconds;
+    /// doubles per attempt. Permanent failures are not retried: they wait in the dead
+    /// letters for `ferry-post-build retry` (see `failure`).
     pub retry_initial_ms: u64,
     /// Longest retry delay, in seconds (15 min like niks3's batch back-off).
     pub retry_max_secs: u64,

@@ -8,7 +8,8 @@
 //! queued, and files on targets are either complete or absent (see `target`).
 
 use crate::config::Settings;
-use crate::queue::{Job, JobKind, Outcome, Queue, now_ms, transition};
+use crate::failure::{Classify, Side};
+use crate::queue::{Job, JobKind, Outcome, Queue, Transition, now_ms, transition};
 use crate::spool::{Spool, SpoolRecord};
 use crate::target::Target;
 use crate::upload::{Shared, TargetResults, upload_closure};
@@ -73,8 +74,17 @@ pub fn ingest(spool: &Spool, queue: &mut Queue, settings: &Settings) -> Result<u
     Ok(done.len())
 }
 
+/// Why the outputs of a derivation job could not be found.
+#[derive(Debug, thiserror::Error)]
+enum DrvError {
+    #[error("{0}")]
+    Path(#[from] ferry_nix::store_path::StorePathError),
+    #[error("{0}")]
+    Local(#[from] ferry_build_hook::local::LocalError),
+}
+
 /// Output paths of a derivation: read from the `.drv` itself, or asked of Nix.
-async fn drv_outputs(sh: &Shared, drv: &str) -> Result<Vec<String>> {
+async fn drv_outputs(sh: &Shared, drv: &str) -> Result<Vec<String>, DrvError> {
     if let Ok(text) = tokio::fs::read(drv).await
         && let Ok(o) = crate::drv::outputs(&text, &sh.store_dir)
     {
@@ -87,6 +97,31 @@ async fn drv_outputs(sh: &Shared, drv: &str) -> Result<Vec<String>> {
         .values()
         .filter_map(|o| o.path.as_ref().map(|p| sh.store_dir.display(p)))
         .collect())
+}
+
+fn drv_failure(sh: &Shared, drv: &str, e: DrvError) -> Outcome {
+    let error = format!("outputs of {drv}: {e}");
+    if let Ok(p) = sh.store_dir.parse(drv)
+        && crate::upload::gone_from_store(sh, &p)
+    {
+        return Outcome::Gone { error };
+    }
+    let permanent = match &e {
+        DrvError::Path(_) => true,
+        DrvError::Local(l) => l.is_permanent(),
+    };
+    if permanent {
+        Outcome::Permanent {
+            error,
+            side: Side::Local,
+        }
+    } else {
+        Outcome::Transient {
+            error,
+            side: Side::Local,
+            retry_after: None,
+        }
+    }
 }
 
 pub struct Daemon {
@@ -200,7 +235,7 @@ impl Daemon {
         let stale = crate::gcroot::stale(
             &self.settings.gc_roots_dir(),
             Duration::from_secs(600),
-            &|p| self.queue.contains(p).unwrap_or(true),
+            &|p| self.queue.holds(p).unwrap_or(true),
         );
         for r in stale {
             tracing::info!(root = %r.display(), "removing a GC root left by an interrupted run");
@@ -215,6 +250,20 @@ impl Daemon {
             self.queue
                 .record_target(url, r.as_ref().map(|n| *n).map_err(String::as_str), now)?;
         }
+        // The local store worked for this job unless the job failed on the local side; a
+        // path gone from the store says nothing either way.
+        let side = match &outcome {
+            Outcome::Transient { side, .. } | Outcome::Permanent { side, .. } => Some(*side),
+            Outcome::Uploaded | Outcome::Gone { .. } => None,
+        };
+        match (&outcome, side) {
+            (
+                Outcome::Transient { error, .. } | Outcome::Permanent { error, .. },
+                Some(Side::Local),
+            ) => self.queue.record_local(Err(error), now)?,
+            (Outcome::Gone { .. }, _) => {}
+            _ => self.queue.record_local(Ok(()), now)?,
+        }
         let t = transition(
             job,
             &outcome,
@@ -222,22 +271,29 @@ impl Daemon {
             &self.settings.retry_policy(),
             crate::retry::random_unit(),
         );
-        match &outcome {
-            Outcome::Uploaded => tracing::info!(path = %job.path, "job done"),
-            Outcome::Transient { error, .. } => {
-                tracing::warn!(path = %job.path, attempts = job.attempts + 1, %error, "job failed; will retry")
+        let attempts = job.attempts.saturating_add(1);
+        match (&outcome, &t) {
+            (Outcome::Uploaded, _) => tracing::info!(path = %job.path, "job done"),
+            (Outcome::Transient { error, side, .. }, Transition::Reschedule { next_at_ms, .. }) => {
+                tracing::warn!(path = %job.path, attempts, side = side.as_str(), %error,
+                    retry_in_ms = next_at_ms.saturating_sub(now), "job failed; will retry")
             }
-            Outcome::Permanent { reason } => {
-                tracing::error!(path = %job.path, %reason, "job dead-lettered")
+            (Outcome::Permanent { error, side }, _) => {
+                tracing::error!(path = %job.path, attempts, side = side.as_str(), %error,
+                    "job failed permanently: dead-lettered until `ferry-post-build retry`")
             }
+            (Outcome::Gone { error }, _) => {
+                tracing::error!(path = %job.path, %error, "path left the store before it was uploaded; dead-lettered")
+            }
+            _ => {}
         }
         // The root goes before the job: killed in between, the job is still queued and its
         // next attempt finds the narinfos in place (see `upload_closure`); the other order
-        // would leak the root.
-        if !matches!(outcome, Outcome::Transient { .. }) {
+        // would leak the root. A dead letter keeps its root: `retry` must find the path.
+        if matches!(outcome, Outcome::Uploaded | Outcome::Gone { .. }) {
             self.remove_root(&job.path);
         }
-        self.queue.apply(job, &t, now)?;
+        self.queue.apply(job, &t, side, now)?;
         Ok(())
     }
 
@@ -268,14 +324,9 @@ impl Daemon {
                         }
                         self.queue.resolve_drv(&job.path, &outs, now)?;
                     }
-                    Err(e) => self.finish(
-                        job,
-                        Outcome::Transient {
-                            error: format!("outputs of {}: {e}", job.path),
-                            retry_after: None,
-                        },
-                        Vec::new(),
-                    )?,
+                    Err(e) => {
+                        self.finish(job, drv_failure(&self.shared, &job.path, e), Vec::new())?
+                    }
                 }
             }
             let free = concurrency.saturating_sub(running.len());

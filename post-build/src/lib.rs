@@ -13,6 +13,7 @@ pub mod compress;
 pub mod config;
 pub mod daemon;
 pub mod drv;
+pub mod failure;
 pub mod gcroot;
 pub mod hook;
 pub mod queue;

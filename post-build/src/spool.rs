@@ -15,7 +15,9 @@
 //! ```
 //!
 //! `drv` is optional; zero `out` lines with a `drv` line means "outputs unknown, resolve them
-//! from the derivation" (Nix 2.8.0 passes an empty `OUT_PATHS`, NixOS/nix#6446).
+//! from the derivation" (Nix 2.8.0 passes an empty `OUT_PATHS`, NixOS/nix#6446). The hook
+//! writes `drv` only when the outputs came from the derivation or are still unknown: a record
+//! built from `OUT_PATHS` (Nix ≥ 2.14) has `out` lines only, like one written by `push`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;

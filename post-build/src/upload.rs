@@ -10,6 +10,7 @@
 //! (Nix's `BinaryCacheStore::uploadNarInfo` rule; docs/upload.md §3.3).
 
 use crate::compress::{Compression, Compressor, Levels};
+use crate::failure::{Classify, Side};
 use crate::queue::Outcome;
 use crate::target::{NAR_TYPE, NARINFO_TYPE, Target, TargetError, nar_key, narinfo_key};
 use ferry_build_hook::local::{LocalError, LocalStore, topo_sort};
@@ -18,7 +19,7 @@ use ferry_nix::nar::TeeWriter;
 use ferry_nix::narinfo::NarInfo;
 use ferry_nix::serve::PathInfo;
 use ferry_nix::signing::{SecretKey, Signature};
-use ferry_nix::store_path::StoreDir;
+use ferry_nix::store_path::{StoreDir, StorePath};
 use std::collections::{BTreeSet, HashSet};
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
@@ -35,8 +36,24 @@ pub enum PrepareError {
         want: String,
         want_size: u64,
     },
-    #[error("{path}: {message}")]
-    Nar { path: String, message: String },
+    #[error("{path}: serialising the NAR: {source}")]
+    Dump {
+        path: String,
+        #[source]
+        source: ferry_nix::nar::NarWriteError,
+    },
+    #[error("{path}: compressing the NAR: {source}")]
+    Compress {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("work file {path}: {source}")]
+    WorkFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: bad path info: {message}")]
     Info { path: String, message: String },
 }
@@ -126,13 +143,16 @@ pub fn prepare(
     compression: Compression,
 ) -> Result<Prepared, PrepareError> {
     let full = sh.store.real_path(&info.path);
-    let nar_err = |message: String| PrepareError::Nar {
-        path: sh.store_dir.display(&info.path),
-        message,
+    let display = || sh.store_dir.display(&info.path);
+    let compress_err = |source| PrepareError::Compress {
+        path: display(),
+        source,
     };
     let sp = &info.path;
-    std::fs::create_dir_all(&sh.work_dir)
-        .map_err(|e| nar_err(format!("{}: {e}", sh.work_dir.display())))?;
+    std::fs::create_dir_all(&sh.work_dir).map_err(|source| PrepareError::WorkFile {
+        path: sh.work_dir.clone(),
+        source,
+    })?;
     let mut r = [0u8; 4];
     let _ = getrandom::fill(&mut r);
     let file = sh.work_dir.join(format!(
@@ -140,17 +160,24 @@ pub fn prepare(
         sp.hash_part(),
         u32::from_le_bytes(r)
     ));
+    let work_err = |source| PrepareError::WorkFile {
+        path: file.clone(),
+        source,
+    };
     let prepared_file = PreparedFile(file.clone());
-    let f =
-        std::fs::File::create(&file).map_err(|e| nar_err(format!("{}: {e}", file.display())))?;
+    let f = std::fs::File::create(&file).map_err(work_err)?;
     let sink = TeeWriter::new(BufWriter::with_capacity(256 * 1024, f), Sha256Sink::new());
-    let mut comp =
-        Compressor::new(compression, sh.levels, sink).map_err(|e| nar_err(e.to_string()))?;
+    let mut comp = Compressor::new(compression, sh.levels, sink).map_err(compress_err)?;
     let (nar_hash, nar_size) =
-        ferry_nix::nar::dump_path_hashed(&full, &mut comp).map_err(|e| nar_err(e.to_string()))?;
-    let tee = comp.finish().map_err(|e| nar_err(e.to_string()))?;
+        ferry_nix::nar::dump_path_hashed(&full, &mut comp).map_err(|source| {
+            PrepareError::Dump {
+                path: display(),
+                source,
+            }
+        })?;
+    let tee = comp.finish().map_err(compress_err)?;
     let (mut buf, file_sink) = tee.into_inner();
-    buf.flush().map_err(|e| nar_err(e.to_string()))?;
+    buf.flush().map_err(work_err)?;
     let file_size = file_sink.len();
     let file_hash = file_sink.finish();
     if nar_hash != info.nar_hash || nar_size != info.nar_size {
@@ -182,19 +209,34 @@ impl Drop for PreparedFile {
     }
 }
 
-fn transient(error: String, retry_after: Option<std::time::Duration>) -> Outcome {
-    Outcome::Transient { error, retry_after }
+fn transient(error: String, side: Side, retry_after: Option<std::time::Duration>) -> Outcome {
+    Outcome::Transient {
+        error,
+        side,
+        retry_after,
+    }
 }
 
-/// Is this local-store error "the path is not (or no longer) in the store"?
-fn is_gone(e: &LocalError) -> bool {
-    match e {
-        LocalError::NotValid { .. } => true,
-        LocalError::Failed { stderr, .. } => {
-            stderr.contains("is not valid") || stderr.contains("does not exist")
+/// A local-side failure, transient or permanent by its type.
+fn local_failure(e: &(impl Classify + std::fmt::Display)) -> Outcome {
+    if e.is_permanent() {
+        Outcome::Permanent {
+            error: e.to_string(),
+            side: Side::Local,
         }
-        _ => false,
+    } else {
+        transient(e.to_string(), Side::Local, None)
     }
+}
+
+/// Is `path` gone from the store's file system? Asked of the file system rather than read
+/// from Nix's error message (whose wording differs between versions): a valid path always
+/// has its file, so a missing one is certainly not valid.
+pub fn gone_from_store(sh: &Shared, path: &StorePath) -> bool {
+    matches!(
+        std::fs::symlink_metadata(sh.store.real_path(path)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound
+    )
 }
 
 /// Claims `path` for this worker, waiting while another worker uploads it.
@@ -241,39 +283,39 @@ pub async fn upload_closure(sh: &Arc<Shared>, root: &str) -> (Outcome, TargetRes
         Err(e) => {
             return (
                 Outcome::Permanent {
-                    reason: e.to_string(),
+                    error: e.to_string(),
+                    side: Side::Local,
                 },
                 results,
             );
         }
     };
-    let infos = match sh.store.closure_infos(&BTreeSet::from([root_path])).await {
+    let infos = match sh
+        .store
+        .closure_infos(&BTreeSet::from([root_path.clone()]))
+        .await
+    {
         Ok(i) => i,
-        Err(e) if is_gone(&e) => {
+        // Nix says so (2.19+ print `null` for an invalid path), or its file is gone (2.8
+        // exits non-zero with a message that is not worth parsing).
+        Err(e) if matches!(e, LocalError::NotValid { .. }) || gone_from_store(sh, &root_path) => {
             // Uploaded by an earlier run that was killed before it could delete the job
             // (after removing the GC root, so the collector may have taken the path since).
             if everywhere(sh, root).await {
                 return (Outcome::Uploaded, results);
             }
             return (
-                Outcome::Permanent {
-                    reason: format!("no longer in the store: {e}"),
+                Outcome::Gone {
+                    error: format!("no longer in the store: {e}"),
                 },
                 results,
             );
         }
-        Err(e) => return (transient(e.to_string(), None), results),
+        Err(e) => return (local_failure(&e), results),
     };
     let order = match topo_sort(infos) {
         Ok(o) => o,
-        Err(e) => {
-            return (
-                Outcome::Permanent {
-                    reason: e.to_string(),
-                },
-                results,
-            );
-        }
+        Err(e) => return (local_failure(&e), results),
     };
 
     let mut failed: Vec<Option<TargetError>> = sh.targets.iter().map(|_| None).collect();
@@ -323,27 +365,22 @@ pub async fn upload_closure(sh: &Arc<Shared>, root: &str) -> (Outcome, TargetRes
                 match tokio::task::spawn_blocking(move || prepare(&sh2, &info2, compression)).await
                 {
                     Ok(Ok(p)) => p,
-                    Ok(Err(e @ PrepareError::Mismatch { .. })) => {
+                    // The path may have been collected between the query and the dump.
+                    Ok(Err(e)) if gone_from_store(sh, &info.path) => {
                         return (
-                            Outcome::Permanent {
-                                reason: e.to_string(),
+                            Outcome::Gone {
+                                error: format!("no longer in the store: {e}"),
                             },
                             results,
                         );
                     }
-                    Ok(Err(e)) => {
-                        // The path may have been collected between the query and the dump.
-                        if !sh.store.real_path(&info.path).exists() {
-                            return (
-                                Outcome::Permanent {
-                                    reason: e.to_string(),
-                                },
-                                results,
-                            );
-                        }
-                        return (transient(e.to_string(), None), results);
+                    Ok(Err(e)) => return (local_failure(&e), results),
+                    Err(e) => {
+                        return (
+                            transient(format!("NAR worker: {e}"), Side::Local, None),
+                            results,
+                        );
                     }
-                    Err(e) => return (transient(format!("NAR worker: {e}"), None), results),
                 };
             let text = prepared.narinfo.render(&sh.store_dir);
             for &t in need
@@ -379,22 +416,42 @@ pub async fn upload_closure(sh: &Arc<Shared>, root: &str) -> (Outcome, TargetRes
         }
     }
 
-    let mut error = None;
+    // A job is dead-lettered only when every failure was permanent: a transient failure on
+    // another target brings it back anyway, and the permanent one is tried again with it.
+    let mut transient_errors = Vec::new();
+    let mut permanent_errors = Vec::new();
     let mut retry_after = None;
     for (t, f) in failed.into_iter().enumerate() {
         match f {
             None => results.push((t, Ok(uploaded[t]))),
             Some(e) => {
-                retry_after = retry_after.max(e.retry_after());
                 let msg = e.to_string();
-                results.push((t, Err(msg.clone())));
-                error.get_or_insert(msg);
+                if e.is_permanent() {
+                    permanent_errors.push(msg.clone());
+                } else {
+                    retry_after = retry_after.max(e.retry_after());
+                    transient_errors.push(msg.clone());
+                }
+                results.push((t, Err(msg)));
             }
         }
     }
-    match error {
-        None => (Outcome::Uploaded, results),
-        Some(e) => (transient(e, retry_after), results),
+    if !transient_errors.is_empty() {
+        transient_errors.extend(permanent_errors);
+        (
+            transient(transient_errors.join("; "), Side::Target, retry_after),
+            results,
+        )
+    } else if !permanent_errors.is_empty() {
+        (
+            Outcome::Permanent {
+                error: permanent_errors.join("; "),
+                side: Side::Target,
+            },
+            results,
+        )
+    } else {
+        (Outcome::Uploaded, results)
     }
 }
 

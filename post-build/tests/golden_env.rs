@@ -3,6 +3,7 @@
 //! derivation with outputs `out` and `dev`: what `hook::outputs` makes of it.
 
 use ferry_nix::store_path::StoreDir;
+use ferry_post_build::hook::OutputsFrom;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -41,11 +42,12 @@ fn out_paths_and_drv_path_of_every_version() {
             // .drv, which is gone with the throwaway store, so it reports a problem and
             // leaves the outputs to the uploader.
             assert_eq!(out_paths, Some(""));
-            let outs = ferry_post_build::hook::outputs("", Some(drv), &sd, &mut problems);
+            let (outs, from) = ferry_post_build::hook::outputs("", Some(drv), &sd, &mut problems);
             assert!(outs.is_empty() && problems.len() == 1, "{problems:?}");
+            assert_eq!(from, OutputsFrom::Unknown);
             continue;
         }
-        let outs = ferry_post_build::hook::outputs(
+        let (outs, from) = ferry_post_build::hook::outputs(
             out_paths.expect("OUT_PATHS"),
             Some(drv),
             &sd,
@@ -55,5 +57,6 @@ fn out_paths_and_drv_path_of_every_version() {
         outs_sorted.sort();
         assert_eq!(outs_sorted, want, "{ver}");
         assert!(problems.is_empty(), "{ver}: {problems:?}");
+        assert_eq!(from, OutputsFrom::OutPaths, "{ver}");
     }
 }

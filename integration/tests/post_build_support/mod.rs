@@ -370,3 +370,190 @@ pub fn check_cache_dir(dir: &Path) -> usize {
     );
     narinfos.len()
 }
+
+/// Whether a [`GuardedNginx`] takes uploads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Uploads {
+    /// WebDAV `PUT` accepted, as [`start_nginx`]'s.
+    Accepted,
+    /// Reads allowed, every `PUT` answered `403 Forbidden` (`limit_except GET { deny all; }`):
+    /// a cache whose operator has not (yet) let this uploader in.
+    Forbidden,
+}
+
+/// A real nginx serving a binary cache on `host`, refusing or taking uploads; it restarts
+/// with the other policy to turn a refusing cache into a working one.
+pub struct GuardedNginx {
+    pub www: PathBuf,
+    pub url: String,
+    dir: PathBuf,
+    addr: String,
+}
+
+impl GuardedNginx {
+    pub fn start(host: &mut Host, uploads: Uploads) -> GuardedNginx {
+        let dir = host.dir.join("nginx-guarded");
+        let www = dir.join("www");
+        for d in [dir.join("tmp"), www.clone()] {
+            std::fs::create_dir_all(&d).expect("nginx dirs");
+        }
+        let n = GuardedNginx {
+            url: format!("http://{}:{NGINX_PORT}", host.addr),
+            www,
+            dir,
+            addr: host.addr.clone(),
+        };
+        n.write_conf(uploads);
+        n.spawn(host);
+        n
+    }
+
+    fn write_conf(&self, uploads: Uploads) {
+        // `limit_except GET` also allows HEAD; `deny all` answers 403.
+        let guard = match uploads {
+            Uploads::Accepted => "",
+            Uploads::Forbidden => "limit_except GET { deny all; }\n",
+        };
+        let conf = format!(
+            "daemon off;\nuser root;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 512; }}\n\
+             http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n\
+             \x20 fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  scgi_temp_path {d}/tmp/scgi;\n\
+             \x20 server {{\n    listen {addr}:{NGINX_PORT};\n    root {www};\n    client_max_body_size 0;\n\
+             \x20   location / {{\n      dav_methods PUT;\n      create_full_put_path on;\n      dav_access user:rw group:r all:r;\n      {guard}    }}\n  }}\n}}\n",
+            d = self.dir.display(),
+            www = self.www.display(),
+            addr = self.addr,
+        );
+        std::fs::write(self.dir.join("nginx.conf"), conf).expect("nginx.conf");
+    }
+
+    fn spawn(&self, host: &mut Host) {
+        let child = host
+            .command("nginx")
+            .arg("-e")
+            .arg(self.dir.join("error.log"))
+            .arg("-c")
+            .arg(self.dir.join("nginx.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nginx");
+        host.adopt(child);
+        wait_listening(host, NGINX_PORT, "nginx");
+    }
+
+    /// Restarts nginx on `host` with another upload policy, as an operator fixing the cache
+    /// would. A stop and a start rather than `nginx -s reload`: after a reload the old
+    /// worker may still accept a connection or two with the old policy.
+    pub fn set_uploads(&self, host: &mut Host, uploads: Uploads) {
+        let mut c = host.command("nginx");
+        c.arg("-c")
+            .arg(self.dir.join("nginx.conf"))
+            .args(["-s", "stop"]);
+        run(&mut c).expect("nginx -s stop");
+        let netns = host.netns.clone();
+        wait_for("nginx to stop", Duration::from_secs(10), || {
+            Command::new("ip")
+                .args(["netns", "exec", &netns, "ss", "-Hltn", "sport", "="])
+                .arg(format!(":{NGINX_PORT}"))
+                .output()
+                .map(|o| o.status.success() && o.stdout.is_empty())
+                .unwrap_or(false)
+        });
+        self.write_conf(uploads);
+        self.spawn(host);
+    }
+
+    /// `PUT` requests nginx has answered so far, by status code.
+    pub fn puts(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"PUT /"))
+            .filter_map(|l| l.split("HTTP/1.1\" ").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next().map(str::to_owned))
+            .collect()
+    }
+}
+
+/// A host added with `Fleet::add_host`, to change what it runs.
+pub fn host_mut<'a>(fleet: &'a mut Fleet, role: &str) -> &'a mut Host {
+    fleet
+        .others
+        .iter_mut()
+        .find(|h| h.role == role)
+        .unwrap_or_else(|| panic!("no host '{role}' in the fleet"))
+}
+
+/// Stops `host`'s nix-daemon (the listening one, not its per-connection children), as a
+/// `systemctl restart nix-daemon` or an upgrade would for a moment. Returns once it no
+/// longer runs; [`Host::start_nix_daemon`] starts it again.
+pub fn stop_nix_daemon(host: &Host) {
+    let out = Command::new("ip")
+        .args(["netns", "pids", &host.netns])
+        .output()
+        .expect("ip netns pids");
+    let comm = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    let parent = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                // Fields after the command name, which is in parentheses: state, ppid, …
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_owned))
+            })
+            .unwrap_or_default()
+    };
+    let pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .filter(|p| comm(p) == "nix-daemon" && comm(&parent(p)) != "nix-daemon")
+        .collect();
+    assert_eq!(
+        pids.len(),
+        1,
+        "listening nix-daemons of {}: {pids:?}",
+        host.role
+    );
+    let pid = &pids[0];
+    run(Command::new("kill").args(["-TERM", pid])).expect("kill nix-daemon");
+    // Gone or a zombie (the fleet reaps it at teardown).
+    wait_for("the nix-daemon to exit", Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "Z"))
+                    .unwrap_or(true)
+            })
+            .unwrap_or(true)
+    });
+}
+
+/// The spool records waiting in `state/spool/new/`, as text.
+pub fn spool_records(state: &Path) -> Vec<String> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(state.join("spool/new"))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+        .iter()
+        .map(|p| std::fs::read_to_string(p).expect("spool record"))
+        .collect()
+}
+
+/// `ferry-post-build status --json`.
+pub fn status_json(ferry: &Ferry, fleet: &Fleet) -> serde_json::Value {
+    let out = ferry
+        .command(&fleet.client, &["status", "--json"])
+        .output()
+        .expect("status --json");
+    check(&out, "ferry-post-build status --json").unwrap_or_else(|e| panic!("{e}"));
+    serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+}
