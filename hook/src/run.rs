@@ -25,8 +25,9 @@ use ferry_nix::wire::AsyncWireReader;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::AsyncRead;
 
 /// Where things are, from the environment (the daemon's).
@@ -198,6 +199,31 @@ struct Ctx<'a> {
     daemon_settings: &'a [(String, String)],
     /// `stock-hook` from `[build-hook]`.
     stock_hook: Option<String>,
+    /// When this process last waited `slot-wait-ms` for a slot in vain (see [`wait_plan`]).
+    slot_wait_expired: Mutex<Option<Instant>>,
+}
+
+impl Ctx<'_> {
+    fn note_slot_wait_expired(&self) {
+        if let Ok(mut t) = self.slot_wait_expired.lock() {
+            *t = Some(Instant::now());
+        }
+    }
+
+    /// A slot wait of this process ended without a slot less than `build-poll-interval`
+    /// ago: the slots are still full, and the daemon is asking about the other waiting
+    /// derivations of the same round.
+    fn slot_wait_expired_lately(&self) -> bool {
+        let poll = match self.settings.u64("build-poll-interval") {
+            0 => 5,
+            n => n,
+        };
+        self.slot_wait_expired
+            .lock()
+            .ok()
+            .and_then(|t| *t)
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(poll))
+    }
 }
 
 /// Runs the hook; returns the exit status.
@@ -253,6 +279,7 @@ pub async fn run<R: AsyncRead + Unpin>(
         logger,
         daemon_settings: &stream,
         stock_hook,
+        slot_wait_expired: Mutex::new(None),
     };
 
     loop {
@@ -381,12 +408,88 @@ async fn answer(t: &TryRequest, ctx: &Ctx<'_>) -> Answered {
             return Answered::Delegate(others);
         }
     }
-    let (mut healthy, mut probed) = classify_and_probe(ctx, &machines, &right_type).await;
+    let (healthy, probed, mut deferred) = classify_and_probe(ctx, &machines, &right_type).await;
+    let fit = Fit {
+        machines: &machines,
+        right_type: &right_type,
+        need,
+        local,
+    };
+    let known = Known { healthy, probed };
+    let answered = choose(t, ctx, &load_dir, &fit, known, &mut deferred).await;
+    // Builders whose state is still unknown are found out after the answer, not before.
+    release_deferred(ctx, &machines, deferred);
+    answered
+}
+
+/// What one `try` needs, and the builders that can take it (system, features).
+struct Fit<'m> {
+    machines: &'m [Machine],
+    right_type: &'m [usize],
+    need: Need,
+    local: LocalCaps,
+}
+
+/// Which of the fitting builders are known healthy, and the connections their probes
+/// opened (reused for the build).
+struct Known {
+    healthy: BTreeSet<usize>,
+    probed: BTreeMap<usize, Box<remote::Connection>>,
+}
+
+/// Picks a healthy builder with a free slot, connects and replies; when they are all full,
+/// first finds out the builders whose state is unknown and waits (bounded) for a slot, see
+/// [`wait_plan`]; then declines or postpones.
+async fn choose(
+    t: &TryRequest,
+    ctx: &Ctx<'_>,
+    load_dir: &LoadDir,
+    f: &Fit<'_>,
+    mut k: Known,
+    deferred: &mut Vec<(usize, Kind)>,
+) -> Answered {
+    let logger = ctx.logger;
+    let tuning = ctx.prober.tuning;
+    let machines = f.machines;
+    let need = &f.need;
+    let local = &f.local;
+    let mut waited = false;
+    // Whether a `# decline` makes Nix wait for a running build (asked once, when needed).
+    let mut decline_ok: Option<bool> = None;
     loop {
-        let policy = policy_for(ctx, &machines, tuning);
-        let picked = tokio::task::block_in_place(|| {
-            pick(&load_dir, &machines, &need, &local, &healthy, &policy)
+        let policy = policy_for(ctx, machines, tuning);
+        let mut picked = tokio::task::block_in_place(|| {
+            pick(load_dir, machines, need, local, &k.healthy, &policy)
         });
+        if !waited && matches!(picked, Ok((Decision::Postpone, _))) {
+            waited = true;
+            let ok = match decline_ok {
+                Some(ok) => ok,
+                None => local.could_build(need) && decline_waits(ctx, t).await,
+            };
+            decline_ok = Some(ok);
+            if let Some(plan) = wait_plan(ctx, ok, !deferred.is_empty()) {
+                let start = Instant::now();
+                picked = wait_for_machine(ctx, load_dir, f, &mut k, deferred, &plan).await;
+                let still_full = matches!(picked, Ok((Decision::Postpone, _)));
+                if plan.for_slots && still_full {
+                    ctx.note_slot_wait_expired();
+                }
+                logger.log(
+                    Verbosity::CHATTY,
+                    format!(
+                        "ferry-build-hook: every known builder for '{}' was busy; after {} ms {}",
+                        t.drv_path,
+                        start.elapsed().as_millis(),
+                        if still_full {
+                            "still none is free"
+                        } else {
+                            "one is free"
+                        }
+                    ),
+                );
+            }
+        }
         let (decision, slot) = match picked {
             Ok(p) => p,
             Err(e) => {
@@ -398,10 +501,10 @@ async fn answer(t: &TryRequest, ctx: &Ctx<'_>) -> Answered {
         match decision {
             Decision::Use { machine, .. } => {
                 let Some(m) = machines.get(machine) else {
-                    healthy.remove(&machine);
+                    k.healthy.remove(&machine);
                     continue;
                 };
-                let conn = match probed.remove(&machine) {
+                let conn = match k.probed.remove(&machine) {
                     Some(c) => Ok(*c),
                     None => ctx.prober.connect_recorded(m, tuning.probe_timeout).await,
                 };
@@ -412,9 +515,9 @@ async fn answer(t: &TryRequest, ctx: &Ctx<'_>) -> Answered {
                             conn,
                             machine,
                             slot,
-                            machines: machines.clone(),
-                            need,
-                            candidates: right_type.iter().copied().collect(),
+                            machines: machines.to_vec(),
+                            need: f.need.clone(),
+                            candidates: f.right_type.iter().copied().collect(),
                         }));
                     }
                     Err(e) => {
@@ -422,7 +525,7 @@ async fn answer(t: &TryRequest, ctx: &Ctx<'_>) -> Answered {
                             Verbosity::WARN,
                             format!("cannot build on '{}': {e}", m.store_uri),
                         );
-                        healthy.remove(&machine);
+                        k.healthy.remove(&machine);
                     }
                 }
             }
@@ -430,7 +533,11 @@ async fn answer(t: &TryRequest, ctx: &Ctx<'_>) -> Answered {
                 // Every fitting builder is busy. A postponed goal is asked again only every
                 // 5 s; a declined one that the host could build but has no local slot for is
                 // asked again as soon as one of the worker's builds ends (`siblings.rs`).
-                if local.could_build(&need) && decline_waits(ctx, t).await {
+                let ok = match decline_ok {
+                    Some(ok) => ok,
+                    None => local.could_build(need) && decline_waits(ctx, t).await,
+                };
+                if ok {
                     logger.log(
                         Verbosity::CHATTY,
                         format!(
@@ -445,13 +552,159 @@ async fn answer(t: &TryRequest, ctx: &Ctx<'_>) -> Answered {
                 return Answered::Replied;
             }
             Decision::Decline(reason) => {
-                explain_decline(ctx, t, &need, &local, &machines, &right_type, reason);
+                explain_decline(ctx, t, need, local, machines, f.right_type, reason);
                 logger.reply(&Reply::Decline);
                 return Answered::Replied;
             }
         }
     }
 }
+
+/// How long [`wait_for_machine`] may keep the daemon waiting for an answer, and for what.
+#[derive(Debug, Clone, Copy)]
+struct WaitPlan {
+    until: Instant,
+    /// Also wait for a slot of a healthy builder to free, not only for the probes.
+    for_slots: bool,
+}
+
+/// Whether, and how long, to wait before telling the daemon that every builder is busy.
+///
+/// - Builders whose state is unknown (the answer did not wait for their probes because
+///   another builder was known up) are probed now, within the probe budget: one of them may
+///   well have a free slot, and the alternative is a `# postpone`, which Nix asks about again
+///   only after `build-poll-interval` (5 s), however soon a machine frees up: the goal sits
+///   in `waitingForAWhile`, which only the poll timer wakes
+///   (<https://github.com/NixOS/nix/blob/2.34.0/src/libstore/build/worker.cc#L511>,
+///   <https://github.com/NixOS/nix/blob/2.34.0/src/libstore/build/derivation-building-goal.cc#L483>).
+/// - When `# decline` makes Nix wait for a running build instead (`decline_ok`, see
+///   [`decline_waits`]), that is better than any wait here: Nix asks again the moment a
+///   build ends, without blocking. So only the probes are waited for.
+/// - Otherwise (Nix ≥ 2.33 under `max-jobs = 0`, or nothing running to wait for) the hook
+///   waits up to `slot-wait-ms` for a slot. The daemon's worker is blocked reading this
+///   answer meanwhile (`tryBuildHook` reads the reply line with a blocking `readLine`,
+///   <https://github.com/NixOS/nix/blob/2.34.0/src/libstore/build/derivation-building-goal.cc#L1139>),
+///   so it does not drain its other hooks' log pipes: the wait must stay short and bounded,
+///   and a wait that ended without a slot is not repeated by this hook process within the
+///   poll interval (the daemon asks about every waiting derivation in a row).
+fn wait_plan(ctx: &Ctx<'_>, decline_ok: bool, probes_pending: bool) -> Option<WaitPlan> {
+    let tuning = ctx.prober.tuning;
+    let now = Instant::now();
+    // The probes end on their own at the probe budget; the slack lets their results in.
+    let probes_until = now + tuning.probe_timeout + Duration::from_millis(100);
+    let for_slots = !decline_ok && !tuning.slot_wait.is_zero() && !ctx.slot_wait_expired_lately();
+    if for_slots {
+        let until = now + tuning.slot_wait;
+        let until = if probes_pending {
+            until.max(probes_until)
+        } else {
+            until
+        };
+        return Some(WaitPlan { until, for_slots });
+    }
+    probes_pending.then_some(WaitPlan {
+        until: probes_until,
+        for_slots: false,
+    })
+}
+
+/// Waits, within `plan`, until a healthy builder has a free slot: probes the `deferred`
+/// builders in parallel (a builder found up joins `k.healthy`, its connection `k.probed`),
+/// notices builders other hooks found up, and re-measures the slots every 25 ms. Returns
+/// the last selection: `Use` with the slot's lock, or still `Postpone` when the plan ran
+/// out (or, without `for_slots`, when the probes ended). Probes still running then are put
+/// back into `deferred`, for the background.
+async fn wait_for_machine(
+    ctx: &Ctx<'_>,
+    load_dir: &LoadDir,
+    f: &Fit<'_>,
+    k: &mut Known,
+    deferred: &mut Vec<(usize, Kind)>,
+    plan: &WaitPlan,
+) -> Result<(Decision, Option<HeldLock>), crate::slots::SlotError> {
+    let tuning = ctx.prober.tuning;
+    let machines = f.machines;
+    let probe_deadline = Instant::now() + tuning.probe_timeout;
+    let mut set = tokio::task::JoinSet::new();
+    let mut flags = Vec::new();
+    for (i, kind) in deferred.drain(..) {
+        let Some(m) = machines.get(i).cloned() else {
+            continue;
+        };
+        let p = Arc::clone(&ctx.prober);
+        let started = Arc::new(AtomicBool::new(false));
+        flags.push((i, Arc::clone(&started)));
+        set.spawn(async move { (i, p.probe(&m, kind, probe_deadline, &started).await) });
+    }
+    let mut ended = BTreeSet::new();
+    let picked = loop {
+        // Builders found up meanwhile, by these probes or by other hooks.
+        let now_ms = health::now_ms();
+        for &i in f.right_type {
+            if k.healthy.contains(&i) {
+                continue;
+            }
+            if let Some(m) = machines.get(i)
+                && ctx
+                    .prober
+                    .health
+                    .read(&m.store_uri)
+                    .verdict(now_ms, &tuning)
+                    == Verdict::Healthy
+            {
+                k.healthy.insert(i);
+            }
+        }
+        let policy = policy_for(ctx, machines, tuning);
+        let picked = tokio::task::block_in_place(|| {
+            pick(load_dir, machines, &f.need, &f.local, &k.healthy, &policy)
+        });
+        if !matches!(picked, Ok((Decision::Postpone, _))) {
+            break picked;
+        }
+        let probing = !set.is_empty();
+        let left = plan.until.saturating_duration_since(Instant::now());
+        if left.is_zero() || (!probing && !plan.for_slots) {
+            break picked;
+        }
+        tokio::select! {
+            r = set.join_next(), if probing => {
+                if let Some(Ok((i, outcome))) = r {
+                    ended.insert(i);
+                    match outcome {
+                        Outcome::Up(conn) => {
+                            k.healthy.insert(i);
+                            if let Some(c) = conn {
+                                k.probed.insert(i, c);
+                            }
+                        }
+                        Outcome::Down(e) => {
+                            if let Some(m) = machines.get(i) {
+                                ctx.logger.log(
+                                    Verbosity::WARN,
+                                    format!("cannot build on '{}': {e}", m.store_uri),
+                                );
+                            }
+                        }
+                        Outcome::Skipped => {}
+                    }
+                }
+            }
+            () = tokio::time::sleep(SLOT_POLL.min(left)) => {}
+        }
+    };
+    // Dropping the set stops the probes still connecting; the background takes them over.
+    drop(set);
+    for (i, started) in flags {
+        if !ended.contains(&i) && started.load(Ordering::Relaxed) {
+            deferred.push((i, Kind::Fresh));
+        }
+    }
+    picked
+}
+
+/// How often a waiting hook re-measures the slots (a few flock attempts per builder).
+const SLOT_POLL: Duration = Duration::from_millis(25);
 
 /// Whether a `# decline` now makes the daemon wait for a build slot and ask again when one
 /// of its builds ends. With local slots (`max-jobs` > 0) the host is not willing only when
@@ -473,12 +726,20 @@ async fn decline_waits(ctx: &Ctx<'_>, t: &TryRequest) -> bool {
 }
 
 /// Sorts the right-type builders by their health and probes those that need it. Returns
-/// the healthy ones and the connections the probes opened (reused for the build).
+/// the healthy ones, the connections the probes opened (reused for the build), and the
+/// builders whose state is still unknown: when a builder is known up, the answer does not
+/// wait for the others' probes (they run only if the known ones are full, see
+/// [`wait_plan`], or else in the background after the answer); when none is, the probes
+/// the answer stopped waiting for.
 async fn classify_and_probe(
     ctx: &Ctx<'_>,
     machines: &[Machine],
     right_type: &[usize],
-) -> (BTreeSet<usize>, BTreeMap<usize, Box<remote::Connection>>) {
+) -> (
+    BTreeSet<usize>,
+    BTreeMap<usize, Box<remote::Connection>>,
+    Vec<(usize, Kind)>,
+) {
     let now = health::now_ms();
     let tuning = ctx.prober.tuning;
     let mut healthy = BTreeSet::new();
@@ -501,28 +762,8 @@ async fn classify_and_probe(
         }
     }
     let mut conns = BTreeMap::new();
-    if to_probe.is_empty() {
-        return (healthy, conns);
-    }
-    if !healthy.is_empty() {
-        // A builder is known to be up: answer from it now, and find out the others' states
-        // in the background rather than keep the daemon waiting for them.
-        let mut unknown = Vec::new();
-        for (i, kind) in to_probe {
-            let Some(m) = machines.get(i) else { continue };
-            let free = match kind {
-                Kind::HalfOpen(_) => true,
-                // Being probed by another process already: nothing to add.
-                Kind::Fresh => {
-                    matches!(ctx.prober.health.try_probe_lock(&m.store_uri), Ok(Some(_)))
-                }
-            };
-            if free {
-                unknown.push(m);
-            }
-        }
-        probe_in_background(ctx, &unknown);
-        return (healthy, conns);
+    if to_probe.is_empty() || !healthy.is_empty() {
+        return (healthy, conns, to_probe);
     }
     let round = ctx.prober.probe_all(machines, to_probe).await;
     for (i, outcome) in round.outcomes {
@@ -544,13 +785,36 @@ async fn classify_and_probe(
             Outcome::Skipped => {}
         }
     }
-    let unknown: Vec<&Machine> = round
+    let unfinished = round
         .unfinished
-        .iter()
-        .filter_map(|&i| machines.get(i))
+        .into_iter()
+        .map(|i| (i, Kind::Fresh))
         .collect();
+    (healthy, conns, unfinished)
+}
+
+/// After the answer: the builders whose state is still unknown and that nobody is probing
+/// go to a detached process ([`probe_in_background`]).
+fn release_deferred(ctx: &Ctx<'_>, machines: &[Machine], deferred: Vec<(usize, Kind)>) {
+    let mut unknown = Vec::new();
+    for (i, kind) in deferred {
+        let Some(m) = machines.get(i) else { continue };
+        let free = match kind {
+            // Released here, so the detached process can take it.
+            Kind::HalfOpen(lock) => {
+                drop(lock);
+                true
+            }
+            // Being probed by another process already: nothing to add.
+            Kind::Fresh => {
+                matches!(ctx.prober.health.try_probe_lock(&m.store_uri), Ok(Some(_)))
+            }
+        };
+        if free {
+            unknown.push(m);
+        }
+    }
     probe_in_background(ctx, &unknown);
-    (healthy, conns)
 }
 
 /// Says which builders the answer does not wait for, and hands their probes to a detached

@@ -14,8 +14,8 @@ mod hook_health_support;
 
 use ferry_integration::{check, nonce, out_paths, trivial_drv};
 use hook_health_support::{
-    Hook, hook_command, install_script, machine_line_with, many, row, settled_row, start, status,
-    timed_build, write_machines,
+    Hook, hook_command, install_script, machine_line_with, many, many_slow, row, settled_row,
+    start, status, timed_build, write_machines,
 };
 use std::time::Duration;
 
@@ -287,6 +287,64 @@ fn busy_builders_are_asked_again_when_a_build_ends_not_after_the_poll_interval()
     assert!(built_on(&tf, &paths).iter().all(|on| on == &[0]));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("waiting for a machine"), "postponed: {err}");
+}
+
+/// The everyday state under `max-jobs = 0`: b0 is known up (an earlier build used only it)
+/// and b1 has never been reached. Five derivations of one second each fill b0's two slots
+/// (shorter builds could free them before the daemon asks about the third); the third must not
+/// be postponed while b1 is merely unknown (a postponed goal is asked again only after
+/// `build-poll-interval`, 5 s, on every Nix version), so the hook probes b1 then and there,
+/// and a derivation that finds every slot taken waits briefly for one inside the hook
+/// rather than `# postpone` (Nix ≥ 2.33 fails a declined derivation under `max-jobs = 0`).
+/// Nix must never print "waiting for a machine", and both builders must build.
+#[test]
+fn known_full_builder_next_to_unknown_one_never_waits_for_a_machine() {
+    let tf = start(Hook::Ferry, 2, 2, "");
+    let (l0, l1) = (
+        tf.machine_line(0).expect("l0"),
+        tf.machine_line(1).expect("l1"),
+    );
+    write_machines(&tf, std::slice::from_ref(&l0));
+    let (out, _) = timed_build(&tf, &trivial_drv(&nonce(), "warm"), &["-j0"], LIMIT);
+    check(&out.expect("warm-up timed out"), "warm-up")
+        .unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    write_machines(&tf, &[l0, l1]);
+    let rows = status(&tf);
+    assert_eq!(row(&tf, &rows, 0)["state"], "up");
+    assert_eq!(row(&tf, &rows, 1)["state"], "unknown");
+
+    let (out, t) = timed_build(&tf, &many_slow(&nonce(), 5, 1), &["-j0"], LIMIT);
+    let out = out.expect("timed out");
+    check(&out, "build").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("waiting for a machine"), "postponed: {err}");
+    let on = built_on(&tf, &out_paths(&out));
+    assert!(on.iter().any(|o| o == &[0]), "b0 unused: {on:?}");
+    assert!(on.iter().any(|o| o == &[1]), "b1 unused: {on:?}");
+    println!(
+        "{}: b0 known up, b1 unknown, -j0, 5 derivations: {t:?}",
+        ferry_integration::Nix::under_test()
+    );
+}
+
+/// One blackholed and one healthy builder (two slots), no health state, `max-jobs = 0`,
+/// three derivations: the third finds b1 full while b0's probe is still running. It must
+/// neither be postponed nor fail: the hook waits, within its bound, for b0's verdict or a
+/// free slot on b1, whichever comes first.
+#[test]
+fn blackholed_and_full_healthy_builder_never_waits_for_a_machine() {
+    let tf = start(Hook::Ferry, 2, 2, "");
+    tf.blackhole(0).expect("blackhole");
+    let (out, t) = timed_build(&tf, &many(&nonce(), 3), &["-j0"], LIMIT);
+    let out = out.expect("timed out");
+    check(&out, "build").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("waiting for a machine"), "postponed: {err}");
+    assert!(built_on(&tf, &out_paths(&out)).iter().all(|on| on == &[1]));
+    println!(
+        "{}: 1 blackholed + 1 healthy, -j0, 3 derivations: {t:?}",
+        ferry_integration::Nix::under_test()
+    );
 }
 
 /// Benchmark, stock untuned vs stock tuned (`NIX_SSHOPTS="-o ConnectTimeout=2"`) vs Ferry on

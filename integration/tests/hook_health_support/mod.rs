@@ -71,6 +71,20 @@ pub fn many(nonce: &str, n: usize) -> String {
     format!("[ {} ]", drvs.join(" "))
 }
 
+/// `n` derivations in one expression whose builds take `secs` seconds each (`sleep`), so
+/// that a builder's slots stay taken while the daemon asks about the next ones.
+pub fn many_slow(nonce: &str, n: usize, secs: u32) -> String {
+    let drvs: Vec<String> = (0..n)
+        .map(|k| {
+            format!(
+                r#"(builtins.derivation {{ name = "ferry-slow-{nonce}-{k}"; system = "{}"; builder = "/bin/sh"; args = [ "-c" "sleep {secs}; echo {k} > $out" ]; PATH = "/usr/bin:/bin"; }})"#,
+                ferry_integration::SYSTEM
+            )
+        })
+        .collect();
+    format!("[ {} ]", drvs.join(" "))
+}
+
 /// `nix-build` with a time limit: `None` if it was still running at `limit` (then killed).
 pub fn timed_build(
     f: &Fleet,
