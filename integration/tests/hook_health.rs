@@ -347,6 +347,65 @@ fn blackholed_and_full_healthy_builder_never_waits_for_a_machine() {
     );
 }
 
+/// `check-config` and `status` report whether the running daemon runs Ferry's hook. Nix
+/// 2.25–2.33 ignore `build-hook` in nix.conf (NixOS/nix#15083), so a hook set only there is
+/// not in effect: reported with the fix (`NIX_CONFIG` in the daemon's environment), and
+/// proven by a build that leaves no trace in Ferry's health state. On other versions the
+/// same nix.conf works. The fleet's usual set-up (the hook also in the daemon's
+/// `NIX_CONFIG` on those versions) is reported in effect everywhere.
+#[test]
+fn check_config_says_whether_the_daemon_runs_this_hook() {
+    let nix = ferry_integration::Nix::under_test();
+    let ferry = ferry_integration::ferry_bin("ferry-build-hook");
+    // Set through an include, which the fleet does not copy into NIX_CONFIG.
+    let inc = tempfile::tempdir().expect("tmp");
+    let inc_file = inc.path().join("hook.conf");
+    std::fs::write(&inc_file, format!("build-hook = {}\n", ferry.display())).expect("write");
+    let tf = hook_health_support::start_plain(1, 1, &format!("include {}", inc_file.display()));
+    let out = hook_command(&tf, &["check-config"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let status_text = String::from_utf8_lossy(&hook_command(&tf, &["status"]).stdout).into_owned();
+    let (out2, _) = timed_build(&tf, &trivial_drv(&nonce(), "which"), &["-j0"], LIMIT);
+    check(&out2.expect("timed out"), "build").unwrap_or_else(|e| panic!("{e}"));
+    let state = row(&tf, &status(&tf), 0)["state"].clone();
+    println!("{nix}, build-hook in nix.conf only:\n{text}");
+    if nix.ignores_build_hook_in_conf() {
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(text.contains("NOT in effect"), "{text}");
+        assert!(text.contains("ignores build-hook in nix.conf"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "Environment=\"NIX_CONFIG=build-hook = {}\"",
+                ferry.display()
+            )),
+            "{text}"
+        );
+        assert!(status_text.contains("NOT in effect"), "{status_text}");
+        // The daemon really ran the stock hook: Ferry recorded nothing.
+        assert_eq!(state, "unknown", "{nix}: Ferry's hook ran");
+    } else {
+        assert_eq!(out.status.code(), Some(0), "{text}");
+        assert!(text.contains("build hook: in effect"), "{text}");
+        assert!(text.contains("hook.conf:1"), "{text}");
+        assert!(
+            status_text.contains("build hook: in effect"),
+            "{status_text}"
+        );
+        assert_eq!(state, "up", "{nix}: Ferry's hook did not run");
+    }
+    drop(tf);
+
+    let tf = start(Hook::Ferry, 1, 1, "");
+    let out = hook_command(&tf, &["check-config"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("build hook: in effect"), "{text}");
+    if nix.ignores_build_hook_in_conf() {
+        assert!(text.contains("NIX_CONFIG:"), "{text}");
+    }
+    println!("{nix}, the fleet's usual set-up:\n{text}");
+}
+
 /// Benchmark, stock untuned vs stock tuned (`NIX_SSHOPTS="-o ConnectTimeout=2"`) vs Ferry on
 /// fresh fleets in the same run, 5 trivial derivations per build:
 /// - A: one blackholed builder, `-j1` (local fallback); goal: Ferry ≤ 3 s;
@@ -464,4 +523,169 @@ fn bench_dead_builders_stock_vs_ferry() {
         show(get("A: 1 blackholed, -j1", Hook::Ferry)),
         show(get("C: all blackholed, -j0 (to failure)", Hook::Ferry))
     );
+}
+
+/// The states `bench_max_jobs_zero_per_nix_version` measures, each on a fresh fleet of two
+/// builders with two slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// No health state: nothing known about either builder.
+    Fresh,
+    /// An earlier build went to b0 alone (b1 was not configured yet): b0 known up, b1
+    /// unknown, the everyday state.
+    OneKnown,
+    /// An earlier build of five went to both, and both are known up.
+    Warm,
+    /// b0 blackholed, b1 healthy, no health state.
+    OneBlackholed,
+    /// Both blackholed: time until the build fails.
+    AllDead,
+}
+
+impl State {
+    const ALL: [State; 5] = [
+        State::Fresh,
+        State::OneKnown,
+        State::Warm,
+        State::OneBlackholed,
+        State::AllDead,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            State::Fresh => "2 healthy, no health state",
+            State::OneKnown => "2 healthy, b0 known, b1 unknown",
+            State::Warm => "2 healthy, both known (warm)",
+            State::OneBlackholed => "1 blackholed + 1 healthy",
+            State::AllDead => "all blackholed (to failure)",
+        }
+    }
+}
+
+/// One measurement: seconds for `nix-build -j0` of five trivial derivations in `state`, or
+/// `None` when it was still running at `cap`.
+fn measure(hook: Hook, nix: &ferry_integration::Nix, state: State, cap: Duration) -> Option<f64> {
+    let tf = hook_health_support::start_on(hook, 2, 2, "", Some(nix.clone()));
+    let warm_up = |expr: &str| {
+        let (o, _) = timed_build(&tf, expr, &["-j0"], LIMIT);
+        check(&o.expect("warm-up timed out"), "warm-up").unwrap_or_else(|e| panic!("{e}"));
+    };
+    match state {
+        State::Fresh => {}
+        State::OneKnown => {
+            let (l0, l1) = (
+                tf.machine_line(0).expect("l0"),
+                tf.machine_line(1).expect("l1"),
+            );
+            write_machines(&tf, std::slice::from_ref(&l0));
+            warm_up(&trivial_drv(&nonce(), "warm"));
+            write_machines(&tf, &[l0, l1]);
+        }
+        State::Warm => {
+            warm_up(&many(&nonce(), 5));
+            if hook == Hook::Ferry {
+                settled_row(&tf, 0);
+                settled_row(&tf, 1);
+            }
+        }
+        State::OneBlackholed => tf.blackhole(0).expect("blackhole"),
+        State::AllDead => {
+            tf.blackhole(0).expect("blackhole");
+            tf.blackhole(1).expect("blackhole");
+        }
+    }
+    let (o, t) = timed_build(&tf, &many(&nonce(), 5), &["-j0"], cap);
+    let o = o?;
+    if state == State::AllDead {
+        assert!(
+            !o.status.success(),
+            "{hook:?} {nix}: built with every builder dead"
+        );
+    } else {
+        check(&o, state.label()).unwrap_or_else(|e| panic!("{hook:?} {nix}: {e}"));
+    }
+    Some(t.as_secs_f64())
+}
+
+/// Benchmark, per Nix version, stock (tuned: `NIX_SSHOPTS="-o ConnectTimeout=2"`, the bar
+/// of fleet.md) against Ferry in the same run: `max-jobs = 0`, five trivial derivations,
+/// two builders with two slots, in each [`State`]. Rounds alternate which hook goes first;
+/// the medians and Ferry/stock ratios are printed. `FERRY_BENCH_NIX=2.8,2.34` picks the
+/// versions (default: all of `integration/nix-versions`), `FERRY_BENCH_ROUNDS` the rounds
+/// (default 3), `FERRY_BENCH_CAP_SECS` the cap per build (default 60).
+#[test]
+#[ignore]
+fn bench_max_jobs_zero_per_nix_version() {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let versions: Vec<ferry_integration::Nix> = match env("FERRY_BENCH_NIX") {
+        Some(list) => list
+            .split(',')
+            .map(|l| ferry_integration::Nix::by_label(l.trim()).expect("FERRY_BENCH_NIX"))
+            .collect(),
+        None => ferry_integration::Nix::all(),
+    };
+    let rounds: usize = env("FERRY_BENCH_ROUNDS")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let cap = Duration::from_secs(
+        env("FERRY_BENCH_CAP_SECS")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(60),
+    );
+    let median = |v: &[Option<f64>]| -> Option<f64> {
+        let mut xs: Vec<f64> = v.iter().map(|x| x.unwrap_or(cap.as_secs_f64())).collect();
+        xs.sort_by(f64::total_cmp);
+        xs.get(xs.len() / 2).copied()
+    };
+    for nix in &versions {
+        let mut times: Vec<(State, Vec<Option<f64>>, Vec<Option<f64>>)> = State::ALL
+            .iter()
+            .map(|&s| (s, Vec::new(), Vec::new()))
+            .collect();
+        for round in 0..rounds {
+            let order = if round % 2 == 0 {
+                [Hook::StockTuned, Hook::Ferry]
+            } else {
+                [Hook::Ferry, Hook::StockTuned]
+            };
+            for hook in order {
+                for (state, stock, ferry) in times.iter_mut() {
+                    let t = measure(hook, nix, *state, cap);
+                    if hook == Hook::Ferry {
+                        ferry.push(t);
+                    } else {
+                        stock.push(t);
+                    }
+                }
+            }
+        }
+        println!(
+            "\n{nix}, -j0, 5 trivial derivations, 2 builders x 2 slots, median of {rounds}\n{:<34} {:>12} {:>10} {:>12}",
+            "state", "stock tuned", "ferry", "ferry/stock"
+        );
+        for (state, stock, ferry) in &times {
+            let (s, f) = (median(stock), median(ferry));
+            let show = |x: Option<f64>| {
+                x.map_or("-".to_owned(), |t| {
+                    if t >= cap.as_secs_f64() {
+                        format!(">= {} s", cap.as_secs())
+                    } else {
+                        format!("{t:.2} s")
+                    }
+                })
+            };
+            let ratio = match (s, f) {
+                (Some(s), Some(f)) if s > 0.0 => format!("{:.2}", f / s),
+                _ => "n/a".to_owned(),
+            };
+            println!(
+                "{:<34} {:>12} {:>10} {:>12}",
+                state.label(),
+                show(s),
+                show(f),
+                ratio
+            );
+            println!("    stock {stock:.2?}\n    ferry {ferry:.2?}");
+        }
+    }
 }
