@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon_check;
 pub mod delegate;
+pub mod fault;
 pub mod health;
 pub mod health_store;
 pub mod local;

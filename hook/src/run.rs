@@ -7,6 +7,7 @@
 
 use crate::config::{self, Tuning};
 use crate::delegate;
+use crate::fault::{self, Fault};
 use crate::health::{self, LocalSituation, Verdict};
 use crate::health_store::HealthStore;
 use crate::local::{AnyImporter, LocalStore};
@@ -995,7 +996,12 @@ async fn build<R: AsyncRead + Unpin>(
     // but that may not be writable).
     let mut failed = BTreeSet::new();
     let load_dir = LoadDir::open(&ctx.env.nix_state_dir).ok();
-    let upload = loop {
+    // Transient failures left to retry (`fault.rs`), and whether the current builder was
+    // already given its second chance.
+    let mut retries_left = fault::RETRIES;
+    let mut retried_here = false;
+    let mut importer: Option<AnyImporter> = None;
+    loop {
         let Some(m) = machines.get(machine) else {
             return 1;
         };
@@ -1006,83 +1012,148 @@ async fn build<R: AsyncRead + Unpin>(
                 .ok()
                 .flatten()
         });
-        let e = match remote::upload(&mut conn, &job, &local, logger, upload_lock).await {
-            Ok(tr) => break tr,
-            Err(e) => e,
-        };
-        if !e.is_builder_fault() {
-            logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
-            return e.exit_code();
-        }
-        // The builder broke before the build started: the machine name the daemon printed
-        // is cosmetic, so another healthy builder can take over (hook-protocol.md §7.5).
-        ctx.prober.record_down(&m.store_uri, &e.to_string());
-        let _ = tokio::time::timeout(Duration::from_secs(2), conn.close()).await;
-        drop(slot.take());
-        failed.insert(machine);
-        match failover(
-            ctx,
-            load_dir.as_ref(),
-            &machines,
-            &need,
-            &candidates,
-            &mut failed,
-        )
-        .await
-        {
-            Some((c, i, s)) => {
+        let (e, remote_stderr, build_started) =
+            match remote::upload(&mut conn, &job, &local, logger, upload_lock).await {
+                Ok(upload) => {
+                    // The remote log goes to fd 4 as it arrives.
+                    let (forwarder, tail) = conn.forward_log(ctx.env.build_log.clone());
+                    // After the accept, once per hook process: `auto` runs `nix-store --version`.
+                    if importer.is_none() {
+                        let chosen =
+                            AnyImporter::choose(ctx.prober.tuning.import_method, &local).await;
+                        logger.log(
+                        Verbosity::TALKATIVE,
+                        format!(
+                            "ferry-build-hook: importing the outputs of '{}' with import-method {}",
+                            t.drv_path,
+                            chosen.name()
+                        ),
+                    );
+                        importer = Some(chosen);
+                    }
+                    let Some(imp) = importer.as_ref() else {
+                        return 1;
+                    };
+                    let result = remote::build_and_fetch(&mut conn, &job, &drv, imp).await;
+                    conn.close().await;
+                    let _ = tokio::time::timeout(Duration::from_secs(5), forwarder).await;
+                    match result {
+                        Ok((build_secs, fetched)) => {
+                            drop(slot);
+                            let bytes = upload.bytes + fetched.bytes;
+                            let secs = upload.secs + fetched.secs;
+                            let _ = ctx.prober.health.update(&m.store_uri, |h| {
+                                h.record_build(health::now_ms(), build_secs, Some((bytes, secs)))
+                            });
+                            return 0;
+                        }
+                        Err(e) => {
+                            let tail = tail.lock().map(|t| t.clone()).unwrap_or_default();
+                            (e, String::from_utf8_lossy(&tail).into_owned(), true)
+                        }
+                    }
+                }
+                Err(e) => {
+                    // The builder's side often says why only on its stderr.
+                    let closing = tokio::time::timeout(Duration::from_secs(3), conn.close());
+                    let stderr = match closing.await {
+                        Ok(mut tap) => tap.collect(Duration::from_millis(500)).await,
+                        Err(_) => String::new(),
+                    };
+                    (e, stderr, false)
+                }
+            };
+        let fault = fault::classify(&e, &remote_stderr);
+        match fault {
+            Fault::Transient(why) if retries_left > 0 => {
+                retries_left -= 1;
+                let n = fault::RETRIES - retries_left;
+                tokio::time::sleep(fault::backoff(n)).await;
+                // Once more on the same builder, then on another one.
+                let again = if retried_here {
+                    None
+                } else {
+                    ctx.prober
+                        .connect_recorded(m, ctx.prober.tuning.probe_timeout)
+                        .await
+                        .ok()
+                };
+                let (c, i, s) = match again {
+                    Some(c) => (c, machine, slot.take()),
+                    None => {
+                        drop(slot.take());
+                        failed.insert(machine);
+                        let Some(next) = failover(
+                            ctx,
+                            load_dir.as_ref(),
+                            &machines,
+                            &need,
+                            &candidates,
+                            &mut failed,
+                        )
+                        .await
+                        else {
+                            logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
+                            return e.exit_code();
+                        };
+                        next
+                    }
+                };
+                retried_here = i == machine;
                 logger.log(
                     Verbosity::WARN,
                     format!(
-                        "ferry-build-hook: copying to '{}' failed ({e}); building on '{}' instead",
-                        m.store_uri,
-                        machines.get(i).map_or("?", |x| x.store_uri.as_str())
+                        "ferry-build-hook: {e} ({}); trying again on '{}' (retry {n} of {})",
+                        why.describe(),
+                        machines.get(i).map_or("?", |x| x.store_uri.as_str()),
+                        fault::RETRIES
                     ),
                 );
                 (conn, machine, slot) = (c, i, s);
             }
-            None => {
-                logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
-                return 1;
-            }
-        }
-    };
-    let Some(m) = machines.get(machine) else {
-        return 1;
-    };
-
-    // The remote log goes to fd 4 as it arrives.
-    let forwarder = conn.forward_log(ctx.env.build_log.clone());
-    // After the accept, once per hook process: `auto` runs `nix-store --version`.
-    let importer = AnyImporter::choose(ctx.prober.tuning.import_method, &local).await;
-    logger.log(
-        Verbosity::TALKATIVE,
-        format!(
-            "ferry-build-hook: importing the outputs of '{}' with import-method {}",
-            t.drv_path,
-            importer.name()
-        ),
-    );
-    let result = remote::build_and_fetch(&mut conn, &job, &drv, &importer).await;
-    conn.close().await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), forwarder).await;
-    drop(slot);
-    match result {
-        Ok((build_secs, fetched)) => {
-            let bytes = upload.bytes + fetched.bytes;
-            let secs = upload.secs + fetched.secs;
-            let _ = ctx.prober.health.update(&m.store_uri, |h| {
-                h.record_build(health::now_ms(), build_secs, Some((bytes, secs)))
-            });
-            0
-        }
-        Err(e) => {
-            if e.is_builder_fault() {
+            Fault::Builder if !build_started => {
+                // The builder broke before the build started: the machine name the daemon
+                // printed is cosmetic, so another healthy builder can take over
+                // (hook-protocol.md §7.5).
                 ctx.prober.record_down(&m.store_uri, &e.to_string());
+                drop(slot.take());
+                failed.insert(machine);
+                match failover(
+                    ctx,
+                    load_dir.as_ref(),
+                    &machines,
+                    &need,
+                    &candidates,
+                    &mut failed,
+                )
+                .await
+                {
+                    Some((c, i, s)) => {
+                        logger.log(
+                            Verbosity::WARN,
+                            format!(
+                                "ferry-build-hook: copying to '{}' failed ({e}); building on '{}' instead",
+                                m.store_uri,
+                                machines.get(i).map_or("?", |x| x.store_uri.as_str())
+                            ),
+                        );
+                        retried_here = false;
+                        (conn, machine, slot) = (c, i, s);
+                    }
+                    None => {
+                        logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
+                        return 1;
+                    }
+                }
             }
-            // Shown to the client once; the remote log already went to fd 4.
-            logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
-            e.exit_code()
+            _ => {
+                if fault == Fault::Builder {
+                    ctx.prober.record_down(&m.store_uri, &e.to_string());
+                }
+                // Shown to the client once; the remote log already went to fd 4.
+                logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
+                return e.exit_code();
+            }
         }
     }
 }
