@@ -272,6 +272,51 @@ fn copy_failure_after_accept_fails_over_to_another_builder() {
     );
 }
 
+/// A transient builder error after the accept is retried: b0's first serve session does the
+/// handshake, then ends the way Nix ends it when its database is busy (`error: SQLite
+/// database '…' is busy` on stderr, connection closed). The hook classifies that as
+/// transient, waits a moment, connects again and builds on b0; b0 is not marked down. The
+/// same ending without a cause on stderr stays a builder failure (see the failover test).
+#[test]
+fn transient_builder_error_after_accept_is_retried() {
+    let tf = start(Hook::Ferry, 1, 1, "");
+    install_script(
+        &tf,
+        0,
+        "/nix/var/ferry-busy-once",
+        "if [ ! -e /nix/var/ferry-busy-once.done ]; then touch /nix/var/ferry-busy-once.done; \
+         head -c 16 | nix-store \"$@\"; \
+         echo \"error: SQLite database '/nix/var/nix/db/db.sqlite' is busy\" >&2; exit 1; fi; \
+         exec nix-store \"$@\"",
+    );
+    write_machines(
+        &tf,
+        &[machine_line_with(
+            &tf,
+            0,
+            "?remote-program=/nix/var/ferry-busy-once",
+            1,
+        )],
+    );
+    let (out, _) = timed_build(&tf, &trivial_drv(&nonce(), "busy"), &["-j0"], LIMIT);
+    let out = out.expect("timed out");
+    check(&out, "build after a busy database")
+        .unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    assert!(tf.builders[0].has_store_path(&out_paths(&out)[0]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("database was busy") && err.contains("trying again on"),
+        "{err}"
+    );
+    assert!(
+        tf.builders[0]
+            .nix_path("/nix/var/ferry-busy-once.done")
+            .exists()
+    );
+    let r0 = row(&tf, &status(&tf), 0);
+    assert_eq!(r0["state"], "up", "{r0}");
+}
+
 /// Every builder busy and `max-jobs = 0`: the stock answer, `# postpone`, makes Nix 2.8 ask
 /// again only every `build-poll-interval` (5 s), however soon a slot frees. Ferry declines
 /// while the daemon's worker has builds running, which makes Nix ask again as soon as one
