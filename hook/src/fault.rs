@@ -14,8 +14,8 @@
 //!   (<https://github.com/NixOS/nix/blob/2.8.0/src/libstore/sqlite.cc#L19-L23>,
 //!   <https://github.com/NixOS/nix/blob/2.34.0/src/libstore/sqlite.cc#L49>); SQLite's own
 //!   `database is locked`;
-//! - `Connection reset by peer`, `Broken pipe` (Nix's `writing to file: Broken pipe`), and
-//!   OpenSSH's `kex_exchange_identification: Connection closed by remote host` /
+//! - `Connection reset by peer` (the network or the builder's kernel reset the connection;
+//!   not `Broken pipe`, which only says that the other process is gone), and OpenSSH's `kex_exchange_identification: Connection closed by remote host` /
 //!   `Connection closed by <addr> port <port>` before authentication (`MaxStartups`);
 //! - `Resource temporarily unavailable` (a `fork` or socket that hit a passing limit).
 
@@ -82,7 +82,7 @@ pub fn transient_in(text: &str) -> Option<Transient> {
     {
         return Some(Transient::DatabaseBusy);
     }
-    if text.contains("Connection reset by peer") || text.contains("Broken pipe") {
+    if text.contains("Connection reset by peer") {
         return Some(Transient::ConnectionReset);
     }
     if text.contains("kex_exchange_identification")
@@ -99,9 +99,11 @@ pub fn transient_in(text: &str) -> Option<Transient> {
 
 /// Classifies `e`, with `remote_stderr` (what the builder's side printed, often the only
 /// place the cause is named: the serve protocol has no error replies outside build
-/// results).
+/// results). Transient causes are looked for in what the builder said (its stderr, a build
+/// result's message, a handshake error's captured stderr) and in the kind of a socket error,
+/// never in Ferry's own wording: a write that fails with `EPIPE` only says the remote
+/// process is gone, for whatever reason.
 pub fn classify(e: &RemoteError, remote_stderr: &str) -> Fault {
-    let text = format!("{e}\n{remote_stderr}");
     match e {
         // A remote build that ran and failed is the derivation's business, unless Nix on
         // the builder says it could not even record it (a busy database).
@@ -110,23 +112,22 @@ pub fn classify(e: &RemoteError, remote_stderr: &str) -> Fault {
             None => Fault::Final,
         },
         RemoteError::Serve(s) => {
-            if let ServeError::Send { source, .. } = s.as_ref()
-                && matches!(
-                    source.kind(),
-                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-                )
-                && !PERMANENT.iter().any(|p| remote_stderr.contains(p))
-            {
+            if !e.is_builder_fault() {
+                return Fault::Final;
+            }
+            if let Some(t) = transient_in(remote_stderr) {
+                return Fault::Transient(t);
+            }
+            let reset = matches!(s.as_ref(), ServeError::Send { source, .. }
+                if source.kind() == std::io::ErrorKind::ConnectionReset);
+            if reset && !PERMANENT.iter().any(|p| remote_stderr.contains(p)) {
                 return Fault::Transient(Transient::ConnectionReset);
             }
-            match (transient_in(&text), e.is_builder_fault()) {
-                (Some(t), true) => Fault::Transient(t),
-                (_, true) => Fault::Builder,
-                (_, false) => Fault::Final,
-            }
+            Fault::Builder
         }
+        // These carry the builder's stderr in their message.
         RemoteError::Handshake { .. } | RemoteError::CommandNotFound { .. } => {
-            match transient_in(&text) {
+            match transient_in(&format!("{e}\n{remote_stderr}")) {
                 Some(t) => Fault::Transient(t),
                 None => Fault::Builder,
             }
@@ -185,10 +186,8 @@ mod tests {
                 "error: executing SQLite statement 'insert into ValidPaths …': database is locked",
                 Some(Transient::DatabaseBusy),
             ),
-            (
-                "error: writing to file: Broken pipe",
-                Some(Transient::ConnectionReset),
-            ),
+            // The remote process is gone: that says nothing about why.
+            ("error: writing to file: Broken pipe", None),
             (
                 "client_loop: send disconnect: Connection reset by peer",
                 Some(Transient::ConnectionReset),
