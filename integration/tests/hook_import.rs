@@ -90,7 +90,7 @@ fn assert_method(out: &std::process::Output, method: &str) {
 }
 
 #[test]
-fn restore_imports_a_chain_and_auto_picks_held_locks_on_2_8() {
+fn restore_imports_a_chain_and_auto_picks_by_nix_version() {
     let tf = start(Hook::Ferry, 1, 2, "import-method = \"restore\"");
     let out = tf.nix_build(&chain_drv(&nonce()), &["-j0", "-v"]);
     check(
@@ -113,12 +113,18 @@ fn restore_imports_a_chain_and_auto_picks_held_locks_on_2_8() {
     assert_eq!(copy, "leaf\n");
     no_leftovers(&tf);
 
-    // The hook reads its configuration per process: `auto` on Nix 2.8 is held-locks.
+    // The hook reads its configuration per process: `auto` is held-locks before Nix 2.29
+    // (which removed NIX_HELD_LOCKS), restore from then on.
     std::fs::write(&tf.config, "[build-hook]\nimport-method = \"auto\"\n").expect("config");
     let out = tf.nix_build(&trivial_drv(&nonce(), "auto"), &["-j0", "-v"]);
     check(&out, "nix-build with import-method auto")
         .unwrap_or_else(|e| panic!("{e}\ndaemon log:\n{}", tf.daemon_log()));
-    assert_method(&out, "held-locks");
+    let auto = if ferry_integration::Nix::under_test().minor() < (2, 29) {
+        "held-locks"
+    } else {
+        "restore"
+    };
+    assert_method(&out, auto);
     same_on_both_sides(&tf, &out_paths(&out)[0]);
 }
 
