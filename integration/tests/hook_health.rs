@@ -656,9 +656,10 @@ fn measure(hook: Hook, nix: &ferry_integration::Nix, state: State, cap: Duration
 /// Benchmark, per Nix version, stock (tuned: `NIX_SSHOPTS="-o ConnectTimeout=2"`, the bar
 /// of fleet.md) against Ferry in the same run: `max-jobs = 0`, five trivial derivations,
 /// two builders with two slots, in each [`State`]. Rounds alternate which hook goes first;
-/// the medians and Ferry/stock ratios are printed. `FERRY_BENCH_NIX=2.8,2.34` picks the
-/// versions (default: all of `integration/nix-versions`), `FERRY_BENCH_ROUNDS` the rounds
-/// (default 3), `FERRY_BENCH_CAP_SECS` the cap per build (default 60).
+/// the medians and Ferry/stock ratios are printed. Runs on the version under test
+/// (`FERRY_NIX`; `dev/bench` runs every version), or on each of `FERRY_BENCH_NIX=2.8,2.34`;
+/// `FERRY_BENCH_ROUNDS` sets the rounds (default 3), `FERRY_BENCH_CAP_SECS` the cap per
+/// build (default 60).
 #[test]
 #[ignore]
 fn bench_max_jobs_zero_per_nix_version() {
@@ -668,7 +669,7 @@ fn bench_max_jobs_zero_per_nix_version() {
             .split(',')
             .map(|l| ferry_integration::Nix::by_label(l.trim()).expect("FERRY_BENCH_NIX"))
             .collect(),
-        None => ferry_integration::Nix::all(),
+        None => vec![ferry_integration::Nix::under_test()],
     };
     let rounds: usize = env("FERRY_BENCH_ROUNDS")
         .and_then(|v| v.parse().ok())
