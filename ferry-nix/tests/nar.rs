@@ -1,5 +1,5 @@
-//! NAR tests: dumps compared with `nix-store --dump` of Nix 2.8.0 (golden files from
-//! `tests/golden/regen-nar.sh`), parse/restore round trips, one test per class of
+//! NAR tests: dumps compared with `nix-store --dump` of Nix 2.8.0, 2.26 and 2.34 (golden
+//! files from `tests/golden/regen-nar.sh`, run by `regen-version.sh` for the newer ones), parse/restore round trips, one test per class of
 //! malformed input, and the safety properties of `restore`.
 #![cfg(unix)]
 
@@ -25,13 +25,25 @@ fn golden_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/nar")
 }
 
+/// The golden directories of each Nix version in integration/nix-versions: 2.8 at the top
+/// (regen-nar.sh on this machine), the others in nix-LABEL/ (regen-version.sh LABEL).
+const VERSIONS: [&str; 3] = ["", "nix-2.26", "nix-2.34"];
+
 fn golden(case: &str) -> Vec<u8> {
-    fs::read(golden_dir().join(format!("{case}.nar"))).expect("golden NAR")
+    golden_of("", case)
+}
+
+fn golden_of(ver: &str, case: &str) -> Vec<u8> {
+    fs::read(golden_dir().join(ver).join(format!("{case}.nar"))).expect("golden NAR")
 }
 
 /// `(size, hex, nix32)` from hashes.txt.
 fn golden_hashes(case: &str) -> (u64, String, String) {
-    let text = fs::read_to_string(golden_dir().join("hashes.txt")).expect("hashes.txt");
+    golden_hashes_of("", case)
+}
+
+fn golden_hashes_of(ver: &str, case: &str) -> (u64, String, String) {
+    let text = fs::read_to_string(golden_dir().join(ver).join("hashes.txt")).expect("hashes.txt");
     for line in text.lines() {
         let f: Vec<&str> = line.split(' ').collect();
         if f.first() == Some(&case) {
@@ -100,14 +112,15 @@ fn dump_matches_nix_store_dump() {
         build_case(case, &at);
         let mut out = Vec::new();
         let size = nar::dump_path(&at, &mut out).expect("dump");
-        assert_eq!(out, golden(case), "{case}");
         assert_eq!(size, out.len() as u64, "{case}");
-
         let (hash, size2) = nar::dump_path_hashed(&at, std::io::sink()).expect("dump hashed");
-        let (want_size, hex, nix32) = golden_hashes(case);
-        assert_eq!(size2, want_size, "{case}");
-        assert_eq!(hash.to_base16(), hex, "{case}");
-        assert_eq!(hash.to_nix32(), nix32, "{case}");
+        for ver in VERSIONS {
+            assert_eq!(out, golden_of(ver, case), "{ver} {case}");
+            let (want_size, hex, nix32) = golden_hashes_of(ver, case);
+            assert_eq!(size2, want_size, "{ver} {case}");
+            assert_eq!(hash.to_base16(), hex, "{ver} {case}");
+            assert_eq!(hash.to_nix32(), nix32, "{ver} {case}");
+        }
     }
 }
 

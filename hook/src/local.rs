@@ -467,6 +467,10 @@ impl LocalStore {
             return true;
         };
         let (scheme, query) = uri.split_once('?').unwrap_or((uri, ""));
+        // Nix 2.34 hands the hook `store` rendered as a URI, `local://?root=/r` for
+        // `local?root=/r` (ferry-nix/tests/golden/wire/nix-2.34/hook-stdin.bin;
+        // https://github.com/NixOS/nix/blob/2.34.0/src/libstore/store-reference.cc).
+        let scheme = scheme.strip_suffix("://").unwrap_or(scheme);
         let local = matches!(scheme, "auto" | "local" | "daemon") || scheme.starts_with("unix://");
         local
             && !query
@@ -1454,16 +1458,201 @@ mod tests {
             Some("daemon"),
             Some("unix:///nix/var/nix/daemon-socket/socket"),
             Some("local?root=/tmp/r"),
+            // As Nix 2.34 sends them in the settings stream.
+            Some("local://?root=/tmp/r"),
+            Some("local://"),
+            Some("daemon://"),
         ] {
             assert!(with(ok).files_readable_here(), "{ok:?}");
         }
         for no in [
             Some("local?real=/elsewhere"),
             Some("local?store=/other/store"),
+            Some("local://?real=/elsewhere"),
             Some("ssh://h"),
             Some("s3://bucket"),
         ] {
             assert!(!with(no).files_readable_here(), "{no:?}");
+        }
+    }
+
+    /// The Nix versions of `integration/nix-versions` and their directory of
+    /// `ferry-nix/tests/golden/cli/` (regen-cli.sh; 2.26 and 2.34 through regen-version.sh).
+    fn cli_goldens() -> Vec<(&'static str, std::path::PathBuf)> {
+        let base =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ferry-nix/tests/golden/cli");
+        vec![
+            ("2.8", base.clone()),
+            ("2.26", base.join("nix-2.26")),
+            ("2.34", base.join("nix-2.34")),
+        ]
+    }
+
+    fn read_golden(dir: &std::path::Path, rel: &str) -> String {
+        let p = dir.join(rel);
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    }
+
+    /// `<key> <value>` lines (paths.txt, statuses.txt) as a map.
+    fn golden_map(dir: &std::path::Path, rel: &str) -> BTreeMap<String, String> {
+        read_golden(dir, rel)
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    /// Every `nix path-info --json` output the real Nix versions printed parses to the store
+    /// objects regen-cli.sh made, with `--json-format 1` and `2` where the version has them;
+    /// where it has not, the refusal names the flag, which is what `path_info_json`'s retry
+    /// looks for. The NAR hashes agree with `nix-store -q --hash`, what RestoreImporter checks.
+    #[test]
+    fn real_path_info_json_of_every_version() {
+        for (label, dir) in cli_goldens() {
+            let paths = golden_map(&dir, "paths.txt");
+            let statuses = golden_map(&dir, "statuses.txt");
+            let p = |name: &str| {
+                let text = paths.get(name).unwrap_or_else(|| panic!("{label}: {name}"));
+                sd().parse(text).expect("golden store path")
+            };
+            let valid: BTreeSet<StorePath> = ["hello", "tree", "flat", "text", "built"]
+                .into_iter()
+                .map(p)
+                .collect();
+            let q_hash: Vec<Hash> = read_golden(&dir, "query/hash.out")
+                .lines()
+                .map(|l| Hash::parse_any_prefixed(l).expect("nix-store -q --hash"))
+                .collect();
+            for case in ["valid", "closure", "invalid", "drv"] {
+                let mut shapes = Vec::new();
+                for fmt in ["", ".f1", ".f2"] {
+                    let stem = format!("path-info/{case}{fmt}");
+                    let what = format!("Nix {label} {stem}");
+                    let status = statuses.get(&stem).map(String::as_str);
+                    if status != Some("0") {
+                        assert!(!fmt.is_empty() && label != "2.34", "{what}: {status:?}");
+                        let err = read_golden(&dir, &format!("{stem}.stderr"));
+                        assert!(err.contains("--json-format"), "{what}: {err}");
+                        continue;
+                    }
+                    let text = read_golden(&dir, &format!("{stem}.json"));
+                    let got = parse_path_info_json(&text, &sd());
+                    if case == "invalid" {
+                        let e = got.expect_err(&what);
+                        assert!(
+                            matches!(&e, LocalError::NotValid { path } if *path == sd().display(&p("missing"))),
+                            "{what}: {e}"
+                        );
+                        continue;
+                    }
+                    let infos = got.unwrap_or_else(|e| panic!("{what}: {e}"));
+                    let by: BTreeMap<StorePath, PathInfo> =
+                        infos.into_iter().map(|i| (i.path.clone(), i)).collect();
+                    let names: BTreeSet<StorePath> = by.keys().cloned().collect();
+                    match case {
+                        "valid" => assert_eq!(names, valid, "{what}"),
+                        "closure" => {
+                            assert_eq!(names, BTreeSet::from([p("built"), p("hello")]), "{what}")
+                        }
+                        _ => assert!(
+                            names.contains(&p("built-drv")) && names.contains(&p("hello")),
+                            "{what}: {names:?}"
+                        ),
+                    }
+                    let hello = &by[&p("hello")];
+                    assert_eq!(hello.nar_hash, q_hash[0], "{what}");
+                    assert!(
+                        hello
+                            .ca
+                            .as_deref()
+                            .is_some_and(|c| c.starts_with("fixed:r:sha256:")),
+                        "{what}: {:?}",
+                        hello.ca
+                    );
+                    if let Some(built) = by.get(&p("built")) {
+                        assert_eq!(built.nar_hash, q_hash[1], "{what}");
+                        assert_eq!(built.deriver, Some(p("built-drv")), "{what}");
+                        // `echo $out > $out`: a self-reference besides hello.
+                        assert_eq!(
+                            built.references,
+                            BTreeSet::from([p("built"), p("hello")]),
+                            "{what}"
+                        );
+                        assert_eq!(built.ca, None, "{what}");
+                    }
+                    if case == "valid" {
+                        let ca = |n: &str| by[&p(n)].ca.clone().unwrap_or_default();
+                        assert!(ca("flat").starts_with("fixed:sha256:"), "{what}");
+                        assert!(ca("tree").starts_with("fixed:r:sha256:"), "{what}");
+                        assert!(ca("text").starts_with("text:sha256:"), "{what}");
+                        assert_eq!(by[&p("text")].references, BTreeSet::from([p("hello")]));
+                    }
+                    // registrationTime aside, every format says the same thing.
+                    shapes.push(by);
+                }
+                assert!(
+                    shapes.windows(2).all(|w| w[0] == w[1]),
+                    "Nix {label} {case}"
+                );
+            }
+        }
+    }
+
+    /// `nix-store --version` of each real Nix: the version Ferry reads picks the importer
+    /// (`NIX_HELD_LOCKS` is gone from 2.29) and whether a decline under max-jobs 0 waits.
+    #[test]
+    fn real_nix_versions_choose_the_importer() {
+        for (label, dir) in cli_goldens() {
+            for file in ["versions/nix-store.txt", "versions/nix.txt"] {
+                let text = read_golden(&dir, file);
+                let v = parse_nix_version(&text).unwrap_or_else(|| panic!("{label}: {text}"));
+                assert_eq!(format!("{}.{}", v.major, v.minor), label, "{file}");
+                assert!(!v.lix);
+                assert_eq!(held_locks_supported(&v), label != "2.34", "{label}");
+                assert_eq!(
+                    decline_waits_with_max_jobs_zero(&v),
+                    label == "2.8",
+                    "{label}"
+                );
+            }
+        }
+    }
+
+    /// What RestoreImporter reads from `nix-store --check-validity --print-invalid` (one
+    /// invalid path a line, exit 0) and `-q --hash` (one hash a line; an invalid path fails).
+    #[test]
+    fn real_nix_store_queries_of_every_version() {
+        for (label, dir) in cli_goldens() {
+            let paths = golden_map(&dir, "paths.txt");
+            let statuses = golden_map(&dir, "statuses.txt");
+            for q in [
+                "check-validity-invalid",
+                "check-validity-valid",
+                "hash",
+                "references",
+            ] {
+                assert_eq!(statuses[&format!("query/{q}")], "0", "Nix {label} {q}");
+            }
+            assert_ne!(statuses["query/hash-invalid"], "0", "Nix {label}");
+            let invalid: Vec<StorePath> = read_golden(&dir, "query/check-validity-invalid.out")
+                .lines()
+                .map(|l| sd().parse(l.trim()).expect("a store path a line"))
+                .collect();
+            assert_eq!(
+                invalid,
+                [sd().parse(&paths["missing"]).expect("path")],
+                "{label}"
+            );
+            assert_eq!(
+                read_golden(&dir, "query/check-validity-valid.out"),
+                "",
+                "{label}"
+            );
+            assert_eq!(
+                read_golden(&dir, "query/hash.out").lines().count(),
+                2,
+                "Nix {label}: one line per path"
+            );
         }
     }
 }

@@ -511,4 +511,99 @@ mod tests {
             assert_eq!(read_request(&mut r).await.expect("end"), Request::Done);
         });
     }
+    /// The settings stream and `try` of each Nix version in `integration/nix-versions`: the
+    /// wire/ goldens (build-hook set with `--option`, regen-wire.sh) and the cli/ ones
+    /// (regen-cli.sh: set in NIX_CONFIG, in nix.conf, with `--option`; Nix 2.26 never ran
+    /// the one from nix.conf). The argv each hook got parses to its verbosity.
+    #[test]
+    fn real_hook_stdin_of_every_version() {
+        let golden =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ferry-nix/tests/golden");
+        for (label, sub) in [("2.8", ""), ("2.26", "nix-2.26"), ("2.34", "nix-2.34")] {
+            let wire = golden.join("wire").join(sub);
+            let cli = golden.join("cli").join(sub);
+            let read = |p: std::path::PathBuf| {
+                std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            };
+            let expected = String::from_utf8(read(wire.join("hook-expected.txt"))).expect("utf-8");
+            let want = |k: &str| {
+                expected
+                    .lines()
+                    .find_map(|l| l.strip_prefix(k)?.strip_prefix(' ').map(str::to_owned))
+                    .unwrap_or_else(|| panic!("{k}"))
+            };
+            assert!(
+                want("nix-version").contains(&format!(" {label}.")),
+                "{label}"
+            );
+            let called = String::from_utf8(read(cli.join("hook/called.txt"))).expect("utf-8");
+            let mut streams = vec![(
+                read(wire.join("hook-stdin.bin")),
+                want("builders"),
+                want("drv"),
+                "ferry-wire",
+                want("build-hook"),
+            )];
+            for line in called.lines() {
+                let Some((how, outcome)) = line.split_once(' ') else {
+                    panic!("{line}")
+                };
+                if outcome != "called" {
+                    assert_eq!((label, how), ("2.26", "nix-conf"), "{line}");
+                    continue;
+                }
+                let argv: Vec<String> =
+                    String::from_utf8(read(cli.join(format!("hook/{how}.argv"))))
+                        .expect("utf-8")
+                        .lines()
+                        .map(str::to_owned)
+                        .collect();
+                assert_eq!(
+                    parse_args(&argv).expect("argv"),
+                    Verbosity::INFO,
+                    "{label} {how}"
+                );
+                let stdin = read(cli.join(format!("hook/{how}.stdin")));
+                let hook = argv[0].clone();
+                streams.push((
+                    stdin,
+                    "ssh://ferry-cli-nowhere".into(),
+                    String::new(),
+                    "ferry-cli",
+                    hook,
+                ));
+            }
+            assert!(streams.len() >= 3, "Nix {label}");
+            for (bytes, builders, drv, feature, hook) in streams {
+                block_on(async {
+                    let mut r = AsyncWireReader::new(&bytes[..]);
+                    let settings = read_settings(&mut r).await.expect("settings");
+                    let get = |k: &str| {
+                        settings
+                            .iter()
+                            .find(|(n, _)| n == k)
+                            .map(|(_, v)| v.clone())
+                    };
+                    assert_eq!(get("builders"), Some(builders), "Nix {label}");
+                    assert_eq!(
+                        get("system-features"),
+                        Some(feature.to_owned()),
+                        "Nix {label}"
+                    );
+                    assert_eq!(get("build-hook"), Some(hook), "Nix {label}");
+                    let Request::Try(t) = read_request(&mut r).await.expect("try") else {
+                        panic!("no try")
+                    };
+                    if !drv.is_empty() {
+                        assert_eq!(t.drv_path, drv, "Nix {label}");
+                    }
+                    assert!(t.drv_path.ends_with(".drv"), "Nix {label}");
+                    assert_eq!(t.needed_system, "x86_64-linux");
+                    assert!(t.am_willing, "max-jobs 1: a local slot is free");
+                    assert_eq!(t.required_features, BTreeSet::from([feature.to_owned()]));
+                    assert_eq!(read_request(&mut r).await.expect("end"), Request::Done);
+                });
+            }
+        }
+    }
 }

@@ -104,7 +104,7 @@ impl Nix {
     /// only the daemon's environment (`NIX_CONFIG`) sets it there.
     pub fn ignores_build_hook_in_conf(&self) -> bool {
         let v = self.minor();
-        v >= (2, 25) && v < (2, 34)
+        ((2, 25)..(2, 34)).contains(&v)
     }
 
     /// The root file system of this version, built on first use (`dev/rootfs`).

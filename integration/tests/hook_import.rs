@@ -90,7 +90,7 @@ fn assert_method(out: &std::process::Output, method: &str) {
 }
 
 #[test]
-fn restore_imports_a_chain_and_auto_picks_by_nix_version() {
+fn restore_imports_a_chain_and_auto_picks_the_method_by_nix_version() {
     let tf = start(Hook::Ferry, 1, 2, "import-method = \"restore\"");
     let out = tf.nix_build(&chain_drv(&nonce()), &["-j0", "-v"]);
     check(
@@ -113,18 +113,18 @@ fn restore_imports_a_chain_and_auto_picks_by_nix_version() {
     assert_eq!(copy, "leaf\n");
     no_leftovers(&tf);
 
-    // The hook reads its configuration per process: `auto` is held-locks before Nix 2.29
-    // (which removed NIX_HELD_LOCKS), restore from then on.
+    // The hook reads its configuration per process: `auto` is held-locks where Nix still
+    // honours NIX_HELD_LOCKS (before 2.29), restore + register-validity after.
     std::fs::write(&tf.config, "[build-hook]\nimport-method = \"auto\"\n").expect("config");
     let out = tf.nix_build(&trivial_drv(&nonce(), "auto"), &["-j0", "-v"]);
     check(&out, "nix-build with import-method auto")
         .unwrap_or_else(|e| panic!("{e}\ndaemon log:\n{}", tf.daemon_log()));
-    let auto = if ferry_integration::Nix::under_test().minor() < (2, 29) {
+    let want = if tf.client.nix.minor() < (2, 29) {
         "held-locks"
     } else {
         "restore"
     };
-    assert_method(&out, auto);
+    assert_method(&out, want);
     same_on_both_sides(&tf, &out_paths(&out)[0]);
 }
 

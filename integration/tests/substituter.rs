@@ -450,6 +450,13 @@ fn json_num(json: &str, key: &str) -> f64 {
 #[test]
 #[ignore]
 fn bench_substituter_against_direct_upstream() {
+    // Ferry's own figures against the upstream asked directly: nothing here depends on the
+    // client's Nix, and the driver is the machine's Python, so it runs in the pass for the
+    // machine's own Nix only.
+    if ferry_integration::Nix::under_test() != ferry_integration::Nix::native() {
+        eprintln!("bench_substituter_against_direct_upstream: runs with this machine's Nix only");
+        return;
+    }
     let keys_dir = tempfile::tempdir().expect("tempdir");
     let key = generate_key(keys_dir.path(), "ferry-test-cache-1");
     let mut fleet = fleet(&key.public);
@@ -556,4 +563,94 @@ fn paths_of_closure_on(fleet: &ferry_integration::Fleet, role: &str, top: &str) 
         .lines()
         .map(str::to_owned)
         .collect()
+}
+
+/// Runs `nix-store --realise paths` on `host` with a time limit; `None` if it was still
+/// running at `limit` (then killed), else the time and whether it succeeded.
+fn timed_realise(
+    host: &ferry_integration::Host,
+    paths: &[String],
+    limit: Duration,
+) -> Option<(Duration, bool)> {
+    let mut c = host.nix_command("nix-store");
+    c.arg("--realise")
+        .args(paths)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let t = Instant::now();
+    let mut child = c.spawn().expect("nix-store --realise");
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some((t.elapsed(), status.success()));
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Benchmark, per Nix version (`FERRY_NIX`; `dev/bench` runs each): 9 paths substituted by a
+/// fresh client whose first cache is black-holed, stock Nix (the cache list in its own
+/// `substituters`, untuned and tuned with `connect-timeout = 2`) against the same client
+/// behind Ferry (upstreams black-holed then healthy), and the healthy cache alone as the
+/// floor, in the same run.
+#[test]
+#[ignore]
+fn bench_dead_first_cache_stock_vs_ferry() {
+    let keys_dir = tempfile::tempdir().expect("tempdir");
+    let key = generate_key(keys_dir.path(), "ferry-test-cache-1");
+    let mut fleet = fleet(&key.public);
+    add_producer(&mut fleet);
+    let dir = fleet.root.path().join("cache-good");
+    let mut paths = Vec::new();
+    for _ in 0..3 {
+        let top = build_on_producer(&fleet, &producer_only_drv(&nonce(), 1000));
+        copy_to_cache(&fleet, &top, &dir, &key.secret, "none");
+        paths.extend(paths_of_closure_on(&fleet, "producer", &top[0]));
+    }
+    let good = serve_cache(&mut fleet, "cache-good", "good", &dir);
+    let hole = serve_cache(&mut fleet, "cache-hole", "good", &dir);
+    blackhole_port(fleet.host("cache-hole"), CACHE_PORT).expect("blackhole");
+    let limit = Duration::from_secs(60);
+    let mut stock_client = |role: &str, substituters: &str, extra: &str| {
+        let h = fleet.add_client(role).expect("client host");
+        h.write_nix_conf(&format!(
+            "substituters = {substituters}\ntrusted-public-keys = {}\nrequire-sigs = true\nmax-jobs = 0\n{extra}",
+            key.public
+        ))
+        .expect("nix.conf");
+        h.start_nix_daemon(&[]).expect("daemon");
+    };
+    stock_client("direct", &good, "");
+    stock_client("stock", &format!("{hole} {good}"), "");
+    stock_client("tuned", &format!("{hole} {good}"), "connect-timeout = 2\n");
+    let run = |role: &str| timed_realise(fleet.host(role), &paths, limit);
+    let direct = run("direct");
+    let stock = run("stock");
+    let tuned = run("tuned");
+    let _ferry = start_ferry(&fleet, &[hole, good], "");
+    let via = timed_realise(&fleet.client, &paths, limit);
+    let show = |r: Option<(Duration, bool)>| match r {
+        None => format!("> {} s (stopped)", limit.as_secs()),
+        Some((d, true)) => format!("{:.2} s", d.as_secs_f64()),
+        Some((d, false)) => format!("failed after {:.2} s", d.as_secs_f64()),
+    };
+    let secs = |r: Option<(Duration, bool)>| r.map_or(limit.as_secs_f64(), |(d, _)| d.as_secs_f64());
+    assert!(via.is_some_and(|(_, ok)| ok), "Ferry: {}", show(via));
+    eprintln!(
+        "{}: {} paths, first cache black-holed: healthy cache alone {}; stock {}; stock tuned (connect-timeout = 2) {}; \
+         Ferry {} (Ferry/tuned {:.3}, Ferry/untuned <= {:.3})",
+        ferry_integration::Nix::under_test(),
+        paths.len(),
+        show(direct),
+        show(stock),
+        show(tuned),
+        show(via),
+        secs(via) / secs(tuned),
+        secs(via) / secs(stock),
+    );
 }

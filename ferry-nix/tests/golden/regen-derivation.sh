@@ -14,7 +14,8 @@
 # do not depend on where the scratch directory is); no daemon, no network, nothing is built.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-out=$here/derivation
+# FERRY_NIX_LABEL (set by regen-version.sh): another Nix version, written to derivation/nix-LABEL/.
+out=$here/derivation${FERRY_NIX_LABEL:+/nix-$FERRY_NIX_LABEL}
 work=$(mktemp -d /tmp/ferry-regen-derivation.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/conf" "$out"

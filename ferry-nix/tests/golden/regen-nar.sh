@@ -30,7 +30,8 @@
 #   <case> <NAR size> <sha256 hex of the NAR> <nix-hash --type sha256 --base32 of the tree>
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-out="$here/nar"
+# FERRY_NIX_LABEL (set by regen-version.sh): another Nix version, written to nar/nix-LABEL/.
+out="$here/nar${FERRY_NIX_LABEL:+/nix-$FERRY_NIX_LABEL}"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 umask 022

@@ -16,7 +16,10 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-out="$here/narinfo"
+# FERRY_NIX_LABEL (set by regen-version.sh): another Nix version, written to narinfo/nix-LABEL/;
+# the test keys stay shared in narinfo/.
+keys="$here/narinfo"
+out="$here/narinfo${FERRY_NIX_LABEL:+/nix-$FERRY_NIX_LABEL}"
 mkdir -p "$out"
 
 tmp=$(mktemp -d)
@@ -30,8 +33,8 @@ mkdir -p "$HOME"
 store="local?root=$tmp/root"
 
 for k in 1 2; do
-  if [[ ! -f "$out/ferry-test-$k.sec" || ! -f "$out/ferry-test-$k.pub" ]]; then
-    nix-store --generate-binary-cache-key "ferry-test-$k" "$out/ferry-test-$k.sec" "$out/ferry-test-$k.pub"
+  if [[ ! -f "$keys/ferry-test-$k.sec" || ! -f "$keys/ferry-test-$k.pub" ]]; then
+    nix-store --generate-binary-cache-key "ferry-test-$k" "$keys/ferry-test-$k.sec" "$keys/ferry-test-$k.pub"
   fi
 done
 
@@ -66,16 +69,21 @@ built=$(nix-build --store "$store" --no-out-link --option substituters '' \
 
 paths=("$hello" "$tree" "$flat" "$text" "$built")
 
-nix store sign --store "$store" --key-file "$out/ferry-test-1.sec" "${paths[@]}"
+nix store sign --store "$store" --key-file "$keys/ferry-test-1.sec" "${paths[@]}"
 
 # Nix's own signatures from the store DB: one "<store path> <sig>" line per signature.
+# Perl's core JSON::PP rather than jq, which the Debian root file systems lack; it reads both
+# shapes: an array of objects with "path" (Nix 2.8-2.18) and an object keyed by path (2.19+).
 nix path-info --store "$store" --json "${paths[@]}" |
-  jq -r '.[] | .path as $p | (.signatures // [])[] | "\($p) \(.)"' | LC_ALL=C sort >"$out/sigs.txt"
+  perl -MJSON::PP -0777 -ne '$j = decode_json($_);
+    @e = ref $j eq "ARRAY" ? map { [$_->{path}, $_] } @$j : map { [$_, $j->{$_}] } keys %$j;
+    for $e (@e) { print "$e->[0] $_\n" for @{ $e->[1]{signatures} || [] } }' |
+  LC_ALL=C sort >"$out/sigs.txt"
 
 for c in none xz; do
   rm -rf "${out:?}/$c"
   mkdir -p "$out/$c"
-  nix copy --store "$store" --to "file://$tmp/cache-$c?compression=$c&secret-key=$out/ferry-test-2.sec" "${paths[@]}"
+  nix copy --store "$store" --to "file://$tmp/cache-$c?compression=$c&secret-key=$keys/ferry-test-2.sec" "${paths[@]}"
   cp "$tmp/cache-$c"/*.narinfo "$out/$c/"
   cp "$tmp/cache-$c/nix-cache-info" "$out/$c/nix-cache-info"
 done

@@ -13,9 +13,16 @@
 # reproducible) are committed inputs; this script writes only nixconf/out/.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)/nixconf
-out="$here/out"
+# FERRY_NIX_LABEL (set by regen-version.sh): another Nix version, written to out/nix-LABEL/.
+out="$here/out${FERRY_NIX_LABEL:+/nix-$FERRY_NIX_LABEL}"
 mkdir -p "$out"
 nix --version
+# `nix show-config` became `nix config show` in Nix 2.20 (the old name warns since); 2.8 has
+# only the old one. https://github.com/NixOS/nix/blob/2.20.0/src/nix/config.cc
+show=(show-config)
+if nix --extra-experimental-features nix-command config show >/dev/null 2>&1; then
+  show=(config show)
+fi
 for dir in "$here"/dirs/*/; do
   dir=${dir%/}
   name=$(basename "$dir")
@@ -23,7 +30,7 @@ for dir in "$here"/dirs/*/; do
   if [[ -f "$dir/NIX_CONFIG" ]]; then
     envs+=(NIX_CONFIG="$(cat "$dir/NIX_CONFIG")")
   fi
-  env -i "${envs[@]}" nix --extra-experimental-features nix-command show-config 2>/dev/null \
+  env -i "${envs[@]}" nix --extra-experimental-features nix-command "${show[@]}" 2>/dev/null \
     | sed "s|$dir|@CONFDIR@|g" > "$out/$name.show-config"
   echo "wrote $out/$name.show-config"
 done

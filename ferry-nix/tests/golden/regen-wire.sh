@@ -12,7 +12,8 @@
 # Everything runs against a throwaway chroot store; no daemon, no network.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-out=$here/wire
+# FERRY_NIX_LABEL (set by regen-version.sh): another Nix version, written to wire/nix-LABEL/.
+out=$here/wire${FERRY_NIX_LABEL:+/nix-$FERRY_NIX_LABEL}
 # A fixed scratch path rather than mktemp: the store URI and the hook's path are part of the
 # settings stream Nix sends to the hook, so a random name would make every run differ.
 work=/tmp/ferry-regen-wire
@@ -88,7 +89,8 @@ nix-store "${nixopts[@]}" --serve <"$out/serve-request.bin" >"$out/serve-reply.b
     echo "nar-size $(nix-store "${nixopts[@]}" -q --size "$p")"
     echo "nar-hash $(nix-store "${nixopts[@]}" -q --hash "$p")"
     echo "ca $(nix --extra-experimental-features nix-command path-info "${nixopts[@]}" --json "$p" |
-      jq -r '.[0].ca // ""')"
+      perl -MJSON::PP -0777 -ne '$j = decode_json($_);
+        ($e) = ref $j eq "ARRAY" ? @$j : values %$j; print $e->{ca} // ""')"
   done
 } >"$out/serve-expected.txt"
 

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 const CACHE_PORT: u16 = 8080;
 const SUBSTITUTER: &str = "127.0.0.1:37515";
+/// The port of [`SUBSTITUTER`].
+const SUBSTITUTER_PORT: u16 = 37515;
 
 fn list_expr(exprs: &[String]) -> String {
     format!(
@@ -236,18 +238,9 @@ fn main() -> Result<()> {
         .spawn()?;
     laptop2.adopt(substituter);
     let laptop2 = fleet.host("laptop2");
-    wait_for("ferry-substituter", Duration::from_secs(10), || {
-        laptop2
-            .command("python3")
-            .args([
-                "-c",
-                "import sys,urllib.request as u; u.urlopen(sys.argv[1], timeout=1)",
-                &format!("http://{SUBSTITUTER}/nix-cache-info"),
-            ])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    })?;
+    // Ready once it listens (checked from outside: the host may run another Debian, without
+    // the machine's tools).
+    ferry_integration::wait_listening(laptop2, SUBSTITUTER_PORT)?;
     let (paths, secs) = build(laptop2, &list_expr(&exprs_all)).map_err(|e| {
         let log = std::fs::read_to_string(work.path().join("substituter.log")).unwrap_or_default();
         anyhow!("{e}\nferry-substituter log:\n{log}")
