@@ -50,7 +50,8 @@ enum Cmd {
         #[arg(long, default_value = "russh")]
         transport: String,
     },
-    /// Check the [build-hook] section of ferry.toml and the builders in nix.conf.
+    /// Check the [build-hook] section of ferry.toml, the builders in nix.conf, and whether
+    /// the running nix-daemon uses this hook (exit 1 if it does not, with how to fix it).
     CheckConfig,
     /// Used by the hook itself: probe the builders given as machines-file lines on stdin,
     /// record the results, print nothing (see `probe::hand_off`).
@@ -253,6 +254,16 @@ pub fn main(argv: &[String]) -> i32 {
     }
 }
 
+/// The daemon's socket: `NIX_DAEMON_SOCKET_PATH`, else `<state dir>/daemon-socket/socket`.
+fn daemon_socket(env: &Env) -> std::path::PathBuf {
+    std::env::var_os("NIX_DAEMON_SOCKET_PATH")
+        .filter(|p| !p.is_empty())
+        .map_or_else(
+            || env.nix_state_dir.join("daemon-socket/socket"),
+            std::path::PathBuf::from,
+        )
+}
+
 /// Runs `f` on a runtime like the hook's; connections still closing in the background get
 /// 100 ms, then the command ends without them.
 fn block_on<F: std::future::Future>(f: F) -> anyhow::Result<F::Output> {
@@ -269,6 +280,18 @@ fn command(cmd: Cmd, env: &Env) -> anyhow::Result<i32> {
     match cmd {
         Cmd::Status { json, builders } => {
             let ms = machines(env, builders.as_deref())?;
+            let hook = block_on(crate::daemon_check::inspect(
+                std::path::Path::new("/proc"),
+                &daemon_socket(env),
+            ))?;
+            if json {
+                // The rows stay the JSON document; a hook not in effect is worth a warning.
+                if !hook.in_effect {
+                    eprint!("{}", hook.text);
+                }
+            } else {
+                print!("{}", hook.text);
+            }
             print(&rows(env, &ms), json)?;
             Ok(0)
         }
@@ -328,9 +351,10 @@ fn command(cmd: Cmd, env: &Env) -> anyhow::Result<i32> {
             let t = config::load(&env.config_path)?;
             println!("{}: ok", env.config_path.display());
             println!(
-                "[build-hook]\nprobe-timeout-ms = {}\nprobe-grace-ms = {}\nbackoff-base-secs = {}\nbackoff-cap-secs = {}\nstale-after-secs = {}\nprefer-remote = {}\nprobe-transport = \"{}\"\nbuild-transport = \"{}\"\nimport-method = \"{}\"",
+                "[build-hook]\nprobe-timeout-ms = {}\nprobe-grace-ms = {}\nslot-wait-ms = {}\nbackoff-base-secs = {}\nbackoff-cap-secs = {}\nstale-after-secs = {}\nprefer-remote = {}\nprobe-transport = \"{}\"\nbuild-transport = \"{}\"\nimport-method = \"{}\"",
                 t.probe_timeout.as_millis(),
                 t.probe_grace.as_millis(),
+                t.slot_wait.as_millis(),
                 t.backoff_base.as_secs(),
                 t.backoff_cap.as_secs(),
                 t.stale_after.as_secs(),
@@ -346,7 +370,14 @@ fn command(cmd: Cmd, env: &Env) -> anyhow::Result<i32> {
                 env.conf_dir.join("nix.conf").display(),
                 ms.len()
             );
-            Ok(0)
+            let hook = block_on(crate::daemon_check::inspect(
+                std::path::Path::new("/proc"),
+                &daemon_socket(env),
+            ))?;
+            print!("{}", hook.text);
+            // Exit 1 when the daemon would not run this hook: the configuration is not in
+            // effect, whatever the file says.
+            Ok(if hook.in_effect { 0 } else { 1 })
         }
     }
 }

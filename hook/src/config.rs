@@ -26,6 +26,17 @@ pub struct HookConfig {
     /// the whole probe budget. When some builder is already known healthy, the hook does not
     /// wait for probes at all.
     pub probe_grace_ms: u64,
+    /// When every healthy builder's slots are taken and a `# decline` would not make Nix
+    /// wait for a running build to end, how long the hook itself waits for a free slot (or
+    /// for a builder whose state was unknown to turn out up) before answering
+    /// `# postpone`. A postponed derivation is asked about again only after
+    /// `build-poll-interval` (5 s), however soon a slot frees, so a short wait here saves
+    /// most of that. Kept short because the daemon's worker is blocked reading the answer:
+    /// it does not read its other hooks' logs meanwhile, so a build whose log pipe fills
+    /// cannot end (and free its slot) until this wait is over. At most one such wait per
+    /// poll interval and hook process ends without a slot, so many postponed derivations
+    /// do not add up. 0 turns it off.
+    pub slot_wait_ms: u64,
     /// First back-off after a failure; doubled on each further consecutive failure.
     /// Hydra's queue runner waits 60 s (×3 per failure); a hook answers interactive users,
     /// so Ferry starts lower and relies on the single half-open probe to keep retries cheap.
@@ -116,6 +127,7 @@ impl Default for HookConfig {
         HookConfig {
             probe_timeout_ms: 1000,
             probe_grace_ms: 250,
+            slot_wait_ms: 2000,
             backoff_base_secs: 10,
             backoff_cap_secs: 600,
             stale_after_secs: 60,
@@ -142,11 +154,16 @@ pub enum ConfigError {
     },
 }
 
+/// Longest `slot-wait-ms`: waiting longer than Nix's own poll interval (`build-poll-interval`,
+/// 5 s by default) would block the daemon's worker for longer than a `# postpone` costs.
+const MAX_SLOT_WAIT_MS: u64 = 4000;
+
 /// The validated settings, as durations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuning {
     pub probe_timeout: Duration,
     pub probe_grace: Duration,
+    pub slot_wait: Duration,
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
     pub stale_after: Duration,
@@ -164,6 +181,7 @@ impl Default for Tuning {
             .unwrap_or(Tuning {
                 probe_timeout: Duration::from_secs(1),
                 probe_grace: Duration::from_millis(250),
+                slot_wait: Duration::from_secs(2),
                 backoff_base: Duration::from_secs(10),
                 backoff_cap: Duration::from_secs(600),
                 stale_after: Duration::from_secs(60),
@@ -200,6 +218,13 @@ impl HookConfig {
                 "must not be above probe-timeout-ms",
             ));
         }
+        if self.slot_wait_ms > MAX_SLOT_WAIT_MS {
+            return Err(bad(
+                "slot-wait-ms",
+                self.slot_wait_ms,
+                "must be at most 4000 (below Nix's 5 s build-poll-interval; the daemon's worker is blocked while the hook waits)",
+            ));
+        }
         if self.backoff_base_secs == 0 {
             return Err(bad("backoff-base-secs", 0, "must be at least 1"));
         }
@@ -213,6 +238,7 @@ impl HookConfig {
         Ok(Tuning {
             probe_timeout: Duration::from_millis(self.probe_timeout_ms),
             probe_grace: Duration::from_millis(self.probe_grace_ms),
+            slot_wait: Duration::from_millis(self.slot_wait_ms),
             backoff_base: Duration::from_secs(self.backoff_base_secs),
             backoff_cap: Duration::from_secs(self.backoff_cap_secs),
             stale_after: Duration::from_secs(self.stale_after_secs),
@@ -319,6 +345,14 @@ mod tests {
         };
         let e = raw.validate("f.toml").expect_err("grace above budget");
         assert!(e.to_string().contains("probe-grace-ms = 2000"), "{e}");
+        let raw = HookConfig {
+            slot_wait_ms: 6000,
+            ..HookConfig::default()
+        };
+        let e = raw
+            .validate("f.toml")
+            .expect_err("slot wait beyond the poll interval");
+        assert!(e.to_string().contains("slot-wait-ms = 6000"), "{e}");
         let e = ferry_nix::config::parse_section::<HookConfig>(
             "[build-hook]\nprobe-timeout = 3\n",
             Path::new("f.toml"),

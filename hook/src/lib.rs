@@ -8,7 +8,7 @@
 //! - [`health`]: the builders' health state machine (pure); [`health_store`]: that state on
 //!   disk, shared by every hook; [`probe`]: reaching builders within a deadline;
 //! - [`config`]: the `[build-hook]` section of `ferry.toml`; [`cli`]: `status`, `probe`,
-//!   `check-config`;
+//!   `check-config`; [`daemon_check`]: whether the running daemon uses this hook;
 //! - [`ssh`]: the transport to a builder (OpenSSH), [`russh`]: the in-process one;
 //!   [`remote`]: copy, build and fetch over the serve protocol; [`local`]: the local store
 //!   through the `nix-store` / `nix` CLI;
@@ -17,7 +17,9 @@
 
 pub mod cli;
 pub mod config;
+pub mod daemon_check;
 pub mod delegate;
+pub mod fault;
 pub mod health;
 pub mod health_store;
 pub mod local;

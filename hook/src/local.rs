@@ -806,12 +806,19 @@ pub fn held_locks_supported(v: &NixVersion) -> bool {
 }
 
 /// Whether a `# decline` under `max-jobs = 0` makes the daemon wait for a build slot (woken
-/// when any of its builds ends) rather than fail: Nix 2.8 to 2.19 go from `rpDecline` to
-/// `waitForBuildSlot` (2.8 `DerivationGoal::tryToBuild`); later Nix rejects the derivation
-/// at once as "Cannot build … required system or feature not available", since
-/// `canBuildLocally` is false with `max-jobs = 0`. Lix is not known to wait, so no.
+/// when any of its builds ends) rather than fail. Up to 2.32 a declined goal goes to the
+/// local-build path, whose first step, with `max-jobs = 0` always true, is
+/// `curBuilds >= maxBuildJobs` → `waitForBuildSlot` (2.8 `DerivationGoal::tryLocalBuild`;
+/// <https://github.com/NixOS/nix/blob/2.26.3/src/libstore/unix/build/local-derivation-goal.cc#L192>;
+/// <https://github.com/NixOS/nix/blob/2.32.0/src/libstore/build/derivation-building-goal.cc#L705>);
+/// the platform check that would reject it comes only after that, in `startBuilder`.
+/// From 2.33.0 (commit b57caaa1) a declined derivation is checked with `canBuildLocally`,
+/// false under `max-jobs = 0`, and fails at once: "Cannot build … required system or
+/// feature not available" (2.33), "… local builds are disabled (max-jobs = 0)" (2.34,
+/// <https://github.com/NixOS/nix/blob/2.34.0/src/libstore/build/derivation-building-goal.cc#L362>).
+/// Lix is not known to wait, so no.
 pub fn decline_waits_with_max_jobs_zero(v: &NixVersion) -> bool {
-    !v.lix && (v.major, v.minor) < (2, 20)
+    !v.lix && (v.major, v.minor) < (2, 33)
 }
 
 /// The stdin of `nix-store --register-validity` without `--hash-given` (2.8
@@ -1289,7 +1296,7 @@ mod tests {
     }
 
     #[test]
-    fn decline_waits_for_a_slot_only_on_nix_before_2_20() {
+    fn decline_waits_for_a_slot_only_on_nix_before_2_33() {
         let v = |t: &str| parse_nix_version(t).expect("version");
         assert!(decline_waits_with_max_jobs_zero(&v(
             "nix-store (Nix) 2.8.0"
@@ -1297,11 +1304,17 @@ mod tests {
         assert!(decline_waits_with_max_jobs_zero(&v(
             "nix-store (Nix) 2.18.8"
         )));
-        assert!(!decline_waits_with_max_jobs_zero(&v(
-            "nix-store (Nix) 2.20.0"
+        assert!(decline_waits_with_max_jobs_zero(&v(
+            "nix-store (Nix) 2.26.3"
+        )));
+        assert!(decline_waits_with_max_jobs_zero(&v(
+            "nix-store (Nix) 2.32.4"
         )));
         assert!(!decline_waits_with_max_jobs_zero(&v(
-            "nix-store (Nix) 2.31.2"
+            "nix-store (Nix) 2.33.0"
+        )));
+        assert!(!decline_waits_with_max_jobs_zero(&v(
+            "nix-store (Nix) 2.34.8"
         )));
         assert!(!decline_waits_with_max_jobs_zero(&v(
             "nix-store (Lix, like Nix) 2.91.1"
@@ -1596,9 +1609,10 @@ mod tests {
                 assert_eq!(format!("{}.{}", v.major, v.minor), label, "{file}");
                 assert!(!v.lix);
                 assert_eq!(held_locks_supported(&v), label != "2.34", "{label}");
+                // Up to 2.32 a declined goal waits for a build slot; 2.33 rejects it.
                 assert_eq!(
                     decline_waits_with_max_jobs_zero(&v),
-                    label == "2.8",
+                    label != "2.34",
                     "{label}"
                 );
             }

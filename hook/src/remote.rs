@@ -20,8 +20,8 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use thiserror::Error;
@@ -625,14 +625,29 @@ impl Connection {
     }
 
     /// Forwards the remote log (the serve process's stderr) to `log_path` (fd 4) as it
-    /// arrives; log output counts as activity, so a build that logs is alive.
-    pub fn forward_log(&mut self, log_path: PathBuf) -> tokio::task::JoinHandle<()> {
+    /// arrives; log output counts as activity, so a build that logs is alive. The last
+    /// [`LOG_TAIL`] bytes are also kept in the returned tail: after a failure they often
+    /// name its cause (the serve protocol reports errors only in build results).
+    pub fn forward_log(
+        &mut self,
+        log_path: PathBuf,
+    ) -> (tokio::task::JoinHandle<()>, Arc<Mutex<Vec<u8>>>) {
         let mut tap = self.take_log();
         let activity = self.activity.clone();
-        tokio::spawn(async move {
+        let tail = Arc::new(Mutex::new(Vec::new()));
+        let keep = Arc::clone(&tail);
+        let remember = move |chunk: &[u8]| {
+            if let Ok(mut t) = keep.lock() {
+                t.extend_from_slice(chunk);
+                let extra = t.len().saturating_sub(LOG_TAIL);
+                t.drain(..extra);
+            }
+        };
+        let task = tokio::spawn(async move {
             let Ok(file) = std::fs::OpenOptions::new().write(true).open(&log_path) else {
-                while tap.next().await.is_some() {
+                while let Some(chunk) = tap.next().await {
                     activity.touch();
+                    remember(&chunk);
                 }
                 return;
             };
@@ -640,14 +655,19 @@ impl Connection {
             while let Some(chunk) = tap.next().await {
                 use tokio::io::AsyncWriteExt;
                 activity.touch();
+                remember(&chunk);
                 if file.write_all(&chunk).await.is_err() {
                     break;
                 }
                 let _ = file.flush().await;
             }
-        })
+        });
+        (task, tail)
     }
 }
+
+/// How much of the end of a remote log [`Connection::forward_log`] keeps.
+pub const LOG_TAIL: usize = 4096;
 
 /// Progress callbacks, so the caller can report through `@nix` messages.
 pub trait Progress {

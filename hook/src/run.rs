@@ -7,6 +7,7 @@
 
 use crate::config::{self, Tuning};
 use crate::delegate;
+use crate::fault::{self, Fault};
 use crate::health::{self, LocalSituation, Verdict};
 use crate::health_store::HealthStore;
 use crate::local::{AnyImporter, LocalStore};
@@ -25,8 +26,9 @@ use ferry_nix::wire::AsyncWireReader;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::AsyncRead;
 
 /// Where things are, from the environment (the daemon's).
@@ -198,6 +200,31 @@ struct Ctx<'a> {
     daemon_settings: &'a [(String, String)],
     /// `stock-hook` from `[build-hook]`.
     stock_hook: Option<String>,
+    /// When this process last waited `slot-wait-ms` for a slot in vain (see [`wait_plan`]).
+    slot_wait_expired: Mutex<Option<Instant>>,
+}
+
+impl Ctx<'_> {
+    fn note_slot_wait_expired(&self) {
+        if let Ok(mut t) = self.slot_wait_expired.lock() {
+            *t = Some(Instant::now());
+        }
+    }
+
+    /// A slot wait of this process ended without a slot less than `build-poll-interval`
+    /// ago: the slots are still full, and the daemon is asking about the other waiting
+    /// derivations of the same round.
+    fn slot_wait_expired_lately(&self) -> bool {
+        let poll = match self.settings.u64("build-poll-interval") {
+            0 => 5,
+            n => n,
+        };
+        self.slot_wait_expired
+            .lock()
+            .ok()
+            .and_then(|t| *t)
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(poll))
+    }
 }
 
 /// Runs the hook; returns the exit status.
@@ -253,6 +280,7 @@ pub async fn run<R: AsyncRead + Unpin>(
         logger,
         daemon_settings: &stream,
         stock_hook,
+        slot_wait_expired: Mutex::new(None),
     };
 
     loop {
@@ -381,12 +409,88 @@ async fn answer(t: &TryRequest, ctx: &Ctx<'_>) -> Answered {
             return Answered::Delegate(others);
         }
     }
-    let (mut healthy, mut probed) = classify_and_probe(ctx, &machines, &right_type).await;
+    let (healthy, probed, mut deferred) = classify_and_probe(ctx, &machines, &right_type).await;
+    let fit = Fit {
+        machines: &machines,
+        right_type: &right_type,
+        need,
+        local,
+    };
+    let known = Known { healthy, probed };
+    let answered = choose(t, ctx, &load_dir, &fit, known, &mut deferred).await;
+    // Builders whose state is still unknown are found out after the answer, not before.
+    release_deferred(ctx, &machines, deferred);
+    answered
+}
+
+/// What one `try` needs, and the builders that can take it (system, features).
+struct Fit<'m> {
+    machines: &'m [Machine],
+    right_type: &'m [usize],
+    need: Need,
+    local: LocalCaps,
+}
+
+/// Which of the fitting builders are known healthy, and the connections their probes
+/// opened (reused for the build).
+struct Known {
+    healthy: BTreeSet<usize>,
+    probed: BTreeMap<usize, Box<remote::Connection>>,
+}
+
+/// Picks a healthy builder with a free slot, connects and replies; when they are all full,
+/// first finds out the builders whose state is unknown and waits (bounded) for a slot, see
+/// [`wait_plan`]; then declines or postpones.
+async fn choose(
+    t: &TryRequest,
+    ctx: &Ctx<'_>,
+    load_dir: &LoadDir,
+    f: &Fit<'_>,
+    mut k: Known,
+    deferred: &mut Vec<(usize, Kind)>,
+) -> Answered {
+    let logger = ctx.logger;
+    let tuning = ctx.prober.tuning;
+    let machines = f.machines;
+    let need = &f.need;
+    let local = &f.local;
+    let mut waited = false;
+    // Whether a `# decline` makes Nix wait for a running build (asked once, when needed).
+    let mut decline_ok: Option<bool> = None;
     loop {
-        let policy = policy_for(ctx, &machines, tuning);
-        let picked = tokio::task::block_in_place(|| {
-            pick(&load_dir, &machines, &need, &local, &healthy, &policy)
+        let policy = policy_for(ctx, machines, tuning);
+        let mut picked = tokio::task::block_in_place(|| {
+            pick(load_dir, machines, need, local, &k.healthy, &policy)
         });
+        if !waited && matches!(picked, Ok((Decision::Postpone, _))) {
+            waited = true;
+            let ok = match decline_ok {
+                Some(ok) => ok,
+                None => local.could_build(need) && decline_waits(ctx, t).await,
+            };
+            decline_ok = Some(ok);
+            if let Some(plan) = wait_plan(ctx, ok, !deferred.is_empty()) {
+                let start = Instant::now();
+                picked = wait_for_machine(ctx, load_dir, f, &mut k, deferred, &plan).await;
+                let still_full = matches!(picked, Ok((Decision::Postpone, _)));
+                if plan.for_slots && still_full {
+                    ctx.note_slot_wait_expired();
+                }
+                logger.log(
+                    Verbosity::CHATTY,
+                    format!(
+                        "ferry-build-hook: every known builder for '{}' was busy; after {} ms {}",
+                        t.drv_path,
+                        start.elapsed().as_millis(),
+                        if still_full {
+                            "still none is free"
+                        } else {
+                            "one is free"
+                        }
+                    ),
+                );
+            }
+        }
         let (decision, slot) = match picked {
             Ok(p) => p,
             Err(e) => {
@@ -398,10 +502,10 @@ async fn answer(t: &TryRequest, ctx: &Ctx<'_>) -> Answered {
         match decision {
             Decision::Use { machine, .. } => {
                 let Some(m) = machines.get(machine) else {
-                    healthy.remove(&machine);
+                    k.healthy.remove(&machine);
                     continue;
                 };
-                let conn = match probed.remove(&machine) {
+                let conn = match k.probed.remove(&machine) {
                     Some(c) => Ok(*c),
                     None => ctx.prober.connect_recorded(m, tuning.probe_timeout).await,
                 };
@@ -412,9 +516,9 @@ async fn answer(t: &TryRequest, ctx: &Ctx<'_>) -> Answered {
                             conn,
                             machine,
                             slot,
-                            machines: machines.clone(),
-                            need,
-                            candidates: right_type.iter().copied().collect(),
+                            machines: machines.to_vec(),
+                            need: f.need.clone(),
+                            candidates: f.right_type.iter().copied().collect(),
                         }));
                     }
                     Err(e) => {
@@ -422,7 +526,7 @@ async fn answer(t: &TryRequest, ctx: &Ctx<'_>) -> Answered {
                             Verbosity::WARN,
                             format!("cannot build on '{}': {e}", m.store_uri),
                         );
-                        healthy.remove(&machine);
+                        k.healthy.remove(&machine);
                     }
                 }
             }
@@ -430,7 +534,11 @@ async fn answer(t: &TryRequest, ctx: &Ctx<'_>) -> Answered {
                 // Every fitting builder is busy. A postponed goal is asked again only every
                 // 5 s; a declined one that the host could build but has no local slot for is
                 // asked again as soon as one of the worker's builds ends (`siblings.rs`).
-                if local.could_build(&need) && decline_waits(ctx, t).await {
+                let ok = match decline_ok {
+                    Some(ok) => ok,
+                    None => local.could_build(need) && decline_waits(ctx, t).await,
+                };
+                if ok {
                     logger.log(
                         Verbosity::CHATTY,
                         format!(
@@ -445,13 +553,159 @@ async fn answer(t: &TryRequest, ctx: &Ctx<'_>) -> Answered {
                 return Answered::Replied;
             }
             Decision::Decline(reason) => {
-                explain_decline(ctx, t, &need, &local, &machines, &right_type, reason);
+                explain_decline(ctx, t, need, local, machines, f.right_type, reason);
                 logger.reply(&Reply::Decline);
                 return Answered::Replied;
             }
         }
     }
 }
+
+/// How long [`wait_for_machine`] may keep the daemon waiting for an answer, and for what.
+#[derive(Debug, Clone, Copy)]
+struct WaitPlan {
+    until: Instant,
+    /// Also wait for a slot of a healthy builder to free, not only for the probes.
+    for_slots: bool,
+}
+
+/// Whether, and how long, to wait before telling the daemon that every builder is busy.
+///
+/// - Builders whose state is unknown (the answer did not wait for their probes because
+///   another builder was known up) are probed now, within the probe budget: one of them may
+///   well have a free slot, and the alternative is a `# postpone`, which Nix asks about again
+///   only after `build-poll-interval` (5 s), however soon a machine frees up: the goal sits
+///   in `waitingForAWhile`, which only the poll timer wakes
+///   (<https://github.com/NixOS/nix/blob/2.34.0/src/libstore/build/worker.cc#L511>,
+///   <https://github.com/NixOS/nix/blob/2.34.0/src/libstore/build/derivation-building-goal.cc#L483>).
+/// - When `# decline` makes Nix wait for a running build instead (`decline_ok`, see
+///   [`decline_waits`]), that is better than any wait here: Nix asks again the moment a
+///   build ends, without blocking. So only the probes are waited for.
+/// - Otherwise (Nix ≥ 2.33 under `max-jobs = 0`, or nothing running to wait for) the hook
+///   waits up to `slot-wait-ms` for a slot. The daemon's worker is blocked reading this
+///   answer meanwhile (`tryBuildHook` reads the reply line with a blocking `readLine`,
+///   <https://github.com/NixOS/nix/blob/2.34.0/src/libstore/build/derivation-building-goal.cc#L1139>),
+///   so it does not drain its other hooks' log pipes: the wait must stay short and bounded,
+///   and a wait that ended without a slot is not repeated by this hook process within the
+///   poll interval (the daemon asks about every waiting derivation in a row).
+fn wait_plan(ctx: &Ctx<'_>, decline_ok: bool, probes_pending: bool) -> Option<WaitPlan> {
+    let tuning = ctx.prober.tuning;
+    let now = Instant::now();
+    // The probes end on their own at the probe budget; the slack lets their results in.
+    let probes_until = now + tuning.probe_timeout + Duration::from_millis(100);
+    let for_slots = !decline_ok && !tuning.slot_wait.is_zero() && !ctx.slot_wait_expired_lately();
+    if for_slots {
+        let until = now + tuning.slot_wait;
+        let until = if probes_pending {
+            until.max(probes_until)
+        } else {
+            until
+        };
+        return Some(WaitPlan { until, for_slots });
+    }
+    probes_pending.then_some(WaitPlan {
+        until: probes_until,
+        for_slots: false,
+    })
+}
+
+/// Waits, within `plan`, until a healthy builder has a free slot: probes the `deferred`
+/// builders in parallel (a builder found up joins `k.healthy`, its connection `k.probed`),
+/// notices builders other hooks found up, and re-measures the slots every 25 ms. Returns
+/// the last selection: `Use` with the slot's lock, or still `Postpone` when the plan ran
+/// out (or, without `for_slots`, when the probes ended). Probes still running then are put
+/// back into `deferred`, for the background.
+async fn wait_for_machine(
+    ctx: &Ctx<'_>,
+    load_dir: &LoadDir,
+    f: &Fit<'_>,
+    k: &mut Known,
+    deferred: &mut Vec<(usize, Kind)>,
+    plan: &WaitPlan,
+) -> Result<(Decision, Option<HeldLock>), crate::slots::SlotError> {
+    let tuning = ctx.prober.tuning;
+    let machines = f.machines;
+    let probe_deadline = Instant::now() + tuning.probe_timeout;
+    let mut set = tokio::task::JoinSet::new();
+    let mut flags = Vec::new();
+    for (i, kind) in deferred.drain(..) {
+        let Some(m) = machines.get(i).cloned() else {
+            continue;
+        };
+        let p = Arc::clone(&ctx.prober);
+        let started = Arc::new(AtomicBool::new(false));
+        flags.push((i, Arc::clone(&started)));
+        set.spawn(async move { (i, p.probe(&m, kind, probe_deadline, &started).await) });
+    }
+    let mut ended = BTreeSet::new();
+    let picked = loop {
+        // Builders found up meanwhile, by these probes or by other hooks.
+        let now_ms = health::now_ms();
+        for &i in f.right_type {
+            if k.healthy.contains(&i) {
+                continue;
+            }
+            if let Some(m) = machines.get(i)
+                && ctx
+                    .prober
+                    .health
+                    .read(&m.store_uri)
+                    .verdict(now_ms, &tuning)
+                    == Verdict::Healthy
+            {
+                k.healthy.insert(i);
+            }
+        }
+        let policy = policy_for(ctx, machines, tuning);
+        let picked = tokio::task::block_in_place(|| {
+            pick(load_dir, machines, &f.need, &f.local, &k.healthy, &policy)
+        });
+        if !matches!(picked, Ok((Decision::Postpone, _))) {
+            break picked;
+        }
+        let probing = !set.is_empty();
+        let left = plan.until.saturating_duration_since(Instant::now());
+        if left.is_zero() || (!probing && !plan.for_slots) {
+            break picked;
+        }
+        tokio::select! {
+            r = set.join_next(), if probing => {
+                if let Some(Ok((i, outcome))) = r {
+                    ended.insert(i);
+                    match outcome {
+                        Outcome::Up(conn) => {
+                            k.healthy.insert(i);
+                            if let Some(c) = conn {
+                                k.probed.insert(i, c);
+                            }
+                        }
+                        Outcome::Down(e) => {
+                            if let Some(m) = machines.get(i) {
+                                ctx.logger.log(
+                                    Verbosity::WARN,
+                                    format!("cannot build on '{}': {e}", m.store_uri),
+                                );
+                            }
+                        }
+                        Outcome::Skipped => {}
+                    }
+                }
+            }
+            () = tokio::time::sleep(SLOT_POLL.min(left)) => {}
+        }
+    };
+    // Dropping the set stops the probes still connecting; the background takes them over.
+    drop(set);
+    for (i, started) in flags {
+        if !ended.contains(&i) && started.load(Ordering::Relaxed) {
+            deferred.push((i, Kind::Fresh));
+        }
+    }
+    picked
+}
+
+/// How often a waiting hook re-measures the slots (a few flock attempts per builder).
+const SLOT_POLL: Duration = Duration::from_millis(25);
 
 /// Whether a `# decline` now makes the daemon wait for a build slot and ask again when one
 /// of its builds ends. With local slots (`max-jobs` > 0) the host is not willing only when
@@ -473,12 +727,20 @@ async fn decline_waits(ctx: &Ctx<'_>, t: &TryRequest) -> bool {
 }
 
 /// Sorts the right-type builders by their health and probes those that need it. Returns
-/// the healthy ones and the connections the probes opened (reused for the build).
+/// the healthy ones, the connections the probes opened (reused for the build), and the
+/// builders whose state is still unknown: when a builder is known up, the answer does not
+/// wait for the others' probes (they run only if the known ones are full, see
+/// [`wait_plan`], or else in the background after the answer); when none is, the probes
+/// the answer stopped waiting for.
 async fn classify_and_probe(
     ctx: &Ctx<'_>,
     machines: &[Machine],
     right_type: &[usize],
-) -> (BTreeSet<usize>, BTreeMap<usize, Box<remote::Connection>>) {
+) -> (
+    BTreeSet<usize>,
+    BTreeMap<usize, Box<remote::Connection>>,
+    Vec<(usize, Kind)>,
+) {
     let now = health::now_ms();
     let tuning = ctx.prober.tuning;
     let mut healthy = BTreeSet::new();
@@ -501,28 +763,8 @@ async fn classify_and_probe(
         }
     }
     let mut conns = BTreeMap::new();
-    if to_probe.is_empty() {
-        return (healthy, conns);
-    }
-    if !healthy.is_empty() {
-        // A builder is known to be up: answer from it now, and find out the others' states
-        // in the background rather than keep the daemon waiting for them.
-        let mut unknown = Vec::new();
-        for (i, kind) in to_probe {
-            let Some(m) = machines.get(i) else { continue };
-            let free = match kind {
-                Kind::HalfOpen(_) => true,
-                // Being probed by another process already: nothing to add.
-                Kind::Fresh => {
-                    matches!(ctx.prober.health.try_probe_lock(&m.store_uri), Ok(Some(_)))
-                }
-            };
-            if free {
-                unknown.push(m);
-            }
-        }
-        probe_in_background(ctx, &unknown);
-        return (healthy, conns);
+    if to_probe.is_empty() || !healthy.is_empty() {
+        return (healthy, conns, to_probe);
     }
     let round = ctx.prober.probe_all(machines, to_probe).await;
     for (i, outcome) in round.outcomes {
@@ -544,13 +786,36 @@ async fn classify_and_probe(
             Outcome::Skipped => {}
         }
     }
-    let unknown: Vec<&Machine> = round
+    let unfinished = round
         .unfinished
-        .iter()
-        .filter_map(|&i| machines.get(i))
+        .into_iter()
+        .map(|i| (i, Kind::Fresh))
         .collect();
+    (healthy, conns, unfinished)
+}
+
+/// After the answer: the builders whose state is still unknown and that nobody is probing
+/// go to a detached process ([`probe_in_background`]).
+fn release_deferred(ctx: &Ctx<'_>, machines: &[Machine], deferred: Vec<(usize, Kind)>) {
+    let mut unknown = Vec::new();
+    for (i, kind) in deferred {
+        let Some(m) = machines.get(i) else { continue };
+        let free = match kind {
+            // Released here, so the detached process can take it.
+            Kind::HalfOpen(lock) => {
+                drop(lock);
+                true
+            }
+            // Being probed by another process already: nothing to add.
+            Kind::Fresh => {
+                matches!(ctx.prober.health.try_probe_lock(&m.store_uri), Ok(Some(_)))
+            }
+        };
+        if free {
+            unknown.push(m);
+        }
+    }
     probe_in_background(ctx, &unknown);
-    (healthy, conns)
 }
 
 /// Says which builders the answer does not wait for, and hands their probes to a detached
@@ -731,7 +996,12 @@ async fn build<R: AsyncRead + Unpin>(
     // but that may not be writable).
     let mut failed = BTreeSet::new();
     let load_dir = LoadDir::open(&ctx.env.nix_state_dir).ok();
-    let upload = loop {
+    // Transient failures left to retry (`fault.rs`), and whether the current builder was
+    // already given its second chance.
+    let mut retries_left = fault::RETRIES;
+    let mut retried_here = false;
+    let mut importer: Option<AnyImporter> = None;
+    loop {
         let Some(m) = machines.get(machine) else {
             return 1;
         };
@@ -742,83 +1012,148 @@ async fn build<R: AsyncRead + Unpin>(
                 .ok()
                 .flatten()
         });
-        let e = match remote::upload(&mut conn, &job, &local, logger, upload_lock).await {
-            Ok(tr) => break tr,
-            Err(e) => e,
-        };
-        if !e.is_builder_fault() {
-            logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
-            return e.exit_code();
-        }
-        // The builder broke before the build started: the machine name the daemon printed
-        // is cosmetic, so another healthy builder can take over (docs/hook-protocol.md §7.5).
-        ctx.prober.record_down(&m.store_uri, &e.to_string());
-        let _ = tokio::time::timeout(Duration::from_secs(2), conn.close()).await;
-        drop(slot.take());
-        failed.insert(machine);
-        match failover(
-            ctx,
-            load_dir.as_ref(),
-            &machines,
-            &need,
-            &candidates,
-            &mut failed,
-        )
-        .await
-        {
-            Some((c, i, s)) => {
+        let (e, remote_stderr, build_started) =
+            match remote::upload(&mut conn, &job, &local, logger, upload_lock).await {
+                Ok(upload) => {
+                    // The remote log goes to fd 4 as it arrives.
+                    let (forwarder, tail) = conn.forward_log(ctx.env.build_log.clone());
+                    // After the accept, once per hook process: `auto` runs `nix-store --version`.
+                    if importer.is_none() {
+                        let chosen =
+                            AnyImporter::choose(ctx.prober.tuning.import_method, &local).await;
+                        logger.log(
+                        Verbosity::TALKATIVE,
+                        format!(
+                            "ferry-build-hook: importing the outputs of '{}' with import-method {}",
+                            t.drv_path,
+                            chosen.name()
+                        ),
+                    );
+                        importer = Some(chosen);
+                    }
+                    let Some(imp) = importer.as_ref() else {
+                        return 1;
+                    };
+                    let result = remote::build_and_fetch(&mut conn, &job, &drv, imp).await;
+                    conn.close().await;
+                    let _ = tokio::time::timeout(Duration::from_secs(5), forwarder).await;
+                    match result {
+                        Ok((build_secs, fetched)) => {
+                            drop(slot);
+                            let bytes = upload.bytes + fetched.bytes;
+                            let secs = upload.secs + fetched.secs;
+                            let _ = ctx.prober.health.update(&m.store_uri, |h| {
+                                h.record_build(health::now_ms(), build_secs, Some((bytes, secs)))
+                            });
+                            return 0;
+                        }
+                        Err(e) => {
+                            let tail = tail.lock().map(|t| t.clone()).unwrap_or_default();
+                            (e, String::from_utf8_lossy(&tail).into_owned(), true)
+                        }
+                    }
+                }
+                Err(e) => {
+                    // The builder's side often says why only on its stderr.
+                    let closing = tokio::time::timeout(Duration::from_secs(3), conn.close());
+                    let stderr = match closing.await {
+                        Ok(mut tap) => tap.collect(Duration::from_millis(500)).await,
+                        Err(_) => String::new(),
+                    };
+                    (e, stderr, false)
+                }
+            };
+        let fault = fault::classify(&e, &remote_stderr);
+        match fault {
+            Fault::Transient(why) if retries_left > 0 => {
+                retries_left -= 1;
+                let n = fault::RETRIES - retries_left;
+                tokio::time::sleep(fault::backoff(n)).await;
+                // Once more on the same builder, then on another one.
+                let again = if retried_here {
+                    None
+                } else {
+                    ctx.prober
+                        .connect_recorded(m, ctx.prober.tuning.probe_timeout)
+                        .await
+                        .ok()
+                };
+                let (c, i, s) = match again {
+                    Some(c) => (c, machine, slot.take()),
+                    None => {
+                        drop(slot.take());
+                        failed.insert(machine);
+                        let Some(next) = failover(
+                            ctx,
+                            load_dir.as_ref(),
+                            &machines,
+                            &need,
+                            &candidates,
+                            &mut failed,
+                        )
+                        .await
+                        else {
+                            logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
+                            return e.exit_code();
+                        };
+                        next
+                    }
+                };
+                retried_here = i == machine;
                 logger.log(
                     Verbosity::WARN,
                     format!(
-                        "ferry-build-hook: copying to '{}' failed ({e}); building on '{}' instead",
-                        m.store_uri,
-                        machines.get(i).map_or("?", |x| x.store_uri.as_str())
+                        "ferry-build-hook: {e} ({}); trying again on '{}' (retry {n} of {})",
+                        why.describe(),
+                        machines.get(i).map_or("?", |x| x.store_uri.as_str()),
+                        fault::RETRIES
                     ),
                 );
                 (conn, machine, slot) = (c, i, s);
             }
-            None => {
-                logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
-                return 1;
-            }
-        }
-    };
-    let Some(m) = machines.get(machine) else {
-        return 1;
-    };
-
-    // The remote log goes to fd 4 as it arrives.
-    let forwarder = conn.forward_log(ctx.env.build_log.clone());
-    // After the accept, once per hook process: `auto` runs `nix-store --version`.
-    let importer = AnyImporter::choose(ctx.prober.tuning.import_method, &local).await;
-    logger.log(
-        Verbosity::TALKATIVE,
-        format!(
-            "ferry-build-hook: importing the outputs of '{}' with import-method {}",
-            t.drv_path,
-            importer.name()
-        ),
-    );
-    let result = remote::build_and_fetch(&mut conn, &job, &drv, &importer).await;
-    conn.close().await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), forwarder).await;
-    drop(slot);
-    match result {
-        Ok((build_secs, fetched)) => {
-            let bytes = upload.bytes + fetched.bytes;
-            let secs = upload.secs + fetched.secs;
-            let _ = ctx.prober.health.update(&m.store_uri, |h| {
-                h.record_build(health::now_ms(), build_secs, Some((bytes, secs)))
-            });
-            0
-        }
-        Err(e) => {
-            if e.is_builder_fault() {
+            Fault::Builder if !build_started => {
+                // The builder broke before the build started: the machine name the daemon
+                // printed is cosmetic, so another healthy builder can take over
+                // (docs/hook-protocol.md §7.5).
                 ctx.prober.record_down(&m.store_uri, &e.to_string());
+                drop(slot.take());
+                failed.insert(machine);
+                match failover(
+                    ctx,
+                    load_dir.as_ref(),
+                    &machines,
+                    &need,
+                    &candidates,
+                    &mut failed,
+                )
+                .await
+                {
+                    Some((c, i, s)) => {
+                        logger.log(
+                            Verbosity::WARN,
+                            format!(
+                                "ferry-build-hook: copying to '{}' failed ({e}); building on '{}' instead",
+                                m.store_uri,
+                                machines.get(i).map_or("?", |x| x.store_uri.as_str())
+                            ),
+                        );
+                        retried_here = false;
+                        (conn, machine, slot) = (c, i, s);
+                    }
+                    None => {
+                        logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
+                        return 1;
+                    }
+                }
             }
-            // Shown to the client once; the remote log already went to fd 4.
-            logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
-            e.exit_code()
+            _ => {
+                if fault == Fault::Builder {
+                    ctx.prober.record_down(&m.store_uri, &e.to_string());
+                }
+                // Shown to the client once; the remote log already went to fd 4.
+                logger.log(Verbosity::ERROR, format!("ferry-build-hook: {e}"));
+                return e.exit_code();
+            }
         }
     }
 }

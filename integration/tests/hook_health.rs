@@ -14,8 +14,8 @@ mod hook_health_support;
 
 use ferry_integration::{check, nonce, out_paths, trivial_drv};
 use hook_health_support::{
-    Hook, hook_command, install_script, machine_line_with, many, row, settled_row, start, status,
-    timed_build, write_machines,
+    Hook, hook_command, install_script, machine_line_with, many, many_slow, row, settled_row,
+    start, status, timed_build, write_machines,
 };
 use std::time::Duration;
 
@@ -167,8 +167,9 @@ fn refused_and_slow_builders_are_marked_down_with_the_reason() {
     // The human table names them too.
     let table = hook_command(&tf, &["status"]);
     let text = String::from_utf8_lossy(&table.stdout);
+    // The table follows the line about which build hook the daemon runs.
     assert!(
-        text.starts_with("BUILDER") && text.contains("Connection refused"),
+        text.lines().any(|l| l.starts_with("BUILDER")) && text.contains("Connection refused"),
         "{text}"
     );
 }
@@ -272,6 +273,51 @@ fn copy_failure_after_accept_fails_over_to_another_builder() {
     );
 }
 
+/// A transient builder error after the accept is retried: b0's first serve session does the
+/// handshake, then ends the way Nix ends it when its database is busy (`error: SQLite
+/// database '…' is busy` on stderr, connection closed). The hook classifies that as
+/// transient, waits a moment, connects again and builds on b0; b0 is not marked down. The
+/// same ending without a cause on stderr stays a builder failure (see the failover test).
+#[test]
+fn transient_builder_error_after_accept_is_retried() {
+    let tf = start(Hook::Ferry, 1, 1, "");
+    install_script(
+        &tf,
+        0,
+        "/nix/var/ferry-busy-once",
+        "if [ ! -e /nix/var/ferry-busy-once.done ]; then touch /nix/var/ferry-busy-once.done; \
+         head -c 16 | nix-store \"$@\"; \
+         echo \"error: SQLite database '/nix/var/nix/db/db.sqlite' is busy\" >&2; exit 1; fi; \
+         exec nix-store \"$@\"",
+    );
+    write_machines(
+        &tf,
+        &[machine_line_with(
+            &tf,
+            0,
+            "?remote-program=/nix/var/ferry-busy-once",
+            1,
+        )],
+    );
+    let (out, _) = timed_build(&tf, &trivial_drv(&nonce(), "busy"), &["-j0"], LIMIT);
+    let out = out.expect("timed out");
+    check(&out, "build after a busy database")
+        .unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    assert!(tf.builders[0].has_store_path(&out_paths(&out)[0]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("database was busy") && err.contains("trying again on"),
+        "{err}"
+    );
+    assert!(
+        tf.builders[0]
+            .nix_path("/nix/var/ferry-busy-once.done")
+            .exists()
+    );
+    let r0 = row(&tf, &status(&tf), 0);
+    assert_eq!(r0["state"], "up", "{r0}");
+}
+
 /// Every builder busy and `max-jobs = 0`: the stock answer, `# postpone`, makes Nix 2.8 ask
 /// again only every `build-poll-interval` (5 s), however soon a slot frees. Ferry declines
 /// while the daemon's worker has builds running, which makes Nix ask again as soon as one
@@ -287,6 +333,123 @@ fn busy_builders_are_asked_again_when_a_build_ends_not_after_the_poll_interval()
     assert!(built_on(&tf, &paths).iter().all(|on| on == &[0]));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("waiting for a machine"), "postponed: {err}");
+}
+
+/// The everyday state under `max-jobs = 0`: b0 is known up (an earlier build used only it)
+/// and b1 has never been reached. Five derivations of one second each fill b0's two slots
+/// (shorter builds could free them before the daemon asks about the third); the third must not
+/// be postponed while b1 is merely unknown (a postponed goal is asked again only after
+/// `build-poll-interval`, 5 s, on every Nix version), so the hook probes b1 then and there,
+/// and a derivation that finds every slot taken waits briefly for one inside the hook
+/// rather than `# postpone` (Nix ≥ 2.33 fails a declined derivation under `max-jobs = 0`).
+/// Nix must never print "waiting for a machine", and both builders must build.
+#[test]
+fn known_full_builder_next_to_unknown_one_never_waits_for_a_machine() {
+    let tf = start(Hook::Ferry, 2, 2, "");
+    let (l0, l1) = (
+        tf.machine_line(0).expect("l0"),
+        tf.machine_line(1).expect("l1"),
+    );
+    write_machines(&tf, std::slice::from_ref(&l0));
+    let (out, _) = timed_build(&tf, &trivial_drv(&nonce(), "warm"), &["-j0"], LIMIT);
+    check(&out.expect("warm-up timed out"), "warm-up")
+        .unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    write_machines(&tf, &[l0, l1]);
+    let rows = status(&tf);
+    assert_eq!(row(&tf, &rows, 0)["state"], "up");
+    assert_eq!(row(&tf, &rows, 1)["state"], "unknown");
+
+    let (out, t) = timed_build(&tf, &many_slow(&nonce(), 5, 1), &["-j0"], LIMIT);
+    let out = out.expect("timed out");
+    check(&out, "build").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("waiting for a machine"), "postponed: {err}");
+    let on = built_on(&tf, &out_paths(&out));
+    assert!(on.iter().any(|o| o == &[0]), "b0 unused: {on:?}");
+    assert!(on.iter().any(|o| o == &[1]), "b1 unused: {on:?}");
+    println!(
+        "{}: b0 known up, b1 unknown, -j0, 5 derivations: {t:?}",
+        ferry_integration::Nix::under_test()
+    );
+}
+
+/// One blackholed and one healthy builder (two slots), no health state, `max-jobs = 0`,
+/// three derivations: the third finds b1 full while b0's probe is still running. It must
+/// neither be postponed nor fail: the hook waits, within its bound, for b0's verdict or a
+/// free slot on b1, whichever comes first.
+#[test]
+fn blackholed_and_full_healthy_builder_never_waits_for_a_machine() {
+    let tf = start(Hook::Ferry, 2, 2, "");
+    tf.blackhole(0).expect("blackhole");
+    let (out, t) = timed_build(&tf, &many(&nonce(), 3), &["-j0"], LIMIT);
+    let out = out.expect("timed out");
+    check(&out, "build").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("waiting for a machine"), "postponed: {err}");
+    assert!(built_on(&tf, &out_paths(&out)).iter().all(|on| on == &[1]));
+    println!(
+        "{}: 1 blackholed + 1 healthy, -j0, 3 derivations: {t:?}",
+        ferry_integration::Nix::under_test()
+    );
+}
+
+/// `check-config` and `status` report whether the running daemon runs Ferry's hook. Nix
+/// 2.25–2.33 ignore `build-hook` in nix.conf (NixOS/nix#15083), so a hook set only there is
+/// not in effect: reported with the fix (`NIX_CONFIG` in the daemon's environment), and
+/// proven by a build that leaves no trace in Ferry's health state. On other versions the
+/// same nix.conf works. The fleet's usual set-up (the hook also in the daemon's
+/// `NIX_CONFIG` on those versions) is reported in effect everywhere.
+#[test]
+fn check_config_says_whether_the_daemon_runs_this_hook() {
+    let nix = ferry_integration::Nix::under_test();
+    let ferry = ferry_integration::ferry_bin("ferry-build-hook");
+    // Set through an include, which the fleet does not copy into NIX_CONFIG.
+    let inc = tempfile::tempdir().expect("tmp");
+    let inc_file = inc.path().join("hook.conf");
+    std::fs::write(&inc_file, format!("build-hook = {}\n", ferry.display())).expect("write");
+    let tf = hook_health_support::start_plain(1, 1, &format!("include {}", inc_file.display()));
+    let out = hook_command(&tf, &["check-config"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let status_text = String::from_utf8_lossy(&hook_command(&tf, &["status"]).stdout).into_owned();
+    let (out2, _) = timed_build(&tf, &trivial_drv(&nonce(), "which"), &["-j0"], LIMIT);
+    check(&out2.expect("timed out"), "build").unwrap_or_else(|e| panic!("{e}"));
+    let state = row(&tf, &status(&tf), 0)["state"].clone();
+    println!("{nix}, build-hook in nix.conf only:\n{text}");
+    if nix.ignores_build_hook_in_conf() {
+        assert_eq!(out.status.code(), Some(1), "{text}");
+        assert!(text.contains("NOT in effect"), "{text}");
+        assert!(text.contains("ignores build-hook in nix.conf"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "Environment=\"NIX_CONFIG=build-hook = {}\"",
+                ferry.display()
+            )),
+            "{text}"
+        );
+        assert!(status_text.contains("NOT in effect"), "{status_text}");
+        // The daemon really ran the stock hook: Ferry recorded nothing.
+        assert_eq!(state, "unknown", "{nix}: Ferry's hook ran");
+    } else {
+        assert_eq!(out.status.code(), Some(0), "{text}");
+        assert!(text.contains("build hook: in effect"), "{text}");
+        assert!(text.contains("hook.conf:1"), "{text}");
+        assert!(
+            status_text.contains("build hook: in effect"),
+            "{status_text}"
+        );
+        assert_eq!(state, "up", "{nix}: Ferry's hook did not run");
+    }
+    drop(tf);
+
+    let tf = start(Hook::Ferry, 1, 1, "");
+    let out = hook_command(&tf, &["check-config"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("build hook: in effect"), "{text}");
+    if nix.ignores_build_hook_in_conf() {
+        assert!(text.contains("NIX_CONFIG:"), "{text}");
+    }
+    println!("{nix}, the fleet's usual set-up:\n{text}");
 }
 
 /// Benchmark, stock untuned vs stock tuned (`NIX_SSHOPTS="-o ConnectTimeout=2"`) vs Ferry on
@@ -406,4 +569,170 @@ fn bench_dead_builders_stock_vs_ferry() {
         show(get("A: 1 blackholed, -j1", Hook::Ferry)),
         show(get("C: all blackholed, -j0 (to failure)", Hook::Ferry))
     );
+}
+
+/// The states `bench_max_jobs_zero_per_nix_version` measures, each on a fresh fleet of two
+/// builders with two slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// No health state: nothing known about either builder.
+    Fresh,
+    /// An earlier build went to b0 alone (b1 was not configured yet): b0 known up, b1
+    /// unknown, the everyday state.
+    OneKnown,
+    /// An earlier build of five went to both, and both are known up.
+    Warm,
+    /// b0 blackholed, b1 healthy, no health state.
+    OneBlackholed,
+    /// Both blackholed: time until the build fails.
+    AllDead,
+}
+
+impl State {
+    const ALL: [State; 5] = [
+        State::Fresh,
+        State::OneKnown,
+        State::Warm,
+        State::OneBlackholed,
+        State::AllDead,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            State::Fresh => "2 healthy, no health state",
+            State::OneKnown => "2 healthy, b0 known, b1 unknown",
+            State::Warm => "2 healthy, both known (warm)",
+            State::OneBlackholed => "1 blackholed + 1 healthy",
+            State::AllDead => "all blackholed (to failure)",
+        }
+    }
+}
+
+/// One measurement: seconds for `nix-build -j0` of five trivial derivations in `state`, or
+/// `None` when it was still running at `cap`.
+fn measure(hook: Hook, nix: &ferry_integration::Nix, state: State, cap: Duration) -> Option<f64> {
+    let tf = hook_health_support::start_on(hook, 2, 2, "", Some(nix.clone()));
+    let warm_up = |expr: &str| {
+        let (o, _) = timed_build(&tf, expr, &["-j0"], LIMIT);
+        check(&o.expect("warm-up timed out"), "warm-up").unwrap_or_else(|e| panic!("{e}"));
+    };
+    match state {
+        State::Fresh => {}
+        State::OneKnown => {
+            let (l0, l1) = (
+                tf.machine_line(0).expect("l0"),
+                tf.machine_line(1).expect("l1"),
+            );
+            write_machines(&tf, std::slice::from_ref(&l0));
+            warm_up(&trivial_drv(&nonce(), "warm"));
+            write_machines(&tf, &[l0, l1]);
+        }
+        State::Warm => {
+            warm_up(&many(&nonce(), 5));
+            if hook == Hook::Ferry {
+                settled_row(&tf, 0);
+                settled_row(&tf, 1);
+            }
+        }
+        State::OneBlackholed => tf.blackhole(0).expect("blackhole"),
+        State::AllDead => {
+            tf.blackhole(0).expect("blackhole");
+            tf.blackhole(1).expect("blackhole");
+        }
+    }
+    let (o, t) = timed_build(&tf, &many(&nonce(), 5), &["-j0"], cap);
+    let o = o?;
+    if state == State::AllDead {
+        assert!(
+            !o.status.success(),
+            "{hook:?} {nix}: built with every builder dead"
+        );
+    } else {
+        check(&o, state.label()).unwrap_or_else(|e| panic!("{hook:?} {nix}: {e}"));
+    }
+    Some(t.as_secs_f64())
+}
+
+/// Benchmark, per Nix version, stock (tuned: `NIX_SSHOPTS="-o ConnectTimeout=2"`, the bar
+/// of fleet.md) against Ferry in the same run: `max-jobs = 0`, five trivial derivations,
+/// two builders with two slots, in each [`State`]. Rounds alternate which hook goes first;
+/// the medians and Ferry/stock ratios are printed. Runs on the version under test
+/// (`FERRY_NIX`; `dev/bench` runs every version), or on each of `FERRY_BENCH_NIX=2.8,2.34`;
+/// `FERRY_BENCH_ROUNDS` sets the rounds (default 3), `FERRY_BENCH_CAP_SECS` the cap per
+/// build (default 60).
+#[test]
+#[ignore]
+fn bench_max_jobs_zero_per_nix_version() {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let versions: Vec<ferry_integration::Nix> = match env("FERRY_BENCH_NIX") {
+        Some(list) => list
+            .split(',')
+            .map(|l| ferry_integration::Nix::by_label(l.trim()).expect("FERRY_BENCH_NIX"))
+            .collect(),
+        None => vec![ferry_integration::Nix::under_test()],
+    };
+    let rounds: usize = env("FERRY_BENCH_ROUNDS")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let cap = Duration::from_secs(
+        env("FERRY_BENCH_CAP_SECS")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(60),
+    );
+    let median = |v: &[Option<f64>]| -> Option<f64> {
+        let mut xs: Vec<f64> = v.iter().map(|x| x.unwrap_or(cap.as_secs_f64())).collect();
+        xs.sort_by(f64::total_cmp);
+        xs.get(xs.len() / 2).copied()
+    };
+    for nix in &versions {
+        let mut times: Vec<(State, Vec<Option<f64>>, Vec<Option<f64>>)> = State::ALL
+            .iter()
+            .map(|&s| (s, Vec::new(), Vec::new()))
+            .collect();
+        for round in 0..rounds {
+            let order = if round % 2 == 0 {
+                [Hook::StockTuned, Hook::Ferry]
+            } else {
+                [Hook::Ferry, Hook::StockTuned]
+            };
+            for hook in order {
+                for (state, stock, ferry) in times.iter_mut() {
+                    let t = measure(hook, nix, *state, cap);
+                    if hook == Hook::Ferry {
+                        ferry.push(t);
+                    } else {
+                        stock.push(t);
+                    }
+                }
+            }
+        }
+        println!(
+            "\n{nix}, -j0, 5 trivial derivations, 2 builders x 2 slots, median of {rounds}\n{:<34} {:>12} {:>10} {:>12}",
+            "state", "stock tuned", "ferry", "ferry/stock"
+        );
+        for (state, stock, ferry) in &times {
+            let (s, f) = (median(stock), median(ferry));
+            let show = |x: Option<f64>| {
+                x.map_or("-".to_owned(), |t| {
+                    if t >= cap.as_secs_f64() {
+                        format!(">= {} s", cap.as_secs())
+                    } else {
+                        format!("{t:.2} s")
+                    }
+                })
+            };
+            let ratio = match (s, f) {
+                (Some(s), Some(f)) if s > 0.0 => format!("{:.2}", f / s),
+                _ => "n/a".to_owned(),
+            };
+            println!(
+                "{:<34} {:>12} {:>10} {:>12}",
+                state.label(),
+                show(s),
+                show(f),
+                ratio
+            );
+            println!("    stock {stock:.2?}\n    ferry {ferry:.2?}");
+        }
+    }
 }

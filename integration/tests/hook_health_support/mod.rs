@@ -36,6 +36,38 @@ impl std::ops::DerefMut for TestFleet {
 /// A fleet with `builders` builders of `slots` slots; `ferry_toml` is the `[build-hook]`
 /// section's body (the file is passed to the daemon with `FERRY_CONFIG`).
 pub fn start(hook: Hook, builders: usize, slots: u32, ferry_toml: &str) -> TestFleet {
+    start_on(hook, builders, slots, ferry_toml, None)
+}
+
+/// A fleet whose client nix.conf gets `client_conf` and nothing else from the fixture (no
+/// `build-hook`, so nothing is copied into the daemon's `NIX_CONFIG` either).
+pub fn start_plain(builders: usize, slots: u32, client_conf: &str) -> TestFleet {
+    let dir = tempfile::tempdir().expect("tmp");
+    let config = dir.path().join("ferry.toml");
+    std::fs::write(&config, "[build-hook]\n").expect("ferry.toml");
+    let fleet = Fleet::start(FleetConfig {
+        builders,
+        max_jobs_per_builder: slots,
+        client_conf: client_conf.to_owned(),
+        daemon_env: vec![("FERRY_CONFIG".to_owned(), config.display().to_string())],
+        ..Default::default()
+    })
+    .expect("fleet");
+    TestFleet {
+        fleet,
+        config,
+        _dir: dir,
+    }
+}
+
+/// [`start`] with every host on `nix` (`None`: the version under test).
+pub fn start_on(
+    hook: Hook,
+    builders: usize,
+    slots: u32,
+    ferry_toml: &str,
+    nix: Option<ferry_integration::Nix>,
+) -> TestFleet {
     let dir = tempfile::tempdir().expect("tmp");
     let config = dir.path().join("ferry.toml");
     std::fs::write(&config, format!("[build-hook]\n{ferry_toml}\n")).expect("ferry.toml");
@@ -53,7 +85,8 @@ pub fn start(hook: Hook, builders: usize, slots: u32, ferry_toml: &str) -> TestF
         max_jobs_per_builder: slots,
         client_conf,
         daemon_env,
-        ..Default::default()
+        client_nix: nix.clone(),
+        builder_nix: nix,
     })
     .expect("fleet");
     TestFleet {
@@ -67,6 +100,20 @@ pub fn start(hook: Hook, builders: usize, slots: u32, ferry_toml: &str) -> TestF
 pub fn many(nonce: &str, n: usize) -> String {
     let drvs: Vec<String> = (0..n)
         .map(|k| format!("({})", trivial_drv(&format!("{nonce}-{k}"), "h")))
+        .collect();
+    format!("[ {} ]", drvs.join(" "))
+}
+
+/// `n` derivations in one expression whose builds take `secs` seconds each (`sleep`), so
+/// that a builder's slots stay taken while the daemon asks about the next ones.
+pub fn many_slow(nonce: &str, n: usize, secs: u32) -> String {
+    let drvs: Vec<String> = (0..n)
+        .map(|k| {
+            format!(
+                r#"(builtins.derivation {{ name = "ferry-slow-{nonce}-{k}"; system = "{}"; builder = "/bin/sh"; args = [ "-c" "sleep {secs}; echo {k} > $out" ]; PATH = "/usr/bin:/bin"; }})"#,
+                ferry_integration::SYSTEM
+            )
+        })
         .collect();
     format!("[ {} ]", drvs.join(" "))
 }
