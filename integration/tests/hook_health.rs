@@ -654,7 +654,7 @@ fn measure(hook: Hook, nix: &ferry_integration::Nix, state: State, cap: Duration
 }
 
 /// Benchmark, per Nix version, stock (tuned: `NIX_SSHOPTS="-o ConnectTimeout=2"`, the bar
-/// of fleet.md) against Ferry in the same run: `max-jobs = 0`, five trivial derivations,
+/// of docs/testing.md §5) against Ferry in the same run: `max-jobs = 0`, five trivial derivations,
 /// two builders with two slots, in each [`State`]. Rounds alternate which hook goes first;
 /// the medians and Ferry/stock ratios are printed. Runs on the version under test
 /// (`FERRY_NIX`; `dev/bench` runs every version), or on each of `FERRY_BENCH_NIX=2.8,2.34`;
