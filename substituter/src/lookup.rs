@@ -17,8 +17,19 @@ use futures_util::stream::FuturesUnordered;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Largest narinfo, listing or log Ferry passes through.
+/// Largest listing or log Ferry passes through.
 pub const MAX_SMALL: usize = 16 * 1024 * 1024;
+
+/// Largest narinfo Ferry reads from an upstream. Nix writes one line per field, and only
+/// `References` and `Sig` grow with the path: 1 MiB holds some 4,000 references of maximal
+/// length (a store path base name is at most 244 bytes), more than any closure Nix builds
+/// references directly. Anything bigger is an upstream failure, never buffered further
+/// (issue 12 item 4: 15 MiB narinfos took Ferry to 1.26 GiB).
+pub const MAX_NARINFO: usize = 1024 * 1024;
+
+/// Bytes of answers (narinfos, listings, logs, misses) kept in memory: the warm set of a
+/// large closure (a narinfo is 0.5–2 KiB) within goal G13's 64 MiB.
+pub const ANSWER_CACHE_BYTES: u64 = 48 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Key {
@@ -68,7 +79,7 @@ pub type AnswerCache = moka::future::Cache<Key, Arc<Answer>>;
 
 pub fn answer_cache(positive: Duration, negative: Duration) -> AnswerCache {
     moka::future::Cache::builder()
-        // Weighted by body size: 256 MiB of answers at most; a miss weighs 64 bytes.
+        // Weighted by body size: a miss weighs 64 bytes.
         .weigher(|k: &Key, v: &Arc<Answer>| {
             let key_len = match k {
                 Key::NarInfo(h) => h.as_str().len(),
@@ -80,7 +91,7 @@ pub fn answer_cache(positive: Duration, negative: Duration) -> AnswerCache {
             };
             u32::try_from(64 + key_len + body).unwrap_or(u32::MAX)
         })
-        .max_capacity(256 * 1024 * 1024)
+        .max_capacity(ANSWER_CACHE_BYTES)
         .expire_after(AnswerExpiry { positive, negative })
         .build()
 }
@@ -119,6 +130,7 @@ async fn from_disk(state: &Arc<State>, hash: &str) -> Option<Arc<Answer>> {
         hash,
         &bytes,
         &state.settings.trusted_keys,
+        state.settings.require_sigs,
         None,
     ) {
         Ok(c) if c.trusted => c,
@@ -171,7 +183,12 @@ async fn ask(state: Arc<State>, i: usize, key: Key) -> Outcome {
         found: None,
         failure: Some(kind),
     };
-    match up.fetch_small(&object, MAX_SMALL).await {
+    let max = if hash.is_some() {
+        MAX_NARINFO
+    } else {
+        MAX_SMALL
+    };
+    match up.fetch_small(&object, max).await {
         Fetch::Missing => {
             up.record_success();
             up.metrics.misses.inc();
@@ -182,7 +199,7 @@ async fn ask(state: Arc<State>, i: usize, key: Key) -> Outcome {
             }
         }
         Fetch::Failed { error, retry_after } => {
-            tracing::warn!(upstream = %up.settings.url, %object, %error, "upstream request failed");
+            tracing::warn!(upstream = %up.settings.display, %object, %error, "upstream request failed");
             up.record_failure(retry_after);
             failed(error.kind())
         }
@@ -201,13 +218,14 @@ async fn ask(state: Arc<State>, i: usize, key: Key) -> Outcome {
                 h,
                 &bytes,
                 &state.settings.trusted_keys,
+                state.settings.require_sigs,
                 up.http_base(),
             ) {
                 Ok(c) => {
                     up.record_success();
                     up.metrics.hits.inc();
                     if !c.trusted {
-                        tracing::info!(upstream = %up.settings.url, %object, "narinfo has no trusted signature");
+                        tracing::info!(upstream = %up.settings.display, %object, "narinfo has no trusted signature");
                     }
                     Outcome {
                         slot: Slot::Hit { trusted: c.trusted },
@@ -218,7 +236,7 @@ async fn ask(state: Arc<State>, i: usize, key: Key) -> Outcome {
                 Err(error) => {
                     // An unparsable 200 (an HTML interstitial, a truncated body) is an
                     // upstream failure, not a miss (doc §5.1 rule 3).
-                    tracing::warn!(upstream = %up.settings.url, %object, %error, "invalid narinfo");
+                    tracing::warn!(upstream = %up.settings.display, %object, %error, "invalid narinfo");
                     up.record_failure(None);
                     // The same bytes would come again.
                     failed(FailureKind::Permanent)
@@ -347,7 +365,7 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
                 if launch(i, &mut running) {
                     attempts[i] += 1;
                     state.upstreams[i].metrics.retries.inc();
-                    tracing::debug!(?key, upstream = %state.upstreams[i].settings.url, attempt = attempts[i], "retrying after a transient failure");
+                    tracing::debug!(?key, upstream = %state.upstreams[i].settings.display, attempt = attempts[i], "retrying after a transient failure");
                 } else {
                     slots[i] = Slot::Failed;
                 }
@@ -390,7 +408,7 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
                 let (disk, h, body) = (Arc::clone(disk), *h, body.clone());
                 tokio::spawn(async move { disk.put_narinfo(h.as_str(), body).await });
             }
-            tracing::debug!(?key, upstream = %state.upstreams[i].settings.url, ?elapsed, "found");
+            tracing::debug!(?key, upstream = %state.upstreams[i].settings.display, ?elapsed, "found");
             Ok(Arc::new(Answer::Found {
                 body,
                 upstream: Some(i),

@@ -147,7 +147,7 @@ pub async fn serve(
             }
             OpenNar::Missing => up.record_success(),
             OpenNar::Failed(error) => {
-                tracing::warn!(upstream = %up.settings.url, %key, %error, "NAR open failed");
+                tracing::warn!(upstream = %up.settings.display, %key, %error, "NAR open failed");
                 up.record_failure(None);
             }
         }
@@ -317,7 +317,7 @@ impl Pump {
                 }
                 Read::Failed(why) => {
                     let up = &self.state.upstreams[self.order[self.current]];
-                    tracing::warn!(upstream = %up.settings.url, key = %self.key, offset = self.pos, %why, "NAR stream failed; resuming");
+                    tracing::warn!(upstream = %up.settings.display, key = %self.key, offset = self.pos, %why, "NAR stream failed; resuming");
                     up.record_failure(None);
                     if self.pos == self.opened_at {
                         // No progress on this body: do not ask this upstream again.
@@ -408,12 +408,12 @@ impl Pump {
                     return Some(b);
                 }
                 OpenNar::Opened(b) => {
-                    tracing::warn!(upstream = %up.settings.url, key = %self.key, theirs = ?b.total, ours = ?self.total, "same NAR key, different length");
+                    tracing::warn!(upstream = %up.settings.display, key = %self.key, theirs = ?b.total, ours = ?self.total, "same NAR key, different length");
                     self.excluded[c] = true;
                 }
                 OpenNar::Missing => self.excluded[c] = true,
                 OpenNar::Failed(error) => {
-                    tracing::warn!(upstream = %up.settings.url, key = %self.key, %error, "NAR resume failed");
+                    tracing::warn!(upstream = %up.settings.display, key = %self.key, %error, "NAR resume failed");
                     up.record_failure(None);
                     self.excluded[c] = true;
                 }

@@ -28,6 +28,11 @@ pub struct State {
     cache_info: String,
 }
 
+/// Bytes of NAR routes kept in memory.
+const ROUTES_BYTES: u64 = 16 * 1024 * 1024;
+/// A route's memory beyond its key: the entry, the expected hash, moka's bookkeeping.
+const ROUTE_OVERHEAD: usize = 160;
+
 /// Where a NAR key came from.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -73,8 +78,13 @@ impl State {
         Ok(Arc::new(State {
             disk,
             answers: answer_cache(settings.positive_ttl, settings.negative_ttl),
+            // Weighed by bytes, not counted: a route's key is an upstream's `URL:` (issue 12
+            // item 4). 16 MiB holds 100,000 routes of Nix's usual 80-byte URLs.
             routes: moka::future::Cache::builder()
-                .max_capacity(1_000_000)
+                .weigher(|k: &String, _r: &Route| {
+                    u32::try_from(k.len() + ROUTE_OVERHEAD).unwrap_or(u32::MAX)
+                })
+                .max_capacity(ROUTES_BYTES)
                 .time_to_idle(Duration::from_secs(30 * 24 * 3600))
                 .build(),
             metrics: Metrics::default(),
@@ -88,7 +98,7 @@ impl State {
         self.upstreams
             .iter()
             .map(|u| UpstreamView {
-                url: &u.settings.url,
+                url: &u.settings.display,
                 priority: u.settings.priority,
                 breaker: u.breaker_state(),
                 metrics: &u.metrics,

@@ -35,6 +35,9 @@ pub enum FetchError {
     Io(#[from] io::Error),
     #[error("bad Content-Range {0:?} for the requested offset")]
     BadRange(String),
+    /// The key would leave the upstream's base once resolved: never sent.
+    #[error("key {0:?} does not stay under the upstream's base")]
+    OutsideBase(String),
 }
 
 impl FetchError {
@@ -51,7 +54,8 @@ impl FetchError {
             FetchError::Status(_)
             | FetchError::TooLarge(_)
             | FetchError::Io(_)
-            | FetchError::BadRange(_) => FailureKind::Permanent,
+            | FetchError::BadRange(_)
+            | FetchError::OutsideBase(_) => FailureKind::Permanent,
         }
     }
 }
@@ -89,6 +93,8 @@ pub struct Upstream {
     pub id: usize,
     pub settings: UpstreamSettings,
     client: Option<reqwest::Client>,
+    /// The HTTP base, parsed once: every request URL is checked against it.
+    base_url: Option<reqwest::Url>,
     breaker: Mutex<Breaker>,
     limiter: Option<governor::DefaultDirectRateLimiter>,
     inflight: Arc<Semaphore>,
@@ -147,6 +153,10 @@ impl Upstream {
             ),
             UpstreamLocation::File(_) => None,
         };
+        let base_url = match &settings.location {
+            UpstreamLocation::Http(b) => reqwest::Url::parse(b).ok(),
+            UpstreamLocation::File(_) => None,
+        };
         let limiter = NonZeroU32::new(settings.rate_limit)
             .map(|r| governor::RateLimiter::direct(governor::Quota::per_second(r)));
         Ok(Upstream {
@@ -155,6 +165,7 @@ impl Upstream {
             inflight: Arc::new(Semaphore::new(settings.max_in_flight)),
             metrics: UpstreamMetrics::default(),
             client,
+            base_url,
             limiter,
             settings,
         })
@@ -165,6 +176,26 @@ impl Upstream {
             UpstreamLocation::Http(b) => Some(b),
             UpstreamLocation::File(_) => None,
         }
+    }
+
+    /// A request for `key`, with the upstream's credentials, or an error when the key's URL
+    /// would not stay under the base ([`crate::paths::http_url`]).
+    fn request(
+        &self,
+        client: &reqwest::Client,
+        method: reqwest::Method,
+        key: &str,
+    ) -> Result<reqwest::RequestBuilder, FetchError> {
+        let (Some(base), Some(text)) = (&self.base_url, self.base()) else {
+            return Err(FetchError::OutsideBase(key.to_owned()));
+        };
+        let url =
+            http_url(base, text, key).ok_or_else(|| FetchError::OutsideBase(key.to_owned()))?;
+        let req = client.request(method, url);
+        Ok(match &self.settings.credentials {
+            Some(c) => req.basic_auth(&c.user, Some(&c.password)),
+            None => req,
+        })
     }
 
     /// The base URL for narinfo URL rewriting (None for directories).
@@ -239,7 +270,7 @@ impl Upstream {
             self.fetch_small("nix-cache-info", 64 * 1024).await,
             Fetch::Found(_)
         );
-        tracing::info!(upstream = %self.settings.url, ok, "breaker probe");
+        tracing::info!(upstream = %self.settings.display, ok, "breaker probe");
         if ok {
             self.record_success();
         } else {
@@ -252,8 +283,14 @@ impl Upstream {
     pub async fn fetch_small(&self, key: &str, max_len: usize) -> Fetch {
         let started = Instant::now();
         let r = match (&self.settings.location, &self.client) {
-            (UpstreamLocation::Http(base), Some(client)) => {
-                self.fetch_http(client, &http_url(base, key), max_len).await
+            (UpstreamLocation::Http(_), Some(client)) => {
+                match self.request(client, reqwest::Method::GET, key) {
+                    Ok(req) => self.fetch_http(req, max_len).await,
+                    Err(error) => Fetch::Failed {
+                        error,
+                        retry_after: None,
+                    },
+                }
             }
             (UpstreamLocation::File(dir), _) => {
                 let path = file_path(dir, key);
@@ -276,13 +313,13 @@ impl Upstream {
         r
     }
 
-    async fn fetch_http(&self, client: &reqwest::Client, url: &str, max_len: usize) -> Fetch {
+    async fn fetch_http(&self, req: reqwest::RequestBuilder, max_len: usize) -> Fetch {
         let failed = |error| Fetch::Failed {
             error,
             retry_after: None,
         };
         let fut = async {
-            let resp = match client.get(url).send().await {
+            let resp = match req.send().await {
                 Ok(r) => r,
                 Err(e) => return failed(classify_reqwest(&e)),
             };
@@ -330,8 +367,11 @@ impl Upstream {
     /// Size of a NAR, for HEAD requests.
     pub async fn head_nar(&self, key: &str) -> OpenNar {
         match (&self.settings.location, &self.client) {
-            (UpstreamLocation::Http(base), Some(client)) => {
-                let req = client.head(http_url(base, key)).send();
+            (UpstreamLocation::Http(_), Some(client)) => {
+                let req = match self.request(client, reqwest::Method::HEAD, key) {
+                    Ok(r) => r.send(),
+                    Err(e) => return OpenNar::Failed(e),
+                };
                 match tokio::time::timeout(self.settings.read_timeout, req).await {
                     Err(_) => OpenNar::Failed(FetchError::Timeout),
                     Ok(Err(e)) => OpenNar::Failed(classify_reqwest(&e)),
@@ -368,8 +408,11 @@ impl Upstream {
     /// Opens a NAR at `offset` (to the end of the file).
     pub async fn open_nar(&self, key: &str, offset: u64) -> OpenNar {
         match (&self.settings.location, &self.client) {
-            (UpstreamLocation::Http(base), Some(client)) => {
-                let mut req = client.get(http_url(base, key));
+            (UpstreamLocation::Http(_), Some(client)) => {
+                let mut req = match self.request(client, reqwest::Method::GET, key) {
+                    Ok(r) => r,
+                    Err(e) => return OpenNar::Failed(e),
+                };
                 if offset > 0 {
                     req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
                 }
