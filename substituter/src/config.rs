@@ -35,9 +35,17 @@ pub struct SubstituterConfig {
     /// `Priority` announced in `nix-cache-info`. 20 puts Ferry before cache.nixos.org (40) and
     /// LAN caches (30), so Nix asks Ferry first (doc §5.1 rule 1).
     pub priority: i32,
-    /// Total time Ferry spends on one narinfo before answering 404 (not cached). Nix 2.8 has no
-    /// per-substituter timeout; 2 s keeps one lookup well under Nix's own timeouts (doc §5.1 rule 2).
+    /// Time after which an upstream that has not answered no longer holds back a
+    /// lower-priority hit, and a 404 is answered when every upstream that could hold the path
+    /// said no or is down (breaker open). 2 s keeps one lookup well under Nix's own time-outs
+    /// (doc §5.1 rule 2).
     pub narinfo_deadline_ms: u64,
+    /// Total time Ferry keeps asking a live upstream that fails only transiently (time-outs,
+    /// resets, 5xx: a busy cache with a full listen backlog) before answering 503 instead of
+    /// a 404 that Nix would remember for an hour (issue 12, "never a false miss"). Nix 2.8
+    /// waits without a time-out for the answer of a connected substituter, and 2.35's 15 s
+    /// `connect-timeout` is about the connection to Ferry, which is immediate.
+    pub narinfo_patience_ms: u64,
     /// Head start of each upstream over the next one in priority order: the next one is asked
     /// after this delay even if the first has not answered (and at once when the first has
     /// failed, e.g. after its connect time-out). It bounds how long a lower-priority upstream
@@ -160,6 +168,7 @@ impl Default for SubstituterConfig {
             store_dir: "/nix/store".to_owned(),
             priority: 20,
             narinfo_deadline_ms: 2000,
+            narinfo_patience_ms: 15_000,
             head_start_ms: 250,
             negative_ttl_secs: 60,
             positive_ttl_secs: 3600,
@@ -327,6 +336,8 @@ pub struct Settings {
     pub store_dir: StoreDir,
     pub priority: i32,
     pub narinfo_deadline: Duration,
+    /// At least `narinfo_deadline`.
+    pub narinfo_patience: Duration,
     pub head_start: Duration,
     pub negative_ttl: Duration,
     pub positive_ttl: Duration,
@@ -517,6 +528,9 @@ impl SubstituterConfig {
             store_dir,
             priority: self.priority,
             narinfo_deadline: Duration::from_millis(self.narinfo_deadline_ms),
+            narinfo_patience: Duration::from_millis(
+                self.narinfo_patience_ms.max(self.narinfo_deadline_ms),
+            ),
             head_start: Duration::from_millis(self.head_start_ms),
             negative_ttl: Duration::from_secs(self.negative_ttl_secs),
             positive_ttl: Duration::from_secs(self.positive_ttl_secs),

@@ -181,8 +181,9 @@ pub(crate) async fn handle(
     }
 }
 
-/// A small object through the race: 200 with the body, or 404 for every kind of absence or
-/// failure. Never 5xx: Nix retries those and, without `fallback`, fails the build (doc §2.4).
+/// A small object through the race: 200 with the body, 404 when every upstream that could
+/// hold it said no (or is down), and 503 only when a live upstream gave no definite answer
+/// within `narinfo-patience-ms` (never a false 404, issue 12).
 async fn small(state: &Arc<State>, key: Key, content_type: &'static str) -> Response<Body> {
     match lookup(state, key).await {
         Ok(a) => match &*a {
@@ -194,6 +195,14 @@ async fn small(state: &Arc<State>, key: Key, content_type: &'static str) -> Resp
             }
             Answer::Missing => status_only(StatusCode::NOT_FOUND),
         },
+        Err(i) if i.unknown => {
+            // A live upstream may hold it but did not answer in time. A 404 would be a false
+            // miss that Nix remembers for `narinfo-cache-negative-ttl` (an hour); a 503 is
+            // never cached and Nix asks again (up to 5 attempts with back-off, each a new
+            // race here). See the README, "Never a false miss".
+            state.metrics.unknown_answers.inc();
+            status_only(StatusCode::SERVICE_UNAVAILABLE)
+        }
         Err(_) => {
             state.metrics.incomplete_misses.inc();
             status_only(StatusCode::NOT_FOUND)

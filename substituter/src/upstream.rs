@@ -89,10 +89,21 @@ pub enum OpenNar {
     Failed(FetchError),
 }
 
+/// Longest connect time-out of a retry ([`Upstream::patient_connect_timeout`]).
+pub const PATIENT_CONNECT_MAX: Duration = Duration::from_secs(4);
+/// Shortest connect time-out of a retry: over Linux's 1 s SYN retransmission.
+pub const PATIENT_CONNECT_MIN: Duration = Duration::from_millis(1300);
+
 pub struct Upstream {
     pub id: usize,
     pub settings: UpstreamSettings,
     client: Option<reqwest::Client>,
+    /// The client for retries after a transient failure: a connect time-out long enough for
+    /// one SYN retransmission (Linux resends after 1 s), so a busy upstream whose listen
+    /// backlog dropped the first SYN is reached on the second (issue 12, "never a false miss").
+    patient_client: Option<reqwest::Client>,
+    /// Smoothed latency of successful small requests, in microseconds (0: none yet).
+    latency_ewma_us: std::sync::atomic::AtomicU64,
     /// The HTTP base, parsed once: every request URL is checked against it.
     base_url: Option<reqwest::Url>,
     breaker: Mutex<Breaker>,
@@ -141,17 +152,21 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 impl Upstream {
     pub fn new(id: usize, settings: UpstreamSettings) -> Result<Self, reqwest::Error> {
-        let client = match settings.location {
-            UpstreamLocation::Http(_) => Some(
-                reqwest::Client::builder()
-                    .connect_timeout(settings.connect_timeout)
-                    .tcp_nodelay(true)
-                    // Nix reuses connections for 90 s; an upstream may close earlier.
-                    .pool_idle_timeout(Duration::from_secs(60))
-                    .user_agent(concat!("ferry-substituter/", env!("CARGO_PKG_VERSION")))
-                    .build()?,
+        let build = |connect: Duration| {
+            reqwest::Client::builder()
+                .connect_timeout(connect)
+                .tcp_nodelay(true)
+                // Nix reuses connections for 90 s; an upstream may close earlier.
+                .pool_idle_timeout(Duration::from_secs(60))
+                .user_agent(concat!("ferry-substituter/", env!("CARGO_PKG_VERSION")))
+                .build()
+        };
+        let (client, patient_client) = match settings.location {
+            UpstreamLocation::Http(_) => (
+                Some(build(settings.connect_timeout)?),
+                Some(build(PATIENT_CONNECT_MAX.max(settings.connect_timeout))?),
             ),
-            UpstreamLocation::File(_) => None,
+            UpstreamLocation::File(_) => (None, None),
         };
         let base_url = match &settings.location {
             UpstreamLocation::Http(b) => reqwest::Url::parse(b).ok(),
@@ -165,6 +180,8 @@ impl Upstream {
             inflight: Arc::new(Semaphore::new(settings.max_in_flight)),
             metrics: UpstreamMetrics::default(),
             client,
+            patient_client,
+            latency_ewma_us: std::sync::atomic::AtomicU64::new(0),
             base_url,
             limiter,
             settings,
@@ -257,6 +274,42 @@ impl Upstream {
         }
     }
 
+    /// A failure of a request that started at `started` (see [`Breaker::on_failure_since`]).
+    pub fn record_failure_since(&self, started: Instant, retry_after: Option<Duration>) {
+        self.metrics.failures.inc();
+        if let Ok(mut b) = self.breaker.lock() {
+            b.on_failure_since(Instant::now(), started, retry_after);
+        }
+    }
+
+    /// Smoothed latency of successful small requests, if any succeeded yet.
+    pub fn latency(&self) -> Option<Duration> {
+        match self
+            .latency_ewma_us
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    fn observe_success_latency(&self, d: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let us = (d.as_micros() as u64).max(1);
+        let old = self.latency_ewma_us.load(Relaxed);
+        // Weight 1/8 per sample, like TCP's smoothed RTT.
+        let new = if old == 0 { us } else { (old * 7 + us) / 8 };
+        self.latency_ewma_us.store(new.max(1), Relaxed);
+    }
+
+    /// The connect time-out of a retry: eight times the upstream's usual latency (a busy
+    /// upstream answers slower than usual), at least [`PATIENT_CONNECT_MIN`] and at most
+    /// [`PATIENT_CONNECT_MAX`].
+    pub fn patient_connect_timeout(&self) -> Duration {
+        let adaptive = self.latency().map_or(PATIENT_CONNECT_MIN, |l| l * 8);
+        adaptive.clamp(PATIENT_CONNECT_MIN, PATIENT_CONNECT_MAX)
+    }
+
     pub fn record_failure(&self, retry_after: Option<Duration>) {
         self.metrics.failures.inc();
         if let Ok(mut b) = self.breaker.lock() {
@@ -281,11 +334,22 @@ impl Upstream {
     /// Fetches a small object whole, within the read time-out. Does not touch the breaker:
     /// the caller decides after validating the body.
     pub async fn fetch_small(&self, key: &str, max_len: usize) -> Fetch {
+        self.fetch_small_attempt(key, max_len, false).await
+    }
+
+    /// [`Upstream::fetch_small`]; `patient` for a retry after a transient failure: the patient
+    /// client and an adaptive connect time-out ([`Upstream::patient_connect_timeout`]).
+    pub async fn fetch_small_attempt(&self, key: &str, max_len: usize, patient: bool) -> Fetch {
         let started = Instant::now();
-        let r = match (&self.settings.location, &self.client) {
+        let (client, connect) = if patient {
+            (&self.patient_client, self.patient_connect_timeout())
+        } else {
+            (&self.client, self.settings.connect_timeout)
+        };
+        let r = match (&self.settings.location, client) {
             (UpstreamLocation::Http(_), Some(client)) => {
                 match self.request(client, reqwest::Method::GET, key) {
-                    Ok(req) => self.fetch_http(req, max_len).await,
+                    Ok(req) => self.fetch_http(req, max_len, connect).await,
                     Err(error) => Fetch::Failed {
                         error,
                         retry_after: None,
@@ -310,10 +374,18 @@ impl Upstream {
             },
         };
         self.metrics.latency.observe(started.elapsed());
+        if matches!(r, Fetch::Found(_) | Fetch::Missing) {
+            self.observe_success_latency(started.elapsed());
+        }
         r
     }
 
-    async fn fetch_http(&self, req: reqwest::RequestBuilder, max_len: usize) -> Fetch {
+    async fn fetch_http(
+        &self,
+        req: reqwest::RequestBuilder,
+        max_len: usize,
+        connect: Duration,
+    ) -> Fetch {
         let failed = |error| Fetch::Failed {
             error,
             retry_after: None,
@@ -353,12 +425,7 @@ impl Upstream {
         };
         // A whole-response time-out is right for small objects (a drip of a narinfo is a
         // failure); NAR bodies use per-read idle time-outs instead.
-        match tokio::time::timeout(
-            self.settings.read_timeout + self.settings.connect_timeout,
-            fut,
-        )
-        .await
-        {
+        match tokio::time::timeout(self.settings.read_timeout + connect, fut).await {
             Ok(r) => r,
             Err(_) => failed(FetchError::Timeout),
         }

@@ -349,3 +349,50 @@ async fn credentials_never_appear_in_logs() {
     );
     assert!(!text.contains("hunter2"), "{text}");
 }
+
+/// Issue 12, "never a false miss": a live upstream that cannot answer one path in time (it
+/// answers others) is a 503, never a 404 that Nix would remember for an hour; its breaker
+/// stays closed because it keeps answering other requests.
+#[tokio::test]
+async fn a_live_upstream_that_does_not_answer_in_time_is_a_503_not_a_404() {
+    let (up, _) = mock(|p| {
+        if p == format!("/{H}.narinfo") {
+            // A transient failure every time (a 5xx), while other paths answer at once.
+            status(502, "")
+        } else {
+            status(404, "")
+        }
+    })
+    .await;
+    let f = ferry(&[format!("http://{up}")], |c| {
+        c.narinfo_deadline_ms = 300;
+        c.narinfo_patience_ms = 2500;
+    })
+    .await;
+    let other = {
+        let f = f.clone();
+        tokio::spawn(async move {
+            for i in 0..20 {
+                raw_get(&f, &format!("/{:0>32}.narinfo", i + 1)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let t = Instant::now();
+    let (code, text) = raw_get(&f, &format!("/{H}.narinfo")).await;
+    let e = t.elapsed();
+    other.await.expect("other lookups");
+    assert_eq!(code, 503, "{text}");
+    assert!(e >= Duration::from_millis(900), "gave up after {e:?}");
+    let (_, m) = raw_get(&f, "/metrics").await;
+    assert!(
+        m.contains("ferry_substituter_unknown_answers_total 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            "ferry_substituter_upstream_breaker_state{{upstream=\"http://{up}\"}} 0"
+        )),
+        "{m}"
+    );
+}
