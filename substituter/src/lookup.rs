@@ -453,6 +453,15 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
     match decision {
         Decision::Serve(i) => {
             let (body, nar_key, expect) = found[i].take().unwrap_or_default();
+            // The NAR's expected hash is kept with the disk cache, so that it can be cached
+            // (and checked) even after a restart (issue 12 item 2).
+            if let (Some(k), Some(disk), Slot::Hit { trusted: true }) =
+                (&nar_key, &state.disk, slots[i])
+                && expect.sha256.is_some()
+            {
+                let (disk, k, e) = (Arc::clone(disk), k.clone(), expect.clone());
+                tokio::spawn(async move { disk.put_expected(&k, &e).await });
+            }
             if let Some(k) = &nar_key {
                 state
                     .routes

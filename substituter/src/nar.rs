@@ -116,15 +116,23 @@ pub async fn serve(
     let start = range.map_or(0, |r| r.0);
     let head = method == Method::HEAD;
 
-    // The disk cache first: no upstream is asked for a NAR Ferry already holds.
-    if let Some(disk) = &state.disk
-        && let Some((file, len)) = disk.open_nar(&key).await
+    // What the file must be: from the narinfo Ferry served (in memory), else from the record
+    // kept with the disk cache (it survives restarts).
+    let route = state.routes.get(&key).await;
+    let expect = match (&route, &state.disk) {
+        (Some(r), _) if r.expect.sha256.is_some() => Some(r.expect.clone()),
+        (_, Some(d)) => d.expected(&key).await,
+        _ => None,
+    };
+    // The disk cache first: no upstream is asked for a NAR Ferry already holds, checked
+    // against that hash on the way in.
+    if let (Some(disk), Some(expect)) = (&state.disk, &expect)
+        && let Some((file, len)) = disk.open_nar(&key, expect).await
     {
         disk.metrics.nar_hits.inc();
         return serve_file(&state, file, len, range, head).await;
     }
 
-    let route = state.routes.get(&key).await;
     let order = candidates(&state, route.as_ref().and_then(|r| r.upstream));
     // Open the first candidate that has the file.
     let mut opened = None;
@@ -182,11 +190,10 @@ pub async fn serve(
     } else {
         body
     };
-    // A copy for the disk cache: only whole files of known length, verified before commit.
-    let writer = match (&state.disk, range, total) {
-        (Some(d), None, Some(t)) => {
-            d.nar_writer(&key, t, route.map(|r| r.expect).unwrap_or_default())
-        }
+    // A copy for the disk cache: only whole files of known length and known expected hash,
+    // verified before commit.
+    let writer = match (&state.disk, range, total, expect) {
+        (Some(d), None, Some(t), Some(e)) => d.nar_writer(&key, t, e),
         _ => None,
     };
     let pump = Pump {
