@@ -197,9 +197,13 @@ fn faulty_upstreams_are_invisible_to_nix() {
             404,
             "only 404 for a miss under faults"
         );
+        // A 404 waits until every faulty upstream is known to be down (its breaker open:
+        // three failures with no success in between), never a false miss (issue 12): the
+        // first miss pays for the drip upstream's three read time-outs; later ones are quick.
+        let limit = Duration::from_secs(if i == 0 { 10 } else { 2 });
         assert!(
-            t.elapsed() < Duration::from_secs(4),
-            "a miss took {:?}",
+            t.elapsed() < limit,
+            "miss {i} took {:?}",
             t.elapsed()
         );
     }
