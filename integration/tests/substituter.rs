@@ -201,11 +201,7 @@ fn faulty_upstreams_are_invisible_to_nix() {
         // three failures with no success in between), never a false miss (issue 12): the
         // first miss pays for the drip upstream's three read time-outs; later ones are quick.
         let limit = Duration::from_secs(if i == 0 { 10 } else { 2 });
-        assert!(
-            t.elapsed() < limit,
-            "miss {i} took {:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() < limit, "miss {i} took {:?}", t.elapsed());
     }
     let m = metrics(&fleet);
     for u in &faulty {
@@ -494,7 +490,10 @@ fn a_slow_to_accept_upstream_under_a_burst_gives_no_false_404() {
             ferry.log_text()
         )
     });
-    assert!(substituted_from_ferry(&stderr), "not substituted:\n{stderr}");
+    assert!(
+        substituted_from_ferry(&stderr),
+        "not substituted:\n{stderr}"
+    );
     assert_quiet(&stderr, "slow-accept cache");
     eprintln!("25-path closure from a slow-accept cache through Ferry: {elapsed:?}");
 }
@@ -716,7 +715,8 @@ fn bench_dead_first_cache_stock_vs_ferry() {
         Some((d, true)) => format!("{:.2} s", d.as_secs_f64()),
         Some((d, false)) => format!("failed after {:.2} s", d.as_secs_f64()),
     };
-    let secs = |r: Option<(Duration, bool)>| r.map_or(limit.as_secs_f64(), |(d, _)| d.as_secs_f64());
+    let secs =
+        |r: Option<(Duration, bool)>| r.map_or(limit.as_secs_f64(), |(d, _)| d.as_secs_f64());
     assert!(via.is_some_and(|(_, ok)| ok), "Ferry: {}", show(via));
     eprintln!(
         "{}: {} paths, first cache black-holed: healthy cache alone {}; stock {}; stock tuned (connect-timeout = 2) {}; \
