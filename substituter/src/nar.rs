@@ -134,31 +134,52 @@ pub async fn serve(
     }
 
     let order = candidates(&state, route.as_ref().and_then(|r| r.upstream));
-    // Open the first candidate that has the file.
+    // Open the first candidate that has the file. When none said "missing" or opened it but a
+    // live one failed transiently (a busy upstream dropping SYNs under Nix's parallel
+    // downloads), go round again with patient connects until `narinfo-patience-ms`: a 404
+    // here fails the substitution of a path the upstream holds (issue 12, never a false miss).
+    let started = std::time::Instant::now();
     let mut opened = None;
-    for (pos, &i) in order.iter().enumerate() {
-        let up = &state.upstreams[i];
-        if up.admit().is_err() {
-            continue;
-        }
-        let _slot = up.slot().await;
-        let r = if head {
-            up.head_nar(&key).await
-        } else {
-            up.open_nar(&key, start).await
-        };
-        match r {
-            OpenNar::Opened(body) => {
-                up.record_success();
-                opened = Some((pos, body));
-                break;
+    let mut patient = false;
+    let mut round = 0usize;
+    'rounds: loop {
+        let mut transient = false;
+        for (pos, &i) in order.iter().enumerate() {
+            let up = &state.upstreams[i];
+            if up.admit().is_err() {
+                continue;
             }
-            OpenNar::Missing => up.record_success(),
-            OpenNar::Failed(error) => {
-                tracing::warn!(upstream = %up.settings.display, %key, %error, "NAR open failed");
-                up.record_failure(None);
+            let attempt_start = std::time::Instant::now();
+            let _slot = up.slot().await;
+            let r = if head {
+                up.head_nar(&key, patient).await
+            } else {
+                up.open_nar_attempt(&key, start, patient).await
+            };
+            match r {
+                OpenNar::Opened(body) => {
+                    up.record_success();
+                    opened = Some((pos, body));
+                    break 'rounds;
+                }
+                OpenNar::Missing => up.record_success(),
+                OpenNar::Failed(error) => {
+                    tracing::warn!(upstream = %up.settings.display, %key, %error, patient, "NAR open failed");
+                    up.record_failure_since(attempt_start, None);
+                    transient |=
+                        error.kind() == crate::race::FailureKind::Transient && up.breaker_closed();
+                }
             }
         }
+        let backoff = crate::race::RETRY_BACKOFFS[round.min(crate::race::RETRY_BACKOFFS.len() - 1)];
+        let fits = started.elapsed() + backoff + crate::upstream::PATIENT_CONNECT_MIN
+            <= state.settings.narinfo_patience;
+        if !transient || !fits {
+            break;
+        }
+        tokio::time::sleep(backoff).await;
+        patient = true;
+        round += 1;
     }
     let Some((pos, body)) = opened else {
         state.metrics.nar_not_found.inc();

@@ -432,14 +432,15 @@ impl Upstream {
     }
 
     /// Size of a NAR, for HEAD requests.
-    pub async fn head_nar(&self, key: &str) -> OpenNar {
-        match (&self.settings.location, &self.client) {
+    pub async fn head_nar(&self, key: &str, patient: bool) -> OpenNar {
+        let (client, wait) = self.nar_client(patient);
+        match (&self.settings.location, client) {
             (UpstreamLocation::Http(_), Some(client)) => {
                 let req = match self.request(client, reqwest::Method::HEAD, key) {
                     Ok(r) => r.send(),
                     Err(e) => return OpenNar::Failed(e),
                 };
-                match tokio::time::timeout(self.settings.read_timeout, req).await {
+                match tokio::time::timeout(wait, req).await {
                     Err(_) => OpenNar::Failed(FetchError::Timeout),
                     Ok(Err(e)) => OpenNar::Failed(classify_reqwest(&e)),
                     Ok(Ok(r)) if is_missing(r.status().as_u16()) => OpenNar::Missing,
@@ -474,7 +475,27 @@ impl Upstream {
 
     /// Opens a NAR at `offset` (to the end of the file).
     pub async fn open_nar(&self, key: &str, offset: u64) -> OpenNar {
-        match (&self.settings.location, &self.client) {
+        self.open_nar_attempt(key, offset, false).await
+    }
+
+    /// The client for a NAR request and the time allowed up to its response headers: the
+    /// patient client and a latency-adaptive connect time-out for a retry
+    /// ([`Upstream::patient_connect_timeout`]).
+    fn nar_client(&self, patient: bool) -> (&Option<reqwest::Client>, Duration) {
+        if patient {
+            (
+                &self.patient_client,
+                self.settings.read_timeout + self.patient_connect_timeout(),
+            )
+        } else {
+            (&self.client, self.settings.read_timeout)
+        }
+    }
+
+    /// [`Upstream::open_nar`]; `patient` for a retry after a transient failure.
+    pub async fn open_nar_attempt(&self, key: &str, offset: u64, patient: bool) -> OpenNar {
+        let (client, wait) = self.nar_client(patient);
+        match (&self.settings.location, client) {
             (UpstreamLocation::Http(_), Some(client)) => {
                 let mut req = match self.request(client, reqwest::Method::GET, key) {
                     Ok(r) => r,
@@ -484,8 +505,7 @@ impl Upstream {
                     req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
                 }
                 // Up to the response headers only: the body has per-read idle time-outs.
-                let resp = match tokio::time::timeout(self.settings.read_timeout, req.send()).await
-                {
+                let resp = match tokio::time::timeout(wait, req.send()).await {
                     Err(_) => return OpenNar::Failed(FetchError::Timeout),
                     Ok(Err(e)) => return OpenNar::Failed(classify_reqwest(&e)),
                     Ok(Ok(r)) => r,
