@@ -197,11 +197,11 @@ fn faulty_upstreams_are_invisible_to_nix() {
             404,
             "only 404 for a miss under faults"
         );
-        assert!(
-            t.elapsed() < Duration::from_secs(4),
-            "a miss took {:?}",
-            t.elapsed()
-        );
+        // A 404 waits until every faulty upstream is known to be down (its breaker open:
+        // three failures with no success in between), never a false miss (issue 12): the
+        // first miss pays for the drip upstream's three read time-outs; later ones are quick.
+        let limit = Duration::from_secs(if i == 0 { 10 } else { 2 });
+        assert!(t.elapsed() < limit, "miss {i} took {:?}", t.elapsed());
     }
     let m = metrics(&fleet);
     for u in &faulty {
@@ -413,6 +413,98 @@ fn disk_cache_substitutes_again_with_the_upstream_gone_after_a_restart() {
         3.0,
         "{m}"
     );
+}
+
+/// 25 store paths built on the producer only: 24 leaves and a top referring to them all.
+fn producer_only_wide_drv(nonce: &str) -> String {
+    let sys = ferry_integration::SYSTEM;
+    format!(
+        r#"let
+  mk = name: script: builtins.derivation {{ name = "ferry-wide-${{name}}-{nonce}"; system = "{sys}"; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
+    args = [ "-c" ("if [ ! -e {PRODUCER_MARKER} ]; then echo 'ferry-test: built locally, not substituted' >&2; exit 1; fi; " + script) ]; }};
+  leaves = builtins.genList (i: mk "leaf${{toString i}}" "echo ${{toString i}} > $out") 24;
+in mk "top" ("mkdir $out; echo " + builtins.concatStringsSep " " (map toString leaves) + " > $out/leaves")"#
+    )
+}
+
+/// Issue 12, "never a false miss": a LAN cache that is alive but slow to accept (one request
+/// at a time, a listen backlog of 1, so a burst overflows its accept queue and SYNs are
+/// dropped) under a burst of 25 parallel narinfo requests, the way Nix queries a closure.
+/// With a 200 ms connect time-out and two retries, Ferry answered 404 ("not found, incomplete
+/// answers") for paths the cache holds, and Nix remembered each miss for an hour. Every
+/// answer must now be a 200; and Nix substitutes the whole closure.
+#[test]
+fn a_slow_to_accept_upstream_under_a_burst_gives_no_false_404() {
+    let keys_dir = tempfile::tempdir().expect("tempdir");
+    let key = generate_key(keys_dir.path(), "ferry-test-cache-1");
+    let mut fleet = fleet(&key.public);
+    add_producer(&mut fleet);
+    let expr = producer_only_wide_drv(&nonce());
+    let top = build_on_producer(&fleet, &expr);
+    let closure = paths_of_closure_on(&fleet, "producer", &top[0]);
+    assert_eq!(closure.len(), 25, "{closure:?}");
+    let dir = fleet.root.path().join("cache-slow");
+    copy_to_cache(&fleet, &top, &dir, &key.secret, "none");
+    let slow = serve_cache(&mut fleet, "cache-slow", "slow", &dir);
+    let ferry = start_ferry(&fleet, std::slice::from_ref(&slow), "");
+
+    // curl in the client's namespace (every Nix version's root has it): 25 transfers at once,
+    // each on its own connection.
+    let mut c = fleet.client.command("curl");
+    c.args([
+        "-s",
+        "--max-time",
+        "60",
+        "--parallel",
+        "--parallel-immediate",
+        "--parallel-max",
+        "25",
+        "-w",
+        "%{http_code}\\n",
+    ]);
+    for p in &closure {
+        c.args(["-o", "/dev/null"])
+            .arg(format!("{}/{}", ferry_url(), narinfo_name(p)));
+    }
+    let t = Instant::now();
+    let out = stdout_of(c, "curl --parallel");
+    eprintln!(
+        "burst of 25 narinfo requests through Ferry to a slow-accept cache: {:?}",
+        t.elapsed()
+    );
+    let statuses: Vec<u16> = out
+        .lines()
+        .map(|l| l.trim().parse().expect("status"))
+        .collect();
+    assert_eq!(statuses.len(), 25);
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "not every answer was a 200 (404 = a false miss): {statuses:?}\nferry log:\n{}",
+        ferry.log_text()
+    );
+    let m = metrics(&fleet);
+    assert_eq!(
+        metric(&m, "ferry_substituter_incomplete_misses_total"),
+        0.0,
+        "{m}"
+    );
+
+    // Nix itself substitutes the closure through Ferry (its narinfos are warm now; the NARs
+    // come from the slow cache one at a time).
+    let (out, stderr, elapsed) = client_build(&fleet, &expr);
+    check(&out, "nix-build from a slow-accept cache").unwrap_or_else(|e| {
+        panic!(
+            "{e}\ndaemon log:\n{}\nferry log:\n{}",
+            fleet.daemon_log(),
+            ferry.log_text()
+        )
+    });
+    assert!(
+        substituted_from_ferry(&stderr),
+        "not substituted:\n{stderr}"
+    );
+    assert_quiet(&stderr, "slow-accept cache");
+    eprintln!("25-path closure from a slow-accept cache through Ferry: {elapsed:?}");
 }
 
 fn paths_of_closure(fleet: &ferry_integration::Fleet, top: &str) -> Vec<String> {

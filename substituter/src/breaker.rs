@@ -47,6 +47,8 @@ pub struct Breaker {
     consecutive_failures: u32,
     /// Current open period; doubles when a probe fails.
     current_cooldown: Duration,
+    /// When a request last succeeded: the upstream was alive then.
+    last_success: Option<Instant>,
 }
 
 impl Breaker {
@@ -57,6 +59,7 @@ impl Breaker {
             state: State::Closed,
             consecutive_failures: 0,
             current_cooldown,
+            last_success: None,
         }
     }
 
@@ -98,9 +101,34 @@ impl Breaker {
 
     /// A request (or the probe) succeeded: any definite answer, including 404.
     pub fn on_success(&mut self) {
+        self.on_success_at(Instant::now());
+    }
+
+    /// [`Breaker::on_success`] at `now`.
+    pub fn on_success_at(&mut self, now: Instant) {
+        self.last_success = Some(now);
         self.state = State::Closed;
         self.consecutive_failures = 0;
         self.current_cooldown = self.config.cooldown;
+    }
+
+    /// A request that started at `started` failed. When another request succeeded since, the
+    /// upstream is alive and only busy (a short listen backlog under a burst drops SYNs, issue
+    /// 12 "never a false miss"): the failure does not count towards opening the breaker,
+    /// which would turn every lookup into a skip. A dead or black-holed upstream has no
+    /// successes, so it still opens after `failures_to_open` failures (goal G5). A
+    /// `Retry-After` always counts: the upstream asked for less traffic.
+    pub fn on_failure_since(
+        &mut self,
+        now: Instant,
+        started: Instant,
+        retry_after: Option<Duration>,
+    ) {
+        let alive = self.last_success.is_some_and(|s| s >= started);
+        if alive && retry_after.is_none() && self.state == State::Closed {
+            return;
+        }
+        self.on_failure(now, retry_after);
     }
 
     /// A request failed in a way that says the upstream is unhealthy. `retry_after` is the
@@ -138,6 +166,30 @@ impl Breaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_overtaken_by_a_success_do_not_open_it() {
+        let mut b = Breaker::new(BreakerConfig {
+            failures_to_open: 3,
+            cooldown: Duration::from_secs(2),
+            max_cooldown: Duration::from_secs(60),
+            probe_timeout: Duration::from_secs(1),
+        });
+        let t0 = Instant::now();
+        // A burst: 25 requests start at t0, one succeeds, the others time out after it.
+        b.on_success_at(t0 + Duration::from_millis(5));
+        for i in 0..24 {
+            b.on_failure_since(t0 + Duration::from_millis(200 + i), t0, None);
+        }
+        assert_eq!(b.state(), State::Closed);
+        assert!(!b.suspect());
+        // Failures of requests started after the last success count: a host that died.
+        let t1 = t0 + Duration::from_secs(1);
+        for i in 0..3 {
+            b.on_failure_since(t1 + Duration::from_millis(200 * i), t1, None);
+        }
+        assert!(matches!(b.state(), State::Open { .. }));
+    }
 
     fn cfg() -> BreakerConfig {
         BreakerConfig {

@@ -4,7 +4,8 @@
 //! `StorePath` must have the requested hash part (Nix would print "asked '…' for '…' but got
 //! '…'" and move on, `substitution-goal.cc`), and the signatures are checked against Nix's
 //! `trusted-public-keys` as `ValidPathInfo::checkSignatures` does, counting a `CA:` path as
-//! trusted like Nix. The text Ferry serves is the upstream's, byte for byte, except possibly
+//! trusted like Nix only once its store path is recomputed from the content address
+//! ([`crate::ca`]). The text Ferry serves is the upstream's, byte for byte, except possibly
 //! the unsigned `URL:` line ([`crate::paths::nar_route`]).
 
 use crate::paths::{NarRoute, nar_route, rewrite_url_line};
@@ -21,7 +22,19 @@ pub enum CheckError {
     Parse(#[from] NarInfoError),
     #[error("asked for '{asked}' but got '{got}'")]
     WrongPath { asked: String, got: String },
+    #[error("narinfo field {field} is {len} bytes long, more than the {max} Ferry accepts")]
+    FieldTooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
 }
+
+/// Longest `URL:` Ferry accepts. Nix writes `nar/<52-character FileHash>.nar.<ext>` (under 80
+/// bytes); other servers' forms (harmonia's `?hash=`, snix's base64 root nodes, presigned
+/// object-storage URLs) stay well under this. The URL becomes a route key kept in memory for
+/// 30 days, so it must be small (issue 12 item 4).
+pub const MAX_URL: usize = 4096;
 
 /// A narinfo fit to forward.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,17 +83,30 @@ pub fn check_narinfo(
     hash_part: &str,
     bytes: &[u8],
     keys: &TrustedKeys,
+    require_sigs: bool,
     upstream_base: Option<&str>,
 ) -> Result<Checked, CheckError> {
     let text = std::str::from_utf8(bytes).map_err(|_| CheckError::NotUtf8)?;
     let info = NarInfo::parse(store_dir, text)?;
+    if info.url.len() > MAX_URL {
+        return Err(CheckError::FieldTooLong {
+            field: "URL",
+            len: info.url.len(),
+            max: MAX_URL,
+        });
+    }
     if info.store_path.hash_part() != hash_part {
         return Err(CheckError::WrongPath {
             asked: hash_part.to_owned(),
             got: store_dir.display(&info.store_path),
         });
     }
-    let trusted = keys.is_empty() || info.ca.is_some() || info.is_trusted(store_dir, keys)?;
+    // As `checkSignatures`: a true content address, else a valid signature by a trusted key;
+    // with `require-sigs = false` Nix takes anything
+    // (https://github.com/NixOS/nix/blob/2.8.0/src/libstore/build/substitution-goal.cc#L112-L121).
+    let trusted = !require_sigs
+        || crate::ca::is_content_addressed(store_dir, &info)
+        || info.is_trusted(store_dir, keys)?;
     let (body, nar_key) = match nar_route(&info.url, upstream_base) {
         NarRoute::Relative { key, rewritten } => {
             let body = if rewritten {
@@ -134,6 +160,7 @@ mod tests {
             "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
             text.as_bytes(),
             &keys,
+            true,
             None,
         )
         .expect("valid");
@@ -155,16 +182,55 @@ mod tests {
             "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
             signed_text(&key).as_bytes(),
             &keys,
+            true,
             None,
         )
         .expect("valid");
         assert!(!c.trusted);
-        // With no keys known, everything counts as trusted.
+        // With no keys, nothing signed is trusted (issue 12 item 3: it used to be everything)...
         let c = check_narinfo(
             &sd(),
             "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
             signed_text(&key).as_bytes(),
             &TrustedKeys::new(),
+            true,
+            None,
+        )
+        .expect("valid");
+        assert!(!c.trusted);
+        // ...unless Nix runs with `require-sigs = false`.
+        let c = check_narinfo(
+            &sd(),
+            "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
+            signed_text(&key).as_bytes(),
+            &TrustedKeys::new(),
+            false,
+            None,
+        )
+        .expect("valid");
+        assert!(c.trusted);
+    }
+
+    /// Issue 12 item 1: an unsigned narinfo with a made-up `CA:` counted as trusted; a true
+    /// content address still needs no signature.
+    #[test]
+    fn a_content_address_counts_only_when_it_names_the_path() {
+        let keys = TrustedKeys::new();
+        let made_up = format!(
+            "StorePath: {PATH}\nURL: nar/abc.nar\nCompression: none\nNarHash: {h}\nNarSize: 120\nReferences: \nCA: fixed:r:{h}\n",
+            h = Hash::sha256_of(b"nar").to_nix32_prefixed()
+        );
+        let c = check_narinfo(&sd(), &PATH[11..43], made_up.as_bytes(), &keys, true, None)
+            .expect("valid");
+        assert!(!c.trusted, "a made-up CA is not a signature");
+        // `nix path-info --json` of a real source path (Nix 2.8, ferry-nix golden files).
+        let real = "StorePath: /nix/store/04m350imlv7hf9pd6b84wj34d7f4hl0r-hello.txt\nURL: nar/x.nar\nCompression: none\nNarHash: sha256-z20dFjm4uZTxhhKwVeaqOWpRKO5etQZQrjcW1wxvUWY=\nNarSize: 128\nReferences: \nCA: fixed:r:sha256:0rjidw6df5ipmr80ddayxql52sirmbk5bc0jhvqr9fdq74b1svfg\n";
+        let c = check_narinfo(
+            &sd(),
+            "04m350imlv7hf9pd6b84wj34d7f4hl0r",
+            real.as_bytes(),
+            &keys,
+            true,
             None,
         )
         .expect("valid");
@@ -180,6 +246,7 @@ mod tests {
             "1c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
             signed_text(&key).as_bytes(),
             &k,
+            true,
             None,
         )
         .unwrap_err();
@@ -191,11 +258,44 @@ mod tests {
             b"",
         ] {
             assert!(
-                check_narinfo(&sd(), "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig", garbage, &k, None)
-                    .is_err(),
+                check_narinfo(
+                    &sd(),
+                    "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
+                    garbage,
+                    &k,
+                    true,
+                    None
+                )
+                .is_err(),
                 "{garbage:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_overlong_url_is_refused() {
+        let text = |len: usize| {
+            format!(
+                "StorePath: {PATH}\nURL: nar/{}\nNarHash: {}\nNarSize: 120\n",
+                "a".repeat(len),
+                Hash::sha256_of(b"nar").to_nix32_prefixed()
+            )
+        };
+        let check = |t: String| {
+            check_narinfo(
+                &sd(),
+                &PATH[11..43],
+                t.as_bytes(),
+                &TrustedKeys::new(),
+                false,
+                None,
+            )
+        };
+        assert!(check(text(MAX_URL - 4)).is_ok());
+        assert!(matches!(
+            check(text(MAX_URL)),
+            Err(CheckError::FieldTooLong { field: "URL", .. })
+        ));
     }
 
     #[test]
@@ -209,6 +309,7 @@ mod tests {
             "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
             text.as_bytes(),
             &TrustedKeys::new(),
+            true,
             Some("http://up:8080"),
         )
         .expect("valid");
@@ -222,6 +323,7 @@ mod tests {
             "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
             none.as_bytes(),
             &TrustedKeys::new(),
+            true,
             None,
         )
         .expect("valid");

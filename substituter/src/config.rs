@@ -5,6 +5,7 @@
 //! Every default below says why it was chosen; the reasoning about Nix's client behaviour is in
 //! `docs/binary-cache.md` (§2 and §5).
 
+use crate::credentials::Credentials;
 use ferry_nix::signing::TrustedKeys;
 use ferry_nix::store_path::StoreDir;
 use serde::Deserialize;
@@ -17,6 +18,11 @@ use thiserror::Error;
 pub const DEFAULT_UPSTREAM: &str = "https://cache.nixos.org";
 /// The listen address by default: loopback only, a port outside the usual ranges.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:37515";
+/// Nix's compiled-in `trusted-public-keys`: what Nix trusts when no `nix.conf` line sets it,
+/// and what `extra-trusted-public-keys` appends to
+/// (<https://github.com/NixOS/nix/blob/2.8.0/src/libstore/globals.hh#L573-L576>).
+pub const NIX_DEFAULT_TRUSTED_PUBLIC_KEYS: &str =
+    "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
@@ -29,9 +35,17 @@ pub struct SubstituterConfig {
     /// `Priority` announced in `nix-cache-info`. 20 puts Ferry before cache.nixos.org (40) and
     /// LAN caches (30), so Nix asks Ferry first (docs/binary-cache.md §5.1 rule 1).
     pub priority: i32,
-    /// Total time Ferry spends on one narinfo before answering 404 (not cached). Nix 2.8 has no
-    /// per-substituter timeout; 2 s keeps one lookup well under Nix's own timeouts (docs/binary-cache.md §5.1 rule 2).
+    /// Time after which an upstream that has not answered no longer holds back a
+    /// lower-priority hit, and a 404 is answered when every upstream that could hold the path
+    /// said no or is down (breaker open). 2 s keeps one lookup well under Nix's own time-outs
+    /// (docs/binary-cache.md §5.1 rule 2).
     pub narinfo_deadline_ms: u64,
+    /// Total time Ferry keeps asking a live upstream that fails only transiently (time-outs,
+    /// resets, 5xx: a busy cache with a full listen backlog) before answering 503 instead of
+    /// a 404 that Nix would remember for an hour (issue 12, "never a false miss"). Nix 2.8
+    /// waits without a time-out for the answer of a connected substituter, and 2.35's 15 s
+    /// `connect-timeout` is about the connection to Ferry, which is immediate.
+    pub narinfo_patience_ms: u64,
     /// Head start of each upstream over the next one in priority order: the next one is asked
     /// after this delay even if the first has not answered (and at once when the first has
     /// failed, e.g. after its connect time-out). It bounds how long a lower-priority upstream
@@ -43,11 +57,16 @@ pub struct SubstituterConfig {
     /// How long a found narinfo is remembered (narinfos of a path never change, but a cache
     /// may be garbage-collected; one hour bounds staleness).
     pub positive_ttl_secs: u64,
-    /// Keys whose signatures Nix trusts. Empty: read `trusted-public-keys` from Nix's own
-    /// `nix.conf` (`$NIX_CONF_DIR` or `/etc/nix`).
+    /// Keys whose signatures Nix trusts. Empty: the keys Nix itself trusts, computed from its
+    /// own `nix.conf` (`$NIX_CONF_DIR` or `/etc/nix`) exactly as Nix does: its built-in
+    /// default ([`NIX_DEFAULT_TRUSTED_PUBLIC_KEYS`]) unless a `trusted-public-keys` line
+    /// replaces it, plus every `extra-trusted-public-keys`. Never "trust everything".
     pub trusted_public_keys: Vec<String>,
-    /// Where to read Nix's configuration when `trusted-public-keys` is empty.
+    /// Where to read Nix's configuration (`trusted-public-keys`, `require-sigs`).
     pub nix_conf_dir: Option<PathBuf>,
+    /// A netrc file with credentials for upstreams (`machine HOST login USER password PASS`),
+    /// as Nix's own `netrc-file` setting: secrets stay out of URLs, the TOML file and logs.
+    pub netrc_file: Option<PathBuf>,
     /// Serve a narinfo no trusted key signs when no upstream has a trusted one. Off by default:
     /// Nix would ignore it with a warning and build locally, so a 404 is quieter and equal.
     pub serve_untrusted: bool,
@@ -57,7 +76,7 @@ pub struct SubstituterConfig {
     /// The upstream caches, in any order (they are sorted by priority).
     pub upstream: Vec<UpstreamConfig>,
     /// Directory of the disk cache of narinfos and NARs. Unset: no disk cache. What users get
-    /// from an nginx caching proxy today (seed 001, docs/goals.md), with narinfo validation in front of it.
+    /// from an nginx caching proxy today (seed 001), with narinfo validation in front of it.
     pub cache_dir: Option<PathBuf>,
     /// Quota of the disk cache: bytes, or a number with K, M, G or T (powers of 1024, as in
     /// nginx). Least recently used entries are evicted to stay under it. 10G by default: safe on
@@ -149,11 +168,13 @@ impl Default for SubstituterConfig {
             store_dir: "/nix/store".to_owned(),
             priority: 20,
             narinfo_deadline_ms: 2000,
+            narinfo_patience_ms: 15_000,
             head_start_ms: 250,
             negative_ttl_secs: 60,
             positive_ttl_secs: 3600,
             trusted_public_keys: Vec::new(),
             nix_conf_dir: None,
+            netrc_file: None,
             serve_untrusted: false,
             nar_idle_timeout_ms: 30_000,
             upstream: Vec::new(),
@@ -255,6 +276,30 @@ pub enum SettingsError {
     Zero(&'static str),
     #[error("cache-dir '{}' must be an absolute path", .0.display())]
     CacheDir(PathBuf),
+    #[error("netrc-file {}: {source}", path.display())]
+    Netrc {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What Nix itself trusts, from its configuration (`nix.conf` and Nix's defaults).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NixTrust {
+    /// The effective `trusted-public-keys`, space-separated (may be empty).
+    pub trusted_public_keys: String,
+    /// `require-sigs` (true unless set to false): with false, Nix accepts any narinfo.
+    pub require_sigs: bool,
+}
+
+impl Default for NixTrust {
+    /// A Nix with no `nix.conf` at all.
+    fn default() -> Self {
+        NixTrust {
+            trusted_public_keys: NIX_DEFAULT_TRUSTED_PUBLIC_KEYS.to_owned(),
+            require_sigs: true,
+        }
+    }
 }
 
 /// Where an upstream's files are.
@@ -268,7 +313,13 @@ pub enum UpstreamLocation {
 
 #[derive(Debug, Clone)]
 pub struct UpstreamSettings {
+    /// The URL as configured, credentials removed (see `display`).
     pub url: String,
+    /// The URL for logs, metrics and the status page: `user:password@` never appears.
+    pub display: String,
+    /// Basic credentials, from the URL's `user:password@` or the netrc file: sent only with
+    /// requests under this upstream's base ([`crate::paths::http_url`]).
+    pub credentials: Option<Credentials>,
     pub location: UpstreamLocation,
     pub priority: i32,
     pub connect_timeout: Duration,
@@ -285,11 +336,19 @@ pub struct Settings {
     pub store_dir: StoreDir,
     pub priority: i32,
     pub narinfo_deadline: Duration,
+    /// At least `narinfo_deadline`.
+    pub narinfo_patience: Duration,
     pub head_start: Duration,
     pub negative_ttl: Duration,
     pub positive_ttl: Duration,
-    /// Empty: every hit counts as trusted (Ferry cannot know what Nix trusts).
+    /// The keys Ferry checks signatures against (see `trusted_keys_text`).
     pub trusted_keys: TrustedKeys,
+    /// `trusted_keys` as text, for `check-config`.
+    pub trusted_keys_text: String,
+    /// What Nix itself trusts, from its `nix.conf`, for `check-config`.
+    pub nix_trust: NixTrust,
+    /// False when Nix runs with `require-sigs = false`: then it accepts every narinfo.
+    pub require_sigs: bool,
     pub serve_untrusted: bool,
     pub nar_idle_timeout: Duration,
     /// Sorted by priority (stable: equal priorities keep their order).
@@ -347,12 +406,12 @@ pub fn parse_location(url: &str) -> Result<UpstreamLocation, SettingsError> {
 }
 
 impl SubstituterConfig {
-    /// Applies overrides and validates. `nix_conf_loader` reads Nix's configuration when keys
-    /// are not configured (a parameter so tests need no files).
+    /// Applies overrides and validates. `nix_trust` reads what Nix trusts from Nix's
+    /// configuration directory (a parameter so tests need no files; see [`nix_conf_trust`]).
     pub fn resolve(
         mut self,
         overrides: &Overrides,
-        nix_conf_keys: impl FnOnce(&std::path::Path) -> Result<Option<String>, SettingsError>,
+        nix_trust: impl FnOnce(&std::path::Path) -> Result<NixTrust, SettingsError>,
     ) -> Result<Settings, SettingsError> {
         if let Some(l) = &overrides.listen {
             self.listen = l.clone();
@@ -367,6 +426,15 @@ impl SubstituterConfig {
         if self.upstream.is_empty() {
             self.upstream.push(UpstreamConfig::new(DEFAULT_UPSTREAM));
         }
+        let netrc = match &self.netrc_file {
+            None => None,
+            Some(path) => Some(crate::credentials::Netrc::parse(
+                &std::fs::read_to_string(path).map_err(|source| SettingsError::Netrc {
+                    path: path.clone(),
+                    source,
+                })?,
+            )),
+        };
         let listen = self
             .listen
             .parse()
@@ -382,7 +450,24 @@ impl SubstituterConfig {
         }
         let mut upstreams = Vec::new();
         for (i, u) in self.upstream.iter().enumerate() {
-            let location = parse_location(&u.url)?;
+            let (url, in_url) = crate::credentials::split_credentials(&u.url);
+            let display = crate::credentials::redact(&u.url);
+            let location = parse_location(&url).map_err(|e| match e {
+                SettingsError::Upstream { reason, .. } => SettingsError::Upstream {
+                    url: display.clone(),
+                    reason,
+                },
+                e => e,
+            })?;
+            // Credentials in the URL win over the netrc file, as with curl.
+            let credentials = in_url.or_else(|| {
+                let host = crate::credentials::host_of(&url)?;
+                netrc.as_ref()?.lookup(host)
+            });
+            let credentials = match location {
+                UpstreamLocation::Http(_) => credentials,
+                UpstreamLocation::File(_) => None,
+            };
             if u.max_in_flight == 0 {
                 return Err(SettingsError::Zero("max-in-flight"));
             }
@@ -392,7 +477,9 @@ impl SubstituterConfig {
                 ));
             }
             upstreams.push(UpstreamSettings {
-                url: u.url.clone(),
+                url,
+                display,
+                credentials,
                 location,
                 priority: u.priority.unwrap_or(10 + 10 * i as i32),
                 connect_timeout: Duration::from_millis(u.connect_timeout_ms),
@@ -408,17 +495,18 @@ impl SubstituterConfig {
             });
         }
         upstreams.sort_by_key(|u| u.priority);
-        let keys_text = if self.trusted_public_keys.is_empty() {
-            let dir = self.nix_conf_dir.clone().unwrap_or_else(|| {
-                std::env::var_os("NIX_CONF_DIR")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| PathBuf::from("/etc/nix"))
-            });
-            nix_conf_keys(&dir)?.unwrap_or_default()
+        let dir = self.nix_conf_dir.clone().unwrap_or_else(|| {
+            std::env::var_os("NIX_CONF_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/etc/nix"))
+        });
+        let nix_trust = nix_trust(&dir)?;
+        let trusted_keys_text = if self.trusted_public_keys.is_empty() {
+            nix_trust.trusted_public_keys.clone()
         } else {
             self.trusted_public_keys.join(" ")
         };
-        let trusted_keys = TrustedKeys::parse_list(&keys_text)?;
+        let trusted_keys = TrustedKeys::parse_list(&trusted_keys_text)?;
         let disk = match &self.cache_dir {
             None => None,
             Some(dir) => {
@@ -440,10 +528,16 @@ impl SubstituterConfig {
             store_dir,
             priority: self.priority,
             narinfo_deadline: Duration::from_millis(self.narinfo_deadline_ms),
+            narinfo_patience: Duration::from_millis(
+                self.narinfo_patience_ms.max(self.narinfo_deadline_ms),
+            ),
             head_start: Duration::from_millis(self.head_start_ms),
             negative_ttl: Duration::from_secs(self.negative_ttl_secs),
             positive_ttl: Duration::from_secs(self.positive_ttl_secs),
             trusted_keys,
+            trusted_keys_text,
+            require_sigs: nix_trust.require_sigs,
+            nix_trust,
             serve_untrusted: self.serve_untrusted,
             nar_idle_timeout: Duration::from_millis(self.nar_idle_timeout_ms),
             upstreams,
@@ -452,18 +546,28 @@ impl SubstituterConfig {
     }
 }
 
-/// Reads `trusted-public-keys` from `<dir>/nix.conf` as Nix would (includes, later lines win).
-pub fn nix_conf_trusted_keys(dir: &std::path::Path) -> Result<Option<String>, SettingsError> {
-    let conf = ferry_nix::nixconf::NixConf::load_system(dir, &ferry_nix::nixconf::RealFs)?;
-    Ok(conf.get("trusted-public-keys").map(str::to_owned))
+/// What Nix trusts according to `<dir>/nix.conf`, computed as Nix computes it (includes,
+/// later lines win): its built-in default key unless `trusted-public-keys` replaces it, plus
+/// `extra-trusted-public-keys` (appended to the default when nothing replaced it), and
+/// `require-sigs` (default true,
+/// <https://github.com/NixOS/nix/blob/2.8.0/src/libstore/globals.hh#L567-L581>).
+pub fn nix_conf_trust(dir: &std::path::Path) -> Result<NixTrust, SettingsError> {
+    let mut conf = ferry_nix::nixconf::NixConf::new();
+    conf.set_default("trusted-public-keys", NIX_DEFAULT_TRUSTED_PUBLIC_KEYS);
+    conf.set_default("require-sigs", "true");
+    conf.apply_file(&dir.join("nix.conf"), &ferry_nix::nixconf::RealFs)?;
+    Ok(NixTrust {
+        trusted_public_keys: conf.get("trusted-public-keys").unwrap_or("").to_owned(),
+        require_sigs: conf.get_bool("require-sigs")?.unwrap_or(true),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn no_nix_conf(_: &std::path::Path) -> Result<Option<String>, SettingsError> {
-        Ok(None)
+    fn no_nix_conf(_: &std::path::Path) -> Result<NixTrust, SettingsError> {
+        Ok(NixTrust::default())
     }
 
     #[test]
@@ -477,7 +581,10 @@ mod tests {
             s.upstreams[0].location,
             UpstreamLocation::Http("https://cache.nixos.org".into())
         );
-        assert!(s.trusted_keys.is_empty());
+        // No nix.conf: Nix's built-in key, never "trust everything".
+        assert_eq!(s.trusted_keys.len(), 1);
+        assert!(s.trusted_keys.get("cache.nixos.org-1").is_some());
+        assert!(s.require_sigs);
     }
 
     #[test]
@@ -539,7 +646,14 @@ priority = 5
             .expect("key")
             .to_public()
             .to_string();
-        let s = c.resolve(&o, |_| Ok(Some(key))).expect("resolves");
+        let s = c
+            .resolve(&o, |_| {
+                Ok(NixTrust {
+                    trusted_public_keys: key,
+                    require_sigs: true,
+                })
+            })
+            .expect("resolves");
         assert_eq!(s.upstreams.len(), 2);
         assert_eq!(s.upstreams[0].priority, 10);
         assert_eq!(s.upstreams[1].priority, 20);
@@ -594,6 +708,80 @@ priority = 5
         )
         .unwrap_err();
         assert!(e.to_string().contains("invalid size"), "{e}");
+    }
+
+    /// Issue 12 item 3: Ferry trusted one key where Nix trusts two with only
+    /// `extra-trusted-public-keys`, and everything with no `trusted-public-keys` line.
+    #[test]
+    fn trusted_keys_are_computed_as_nix_computes_them() {
+        let k = |seed| {
+            ferry_nix::signing::SecretKey::from_seed("test-1", [seed; 32])
+                .expect("key")
+                .to_public()
+                .to_string()
+        };
+        let dir = tempfile::tempdir().expect("tmp");
+        let trust = |conf: &str| {
+            std::fs::write(dir.path().join("nix.conf"), conf).expect("nix.conf");
+            nix_conf_trust(dir.path()).expect("trust")
+        };
+        assert_eq!(trust(""), NixTrust::default());
+        let t = trust(&format!("extra-trusted-public-keys = {}\n", k(1)));
+        assert_eq!(
+            t.trusted_public_keys,
+            format!("{NIX_DEFAULT_TRUSTED_PUBLIC_KEYS} {}", k(1))
+        );
+        let t = trust(&format!(
+            "trusted-public-keys = {}\nrequire-sigs = false\n",
+            k(1)
+        ));
+        assert_eq!(t.trusted_public_keys, k(1));
+        assert!(!t.require_sigs);
+        let t = trust(&format!(
+            "trusted-public-keys = {}\nextra-trusted-public-keys = {}\n",
+            k(1),
+            k(2)
+        ));
+        assert_eq!(t.trusted_public_keys, format!("{} {}", k(1), k(2)));
+        // An explicitly empty list trusts no key at all (only content-addressed paths).
+        assert_eq!(trust("trusted-public-keys =\n").trusted_public_keys, "");
+        std::fs::remove_file(dir.path().join("nix.conf")).expect("rm");
+        assert_eq!(
+            nix_conf_trust(dir.path()).expect("no file"),
+            NixTrust::default()
+        );
+    }
+
+    #[test]
+    fn credentials_come_out_of_urls_and_from_netrc() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let netrc = dir.path().join("netrc");
+        std::fs::write(&netrc, "machine b.lan login bob password hunter2\n").expect("netrc");
+        let mut c = SubstituterConfig {
+            netrc_file: Some(netrc),
+            ..SubstituterConfig::default()
+        };
+        c.upstream = vec![
+            UpstreamConfig::new("http://alice:s3cret@a.lan:5000/c"),
+            UpstreamConfig::new("http://b.lan:5000"),
+        ];
+        let s = c.resolve(&Overrides::default(), no_nix_conf).expect("ok");
+        let a = &s.upstreams[0];
+        assert_eq!(a.url, "http://a.lan:5000/c");
+        assert_eq!(a.display, "http://***@a.lan:5000/c");
+        assert_eq!(
+            a.location,
+            UpstreamLocation::Http("http://a.lan:5000/c".into())
+        );
+        let ca = a.credentials.as_ref().expect("from the URL");
+        assert_eq!(
+            (ca.user.as_str(), ca.password.as_str()),
+            ("alice", "s3cret")
+        );
+        let cb = s.upstreams[1].credentials.as_ref().expect("from netrc");
+        assert_eq!(cb.password, "hunter2");
+        assert!(!format!("{s:?}").contains("s3cret"), "Debug leaks");
+        assert!(!format!("{s:?}").contains("hunter2"), "Debug leaks");
     }
 
     #[test]

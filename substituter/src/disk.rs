@@ -7,6 +7,12 @@
 //!   trust are kept, and they are checked again when read.
 //! - `nar/<nix32 sha256 of the key>`: a NAR file under the key Nix asks for (keys may carry
 //!   queries and slashes, so the file name is a digest of the key).
+//! - `nar-hash/<same digest>`: `sha256:<nix32> <size>`, the expected hash of that key's file,
+//!   from a narinfo Ferry served (`FileHash`/`FileSize`, or `NarHash`/`NarSize` for
+//!   `Compression: none`). Written when the narinfo is served, so the route survives a
+//!   restart; a NAR is kept only against it, checked on the way in, and served only when the
+//!   record is there and the file has its size (issue 12 item 2: unchecked bytes were kept
+//!   and served). A NAR with no known hash is streamed through and not kept.
 //! - `tmp/`: files being written. A NAR is streamed to Nix and into a temp file at the same
 //!   time, and becomes an entry (fsync, rename, fsync of the directory) only when the stream
 //!   completed, its length is the announced one and its SHA-256 matches the narinfo's
@@ -77,6 +83,28 @@ pub fn nar_entry(key: &str) -> String {
     format!("nar/{}", Hash::sha256_of(key.as_bytes()).to_nix32())
 }
 
+/// The relative path of a NAR key's expected-hash record.
+pub fn nar_hash_entry(key: &str) -> String {
+    format!("nar-hash/{}", Hash::sha256_of(key.as_bytes()).to_nix32())
+}
+
+/// `sha256:<nix32> <size>` for an expectation with both.
+fn render_expect(e: &Expect) -> Option<String> {
+    Some(format!(
+        "{} {}\n",
+        e.sha256.as_ref()?.to_nix32_prefixed(),
+        e.size?
+    ))
+}
+
+fn parse_expect(text: &str) -> Option<Expect> {
+    let (h, size) = text.trim().split_once(' ')?;
+    Some(Expect {
+        sha256: Some(Hash::parse_any_prefixed(h).ok()?),
+        size: Some(size.parse().ok()?),
+    })
+}
+
 /// The relative path of a narinfo's file.
 pub fn narinfo_entry(hash_part: &str) -> String {
     format!("narinfo/{hash_part}.narinfo")
@@ -100,7 +128,7 @@ impl DiskCache {
 
     /// The layout and an empty index, not yet rebuilt.
     fn create(dir: &Path, max_bytes: u64, max_age: Duration) -> io::Result<Arc<DiskCache>> {
-        for sub in ["narinfo", "nar", "tmp"] {
+        for sub in ["narinfo", "nar", "nar-hash", "tmp"] {
             fs::create_dir_all(dir.join(sub))?;
         }
         // Whatever is in tmp/ was being written when a previous instance died: never an entry.
@@ -217,7 +245,45 @@ impl DiskCache {
     fn remove_files(&self, entries: &[String]) {
         for k in entries {
             let _ = fs::remove_file(self.dir.join(k));
+            if let Some(d) = k.strip_prefix("nar/") {
+                let _ = fs::remove_file(self.dir.join("nar-hash").join(d));
+            }
             self.metrics.evictions.inc();
+        }
+    }
+
+    /// The expected-hash record of `key` ([`nar_hash_entry`]).
+    pub async fn expected(&self, key: &str) -> Option<Expect> {
+        let text = tokio::fs::read_to_string(self.dir.join(nar_hash_entry(key)))
+            .await
+            .ok()?;
+        parse_expect(&text)
+    }
+
+    /// Records the hash the file of `key` must have (a narinfo Ferry serves names it). A
+    /// different record drops the file kept against the old one.
+    pub async fn put_expected(self: &Arc<Self>, key: &str, expect: &Expect) {
+        let Some(text) = render_expect(expect) else {
+            return;
+        };
+        let me = Arc::clone(self);
+        let key = key.to_owned();
+        let r = tokio::task::spawn_blocking(move || {
+            let path = me.dir.join(nar_hash_entry(&key));
+            if fs::read_to_string(&path).is_ok_and(|old| old == text) {
+                return Ok(());
+            }
+            let entry = nar_entry(&key);
+            if fs::remove_file(me.dir.join(&entry)).is_ok() {
+                me.forget(&entry);
+            }
+            let tmp = me.tmp_path();
+            fs::write(&tmp, &text)?;
+            fs::rename(&tmp, &path)
+        })
+        .await;
+        if !matches!(r, Ok(Ok(()))) {
+            tracing::warn!(?r, "disk cache: recording a NAR's expected hash failed");
         }
     }
 
@@ -284,8 +350,13 @@ impl DiskCache {
         }
     }
 
-    /// A stored NAR file, opened, with its length.
-    pub async fn open_nar(&self, key: &str) -> Option<(tokio::fs::File, u64)> {
+    /// A stored NAR file, opened, with its length: only when it was kept against `expect`
+    /// (its record says that hash) and has that size.
+    pub async fn open_nar(&self, key: &str, expect: &Expect) -> Option<(tokio::fs::File, u64)> {
+        let recorded = self.expected(key).await?;
+        if expect.sha256.is_none() || recorded != *expect {
+            return None;
+        }
         let entry = nar_entry(key);
         let persist = self.touch(&entry)?;
         let path = self.dir.join(&entry);
@@ -295,6 +366,12 @@ impl DiskCache {
             io::Result::Ok((f, len))
         };
         match opened.await {
+            Ok((_, len)) if Some(len) != expect.size => {
+                tracing::warn!(path = %path.display(), len, expected = ?expect.size, "disk cache NAR has the wrong size; dropped");
+                let _ = tokio::fs::remove_file(&path).await;
+                self.forget(&entry);
+                None
+            }
             Ok((f, len)) => {
                 if persist {
                     set_mtime_now(path).await;
@@ -317,6 +394,11 @@ impl DiskCache {
         total: u64,
         expect: Expect,
     ) -> Option<NarWriter> {
+        // Only bytes checked against a hash from a narinfo Ferry served are kept.
+        if expect.sha256.is_none() {
+            tracing::debug!(%key, "no expected hash for this NAR; streamed, not kept");
+            return None;
+        }
         if expect.size.is_some_and(|s| s != total) {
             tracing::warn!(%key, total, expected = ?expect.size, "NAR length differs from the narinfo; not cached");
             return None;
@@ -359,9 +441,8 @@ impl DiskCache {
                 return Err(format!("got {} of {total} bytes", hash.len()));
             }
             let got = hash.finish();
-            if let Some(want) = &expect.sha256
-                && *want != got
-            {
+            let want = expect.sha256.as_ref().ok_or("no expected hash")?;
+            if *want != got {
                 return Err(format!(
                     "SHA-256 {} differs from the narinfo's {}",
                     got.to_nix32_prefixed(),
@@ -371,6 +452,15 @@ impl DiskCache {
             f.sync_all().map_err(|e| e.to_string())?;
             drop(f);
             let entry = nar_entry(key);
+            // The record first: a file is never there without the hash it was checked against.
+            let record = Expect {
+                size: Some(total),
+                sha256: Some(got),
+            };
+            let rtmp = self.tmp_path();
+            fs::write(&rtmp, render_expect(&record).unwrap_or_default())
+                .and_then(|()| fs::rename(&rtmp, self.dir.join(nar_hash_entry(key))))
+                .map_err(|e| e.to_string())?;
             fs::rename(&tmp, self.dir.join(&entry)).map_err(|e| e.to_string())?;
             let _ = fsync_dir(&self.dir.join("nar"));
             self.admit(entry, total);
@@ -436,7 +526,7 @@ mod tests {
     }
 
     fn layout(dir: &Path, files: &[(&str, usize)]) {
-        for sub in ["narinfo", "nar", "tmp"] {
+        for sub in ["narinfo", "nar", "nar-hash", "tmp"] {
             fs::create_dir_all(dir.join(sub)).expect("dir");
         }
         for (name, len) in files {
@@ -475,7 +565,27 @@ mod tests {
             (2, 30),
             "the entry found early is not counted twice"
         );
-        assert_eq!(c.open_nar("nar/x.nar").await.map(|(_, l)| l), Some(20));
+        let expect = Expect {
+            size: Some(20),
+            sha256: Some(Hash::sha256_of(&[b'x'; 20])),
+        };
+        // No record of the hash it was checked against: never served (issue 12 item 2).
+        assert!(c.open_nar("nar/x.nar", &expect).await.is_none());
+        fs::write(
+            tmp.path().join(nar_hash_entry("nar/x.nar")),
+            render_expect(&expect).expect("record"),
+        )
+        .expect("record");
+        assert_eq!(
+            c.open_nar("nar/x.nar", &expect).await.map(|(_, l)| l),
+            Some(20)
+        );
+        // A narinfo that names another hash for the key: not this file.
+        let other = Expect {
+            sha256: Some(Hash::sha256_of(b"other")),
+            ..expect
+        };
+        assert!(c.open_nar("nar/x.nar", &other).await.is_none());
         assert!(
             c.narinfo("1c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig")
                 .await

@@ -12,8 +12,10 @@
 //! [`upstream`], [`lookup`], [`nar`], [`disk`], [`server`].
 
 pub mod breaker;
+pub mod ca;
 pub mod check;
 pub mod config;
+pub mod credentials;
 pub mod disk;
 pub mod lookup;
 pub mod lru;
@@ -48,7 +50,7 @@ pub async fn run(
 
 fn log_upstreams(state: &State) {
     for u in &state.upstreams {
-        tracing::info!(upstream = %u.settings.url, priority = u.settings.priority, "upstream");
+        tracing::info!(upstream = %u.settings.display, priority = u.settings.priority, "upstream");
     }
 }
 

@@ -8,17 +8,28 @@
 
 use crate::check::{Expect, check_narinfo};
 use crate::paths::HashPart;
-use crate::race::{Decision, FailureKind, Slot, decide, retry_delay, start_next_early};
+use crate::race::{Decision, FailureKind, Phase, Slot, decide, retry_delay, start_next_early};
 use crate::server::{Route, State};
-use crate::upstream::{Fetch, Upstream};
+use crate::upstream::{Fetch, Skip};
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Largest narinfo, listing or log Ferry passes through.
+/// Largest listing or log Ferry passes through.
 pub const MAX_SMALL: usize = 16 * 1024 * 1024;
+
+/// Largest narinfo Ferry reads from an upstream. Nix writes one line per field, and only
+/// `References` and `Sig` grow with the path: 1 MiB holds some 4,000 references of maximal
+/// length (a store path base name is at most 244 bytes), more than any closure Nix builds
+/// references directly. Anything bigger is an upstream failure, never buffered further
+/// (issue 12 item 4: 15 MiB narinfos took Ferry to 1.26 GiB).
+pub const MAX_NARINFO: usize = 1024 * 1024;
+
+/// Bytes of answers (narinfos, listings, logs, misses) kept in memory: the warm set of a
+/// large closure (a narinfo is 0.5–2 KiB) within goal G13's 64 MiB.
+pub const ANSWER_CACHE_BYTES: u64 = 48 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Key {
@@ -40,9 +51,14 @@ pub enum Answer {
     Missing,
 }
 
-/// A 404 that must not be cached.
+/// No definite answer: never cached.
 #[derive(Debug)]
-pub struct Incomplete;
+pub struct Incomplete {
+    /// A live upstream that may hold the path gave no definite answer within the patience:
+    /// answered 503, not 404 (see `race.rs`, rule 5). False: every upstream that could hold
+    /// the path said no, the others are down or broken: an (uncached) 404.
+    pub unknown: bool,
+}
 
 /// Entry lifetimes by kind of answer.
 pub struct AnswerExpiry {
@@ -68,7 +84,7 @@ pub type AnswerCache = moka::future::Cache<Key, Arc<Answer>>;
 
 pub fn answer_cache(positive: Duration, negative: Duration) -> AnswerCache {
     moka::future::Cache::builder()
-        // Weighted by body size: 256 MiB of answers at most; a miss weighs 64 bytes.
+        // Weighted by body size: a miss weighs 64 bytes.
         .weigher(|k: &Key, v: &Arc<Answer>| {
             let key_len = match k {
                 Key::NarInfo(h) => h.as_str().len(),
@@ -80,7 +96,7 @@ pub fn answer_cache(positive: Duration, negative: Duration) -> AnswerCache {
             };
             u32::try_from(64 + key_len + body).unwrap_or(u32::MAX)
         })
-        .max_capacity(256 * 1024 * 1024)
+        .max_capacity(ANSWER_CACHE_BYTES)
         .expire_after(AnswerExpiry { positive, negative })
         .build()
 }
@@ -119,6 +135,7 @@ async fn from_disk(state: &Arc<State>, hash: &str) -> Option<Arc<Answer>> {
         hash,
         &bytes,
         &state.settings.trusted_keys,
+        state.settings.require_sigs,
         None,
     ) {
         Ok(c) if c.trusted => c,
@@ -158,9 +175,11 @@ struct Outcome {
     failure: Option<FailureKind>,
 }
 
-/// Asks one upstream, validates, and feeds its breaker.
-async fn ask(state: Arc<State>, i: usize, key: Key) -> Outcome {
+/// Asks one upstream, validates, and feeds its breaker. `patient`: a retry after a transient
+/// failure ([`crate::upstream::Upstream::fetch_small_attempt`]).
+async fn ask(state: Arc<State>, i: usize, key: Key, patient: bool) -> Outcome {
     let up = &state.upstreams[i];
+    let started = Instant::now();
     let _slot = up.slot().await;
     let (object, hash) = match &key {
         Key::NarInfo(h) => (format!("{h}.narinfo"), Some(h.as_str())),
@@ -171,7 +190,12 @@ async fn ask(state: Arc<State>, i: usize, key: Key) -> Outcome {
         found: None,
         failure: Some(kind),
     };
-    match up.fetch_small(&object, MAX_SMALL).await {
+    let max = if hash.is_some() {
+        MAX_NARINFO
+    } else {
+        MAX_SMALL
+    };
+    match up.fetch_small_attempt(&object, max, patient).await {
         Fetch::Missing => {
             up.record_success();
             up.metrics.misses.inc();
@@ -182,8 +206,8 @@ async fn ask(state: Arc<State>, i: usize, key: Key) -> Outcome {
             }
         }
         Fetch::Failed { error, retry_after } => {
-            tracing::warn!(upstream = %up.settings.url, %object, %error, "upstream request failed");
-            up.record_failure(retry_after);
+            tracing::warn!(upstream = %up.settings.display, %object, %error, patient, "upstream request failed");
+            up.record_failure_since(started, retry_after);
             failed(error.kind())
         }
         Fetch::Found(bytes) => match hash {
@@ -201,13 +225,14 @@ async fn ask(state: Arc<State>, i: usize, key: Key) -> Outcome {
                 h,
                 &bytes,
                 &state.settings.trusted_keys,
+                state.settings.require_sigs,
                 up.http_base(),
             ) {
                 Ok(c) => {
                     up.record_success();
                     up.metrics.hits.inc();
                     if !c.trusted {
-                        tracing::info!(upstream = %up.settings.url, %object, "narinfo has no trusted signature");
+                        tracing::info!(upstream = %up.settings.display, %object, "narinfo has no trusted signature");
                     }
                     Outcome {
                         slot: Slot::Hit { trusted: c.trusted },
@@ -218,7 +243,7 @@ async fn ask(state: Arc<State>, i: usize, key: Key) -> Outcome {
                 Err(error) => {
                     // An unparsable 200 (an HTML interstitial, a truncated body) is an
                     // upstream failure, not a miss (docs/binary-cache.md §5.1 rule 3).
-                    tracing::warn!(upstream = %up.settings.url, %object, %error, "invalid narinfo");
+                    tracing::warn!(upstream = %up.settings.display, %object, %error, "invalid narinfo");
                     up.record_failure(None);
                     // The same bytes would come again.
                     failed(FailureKind::Permanent)
@@ -246,20 +271,20 @@ enum Event {
     /// An upstream's back-off after a transient failure is over.
     Retry(usize),
     Deadline,
+    Patience,
 }
 
-/// The slot and attempt count of an upstream after its first attempt was started or
-/// refused (breaker, rate limit). A started one is pending, or, when its last requests
-/// failed (its breaker is closed but counting), not waited for by lower-priority hits while
-/// it answers (rule 1 treats it like an upstream being retried). A black-holed upstream thus
-/// costs the first lookups that find it dead their connect time-out, and the lookups after
-/// them nothing, even before its breaker opens (goal G5).
-fn first_attempt(up: &Upstream, started: bool) -> (Slot, u32) {
-    match (started, up.suspect()) {
-        (false, _) => (Slot::Skipped, 0),
-        (true, true) => (Slot::Retrying, 1),
-        (true, false) => (Slot::Pending, 1),
-    }
+/// Back-off before asking a rate-limited upstream again (its limit is per second).
+const RATE_LIMIT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How long upstream `i` gets before the next one is asked too: four times its usual latency
+/// (so a fast LAN cache that stalls is hedged by the next upstream early), at least 50 ms and
+/// at most `head-start-ms`.
+fn head_start(state: &State, i: usize) -> Duration {
+    let max = state.settings.head_start;
+    state.upstreams[i].latency().map_or(max, |l| {
+        (l * 4).clamp(Duration::from_millis(50).min(max), max)
+    })
 }
 
 async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> {
@@ -272,36 +297,68 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
     let mut attempts = vec![0u32; n];
     let mut handles = Vec::new();
     let start = Instant::now();
+    let patience = state.settings.narinfo_patience;
     let deadline = tokio::time::sleep(state.settings.narinfo_deadline);
     tokio::pin!(deadline);
+    let patience_end = tokio::time::sleep(patience);
+    tokio::pin!(patience_end);
+    let mut phase = Phase::Racing;
     let head = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(head);
     let mut next = 0usize;
 
-    // Starts an attempt at upstream `i`; false when its breaker or rate limit says no.
-    let mut launch = |i: usize, running: &mut Running| {
+    // Starts an attempt at upstream `i`, unless its breaker or rate limit says no.
+    let mut launch = |i: usize, patient: bool, running: &mut Running| {
         let up = &state.upstreams[i];
-        if up.admit().is_err() {
-            return false;
-        }
+        up.admit()?;
         // A task, so that a request still running at the deadline completes and teaches the
         // breaker; it is aborted only once a winner is known.
-        let h = tokio::spawn(ask(Arc::clone(state), i, key.clone()));
+        let h = tokio::spawn(ask(Arc::clone(state), i, key.clone(), patient));
         handles.push(h.abort_handle());
         running.push(Box::pin(async move { (i, h.await) }));
-        true
+        Ok::<(), Skip>(())
+    };
+    let backoff = |i: usize, d: Duration, backoffs: &mut Backoffs| {
+        backoffs.push(Box::pin(async move {
+            tokio::time::sleep(d).await;
+            i
+        }));
+    };
+    // Whether another attempt still fits before the patience runs out.
+    let fits = |i: usize, d: Duration| {
+        start.elapsed() + d + state.upstreams[i].patient_connect_timeout() <= patience
     };
 
     let decision = loop {
         // Ask the next upstream now when every earlier one has already said no.
         while next < n && (next == 0 || start_next_early(&slots, next)) {
-            (slots[next], attempts[next]) =
-                first_attempt(&state.upstreams[next], launch(next, &mut running));
+            let i = next;
             next += 1;
             head.as_mut()
-                .reset(tokio::time::Instant::now() + state.settings.head_start);
+                .reset(tokio::time::Instant::now() + head_start(state, i));
+            match launch(i, false, &mut running) {
+                Ok(()) => {
+                    attempts[i] = 1;
+                    // A suspect upstream (its last requests failed) is not waited for by
+                    // lower-priority hits (rule 6 in race.rs): a black-holed upstream costs
+                    // the first lookups that find it dead their connect time-out, and the
+                    // lookups after them nothing, even before its breaker opens (goal G5).
+                    slots[i] = if state.upstreams[i].suspect() {
+                        Slot::Retrying
+                    } else {
+                        Slot::Pending
+                    };
+                }
+                Err(Skip::BreakerOpen) => slots[i] = Slot::Skipped,
+                // Busy, not down: asked again shortly.
+                Err(Skip::RateLimited) if fits(i, RATE_LIMIT_BACKOFF) => {
+                    slots[i] = Slot::Retrying;
+                    backoff(i, RATE_LIMIT_BACKOFF, &mut backoffs);
+                }
+                Err(Skip::RateLimited) => slots[i] = Slot::Unanswered,
+            }
         }
-        match decide(&slots, false, state.settings.serve_untrusted) {
+        match decide(&slots, phase, state.settings.serve_untrusted) {
             Decision::Wait => {}
             d => break d,
         }
@@ -315,27 +372,29 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
             }
             Some(i) = backoffs.next() => Event::Retry(i),
             _ = &mut head, if next < n => Event::HeadStart,
-            _ = &mut deadline => Event::Deadline,
+            _ = &mut deadline, if phase == Phase::Racing => Event::Deadline,
+            _ = &mut patience_end => Event::Patience,
         };
         match event {
             Event::Answer(i, o) => {
                 let up = &state.upstreams[i];
+                let transient = o.failure == Some(FailureKind::Transient);
                 let retry = o.failure.and_then(|kind| {
                     retry_delay(
                         kind,
                         attempts[i],
                         up.breaker_closed(),
                         start.elapsed(),
-                        state.settings.narinfo_deadline,
-                        up.settings.connect_timeout,
+                        patience,
+                        up.patient_connect_timeout(),
                     )
                 });
-                if let Some(backoff) = retry {
+                if let Some(d) = retry {
                     slots[i] = Slot::Retrying;
-                    backoffs.push(Box::pin(async move {
-                        tokio::time::sleep(backoff).await;
-                        i
-                    }));
+                    backoff(i, d, &mut backoffs);
+                } else if transient && up.breaker_closed() {
+                    // Alive but out of time: it may hold the path (rule 5).
+                    slots[i] = Slot::Unanswered;
                 } else {
                     slots[i] = o.slot;
                     found[i] = o.found;
@@ -344,22 +403,45 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
             Event::Retry(i) => {
                 // Its breaker may have opened during the back-off (other lookups fail too):
                 // then it is down, not blipping, and gets no more traffic (goal G5).
-                if launch(i, &mut running) {
-                    attempts[i] += 1;
-                    state.upstreams[i].metrics.retries.inc();
-                    tracing::debug!(?key, upstream = %state.upstreams[i].settings.url, attempt = attempts[i], "retrying after a transient failure");
-                } else {
-                    slots[i] = Slot::Failed;
+                match launch(i, true, &mut running) {
+                    Ok(()) => {
+                        attempts[i] += 1;
+                        state.upstreams[i].metrics.retries.inc();
+                        tracing::debug!(?key, upstream = %state.upstreams[i].settings.display, attempt = attempts[i], "retrying after a transient failure");
+                    }
+                    Err(Skip::BreakerOpen) => slots[i] = Slot::Failed,
+                    Err(Skip::RateLimited) if fits(i, RATE_LIMIT_BACKOFF) => {
+                        backoff(i, RATE_LIMIT_BACKOFF, &mut backoffs);
+                    }
+                    Err(Skip::RateLimited) => slots[i] = Slot::Unanswered,
                 }
             }
             Event::HeadStart => {
-                (slots[next], attempts[next]) =
-                    first_attempt(&state.upstreams[next], launch(next, &mut running));
+                let i = next;
                 next += 1;
                 head.as_mut()
-                    .reset(tokio::time::Instant::now() + state.settings.head_start);
+                    .reset(tokio::time::Instant::now() + head_start(state, i));
+                match launch(i, false, &mut running) {
+                    Ok(()) => {
+                        attempts[i] = 1;
+                        slots[i] = if state.upstreams[i].suspect() {
+                            Slot::Retrying
+                        } else {
+                            Slot::Pending
+                        };
+                    }
+                    Err(Skip::BreakerOpen) => slots[i] = Slot::Skipped,
+                    Err(Skip::RateLimited) if fits(i, RATE_LIMIT_BACKOFF) => {
+                        slots[i] = Slot::Retrying;
+                        backoff(i, RATE_LIMIT_BACKOFF, &mut backoffs);
+                    }
+                    Err(Skip::RateLimited) => slots[i] = Slot::Unanswered,
+                }
             }
-            Event::Deadline => break decide(&slots, true, state.settings.serve_untrusted),
+            Event::Deadline => phase = Phase::PastDeadline,
+            Event::Patience => {
+                break decide(&slots, Phase::PastPatience, state.settings.serve_untrusted);
+            }
         }
     };
     if matches!(decision, Decision::Serve(_)) {
@@ -371,6 +453,15 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
     match decision {
         Decision::Serve(i) => {
             let (body, nar_key, expect) = found[i].take().unwrap_or_default();
+            // The NAR's expected hash is kept with the disk cache, so that it can be cached
+            // (and checked) even after a restart (issue 12 item 2).
+            if let (Some(k), Some(disk), Slot::Hit { trusted: true }) =
+                (&nar_key, &state.disk, slots[i])
+                && expect.sha256.is_some()
+            {
+                let (disk, k, e) = (Arc::clone(disk), k.clone(), expect.clone());
+                tokio::spawn(async move { disk.put_expected(&k, &e).await });
+            }
             if let Some(k) = &nar_key {
                 state
                     .routes
@@ -390,7 +481,7 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
                 let (disk, h, body) = (Arc::clone(disk), *h, body.clone());
                 tokio::spawn(async move { disk.put_narinfo(h.as_str(), body).await });
             }
-            tracing::debug!(?key, upstream = %state.upstreams[i].settings.url, ?elapsed, "found");
+            tracing::debug!(?key, upstream = %state.upstreams[i].settings.display, ?elapsed, "found");
             Ok(Arc::new(Answer::Found {
                 body,
                 upstream: Some(i),
@@ -401,14 +492,23 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
             tracing::debug!(?key, ?elapsed, "missing everywhere");
             Ok(Arc::new(Answer::Missing))
         }
+        Decision::Unknown => {
+            tracing::warn!(
+                ?key,
+                ?slots,
+                ?elapsed,
+                "no definite answer from a live upstream in time: 503, not a 404"
+            );
+            Err(Incomplete { unknown: true })
+        }
         _ => {
             tracing::info!(
                 ?key,
                 ?slots,
                 ?elapsed,
-                "not found, incomplete answers (not cached)"
+                "not found; the other upstreams are down or broken (not cached)"
             );
-            Err(Incomplete)
+            Err(Incomplete { unknown: false })
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use ferry_substituter::config::{Overrides, SubstituterConfig, nix_conf_trusted_keys};
+use ferry_substituter::config::{Overrides, SubstituterConfig, nix_conf_trust};
 
 #[derive(Parser)]
 #[command(
@@ -46,7 +46,7 @@ fn settings(cli: &Cli) -> anyhow::Result<ferry_substituter::Settings> {
         listen: cli.listen.clone(),
         upstreams: cli.upstreams.clone(),
     };
-    file.resolve(&o, nix_conf_trusted_keys)
+    file.resolve(&o, nix_conf_trust)
         .with_context(|| format!("configuration from {}", path.display()))
 }
 
@@ -77,7 +77,29 @@ fn main() -> anyhow::Result<()> {
         Some(Cmd::CheckConfig) => {
             println!("listen {}", s.listen);
             println!("store-dir {} priority {}", s.store_dir, s.priority);
-            println!("trusted keys: {}", s.trusted_keys.len());
+            // The effective list next to Nix's own: a difference means Ferry prefers or
+            // drops narinfos differently from the daemon it serves.
+            let list = |t: &str| {
+                if t.is_empty() {
+                    "(none)".to_owned()
+                } else {
+                    t.to_owned()
+                }
+            };
+            println!(
+                "trusted-public-keys (Ferry): {}",
+                list(&s.trusted_keys_text)
+            );
+            println!(
+                "trusted-public-keys (Nix):   {}",
+                list(&s.nix_trust.trusted_public_keys)
+            );
+            println!("require-sigs (Nix): {}", s.nix_trust.require_sigs);
+            if s.trusted_keys_text != s.nix_trust.trusted_public_keys {
+                println!(
+                    "warning: Ferry's trusted-public-keys differ from Nix's: set them in nix.conf only"
+                );
+            }
             match &s.disk {
                 Some(d) => println!(
                     "disk cache {} max-size {} bytes max-age {:?}",
@@ -89,13 +111,18 @@ fn main() -> anyhow::Result<()> {
             }
             for u in &s.upstreams {
                 println!(
-                    "upstream {} priority {} connect {:?} read {:?} rate {}/s in-flight {}",
-                    u.url,
+                    "upstream {} priority {} connect {:?} read {:?} rate {}/s in-flight {}{}",
+                    u.display,
                     u.priority,
                     u.connect_timeout,
                     u.read_timeout,
                     u.rate_limit,
-                    u.max_in_flight
+                    u.max_in_flight,
+                    if u.credentials.is_some() {
+                        " credentials: yes"
+                    } else {
+                        ""
+                    }
                 );
             }
             Ok(())

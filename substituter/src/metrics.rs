@@ -68,6 +68,8 @@ pub struct Metrics {
     pub cache_hits: Counter,
     /// 404s that were not definitive (failures, time-outs, open breakers): never cached.
     pub incomplete_misses: Counter,
+    /// 503s: a live upstream gave no definite answer within the patience.
+    pub unknown_answers: Counter,
     pub nar_requests: Counter,
     pub nar_bytes: Counter,
     pub nar_resumes: Counter,
@@ -117,6 +119,11 @@ pub fn render(m: &Metrics, ups: &[UpstreamView<'_>], disk: DiskView<'_>) -> Stri
         "incomplete_misses_total",
         "404s caused by failing or skipped upstreams (not cached)",
         m.incomplete_misses.get(),
+    );
+    counter(
+        "unknown_answers_total",
+        "503s: a live upstream gave no definite answer in time (never a false 404)",
+        m.unknown_answers.get(),
     );
     counter("nar_requests_total", "NAR requests", m.nar_requests.get());
     counter(
@@ -251,11 +258,12 @@ pub fn render_status(m: &Metrics, ups: &[UpstreamView<'_>], disk: DiskView<'_>) 
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "narinfo: {} hits, {} misses ({} from the negative cache, {} incomplete), {} from the narinfo cache",
+        "narinfo: {} hits, {} misses ({} from the negative cache, {} incomplete), {} unknown (503), {} from the narinfo cache",
         m.narinfo_hits.get(),
         m.narinfo_misses.get(),
         m.negative_hits.get(),
         m.incomplete_misses.get(),
+        m.unknown_answers.get(),
         m.cache_hits.get()
     );
     let _ = writeln!(

@@ -116,41 +116,70 @@ pub async fn serve(
     let start = range.map_or(0, |r| r.0);
     let head = method == Method::HEAD;
 
-    // The disk cache first: no upstream is asked for a NAR Ferry already holds.
-    if let Some(disk) = &state.disk
-        && let Some((file, len)) = disk.open_nar(&key).await
+    // What the file must be: from the narinfo Ferry served (in memory), else from the record
+    // kept with the disk cache (it survives restarts).
+    let route = state.routes.get(&key).await;
+    let expect = match (&route, &state.disk) {
+        (Some(r), _) if r.expect.sha256.is_some() => Some(r.expect.clone()),
+        (_, Some(d)) => d.expected(&key).await,
+        _ => None,
+    };
+    // The disk cache first: no upstream is asked for a NAR Ferry already holds, checked
+    // against that hash on the way in.
+    if let (Some(disk), Some(expect)) = (&state.disk, &expect)
+        && let Some((file, len)) = disk.open_nar(&key, expect).await
     {
         disk.metrics.nar_hits.inc();
         return serve_file(&state, file, len, range, head).await;
     }
 
-    let route = state.routes.get(&key).await;
     let order = candidates(&state, route.as_ref().and_then(|r| r.upstream));
-    // Open the first candidate that has the file.
+    // Open the first candidate that has the file. When none said "missing" or opened it but a
+    // live one failed transiently (a busy upstream dropping SYNs under Nix's parallel
+    // downloads), go round again with patient connects until `narinfo-patience-ms`: a 404
+    // here fails the substitution of a path the upstream holds (issue 12, never a false miss).
+    let started = std::time::Instant::now();
     let mut opened = None;
-    for (pos, &i) in order.iter().enumerate() {
-        let up = &state.upstreams[i];
-        if up.admit().is_err() {
-            continue;
-        }
-        let _slot = up.slot().await;
-        let r = if head {
-            up.head_nar(&key).await
-        } else {
-            up.open_nar(&key, start).await
-        };
-        match r {
-            OpenNar::Opened(body) => {
-                up.record_success();
-                opened = Some((pos, body));
-                break;
+    let mut patient = false;
+    let mut round = 0usize;
+    'rounds: loop {
+        let mut transient = false;
+        for (pos, &i) in order.iter().enumerate() {
+            let up = &state.upstreams[i];
+            if up.admit().is_err() {
+                continue;
             }
-            OpenNar::Missing => up.record_success(),
-            OpenNar::Failed(error) => {
-                tracing::warn!(upstream = %up.settings.url, %key, %error, "NAR open failed");
-                up.record_failure(None);
+            let attempt_start = std::time::Instant::now();
+            let _slot = up.slot().await;
+            let r = if head {
+                up.head_nar(&key, patient).await
+            } else {
+                up.open_nar_attempt(&key, start, patient).await
+            };
+            match r {
+                OpenNar::Opened(body) => {
+                    up.record_success();
+                    opened = Some((pos, body));
+                    break 'rounds;
+                }
+                OpenNar::Missing => up.record_success(),
+                OpenNar::Failed(error) => {
+                    tracing::warn!(upstream = %up.settings.display, %key, %error, patient, "NAR open failed");
+                    up.record_failure_since(attempt_start, None);
+                    transient |=
+                        error.kind() == crate::race::FailureKind::Transient && up.breaker_closed();
+                }
             }
         }
+        let backoff = crate::race::RETRY_BACKOFFS[round.min(crate::race::RETRY_BACKOFFS.len() - 1)];
+        let fits = started.elapsed() + backoff + crate::upstream::PATIENT_CONNECT_MIN
+            <= state.settings.narinfo_patience;
+        if !transient || !fits {
+            break;
+        }
+        tokio::time::sleep(backoff).await;
+        patient = true;
+        round += 1;
     }
     let Some((pos, body)) = opened else {
         state.metrics.nar_not_found.inc();
@@ -182,11 +211,10 @@ pub async fn serve(
     } else {
         body
     };
-    // A copy for the disk cache: only whole files of known length, verified before commit.
-    let writer = match (&state.disk, range, total) {
-        (Some(d), None, Some(t)) => {
-            d.nar_writer(&key, t, route.map(|r| r.expect).unwrap_or_default())
-        }
+    // A copy for the disk cache: only whole files of known length and known expected hash,
+    // verified before commit.
+    let writer = match (&state.disk, range, total, expect) {
+        (Some(d), None, Some(t), Some(e)) => d.nar_writer(&key, t, e),
         _ => None,
     };
     let pump = Pump {
@@ -317,7 +345,7 @@ impl Pump {
                 }
                 Read::Failed(why) => {
                     let up = &self.state.upstreams[self.order[self.current]];
-                    tracing::warn!(upstream = %up.settings.url, key = %self.key, offset = self.pos, %why, "NAR stream failed; resuming");
+                    tracing::warn!(upstream = %up.settings.display, key = %self.key, offset = self.pos, %why, "NAR stream failed; resuming");
                     up.record_failure(None);
                     if self.pos == self.opened_at {
                         // No progress on this body: do not ask this upstream again.
@@ -408,12 +436,12 @@ impl Pump {
                     return Some(b);
                 }
                 OpenNar::Opened(b) => {
-                    tracing::warn!(upstream = %up.settings.url, key = %self.key, theirs = ?b.total, ours = ?self.total, "same NAR key, different length");
+                    tracing::warn!(upstream = %up.settings.display, key = %self.key, theirs = ?b.total, ours = ?self.total, "same NAR key, different length");
                     self.excluded[c] = true;
                 }
                 OpenNar::Missing => self.excluded[c] = true,
                 OpenNar::Failed(error) => {
-                    tracing::warn!(upstream = %up.settings.url, key = %self.key, %error, "NAR resume failed");
+                    tracing::warn!(upstream = %up.settings.display, key = %self.key, %error, "NAR resume failed");
                     up.record_failure(None);
                     self.excluded[c] = true;
                 }

@@ -65,17 +65,49 @@ fn is_hash_part(s: &str) -> bool {
     s.len() == ferry_nix::store_path::HASH_PART_LEN && is_nix32(s)
 }
 
-/// A key is safe when none of its path segments is empty, `.` or `..`, and it has no NUL or
-/// backslash: it cannot escape a `file://` cache directory or an upstream's base path.
+/// Decodes `%XX` escapes of one path segment (invalid escapes stay as they are).
+fn percent_decode(seg: &str) -> Vec<u8> {
+    let b = seg.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Whether one path segment is safe to pass on: not empty, not `.` or `..` even once
+/// percent-decoded (URL libraries and servers resolve `%2e%2e` as `..`, issue 12 item 6), and
+/// no separator, backslash or NUL, encoded or not.
+fn is_safe_segment(seg: &str) -> bool {
+    let decoded = percent_decode(seg);
+    !seg.is_empty()
+        && decoded != b"."
+        && decoded != b".."
+        && !decoded.iter().any(|b| matches!(b, b'/' | b'\\' | 0))
+}
+
+/// A key is safe when every path segment is ([`is_safe_segment`]) and it has no fragment: it
+/// cannot escape a `file://` cache directory or an upstream's base path.
 pub fn is_safe_key(key: &str) -> bool {
     let path = key.split('?').next().unwrap_or("");
     !path.is_empty()
         && !key.contains('\0')
         && !key.contains('\\')
         && !key.contains('#')
-        && path
-            .split('/')
-            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+        && path.split('/').all(is_safe_segment)
 }
 
 /// Classifies `path_and_query` (the request target, starting with '/').
@@ -110,9 +142,38 @@ pub fn classify(path_and_query: &str) -> Request {
     }
 }
 
-/// The URL of `key` on an HTTP upstream whose base has no trailing '/'.
-pub fn http_url(base: &str, key: &str) -> String {
-    format!("{base}/{key}")
+/// The URL of `key` on an HTTP upstream whose base (`base`, parsed from `base_text`, which has
+/// no trailing '/') it must stay under. Built segment by segment from a [`is_safe_key`] key,
+/// then parsed and checked: same scheme, host and port as the base, and a path that is the
+/// base's path, '/', and the key's path with nothing resolved or re-encoded. Anything else is
+/// `None`, and no request (with its credentials) is sent (issue 12 item 6).
+pub fn http_url(base: &reqwest::Url, base_text: &str, key: &str) -> Option<reqwest::Url> {
+    if !is_safe_key(key) {
+        return None;
+    }
+    let (path, query) = match key.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (key, None),
+    };
+    let mut text = String::with_capacity(base_text.len() + key.len() + 1);
+    text.push_str(base_text);
+    for seg in path.split('/') {
+        text.push('/');
+        text.push_str(seg);
+    }
+    if let Some(q) = query {
+        text.push('?');
+        text.push_str(q);
+    }
+    let url = reqwest::Url::parse(&text).ok()?;
+    let base_path = base.path().trim_end_matches('/');
+    let same_origin = url.scheme() == base.scheme()
+        && url.host() == base.host()
+        && url.port_or_known_default() == base.port_or_known_default()
+        && url.username().is_empty()
+        && url.password().is_none();
+    let rest = url.path().strip_prefix(base_path)?.strip_prefix('/')?;
+    (same_origin && rest == path).then_some(url)
 }
 
 /// The file holding `key` in a `file://` cache directory (the query is not part of a file name).
@@ -247,11 +308,54 @@ mod tests {
         assert_eq!(classify("/index.html"), Request::Unknown);
     }
 
+    /// Issue 12 item 6: `/nar/%2e%2e/%2e%2e/secret` reached the upstream as `GET /secret`, with
+    /// the upstream's credentials.
+    #[test]
+    fn percent_encoded_dot_segments_and_separators_are_rejected() {
+        for bad in [
+            "/nar/%2e%2e/%2e%2e/secret",
+            "/nar/%2E%2E/x",
+            "/nar/.%2e/x",
+            "/nar/%2e/x",
+            "/nar/a%2fb",
+            "/nar/a%2F..%2Fb",
+            "/nar/a%5cb",
+            "/nar/a%00b",
+            "/log/%2e%2e",
+            "/realisations/%2e%2e%2fsecret",
+        ] {
+            assert_eq!(classify(bad), Request::Unknown, "{bad}");
+        }
+        // Other escapes are opaque key bytes.
+        assert_eq!(
+            classify("/nar/a%2Bb.nar"),
+            Request::Nar("nar/a%2Bb.nar".into())
+        );
+        for bad in ["nar/%2e%2e/%2e%2e/secret", "nar/../x", "nar/a%2fb"] {
+            assert_eq!(url("http://u.lan/base", bad), None, "{bad}");
+        }
+        // Whatever the URL parser would resolve or move is refused, not sent.
+        assert_eq!(url("http://u.lan/base", "nar/a b"), None);
+        assert_eq!(
+            url("http://u.lan/base", "nar/x.nar").as_deref(),
+            Some("http://u.lan/base/nar/x.nar")
+        );
+    }
+
+    fn url(base: &str, key: &str) -> Option<String> {
+        let b = reqwest::Url::parse(base).expect("base");
+        http_url(&b, base, key).map(|u| u.to_string())
+    }
+
     #[test]
     fn maps_keys_to_upstreams() {
         assert_eq!(
-            http_url("http://h:5000/c", "nar/x.nar"),
-            "http://h:5000/c/nar/x.nar"
+            url("http://h:5000/c", "nar/x.nar").as_deref(),
+            Some("http://h:5000/c/nar/x.nar")
+        );
+        assert_eq!(
+            url("http://h:5000", "nar/x.nar?hash=abc").as_deref(),
+            Some("http://h:5000/nar/x.nar?hash=abc")
         );
         assert_eq!(
             file_path(std::path::Path::new("/srv/c"), "nar/x.nar?hash=1"),

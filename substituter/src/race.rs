@@ -12,21 +12,25 @@
 //! 2. **Trust before priority.** Given Nix's `trusted-public-keys`, a hit Nix would trust (a
 //!    valid signature by a trusted key, or a `CA:` field) beats any untrusted hit. Untrusted
 //!    hits are served only when `serve-untrusted` is set and no trusted hit exists.
-//! 3. **At the deadline,** still-pending upstreams count as failed: the best hit so far is
-//!    served, else 404.
-//! 4. **Negative caching** happens only for a *definitive* miss: every upstream answered and
-//!    none had an acceptable hit. A failure, time-out, skipped (breaker open, rate limited)
-//!    or pending upstream makes the 404 non-definitive and uncached (docs/binary-cache.md §5.1 rule 2, ncps#298).
+//! 3. **At the deadline,** still-pending upstreams no longer hold back a hit: the best hit so
+//!    far is served.
+//! 4. **A 404 means "not here" from every upstream that could hold the path** (issue 12,
+//!    "never a false miss"). Upstreams that are down (breaker open) or answer garbage cannot
+//!    serve the path either way and do not hold a 404 back; it is then not cached by Ferry.
+//!    Negative caching happens only for a *definitive* miss: every upstream answered 404 (or
+//!    untrusted). Errors never create negative entries (docs/binary-cache.md §5.1 rule 2, ncps#298).
 //!
-//! 5. **A transient failure is retried while the deadline allows** ([`retry_delay`]): a connect
-//!    error or time-out, a read time-out, a reset or a 5xx gets up to two more attempts after
-//!    [`RETRY_BACKOFFS`], unless the upstream's breaker has opened or the attempt could not
-//!    last one connect time-out before the deadline. Meanwhile the slot is
-//!    [`Slot::Retrying`], which counts as failed for rule 1 (a lower-priority hit is served at
-//!    once, exactly as without retries) but keeps a 404 from being decided. Why: Nix 2.8
-//!    remembers a narinfo 404 for `narinfo-cache-negative-ttl` (an hour by default, docs/binary-cache.md §2.5),
-//!    so one dropped SYN on the only upstream that has a path must not become a 404 while the
-//!    deadline still has room for a fresh connection.
+//! 5. **A transient failure of a live upstream is retried until the patience runs out**
+//!    ([`retry_delay`]): a connect error or time-out, a read time-out, a reset, a 5xx or a
+//!    rate-limit skip gets more attempts after [`RETRY_BACKOFFS`] (the last one repeating),
+//!    with a longer, latency-adaptive connect time-out, as long as the upstream's breaker
+//!    stays closed and an attempt still fits before `narinfo-patience-ms`. Meanwhile the
+//!    slot is [`Slot::Retrying`], which counts as failed for rule 1 (a lower-priority hit is
+//!    served at once, exactly as without retries) but keeps a 404 from being decided. If the
+//!    patience runs out with no definite answer from a live upstream, the answer is
+//!    [`Decision::Unknown`]: a 503, never a 404. Why: Nix remembers a narinfo 404 for
+//!    `narinfo-cache-negative-ttl` (an hour by default, docs/binary-cache.md §2.5); a 503 is retried by Nix
+//!    (up to 5 attempts, each a new race here) and never cached (see the README).
 //!
 //! 6. **A suspect upstream is not waited for.** An upstream whose last requests failed (its
 //!    breaker is closed but counting failures) starts each race as [`Slot::Retrying`] rather
@@ -59,6 +63,20 @@ pub enum Slot {
     /// Failed transiently; another attempt is waiting for its back-off or running. Counts as
     /// failed when a hit waits on it, as pending when only a 404 is left (rule 5).
     Retrying,
+    /// A live upstream that failed only transiently and is not asked again (its patience ran
+    /// out): it may hold the path, so the race cannot end in a 404 (rule 5).
+    Unanswered,
+}
+
+/// How far into the race the shell is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Before `narinfo-deadline-ms`.
+    Racing,
+    /// After the deadline: pending upstreams no longer hold back a hit (rule 3).
+    PastDeadline,
+    /// After `narinfo-patience-ms`: nothing is waited for any more.
+    PastPatience,
 }
 
 /// Why an attempt failed, as far as trying again is concerned.
@@ -71,15 +89,19 @@ pub enum FailureKind {
     Permanent,
 }
 
-/// Back-off before the second and the third attempt at one upstream within one race.
-pub const RETRY_BACKOFFS: [Duration; 2] = [Duration::from_millis(50), Duration::from_millis(150)];
+/// Back-off before the second, third and every later attempt at one upstream within one race.
+pub const RETRY_BACKOFFS: [Duration; 3] = [
+    Duration::from_millis(50),
+    Duration::from_millis(150),
+    Duration::from_millis(300),
+];
 
 /// After attempt number `attempts` (1 for the first) at one upstream failed with `kind`,
-/// `elapsed` into a race with `deadline`: the back-off before the next attempt, or `None` to
-/// give up on this upstream. `breaker_closed` is the upstream's breaker after this failure was
-/// recorded: an open breaker means the upstream is presumed down, and retries would only
-/// prolong the miss (goal G5). `min_attempt` (the upstream's connect time-out) is the least
-/// time an attempt needs to be worth sending before the deadline.
+/// `elapsed` into a race with `deadline` (the patience): the back-off before the next attempt,
+/// or `None` to give up on this upstream. `breaker_closed` is the upstream's breaker after this
+/// failure was recorded: an open breaker means the upstream is presumed down, and retries
+/// would only prolong the miss (goal G5). `min_attempt` (the next attempt's connect time-out)
+/// is the least time an attempt needs to be worth sending before the deadline.
 pub fn retry_delay(
     kind: FailureKind,
     attempts: u32,
@@ -91,7 +113,8 @@ pub fn retry_delay(
     if kind != FailureKind::Transient || !breaker_closed {
         return None;
     }
-    let backoff = *RETRY_BACKOFFS.get(usize::try_from(attempts).ok()?.checked_sub(1)?)?;
+    let i = usize::try_from(attempts).ok()?.checked_sub(1)?;
+    let backoff = RETRY_BACKOFFS[i.min(RETRY_BACKOFFS.len() - 1)];
     (elapsed + backoff + min_attempt <= deadline).then_some(backoff)
 }
 
@@ -103,11 +126,14 @@ pub enum Decision {
     Serve(usize),
     /// Answer 404; cache the miss only if `definitive`.
     NotFound { definitive: bool },
+    /// No definite answer from a live upstream within the patience: answer 503 (rule 5).
+    Unknown,
 }
 
 /// Applies the rule above to `slots` (in priority order).
-pub fn decide(slots: &[Slot], deadline_passed: bool, serve_untrusted: bool) -> Decision {
-    let resolved = |s: &Slot| deadline_passed || *s != Slot::Pending;
+pub fn decide(slots: &[Slot], phase: Phase, serve_untrusted: bool) -> Decision {
+    let past_deadline = phase != Phase::Racing;
+    let resolved = |s: &Slot| past_deadline || *s != Slot::Pending;
     // Rule 1 and 2: the first trusted hit wins once everything before it has resolved.
     if let Some(t) = slots.iter().position(|s| *s == Slot::Hit { trusted: true }) {
         if slots[..t].iter().all(resolved) {
@@ -115,8 +141,7 @@ pub fn decide(slots: &[Slot], deadline_passed: bool, serve_untrusted: bool) -> D
         }
         return Decision::Wait;
     }
-    let all_resolved = slots.iter().all(resolved);
-    if !all_resolved {
+    if !slots.iter().all(resolved) {
         return Decision::Wait;
     }
     // Nothing trusted anywhere and nothing left to hear from.
@@ -127,14 +152,22 @@ pub fn decide(slots: &[Slot], deadline_passed: bool, serve_untrusted: bool) -> D
     {
         return Decision::Serve(u);
     }
-    // Rule 5: a 404 waits for upstreams that are being tried again.
-    if !deadline_passed && slots.contains(&Slot::Retrying) {
-        return Decision::Wait;
+    // Rule 5: a 404 waits for live upstreams still being asked, until the patience runs out.
+    if slots
+        .iter()
+        .any(|s| matches!(s, Slot::Pending | Slot::Retrying))
+    {
+        return match phase {
+            Phase::PastPatience => Decision::Unknown,
+            _ => Decision::Wait,
+        };
     }
-    let definitive = !deadline_passed
-        && slots
-            .iter()
-            .all(|s| matches!(s, Slot::Miss | Slot::Hit { trusted: false }));
+    if slots.contains(&Slot::Unanswered) {
+        return Decision::Unknown;
+    }
+    let definitive = slots
+        .iter()
+        .all(|s| matches!(s, Slot::Miss | Slot::Hit { trusted: false }));
     Decision::NotFound { definitive }
 }
 
@@ -147,6 +180,7 @@ pub fn start_next_early(slots: &[Slot], next: usize) -> bool {
             Slot::Miss
                 | Slot::Failed
                 | Slot::Retrying
+                | Slot::Unanswered
                 | Slot::Skipped
                 | Slot::Hit { trusted: false }
         )
@@ -164,35 +198,44 @@ mod tests {
     #[test]
     fn higher_priority_hit_wins_even_when_it_arrives_later() {
         // The second upstream answered first: wait for the first.
-        assert_eq!(decide(&[Pending, T], false, false), Decision::Wait);
-        assert_eq!(decide(&[T, T], false, false), Decision::Serve(0));
+        assert_eq!(decide(&[Pending, T], Phase::Racing, false), Decision::Wait);
+        assert_eq!(decide(&[T, T], Phase::Racing, false), Decision::Serve(0));
     }
 
     #[test]
     fn lower_priority_hit_wins_once_higher_ones_resolve() {
-        assert_eq!(decide(&[Miss, T], false, false), Decision::Serve(1));
+        assert_eq!(decide(&[Miss, T], Phase::Racing, false), Decision::Serve(1));
         assert_eq!(
-            decide(&[Failed, Skipped, T, Pending], false, false),
+            decide(&[Failed, Skipped, T, Pending], Phase::Racing, false),
             Decision::Serve(2)
         );
     }
 
     #[test]
     fn deadline_turns_pending_into_failed() {
-        assert_eq!(decide(&[Pending, T], true, false), Decision::Serve(1));
         assert_eq!(
-            decide(&[Pending, Miss], true, false),
-            Decision::NotFound { definitive: false }
+            decide(&[Pending, T], Phase::PastDeadline, false),
+            Decision::Serve(1)
+        );
+        // A live upstream still asked holds a 404 back until the patience runs out, then the
+        // answer is "unknown", never a 404 (issue 12).
+        assert_eq!(
+            decide(&[Pending, Miss], Phase::PastDeadline, false),
+            Decision::Wait
+        );
+        assert_eq!(
+            decide(&[Pending, Miss], Phase::PastPatience, false),
+            Decision::Unknown
         );
     }
 
     #[test]
     fn trusted_beats_untrusted_regardless_of_priority() {
-        assert_eq!(decide(&[U, T], false, false), Decision::Serve(1));
-        assert_eq!(decide(&[U, Pending], false, true), Decision::Wait);
-        assert_eq!(decide(&[U, Miss], false, true), Decision::Serve(0));
+        assert_eq!(decide(&[U, T], Phase::Racing, false), Decision::Serve(1));
+        assert_eq!(decide(&[U, Pending], Phase::Racing, true), Decision::Wait);
+        assert_eq!(decide(&[U, Miss], Phase::Racing, true), Decision::Serve(0));
         assert_eq!(
-            decide(&[U, Miss], false, false),
+            decide(&[U, Miss], Phase::Racing, false),
             Decision::NotFound { definitive: true }
         );
     }
@@ -200,19 +243,22 @@ mod tests {
     #[test]
     fn only_complete_answers_are_definitive_misses() {
         assert_eq!(
-            decide(&[Miss, Miss], false, false),
+            decide(&[Miss, Miss], Phase::Racing, false),
             Decision::NotFound { definitive: true }
         );
         for s in [Failed, Skipped] {
             assert_eq!(
-                decide(&[Miss, s], false, false),
+                decide(&[Miss, s], Phase::Racing, false),
                 Decision::NotFound { definitive: false },
                 "{s:?}"
             );
         }
-        assert_eq!(decide(&[Miss, Pending], false, false), Decision::Wait);
         assert_eq!(
-            decide(&[], false, false),
+            decide(&[Miss, Pending], Phase::Racing, false),
+            Decision::Wait
+        );
+        assert_eq!(
+            decide(&[], Phase::Racing, false),
             Decision::NotFound { definitive: true }
         );
     }
@@ -229,25 +275,56 @@ mod tests {
     #[test]
     fn a_retrying_upstream_never_delays_a_lower_priority_hit() {
         // As if it had failed: the dead-upstream case costs what it cost without retries.
-        assert_eq!(decide(&[Retrying, T], false, false), Decision::Serve(1));
-        assert_eq!(decide(&[Retrying, U], false, true), Decision::Serve(1));
-        assert_eq!(decide(&[Retrying, Pending], false, false), Decision::Wait);
+        assert_eq!(
+            decide(&[Retrying, T], Phase::Racing, false),
+            Decision::Serve(1)
+        );
+        assert_eq!(
+            decide(&[Retrying, U], Phase::Racing, true),
+            Decision::Serve(1)
+        );
+        assert_eq!(
+            decide(&[Retrying, Pending], Phase::Racing, false),
+            Decision::Wait
+        );
         // Its retry can still win while the lower ones are pending.
-        assert_eq!(decide(&[T, Pending], false, false), Decision::Serve(0));
+        assert_eq!(
+            decide(&[T, Pending], Phase::Racing, false),
+            Decision::Serve(0)
+        );
     }
 
     #[test]
     fn a_retrying_upstream_holds_back_a_404_until_the_deadline() {
-        assert_eq!(decide(&[Retrying, Miss], false, false), Decision::Wait);
-        assert_eq!(decide(&[Miss, Retrying], false, false), Decision::Wait);
-        assert_eq!(decide(&[Retrying], false, false), Decision::Wait);
         assert_eq!(
-            decide(&[Retrying, Miss], true, false),
+            decide(&[Retrying, Miss], Phase::Racing, false),
+            Decision::Wait
+        );
+        assert_eq!(
+            decide(&[Miss, Retrying], Phase::Racing, false),
+            Decision::Wait
+        );
+        assert_eq!(decide(&[Retrying], Phase::Racing, false), Decision::Wait);
+        assert_eq!(
+            decide(&[Retrying, Miss], Phase::PastDeadline, false),
+            Decision::Wait
+        );
+        assert_eq!(
+            decide(&[Retrying, Miss], Phase::PastPatience, false),
+            Decision::Unknown
+        );
+        assert_eq!(
+            decide(&[Unanswered, Miss], Phase::Racing, false),
+            Decision::Unknown
+        );
+        // Down (breaker open) or garbage: it cannot serve the path; an uncached 404.
+        assert_eq!(
+            decide(&[Skipped, Miss], Phase::Racing, false),
             Decision::NotFound { definitive: false }
         );
         // Given up after its last attempt: an uncached 404 as before.
         assert_eq!(
-            decide(&[Failed, Miss], false, false),
+            decide(&[Failed, Miss], Phase::Racing, false),
             Decision::NotFound { definitive: false }
         );
     }
@@ -255,12 +332,13 @@ mod tests {
     const MS: fn(u64) -> Duration = Duration::from_millis;
 
     #[test]
-    fn transient_failures_get_two_retries_with_growing_back_off() {
+    fn transient_failures_are_retried_with_growing_back_off_while_time_remains() {
         let t = FailureKind::Transient;
         let d = MS(2000);
         assert_eq!(retry_delay(t, 1, true, MS(500), d, MS(250)), Some(MS(50)));
         assert_eq!(retry_delay(t, 2, true, MS(800), d, MS(250)), Some(MS(150)));
-        assert_eq!(retry_delay(t, 3, true, MS(1000), d, MS(250)), None);
+        assert_eq!(retry_delay(t, 3, true, MS(1000), d, MS(250)), Some(MS(300)));
+        assert_eq!(retry_delay(t, 9, true, MS(1000), d, MS(250)), Some(MS(300)));
         assert_eq!(retry_delay(t, 0, true, MS(0), d, MS(250)), None);
     }
 

@@ -28,6 +28,11 @@ pub struct State {
     cache_info: String,
 }
 
+/// Bytes of NAR routes kept in memory.
+const ROUTES_BYTES: u64 = 16 * 1024 * 1024;
+/// A route's memory beyond its key: the entry, the expected hash, moka's bookkeeping.
+const ROUTE_OVERHEAD: usize = 160;
+
 /// Where a NAR key came from.
 #[derive(Debug, Clone)]
 pub struct Route {
@@ -73,8 +78,13 @@ impl State {
         Ok(Arc::new(State {
             disk,
             answers: answer_cache(settings.positive_ttl, settings.negative_ttl),
+            // Weighed by bytes, not counted: a route's key is an upstream's `URL:` (issue 12
+            // item 4). 16 MiB holds 100,000 routes of Nix's usual 80-byte URLs.
             routes: moka::future::Cache::builder()
-                .max_capacity(1_000_000)
+                .weigher(|k: &String, _r: &Route| {
+                    u32::try_from(k.len() + ROUTE_OVERHEAD).unwrap_or(u32::MAX)
+                })
+                .max_capacity(ROUTES_BYTES)
                 .time_to_idle(Duration::from_secs(30 * 24 * 3600))
                 .build(),
             metrics: Metrics::default(),
@@ -88,7 +98,7 @@ impl State {
         self.upstreams
             .iter()
             .map(|u| UpstreamView {
-                url: &u.settings.url,
+                url: &u.settings.display,
                 priority: u.settings.priority,
                 breaker: u.breaker_state(),
                 metrics: &u.metrics,
@@ -171,8 +181,9 @@ pub(crate) async fn handle(
     }
 }
 
-/// A small object through the race: 200 with the body, or 404 for every kind of absence or
-/// failure. Never 5xx: Nix retries those and, without `fallback`, fails the build (docs/binary-cache.md §2.4).
+/// A small object through the race: 200 with the body, 404 when every upstream that could
+/// hold it said no (or is down), and 503 only when a live upstream gave no definite answer
+/// within `narinfo-patience-ms` (never a false 404, issue 12).
 async fn small(state: &Arc<State>, key: Key, content_type: &'static str) -> Response<Body> {
     match lookup(state, key).await {
         Ok(a) => match &*a {
@@ -184,6 +195,14 @@ async fn small(state: &Arc<State>, key: Key, content_type: &'static str) -> Resp
             }
             Answer::Missing => status_only(StatusCode::NOT_FOUND),
         },
+        Err(i) if i.unknown => {
+            // A live upstream may hold it but did not answer in time. A 404 would be a false
+            // miss that Nix remembers for `narinfo-cache-negative-ttl` (an hour); a 503 is
+            // never cached and Nix asks again (up to 5 attempts with back-off, each a new
+            // race here). See the README, "Never a false miss".
+            state.metrics.unknown_answers.inc();
+            status_only(StatusCode::SERVICE_UNAVAILABLE)
+        }
         Err(_) => {
             state.metrics.incomplete_misses.inc();
             status_only(StatusCode::NOT_FOUND)

@@ -35,6 +35,9 @@ pub enum FetchError {
     Io(#[from] io::Error),
     #[error("bad Content-Range {0:?} for the requested offset")]
     BadRange(String),
+    /// The key would leave the upstream's base once resolved: never sent.
+    #[error("key {0:?} does not stay under the upstream's base")]
+    OutsideBase(String),
 }
 
 impl FetchError {
@@ -51,7 +54,8 @@ impl FetchError {
             FetchError::Status(_)
             | FetchError::TooLarge(_)
             | FetchError::Io(_)
-            | FetchError::BadRange(_) => FailureKind::Permanent,
+            | FetchError::BadRange(_)
+            | FetchError::OutsideBase(_) => FailureKind::Permanent,
         }
     }
 }
@@ -85,10 +89,23 @@ pub enum OpenNar {
     Failed(FetchError),
 }
 
+/// Longest connect time-out of a retry ([`Upstream::patient_connect_timeout`]).
+pub const PATIENT_CONNECT_MAX: Duration = Duration::from_secs(4);
+/// Shortest connect time-out of a retry: over Linux's 1 s SYN retransmission.
+pub const PATIENT_CONNECT_MIN: Duration = Duration::from_millis(1300);
+
 pub struct Upstream {
     pub id: usize,
     pub settings: UpstreamSettings,
     client: Option<reqwest::Client>,
+    /// The client for retries after a transient failure: a connect time-out long enough for
+    /// one SYN retransmission (Linux resends after 1 s), so a busy upstream whose listen
+    /// backlog dropped the first SYN is reached on the second (issue 12, "never a false miss").
+    patient_client: Option<reqwest::Client>,
+    /// Smoothed latency of successful small requests, in microseconds (0: none yet).
+    latency_ewma_us: std::sync::atomic::AtomicU64,
+    /// The HTTP base, parsed once: every request URL is checked against it.
+    base_url: Option<reqwest::Url>,
     breaker: Mutex<Breaker>,
     limiter: Option<governor::DefaultDirectRateLimiter>,
     inflight: Arc<Semaphore>,
@@ -135,16 +152,24 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 impl Upstream {
     pub fn new(id: usize, settings: UpstreamSettings) -> Result<Self, reqwest::Error> {
-        let client = match settings.location {
-            UpstreamLocation::Http(_) => Some(
-                reqwest::Client::builder()
-                    .connect_timeout(settings.connect_timeout)
-                    .tcp_nodelay(true)
-                    // Nix reuses connections for 90 s; an upstream may close earlier.
-                    .pool_idle_timeout(Duration::from_secs(60))
-                    .user_agent(concat!("ferry-substituter/", env!("CARGO_PKG_VERSION")))
-                    .build()?,
+        let build = |connect: Duration| {
+            reqwest::Client::builder()
+                .connect_timeout(connect)
+                .tcp_nodelay(true)
+                // Nix reuses connections for 90 s; an upstream may close earlier.
+                .pool_idle_timeout(Duration::from_secs(60))
+                .user_agent(concat!("ferry-substituter/", env!("CARGO_PKG_VERSION")))
+                .build()
+        };
+        let (client, patient_client) = match settings.location {
+            UpstreamLocation::Http(_) => (
+                Some(build(settings.connect_timeout)?),
+                Some(build(PATIENT_CONNECT_MAX.max(settings.connect_timeout))?),
             ),
+            UpstreamLocation::File(_) => (None, None),
+        };
+        let base_url = match &settings.location {
+            UpstreamLocation::Http(b) => reqwest::Url::parse(b).ok(),
             UpstreamLocation::File(_) => None,
         };
         let limiter = NonZeroU32::new(settings.rate_limit)
@@ -155,6 +180,9 @@ impl Upstream {
             inflight: Arc::new(Semaphore::new(settings.max_in_flight)),
             metrics: UpstreamMetrics::default(),
             client,
+            patient_client,
+            latency_ewma_us: std::sync::atomic::AtomicU64::new(0),
+            base_url,
             limiter,
             settings,
         })
@@ -165,6 +193,26 @@ impl Upstream {
             UpstreamLocation::Http(b) => Some(b),
             UpstreamLocation::File(_) => None,
         }
+    }
+
+    /// A request for `key`, with the upstream's credentials, or an error when the key's URL
+    /// would not stay under the base ([`crate::paths::http_url`]).
+    fn request(
+        &self,
+        client: &reqwest::Client,
+        method: reqwest::Method,
+        key: &str,
+    ) -> Result<reqwest::RequestBuilder, FetchError> {
+        let (Some(base), Some(text)) = (&self.base_url, self.base()) else {
+            return Err(FetchError::OutsideBase(key.to_owned()));
+        };
+        let url =
+            http_url(base, text, key).ok_or_else(|| FetchError::OutsideBase(key.to_owned()))?;
+        let req = client.request(method, url);
+        Ok(match &self.settings.credentials {
+            Some(c) => req.basic_auth(&c.user, Some(&c.password)),
+            None => req,
+        })
     }
 
     /// The base URL for narinfo URL rewriting (None for directories).
@@ -226,6 +274,42 @@ impl Upstream {
         }
     }
 
+    /// A failure of a request that started at `started` (see [`Breaker::on_failure_since`]).
+    pub fn record_failure_since(&self, started: Instant, retry_after: Option<Duration>) {
+        self.metrics.failures.inc();
+        if let Ok(mut b) = self.breaker.lock() {
+            b.on_failure_since(Instant::now(), started, retry_after);
+        }
+    }
+
+    /// Smoothed latency of successful small requests, if any succeeded yet.
+    pub fn latency(&self) -> Option<Duration> {
+        match self
+            .latency_ewma_us
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    fn observe_success_latency(&self, d: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let us = (d.as_micros() as u64).max(1);
+        let old = self.latency_ewma_us.load(Relaxed);
+        // Weight 1/8 per sample, like TCP's smoothed RTT.
+        let new = if old == 0 { us } else { (old * 7 + us) / 8 };
+        self.latency_ewma_us.store(new.max(1), Relaxed);
+    }
+
+    /// The connect time-out of a retry: eight times the upstream's usual latency (a busy
+    /// upstream answers slower than usual), at least [`PATIENT_CONNECT_MIN`] and at most
+    /// [`PATIENT_CONNECT_MAX`].
+    pub fn patient_connect_timeout(&self) -> Duration {
+        let adaptive = self.latency().map_or(PATIENT_CONNECT_MIN, |l| l * 8);
+        adaptive.clamp(PATIENT_CONNECT_MIN, PATIENT_CONNECT_MAX)
+    }
+
     pub fn record_failure(&self, retry_after: Option<Duration>) {
         self.metrics.failures.inc();
         if let Ok(mut b) = self.breaker.lock() {
@@ -239,7 +323,7 @@ impl Upstream {
             self.fetch_small("nix-cache-info", 64 * 1024).await,
             Fetch::Found(_)
         );
-        tracing::info!(upstream = %self.settings.url, ok, "breaker probe");
+        tracing::info!(upstream = %self.settings.display, ok, "breaker probe");
         if ok {
             self.record_success();
         } else {
@@ -250,10 +334,27 @@ impl Upstream {
     /// Fetches a small object whole, within the read time-out. Does not touch the breaker:
     /// the caller decides after validating the body.
     pub async fn fetch_small(&self, key: &str, max_len: usize) -> Fetch {
+        self.fetch_small_attempt(key, max_len, false).await
+    }
+
+    /// [`Upstream::fetch_small`]; `patient` for a retry after a transient failure: the patient
+    /// client and an adaptive connect time-out ([`Upstream::patient_connect_timeout`]).
+    pub async fn fetch_small_attempt(&self, key: &str, max_len: usize, patient: bool) -> Fetch {
         let started = Instant::now();
-        let r = match (&self.settings.location, &self.client) {
-            (UpstreamLocation::Http(base), Some(client)) => {
-                self.fetch_http(client, &http_url(base, key), max_len).await
+        let (client, connect) = if patient {
+            (&self.patient_client, self.patient_connect_timeout())
+        } else {
+            (&self.client, self.settings.connect_timeout)
+        };
+        let r = match (&self.settings.location, client) {
+            (UpstreamLocation::Http(_), Some(client)) => {
+                match self.request(client, reqwest::Method::GET, key) {
+                    Ok(req) => self.fetch_http(req, max_len, connect).await,
+                    Err(error) => Fetch::Failed {
+                        error,
+                        retry_after: None,
+                    },
+                }
             }
             (UpstreamLocation::File(dir), _) => {
                 let path = file_path(dir, key);
@@ -273,16 +374,24 @@ impl Upstream {
             },
         };
         self.metrics.latency.observe(started.elapsed());
+        if matches!(r, Fetch::Found(_) | Fetch::Missing) {
+            self.observe_success_latency(started.elapsed());
+        }
         r
     }
 
-    async fn fetch_http(&self, client: &reqwest::Client, url: &str, max_len: usize) -> Fetch {
+    async fn fetch_http(
+        &self,
+        req: reqwest::RequestBuilder,
+        max_len: usize,
+        connect: Duration,
+    ) -> Fetch {
         let failed = |error| Fetch::Failed {
             error,
             retry_after: None,
         };
         let fut = async {
-            let resp = match client.get(url).send().await {
+            let resp = match req.send().await {
                 Ok(r) => r,
                 Err(e) => return failed(classify_reqwest(&e)),
             };
@@ -316,23 +425,22 @@ impl Upstream {
         };
         // A whole-response time-out is right for small objects (a drip of a narinfo is a
         // failure); NAR bodies use per-read idle time-outs instead.
-        match tokio::time::timeout(
-            self.settings.read_timeout + self.settings.connect_timeout,
-            fut,
-        )
-        .await
-        {
+        match tokio::time::timeout(self.settings.read_timeout + connect, fut).await {
             Ok(r) => r,
             Err(_) => failed(FetchError::Timeout),
         }
     }
 
     /// Size of a NAR, for HEAD requests.
-    pub async fn head_nar(&self, key: &str) -> OpenNar {
-        match (&self.settings.location, &self.client) {
-            (UpstreamLocation::Http(base), Some(client)) => {
-                let req = client.head(http_url(base, key)).send();
-                match tokio::time::timeout(self.settings.read_timeout, req).await {
+    pub async fn head_nar(&self, key: &str, patient: bool) -> OpenNar {
+        let (client, wait) = self.nar_client(patient);
+        match (&self.settings.location, client) {
+            (UpstreamLocation::Http(_), Some(client)) => {
+                let req = match self.request(client, reqwest::Method::HEAD, key) {
+                    Ok(r) => r.send(),
+                    Err(e) => return OpenNar::Failed(e),
+                };
+                match tokio::time::timeout(wait, req).await {
                     Err(_) => OpenNar::Failed(FetchError::Timeout),
                     Ok(Err(e)) => OpenNar::Failed(classify_reqwest(&e)),
                     Ok(Ok(r)) if is_missing(r.status().as_u16()) => OpenNar::Missing,
@@ -367,15 +475,37 @@ impl Upstream {
 
     /// Opens a NAR at `offset` (to the end of the file).
     pub async fn open_nar(&self, key: &str, offset: u64) -> OpenNar {
-        match (&self.settings.location, &self.client) {
-            (UpstreamLocation::Http(base), Some(client)) => {
-                let mut req = client.get(http_url(base, key));
+        self.open_nar_attempt(key, offset, false).await
+    }
+
+    /// The client for a NAR request and the time allowed up to its response headers: the
+    /// patient client and a latency-adaptive connect time-out for a retry
+    /// ([`Upstream::patient_connect_timeout`]).
+    fn nar_client(&self, patient: bool) -> (&Option<reqwest::Client>, Duration) {
+        if patient {
+            (
+                &self.patient_client,
+                self.settings.read_timeout + self.patient_connect_timeout(),
+            )
+        } else {
+            (&self.client, self.settings.read_timeout)
+        }
+    }
+
+    /// [`Upstream::open_nar`]; `patient` for a retry after a transient failure.
+    pub async fn open_nar_attempt(&self, key: &str, offset: u64, patient: bool) -> OpenNar {
+        let (client, wait) = self.nar_client(patient);
+        match (&self.settings.location, client) {
+            (UpstreamLocation::Http(_), Some(client)) => {
+                let mut req = match self.request(client, reqwest::Method::GET, key) {
+                    Ok(r) => r,
+                    Err(e) => return OpenNar::Failed(e),
+                };
                 if offset > 0 {
                     req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
                 }
                 // Up to the response headers only: the body has per-read idle time-outs.
-                let resp = match tokio::time::timeout(self.settings.read_timeout, req.send()).await
-                {
+                let resp = match tokio::time::timeout(wait, req.send()).await {
                     Err(_) => return OpenNar::Failed(FetchError::Timeout),
                     Ok(Err(e)) => return OpenNar::Failed(classify_reqwest(&e)),
                     Ok(Ok(r)) => r,

@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Response, StatusCode, Uri};
 use bytes::Bytes;
 use ferry_nix::hash::Hash;
-use ferry_substituter::config::{Overrides, SubstituterConfig, UpstreamConfig};
+use ferry_substituter::config::{NixTrust, Overrides, SubstituterConfig, UpstreamConfig};
 use ferry_substituter::disk::nar_entry;
 use std::path::Path;
 use std::sync::Arc;
@@ -94,7 +94,13 @@ async fn ferry(up: &str, dir: &Path, max_size: u64) -> String {
         ..SubstituterConfig::default()
     };
     let s = c
-        .resolve(&Overrides::default(), |_| Ok(None))
+        .resolve(&Overrides::default(), |_| {
+            // A Nix that takes any narinfo: these tests are about the race, not trust.
+            Ok(NixTrust {
+                trusted_public_keys: String::new(),
+                require_sigs: false,
+            })
+        })
         .expect("settings");
     let l = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -131,6 +137,22 @@ async fn wait_metric(ferry: &str, name: &str, want: f64) {
         assert!(t.elapsed() < Duration::from_secs(5), "{name} stayed at {v}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Records the expected hash of `key` as a narinfo Ferry served would have (issue 12 item 2:
+/// only NARs with a known hash are kept).
+fn expect_hash(dir: &Path, key: &str, nar: &[u8]) {
+    let path = dir.join(ferry_substituter::disk::nar_hash_entry(key));
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("dir");
+    std::fs::write(
+        path,
+        format!(
+            "{} {}\n",
+            Hash::sha256_of(nar).to_nix32_prefixed(),
+            nar.len()
+        ),
+    )
+    .expect("record");
 }
 
 fn files_in(dir: &Path) -> Vec<String> {
@@ -258,7 +280,12 @@ async fn a_nar_whose_hash_differs_from_the_narinfo_is_not_kept() {
     assert_eq!(get(&format!("{f}/nar/y.nar")).await.0, 200);
     wait_metric(&f, "ferry_substituter_disk_nar_discarded_total", 1.0).await;
     assert!(files_in(&dir.path().join("nar")).is_empty());
-    assert!(files_in(&dir.path().join("tmp")).is_empty());
+    // The narinfo and its NAR's hash record are written in the background: wait for them.
+    let t = Instant::now();
+    while !files_in(&dir.path().join("tmp")).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(5), "temp files left");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]
@@ -274,6 +301,9 @@ async fn quota_evicts_the_least_recently_used_nar() {
     )
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
+    for (k, n) in [("nar/a.nar", &a), ("nar/b.nar", &b), ("nar/c.nar", &c)] {
+        expect_hash(dir.path(), k, n);
+    }
     let f = ferry(&up.url, dir.path(), 2_500_000).await;
     assert_eq!(get(&format!("{f}/nar/a.nar")).await.0, 200);
     wait_metric(&f, "ferry_substituter_disk_nar_stored_total", 1.0).await;
@@ -317,6 +347,7 @@ async fn a_cut_stream_leaves_no_entry_and_start_up_clears_leftovers() {
     )
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
+    expect_hash(dir.path(), "nar/slow.nar", &nar);
     let f = ferry(&up.url, dir.path(), 1 << 30).await;
     let mut r = reqwest::get(format!("{f}/nar/slow.nar"))
         .await
@@ -347,4 +378,90 @@ async fn a_cut_stream_leaves_no_entry_and_start_up_clears_leftovers() {
     let g = ferry(&up.url, dir.path(), 1 << 30).await;
     assert_eq!(get(&format!("{g}/nix-cache-info")).await.0, 200);
     assert!(files_in(&dir.path().join("tmp")).is_empty());
+}
+
+/// Issue 12 item 2: a NAR asked for with no narinfo Ferry served (before it, or after a
+/// restart) was kept after a length check only, and served from disk unchecked.
+#[tokio::test]
+async fn a_nar_with_no_known_hash_is_streamed_but_not_kept() {
+    let nar = data(300_000, 4);
+    let up = upstream(
+        vec![("/nar/z.nar".into(), Arc::clone(&nar))],
+        Duration::ZERO,
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = ferry(&up.url, dir.path(), 1 << 30).await;
+    let (code, body) = get(&format!("{f}/nar/z.nar")).await;
+    assert_eq!(code, 200);
+    assert_eq!(&body[..], &nar[..]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        metric(&f, "ferry_substituter_disk_nar_stored_total").await,
+        0.0
+    );
+    assert!(files_in(&dir.path().join("nar")).is_empty());
+}
+
+/// Issue 12 item 2: after a restart (routes were in memory only) another upstream's bytes
+/// under the same key poisoned the cache. The expected hash is now kept on disk with the
+/// route: other bytes are passed on but not kept, the right ones are kept and served.
+#[tokio::test]
+async fn after_a_restart_a_nar_is_kept_only_against_the_recorded_hash() {
+    let nar = data(400_000, 5);
+    let other = data(400_000, 6);
+    let honest = upstream(
+        vec![
+            (
+                format!("/{H}.narinfo"),
+                Arc::new(narinfo(H, "nar/w.nar", &nar).into_bytes()),
+            ),
+            ("/nar/w.nar".into(), Arc::clone(&nar)),
+        ],
+        Duration::ZERO,
+    )
+    .await;
+    let liar = upstream(
+        vec![("/nar/w.nar".into(), Arc::clone(&other))],
+        Duration::ZERO,
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f1 = ferry(&honest.url, dir.path(), 1 << 30).await;
+    assert_eq!(get(&format!("{f1}/{H}.narinfo")).await.0, 200);
+    let record = dir
+        .path()
+        .join(ferry_substituter::disk::nar_hash_entry("nar/w.nar"));
+    let t = Instant::now();
+    while !record.exists() {
+        assert!(t.elapsed() < Duration::from_secs(5), "no hash record");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // "Restarted" with the lying upstream: its bytes go to the client, not to the disk.
+    let f2 = ferry(&liar.url, dir.path(), 1 << 30).await;
+    let (code, body) = get(&format!("{f2}/nar/w.nar")).await;
+    assert_eq!(code, 200);
+    assert_eq!(&body[..], &other[..]);
+    wait_metric(&f2, "ferry_substituter_disk_nar_discarded_total", 1.0).await;
+    assert_eq!(
+        metric(&f2, "ferry_substituter_disk_nar_stored_total").await,
+        0.0
+    );
+
+    // Restarted again with the honest one: kept (the hash is known without the narinfo)...
+    let f3 = ferry(&honest.url, dir.path(), 1 << 30).await;
+    let (code, body) = get(&format!("{f3}/nar/w.nar")).await;
+    assert_eq!(code, 200);
+    assert_eq!(&body[..], &nar[..]);
+    wait_metric(&f3, "ferry_substituter_disk_nar_stored_total", 1.0).await;
+    // ...and served from disk, even by an instance that only knows the liar.
+    let f4 = ferry(&liar.url, dir.path(), 1 << 30).await;
+    let (code, body) = get(&format!("{f4}/nar/w.nar")).await;
+    assert_eq!(code, 200);
+    assert_eq!(&body[..], &nar[..]);
+    assert_eq!(
+        metric(&f4, "ferry_substituter_disk_nar_hits_total").await,
+        1.0
+    );
 }

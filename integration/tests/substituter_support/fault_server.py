@@ -8,6 +8,9 @@ usage: fault_server.py MODE ADDR PORT DIR
   drip     send headers, then one byte every 0.5 s
   reset    serve DIR, but reset the connection (RST) after RESET_AFTER bytes of any NAR;
            Range requests are ignored (the whole file is sent from byte 0 again)
+  slow     serve DIR like good, but alive and slow to accept: one request at a time, each
+           after SLOW_DELAY, one connection per request, and a listen backlog of 1, so that
+           a burst of connections overflows the accept queue and the kernel drops SYNs
 """
 import http.server
 import os
@@ -18,6 +21,7 @@ import time
 
 MODE, ADDR, PORT, DIR = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 RESET_AFTER = 64 * 1024
+SLOW_DELAY = 0.04
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -51,6 +55,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.do_GET()
 
     def do_GET(self):
+        if MODE == "slow":
+            time.sleep(SLOW_DELAY)
         if MODE == "error":
             return self.send_plain(500, b"internal error\n")
         if MODE == "garbage":
@@ -85,5 +91,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-http.server.ThreadingHTTPServer.daemon_threads = True
-http.server.ThreadingHTTPServer((ADDR, PORT), Handler).serve_forever()
+if MODE == "slow":
+    # HTTP/1.0: the connection closes after each answer, so every request needs an accept.
+    Handler.protocol_version = "HTTP/1.0"
+
+    class Slow(http.server.HTTPServer):
+        request_queue_size = 1
+
+    Slow((ADDR, PORT), Handler).serve_forever()
+else:
+    http.server.ThreadingHTTPServer.daemon_threads = True
+    http.server.ThreadingHTTPServer((ADDR, PORT), Handler).serve_forever()
