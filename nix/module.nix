@@ -106,8 +106,9 @@ let
   pb = cfg.postBuild;
   pbUnit = "ferry-post-build";
   keygenUnit = "ferry-post-build-keygen";
-  generatedKey = "/var/lib/ferry/keys/${pb.generateKey.name}.sec";
-  generatedPub = "/var/lib/ferry/keys/${pb.generateKey.name}.pub";
+  keyName = if pb.generateKey.name != null then pb.generateKey.name else "unnamed";
+  generatedKey = "/var/lib/ferry/keys/${keyName}.sec";
+  generatedPub = "/var/lib/ferry/keys/${keyName}.pub";
   secretKeyFiles = pb.secretKeyFiles ++ optional pb.generateKey.enable generatedKey;
   keyCredentials = lib.imap0 (i: f: { id = "signing-key-${toString i}"; file = f; }) secretKeyFiles;
   s3Credentials =
@@ -156,7 +157,7 @@ let
     cache-max-age = sub.cache.maxAge;
   } // optionalAttrs (sub.settings.trusted-public-keys == null) {
     # What this host's Nix trusts, including the upstreams' keys added below.
-    trusted-public-keys = config.nix.settings.trusted-public-keys;
+    trusted-public-keys = lib.unique config.nix.settings.trusted-public-keys;
   };
 
   upstreamType = types.submodule {
@@ -349,6 +350,15 @@ in
           the LAN.
         '';
       };
+      replaceNixSubstituters = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Make the substituter the only entry of `nix.settings.substituters` (its upstreams
+          replace the ones listed there), so Nix never waits on a cache itself. Off: it is
+          put first and Nix still asks the other substituters after it.
+        '';
+      };
       upstreams = mkOption {
         type = types.listOf upstreamType;
         default = [{
@@ -509,7 +519,7 @@ in
         unitConfig.ConditionPathExists = "!${generatedKey}";
         serviceConfig = hardening // {
           Type = "oneshot";
-          ExecStart = "${bin "ferry-post-build"} keygen ${pb.generateKey.name} --secret-file ${generatedKey} --public-file ${generatedPub}";
+          ExecStart = "${bin "ferry-post-build"} keygen ${keyName} --secret-file ${generatedKey} --public-file ${generatedPub}";
           StateDirectory = "ferry/keys";
           StateDirectoryMode = "0700";
           CapabilityBoundingSet = "";
@@ -577,12 +587,16 @@ in
           message = "services.ferry.substituter.upstreams is empty: the substituter needs at least one cache to ask.";
         }
         {
+          assertion = !(sub.replaceNixSubstituters && !sub.addToNixSettings);
+          message = "services.ferry.substituter.replaceNixSubstituters needs addToNixSettings: it would leave Nix with no substituter.";
+        }
+        {
           assertion = !(sub.openFirewall && isLoopback);
           message = "services.ferry.substituter.openFirewall is set but address is ${sub.address}, which only this host can reach; set address (for example \"0.0.0.0\") to serve the LAN.";
         }
       ];
       nix.settings = mkIf sub.addToNixSettings {
-        substituters = mkBefore [ localUrl ];
+        substituters = if sub.replaceNixSubstituters then lib.mkForce [ localUrl ] else mkBefore [ localUrl ];
         trusted-public-keys = lib.concatMap (u: u.publicKeys) sub.upstreams;
       };
       networking.firewall.allowedTCPPorts = mkIf sub.openFirewall [ sub.port ];
