@@ -734,8 +734,8 @@ fn rendered_substituters_serve_a_laptop_through_a_nas() {
         "not substituted from the laptop's Ferry:\n{stderr}"
     );
     eprintln!(
-        "laptop substituted {} paths through two rendered Ferrys in {:?}",
-        paths.len(),
+        "laptop substituted the closure of {} through two rendered Ferrys in {:?}",
+        paths[0],
         t.elapsed()
     );
 }
