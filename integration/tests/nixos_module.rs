@@ -27,7 +27,6 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 #[path = "substituter_support/mod.rs"]
-#[allow(dead_code)]
 mod substituter_support;
 
 const CRED_DIR: &str = "/run/credentials/ferry-post-build.service";
