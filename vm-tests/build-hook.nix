@@ -1,43 +1,57 @@
-# NixOS VM test for users' CI: a client offloads a build to a builder through
-# ferry-build-hook. The same behaviour is covered on every change by integration/tests/
-# on a namespaced fleet (VM tests cannot run on Ferry's development machines).
+# NixOS VM test for users' CI (needs KVM; it cannot run on Ferry's development machines).
+# The seed scenario: a client offloads through services.ferry.buildHook to two builders set up
+# with services.ferry.builder; one is down, so builds go to the other; with both down the
+# client builds locally; with max-jobs = 0 and both down, the build fails at once with a clear
+# error. On the fleet: integration/tests/hook.rs, hook_health.rs (dead builders, fallback,
+# max-jobs = 0) and nixos_module.rs (the module's rendered hook and builder).
 { pkgs, self }:
 let
   sshKeys = import "${pkgs.path}/nixos/tests/ssh-keys.nix" pkgs;
+  builderNode = { ... }: {
+    imports = [ self.nixosModules.default ];
+    services.ferry.builder = { enable = true; authorizedKeys = [ sshKeys.snakeOilPublicKey ]; };
+    nix.settings.sandbox = false;
+  };
+  drv = tag: pkgs.writeText "ferry-vm-${tag}.nix" ''
+    builtins.derivation { name = "ferry-vm-${tag}"; system = builtins.currentSystem;
+      builder = "/bin/sh"; args = [ "-c" "echo ${tag} > $out" ]; }
+  '';
 in
 pkgs.testers.runNixOSTest {
   name = "ferry-build-hook";
   nodes = {
-    builder = { ... }: {
-      services.openssh.enable = true;
-      users.users.root.openssh.authorizedKeys.keys = [ sshKeys.snakeOilPublicKey ];
-      nix.settings.sandbox = false;
-    };
+    up = builderNode;
+    down = builderNode;
     client = { ... }: {
       imports = [ self.nixosModules.default ];
       services.ferry.buildHook.enable = true;
       nix.distributedBuilds = true;
-      nix.buildMachines = [{
-        hostName = "builder";
-        sshUser = "root";
+      nix.buildMachines = map (h: {
+        hostName = h;
+        sshUser = "nix-builder";
         sshKey = "/root/.ssh/id_ed25519";
         system = pkgs.stdenv.hostPlatform.system;
         maxJobs = 2;
-      }];
-      nix.settings.max-jobs = 0;
+      }) [ "down" "up" ];
       nix.settings.sandbox = false;
     };
   };
   testScript = ''
+    # Fleet counterpart (runs on every change): integration/tests/hook.rs, hook_health.rs, nixos_module.rs
     start_all()
-    builder.wait_for_unit("sshd.service")
+    up.wait_for_unit("sshd.service")
+    down.shutdown()
     client.succeed("mkdir -p /root/.ssh && install -m 600 ${sshKeys.snakeOilPrivateKey} /root/.ssh/id_ed25519")
-    client.succeed("ssh -o StrictHostKeyChecking=accept-new builder true")
-    out = client.succeed(
-      "nix-build --no-out-link -E 'builtins.derivation { name = \"ferry-vm\"; system = builtins.currentSystem; "
-      + "builder = \"/bin/sh\"; args = [ \"-c\" \"echo ok > $out\" ]; }'"
-    ).strip()
-    builder.succeed(f"test -e {out}")
-    client.succeed(f"nix-store --verify-path {out}")
+    client.succeed("ssh-keyscan up >> /root/.ssh/known_hosts")
+    # One builder down: the build goes to the other, -j0 so it cannot be local.
+    out = client.succeed("nix-build -j0 --no-out-link ${drv "remote"}").strip()
+    up.succeed(f"test -e {out}")
+    client.succeed("ferry-build-hook status | grep -i down")
+    # Both down: local fallback.
+    up.shutdown()
+    client.succeed("nix-build --no-out-link ${drv "local"}")
+    # Both down and max-jobs = 0: a clear error, quickly.
+    client.fail("timeout 30 nix-build -j0 --no-out-link ${drv "nowhere"} 2> err")
+    client.succeed("grep -i 'ferry\\|builder' err")
   '';
 }

@@ -674,6 +674,9 @@ impl Fleet {
                     .map(|(_, v)| v.clone())
                     .unwrap_or_default();
                 env.retain(|(k, _)| k != "NIX_CONFIG");
+                if !conf.is_empty() && !conf.ends_with('\n') {
+                    conf.push('\n');
+                }
                 conf.push_str(line.trim());
                 conf.push('\n');
                 env.push(("NIX_CONFIG".to_owned(), conf));

@@ -1,0 +1,64 @@
+# Every key each Ferry binary accepts in its section of /etc/ferry/ferry.toml, as the Rust
+# structs declare them (hook/src/config.rs `HookConfig`, post-build/src/config.rs
+# `PostBuildConfig`, substituter/src/config.rs `SubstituterConfig` and `UpstreamConfig`).
+# The module refuses any other key; integration/tests/nixos_module.rs checks this list
+# against the structs, so a key added to a binary must be added here too.
+{
+  build-hook = [
+    "probe-timeout-ms"
+    "probe-grace-ms"
+    "backoff-base-secs"
+    "backoff-cap-secs"
+    "stale-after-secs"
+    "prefer-remote"
+    "stock-hook"
+    "probe-transport"
+    "build-transport"
+    "import-method"
+  ];
+  post-build = [
+    "targets"
+    "secret-key-files"
+    "state-dir"
+    "store-dir"
+    "nix-state-dir"
+    "gc-roots"
+    "concurrency"
+    "compression"
+    "access-key-id-file"
+    "secret-access-key-file"
+    "zstd-level"
+    "xz-level"
+    "retry-initial-ms"
+    "retry-max-secs"
+    "poll-ms"
+    "connect-timeout-secs"
+  ];
+  substituter = [
+    "listen"
+    "store-dir"
+    "priority"
+    "narinfo-deadline-ms"
+    "head-start-ms"
+    "negative-ttl-secs"
+    "positive-ttl-secs"
+    "trusted-public-keys"
+    "nix-conf-dir"
+    "serve-untrusted"
+    "nar-idle-timeout-ms"
+    "upstream"
+    "cache-dir"
+    "cache-max-size"
+    "cache-max-age"
+  ];
+  upstream = [
+    "url"
+    "priority"
+    "connect-timeout-ms"
+    "read-timeout-ms"
+    "rate-limit"
+    "max-in-flight"
+    "breaker-failures"
+    "breaker-cooldown-ms"
+  ];
+}

@@ -1,0 +1,19 @@
+# Ferry's three binaries from this source tree (callPackage-able; the flake's
+# `packages.ferry` and `overlays.default` use it).
+{ lib, rustPlatform }:
+rustPlatform.buildRustPackage {
+  pname = "ferry";
+  version = "0.1.0";
+  src = lib.cleanSource ../.;
+  cargoLock.lockFile = ../Cargo.lock;
+  cargoBuildFlags = [ "-p" "ferry-build-hook" "-p" "ferry-post-build" "-p" "ferry-substituter" ];
+  # The workspace tests need root, namespaces and a nix-daemon fleet: they run in `dev/test`
+  # and in the VM tests, not in the build sandbox.
+  doCheck = false;
+  meta = {
+    description = "Ferry build hook, post-build uploader and substituter for Nix";
+    license = with lib.licenses; [ mit asl20 ];
+    platforms = lib.platforms.linux;
+    mainProgram = "ferry-build-hook";
+  };
+}
