@@ -90,6 +90,9 @@ pub fn is_ferry(value: &str, this_exe: Option<&Path>) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
     pub in_effect: bool,
+    /// A running daemon was found (through its socket): the verdict is about a real process,
+    /// not only about the files it would read when started.
+    pub daemon_running: bool,
     pub text: String,
 }
 
@@ -191,7 +194,11 @@ pub fn report(l: &Layers, d: &DaemonInfo, this_exe: Option<&Path>) -> Report {
             ));
         }
     }
-    Report { in_effect, text }
+    Report {
+        in_effect,
+        daemon_running: d.pid.is_some(),
+        text,
+    }
 }
 
 /// The inode of the listening Unix socket bound to `socket` in `/proc/net/unix` text
