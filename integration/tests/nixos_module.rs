@@ -33,7 +33,10 @@ const CRED_DIR: &str = "/run/credentials/ferry-post-build.service";
 
 /// The unpacked nixpkgs lib and a fake Ferry package (`bin/` links to this build's binaries).
 struct Harness {
-    dir: tempfile::TempDir,
+    /// `ferry-nixos-<pid>` in the temporary directory. A static is never dropped, so a
+    /// `TempDir` here would never be removed: each run removes the directories of test
+    /// processes that are gone instead.
+    dir: HarnessDir,
     lib_dir: PathBuf,
     package: PathBuf,
 }
@@ -45,10 +48,10 @@ fn harness() -> Option<&'static Harness> {
         if !tarball.exists() {
             return None;
         }
-        let dir = tempfile::Builder::new()
-            .prefix("ferry-nixos-")
-            .tempdir()
-            .expect("tempdir");
+        remove_stale_harness_dirs();
+        let dir =
+            HarnessDir(std::env::temp_dir().join(format!("ferry-nixos-{}", std::process::id())));
+        std::fs::create_dir_all(dir.path()).expect("harness dir");
         run(Command::new("tar")
             .arg("xzf")
             .arg(&tarball)
@@ -72,6 +75,34 @@ fn harness() -> Option<&'static Harness> {
         })
     })
     .as_ref()
+}
+
+/// The harness directory of this test process.
+struct HarnessDir(PathBuf);
+
+impl HarnessDir {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+/// Removes `ferry-nixos-<pid>` directories whose process is gone (earlier runs).
+fn remove_stale_harness_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("ferry-nixos-")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 macro_rules! harness_or_skip {
