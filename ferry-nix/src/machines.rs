@@ -145,20 +145,31 @@ impl Machine {
     /// The machine as one machines-file line, which parses back to an equal `Machine` (every
     /// field written out, `-` for unset ones). Used to hand builders to another process.
     pub fn to_line(&self) -> String {
+        // A field that is exactly `-` is unset, so a list whose only item is `-` is written
+        // `,-` (Nix tokenizes on ',' and drops empty tokens).
+        let field = |joined: String| {
+            if joined == "-" {
+                ",-".to_owned()
+            } else {
+                joined
+            }
+        };
         let list = |s: &BTreeSet<String>| {
             if s.is_empty() {
                 "-".to_owned()
             } else {
-                s.iter().map(String::as_str).collect::<Vec<_>>().join(",")
+                field(s.iter().map(String::as_str).collect::<Vec<_>>().join(","))
             }
         };
         format!(
             "{} {} {} {} {} {} {} {}",
             self.store_uri,
+            // A set field that lists no system (`,`, as Nix tokenizes it) means none, while
+            // `-` means this system: keep the difference.
             if self.systems.is_empty() {
-                "-".to_owned()
+                ",".to_owned()
             } else {
-                self.systems.join(",")
+                field(self.systems.join(","))
             },
             self.ssh_key.as_deref().unwrap_or("-"),
             self.max_jobs,
@@ -526,6 +537,9 @@ mod tests {
             "ssh://root@a x86_64-linux,aarch64-linux /root/.ssh/id 4 2.5 kvm,big-parallel big-parallel c3NoLWVkMjU1MTkgQUFBQQ==",
             "ssh://b",
             "ssh://c - - 0 0 - benchmark",
+            // Found by fuzzing: a systems field with no system rendered as `-` (this system).
+            "ssh://d , - 1 1",
+            "ssh://e ,- - 1 1 -, ,-",
         ] {
             let m = one(line);
             assert_eq!(one(&m.to_line()), m, "{line} -> {}", m.to_line());

@@ -186,10 +186,12 @@ pub fn parse_url(url: &str) -> Result<ParsedUrl, TargetError> {
         }
     }
     let location = if let Some(rest) = base.strip_prefix("file://") {
-        if !rest.starts_with('/') || rest.len() < 2 {
+        // Only slashes (`file:////`) would be the empty path: the current directory.
+        let dir = rest.trim_end_matches('/');
+        if !rest.starts_with('/') || dir.is_empty() {
             return Err(bad());
         }
-        TargetUrl::File(PathBuf::from(rest.trim_end_matches('/')))
+        TargetUrl::File(PathBuf::from(dir))
     } else if base.starts_with("http://") || base.starts_with("https://") {
         let trimmed = base.trim_end_matches('/');
         if trimmed.split("://").nth(1).is_none_or(|h| h.is_empty()) {
@@ -729,6 +731,9 @@ mod tests {
         for bad in [
             "file://rel",
             "file:///",
+            // Found by fuzzing: the empty path, i.e. the uploader's working directory.
+            "file:////",
+            "file://///",
             "s4://x",
             "http://",
             "",
