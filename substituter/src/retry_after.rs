@@ -66,7 +66,9 @@ pub fn http_date(v: &str) -> Option<u64> {
         [_, mo, d, t, y] => (y.parse().ok()?, month(mo)?, d.parse().ok()?, *t),
         _ => return None,
     };
-    if !(1..=31).contains(&d) {
+    // An HTTP-date's year has four digits (RFC 9110 §5.6.7); a longer one from a hostile
+    // upstream would overflow the seconds below.
+    if !(1..=31).contains(&d) || !(1..=9999).contains(&y) {
         return None;
     }
     let (h, mi, s) = hms(t)?;
@@ -81,6 +83,15 @@ mod tests {
 
     // Sun, 06 Nov 1994 08:49:37 GMT (RFC 9110's example).
     const T: u64 = 784_111_777;
+
+    /// Found by the `retry_after` fuzz target (ferry-fuzz/seeds/known-bugs): a 13-digit year
+    /// overflowed the seconds (a panic in debug builds, a wrapped delay in release builds).
+    #[test]
+    fn a_year_of_more_than_four_digits_is_refused_not_overflowed() {
+        assert_eq!(http_date("Sun, 06 Nov 1099511627776 08:49:37 GMT"), None);
+        assert_eq!(http_date("Sun Nov  6 08:49:37 99999999999999"), None);
+        assert_eq!(http_date("Sun, 06 Nov 9999 08:49:37 GMT").map(|s| s > T), Some(true));
+    }
 
     #[test]
     fn all_three_date_formats() {
