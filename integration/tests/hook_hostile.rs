@@ -124,7 +124,7 @@ fn an_honest_sha512_nar_hash_imports() {
         let out = tf.nix_build(&expr, &["-j0"]);
         check(&out, &format!("build with a SHA-512 narHash, {method}"))
             .unwrap_or_else(|e| panic!("{e}\ndaemon log:\n{}", tf.daemon_log()));
-        assert_eq!(out_paths(&out), [path.clone()]);
+        assert_eq!(out_paths(&out), std::slice::from_ref(&path));
         let mut q = tf.client_command("nix-store");
         q.args(["-q", "--hash", &path]);
         assert_eq!(stdout_of(q, "client -q --hash"), sha256, "{method}");
