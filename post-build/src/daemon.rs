@@ -134,7 +134,8 @@ pub struct Daemon {
 
 fn lock_state(settings: &Settings) -> Result<std::fs::File> {
     let dir = &settings.config.state_dir;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // 0700: the queue and spool inside name what is built here (docs/threat-model.md).
+    crate::spool::private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("uploader.lock");
     let f = std::fs::OpenOptions::new()
         .create(true)
