@@ -37,6 +37,10 @@ pub enum QueueError {
     },
 }
 
+fn serialize_redacted<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&ferry_nix::url::redact(url))
+}
+
 /// Creates `path` empty with mode 0600 if it is missing (an empty file is a valid, empty
 /// SQLite database); an existing one loses its group and other permissions.
 fn private_file(path: &Path) -> std::io::Result<()> {
@@ -251,6 +255,8 @@ pub struct Queue {
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TargetStatus {
+    /// As configured (the key of the `targets` table); serialised without credentials.
+    #[serde(serialize_with = "serialize_redacted")]
     pub url: String,
     pub last_ok_ms: Option<i64>,
     pub last_error_ms: Option<i64>,
@@ -655,7 +661,11 @@ impl Queue {
         };
         consider(local.last_error_ms, local.last_error.as_ref(), "local");
         for t in &targets {
-            consider(t.last_error_ms, t.last_error.as_ref(), &t.url);
+            consider(
+                t.last_error_ms,
+                t.last_error.as_ref(),
+                &ferry_nix::url::redact(&t.url),
+            );
         }
         Ok(QueueStatus {
             depth,
