@@ -825,9 +825,9 @@ mod tests {
     /// Issue 12 item 7: errors name a target without its credentials.
     #[test]
     fn errors_and_display_hide_credentials() {
-        let e = parse_url("gopher://u:hunter2@h/x")
-            .err()
-            .expect("bad scheme");
+        let Err(e) = parse_url("gopher://u:hunter2@h/x") else {
+            panic!("a bad scheme parsed")
+        };
         assert!(!e.to_string().contains("hunter2"), "{e}");
         let t = Target::new(
             "https://u:hunter2@cache.example/up",
