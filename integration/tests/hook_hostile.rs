@@ -137,7 +137,13 @@ fn rss_of(exe: &std::path::Path) -> Option<(u64, u64)> {
     let mut found = None;
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
         let pid = e.path();
-        if std::fs::read_link(pid.join("exe")).ok().as_deref() != Some(exe) {
+        // A binary rebuilt while the bench runs shows as `<path> (deleted)`.
+        let Ok(link) = std::fs::read_link(pid.join("exe")) else {
+            continue;
+        };
+        let link = link.to_string_lossy();
+        let shown = exe.to_string_lossy();
+        if link != shown && link != format!("{shown} (deleted)") {
             continue;
         }
         let Ok(status) = std::fs::read_to_string(pid.join("status")) else {
@@ -242,4 +248,35 @@ fn fs_free(p: &std::path::Path) -> u64 {
         .nth(1)
         .and_then(|l| l.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// Issue 12 item 10: `remote-store` reaches the builder's `nix-store` as one word. `auto`
+/// still works quoted; `auto$(touch${IFS}/nix/ferry-pwned)` used to run `touch` on the builder
+/// (and then build with `--store auto`); now it is a store URI the builder refuses.
+#[test]
+fn remote_store_is_one_word_on_the_builder() {
+    let tf = start(Hook::Ferry, 1, 1, "");
+    let line = tf.machine_line(0).expect("line");
+    let with_store = |store: &str| {
+        let mut f: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        f[0].push_str(&format!("?remote-store={store}"));
+        std::fs::write(tf.client.dir.join("etc-nix/machines"), f.join(" ") + "\n")
+            .expect("machines");
+    };
+    with_store("auto");
+    let out = tf.nix_build(&zeros_drv(&nonce(), 16), &["-j0"]);
+    check(&out, "build with remote-store=auto")
+        .unwrap_or_else(|e| panic!("{e}\ndaemon log:\n{}", tf.daemon_log()));
+
+    let marker = tf.builders[0].nix_path("/nix/ferry-pwned");
+    with_store("auto$(touch${IFS}/nix/ferry-pwned)");
+    let out = tf.nix_build(&zeros_drv(&nonce(), 16), &["-j0"]);
+    assert!(
+        !marker.exists(),
+        "the remote shell ran a command from remote-store"
+    );
+    assert!(
+        !out.status.success(),
+        "built with a store URI that is not one"
+    );
 }
