@@ -792,8 +792,8 @@ pub async fn build_and_fetch(
         }
         if let Err(e) = conn.dump_store_path(info, &mut batch).await {
             // A write into the local tool failed: the tool says why (a full disk, …).
-            let local_side =
-                matches!(&e, RemoteError::Serve(s) if matches!(**s, ServeError::Sink { .. }));
+            let local_side = matches!(&e, RemoteError::Local(_))
+                || matches!(&e, RemoteError::Serve(s) if matches!(**s, ServeError::Sink { .. }));
             let tool = batch.abort().await;
             return Err(match tool {
                 Some(t) if local_side => t.into(),
