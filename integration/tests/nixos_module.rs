@@ -510,6 +510,7 @@ fn module_keys_are_the_binaries_keys() {
             "SubstituterConfig",
         ),
         ("upstream", "substituter/src/config.rs", "UpstreamConfig"),
+        ("local", "substituter/src/config.rs", "LocalConfig"),
     ] {
         let mut rust = struct_fields(file, st);
         let mut nix = strs(&keys[section]);
