@@ -58,6 +58,7 @@
   local = [
     "secret-key-files"
     "nix-state-dir"
+    "verify-nar-hash"
   ];
   upstream = [
     "url"

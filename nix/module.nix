@@ -162,6 +162,7 @@ let
   } // optionalAttrs sub.local.enable {
     local = {
       secret-key-files = map (c: "${credDir subUnit}/${c.id}") subKeyCredentials;
+      verify-nar-hash = sub.local.verifyNarHash;
     };
   } // optionalAttrs (sub.settings.trusted-public-keys == null) {
     # What this host's Nix trusts, including the upstreams' keys added below.
@@ -395,6 +396,15 @@ in
             store). Every narinfo served from this store gets a signature by each, as `nix
             store sign` would add it. Passed with systemd's LoadCredential: readable by the
             service only.
+          '';
+        };
+        verifyNarHash = mkOption {
+          type = types.bool;
+          default = false;
+          description = ''
+            Check each NAR's SHA-256 against its NarHash before the last byte is sent (the
+            length is always checked, so a path collected mid-stream is never served whole).
+            Costs a core at about 2 GB/s; Nix checks the hash itself anyway.
           '';
         };
       };

@@ -102,6 +102,12 @@ pub struct LocalConfig {
     /// Nix's state directory; its database `db/db.sqlite` is read (read-only) for path
     /// metadata. Default `/nix/var/nix` (`NIX_STATE_DIR` when set).
     pub nix_state_dir: Option<PathBuf>,
+    /// Also check each NAR's SHA-256 against `NarHash` before its last byte is sent (the
+    /// length is always checked: a path collected mid-stream never ends cleanly). Off by
+    /// default: Nix checks `NarHash` itself, so this only turns a corrupted store file into a
+    /// cut connection instead of a hash mismatch on the client, and it costs a core at
+    /// about 2 GB/s (NAR throughput 0.61 instead of 0.92 of nginx on the 2-core fleet).
+    pub verify_nar_hash: bool,
 }
 
 /// A size in bytes, written as a number or as text like `"100G"`.
@@ -385,6 +391,7 @@ pub struct LocalSettings {
     pub db: PathBuf,
     /// Keys that sign every narinfo served from the store.
     pub keys: Vec<ferry_nix::signing::SecretKey>,
+    pub verify_nar_hash: bool,
 }
 
 /// The disk cache, when configured.
@@ -571,6 +578,7 @@ impl SubstituterConfig {
                     .map(|p| ferry_nix::signing::SecretKey::from_file(p))
                     .collect::<Result<_, _>>()
                     .map_err(SettingsError::LocalKey)?,
+                verify_nar_hash: l.verify_nar_hash,
             }),
         };
         Ok(Settings {

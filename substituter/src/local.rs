@@ -34,6 +34,7 @@ use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use thiserror::Error;
 
@@ -88,7 +89,35 @@ pub struct LocalStore {
     store_dir: StoreDir,
     db: PathBuf,
     keys: Vec<SecretKey>,
+    /// Check every NAR's SHA-256 before its last byte goes out (`verify-nar-hash`).
+    pub verify_nar_hash: bool,
+    /// Rendered, signed narinfos by hash part, each with the identity of the store path's
+    /// top-level inode when it was read (see [`LocalStore::narinfo_cached`]).
+    rendered: moka::future::Cache<HashPart, Arc<Rendered>>,
     pub metrics: LocalMetrics,
+}
+
+/// A narinfo rendered from the store, and the inode it describes.
+struct Rendered {
+    fs_path: PathBuf,
+    inode: (u64, u64, i64, i64),
+    narinfo: LocalNarInfo,
+}
+
+/// How long a rendered narinfo is reused without asking the database again. Validity is
+/// checked on every use (the store path's inode must be the same one: a collected path is
+/// gone, a rebuilt one is a new inode); the time only bounds how late signatures added to
+/// the database since (`nix store sign`, a later substitution) show.
+const RENDERED_TTL: Duration = Duration::from_secs(10);
+/// Bytes of rendered narinfos kept (a narinfo is 0.5–2 KiB).
+const RENDERED_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Device, inode and change time of a store path's top-level entry (not followed if it is a
+/// symlink).
+fn inode_of(p: &Path) -> Option<(u64, u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::symlink_metadata(p).ok()?;
+    Some((m.dev(), m.ino(), m.ctime(), m.ctime_nsec()))
 }
 
 thread_local! {
@@ -103,13 +132,27 @@ impl LocalStore {
         store_dir: StoreDir,
         db: PathBuf,
         keys: Vec<SecretKey>,
+        verify_nar_hash: bool,
     ) -> Result<LocalStore, LocalError> {
-        let conn = connect(&db)?;
-        check_schema(&conn, &db)?;
+        if db.exists() {
+            connect(&db)?;
+        } else {
+            // Nix creates its database on the first store operation: a fresh host serves
+            // once it exists (every connection checks the schema when it is made).
+            tracing::warn!(db = %db.display(), "Nix's database does not exist yet; serving nothing from the local store until it does");
+        }
         Ok(LocalStore {
             store_dir,
             db,
             keys,
+            verify_nar_hash,
+            rendered: moka::future::Cache::builder()
+                .weigher(|_k: &HashPart, v: &Arc<Rendered>| {
+                    u32::try_from(v.narinfo.body.len() + 256).unwrap_or(u32::MAX)
+                })
+                .max_capacity(RENDERED_BYTES)
+                .time_to_live(RENDERED_TTL)
+                .build(),
             metrics: LocalMetrics::default(),
         })
     }
@@ -228,6 +271,38 @@ impl LocalStore {
         }))
     }
 
+    /// [`LocalStore::narinfo`], reusing a narinfo rendered in the last [`RENDERED_TTL`] while
+    /// the store path is still the same inode: a warm lookup is a `stat`, not a database
+    /// query and an Ed25519 signature (goal: within 1.2× of nginx serving a static file).
+    pub async fn narinfo_cached(
+        &self,
+        hash: &HashPart,
+    ) -> Result<Option<LocalNarInfo>, LocalError> {
+        if let Some(r) = self.rendered.get(hash).await {
+            if inode_of(&r.fs_path) == Some(r.inode) {
+                return Ok(Some(r.narinfo.clone()));
+            }
+            self.rendered.invalidate(hash).await;
+        }
+        let Some((info, narinfo)) = self.narinfo_info(hash)? else {
+            return Ok(None);
+        };
+        let fs_path = self.fs_path(&info.path);
+        if let Some(inode) = inode_of(&fs_path) {
+            self.rendered
+                .insert(
+                    *hash,
+                    Arc::new(Rendered {
+                        fs_path,
+                        inode,
+                        narinfo: narinfo.clone(),
+                    }),
+                )
+                .await;
+        }
+        Ok(Some(narinfo))
+    }
+
     /// The NAR key of a path: `nar/<hash part>-<NarHash nix32>.nar`.
     pub fn nar_key(info: &PathInfo) -> String {
         format!(
@@ -240,9 +315,17 @@ impl LocalStore {
     /// The narinfo of a valid path, signed with the configured keys; `None` when the path is
     /// not valid here.
     pub fn narinfo(&self, hash: &HashPart) -> Result<Option<LocalNarInfo>, LocalError> {
+        Ok(self.narinfo_info(hash)?.map(|(_, n)| n))
+    }
+
+    fn narinfo_info(
+        &self,
+        hash: &HashPart,
+    ) -> Result<Option<(PathInfo, LocalNarInfo)>, LocalError> {
         let Some(info) = self.query(hash)? else {
             return Ok(None);
         };
+        let keep = info.clone();
         let mut ni = NarInfo {
             url: Self::nar_key(&info),
             store_path: info.path,
@@ -266,10 +349,13 @@ impl LocalStore {
                 });
             }
         }
-        Ok(Some(LocalNarInfo {
-            signed: !ni.sigs.is_empty() || ni.ca.is_some(),
-            body: Bytes::from(ni.render(&self.store_dir)),
-        }))
+        Ok(Some((
+            keep,
+            LocalNarInfo {
+                signed: !ni.sigs.is_empty() || ni.ca.is_some(),
+                body: Bytes::from(ni.render(&self.store_dir)),
+            },
+        )))
     }
 
     /// The path a local NAR key names, if it is valid here with that NAR hash.
@@ -313,6 +399,7 @@ fn connect(db: &Path) -> Result<Connection, LocalError> {
     )
     .map_err(err)?;
     c.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+    check_schema(&c, db)?;
     Ok(c)
 }
 
@@ -357,6 +444,7 @@ pub fn stream_nar(
     nar_hash: Hash,
     start: u64,
     end: u64,
+    verify_hash: bool,
     state: std::sync::Arc<crate::server::State>,
 ) -> impl futures_util::Stream<Item = Result<Bytes, io::Error>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, io::Error>>(QUEUE);
@@ -371,15 +459,18 @@ pub fn stream_nar(
             start,
             end,
             nar_size,
-            hasher: Sha256Sink::new(),
+            hasher: verify_hash.then(Sha256Sink::new),
         };
         let r = ferry_nix::nar::dump_path(&fs_path, &mut w);
-        let outcome = match r {
-            Err(e) if w.tx.is_closed() => Err(format!("client gone: {e}")),
-            Err(e) => Err(e.to_string()),
-            Ok(n) if n != nar_size => Err(format!("NAR is {n} bytes, NarSize says {nar_size}")),
-            Ok(_) => {
-                let got = std::mem::replace(&mut w.hasher, Sha256Sink::new()).finish();
+        let outcome = match (r, w.hasher.take()) {
+            (Err(e), _) if w.tx.is_closed() => Err(format!("client gone: {e}")),
+            (Err(e), _) => Err(e.to_string()),
+            (Ok(n), _) if n != nar_size => {
+                Err(format!("NAR is {n} bytes, NarSize says {nar_size}"))
+            }
+            (Ok(_), None) => Ok(()),
+            (Ok(_), Some(h)) => {
+                let got = h.finish();
                 if got == nar_hash {
                     Ok(())
                 } else {
@@ -434,7 +525,8 @@ struct Sender {
     start: u64,
     end: u64,
     nar_size: u64,
-    hasher: Sha256Sink,
+    /// With `verify-nar-hash`.
+    hasher: Option<Sha256Sink>,
 }
 
 impl io::Write for Sender {
@@ -448,7 +540,9 @@ impl io::Write for Sender {
                 self.nar_size
             )));
         }
-        self.hasher.update(data);
+        if let Some(h) = &mut self.hasher {
+            h.update(data);
+        }
         self.pos = to;
         let lo = from.max(self.start);
         let hi = to.min(self.end);
@@ -509,6 +603,7 @@ pub async fn serve_nar(
         info.nar_hash,
         start,
         end,
+        local.verify_nar_hash,
         state,
     ));
     resp

@@ -87,6 +87,7 @@ impl State {
                     settings.store_dir.clone(),
                     l.db.clone(),
                     l.keys.clone(),
+                    l.verify_nar_hash,
                 )
             })
             .transpose()?;
@@ -183,7 +184,7 @@ pub(crate) async fn handle(
             let mut unsigned = None;
             let mut local_failed = false;
             if let Some(local) = &state.local {
-                match local.narinfo(&hash) {
+                match local.narinfo_cached(&hash).await {
                     Ok(Some(n)) if n.signed => {
                         local.metrics.narinfo_hits.inc();
                         state.metrics.narinfo_hits.inc();

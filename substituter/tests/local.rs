@@ -127,6 +127,10 @@ fn write_tree(store: &Store) {
 
 /// Ferry in process serving `store` (no upstream), signing with [`key`].
 async fn ferry(store: &Store, keys: bool) -> String {
+    ferry_with(store, keys, false).await
+}
+
+async fn ferry_with(store: &Store, keys: bool, verify_nar_hash: bool) -> String {
     let kdir = store.state.join("keys");
     std::fs::create_dir_all(&kdir).expect("keys");
     let kfile = kdir.join("sk");
@@ -136,6 +140,7 @@ async fn ferry(store: &Store, keys: bool) -> String {
         local: Some(LocalConfig {
             secret_key_files: if keys { vec![kfile] } else { vec![] },
             nix_state_dir: Some(store.state.clone()),
+            verify_nar_hash,
         }),
         ..SubstituterConfig::default()
     };
@@ -319,7 +324,9 @@ async fn serves_signed_narinfos_and_nars_byte_for_byte_with_ranges() {
         Hash::sha256_of(b"x").to_nix32()
     );
     assert_eq!(raw(&addr, "GET", &wrong, "").await.status, 404);
+    // As Nix's collector does: invalidate, then delete.
     store.unregister(TOP);
+    delete_tree(&store.dir.join(TOP));
     let r = raw(&addr, "GET", &format!("/{}.narinfo", hash_part(TOP)), "").await;
     assert_eq!(r.status, 404, "a collected path is gone at once");
     let r = raw(&addr, "GET", &format!("/{}", ni.url), "").await;
@@ -374,15 +381,15 @@ async fn an_unsigned_path_is_served_unsigned_when_no_key_is_configured() {
     assert!(ni.sigs.is_empty());
 }
 
-/// A NAR whose content no longer matches the database (changed in place, same size) is
-/// never ended cleanly: the last chunk waits for the hash check, and the connection is cut.
+/// With `verify-nar-hash`, a NAR whose content no longer matches the database (changed in
+/// place, same size) is never ended cleanly: the last chunk waits for the hash check, and the connection is cut.
 #[tokio::test]
 async fn a_nar_that_differs_from_its_narhash_is_aborted_never_completed() {
     let store = Store::new();
     write_tree(&store);
     let (_, size) = store.register(LEAF, &[], None, "");
     std::fs::write(store.dir.join(LEAF), b"LEAF CONTENTS\n").expect("overwrite");
-    let addr = ferry(&store, true).await;
+    let addr = ferry_with(&store, true, true).await;
     let r = raw(&addr, "GET", &format!("/{}.narinfo", hash_part(LEAF)), "").await;
     let ni = NarInfo::parse(&store.sd, &String::from_utf8(r.body).expect("utf-8")).expect("p");
     let r = raw(&addr, "GET", &format!("/{}", ni.url), "").await;
@@ -471,8 +478,19 @@ fn a_database_with_another_schema_is_refused() {
         StoreDir::new("/nix/store").expect("sd"),
         tmp.path().join("db/db.sqlite"),
         vec![],
+        false,
     )
     .err()
     .expect("refused");
+    // A database that does not exist yet (a fresh host) is not an error at start.
+    assert!(
+        ferry_substituter::local::LocalStore::open(
+            StoreDir::new("/nix/store").expect("sd"),
+            tmp.path().join("none/db.sqlite"),
+            vec![],
+            false,
+        )
+        .is_ok()
+    );
     assert!(e.to_string().contains("no column hash"), "{e}");
 }
