@@ -130,7 +130,11 @@ fn a_laptop_substitutes_what_the_nas_built_signed_on_the_fly() {
     add_laptop(&mut fleet, &key.public);
     let nas = fleet.host("producer");
 
-    // The NAS's database is the schema Ferry reads (Ferry checked its columns at start).
+    // A new build is available the moment it is valid: no copy step.
+    let expr = producer_only_drv(&nonce(), 100_000);
+    let paths = build_on_producer(&fleet, &expr);
+    // The NAS's database (made by its first build) has the schema Ferry reads
+    // (Ferry checks the columns on every connection).
     let mut c = nas.command("cat");
     c.arg("/nix/var/nix/db/schema");
     let schema = stdout_of(c, "the database's schema version");
@@ -140,9 +144,6 @@ fn a_laptop_substitutes_what_the_nas_built_signed_on_the_fly() {
         "Nix's database schema changed: check substituter/src/local.rs"
     );
 
-    // A new build is available the moment it is valid: no copy step.
-    let expr = producer_only_drv(&nonce(), 100_000);
-    let paths = build_on_producer(&fleet, &expr);
     let t = Instant::now();
     let out = laptop_build(&fleet, &expr);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
