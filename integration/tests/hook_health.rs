@@ -685,7 +685,9 @@ fn bench_max_jobs_zero_per_nix_version() {
         xs.get(xs.len() / 2).copied()
     };
     for nix in &versions {
-        let mut times: Vec<(State, Vec<Option<f64>>, Vec<Option<f64>>)> = State::ALL
+        // Per state: the stock and the Ferry times of each round (`None`: over the cap).
+        type Times = (State, Vec<Option<f64>>, Vec<Option<f64>>);
+        let mut times: Vec<Times> = State::ALL
             .iter()
             .map(|&s| (s, Vec::new(), Vec::new()))
             .collect();

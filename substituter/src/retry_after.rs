@@ -90,7 +90,10 @@ mod tests {
     fn a_year_of_more_than_four_digits_is_refused_not_overflowed() {
         assert_eq!(http_date("Sun, 06 Nov 1099511627776 08:49:37 GMT"), None);
         assert_eq!(http_date("Sun Nov  6 08:49:37 99999999999999"), None);
-        assert_eq!(http_date("Sun, 06 Nov 9999 08:49:37 GMT").map(|s| s > T), Some(true));
+        assert_eq!(
+            http_date("Sun, 06 Nov 9999 08:49:37 GMT").map(|s| s > T),
+            Some(true)
+        );
     }
 
     #[test]
