@@ -15,4 +15,5 @@ pub mod nixconf;
 pub mod serve;
 pub mod signing;
 pub mod store_path;
+pub mod store_uri;
 pub mod wire;

@@ -16,6 +16,7 @@ use ferry_nix::derivation::{Derivation, OutputKind};
 pub use ferry_nix::serve::BuildOptions;
 use ferry_nix::serve::{BuildStatus, PathInfo, ServeClient, ServeError};
 use ferry_nix::store_path::{StoreDir, StorePath, StorePathError};
+use ferry_nix::store_uri::StoreUri;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
@@ -356,12 +357,8 @@ pub struct Connection {
 
 /// The program a store URI runs on the builder (`remote-program`, default `nix-store`).
 fn remote_program(uri: &str) -> String {
-    uri.split_once('?')
-        .and_then(|(_, q)| {
-            q.split('&')
-                .find_map(|kv| kv.strip_prefix("remote-program="))
-                .filter(|p| !p.is_empty())
-        })
+    StoreUri::parse(uri)
+        .param_set("remote-program")
         .unwrap_or("nix-store")
         .to_owned()
 }
