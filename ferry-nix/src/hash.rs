@@ -370,12 +370,70 @@ impl std::io::Write for Sha256Sink {
     }
 }
 
+/// An incremental hash of either algorithm, for checking a NAR against the hash its sender
+/// declared while it streams (a builder may declare SHA-512).
+#[derive(Clone)]
+pub struct HashSink {
+    state: HashState,
+    len: u64,
+}
+
+#[derive(Clone)]
+enum HashState {
+    Sha256(sha2::Sha256),
+    Sha512(sha2::Sha512),
+}
+
+impl HashSink {
+    pub fn new(algo: HashAlgo) -> Self {
+        let state = match algo {
+            HashAlgo::Sha256 => HashState::Sha256(sha2::Sha256::default()),
+            HashAlgo::Sha512 => HashState::Sha512(sha2::Sha512::default()),
+        };
+        HashSink { state, len: 0 }
+    }
+    pub fn update(&mut self, data: &[u8]) {
+        match &mut self.state {
+            HashState::Sha256(h) => h.update(data),
+            HashState::Sha512(h) => h.update(data),
+        }
+        self.len += data.len() as u64;
+    }
+    /// Bytes seen so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn finish(self) -> Hash {
+        match self.state {
+            HashState::Sha256(h) => Hash::sha256_bytes(h.finalize().into()),
+            HashState::Sha512(h) => Hash {
+                algo: HashAlgo::Sha512,
+                bytes: h.finalize().to_vec(),
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     // An arbitrary digest; the golden tests in tests/ check the encodings against real Nix.
     const HEX: &str = "1d0495fcf817ac1ebca9b8fd5a5d0d4d2a8cb6de2c7e2d1c7f7f1b0e7e8c3d6a";
+
+    #[test]
+    fn hash_sink_in_pieces_is_the_hash_of_the_whole() {
+        for algo in [HashAlgo::Sha256, HashAlgo::Sha512] {
+            let mut h = HashSink::new(algo);
+            h.update(b"hello ");
+            h.update(b"world");
+            assert_eq!(h.len(), 11);
+            assert_eq!(h.finish(), Hash::of(algo, b"hello world"));
+        }
+    }
 
     #[test]
     fn nix32_known_vector() {

@@ -16,6 +16,7 @@ pub mod serve;
 pub mod signing;
 pub mod store_path;
 pub mod store_uri;
+pub mod url;
 pub mod wire;
 
 /// An error and its sources, `outer: inner: …`: for errors whose own message leaves the

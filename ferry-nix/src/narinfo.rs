@@ -170,7 +170,12 @@ fn check_hash_body(body: &str, size: usize) -> bool {
     }
 }
 
-/// Validates a content address as `parseContentAddress` (`src/libstore/content-address.cc`).
+/// Validates a content address as `parseContentAddress` does. After `fixed:` comes the
+/// ingestion method's prefix (`ContentAddressMethod::parsePrefix`): none for a flat file,
+/// `r:` for a NAR, `git:` for git hashing (Nix 2.20+, `fixed:git:sha1:…` or
+/// `fixed:git:sha256:…`), then `<algo>:<hash>`
+/// (<https://github.com/NixOS/nix/blob/2.8.0/src/libstore/content-address.cc#L62-L111>,
+/// <https://github.com/NixOS/nix/blob/2.34.0/src/libstore/content-address.cc>).
 fn check_ca(value: &str) -> Result<(), &'static str> {
     let (algo, body) = if let Some(rest) = value.strip_prefix("text:") {
         let body = rest
@@ -178,9 +183,18 @@ fn check_ca(value: &str) -> Result<(), &'static str> {
             .ok_or("a text content address needs 'sha256:<hash>'")?;
         ("sha256", body)
     } else if let Some(rest) = value.strip_prefix("fixed:") {
-        let rest = rest.strip_prefix("r:").unwrap_or(rest);
-        rest.split_once(':')
-            .ok_or("a fixed content address needs '<algo>:<hash>'")?
+        let (git, rest) = match rest.strip_prefix("git:") {
+            Some(r) => (true, r),
+            None => (false, rest.strip_prefix("r:").unwrap_or(rest)),
+        };
+        let (algo, body) = rest
+            .split_once(':')
+            .ok_or("a fixed content address needs '<algo>:<hash>'")?;
+        // Git hashing knows only the object hashes git itself has: SHA-1 and SHA-256.
+        if git && !matches!(algo, "sha1" | "sha256") {
+            return Err("a git content address needs 'sha1' or 'sha256'");
+        }
+        (algo, body)
     } else {
         return Err("it starts with neither 'text:' nor 'fixed:'");
     };
@@ -569,14 +583,23 @@ References:
             "fixed:sha1:0123456789abcdef0123456789abcdef01234567",
             "fixed:md5:0123456789abcdef0123456789abcdef",
             "text:sha256:1sljf4vacj7a1nbvdcnmkkrvr99m9rf2lpppzlnafa34n7cmkibd",
+            // Git hashing (Nix 2.20+, `--extra-experimental-features git-hashing`).
+            "fixed:git:sha1:0123456789abcdef0123456789abcdef01234567",
+            "fixed:git:sha256:1b9mggss7fd0m9dc8gi68wqsv288gxn2a5bdrf0z6hx6s2wz6295",
         ] {
             assert_eq!(check_ca(ok), Ok(()), "{ok}");
+            let t = format!("{HELLO}CA: {ok}\n");
+            let ni = NarInfo::parse(&sd(), &t).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(ni.render(&sd()), t, "{ok} kept as written");
         }
         for bad in [
             "sha256:abc",
             "fixed:r:sha256:abc",
             "text:sha512:abc",
             "fixed:crc:00",
+            "fixed:git:md5:0123456789abcdef0123456789abcdef",
+            "fixed:git:r:sha256:1b9mggss7fd0m9dc8gi68wqsv288gxn2a5bdrf0z6hx6s2wz6295",
+            "fixed:r:git:sha1:0123456789abcdef0123456789abcdef01234567",
         ] {
             assert!(check_ca(bad).is_err(), "{bad}");
         }

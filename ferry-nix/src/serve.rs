@@ -37,7 +37,7 @@
 //! thread.
 
 use crate::derivation::BasicDerivation;
-use crate::hash::{Hash, HashAlgo, HashError, Sha256Sink};
+use crate::hash::{Hash, HashAlgo, HashError, HashSink, Sha256Sink};
 use crate::nar::{self, NarContents, NarReadError, NarVisitor};
 use crate::store_path::{StoreDir, StorePath, StorePathError};
 use crate::wire::{AsyncWireReader, AsyncWireWriter, WireError, WireReader};
@@ -221,6 +221,14 @@ pub enum ServeError {
         path: String,
         #[source]
         source: io::Error,
+    },
+    /// The NAR is not the one the remote described in `QueryPathInfos`: longer or shorter
+    /// than its `narSize`, or with another hash than its `narHash`.
+    #[error("dump_store_path of {path} from '{remote}': {detail}")]
+    NarNotAsDeclared {
+        remote: String,
+        path: String,
+        detail: String,
     },
     #[error("dump_store_path of {path} from '{remote}': {detail}")]
     NarCheck {
@@ -869,7 +877,78 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
     pub async fn dump_store_path<S: AsyncWrite + Unpin>(
         &mut self,
         path: &StorePath,
+        sink: S,
+    ) -> Result<u64, ServeError> {
+        let limit = self.limits.max_nar_size;
+        self.dump(path, sink, limit, None).await
+    }
+
+    /// `DumpStorePath` of `info.path`, checked against what `info` (from `QueryPathInfos`)
+    /// declares while it streams: reading stops as soon as the NAR needs more than
+    /// `info.nar_size` bytes ([`ServeError::NarTooLarge`]), and a NAR that ends short of it
+    /// or hashes to anything but `info.nar_hash` (SHA-256 or SHA-512) fails with
+    /// [`ServeError::NarNotAsDeclared`]. The sink has then received bytes that must not be
+    /// used: the caller commits what the sink wrote only after `Ok`. Memory stays at one
+    /// chunk whatever the size. Returns the NAR's SHA-256 (what a local store records).
+    ///
+    /// Why: the remote is not trusted. Nix's own client passes the remote's `narSize` and
+    /// `narHash` to `addToStore`, which checks both
+    /// (<https://github.com/NixOS/nix/blob/2.8.0/src/libstore/local-store.cc#L1163-L1171>).
+    pub async fn dump_store_path_checked<S: AsyncWrite + Unpin>(
+        &mut self,
+        info: &PathInfo,
+        sink: S,
+    ) -> Result<Hash, ServeError> {
+        let limit = self.limits.max_nar_size.min(info.nar_size);
+        let declared = info.nar_hash.algo();
+        let mut hashes = (
+            HashSink::new(HashAlgo::Sha256),
+            (declared != HashAlgo::Sha256).then(|| HashSink::new(declared)),
+        );
+        let shown = self.store_dir.display(&info.path);
+        let remote = self.remote.clone();
+        let not_as_declared = |detail: String| ServeError::NarNotAsDeclared {
+            remote: remote.clone(),
+            path: shown.clone(),
+            detail,
+        };
+        let size = match self.dump(&info.path, sink, limit, Some(&mut hashes)).await {
+            Err(ServeError::NarTooLarge { limit, .. }) if limit == info.nar_size => {
+                return Err(not_as_declared(format!(
+                    "the remote declared a NAR of {limit} bytes and sent more"
+                )));
+            }
+            r => r?,
+        };
+        if size != info.nar_size {
+            return Err(not_as_declared(format!(
+                "the remote declared a NAR of {} bytes and sent one of {size}",
+                info.nar_size
+            )));
+        }
+        let (sha256, other) = hashes;
+        let sha256 = sha256.finish();
+        let got = match other {
+            Some(h) => h.finish(),
+            None => sha256.clone(),
+        };
+        if got != info.nar_hash {
+            return Err(not_as_declared(format!(
+                "the NAR hashes to {}, the remote declared {}",
+                got.to_nix32_prefixed(),
+                info.nar_hash.to_nix32_prefixed()
+            )));
+        }
+        Ok(sha256)
+    }
+
+    /// The body of both dumps: at most `limit` bytes, fed to `hashes` as they go.
+    async fn dump<S: AsyncWrite + Unpin>(
+        &mut self,
+        path: &StorePath,
         mut sink: S,
+        limit: u64,
+        mut hashes: Option<&mut (HashSink, Option<HashSink>)>,
     ) -> Result<u64, ServeError> {
         const OP: &str = "dump_store_path";
         self.begin(OP)?;
@@ -905,13 +984,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
         loop {
             match req_rx.recv().await {
                 Some(FromParser::Need(n)) => {
-                    if total.saturating_add(n as u64) > self.limits.max_nar_size {
+                    if total.saturating_add(n as u64) > limit {
                         // Reading exactly what the parser asks never goes past the NAR, so
                         // a NAR that needs more than the limit is over it.
                         return Err(ServeError::NarTooLarge {
                             remote: self.remote.clone(),
                             path: shown,
-                            limit: self.limits.max_nar_size,
+                            limit,
                         });
                     }
                     let mut chunk = vec![0u8; n];
@@ -920,6 +999,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
                         return Err(self.wire_err(OP, e));
                     }
                     total += n as u64;
+                    if let Some((a, b)) = hashes.as_deref_mut() {
+                        a.update(&chunk);
+                        if let Some(b) = b {
+                            b.update(&chunk);
+                        }
+                    }
                     if let Err(source) = sink.write_all(&chunk).await {
                         return Err(ServeError::Sink {
                             remote: self.remote.clone(),
@@ -1554,6 +1639,80 @@ mod tests {
             .await
             .expect_err("too big");
         assert!(matches!(e, ServeError::NarTooLarge { .. }), "{e}");
+    }
+
+    fn info_of(size: u64, hash: Hash) -> PathInfo {
+        PathInfo {
+            path: sp(P1),
+            deriver: None,
+            references: BTreeSet::new(),
+            nar_size: size,
+            nar_hash: hash,
+            ca: None,
+            sigs: BTreeSet::new(),
+        }
+    }
+
+    /// A NAR of one regular file of `len` zero bytes, as a NAR writer would produce it.
+    fn zero_file_nar(len: usize) -> Vec<u8> {
+        let mut e = crate::nar::NarEncoder::new(Vec::new()).expect("nar");
+        e.regular_bytes(false, &vec![0u8; len]).expect("file");
+        e.finish().expect("finish").0
+    }
+
+    async fn checked(
+        bytes_after_greeting: &[u8],
+        info: &PathInfo,
+    ) -> (Result<Hash, ServeError>, Vec<u8>) {
+        let mut bytes = reply(0x207, |_| {});
+        bytes.extend_from_slice(bytes_after_greeting);
+        let (c, _peer) = scripted(bytes, ServeLimits::default()).await;
+        let mut sink = Vec::new();
+        let r = c
+            .expect("handshake")
+            .dump_store_path_checked(info, &mut sink)
+            .await;
+        (r, sink)
+    }
+
+    /// Issue 12 item 5: the declared `narSize` bounds what is read (a builder that declared
+    /// 4096 bytes and sent a 1 MiB NAR is stopped at 4096), a short NAR and a wrong hash
+    /// fail, and a SHA-512 `narHash` is checked like a SHA-256 one (issue 12 item 10).
+    #[tokio::test]
+    async fn checked_dump_holds_the_remote_to_its_declaration() {
+        let nar = small_nar();
+        let n = nar.len() as u64;
+        for algo in [HashAlgo::Sha256, HashAlgo::Sha512] {
+            let (r, sink) = checked(&nar, &info_of(n, Hash::of(algo, &nar))).await;
+            assert_eq!(r.expect("as declared"), Hash::sha256_of(&nar), "{algo:?}");
+            assert_eq!(sink, nar);
+
+            let wrong = Hash::of(algo, b"other bytes");
+            let (r, _) = checked(&nar, &info_of(n, wrong)).await;
+            let e = r.expect_err("wrong hash");
+            assert!(
+                matches!(e, ServeError::NarNotAsDeclared { .. }),
+                "{algo:?}: {e}"
+            );
+            assert!(e.to_string().contains(algo.name()), "{e}");
+        }
+
+        let big = zero_file_nar(1 << 20);
+        let (r, sink) = checked(&big, &info_of(4096, Hash::sha256_of(&big))).await;
+        let e = r.expect_err("over the declared size");
+        assert!(
+            matches!(&e, ServeError::NarNotAsDeclared { detail, .. } if detail.contains("declared a NAR of 4096 bytes and sent more")),
+            "{e}"
+        );
+        assert!(
+            sink.len() <= 4096,
+            "read {} bytes past the declaration",
+            sink.len()
+        );
+
+        let (r, _) = checked(&nar, &info_of(n + 8, Hash::sha256_of(&nar))).await;
+        let e = r.expect_err("short");
+        assert!(e.to_string().contains(&format!("sent one of {n}")), "{e}");
     }
 
     #[test]

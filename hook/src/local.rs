@@ -18,13 +18,12 @@
 //!   `nix-store --version` for `import-method = "auto"`.
 
 use ferry_nix::derivation::{Derivation, DerivationError};
-use ferry_nix::hash::{Hash, HashAlgo};
+use ferry_nix::hash::Hash;
 use ferry_nix::serve::PathInfo;
 use ferry_nix::store_path::{StoreDir, StorePath, StorePathError};
 use ferry_nix::store_uri::StoreUri;
 use ferry_nix::wire::WireWriter;
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::Stdio;
@@ -686,81 +685,160 @@ async fn output(mut c: Command, program: &str, what: &str) -> Result<Vec<u8>, Lo
     succeeded(out, what)
 }
 
-/// A store object fetched from a builder.
-#[derive(Debug, Clone)]
-pub struct Fetched {
-    pub info: PathInfo,
-    pub nar: Vec<u8>,
+/// A local tool fed on its stdin while it runs (`nix-store --import`, `--restore`): its
+/// stderr is drained concurrently into a bounded tail, so a chatty tool never blocks on a
+/// full pipe while we are still writing.
+struct Tool {
+    child: Child,
+    stdin: Option<tokio::process::ChildStdin>,
+    stderr: tokio::task::JoinHandle<Vec<u8>>,
+    what: String,
 }
 
-impl Fetched {
-    /// Checks the NAR against the hash the builder reported.
-    pub fn verify(&self) -> Result<(), LocalError> {
-        let got = Hash::sha256_of(&self.nar);
-        if self.info.nar_hash.algo() == HashAlgo::Sha256 && got != self.info.nar_hash {
-            return Err(LocalError::NarHashMismatch {
-                path: self.info.path.to_string(),
-                got: got.to_nix32_prefixed(),
-                want: self.info.nar_hash.to_nix32_prefixed(),
-            });
-        }
-        Ok(())
+/// How much of a tool's stderr is kept for its error message.
+const TOOL_STDERR_TAIL: usize = 16 * 1024;
+
+impl Tool {
+    fn spawn(mut cmd: Command, program: &str, what: String) -> Result<Tool, LocalError> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| LocalError::Spawn {
+                program: program.to_owned(),
+                source,
+            })?;
+        let stdin = child.stdin.take();
+        let mut err = child.stderr.take();
+        let stderr = tokio::spawn(async move {
+            let mut tail = Vec::new();
+            let Some(err) = err.as_mut() else {
+                return tail;
+            };
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = err.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                tail.extend_from_slice(buf.get(..n).unwrap_or_default());
+                let extra = tail.len().saturating_sub(TOOL_STDERR_TAIL);
+                tail.drain(..extra);
+            }
+            tail
+        });
+        Ok(Tool {
+            child,
+            stdin,
+            stderr,
+            what,
+        })
     }
-}
 
-/// Makes fetched outputs valid in the local store while the daemon holds their locks.
-pub trait Importer {
-    /// `objects` are in dependency order.
-    fn import(&self, objects: &[Fetched]) -> impl Future<Output = Result<(), LocalError>> + Send;
+    fn stdin(&mut self) -> Result<&mut tokio::process::ChildStdin, LocalError> {
+        let what = self.what.clone();
+        self.stdin.as_mut().ok_or(LocalError::Failed {
+            command: what,
+            status: "its input is closed".into(),
+            stderr: String::new(),
+        })
+    }
+
+    /// Closes its stdin and fails with its stderr unless it exits 0.
+    async fn finish(mut self) -> Result<(), LocalError> {
+        if let Some(mut stdin) = self.stdin.take() {
+            // A write error shows up as the tool's failure below.
+            let _ = stdin.shutdown().await;
+        }
+        let status = self
+            .child
+            .wait()
+            .await
+            .map_err(|source| LocalError::Spawn {
+                program: self.what.clone(),
+                source,
+            })?;
+        let stderr = self.stderr.await.unwrap_or_default();
+        if status.success() {
+            return Ok(());
+        }
+        Err(LocalError::Failed {
+            command: self.what,
+            status: status.to_string(),
+            stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
+        })
+    }
+
+    /// Stops it without a clean end of input (the kill comes before the end of its
+    /// stream, so nothing half-received is committed). If it had already failed on its
+    /// own, that failure (it usually says why our writes failed).
+    async fn kill(mut self) -> Option<LocalError> {
+        let exited = self.child.try_wait().ok().flatten();
+        drop(self.stdin.take());
+        if exited.is_none() {
+            let _ = self.child.kill().await;
+        }
+        let stderr = self.stderr.await.unwrap_or_default();
+        match exited {
+            Some(status) if !status.success() => Some(LocalError::Failed {
+                command: self.what,
+                status: status.to_string(),
+                stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// `nix-store --import` of an export stream with `NIX_HELD_LOCKS` naming the outputs, so
 /// the store skips the locks the daemon holds for them (`LocalStore` constructor, Nix
 /// 2.0–2.28 and Lix; removed in Nix 2.29). Requires opening the store directly, so the
 /// tool runs with `NIX_REMOTE=local` (or the daemon's own local store URI).
+///
+/// `nix-store --import` holds each NAR in memory before it adds it (`importPaths` tees the
+/// NAR into a `StringSink`,
+/// <https://github.com/NixOS/nix/blob/2.8.0/src/libstore/export-import.cc>), so a
+/// batch with a NAR over [`HELD_LOCKS_MAX_NAR`] goes through [`RestoreImporter`], which
+/// streams on every version: memory stays bounded in the tool too, not only in the hook.
 #[derive(Debug, Clone)]
 pub struct HeldLocksImporter {
     pub local: LocalStore,
 }
 
-/// The `nix-store --export` stream for `objects` (2.8 `Store::exportPath` /
-/// `importPaths`): per path `1, NAR, 0x4558494e, path, references, deriver, 0`; then `0`.
-pub fn export_stream(objects: &[Fetched], store_dir: &StoreDir) -> Vec<u8> {
+/// The largest NAR [`HeldLocksImporter`] hands to `nix-store --import` (which buffers it
+/// whole, and grows its buffer by doubling).
+pub const HELD_LOCKS_MAX_NAR: u64 = 64 << 20;
+
+/// The part of the `nix-store --export` stream (2.8 `Store::exportPath` / `importPaths`)
+/// before one object's NAR: `1`.
+pub const EXPORT_OBJECT_START: [u8; 8] = 1u64.to_le_bytes();
+
+/// The part of the export stream after one object's NAR: `0x4558494e, path, references,
+/// deriver, 0`. The stream ends with another `0`.
+pub fn export_trailer(info: &PathInfo, store_dir: &StoreDir) -> Vec<u8> {
     let mut w = WireWriter::new(Vec::new());
     // Writes to a Vec cannot fail.
     let _ = (|| -> std::io::Result<()> {
-        for o in objects {
-            w.write_u64(1)?;
-            std::io::Write::write_all(w.get_mut(), &o.nar)?;
-            w.write_u64(0x4558_494e)?;
-            w.write_str(&store_dir.display(&o.info.path))?;
-            w.write_strings(o.info.references.iter().map(|r| store_dir.display(r)))?;
-            let deriver = o.info.deriver.as_ref().map(|d| store_dir.display(d));
-            w.write_str(deriver.as_deref().unwrap_or(""))?;
-            w.write_u64(0)?;
-        }
+        w.write_u64(0x4558_494e)?;
+        w.write_str(&store_dir.display(&info.path))?;
+        w.write_strings(info.references.iter().map(|r| store_dir.display(r)))?;
+        let deriver = info.deriver.as_ref().map(|d| store_dir.display(d));
+        w.write_str(deriver.as_deref().unwrap_or(""))?;
         w.write_u64(0)
     })();
     w.into_inner()
 }
 
-impl Importer for HeldLocksImporter {
-    async fn import(&self, objects: &[Fetched]) -> Result<(), LocalError> {
-        if objects.is_empty() {
-            return Ok(());
-        }
-        let held: Vec<String> = objects
-            .iter()
-            .map(|o| self.local.display(&o.info.path))
-            .collect();
-        let stream = export_stream(objects, &self.local.store_dir);
-        let store = self.local.direct_uri();
+impl HeldLocksImporter {
+    fn start(&self, infos: &[PathInfo]) -> Result<Tool, LocalError> {
+        let held: Vec<String> = infos.iter().map(|i| self.local.display(&i.path)).collect();
         let program = &self.local.nix_store;
         let mut cmd = Command::new(program);
         cmd.arg("--import")
-            .env("NIX_REMOTE", store)
+            .env("NIX_REMOTE", self.local.direct_uri())
             .env("NIX_HELD_LOCKS", held.join(" "));
-        feed(cmd, program, "nix-store --import", &stream).await
+        Tool::spawn(cmd, program, "nix-store --import".into())
     }
 }
 
@@ -906,71 +984,76 @@ impl RestoreImporter {
             .collect()
     }
 
-    /// Restores `o` under a temporary name, renames it into place and checks its NAR hash.
-    /// Returns the final path once something is there (for clean-up on failure).
-    async fn place(&self, o: &Fetched, placed: &mut Vec<PathBuf>) -> Result<(), LocalError> {
-        let path = &o.info.path;
+    /// The temporary name `path` is restored under: short (a store path's name may be 211
+    /// bytes and NAME_MAX is 255) and unique per hook process.
+    fn temporary(&self, path: &StorePath) -> Result<PathBuf, LocalError> {
         let real = self.local.real_path(path);
         let Some(dir) = real.parent() else {
             return Err(self.failed(path, "the store path has no parent directory"));
         };
-        // Short (a store path's name may be 211 bytes and NAME_MAX is 255) and unique per
-        // hook process; a leftover of a crashed run with the same pid is removed first.
-        let tmp = dir.join(format!(
+        Ok(dir.join(format!(
             ".ferry-import-{}-{}",
             path.hash_part(),
             std::process::id()
-        ));
+        )))
+    }
+
+    /// Starts `nix-store --restore` of `path`'s NAR under its temporary name; a leftover of a
+    /// crashed run with the same pid is removed first.
+    fn start(&self, path: &StorePath) -> Result<(Tool, PathBuf), LocalError> {
+        let tmp = self.temporary(path)?;
         remove_tree(&tmp)
             .map_err(|e| self.failed(path, format!("removing {}: {e}", tmp.display())))?;
         let mut cmd = self.tool();
         cmd.arg("--restore").arg(&tmp);
         let what = format!("nix-store --restore {}", tmp.display());
-        if let Err(e) = feed(cmd, &self.local.nix_store, &what, &o.nar).await {
-            let _ = remove_tree(&tmp);
-            return Err(e);
-        }
+        Ok((Tool::spawn(cmd, &self.local.nix_store, what)?, tmp))
+    }
+
+    /// After the restore of `path` ended: renames the tree into place and checks its NAR
+    /// hash against `sha256`, the hash of the bytes that were checked against the builder's
+    /// declaration on the way in. Pushes the final path to `placed` once something is there.
+    async fn place(
+        &self,
+        path: &StorePath,
+        tmp: &std::path::Path,
+        sha256: &Hash,
+        placed: &mut Vec<PathBuf>,
+    ) -> Result<(), LocalError> {
+        let real = self.local.real_path(path);
         // Something at the final name is an invalid leftover (the path was checked invalid
         // and the daemon holds its lock): Nix deletes it too before it adds a path (2.8
         // `LocalStore::addToStore`, `deletePath(realPath)`).
-        let moved = remove_tree(&real).and_then(|()| std::fs::rename(&tmp, &real));
+        let moved = remove_tree(&real).and_then(|()| std::fs::rename(tmp, &real));
         if let Err(e) = moved {
-            let _ = remove_tree(&tmp);
+            let _ = remove_tree(tmp);
             return Err(self.failed(path, format!("moving {} into place: {e}", tmp.display())));
         }
         placed.push(real.clone());
-        if o.info.nar_hash.algo() == HashAlgo::Sha256 {
-            let at = real.clone();
-            let hashed = tokio::task::spawn_blocking(move || {
-                ferry_nix::nar::dump_path_hashed(&at, std::io::sink())
-            })
-            .await
-            .map_err(|e| self.failed(path, e))?
-            .map_err(|e| self.failed(path, format!("hashing the restored tree: {e}")))?;
-            if hashed.0 != o.info.nar_hash {
-                return Err(self.failed(
-                    path,
-                    format!(
-                        "the restored tree has NAR hash {}, the builder said {} (was it \
-                         changed while restoring, e.g. by a garbage collection?)",
-                        hashed.0.to_nix32_prefixed(),
-                        o.info.nar_hash.to_nix32_prefixed()
-                    ),
-                ));
-            }
+        let at = real.clone();
+        let hashed = tokio::task::spawn_blocking(move || {
+            ferry_nix::nar::dump_path_hashed(&at, std::io::sink())
+        })
+        .await
+        .map_err(|e| self.failed(path, e))?
+        .map_err(|e| self.failed(path, format!("hashing the restored tree: {e}")))?;
+        if hashed.0 != *sha256 {
+            return Err(self.failed(
+                path,
+                format!(
+                    "the restored tree has NAR hash {}, the builder sent {} (was it \
+                     changed while restoring, e.g. by a garbage collection?)",
+                    hashed.0.to_nix32_prefixed(),
+                    sha256.to_nix32_prefixed()
+                ),
+            ));
         }
         Ok(())
     }
 
-    async fn place_and_register(
-        &self,
-        todo: &[&Fetched],
-        placed: &mut Vec<PathBuf>,
-    ) -> Result<(), LocalError> {
-        for o in todo {
-            self.place(o, placed).await?;
-        }
-        let infos: Vec<&PathInfo> = todo.iter().map(|o| &o.info).collect();
+    /// `nix-store --register-validity` for every placed object, in one transaction.
+    async fn register(&self, done: &[(PathInfo, Hash)]) -> Result<(), LocalError> {
+        let infos: Vec<&PathInfo> = done.iter().map(|(i, _)| i).collect();
         let input = register_validity_input(&infos, &self.local.store_dir);
         let mut cmd = self.tool();
         cmd.arg("--register-validity");
@@ -983,68 +1066,51 @@ impl RestoreImporter {
         .await
     }
 
-    /// `nix-store -q --hash` of each path must be the builder's `narHash`.
-    async fn check_registered(&self, todo: &[&Fetched]) -> Result<(), LocalError> {
+    /// `nix-store -q --hash` of each path must be the SHA-256 of the NAR that was checked
+    /// on the way in (the builder's `narHash` itself when it is SHA-256).
+    async fn check_registered(&self, done: &[(PathInfo, Hash)]) -> Result<(), LocalError> {
         let mut c = self.tool();
         c.args(["-q", "--hash"])
-            .args(todo.iter().map(|o| self.local.display(&o.info.path)));
+            .args(done.iter().map(|(i, _)| self.local.display(&i.path)));
         let out = output(c, &self.local.nix_store, "nix-store -q --hash").await?;
         let text = String::from_utf8_lossy(&out);
         let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        if lines.len() != todo.len() {
+        if lines.len() != done.len() {
             return Err(LocalError::BadJson(format!(
                 "`nix-store -q --hash` printed {} lines for {} paths",
                 lines.len(),
-                todo.len()
+                done.len()
             )));
         }
-        for (o, line) in todo.iter().zip(lines) {
+        for ((info, sha256), line) in done.iter().zip(lines) {
             let got = Hash::parse_any_prefixed(line.trim())
-                .map_err(|e| self.failed(&o.info.path, format!("registered hash {line:?}: {e}")))?;
-            if got != o.info.nar_hash {
+                .map_err(|e| self.failed(&info.path, format!("registered hash {line:?}: {e}")))?;
+            if got != *sha256 {
                 return Err(LocalError::RegisteredHashMismatch {
-                    path: self.local.display(&o.info.path),
+                    path: self.local.display(&info.path),
                     got: got.to_nix32_prefixed(),
-                    want: o.info.nar_hash.to_nix32_prefixed(),
+                    want: sha256.to_nix32_prefixed(),
                 });
             }
         }
         Ok(())
     }
-}
 
-impl Importer for RestoreImporter {
-    async fn import(&self, objects: &[Fetched]) -> Result<(), LocalError> {
-        if objects.is_empty() {
-            return Ok(());
+    /// Removes placed trees the store confirms invalid (after a failed or abandoned batch:
+    /// registration is one transaction, so normally none of them is valid).
+    async fn clean_up(&self, done: &[(PathInfo, Hash)], placed: &[PathBuf]) {
+        let paths: Vec<&StorePath> = done.iter().map(|(i, _)| &i.path).collect();
+        if paths.is_empty() {
+            return;
         }
-        let paths: Vec<&StorePath> = objects.iter().map(|o| &o.info.path).collect();
-        // Outputs already valid (built earlier, or another output of the same derivation
-        // registered by an earlier run) are left alone.
-        let invalid = self.invalid(&paths).await?;
-        let todo: Vec<&Fetched> = objects
-            .iter()
-            .filter(|o| invalid.contains(&o.info.path))
-            .collect();
-        if todo.is_empty() {
-            return Ok(());
-        }
-        let mut placed = Vec::new();
-        if let Err(e) = self.place_and_register(&todo, &mut placed).await {
-            // Registration is one transaction: on failure none of them is valid. Ask
-            // anyway, and only remove what the store confirms invalid.
-            let todo_paths: Vec<&StorePath> = todo.iter().map(|o| &o.info.path).collect();
-            if let Ok(still) = self.invalid(&todo_paths).await {
-                for o in &todo {
-                    let real = self.local.real_path(&o.info.path);
-                    if still.contains(&o.info.path) && placed.contains(&real) {
-                        let _ = remove_tree(&real);
-                    }
+        if let Ok(still) = self.invalid(&paths).await {
+            for (info, _) in done {
+                let real = self.local.real_path(&info.path);
+                if still.contains(&info.path) && placed.contains(&real) {
+                    let _ = remove_tree(&real);
                 }
             }
-            return Err(e);
         }
-        self.check_registered(&todo).await
     }
 }
 
@@ -1100,11 +1166,245 @@ impl AnyImporter {
     }
 }
 
-impl Importer for AnyImporter {
-    async fn import(&self, objects: &[Fetched]) -> Result<(), LocalError> {
-        match self {
-            AnyImporter::HeldLocks(i) => i.import(objects).await,
-            AnyImporter::Restore(i) => i.import(objects).await,
+impl AnyImporter {
+    /// Starts importing `infos` (in dependency order, as fetched from the builder): which
+    /// of them still need their NAR, and the tool that takes it.
+    pub async fn begin(&self, infos: &[PathInfo]) -> Result<ImportBatch, LocalError> {
+        let restore = match self {
+            AnyImporter::HeldLocks(h) => {
+                if infos.iter().all(|i| i.nar_size <= HELD_LOCKS_MAX_NAR) {
+                    return Ok(ImportBatch(BatchKind::HeldLocks {
+                        importer: h.clone(),
+                        infos: infos.to_vec(),
+                        tool: None,
+                    }));
+                }
+                RestoreImporter {
+                    local: h.local.clone(),
+                }
+            }
+            AnyImporter::Restore(r) => r.clone(),
+        };
+        let paths: Vec<&StorePath> = infos.iter().map(|i| &i.path).collect();
+        // Outputs already valid (built earlier, or another output of the same derivation
+        // registered by an earlier run) are left alone, and not fetched.
+        let needed = if paths.is_empty() {
+            BTreeSet::new()
+        } else {
+            restore.invalid(&paths).await?
+        };
+        Ok(ImportBatch(BatchKind::Restore {
+            importer: restore,
+            needed,
+            current: None,
+            done: Vec::new(),
+            placed: Vec::new(),
+        }))
+    }
+}
+
+/// An import in progress: the builder's NARs stream through it one at a time, straight
+/// into the local tool, so the hook holds one chunk of a NAR at a time whatever the size of
+/// the output (issue 12 item 5). Nothing becomes valid before its NAR was checked against
+/// the builder's declared size and hash: [`ImportBatch::open`] hands out the tool's
+/// input, and only [`ImportBatch::close`] with the checked hash completes an object.
+pub struct ImportBatch(BatchKind);
+
+enum BatchKind {
+    /// One `nix-store --import` for the batch: per object `1`, the NAR, then the trailer
+    /// that makes `importPaths` add it; killed before a trailer if a NAR fails its check.
+    HeldLocks {
+        importer: HeldLocksImporter,
+        infos: Vec<PathInfo>,
+        tool: Option<Tool>,
+    },
+    /// One `nix-store --restore` per object under a temporary name, renamed into place
+    /// when its check passed; one `--register-validity` for all at [`ImportBatch::commit`].
+    Restore {
+        importer: RestoreImporter,
+        needed: BTreeSet<StorePath>,
+        current: Option<(Tool, PathBuf)>,
+        /// Placed objects with the SHA-256 of their checked NAR.
+        done: Vec<(PathInfo, Hash)>,
+        placed: Vec<PathBuf>,
+    },
+}
+
+impl ImportBatch {
+    /// The method in use (a held-locks batch with a large NAR is a restore batch).
+    pub fn name(&self) -> &'static str {
+        match &self.0 {
+            BatchKind::HeldLocks { .. } => "held-locks",
+            BatchKind::Restore { .. } => "restore",
+        }
+    }
+
+    /// Whether `path`'s NAR is wanted (it is not valid locally yet).
+    pub fn needs(&self, path: &StorePath) -> bool {
+        match &self.0 {
+            BatchKind::HeldLocks { .. } => true,
+            BatchKind::Restore { needed, .. } => needed.contains(path),
+        }
+    }
+
+    /// Starts one object: the writer its NAR goes to.
+    pub async fn open(
+        &mut self,
+        info: &PathInfo,
+    ) -> Result<&mut tokio::process::ChildStdin, LocalError> {
+        match &mut self.0 {
+            BatchKind::HeldLocks {
+                importer,
+                infos,
+                tool,
+            } => {
+                if tool.is_none() {
+                    *tool = Some(importer.start(infos)?);
+                }
+                let Some(t) = tool.as_mut() else {
+                    return Err(importer.local_failed(&info.path, "no import tool"));
+                };
+                let what = t.what.clone();
+                let stdin = t.stdin()?;
+                if let Err(e) = stdin.write_all(&EXPORT_OBJECT_START).await {
+                    return Err(LocalError::Failed {
+                        command: what,
+                        status: format!("writing to it failed: {e}"),
+                        stderr: String::new(),
+                    });
+                }
+                Ok(stdin)
+            }
+            BatchKind::Restore {
+                importer, current, ..
+            } => {
+                if let Some((old, tmp)) = current.take() {
+                    let _ = old.kill().await;
+                    let _ = remove_tree(&tmp);
+                }
+                let (t, tmp) = importer.start(&info.path)?;
+                let (t, _) = current.insert((t, tmp));
+                t.stdin()
+            }
+        }
+    }
+
+    /// Completes the object [`open`](Self::open) started, once its NAR passed the check;
+    /// `sha256` is the hash of the NAR written.
+    pub async fn close(&mut self, info: &PathInfo, sha256: Hash) -> Result<(), LocalError> {
+        match &mut self.0 {
+            BatchKind::HeldLocks { importer, tool, .. } => {
+                let trailer = export_trailer(info, &importer.local.store_dir);
+                let Some(t) = tool.as_mut() else {
+                    return Err(importer.local_failed(&info.path, "no import tool"));
+                };
+                let what = t.what.clone();
+                let stdin = t.stdin()?;
+                let written = async {
+                    stdin.write_all(&trailer).await?;
+                    stdin.flush().await
+                };
+                written.await.map_err(|e| LocalError::Failed {
+                    command: what,
+                    status: format!("writing to it failed: {e}"),
+                    stderr: String::new(),
+                })
+            }
+            BatchKind::Restore {
+                importer,
+                current,
+                done,
+                placed,
+                ..
+            } => {
+                let Some((t, tmp)) = current.take() else {
+                    return Err(importer.failed(&info.path, "no restore running"));
+                };
+                if let Err(e) = t.finish().await {
+                    let _ = remove_tree(&tmp);
+                    return Err(e);
+                }
+                importer.place(&info.path, &tmp, &sha256, placed).await?;
+                done.push((info.clone(), sha256));
+                Ok(())
+            }
+        }
+    }
+
+    /// Makes every closed object valid.
+    pub async fn commit(self) -> Result<(), LocalError> {
+        match self.0 {
+            BatchKind::HeldLocks { tool, .. } => {
+                let Some(mut t) = tool else {
+                    return Ok(());
+                };
+                // The end of the export stream.
+                let what = t.what.clone();
+                if let Err(e) = t.stdin()?.write_all(&0u64.to_le_bytes()).await {
+                    return Err(t.kill().await.unwrap_or(LocalError::Failed {
+                        command: what,
+                        status: format!("writing to it failed: {e}"),
+                        stderr: String::new(),
+                    }));
+                }
+                t.finish().await
+            }
+            BatchKind::Restore {
+                importer,
+                current,
+                done,
+                placed,
+                ..
+            } => {
+                if let Some((t, tmp)) = current {
+                    let _ = t.kill().await;
+                    let _ = remove_tree(&tmp);
+                }
+                if done.is_empty() {
+                    return Ok(());
+                }
+                if let Err(e) = importer.register(&done).await {
+                    importer.clean_up(&done, &placed).await;
+                    return Err(e);
+                }
+                importer.check_registered(&done).await
+            }
+        }
+    }
+
+    /// Gives the batch up after a failure: nothing of the object in progress is kept, and
+    /// placed objects are removed. If the local tool had failed on its own (a write to it
+    /// failed because it was gone), its error, which says why.
+    pub async fn abort(self) -> Option<LocalError> {
+        match self.0 {
+            BatchKind::HeldLocks { tool, .. } => match tool {
+                Some(t) => t.kill().await,
+                None => None,
+            },
+            BatchKind::Restore {
+                importer,
+                current,
+                done,
+                placed,
+                ..
+            } => {
+                let mut failure = None;
+                if let Some((t, tmp)) = current {
+                    failure = t.kill().await;
+                    let _ = remove_tree(&tmp);
+                }
+                importer.clean_up(&done, &placed).await;
+                failure
+            }
+        }
+    }
+}
+
+impl HeldLocksImporter {
+    fn local_failed(&self, path: &StorePath, problem: &str) -> LocalError {
+        LocalError::Import {
+            path: self.local.display(path),
+            problem: problem.to_owned(),
         }
     }
 }
@@ -1272,22 +1572,17 @@ mod tests {
     }
 
     #[test]
-    fn export_stream_layout_and_nar_check() {
-        let nar = b"0123456789".to_vec();
+    fn export_trailer_layout() {
         let (a, b) = (sp('a', "a"), sp('b', "b"));
-        let mut i = info(&a, &[&b]);
-        i.nar_hash = Hash::sha256_of(&nar);
-        let f = Fetched { info: i, nar };
-        f.verify().expect("hash matches");
-        let s = export_stream(std::slice::from_ref(&f), &sd());
-        assert_eq!(&s[..8], &1u64.to_le_bytes());
-        assert_eq!(&s[8..18], b"0123456789");
-        assert_eq!(&s[18..26], &0x4558_494eu64.to_le_bytes());
-        assert_eq!(&s[s.len() - 8..], &0u64.to_le_bytes());
-        let mut bad = f.clone();
-        bad.nar.push(b'x');
-        let e = bad.verify().expect_err("mismatch");
-        assert!(e.to_string().contains(&a.to_string()), "{e}");
+        let i = info(&a, &[&b]);
+        assert_eq!(EXPORT_OBJECT_START, 1u64.to_le_bytes());
+        let t = export_trailer(&i, &sd());
+        assert_eq!(&t[..8], &0x4558_494eu64.to_le_bytes());
+        let shown = sd().display(&a);
+        assert_eq!(&t[8..16], &(shown.len() as u64).to_le_bytes());
+        assert_eq!(&t[16..16 + shown.len()], shown.as_bytes());
+        // No deriver (an empty string), then the end of the object.
+        assert_eq!(&t[t.len() - 16..], &[0u8; 16]);
     }
 
     #[test]

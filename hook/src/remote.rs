@@ -10,7 +10,9 @@
 //! forever (NixOS/nix#16437), and after the accept nothing else stops the hook (the daemon
 //! does not apply `timeout` or `max-silent-time` to hooks, docs/hook-protocol.md §3.2).
 
-use crate::local::{Fetched, Importer, LocalError, LocalStore, store_dir_from_env, topo_sort};
+use crate::local::{
+    AnyImporter, ImportBatch, LocalError, LocalStore, store_dir_from_env, topo_sort,
+};
 use crate::ssh::{LogTap, ProcessGuard, Session};
 use ferry_nix::derivation::{Derivation, OutputKind};
 pub use ferry_nix::serve::BuildOptions;
@@ -567,15 +569,21 @@ impl Connection {
         })
     }
 
-    /// `DumpStorePath` (op 3): the NAR of `info.path`, checked against `info`'s hash.
-    pub async fn dump_store_path(&mut self, info: &PathInfo) -> Result<Fetched, RemoteError> {
+    /// `DumpStorePath` (op 3): the NAR of `info.path` streamed into `batch`, checked against
+    /// the size and hash `info` declares on the way ([`ServeClient::dump_store_path_checked`]);
+    /// the object is completed in `batch` only when it passed.
+    pub async fn dump_store_path(
+        &mut self,
+        info: &PathInfo,
+        batch: &mut ImportBatch,
+    ) -> Result<(), RemoteError> {
         let limit = Limit {
             total: None,
             idle: Some(self.deadlines.idle),
         };
-        let mut nar = Vec::with_capacity(usize::try_from(info.nar_size.min(64 << 20)).unwrap_or(0));
-        let call = self.client.dump_store_path(&info.path, &mut nar);
-        within(
+        let sink = batch.open(info).await?;
+        let call = self.client.dump_store_path_checked(info, sink);
+        let sha256 = within(
             &self.activity,
             &self.machine,
             "dump_store_path",
@@ -583,12 +591,8 @@ impl Connection {
             call,
         )
         .await?;
-        let f = Fetched {
-            info: info.clone(),
-            nar,
-        };
-        f.verify()?;
-        Ok(f)
+        batch.close(info, sha256).await?;
+        Ok(())
     }
 
     /// Ends the session: closes the builder's stdin and waits for the transport.
@@ -734,12 +738,13 @@ pub fn wanted_output_paths(
 }
 
 /// Step two: build, fetch the missing outputs and import them. Returns the build time and
-/// what was fetched.
-pub async fn build_and_fetch<I: Importer + Sync>(
+/// what was fetched. Each NAR streams from the builder into the importer: the fetch time
+/// includes the local import.
+pub async fn build_and_fetch(
     conn: &mut Connection,
     job: &Job,
     drv: &Derivation,
-    importer: &I,
+    importer: &AnyImporter,
 ) -> Result<(f64, Transfer), RemoteError> {
     let wanted = wanted_output_paths(job, drv)?;
     let start = std::time::Instant::now();
@@ -758,19 +763,30 @@ pub async fn build_and_fetch<I: Importer + Sync>(
         }
     }
     let infos = topo_sort(infos)?;
-    let mut fetched = Vec::new();
+    let mut batch = importer.begin(&infos).await?;
     let mut bytes = 0;
-    for info in infos {
+    for info in &infos {
+        if !batch.needs(&info.path) {
+            continue;
+        }
+        if let Err(e) = conn.dump_store_path(info, &mut batch).await {
+            // A write into the local tool failed: the tool says why (a full disk, …).
+            let local_side = matches!(&e, RemoteError::Local(_))
+                || matches!(&e, RemoteError::Serve(s) if matches!(**s, ServeError::Sink { .. }));
+            let tool = batch.abort().await;
+            return Err(match tool {
+                Some(t) if local_side => t.into(),
+                _ => e,
+            });
+        }
         bytes += info.nar_size;
-        fetched.push(conn.dump_store_path(&info).await?);
     }
-    let fetch_secs = fetch_start.elapsed().as_secs_f64();
-    importer.import(&fetched).await?;
+    batch.commit().await?;
     Ok((
         build_secs,
         Transfer {
             bytes,
-            secs: fetch_secs,
+            secs: fetch_start.elapsed().as_secs_f64(),
         },
     ))
 }

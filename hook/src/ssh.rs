@@ -180,15 +180,25 @@ pub trait Transport {
     fn connect(&self, machine: &Machine) -> impl Future<Output = Result<Session, SshError>> + Send;
 }
 
+/// `shellEscape` of Nix: single quotes around `s`, each `'` in it written `'\''`
+/// (<https://github.com/NixOS/nix/blob/2.8.0/src/libutil/util.cc>).
+pub fn shell_escape(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
 /// The command run on the builder: `nix-store --serve --write`, honouring the store URI's
-/// `remote-program` and `remote-store` parameters (`LegacySSHStore`).
+/// `remote-program` and `remote-store` parameters (`LegacySSHStore`). ssh joins the words
+/// with spaces into one line for the remote shell, so `remote-store` is shell-escaped as Nix
+/// does (`" --store " + shellEscape(remoteStore)`,
+/// <https://github.com/NixOS/nix/blob/2.8.0/src/libstore/legacy-ssh-store.cc>);
+/// `remote-program` is not, also as in Nix: it may carry arguments of its own.
 pub fn remote_command(machine: &Machine) -> Vec<String> {
     let uri = machine.uri();
     let program = uri.param_set("remote-program").unwrap_or("nix-store");
     let mut cmd = vec![program.to_owned(), "--serve".into(), "--write".into()];
     if let Some(s) = uri.param_set("remote-store") {
         cmd.push("--store".into());
-        cmd.push(s.to_owned());
+        cmd.push(shell_escape(s));
     }
     cmd
 }
@@ -342,6 +352,9 @@ impl OpenSsh {
                 "-oControlPersist={}",
                 self.persist.as_secs().max(1)
             ))
+            // `--`: a host that starts with `-` is a host, never an option
+            // (`ssh://-oProxyCommand=…` would otherwise run a command here, as root).
+            .arg("--")
             .arg(host)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -449,7 +462,8 @@ impl OpenSsh {
                 // file named in `NIX_SSHOPTS`.
                 c.args(["-F", "none"]);
             }
-            c.arg(host)
+            c.arg("--")
+                .arg(host)
                 .stdin(Stdio::null())
                 .stderr(Stdio::null())
                 .kill_on_drop(true)
@@ -478,7 +492,7 @@ impl OpenSsh {
         }
         let run = Command::new(&self.program)
             .arg(format!("-oControlPath={}", sock.display()))
-            .args(["-O", "exit", host])
+            .args(["-O", "exit", "--", host])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -555,6 +569,7 @@ impl Transport for OpenSsh {
         let mut child = Command::new(&self.program)
             .args(&common)
             .arg("-oControlMaster=no")
+            .arg("--")
             .arg(&host)
             .args(remote_command(machine))
             .stdin(std::os::fd::OwnedFd::from(theirs))
@@ -608,9 +623,66 @@ mod tests {
                 "--serve",
                 "--write",
                 "--store",
-                "/tmp/s"
+                "'/tmp/s'"
             ]
         );
+    }
+
+    /// Issue 12 item 10: `remote-store` reaches the remote shell as one word, whatever it
+    /// holds; before, `…?remote-store=$(touch${IFS}/tmp/x)` ran `touch` on the builder.
+    #[test]
+    fn remote_store_is_shell_escaped() {
+        let cmd = remote_command(&machine("ssh://h?remote-store=/s$(touch${IFS}/tmp/x)'y"));
+        assert_eq!(cmd[3..], ["--store", r"'/s$(touch${IFS}/tmp/x)'\''y'"]);
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf '%s\\n' {}", cmd[4]))
+            .output()
+            .expect("sh");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "/s$(touch${IFS}/tmp/x)'y\n"
+        );
+    }
+
+    /// Issue 12 item 10: every ssh command line has `--` before the host, so a machines
+    /// entry `ssh://-oProxyCommand=…` is a (bad) host name and not an option that runs a
+    /// command as the daemon's user.
+    #[tokio::test]
+    async fn the_host_follows_a_double_dash() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let log = tmp.path().join("args");
+        let fake = tmp.path().join("ssh");
+        std::fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\nfor a in \"$@\"; do echo \"$a\" >> {}; done\necho END >> {}\nexit 255\n",
+                log.display(),
+                log.display()
+            ),
+        )
+        .expect("fake ssh");
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        let mut ssh = OpenSsh::new(tmp.path().join("ctl"), None);
+        ssh.program = fake.display().to_string();
+        let m = machine("ssh://-oProxyCommand=touch${IFS}pwned");
+        let _ = ssh.connect(&m).await;
+        ssh.drop_master(&m).await;
+        let text = std::fs::read_to_string(&log).expect("ssh was run");
+        let runs: Vec<Vec<&str>> = text
+            .split("END\n")
+            .filter(|r| !r.is_empty())
+            .map(|r| r.lines().collect())
+            .collect();
+        assert!(!runs.is_empty());
+        for args in runs {
+            let at = args
+                .iter()
+                .position(|a| *a == "-oProxyCommand=touch${IFS}pwned")
+                .expect("the host");
+            assert_eq!(args.get(at.wrapping_sub(1)), Some(&"--"), "{args:?}");
+        }
     }
 
     #[test]

@@ -335,7 +335,8 @@ fn status(config: &Path, json: bool) -> Result<()> {
         let s = st.targets.iter().find(|s| &s.url == t);
         writeln!(
             out,
-            "target {t}: last success {}, paths uploaded {}, last error {}{}",
+            "target {}: last success {}, paths uploaded {}, last error {}{}",
+            ferry_nix::url::redact(t),
             age(s.and_then(|s| s.last_ok_ms)),
             s.map(|s| s.paths_uploaded).unwrap_or(0),
             age(s.and_then(|s| s.last_error_ms)),
@@ -537,7 +538,7 @@ fn check_config(config: &Path) -> Result<()> {
             .unwrap_or_default();
         println!(
             "  target: {} (compression {}{s3})",
-            t.url,
+            t.shown(),
             t.compression.narinfo_name()
         );
     }

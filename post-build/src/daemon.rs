@@ -132,9 +132,16 @@ pub struct Daemon {
     _lock: std::fs::File,
 }
 
+/// The start-up line: targets without their credentials (issue 12 item 7).
+fn log_started(targets: &[String], concurrency: usize) {
+    let shown: Vec<String> = targets.iter().map(|t| ferry_nix::url::redact(t)).collect();
+    tracing::info!(targets = ?shown, concurrency, "uploader started");
+}
+
 fn lock_state(settings: &Settings) -> Result<std::fs::File> {
     let dir = &settings.config.state_dir;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // 0700: the queue and spool inside name what is built here (docs/threat-model.md).
+    crate::spool::private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("uploader.lock");
     let f = std::fs::OpenOptions::new()
         .create(true)
@@ -304,7 +311,7 @@ impl Daemon {
         let mut tasks: JoinSet<(Job, Outcome, TargetResults)> = JoinSet::new();
         let mut swept = false;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tracing::info!(targets = ?self.settings.config.targets, concurrency, "uploader started");
+        log_started(&self.settings.config.targets, concurrency);
         loop {
             let ingested = ingest(&self.spool, &mut self.queue, &self.settings)?;
             if !swept {
@@ -366,5 +373,55 @@ impl Daemon {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// Everything a `fmt` subscriber writes, kept for the test to read.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut v) = self.0.lock() {
+                v.extend_from_slice(b);
+            }
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Issue 12 item 7: the uploader's start-up line listed `targets=[…]` as configured,
+    /// `user:password@` included.
+    #[test]
+    fn the_start_up_line_shows_no_credentials() {
+        let out = Captured::default();
+        let w = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || w.clone())
+            .with_ansi(false)
+            .finish();
+        let targets = vec![
+            "https://uploader:hunter2@cache.example/upload?compression=zstd".to_owned(),
+            "file:///var/cache/nix".to_owned(),
+        ];
+        tracing::subscriber::with_default(subscriber, || log_started(&targets, 4));
+        let text = String::from_utf8(out.0.lock().expect("log").clone()).expect("utf-8");
+        assert!(text.contains("uploader started"), "{text}");
+        assert!(
+            !text.contains("hunter2") && !text.contains("uploader:"),
+            "{text}"
+        );
+        assert!(
+            text.contains("https://***@cache.example/upload?compression=zstd"),
+            "{text}"
+        );
+        assert!(text.contains("file:///var/cache/nix"), "{text}");
     }
 }

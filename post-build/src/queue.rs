@@ -29,6 +29,33 @@ pub enum QueueError {
          {known} (was it written by a newer one?)"
     )]
     NewerSchema { found: i64, known: i64 },
+    #[error("making the queue database {path} private (0600): {source}")]
+    Private {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn serialize_redacted<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&ferry_nix::url::redact(url))
+}
+
+/// Creates `path` empty with mode 0600 if it is missing (an empty file is a valid, empty
+/// SQLite database); an existing one loses its group and other permissions.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    let mode = f.metadata()?.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(mode & !0o077))?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -228,6 +255,8 @@ pub struct Queue {
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TargetStatus {
+    /// As configured (the key of the `targets` table); serialised without credentials.
+    #[serde(serialize_with = "serialize_redacted")]
     pub url: String,
     pub last_ok_ms: Option<i64>,
     pub last_error_ms: Option<i64>,
@@ -341,7 +370,17 @@ impl Queue {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?)
     }
 
+    /// Opens (or creates) the queue at `path`, mode 0600: it names every path built here and
+    /// every target (docs/threat-model.md). SQLite gives its `-wal` and `-shm` files the
+    /// database file's mode (`findCreateFileMode` in
+    /// <https://sqlite.org/src/file?name=src/os_unix.c>), so creating the database file 0600
+    /// first is enough (the test checks the `-wal`); one an earlier version made 0644 is
+    /// closed.
     pub fn open(path: &Path) -> Result<Queue, QueueError> {
+        private_file(path).map_err(|e| QueueError::Private {
+            path: path.to_owned(),
+            source: e,
+        })?;
         let conn = Connection::open(path)?;
         Self::init(conn)
     }
@@ -622,7 +661,11 @@ impl Queue {
         };
         consider(local.last_error_ms, local.last_error.as_ref(), "local");
         for t in &targets {
-            consider(t.last_error_ms, t.last_error.as_ref(), &t.url);
+            consider(
+                t.last_error_ms,
+                t.last_error.as_ref(),
+                &ferry_nix::url::redact(&t.url),
+            );
         }
         Ok(QueueStatus {
             depth,
@@ -1012,6 +1055,26 @@ mod tests {
         }
         let q = Queue::open(&db).expect("reopen");
         assert!(q.contains("/s/a").expect("contains"));
+    }
+
+    /// Issue 12 item 10: the queue database and its WAL are 0600 (they were 0644), also
+    /// when an earlier version created the database world-readable.
+    #[test]
+    fn queue_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().expect("tmp");
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        let db = d.path().join("queue.sqlite");
+        let mut q = Queue::open(&db).expect("open");
+        q.enqueue(&[("/s/a".to_owned(), JobKind::Out)], 1)
+            .expect("enqueue");
+        assert_eq!(mode(&db), 0o600);
+        assert_eq!(mode(&d.path().join("queue.sqlite-wal")), 0o600);
+        drop(q);
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let q = Queue::open(&db).expect("reopen");
+        assert_eq!(mode(&db), 0o600);
+        assert!(q.contains("/s/a").expect("kept"));
     }
 
     /// The first release's schema, verbatim, as its `Queue::init` created it (no

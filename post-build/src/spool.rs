@@ -21,6 +21,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
@@ -139,9 +140,11 @@ impl Spool {
         self.dir.join("bad")
     }
 
+    /// Creates the spool's directories, 0700: records name what was built on this host,
+    /// which local users need not read (docs/threat-model.md).
     pub fn ensure_dirs(&self) -> Result<(), SpoolError> {
-        for d in [self.tmp(), self.new_dir(), self.bad_dir()] {
-            fs::create_dir_all(&d).map_err(io_err(&d))?;
+        for d in [self.dir.clone(), self.tmp(), self.new_dir(), self.bad_dir()] {
+            private_dir(&d).map_err(io_err(&d))?;
         }
         Ok(())
     }
@@ -152,16 +155,19 @@ impl Spool {
         let name = unique_name();
         let tmp = self.tmp().join(&name);
         let new_dir = self.new_dir();
-        let mut f = match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+        let create = || {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+        };
+        let mut f = match create() {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 // First run: create the directories and try once more.
                 self.ensure_dirs()?;
-                OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&tmp)
-                    .map_err(io_err(&tmp))?
+                create().map_err(io_err(&tmp))?
             }
             Err(e) => return Err(io_err(&tmp)(e)),
         };
@@ -251,6 +257,20 @@ fn unique_name() -> String {
     )
 }
 
+/// Creates `dir` (and missing parents) with mode 0700; an existing one loses its group and
+/// other permissions, so a spool or state directory made 0755 by an earlier version is closed.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = fs::metadata(dir)?.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode & !0o077))?;
+    }
+    Ok(())
+}
+
 /// `fsync` on a directory makes a rename in it durable (POSIX leaves it to the caller).
 pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
@@ -332,5 +352,29 @@ mod tests {
         spool.remove(&a).expect("remove");
         spool.remove(&a).expect("remove twice is fine");
         assert_eq!(spool.pending().expect("pending").len(), 1);
+    }
+
+    /// Issue 12 item 10: spool records and their directories are not readable by other
+    /// users (they were 0644 and 0755), also in a spool an earlier version created.
+    #[test]
+    fn spool_is_private() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().expect("tempdir");
+        let mode = |p: &Path| fs::metadata(p).expect("stat").mode() & 0o777;
+        let root = d.path().join("spool");
+        fs::create_dir_all(root.join("new")).expect("old layout");
+        fs::set_permissions(root.join("new"), fs::Permissions::from_mode(0o755)).expect("chmod");
+        let spool = Spool::new(&root);
+        let rec = SpoolRecord {
+            drv: None,
+            outs: vec!["/nix/store/bbbb-x".into()],
+        };
+        // `new/` exists, `tmp/` does not: the first write creates the rest.
+        let name = spool.write(&rec).expect("write");
+        assert_eq!(mode(&spool.new_dir().join(&name)), 0o600);
+        spool.ensure_dirs().expect("dirs");
+        for dir in [root.clone(), spool.tmp(), spool.new_dir(), spool.bad_dir()] {
+            assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+        }
     }
 }

@@ -19,6 +19,7 @@ use crate::s3::{Credentials, S3Location};
 use crate::spool::fsync_dir;
 use ferry_nix::hash::Hash;
 use ferry_nix::store_path::{StoreDir, StorePath};
+use ferry_nix::url::redact;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
@@ -142,9 +143,9 @@ fn percent_decode(s: &str) -> Option<String> {
 /// Parses a target URL. Unknown parameters are refused rather than ignored: a typo in
 /// `endpoint` must not send the cache to AWS.
 pub fn parse_url(url: &str) -> Result<ParsedUrl, TargetError> {
-    let bad = || TargetError::BadUrl(url.to_owned());
+    let bad = || TargetError::BadUrl(redact(url));
     let bad_param = |message: String| TargetError::BadParam {
-        url: url.to_owned(),
+        url: redact(url),
         message,
     };
     let (base, query) = match url.split_once('?') {
@@ -202,7 +203,7 @@ pub fn parse_url(url: &str) -> Result<ParsedUrl, TargetError> {
         let bucket = bucket.trim_end_matches('/');
         TargetUrl::S3(S3Location::new(url, bucket, &params).map_err(|source| {
             TargetError::S3Url {
-                url: url.to_owned(),
+                url: redact(url),
                 source,
             }
         })?)
@@ -277,7 +278,7 @@ impl Target {
                 .user_agent(concat!("ferry-post-build/", env!("CARGO_PKG_VERSION")))
                 .build()
                 .map_err(|e| TargetError::Network {
-                    target: url.to_owned(),
+                    target: redact(url),
                     method: "client",
                     key: String::new(),
                     message: e.to_string(),
@@ -300,7 +301,7 @@ impl Target {
                     loc.profile.as_deref(),
                 )
                 .map_err(|source| TargetError::Credentials {
-                    target: url.to_owned(),
+                    target: redact(url),
                     source,
                 })?;
                 Kind::S3 {
@@ -317,6 +318,12 @@ impl Target {
         })
     }
 
+    /// The URL as logs, errors and status output show it: without `user:password@`
+    /// (issue 12 item 7; the queue keeps the URL as configured, in its 0600 database).
+    pub fn shown(&self) -> String {
+        redact(&self.url)
+    }
+
     /// The S3 access key id in use (never the secret), for `check-config`.
     pub fn s3_access_key_id(&self) -> Option<&str> {
         match &self.kind {
@@ -328,7 +335,7 @@ impl Target {
     fn io(&self, path: &Path) -> impl FnOnce(std::io::Error) -> TargetError + '_ {
         let path = path.to_owned();
         move |source| TargetError::Io {
-            target: self.url.clone(),
+            target: self.shown(),
             path,
             source,
         }
@@ -364,7 +371,7 @@ impl Target {
                     Ok(())
                 } else {
                     Err(TargetError::StoreDirMismatch {
-                        target: self.url.clone(),
+                        target: self.shown(),
                         found,
                         want: store_dir.as_str().to_owned(),
                     })
@@ -385,7 +392,7 @@ impl Target {
     ) -> Result<reqwest::Response, TargetError> {
         let (client, url, extra) = match &self.kind {
             // Callers handle `file://` themselves; never reached.
-            Kind::File(_) => return Err(TargetError::BadUrl(self.url.clone())),
+            Kind::File(_) => return Err(TargetError::BadUrl(self.shown())),
             Kind::Http { base, client } => (client, format!("{base}/{key}"), Vec::new()),
             Kind::S3 { loc, creds, client } => {
                 let path = loc.object_path(key);
@@ -474,7 +481,7 @@ impl Target {
         // The error chain says why (connect time-out, refused, reset); keep all of it.
         let message = ferry_nix::error_chain(&e);
         TargetError::Network {
-            target: self.url.clone(),
+            target: self.shown(),
             method,
             key: key.to_owned(),
             message,
@@ -498,7 +505,7 @@ impl Target {
             None
         };
         TargetError::Status {
-            target: self.url.clone(),
+            target: self.shown(),
             method,
             key: key.to_owned(),
             status,
@@ -813,5 +820,20 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    /// Issue 12 item 7: errors name a target without its credentials.
+    #[test]
+    fn errors_and_display_hide_credentials() {
+        let Err(e) = parse_url("gopher://u:hunter2@h/x") else {
+            panic!("a bad scheme parsed")
+        };
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let t = Target::new(
+            "https://u:hunter2@cache.example/up",
+            &TargetOptions::default(),
+        )
+        .expect("target");
+        assert_eq!(t.shown(), "https://***@cache.example/up");
     }
 }

@@ -404,7 +404,7 @@ pub async fn upload_closure(sh: &Arc<Shared>, root: &str) -> (Outcome, TargetRes
                 .await;
                 match r {
                     Ok(()) => {
-                        tracing::info!(target = %target.url, path = %full_path, nar_size = info.nar_size,
+                        tracing::info!(target = %target.shown(), path = %full_path, nar_size = info.nar_size,
                             compression = compression.narinfo_name(),
                             file_size = prepared.narinfo.file_size.unwrap_or(0), "uploaded");
                         lock(&sh.present).insert((t, sp.hash_part().to_owned()));

@@ -248,13 +248,7 @@ mod tests {
         let inner = Hash::sha256_of(format!("fixed:out:git:sha1:{}:", base16(&sha1)).as_bytes());
         let d = make_store_path(&sd(), "output:out", "sha256", inner.bytes(), "g");
         let path = format!("/nix/store/{}-g", nix32_encode(&d));
-        // ferry-nix's narinfo parser does not take `fixed:git:` yet: set the field directly.
-        let mut i = info(
-            &path,
-            "fixed:sha1:0000000000000000000000000000000000000009",
-            "",
-        );
-        i.ca = Some(format!("fixed:git:sha1:{}", base16(&sha1)));
+        let i = info(&path, &format!("fixed:git:sha1:{}", base16(&sha1)), "");
         assert!(is_content_addressed(&sd(), &i));
     }
 

@@ -19,17 +19,9 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// `(scheme://, userinfo, host[:port], rest)` of an http(s) URL; None without `://`.
-fn split_authority(url: &str) -> Option<(&str, Option<&str>, &str, &str)> {
-    let scheme_end = url.find("://")? + 3;
-    let (scheme, after) = url.split_at(scheme_end);
-    let auth_end = after.find(['/', '?', '#']).unwrap_or(after.len());
-    let (authority, rest) = after.split_at(auth_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => Some((scheme, Some(userinfo), host, rest)),
-        None => Some((scheme, None, authority, rest)),
-    }
-}
+/// Shared with the uploader through ferry-nix.
+pub use ferry_nix::url::redact;
+use ferry_nix::url::split_authority;
 
 /// Decodes `%XX` escapes (RFC 3986 userinfo); invalid escapes are kept as they are.
 fn percent_decode(s: &str) -> String {
@@ -68,14 +60,6 @@ pub fn split_credentials(url: &str) -> (String, Option<Credentials>) {
             )
         }
         _ => (url.to_owned(), None),
-    }
-}
-
-/// `url` with any `user:password@` replaced by `***@`, for logs and metrics.
-pub fn redact(url: &str) -> String {
-    match split_authority(url) {
-        Some((scheme, Some(_), host, rest)) => format!("{scheme}***@{host}{rest}"),
-        _ => url.to_owned(),
     }
 }
 
