@@ -6,6 +6,7 @@
 use super::Ctx;
 use super::decide::{Builder, Builders, Picked, pick, policy_for};
 use crate::health::{self, Verdict};
+use crate::probe::ConnectError;
 use crate::remote::Connection;
 use crate::select::{HealthPolicy, LocalCaps, Need};
 use crate::slots::{HeldLock, LoadDir};
@@ -13,12 +14,12 @@ use ferry_nix::machines::Machine;
 use std::collections::BTreeSet;
 
 /// A connection to `b`: `probed` if its probe opened one, else a new one within the probe
-/// budget (its outcome recorded in the builder's health). The error is a one-line reason.
+/// budget (its outcome recorded in the builder's health).
 pub(super) async fn connect(
     ctx: &Ctx<'_>,
     b: Builder<'_>,
     probed: Option<Box<Connection>>,
-) -> Result<Connection, String> {
+) -> Result<Connection, ConnectError> {
     match probed {
         Some(c) => Ok(*c),
         None => again(ctx, b).await,
@@ -26,7 +27,7 @@ pub(super) async fn connect(
 }
 
 /// A new connection to `b` within the probe budget, recorded in its health.
-pub(super) async fn again(ctx: &Ctx<'_>, b: Builder<'_>) -> Result<Connection, String> {
+pub(super) async fn again(ctx: &Ctx<'_>, b: Builder<'_>) -> Result<Connection, ConnectError> {
     ctx.prober
         .connect_recorded(b.machine, ctx.prober.tuning.probe_timeout)
         .await

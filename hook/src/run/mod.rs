@@ -241,7 +241,7 @@ impl Ctx<'_> {
     }
 
     /// Says that `m` cannot be used now (a failed probe or connect).
-    fn cannot_build_on(&self, m: &Machine, why: &str) {
+    fn cannot_build_on(&self, m: &Machine, why: &dyn std::fmt::Display) {
         self.logger.log(
             Verbosity::WARN,
             format!("cannot build on '{}': {why}", m.store_uri),
