@@ -1,5 +1,5 @@
 //! The connection to a chosen builder: the one its probe opened, or a new one over the
-//! build transport (`ssh.rs`, `russh.rs`) with the serve handshake; and, after the accept,
+//! build transport (`ssh.rs`, `russh/`) with the serve handshake; and, after the accept,
 //! another builder when the chosen one broke before the build started
 //! (docs/hook-protocol.md §7.5).
 
