@@ -2,11 +2,11 @@
 //! answer `try` requests until one is accepted, then do that build and exit.
 //!
 //! One `try` goes through three steps, each its own module:
-//! - [`decide`]: which builders fit, their health ([`probing`]: probes and the bounded wait
+//! - `decide`: which builders fit, their health (`probing`: probes and the bounded wait
 //!   for a slot), the selection under the slot locks, the reply;
-//! - [`connect`]: the connection to the chosen builder (the probe's, or a new one), and
+//! - `connect`: the connection to the chosen builder (the probe's, or a new one), and
 //!   failover to another builder after the accept;
-//! - [`transfer`]: after `# accept`, copy the inputs, build, fetch and import the outputs,
+//! - `transfer`: after `# accept`, copy the inputs, build, fetch and import the outputs,
 //!   retrying transient failures ([`crate::fault`]).
 //!
 //! Every error that ends a `try` or the process is a [`HookError`]; [`HookError::report`]
