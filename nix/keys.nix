@@ -1,6 +1,6 @@
 # Every key each Ferry binary accepts in its section of /etc/ferry/ferry.toml, as the Rust
 # structs declare them (hook/src/config.rs `HookConfig`, post-build/src/config.rs
-# `PostBuildConfig`, substituter/src/config.rs `SubstituterConfig` and `UpstreamConfig`).
+# `PostBuildConfig`, substituter/src/config.rs `SubstituterConfig`, `UpstreamConfig` and `LocalConfig`).
 # The module refuses any other key; integration/tests/nixos_module.rs checks this list
 # against the structs, so a key added to a binary must be added here too.
 {
@@ -53,6 +53,12 @@
     "cache-dir"
     "cache-max-size"
     "cache-max-age"
+    "local"
+  ];
+  local = [
+    "secret-key-files"
+    "nix-state-dir"
+    "verify-nar-hash"
   ];
   upstream = [
     "url"

@@ -147,6 +147,10 @@ let
     ([ (hostPart sub.address) "127.0.0.1" "localhost" "[::1]" ]
       ++ optionals (lib.elem sub.address wildcard) [ "0.0.0.0" "[::]" ]);
   trimSlash = u: lib.removeSuffix "/" u;
+  subUnit = "ferry-substituter";
+  # The local store's signing keys reach the service as credentials (readable by it only).
+  subKeyCredentials = lib.imap0 (i: f: { id = "local-signing-key-${toString i}"; file = f; })
+    sub.local.secretKeyFiles;
   upstreamTable = u: noNulls (removeAttrs u [ "publicKeys" ]);
   subSection = noNulls sub.settings // {
     inherit listen;
@@ -155,6 +159,11 @@ let
     cache-dir = "/var/cache/ferry-substituter";
     cache-max-size = sub.cache.maxSize;
     cache-max-age = sub.cache.maxAge;
+  } // optionalAttrs sub.local.enable {
+    local = {
+      secret-key-files = map (c: "${credDir subUnit}/${c.id}") subKeyCredentials;
+      verify-nar-hash = sub.local.verifyNarHash;
+    };
   } // optionalAttrs (sub.settings.trusted-public-keys == null) {
     # What this host's Nix trusts, including the upstreams' keys added below.
     trusted-public-keys = lib.unique config.nix.settings.trusted-public-keys;
@@ -372,6 +381,33 @@ in
         '';
         description = "The caches Ferry asks, in priority order.";
       };
+      local = {
+        enable = mkEnableOption ''
+          serving this host's own store first (`[substituter.local]`): the desktop or NAS
+          cache role of `services.nix-serve` and harmonia. Narinfos are read from Nix's
+          database (read-only) and signed on the fly, NARs are streamed from the store. Set
+          `address` and `openFirewall` to serve the LAN'';
+        secretKeyFiles = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          example = [ "/var/lib/nix-serve/cache-priv-key.pem" ];
+          description = ''
+            Nix signing keys (`nix-store --generate-binary-cache-key`; files outside the Nix
+            store). Every narinfo served from this store gets a signature by each, as `nix
+            store sign` would add it. Passed with systemd's LoadCredential: readable by the
+            service only.
+          '';
+        };
+        verifyNarHash = mkOption {
+          type = types.bool;
+          default = false;
+          description = ''
+            Check each NAR's SHA-256 against its NarHash before the last byte is sent (the
+            length is always checked, so a path collected mid-stream is never served whole).
+            Costs a core at about 2 GB/s; Nix checks the hash itself anyway.
+          '';
+        };
+      };
       cache = {
         enable = mkEnableOption "a disk cache of narinfos and NARs in /var/cache/ferry-substituter";
         maxSize = mkOption {
@@ -562,7 +598,7 @@ in
 
     (mkIf sub.enable {
       assertions = keyAssertions "services.ferry.substituter.settings" "substituter" "ferry-substituter"
-        [ "listen" "upstream" "cache-dir" "cache-max-size" "cache-max-age" ] sub.settings
+        [ "listen" "upstream" "cache-dir" "cache-max-size" "cache-max-age" "local" ] sub.settings
         ++ lib.concatMap
         (u: [
           {
@@ -583,8 +619,12 @@ in
         sub.upstreams
         ++ [
         {
-          assertion = sub.upstreams != [ ];
-          message = "services.ferry.substituter.upstreams is empty: the substituter needs at least one cache to ask.";
+          assertion = sub.upstreams != [ ] || sub.local.enable;
+          message = "services.ferry.substituter.upstreams is empty: the substituter needs at least one cache to ask (or local.enable to serve this host's store).";
+        }
+        {
+          assertion = lib.all (f: !inStore f && hasPrefix "/" f) sub.local.secretKeyFiles;
+          message = "services.ferry.substituter.local.secretKeyFiles must be absolute paths outside the Nix store (the store is world-readable).";
         }
         {
           assertion = !(sub.replaceNixSubstituters && !sub.addToNixSettings);
@@ -612,7 +652,13 @@ in
             + optionalString (sub.workers != null) " --workers ${toString sub.workers}";
           Restart = "always";
           RestartSec = 1;
-          DynamicUser = true;
+          # Serving the local store reads Nix's database: SQLite's readers of a WAL database
+          # map its index (db.sqlite-shm, root's) and create it when no writer has, so the
+          # service then runs as root, without capabilities; the database is opened
+          # read-only (substituter/src/local.rs).
+          DynamicUser = !sub.local.enable;
+          ReadWritePaths = optionals sub.local.enable [ "/nix/var/nix/db" ];
+          LoadCredential = map (c: "${c.id}:${c.file}") subKeyCredentials;
           CacheDirectory = "ferry-substituter";
           CacheDirectoryMode = "0700";
           CapabilityBoundingSet = if sub.port < 1024 then [ "CAP_NET_BIND_SERVICE" ] else "";

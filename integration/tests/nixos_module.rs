@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 mod substituter_support;
 
 const CRED_DIR: &str = "/run/credentials/ferry-post-build.service";
+const SUB_CRED_DIR: &str = "/run/credentials/ferry-substituter.service";
 
 /// The unpacked nixpkgs lib and a fake Ferry package (`bin/` links to this build's binaries).
 struct Harness {
@@ -211,13 +212,16 @@ fn toml_text(r: &Value) -> String {
 /// setups' paths), and the credentials directory in the TOML is replaced by `dir`.
 fn with_credentials(r: &Value, toml: &str, dir: &Path) -> String {
     std::fs::create_dir_all(dir).expect("credentials dir");
-    let creds = strs(&r["services"]["ferry-post-build"]["serviceConfig"]["LoadCredential"]);
+    let mut creds = strs(&r["services"]["ferry-post-build"]["serviceConfig"]["LoadCredential"]);
+    creds.extend(strs(
+        &r["services"]["ferry-substituter"]["serviceConfig"]["LoadCredential"],
+    ));
     for c in creds {
         let (id, src) = c.split_once(':').expect("id:file");
         let dst = dir.join(id);
         if Path::new(src).exists() {
             std::fs::copy(src, &dst).expect("copy credential");
-        } else if id.starts_with("signing-key") {
+        } else if id.contains("signing-key") {
             let out = Command::new(ferry_bin("ferry-post-build"))
                 .args(["keygen", &format!("test-{id}"), "--secret-file"])
                 .arg(&dst)
@@ -229,6 +233,7 @@ fn with_credentials(r: &Value, toml: &str, dir: &Path) -> String {
         }
     }
     toml.replace(CRED_DIR, &dir.display().to_string())
+        .replace(SUB_CRED_DIR, &dir.display().to_string())
 }
 
 /// The words of an `ExecStart=` line (the module never quotes).
@@ -371,9 +376,11 @@ fn seed_setups_render_what_the_binaries_accept() {
         if sections.contains_key("substituter") {
             let argv = exec_start(&r, "ferry-substituter");
             assert_eq!(argv[1], "serve", "{name}");
+            // Serving the local store reads Nix's database: root without capabilities.
+            let local = sections["substituter"].get("local").is_some();
             assert_eq!(
-                r["services"]["ferry-substituter"]["serviceConfig"]["DynamicUser"],
-                true
+                r["services"]["ferry-substituter"]["serviceConfig"]["DynamicUser"], !local,
+                "{name}"
             );
             // check-config with the same flags as the service.
             let mut c = Command::new(&argv[0]);
@@ -541,6 +548,7 @@ fn module_keys_are_the_binaries_keys() {
             "SubstituterConfig",
         ),
         ("upstream", "substituter/src/config.rs", "UpstreamConfig"),
+        ("local", "substituter/src/config.rs", "LocalConfig"),
     ] {
         let mut rust = struct_fields(file, st);
         let mut nix = strs(&keys[section]);

@@ -17,6 +17,7 @@ pub mod check;
 pub mod config;
 pub mod credentials;
 pub mod disk;
+pub mod local;
 pub mod lookup;
 pub mod lru;
 pub mod metrics;
@@ -49,6 +50,9 @@ pub async fn run(
 }
 
 fn log_upstreams(state: &State) {
+    if let Some(l) = &state.local {
+        tracing::info!(store = %l.store_dir(), keys = state.settings.local.as_ref().map_or(0, |s| s.keys.len()), "serving this host's store first");
+    }
     for u in &state.upstreams {
         tracing::info!(upstream = %u.settings.display, priority = u.settings.priority, "upstream");
     }

@@ -100,6 +100,24 @@ fn main() -> anyhow::Result<()> {
                     "warning: Ferry's trusted-public-keys differ from Nix's: set them in nix.conf only"
                 );
             }
+            match &s.local {
+                Some(l) => println!(
+                    "local store: {} (database {}), signing keys: {}, verify-nar-hash {}",
+                    s.store_dir,
+                    l.db.display(),
+                    if l.keys.is_empty() {
+                        "(none: paths without signatures are served unsigned)".to_owned()
+                    } else {
+                        l.keys
+                            .iter()
+                            .map(|k| k.name().to_owned())
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    },
+                    l.verify_nar_hash
+                ),
+                None => println!("local store: off"),
+            }
             match &s.disk {
                 Some(d) => println!(
                     "disk cache {} max-size {} bytes max-age {:?}",

@@ -77,6 +77,21 @@ pub struct Metrics {
     pub nar_not_found: Counter,
 }
 
+/// The local store's counters (`[substituter.local]`).
+#[derive(Debug, Default)]
+pub struct LocalMetrics {
+    /// Narinfos served from the store.
+    pub narinfo_hits: Counter,
+    /// Narinfo requests for paths not valid here (then the upstreams are asked).
+    pub narinfo_misses: Counter,
+    pub nar_requests: Counter,
+    pub nar_bytes: Counter,
+    /// NAR streams aborted because the path changed or vanished (garbage-collected).
+    pub nar_aborts: Counter,
+    /// Database errors.
+    pub errors: Counter,
+}
+
 /// One upstream's row, for rendering.
 pub struct UpstreamView<'a> {
     pub url: &'a str,
@@ -88,7 +103,12 @@ pub struct UpstreamView<'a> {
 /// The disk cache's counters and its (entries, bytes), when it is enabled.
 pub type DiskView<'a> = Option<(&'a crate::disk::DiskMetrics, (usize, u64))>;
 
-pub fn render(m: &Metrics, ups: &[UpstreamView<'_>], disk: DiskView<'_>) -> String {
+pub fn render(
+    m: &Metrics,
+    ups: &[UpstreamView<'_>],
+    disk: DiskView<'_>,
+    local: Option<&LocalMetrics>,
+) -> String {
     let mut s = String::with_capacity(4096);
     let mut counter = |name: &str, help: &str, v: u64| {
         let _ = writeln!(s, "# HELP ferry_substituter_{name} {help}");
@@ -146,6 +166,42 @@ pub fn render(m: &Metrics, ups: &[UpstreamView<'_>], disk: DiskView<'_>) -> Stri
         "NAR requests answered 404",
         m.nar_not_found.get(),
     );
+    if let Some(l) = local {
+        for (name, help, v) in [
+            (
+                "local_narinfo_hits_total",
+                "narinfos served from this host's store",
+                &l.narinfo_hits,
+            ),
+            (
+                "local_narinfo_misses_total",
+                "narinfo requests for paths not valid in this host's store",
+                &l.narinfo_misses,
+            ),
+            (
+                "local_nar_requests_total",
+                "NAR requests served from this host's store",
+                &l.nar_requests,
+            ),
+            (
+                "local_nar_bytes_total",
+                "NAR bytes sent from this host's store",
+                &l.nar_bytes,
+            ),
+            (
+                "local_nar_aborts_total",
+                "local NAR streams aborted: the path changed or vanished while it was served",
+                &l.nar_aborts,
+            ),
+            (
+                "local_errors_total",
+                "errors reading Nix's database",
+                &l.errors,
+            ),
+        ] {
+            counter(name, help, v.get());
+        }
+    }
     if let Some((d, (entries, bytes))) = disk {
         counter(
             "disk_narinfo_hits_total",
@@ -254,8 +310,25 @@ pub fn render(m: &Metrics, ups: &[UpstreamView<'_>], disk: DiskView<'_>) -> Stri
 }
 
 /// The human summary printed by `ferry-substituter status`.
-pub fn render_status(m: &Metrics, ups: &[UpstreamView<'_>], disk: DiskView<'_>) -> String {
+pub fn render_status(
+    m: &Metrics,
+    ups: &[UpstreamView<'_>],
+    disk: DiskView<'_>,
+    local: Option<&LocalMetrics>,
+) -> String {
     let mut s = String::new();
+    if let Some(l) = local {
+        let _ = writeln!(
+            s,
+            "local store: {} narinfo hits, {} misses; {} NARs, {} bytes, {} aborted (path changed or collected); {} database errors",
+            l.narinfo_hits.get(),
+            l.narinfo_misses.get(),
+            l.nar_requests.get(),
+            l.nar_bytes.get(),
+            l.nar_aborts.get(),
+            l.errors.get()
+        );
+    }
     let _ = writeln!(
         s,
         "narinfo: {} hits, {} misses ({} from the negative cache, {} incomplete), {} unknown (503), {} from the narinfo cache",
@@ -330,6 +403,7 @@ mod tests {
                 breaker: 1,
                 metrics: &um,
             }],
+            None,
             None,
         );
         assert!(text.contains("ferry_substituter_narinfo_hits_total 1\n"));

@@ -54,7 +54,7 @@ fn not_found() -> Response<Body> {
 
 /// The response head for a file of `total` bytes (if known) and the requested range: status,
 /// `Content-Length`, `Content-Range`, `Accept-Ranges`.
-fn frame(range: Option<(u64, Option<u64>)>, total: Option<u64>) -> Framed {
+pub(crate) fn frame(range: Option<(u64, Option<u64>)>, total: Option<u64>) -> Framed {
     let mut resp = Response::new(Body::empty());
     let h = resp.headers_mut();
     h.insert(
@@ -95,7 +95,7 @@ fn frame(range: Option<(u64, Option<u64>)>, total: Option<u64>) -> Framed {
     Framed::Body(resp, end_excl)
 }
 
-enum Framed {
+pub(crate) enum Framed {
     /// The head, and the offset to stop at (exclusive).
     Body(Response<Body>, Option<u64>),
     /// A complete answer (416).

@@ -25,6 +25,8 @@ pub struct State {
     pub routes: moka::future::Cache<String, Route>,
     /// The disk cache, when `cache-dir` is set.
     pub disk: Option<Arc<DiskCache>>,
+    /// This host's store, when `[substituter.local]` is set: asked before everything else.
+    pub local: Option<crate::local::LocalStore>,
     cache_info: String,
 }
 
@@ -45,6 +47,8 @@ pub struct Route {
 pub enum StateError {
     #[error("HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+    #[error("local store: {0}")]
+    Local(#[from] crate::local::LocalError),
     #[error("disk cache {}: {error}", dir.display())]
     Disk {
         dir: std::path::PathBuf,
@@ -75,7 +79,20 @@ impl State {
                 })
             })
             .transpose()?;
+        let local = settings
+            .local
+            .as_ref()
+            .map(|l| {
+                crate::local::LocalStore::open(
+                    settings.store_dir.clone(),
+                    l.db.clone(),
+                    l.keys.clone(),
+                    l.verify_nar_hash,
+                )
+            })
+            .transpose()?;
         Ok(Arc::new(State {
+            local,
             disk,
             answers: answer_cache(settings.positive_ttl, settings.negative_ttl),
             // Weighed by bytes, not counted: a route's key is an upstream's `URL:` (issue 12
@@ -148,6 +165,7 @@ pub(crate) async fn handle(
                 &state.metrics,
                 &state.views(),
                 state.disk.as_deref().map(|d| (&d.metrics, d.usage())),
+                state.local.as_ref().map(|l| &l.metrics),
             ),
         ),
         Request::Status => text(
@@ -157,10 +175,50 @@ pub(crate) async fn handle(
                 &state.metrics,
                 &state.views(),
                 state.disk.as_deref().map(|d| (&d.metrics, d.usage())),
+                state.local.as_ref().map(|l| &l.metrics),
             ),
         ),
         Request::NarInfo(hash) => {
+            // This host's store first, never cached: a path is served the moment it is
+            // valid, and not a moment after it was collected.
+            let mut unsigned = None;
+            let mut local_failed = false;
+            if let Some(local) = &state.local {
+                match local.narinfo_cached(&hash).await {
+                    Ok(Some(n)) if n.signed => {
+                        local.metrics.narinfo_hits.inc();
+                        state.metrics.narinfo_hits.inc();
+                        return narinfo_response(n.body);
+                    }
+                    // Unsigned and not content-addressed: a client requiring signatures
+                    // would skip it, so a signed copy upstream is preferred ("Trust before
+                    // priority"); it is served when no upstream has one.
+                    Ok(Some(n)) => unsigned = Some(n.body),
+                    Ok(None) => local.metrics.narinfo_misses.inc(),
+                    Err(error) => {
+                        local.metrics.errors.inc();
+                        local_failed = true;
+                        tracing::warn!(%hash, %error, "local store lookup failed");
+                    }
+                }
+            }
             let r = small(&state, Key::NarInfo(hash), "text/x-nix-narinfo").await;
+            let r = match (r.status(), unsigned) {
+                (StatusCode::OK, _) => r,
+                (_, Some(body)) => {
+                    if let Some(l) = &state.local {
+                        l.metrics.narinfo_hits.inc();
+                    }
+                    narinfo_response(body)
+                }
+                // The store may hold the path but could not be read: a 404 would be a false
+                // miss that Nix remembers for an hour, a 503 is retried.
+                (StatusCode::NOT_FOUND, None) if local_failed => {
+                    state.metrics.unknown_answers.inc();
+                    status_only(StatusCode::SERVICE_UNAVAILABLE)
+                }
+                _ => r,
+            };
             if r.status() == StatusCode::OK {
                 state.metrics.narinfo_hits.inc();
             } else {
@@ -176,9 +234,48 @@ pub(crate) async fn handle(
             };
             small(&state, Key::Other(key), ct).await
         }
-        Request::Nar(key) => crate::nar::serve(state, key, method, &parts.headers).await,
+        Request::Nar(key) => {
+            if let Some(local) = &state.local
+                && crate::local::parse_nar_key(&key).is_some()
+            {
+                match local.nar(&key) {
+                    Ok(Some(info)) => {
+                        let range = parts
+                            .headers
+                            .get(header::RANGE)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(crate::nar::parse_range);
+                        state.metrics.nar_requests.inc();
+                        let head = method == Method::HEAD;
+                        return crate::local::serve_nar(
+                            Arc::clone(&state),
+                            local,
+                            info,
+                            range,
+                            head,
+                        )
+                        .await;
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        local.metrics.errors.inc();
+                        tracing::warn!(%key, %error, "local store lookup failed");
+                    }
+                }
+            }
+            crate::nar::serve(state, key, method, &parts.headers).await
+        }
         Request::Unknown => status_only(StatusCode::NOT_FOUND),
     }
+}
+
+fn narinfo_response(body: bytes::Bytes) -> Response<Body> {
+    let mut r = Response::new(Body::from(body));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/x-nix-narinfo"),
+    );
+    r
 }
 
 /// A small object through the race: 200 with the body, 404 when every upstream that could

@@ -6,10 +6,16 @@ usage: bench_client.py latency URL N    N sequential GETs on one keep-alive conn
        bench_client.py each URL...      one GET per URL on one connection per host;
                                         prints each latency in milliseconds
        bench_client.py throughput URL N N sequential downloads of URL; prints MiB/s
+       bench_client.py concurrent URL C S
+                                        C keep-alive connections (one thread each) GET URL
+                                        for S seconds; prints p50/p99 in microseconds and
+                                        requests per second (Python's GIL makes the client
+                                        the bottleneck: compare servers, not absolutes)
 """
 import http.client
 import json
 import sys
+import threading
 import time
 import urllib.parse
 
@@ -65,3 +71,36 @@ elif mode == "throughput":
         assert status == 200, status
         total += got
     print(json.dumps({"mib_s": total / (1 << 20) / (time.perf_counter() - t), "bytes": total}))
+elif mode == "concurrent":
+    url, conns, secs = sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+    lat = []
+    lock = threading.Lock()
+    start = threading.Barrier(conns + 1)
+
+    def worker():
+        c, path = conn(url)
+        get(c, path)
+        mine = []
+        start.wait()
+        end = time.perf_counter() + secs
+        while True:
+            t = time.perf_counter()
+            if t >= end:
+                break
+            status, _ = get(c, path)
+            mine.append((time.perf_counter() - t) * 1e6)
+            assert status == 200, status
+        with lock:
+            lat.extend(mine)
+
+    ts = [threading.Thread(target=worker) for _ in range(conns)]
+    for t in ts:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in ts:
+        t.join()
+    el = time.perf_counter() - t0
+    lat.sort()
+    n = len(lat)
+    print(json.dumps({"p50_us": lat[n // 2], "p99_us": lat[int(n * 0.99)], "rps": n / el}))
