@@ -15,5 +15,44 @@ pub mod nixconf;
 pub mod serve;
 pub mod signing;
 pub mod store_path;
+pub mod store_uri;
 pub mod url;
 pub mod wire;
+
+/// An error and its sources, `outer: inner: …`: for errors whose own message leaves the
+/// cause to its source (reqwest's "error sending request" over "connection refused").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn error_chain_names_every_source() {
+        let inner = std::io::Error::other("connection refused");
+        assert_eq!(
+            super::error_chain(&Wrap(inner)),
+            "sending: connection refused"
+        );
+    }
+
+    #[derive(Debug)]
+    struct Wrap(std::io::Error);
+    impl std::fmt::Display for Wrap {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("sending")
+        }
+    }
+    impl std::error::Error for Wrap {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+}

@@ -24,6 +24,7 @@
 //!   for a hook), exactly as Nix passes it to `readFile`.
 
 use crate::nixconf::{FileLoader, MAX_INCLUDE_DEPTH, RealFs, normalize_path};
+use crate::store_uri::StoreUri;
 use base64::Engine as _;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use std::collections::BTreeSet;
@@ -202,17 +203,21 @@ pub fn normalize_store_uri(uri: &str) -> String {
 impl Machine {
     /// The scheme (`ssh`, `ssh-ng`, …), or `None` for `auto`, `daemon`, `local`, paths.
     pub fn scheme(&self) -> Option<&str> {
-        self.store_uri.split_once("://").map(|(s, _)| s)
+        self.uri().scheme()
+    }
+
+    /// The store URI, parsed.
+    pub fn uri(&self) -> StoreUri<'_> {
+        StoreUri::parse(&self.store_uri)
     }
 
     /// The `user@host[:port]` part of an `ssh://` or `ssh-ng://` URI.
     pub fn host(&self) -> Option<&str> {
-        let (scheme, rest) = self.store_uri.split_once("://")?;
-        if scheme != "ssh" && scheme != "ssh-ng" {
-            return None;
+        let uri = self.uri();
+        match uri.scheme()? {
+            "ssh" | "ssh-ng" => uri.authority(),
+            _ => None,
         }
-        let end = rest.find(['/', '?']).unwrap_or(rest.len());
-        rest.get(..end).filter(|h| !h.is_empty())
     }
 
     /// `Machine::systemSupported`: `builtin` derivations run anywhere.

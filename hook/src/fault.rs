@@ -19,7 +19,7 @@
 //!   `Connection closed by <addr> port <port>` before authentication (`MaxStartups`);
 //! - `Resource temporarily unavailable` (a `fork` or socket that hit a passing limit).
 
-use crate::remote::RemoteError;
+use crate::remote::{RemoteError, is_local_side};
 use ferry_nix::serve::ServeError;
 use std::time::Duration;
 
@@ -97,7 +97,9 @@ pub fn transient_in(text: &str) -> Option<Transient> {
     None
 }
 
-/// Classifies `e`, with `remote_stderr` (what the builder's side printed, often the only
+/// The one classification of a failure after the accept: transient (retry), the builder's
+/// (counts against its health; before the build starts another builder may take over), or
+/// final. Classifies `e`, with `remote_stderr` (what the builder's side printed, often the only
 /// place the cause is named: the serve protocol has no error replies outside build
 /// results). Transient causes are looked for in what the builder said (its stderr, a build
 /// result's message, a handshake error's captured stderr) and in the kind of a socket error,
@@ -111,10 +113,11 @@ pub fn classify(e: &RemoteError, remote_stderr: &str) -> Fault {
             Some(t) => Fault::Transient(t),
             None => Fault::Final,
         },
+        // Errors about our side of the exchange: what we sent or where we wrote.
+        RemoteError::Serve(s) if is_local_side(s) => Fault::Final,
+        // The builder's or the link's: it did not speak the protocol, or the connection
+        // broke.
         RemoteError::Serve(s) => {
-            if !e.is_builder_fault() {
-                return Fault::Final;
-            }
             if let Some(t) = transient_in(remote_stderr) {
                 return Fault::Transient(t);
             }

@@ -3,7 +3,8 @@
 //!
 //! Layers, outermost first:
 //! - [`protocol`]: the hook protocol adapter (argv, settings, `try`, replies, `@nix` logs);
-//! - [`run`]: orchestration of one hook process;
+//! - [`run`]: orchestration of one hook process: decide, connect, transfer, and the one
+//!   mapping of a [`run::HookError`] to a reply and an exit status;
 //! - [`select`]: the pure selection policy; [`slots`]: the shared slot locks;
 //! - [`health`]: the builders' health state machine (pure); [`health_store`]: that state on
 //!   disk, shared by every hook; [`probe`]: reaching builders within a deadline;

@@ -21,6 +21,7 @@ use ferry_nix::derivation::{Derivation, DerivationError};
 use ferry_nix::hash::Hash;
 use ferry_nix::serve::PathInfo;
 use ferry_nix::store_path::{StoreDir, StorePath, StorePathError};
+use ferry_nix::store_uri::StoreUri;
 use ferry_nix::wire::WireWriter;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -377,13 +378,10 @@ impl LocalStore {
     /// (`local?root=/r`, Nix 2.8 `LocalFSStore::toRealPath`), else the logical path.
     pub fn real_path(&self, p: &StorePath) -> PathBuf {
         let logical = self.display(p);
-        let root = self.store.as_deref().and_then(|s| {
-            let (_, query) = s.split_once('?')?;
-            query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("root="))
-                .filter(|r| !r.is_empty())
-        });
+        let root = self
+            .store
+            .as_deref()
+            .and_then(|s| StoreUri::parse(s).param_set("root"));
         match root {
             Some(r) => PathBuf::from(format!("{}{logical}", r.trim_end_matches('/'))),
             None => PathBuf::from(logical),
@@ -465,16 +463,13 @@ impl LocalStore {
         let Some(uri) = self.store.as_deref() else {
             return true;
         };
-        let (scheme, query) = uri.split_once('?').unwrap_or((uri, ""));
+        let uri = StoreUri::parse(uri);
         // Nix 2.34 hands the hook `store` rendered as a URI, `local://?root=/r` for
         // `local?root=/r` (ferry-nix/tests/golden/wire/nix-2.34/hook-stdin.bin;
         // https://github.com/NixOS/nix/blob/2.34.0/src/libstore/store-reference.cc).
-        let scheme = scheme.strip_suffix("://").unwrap_or(scheme);
-        let local = matches!(scheme, "auto" | "local" | "daemon") || scheme.starts_with("unix://");
-        local
-            && !query
-                .split('&')
-                .any(|kv| kv.starts_with("real=") || kv.starts_with("store="))
+        let name = uri.scheme().unwrap_or(uri.base());
+        let local = matches!(name, "auto" | "local" | "daemon") || uri.scheme() == Some("unix");
+        local && !uri.params().any(|(k, _)| k == "real" || k == "store")
     }
 
     /// The NAR of `path`, streamed. Written in this process from the file system when the

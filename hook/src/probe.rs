@@ -14,9 +14,9 @@
 use crate::config::{TransportKind, Tuning};
 use crate::health::{self, Verdict};
 use crate::health_store::{HealthStore, ProbeLock};
-use crate::remote::{self, Connection};
+use crate::remote::{self, Connection, RemoteError};
 use crate::russh::{Progress, Russh};
-use crate::ssh::{OpenSsh, Transport};
+use crate::ssh::{OpenSsh, SshError, Transport};
 use ferry_nix::machines::Machine;
 use std::io::Write as _;
 use std::os::unix::process::CommandExt as _;
@@ -33,13 +33,34 @@ pub struct Prober {
     pub tuning: Tuning,
 }
 
+/// Why a builder could not be reached. Its text is what the builder's health records and
+/// what "cannot build on" messages show.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// SSH could not connect or log in.
+    #[error(transparent)]
+    Transport(#[from] SshError),
+    /// russh failed where OpenSSH's configuration might have helped, and OpenSSH failed too.
+    #[error("{openssh} (and over russh: {russh})")]
+    BothTransports { openssh: SshError, russh: SshError },
+    /// Logged in, but the `nix-store --serve` handshake failed.
+    #[error(transparent)]
+    Handshake(Box<RemoteError>),
+    /// No answer within the budget; `stage` says how far it got.
+    #[error("no answer within {ms} ms ({stage})")]
+    Timeout { ms: u128, stage: String },
+    /// Another hook's probe found it down meanwhile: the reason that hook recorded.
+    #[error("{0}")]
+    Recorded(String),
+}
+
 /// What a probe found.
 pub enum Outcome {
     /// Reached; the connection is ready for a build (`None` when another hook's fresh probe
     /// said the builder is up and this one did not connect itself).
     Up(Option<Box<Connection>>),
     /// Not reachable; the reason was recorded.
-    Down(String),
+    Down(ConnectError),
     /// Not probed (another hook is probing it, or it is backing off).
     Skipped,
 }
@@ -61,7 +82,7 @@ impl Prober {
         &self,
         m: &Machine,
         budget: Duration,
-    ) -> Result<(Connection, f64), String> {
+    ) -> Result<(Connection, f64), ConnectError> {
         self.connect_via(self.tuning.build_transport, m, budget)
             .await
             .map(|(c, l, _)| (c, l))
@@ -84,32 +105,33 @@ impl Prober {
         via: TransportKind,
         m: &Machine,
         budget: Duration,
-    ) -> Result<(Connection, f64, TransportKind), String> {
+    ) -> Result<(Connection, f64, TransportKind), ConnectError> {
         let start = Instant::now();
         let via = self.transport_for(via, m);
         let progress = Progress::default();
         let attempt = async {
             let (session, used) = match via {
-                TransportKind::Openssh => {
-                    (self.ssh.connect(m).await.map_err(|e| e.to_string())?, via)
-                }
+                TransportKind::Openssh => (self.ssh.connect(m).await?, via),
                 TransportKind::Russh => match self.russh.open(m, &progress).await {
                     Ok(s) => (s, via),
                     Err(e) if e.openssh_might_work() => {
                         progress.set("OpenSSH, after russh failed");
-                        let s = self.ssh.connect(m).await.map_err(|e2| {
-                            format!("{e2} (and over russh: {})", e.into_ssh_error(m))
+                        let s = self.ssh.connect(m).await.map_err(|openssh| {
+                            ConnectError::BothTransports {
+                                openssh,
+                                russh: e.into_ssh_error(m),
+                            }
                         })?;
                         (s, TransportKind::Openssh)
                     }
-                    Err(e) => return Err(e.into_ssh_error(m).to_string()),
+                    Err(e) => return Err(e.into_ssh_error(m).into()),
                 },
             };
             progress.set("the nix-store --serve handshake");
             remote::open(&m.store_uri, session)
                 .await
                 .map(|c| (c, used))
-                .map_err(|e| e.to_string())
+                .map_err(|e| ConnectError::Handshake(Box::new(e)))
         };
         // The configured budget, not what was left of it, so one outage reads the same in
         // every message.
@@ -121,13 +143,14 @@ impl Prober {
         match tokio::time::timeout(budget, attempt).await {
             Ok(Ok((c, used))) => Ok((c, start.elapsed().as_secs_f64() * 1000.0, used)),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(match via {
-                TransportKind::Openssh => format!(
-                    "no answer within {ms} ms (SSH connect and login, then the nix-store --serve handshake)"
-                ),
-                TransportKind::Russh => {
-                    format!("no answer within {ms} ms (still in {})", progress.get())
-                }
+            Err(_) => Err(ConnectError::Timeout {
+                ms,
+                stage: match via {
+                    TransportKind::Openssh => {
+                        "SSH connect and login, then the nix-store --serve handshake".to_owned()
+                    }
+                    TransportKind::Russh => format!("still in {}", progress.get()),
+                },
             }),
         }
     }
@@ -151,7 +174,7 @@ impl Prober {
         &self,
         m: &Machine,
         budget: Duration,
-    ) -> Result<Connection, String> {
+    ) -> Result<Connection, ConnectError> {
         self.connect_recorded_via(self.tuning.build_transport, m, budget)
             .await
             .map(|(c, _)| c)
@@ -162,14 +185,14 @@ impl Prober {
         via: TransportKind,
         m: &Machine,
         budget: Duration,
-    ) -> Result<(Connection, TransportKind), String> {
+    ) -> Result<(Connection, TransportKind), ConnectError> {
         match self.connect_via(via, m, budget).await {
             Ok((c, latency, used)) => {
                 self.record_up(&m.store_uri, Some(latency));
                 Ok((c, used))
             }
             Err(e) => {
-                self.record_down(&m.store_uri, &e);
+                self.record_down(&m.store_uri, &e.to_string());
                 // Whichever transport found the builder down, OpenSSH's master may be
                 // stuck on the same dead link: the next build must not go through it.
                 let ssh = self.ssh.clone();
@@ -187,7 +210,7 @@ impl Prober {
         &self,
         m: &Machine,
         budget: Duration,
-    ) -> Result<Option<Connection>, String> {
+    ) -> Result<Option<Connection>, ConnectError> {
         let (c, used) = self
             .connect_recorded_via(self.tuning.probe_transport, m, budget)
             .await?;
@@ -225,7 +248,9 @@ impl Prober {
                             match h.verdict(health::now_ms(), &self.tuning) {
                                 Verdict::Healthy => return Outcome::Up(None),
                                 Verdict::BackingOff { .. } => {
-                                    return Outcome::Down(h.last_error.unwrap_or_default());
+                                    return Outcome::Down(ConnectError::Recorded(
+                                        h.last_error.unwrap_or_default(),
+                                    ));
                                 }
                                 Verdict::Probe => {}
                             }
@@ -395,7 +420,34 @@ pub fn hand_off(machines: &[&Machine]) {
 
 #[cfg(test)]
 mod tests {
-    use super::worth_waiting;
+    use super::{ConnectError, worth_waiting};
+    use crate::ssh::SshError;
+
+    /// The texts are what health records and messages show, as they were as strings.
+    #[test]
+    fn connect_errors_read_as_before() {
+        let timeout = ConnectError::Timeout {
+            ms: 3000,
+            stage: "still in the SSH handshake".into(),
+        };
+        assert_eq!(
+            timeout.to_string(),
+            "no answer within 3000 ms (still in the SSH handshake)"
+        );
+        let refused = |why: &str| SshError::Connect {
+            host: "b1".into(),
+            reason: why.into(),
+        };
+        let both = ConnectError::BothTransports {
+            openssh: refused("refused"),
+            russh: refused("no route"),
+        };
+        assert_eq!(
+            both.to_string(),
+            "cannot connect to 'b1': refused (and over russh: cannot connect to 'b1': no route)"
+        );
+        assert_eq!(ConnectError::Recorded("gone".into()).to_string(), "gone");
+    }
 
     #[test]
     fn waits_only_for_builders_that_could_be_preferred() {

@@ -9,8 +9,8 @@
 //! `src/nix/build-remote/build-remote.cc`; `src/libutil/logging.cc` (`JSONLogger`).
 
 use ferry_nix::wire::{AsyncWireReader, Settings, WireError};
+use serde::Serialize;
 use std::collections::BTreeSet;
-use std::fmt::Write as _;
 use thiserror::Error;
 use tokio::io::AsyncRead;
 
@@ -39,7 +39,8 @@ pub enum ProtocolError {
 }
 
 /// Nix's `Verbosity` (`src/libutil/logging.hh`): `lvlError = 0` … `lvlVomit = 7`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
 pub struct Verbosity(pub u8);
 
 impl Verbosity {
@@ -191,14 +192,17 @@ pub const RES_BUILD_LOG_LINE: u64 = 101;
 
 /// A field of a `start` or `result` message. Nix 2.8 accepts only unsigned integers and
 /// strings there (`handleJSONLogMessage` throws on anything else).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
 pub enum Field {
     Int(u64),
     Str(String),
 }
 
-/// One `@nix` JSON log message (docs/hook-protocol.md §1.7; 2.8 `JSONLogger`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One `@nix` JSON log message (docs/hook-protocol.md §1.7; 2.8 `JSONLogger`), serialised
+/// with its fields in Nix's order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "lowercase")]
 pub enum NixLog {
     Msg {
         level: Verbosity,
@@ -207,12 +211,14 @@ pub enum NixLog {
     Start {
         id: u64,
         level: Verbosity,
+        #[serde(rename = "type")]
         activity: u64,
         text: String,
         fields: Vec<Field>,
     },
     Result {
         id: u64,
+        #[serde(rename = "type")]
         result: u64,
         fields: Vec<Field>,
     },
@@ -222,80 +228,13 @@ pub enum NixLog {
 }
 
 impl NixLog {
-    /// `@nix {…}\n`, one line.
+    /// `@nix {…}\n`, one line: JSON escapes every control character, so a message with
+    /// newlines stays on its line.
     pub fn render(&self) -> String {
-        let mut s = String::from("@nix {");
-        match self {
-            NixLog::Msg { level, msg } => {
-                let _ = write!(s, "\"action\":\"msg\",\"level\":{},\"msg\":", level.0);
-                json_str(&mut s, msg);
-            }
-            NixLog::Start {
-                id,
-                level,
-                activity,
-                text,
-                fields,
-            } => {
-                let _ = write!(
-                    s,
-                    "\"action\":\"start\",\"id\":{id},\"level\":{},\"type\":{activity},\"text\":",
-                    level.0
-                );
-                json_str(&mut s, text);
-                s.push_str(",\"fields\":");
-                json_fields(&mut s, fields);
-            }
-            NixLog::Result { id, result, fields } => {
-                let _ = write!(
-                    s,
-                    "\"action\":\"result\",\"id\":{id},\"type\":{result},\"fields\":"
-                );
-                json_fields(&mut s, fields);
-            }
-            NixLog::Stop { id } => {
-                let _ = write!(s, "\"action\":\"stop\",\"id\":{id}");
-            }
-        }
-        s.push_str("}\n");
-        s
+        // Serialising plain strings and integers cannot fail.
+        let json = serde_json::to_string(self).unwrap_or_default();
+        format!("@nix {json}\n")
     }
-}
-
-fn json_fields(s: &mut String, fields: &[Field]) {
-    s.push('[');
-    for (i, f) in fields.iter().enumerate() {
-        if i > 0 {
-            s.push(',');
-        }
-        match f {
-            Field::Int(n) => {
-                let _ = write!(s, "{n}");
-            }
-            Field::Str(t) => json_str(s, t),
-        }
-    }
-    s.push(']');
-}
-
-/// A JSON string literal (RFC 8259 §7): quote, backslash and control characters escaped.
-/// The output never contains a raw newline, so a message stays on its `@nix` line.
-fn json_str(s: &mut String, text: &str) {
-    s.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => s.push_str("\\\""),
-            '\\' => s.push_str("\\\\"),
-            '\n' => s.push_str("\\n"),
-            '\r' => s.push_str("\\r"),
-            '\t' => s.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(s, "\\u{:04x}", c as u32);
-            }
-            c => s.push(c),
-        }
-    }
-    s.push('"');
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use ferry_nix::derivation::{Derivation, OutputKind};
 pub use ferry_nix::serve::BuildOptions;
 use ferry_nix::serve::{BuildStatus, PathInfo, ServeClient, ServeError};
 use ferry_nix::store_path::{StoreDir, StorePath, StorePathError};
+use ferry_nix::store_uri::StoreUri;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
@@ -96,26 +97,8 @@ fn stderr_suffix(stderr: &str) -> String {
     }
 }
 
+// Whether to retry a `RemoteError`, and whose fault it is: `crate::fault::classify`.
 impl RemoteError {
-    /// The failure is the builder's or the link's (it could not be reached, did not speak
-    /// the protocol, or the connection broke), not the build's or the local store's: it
-    /// counts against the builder's health, and before the build starts another builder
-    /// may take over.
-    pub fn is_builder_fault(&self) -> bool {
-        match self {
-            RemoteError::CommandNotFound { .. }
-            | RemoteError::Handshake { .. }
-            | RemoteError::Timeout { .. } => true,
-            // Errors about our side of the exchange: what we sent or where we wrote.
-            RemoteError::Serve(e) => !is_local_side(e),
-            RemoteError::Local(_)
-            | RemoteError::BuildFailed { .. }
-            | RemoteError::MissingOutput { .. }
-            | RemoteError::Derivation { .. }
-            | RemoteError::BadPath(_) => false,
-        }
-    }
-
     /// The hook's exit status for this failure (docs/hook-protocol.md §1.8): 101 → `TimedOut`,
     /// 100 → permanent failure on Nix ≤ 2.28; any other non-zero is `MiscFailure`.
     pub fn exit_code(&self) -> i32 {
@@ -358,18 +341,14 @@ pub struct Connection {
 
 /// The program a store URI runs on the builder (`remote-program`, default `nix-store`).
 fn remote_program(uri: &str) -> String {
-    uri.split_once('?')
-        .and_then(|(_, q)| {
-            q.split('&')
-                .find_map(|kv| kv.strip_prefix("remote-program="))
-                .filter(|p| !p.is_empty())
-        })
+    StoreUri::parse(uri)
+        .param_set("remote-program")
         .unwrap_or("nix-store")
         .to_owned()
 }
 
 /// Errors of a serve call that are about our side of it (what we asked or sent).
-fn is_local_side(e: &ServeError) -> bool {
+pub(crate) fn is_local_side(e: &ServeError) -> bool {
     matches!(
         e,
         ServeError::BadRequest { .. }
@@ -829,7 +808,10 @@ mod tests {
         assert_eq!(f(BuildStatus::OutputRejected).exit_code(), 100);
         assert_eq!(f(BuildStatus::MiscFailure).exit_code(), 1);
         assert_eq!(f(BuildStatus::Unknown(77)).exit_code(), 1);
-        assert!(!f(BuildStatus::MiscFailure).is_builder_fault());
+        assert_eq!(
+            crate::fault::classify(&f(BuildStatus::MiscFailure), ""),
+            crate::fault::Fault::Final
+        );
     }
 
     #[test]
@@ -876,7 +858,7 @@ mod tests {
             .await
             .expect_err("silent call");
         assert!(e.to_string().contains("nothing moved"), "{e}");
-        assert!(e.is_builder_fault());
+        assert_eq!(crate::fault::classify(&e, ""), crate::fault::Fault::Builder);
         assert_eq!(t.elapsed(), Duration::from_secs(5));
 
         // Busy for 12 s (activity every second), then done: the idle limit never fires.

@@ -193,21 +193,12 @@ pub fn shell_escape(s: &str) -> String {
 /// <https://github.com/NixOS/nix/blob/2.8.0/src/libstore/legacy-ssh-store.cc>);
 /// `remote-program` is not, also as in Nix: it may carry arguments of its own.
 pub fn remote_command(machine: &Machine) -> Vec<String> {
-    let mut program = "nix-store".to_owned();
-    let mut store = None;
-    if let Some((_, query)) = machine.store_uri.split_once('?') {
-        for kv in query.split('&') {
-            match kv.split_once('=') {
-                Some(("remote-program", v)) if !v.is_empty() => program = v.to_owned(),
-                Some(("remote-store", v)) if !v.is_empty() => store = Some(v.to_owned()),
-                _ => {}
-            }
-        }
-    }
-    let mut cmd = vec![program, "--serve".into(), "--write".into()];
-    if let Some(s) = store {
+    let uri = machine.uri();
+    let program = uri.param_set("remote-program").unwrap_or("nix-store");
+    let mut cmd = vec![program.to_owned(), "--serve".into(), "--write".into()];
+    if let Some(s) = uri.param_set("remote-store") {
         cmd.push("--store".into());
-        cmd.push(shell_escape(&s));
+        cmd.push(shell_escape(s));
     }
     cmd
 }

@@ -479,12 +479,7 @@ impl Target {
 
     fn net(&self, method: &'static str, key: &str, e: reqwest::Error) -> TargetError {
         // The error chain says why (connect time-out, refused, reset); keep all of it.
-        let mut message = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            message += &format!(": {s}");
-            src = s.source();
-        }
+        let message = ferry_nix::error_chain(&e);
         TargetError::Network {
             target: self.shown(),
             method,

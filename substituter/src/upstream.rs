@@ -133,21 +133,10 @@ fn classify_reqwest(e: &reqwest::Error) -> FetchError {
     if e.is_timeout() {
         FetchError::Timeout
     } else if e.is_connect() {
-        FetchError::Connect(error_chain(e))
+        FetchError::Connect(ferry_nix::error_chain(e))
     } else {
-        FetchError::Transfer(error_chain(e))
+        FetchError::Transfer(ferry_nix::error_chain(e))
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 impl Upstream {
@@ -532,7 +521,7 @@ impl Upstream {
                 };
                 let stream = resp
                     .bytes_stream()
-                    .map(|r| r.map_err(|e| io::Error::other(error_chain(&e))))
+                    .map(|r| r.map_err(|e| io::Error::other(ferry_nix::error_chain(&e))))
                     .boxed();
                 OpenNar::Opened(NarBody {
                     total,
