@@ -86,24 +86,8 @@ pub struct HookConfig {
     pub import_method: ImportMethod,
 }
 
-/// How outputs are imported (see [`crate::local`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ImportMethod {
-    Auto,
-    HeldLocks,
-    Restore,
-}
-
-impl ImportMethod {
-    pub fn name(self) -> &'static str {
-        match self {
-            ImportMethod::Auto => "auto",
-            ImportMethod::HeldLocks => "held-locks",
-            ImportMethod::Restore => "restore",
-        }
-    }
-}
+/// How outputs are imported (see [`ferry_store::AnyImporter`]).
+pub use ferry_store::ImportMethod;
 
 /// An SSH transport (see [`crate::ssh`] and [`crate::russh`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

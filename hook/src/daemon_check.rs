@@ -17,7 +17,7 @@
 //! `--version`), its environment and command line (`/proc/<pid>/environ`, `cmdline`), and
 //! the files it reads. [`effective`] is the pure rule; [`inspect`] gathers the inputs.
 
-use crate::local::{NixVersion, parse_nix_version};
+use ferry_nix::nix_version::{NixVersion, parse_nix_version};
 use ferry_nix::nixconf::{FileLoader, NIX_CONFIG_SOURCE, NixConf, RealFs};
 use std::path::{Path, PathBuf};
 

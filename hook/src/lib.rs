@@ -11,8 +11,8 @@
 //! - [`config`]: the `[build-hook]` section of `ferry.toml`; [`cli`]: `status`, `probe`,
 //!   `check-config`; [`daemon_check`]: whether the running daemon uses this hook;
 //! - [`ssh`]: the transport to a builder (OpenSSH), [`russh`]: the in-process one;
-//!   [`remote`]: copy, build and fetch over the serve protocol; [`local`]: the local store
-//!   through the `nix-store` / `nix` CLI;
+//!   [`remote`]: copy, build and fetch over the serve protocol; the local store (through
+//!   the `nix-store` / `nix` CLI) is the `ferry-store` crate;
 //! - [`delegate`]: hands a derivation for a non-`ssh://` builder (`ssh-ng://`, …) to the
 //!   stock hook, which then is this hook process.
 
@@ -23,7 +23,6 @@ pub mod delegate;
 pub mod fault;
 pub mod health;
 pub mod health_store;
-pub mod local;
 pub mod probe;
 pub mod protocol;
 pub mod remote;

@@ -10,15 +10,14 @@
 //! forever (NixOS/nix#16437), and after the accept nothing else stops the hook (the daemon
 //! does not apply `timeout` or `max-silent-time` to hooks, docs/hook-protocol.md §3.2).
 
-use crate::local::{
-    AnyImporter, ImportBatch, LocalError, LocalStore, store_dir_from_env, topo_sort,
-};
 use crate::ssh::{LogTap, ProcessGuard, Session};
 use ferry_nix::derivation::{Derivation, OutputKind};
+use ferry_nix::path_info::topo_sort;
 pub use ferry_nix::serve::BuildOptions;
 use ferry_nix::serve::{BuildStatus, PathInfo, ServeClient, ServeError};
 use ferry_nix::store_path::{StoreDir, StorePath, StorePathError};
 use ferry_nix::store_uri::StoreUri;
+use ferry_store::{AnyImporter, ImportBatch, LocalError, LocalStore, store_dir_from_env};
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::PathBuf;
@@ -686,7 +685,7 @@ pub async fn upload(
         .into_iter()
         .filter(|i| !valid.contains(&i.path))
         .collect();
-    let missing = topo_sort(missing)?;
+    let missing = topo_sort(missing).map_err(LocalError::from)?;
     if !missing.is_empty() {
         progress.message(&format!(
             "copying {} paths to '{}'",
@@ -762,7 +761,7 @@ pub async fn build_and_fetch(
             });
         }
     }
-    let infos = topo_sort(infos)?;
+    let infos = topo_sort(infos).map_err(LocalError::from)?;
     let mut batch = importer.begin(&infos).await?;
     let mut bytes = 0;
     for info in &infos {

@@ -80,7 +80,7 @@ enum DrvError {
     #[error("{0}")]
     Path(#[from] ferry_nix::store_path::StorePathError),
     #[error("{0}")]
-    Local(#[from] ferry_build_hook::local::LocalError),
+    Local(#[from] ferry_store::LocalError),
 }
 
 /// Output paths of a derivation: read from the `.drv` itself, or asked of Nix.
@@ -212,7 +212,7 @@ impl Daemon {
         let queue = Queue::open(&db).with_context(|| format!("opening {}", db.display()))?;
         let shared = Arc::new(Shared {
             store_dir: settings.store_dir.clone(),
-            store: ferry_build_hook::local::LocalStore::default(),
+            store: ferry_store::LocalStore::default(),
             targets,
             keys,
             levels: settings.levels(),

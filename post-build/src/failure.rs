@@ -14,8 +14,8 @@
 
 use crate::target::TargetError;
 use crate::upload::PrepareError;
-use ferry_build_hook::local::LocalError;
 use ferry_nix::nar::NarWriteError;
+use ferry_store::LocalError;
 use std::io::ErrorKind;
 
 /// Where a failure happened: the job's status and `status` report the two apart, because
@@ -144,7 +144,7 @@ impl Classify for PrepareError {
     }
 }
 
-/// The local store, through Nix's tools (`ferry_build_hook::local`).
+/// The local store, through Nix's tools (`ferry_store`).
 impl Classify for LocalError {
     fn is_permanent(&self) -> bool {
         match self {
@@ -167,6 +167,7 @@ impl Classify for LocalError {
             | LocalError::Failed { .. }
             | LocalError::BadInfo { .. }
             | LocalError::BadJson(_)
+            | LocalError::BadOutput { .. }
             | LocalError::NarRead { .. } => false,
             _ => false,
         }
@@ -242,6 +243,11 @@ mod tests {
         };
         assert!(failed.is_transient());
         assert!(LocalError::BadJson("an entry without \"path\"".into()).is_transient());
+        let lines = LocalError::BadOutput {
+            command: "nix-store -q --hash".into(),
+            problem: "printed 1 lines for 2 paths".into(),
+        };
+        assert!(lines.is_transient());
         let spawn = LocalError::Spawn {
             program: "nix".into(),
             source: io::Error::from(ErrorKind::NotFound),

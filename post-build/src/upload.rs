@@ -13,13 +13,14 @@ use crate::compress::{Compression, Compressor, Levels};
 use crate::failure::{Classify, Side};
 use crate::queue::Outcome;
 use crate::target::{NAR_TYPE, NARINFO_TYPE, Target, TargetError, nar_key, narinfo_key};
-use ferry_build_hook::local::{LocalError, LocalStore, topo_sort};
 use ferry_nix::hash::{Hash, Sha256Sink};
 use ferry_nix::nar::TeeWriter;
 use ferry_nix::narinfo::NarInfo;
+use ferry_nix::path_info::topo_sort;
 use ferry_nix::serve::PathInfo;
 use ferry_nix::signing::{SecretKey, Signature};
 use ferry_nix::store_path::{StoreDir, StorePath};
+use ferry_store::{LocalError, LocalStore};
 use std::collections::{BTreeSet, HashSet};
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
@@ -315,7 +316,7 @@ pub async fn upload_closure(sh: &Arc<Shared>, root: &str) -> (Outcome, TargetRes
     };
     let order = match topo_sort(infos) {
         Ok(o) => o,
-        Err(e) => return (local_failure(&e), results),
+        Err(e) => return (local_failure(&LocalError::from(e)), results),
     };
 
     let mut failed: Vec<Option<TargetError>> = sh.targets.iter().map(|_| None).collect();
@@ -542,10 +543,7 @@ mod tests {
         let (h, n) = ferry_nix::nar::dump_path_hashed(&p, &mut nar).expect("dump");
         let sh = Shared {
             store_dir: sd.clone(),
-            store: LocalStore {
-                store_dir: sd.clone(),
-                ..LocalStore::default()
-            },
+            store: LocalStore::default().with_store_dir(sd.clone()),
             targets: vec![],
             keys: vec![],
             levels: Levels::default(),

@@ -3,11 +3,11 @@
 
 use super::Logger;
 use crate::delegate::DelegateError;
-use crate::local::LocalError;
 use crate::protocol::{ProtocolError, Reply, Verbosity};
 use crate::remote::RemoteError;
 use crate::slots::SlotError;
 use ferry_nix::machines::MachinesError;
+use ferry_store::LocalError;
 use thiserror::Error;
 
 /// An error that ends the handling of one `try` (before a reply) or of the hook process.

@@ -27,7 +27,6 @@ pub use error::HookError;
 use crate::config::{self, Tuning};
 use crate::delegate;
 use crate::health_store::HealthStore;
-use crate::local::LocalStore;
 use crate::probe::Prober;
 use crate::protocol::{self, NixLog, Reply, Request, TryRequest, Verbosity};
 use crate::remote::{BuildOptions, Progress};
@@ -37,6 +36,7 @@ use decide::Answered;
 use ferry_nix::machines::{Machine, parse_builders_setting};
 use ferry_nix::nixconf::{NixConf, RealFs};
 use ferry_nix::wire::AsyncWireReader;
+use ferry_store::LocalStore;
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::PathBuf;
@@ -196,16 +196,16 @@ impl Settings {
             .get("store")
             .filter(|s| s.starts_with("local"))
             .map(str::to_owned);
-        LocalStore {
-            store,
-            ..LocalStore::default()
-        }
+        LocalStore::default().with_store(store)
     }
 }
 
 /// What one hook process shares between its `try` answers and its build.
 struct Ctx<'a> {
     settings: &'a Settings,
+    /// The local store of [`Settings::local_store`], one per process so that the local Nix
+    /// version is asked once.
+    local: LocalStore,
     env: &'a Env,
     prober: Arc<Prober>,
     logger: &'a Logger,
@@ -294,6 +294,7 @@ pub async fn run<R: AsyncRead + Unpin>(
     });
     let ctx = Ctx {
         settings: &settings,
+        local: settings.local_store(),
         env,
         prober: Arc::new(prober(env, tuning)),
         logger,

@@ -234,7 +234,7 @@ const SLOT_POLL: Duration = Duration::from_millis(25);
 /// they are all taken by running builds, and every Nix then waits for one of them. With
 /// `max-jobs = 0` the waiting builds must be remote ones of this worker (this hook's
 /// siblings: without a running build Nix 2.8 gives up), and only some Nix versions wait
-/// (`local::decline_waits_with_max_jobs_zero`).
+/// (`ferry_nix::nix_version::decline_waits_with_max_jobs_zero`).
 pub(super) async fn decline_waits(ctx: &Ctx<'_>, t: &TryRequest) -> bool {
     if !ctx.settings.max_jobs_zero() {
         return !t.am_willing;
@@ -242,10 +242,10 @@ pub(super) async fn decline_waits(ctx: &Ctx<'_>, t: &TryRequest) -> bool {
     if siblings::count() == 0 {
         return false;
     }
-    let local = ctx.settings.local_store();
-    crate::local::local_nix_version(&local)
+    ctx.local
+        .nix_version()
         .await
-        .is_some_and(|v| crate::local::decline_waits_with_max_jobs_zero(&v))
+        .is_some_and(|v| ferry_nix::nix_version::decline_waits_with_max_jobs_zero(&v))
 }
 
 /// After the answer: the builders whose state is still unknown and that nobody is probing

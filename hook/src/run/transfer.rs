@@ -1,5 +1,5 @@
 //! After `# accept`: read the inputs and wanted outputs, copy the missing inputs to the
-//! builder, build, fetch the missing outputs and import them (`remote.rs`, `local.rs`).
+//! builder, build, fetch the missing outputs and import them (`remote.rs`, the `ferry-store` crate).
 //! A failure is classified by [`crate::fault`]: transient ones are retried on the same
 //! builder once, then on another; a builder that broke before the build started is
 //! replaced by another healthy one (hook/README.md "Failures after the accept").
@@ -10,12 +10,12 @@ use super::decide::{Builder, Chosen};
 use super::error::HookError;
 use crate::fault::{self, Fault};
 use crate::health;
-use crate::local::{AnyImporter, LocalStore};
 use crate::protocol::{self, TryRequest, Verbosity};
 use crate::remote::{self, Connection, Job, RemoteError};
 use crate::slots::{HeldLock, LoadDir};
 use ferry_nix::derivation::Derivation;
 use ferry_nix::wire::AsyncWireReader;
+use ferry_store::{AnyImporter, LocalStore};
 use std::collections::BTreeSet;
 use std::time::Duration;
 use tokio::io::AsyncRead;
@@ -30,7 +30,7 @@ pub(super) async fn build<R: AsyncRead + Unpin>(
     ctx: &Ctx<'_>,
 ) -> Result<(), HookError> {
     let accepted = protocol::read_accepted(input).await?;
-    let local = ctx.settings.local_store();
+    let local = ctx.local.clone();
     let job = Job::new(
         &local.store_dir,
         &t.drv_path,
