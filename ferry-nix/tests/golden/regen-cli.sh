@@ -3,9 +3,9 @@
 # command-line tools print for the calls Ferry makes or parses, with their exit statuses.
 #
 #   versions/nix-store.txt, nix.txt    `nix-store --version`, `nix --version`
-#                                      (hook/src/local.rs parse_nix_version, importer choice)
-#   path-info/<case>.json, .stderr     `nix path-info --json ...` (hook/src/local.rs
-#                                      parse_path_info_json); <case>.f1 / .f2 the same with
+#                                      (ferry-nix/src/nix_version.rs, importer choice)
+#   path-info/<case>.json, .stderr     `nix path-info --json ...` (ferry-nix/src/
+#                                      path_info.rs parse_path_info_json); <case>.f1 / .f2 the same with
 #                                      `--json-format 1` / `2`, which only Nix 2.34 accepts:
 #                                      the others' refusal is what is recorded
 #       valid        the five valid paths of paths.txt
