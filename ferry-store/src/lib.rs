@@ -16,8 +16,9 @@
 //! - derivations: the `.drv` file read and parsed with [`ferry_nix::derivation`];
 //! - import: [`AnyImporter`], either [`HeldLocksImporter`] (`NIX_HELD_LOCKS` + `nix-store
 //!   --import`, Nix 2.0–2.28 and every Lix) or [`RestoreImporter`] (`nix-store --restore`
-//!   then `--register-validity`, every version); [`ferry_nix::nix_version::held_locks_supported`] picks one from
-//!   `nix-store --version` for `import-method = "auto"`.
+//!   then `--register-validity`, every version);
+//!   [`ferry_nix::nix_version::held_locks_supported`] picks one from `nix-store --version`
+//!   for `import-method = "auto"`, asked once per [`LocalStore`].
 
 mod error;
 mod import;
