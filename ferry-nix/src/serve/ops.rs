@@ -8,10 +8,9 @@ use super::{
 use crate::derivation::BasicDerivation;
 use crate::hash::{Hash, HashAlgo, Sha256Sink};
 use crate::store_path::StorePath;
-use crate::wire::WireError;
 use std::collections::BTreeSet;
 use std::io;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
     /// `QueryValidPaths` (op 1): which of `paths` are valid on the remote. `lock` makes the
@@ -26,8 +25,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
         const OP: &str = "query_valid_paths";
         self.begin(OP)?;
         self.send_u64(OP, CMD_QUERY_VALID_PATHS).await?;
-        self.send_u64(OP, u64::from(lock)).await?;
-        self.send_u64(OP, u64::from(substitute)).await?;
+        self.send_bool(OP, lock).await?;
+        self.send_bool(OP, substitute).await?;
         self.send_paths(OP, paths).await?;
         self.flush(OP).await?;
         let valid = self.recv_path_set(OP).await?;
@@ -69,13 +68,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
                     format!("information about {s}, which was not asked about"),
                 ));
             }
-            let at = self.r.offset();
-            let deriver = self.recv_string(OP, self.limits.max_path_len).await?;
-            let deriver = if deriver.is_empty() {
-                None
-            } else {
-                Some(self.parse_path(OP, at, &deriver)?)
-            };
+            let deriver = self.recv_opt_path(OP).await?;
             let references = self.recv_path_set(OP).await?;
             let _download_size = self.recv_u64(OP).await?;
             let nar_size = self.recv_u64(OP).await?;
@@ -120,7 +113,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
         const OP: &str = "query_closure";
         self.begin(OP)?;
         self.send_u64(OP, CMD_QUERY_CLOSURE).await?;
-        self.send_u64(OP, u64::from(include_outputs)).await?;
+        self.send_bool(OP, include_outputs).await?;
         self.send_paths(OP, paths).await?;
         self.flush(OP).await?;
         let closure = self.recv_path_set(OP).await?;
@@ -175,19 +168,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
         self.begin(OP)?;
         self.send_u64(OP, CMD_ADD_TO_STORE_NAR).await?;
         self.send_str(OP, &path).await?;
-        let deriver = info.deriver.as_ref().map(|d| self.store_dir.display(d));
-        self.send_str(OP, deriver.as_deref().unwrap_or("")).await?;
+        self.send_opt_path(OP, info.deriver.as_ref()).await?;
         self.send_str(OP, &info.nar_hash.to_base16()).await?;
         self.send_paths(OP, &info.references).await?;
         self.send_u64(OP, 0).await?; // registrationTime
         self.send_u64(OP, info.nar_size).await?;
-        self.send_u64(OP, 0).await?; // ultimate
-        let sigs: Vec<&str> = info.sigs.iter().map(String::as_str).collect();
-        self.w
-            .write_strings(sigs)
-            .await
-            .map_err(|e| self.send_err(OP, e))?;
-        self.send_str(OP, info.ca.as_deref().unwrap_or("")).await?;
+        self.send_bool(OP, false).await?; // ultimate
+        self.send_strings(OP, &info.sigs).await?;
+        self.send_opt_str(OP, info.ca.as_deref()).await?;
 
         let mut hasher = hash.then(Sha256Sink::new);
         let mut buf = vec![0u8; UPLOAD_CHUNK];
@@ -219,11 +207,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
             if let Some(h) = hasher.as_mut() {
                 h.update(data);
             }
-            self.w
-                .get_mut()
-                .write_all(data)
-                .await
-                .map_err(|e| self.send_err(OP, e))?;
+            self.send_raw(OP, data).await?;
             done += n as u64;
         }
         self.flush(OP).await?;
@@ -267,11 +251,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
         let p = self.store_dir.display(drv_path);
         self.send_str(OP, &p).await?;
         let body = drv.to_wire(&self.store_dir);
-        self.w
-            .get_mut()
-            .write_all(&body)
-            .await
-            .map_err(|e| self.send_err(OP, e))?;
+        self.send_raw(OP, &body).await?;
         // `putBuildSettings`, by the version in use.
         self.send_u64(OP, options.max_silent_time).await?;
         self.send_u64(OP, options.build_timeout).await?;
@@ -280,10 +260,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
         }
         if self.minor() >= 3 {
             self.send_u64(OP, 0).await?; // nrRepeats
-            self.send_u64(OP, 0).await?; // enforceDeterminism
+            self.send_bool(OP, false).await?; // enforceDeterminism
         }
         if self.minor() >= 7 {
-            self.send_u64(OP, u64::from(options.keep_failed)).await?;
+            self.send_bool(OP, options.keep_failed).await?;
         }
         self.flush(OP).await?;
 
@@ -300,26 +280,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
         };
         if self.minor() >= 3 {
             result.times_built = self.recv_u64(OP).await?;
-            result.is_non_deterministic =
-                self.r.read_bool().await.map_err(|e| self.wire_err(OP, e))?;
+            result.is_non_deterministic = self.recv_bool(OP).await?;
             result.start_time = self.recv_u64(OP).await?;
             result.stop_time = self.recv_u64(OP).await?;
         }
         if self.minor() >= 6 {
             // `std::map<DrvOutput, Realisation>`: a count, then id and JSON per entry.
-            let at = self.r.offset();
-            let n = self.recv_u64(OP).await?;
-            if n > self.limits.max_built_outputs as u64 {
-                return Err(ServeError::Wire {
-                    op: OP,
-                    remote: self.remote.clone(),
-                    source: WireError::TooManyItems {
-                        offset: at,
-                        len: n,
-                        limit: self.limits.max_built_outputs as u64,
-                    },
-                });
-            }
+            let n = self.recv_count(OP, self.limits.max_built_outputs).await?;
             for _ in 0..n {
                 let id = self.recv_string(OP, self.limits.max_string).await?;
                 let realisation_json = self.recv_string(OP, self.limits.max_string).await?;
