@@ -38,18 +38,28 @@
 
 use crate::hash::{Hash, HashError};
 use crate::nar::NarReadError;
-use crate::store_path::{StoreDir, StorePath, StorePathError};
-use crate::wire::{AsyncWireReader, AsyncWireWriter, WireError};
+#[cfg(feature = "tokio")]
+use crate::store_path::StoreDir;
+use crate::store_path::{StorePath, StorePathError};
+use crate::wire::WireError;
+#[cfg(feature = "tokio")]
+use crate::wire::{AsyncWireReader, AsyncWireWriter};
 use std::collections::BTreeSet;
 use std::io;
 use thiserror::Error;
+#[cfg(feature = "tokio")]
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 
+// The client needs tokio; the types above it (`PathInfo`, `BuildOptions`, …) do not.
+#[cfg(feature = "tokio")]
 mod codec;
+#[cfg(feature = "tokio")]
 mod handshake;
+#[cfg(feature = "tokio")]
 mod nar;
+#[cfg(feature = "tokio")]
 mod ops;
-#[cfg(test)]
+#[cfg(all(test, feature = "tokio"))]
 mod tests;
 
 /// First word of the handshake, client to server.
@@ -61,19 +71,28 @@ pub const PROTOCOL_VERSION: u64 = 0x207;
 /// The oldest server version we talk to: 2.5, the first with `AddToStoreNar`.
 pub const MIN_PROTOCOL_VERSION: u64 = 0x205;
 
+#[cfg(feature = "tokio")]
 const CMD_QUERY_VALID_PATHS: u64 = 1;
+#[cfg(feature = "tokio")]
 const CMD_QUERY_PATH_INFOS: u64 = 2;
+#[cfg(feature = "tokio")]
 const CMD_DUMP_STORE_PATH: u64 = 3;
+#[cfg(feature = "tokio")]
 const CMD_QUERY_CLOSURE: u64 = 7;
+#[cfg(feature = "tokio")]
 const CMD_BUILD_DERIVATION: u64 = 8;
+#[cfg(feature = "tokio")]
 const CMD_ADD_TO_STORE_NAR: u64 = 9;
 
 /// How much of a bad greeting is kept for the error message.
+#[cfg(feature = "tokio")]
 const MAX_BANNER: usize = 4096;
 /// Chunk size for copying NARs.
+#[cfg(feature = "tokio")]
 const CHUNK: usize = 64 * 1024;
 /// Chunk size for NARs sent with `AddToStoreNar`: a quarter of the reads and writes (and
 /// task wake-ups) of 64 KiB pieces for the same bytes.
+#[cfg(feature = "tokio")]
 const UPLOAD_CHUNK: usize = 256 * 1024;
 
 /// Bounds on what the remote may send.
@@ -407,6 +426,7 @@ fn strip_ansi(s: &str) -> String {
 }
 
 /// A connection to `nix-store --serve --write` after the handshake.
+#[cfg(feature = "tokio")]
 pub struct ServeClient<R, W> {
     r: AsyncWireReader<BufReader<R>>,
     w: AsyncWireWriter<BufWriter<W>>,
@@ -418,6 +438,7 @@ pub struct ServeClient<R, W> {
     broken: bool,
 }
 
+#[cfg(feature = "tokio")]
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
     /// The version the server announced.
     pub fn remote_version(&self) -> u64 {
