@@ -480,7 +480,7 @@ const SERVE_REQUESTED: [&str; 3] = [
 const SIMPLE_DRV: &[u8] = include_bytes!("../../ferry-nix/tests/golden/derivation/simple.drv");
 const FILE_NAR: &[u8] = include_bytes!("../../ferry-nix/tests/golden/nar/file.nar");
 
-/// The serve client (ferry-nix/src/serve.rs) reading a builder's bytes: the first input byte
+/// The serve client (ferry-nix/src/serve/) reading a builder's bytes: the first input byte
 /// picks the first operation, the rest is everything the remote writes, handshake included.
 /// Operations follow each other in a fixed rotation while they succeed.
 pub fn serve_client(data: &[u8]) -> bool {

@@ -1,6 +1,8 @@
 //! Nix formats and protocols, written for Ferry from the Nix sources (2.8 to current).
 //!
-//! Pure code only: parsers, encoders and their errors. Everything that owns sockets,
+//! Pure code only: parsers, encoders and their errors. The one exception is the `tokio`
+//! feature (on by default): the async wire front end and the serve client, which take any
+//! byte stream and own no process, socket or timer. Everything that owns sockets,
 //! processes or the filesystem beyond a NAR tree lives in `ferry-store` (the local store) and
 //! the binaries.
 //! The store directory is always a parameter ([`store_path::StoreDir`]).

@@ -8,15 +8,17 @@
 //!
 //! There are two front ends with the same methods, bounds, offsets and errors:
 //! [`WireReader`]/[`WireWriter`] over `std::io`, and [`AsyncWireReader`]/[`AsyncWireWriter`]
-//! over tokio's `AsyncRead`/`AsyncWrite`. Both only move bytes; every check and every error
+//! over tokio's `AsyncRead`/`AsyncWrite` (feature `tokio`, on by default). Both only move bytes; every check and every error
 //! is built by the pure helpers in this file, so the two cannot drift apart.
 //!
 //! A read that fails (or an async read that is cancelled) leaves the stream in the middle of a
 //! value: the connection cannot be reused after that.
 
+#[cfg(feature = "tokio")]
 mod asyncio;
 mod sync;
 
+#[cfg(feature = "tokio")]
 pub use asyncio::{AsyncWireReader, AsyncWireWriter};
 pub use sync::{WireReader, WireWriter};
 
