@@ -877,6 +877,65 @@ mod tests {
         );
     }
 
+    /// `create_bucket` goes through the one signed request path: `PUT /<bucket>` with the
+    /// region's CreateBucketConfiguration, its payload hash and a SigV4 `Authorization`.
+    #[tokio::test]
+    async fn create_bucket_sends_a_signed_put_of_the_bucket() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let server = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.expect("accept");
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Head and body: the body ends with the configuration's closing tag.
+            while !req.ends_with(b"</CreateBucketConfiguration>") {
+                let n = conn.read(&mut buf).await.expect("read");
+                assert!(n > 0, "eof: {}", String::from_utf8_lossy(&req));
+                req.extend_from_slice(&buf[..n]);
+            }
+            conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .expect("write");
+            String::from_utf8(req).expect("utf-8")
+        });
+        let d = tempfile::tempdir().expect("dir");
+        let (id, secret) = (d.path().join("id"), d.path().join("secret"));
+        std::fs::write(&id, "AKIATEST\n").expect("w");
+        std::fs::write(&secret, "very-secret-value\n").expect("w");
+        let opts = TargetOptions {
+            access_key_id_file: Some(id),
+            secret_access_key_file: Some(secret),
+            ..Default::default()
+        };
+        let t = Target::new(
+            &format!("s3://my-cache?endpoint=http://127.0.0.1:{port}&region=eu-west-1"),
+            &opts,
+        )
+        .expect("s3");
+        t.create_bucket().await.expect("create");
+        let req = server.await.expect("server");
+        let lower = req.to_ascii_lowercase();
+        let body = &req[req.find("\r\n\r\n").expect("head") + 4..];
+        assert!(req.starts_with("PUT /my-cache HTTP/1.1\r\n"), "{req}");
+        assert!(
+            body.contains("<LocationConstraint>eu-west-1</LocationConstraint>"),
+            "{req}"
+        );
+        let sha = crate::s3::sha256_hex(body.as_bytes());
+        assert!(
+            lower.contains(&format!("x-amz-content-sha256: {sha}\r\n")),
+            "{req}"
+        );
+        assert!(
+            lower.contains("authorization: aws4-hmac-sha256 credential=akiatest/"),
+            "{req}"
+        );
+        assert!(!req.contains("very-secret-value"), "{req}");
+    }
+
     /// Issue 12 item 7: errors name a target without its credentials.
     #[test]
     fn errors_and_display_hide_credentials() {
