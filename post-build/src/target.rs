@@ -813,17 +813,23 @@ mod tests {
         );
     }
 
-    #[test]
-    fn s3_targets_need_credentials_and_never_show_the_secret() {
-        let d = tempfile::tempdir().expect("dir");
-        let (id, secret) = (d.path().join("id"), d.path().join("secret"));
+    /// Options whose S3 credentials are files in `dir`: key id `AKIATEST`, secret
+    /// `very-secret-value`.
+    fn s3_options(dir: &Path) -> TargetOptions {
+        let (id, secret) = (dir.join("id"), dir.join("secret"));
         std::fs::write(&id, "AKIATEST\n").expect("w");
         std::fs::write(&secret, "very-secret-value\n").expect("w");
-        let opts = TargetOptions {
+        TargetOptions {
             access_key_id_file: Some(id),
             secret_access_key_file: Some(secret),
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn s3_targets_need_credentials_and_never_show_the_secret() {
+        let d = tempfile::tempdir().expect("dir");
+        let opts = s3_options(d.path());
         let t = Target::new(
             "s3://bucket?endpoint=http://127.0.0.1:1&compression=none",
             &opts,
@@ -902,14 +908,7 @@ mod tests {
             String::from_utf8(req).expect("utf-8")
         });
         let d = tempfile::tempdir().expect("dir");
-        let (id, secret) = (d.path().join("id"), d.path().join("secret"));
-        std::fs::write(&id, "AKIATEST\n").expect("w");
-        std::fs::write(&secret, "very-secret-value\n").expect("w");
-        let opts = TargetOptions {
-            access_key_id_file: Some(id),
-            secret_access_key_file: Some(secret),
-            ..Default::default()
-        };
+        let opts = s3_options(d.path());
         let t = Target::new(
             &format!("s3://my-cache?endpoint=http://127.0.0.1:{port}&region=eu-west-1"),
             &opts,
