@@ -574,21 +574,8 @@ impl Target {
             }
             Kind::Remote(remote) => remote,
         };
-        let r = self
-            .send(
-                remote,
-                "PUT",
-                Resource::Key(key),
-                Body::Bytes(data),
-                Some(content_type),
-                None,
-            )
-            .await?;
-        if r.status().is_success() {
-            Ok(())
-        } else {
-            Err(self.status("PUT", key, r).await)
-        }
+        self.put(remote, key, Body::Bytes(data), content_type, None)
+            .await
     }
 
     /// Uploads the local file `src` as `key`, streaming it. `sha256` is the file's SHA-256
@@ -619,14 +606,27 @@ impl Target {
             Kind::Remote(remote) => remote,
         };
         let sha = sha256.map(Hash::to_base16);
+        self.put(remote, key, Body::File(src), content_type, sha)
+            .await
+    }
+
+    /// `PUT`s one object to a remote target; any status but 2xx is an error.
+    async fn put(
+        &self,
+        remote: &Remote,
+        key: &str,
+        body: Body<'_>,
+        content_type: &str,
+        sha256: Option<String>,
+    ) -> Result<(), TargetError> {
         let r = self
             .send(
                 remote,
                 "PUT",
                 Resource::Key(key),
-                Body::File(src),
+                body,
                 Some(content_type),
-                sha,
+                sha256,
             )
             .await?;
         if r.status().is_success() {
