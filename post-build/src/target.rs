@@ -245,15 +245,39 @@ pub struct Target {
 
 enum Kind {
     File(PathBuf),
-    Http {
-        base: String,
-        client: reqwest::Client,
-    },
-    S3 {
-        loc: S3Location,
-        creds: Credentials,
-        client: reqwest::Client,
-    },
+    Remote(Remote),
+}
+
+/// An HTTP or S3 target: everything the one request path ([`Target::send`]) needs.
+struct Remote {
+    client: reqwest::Client,
+    api: Api,
+}
+
+/// How a remote target names and authenticates its requests.
+enum Api {
+    /// Plain `PUT`/`HEAD`/`GET` under a base URL.
+    Http { base: String },
+    /// The S3 API, every request signed with SigV4.
+    S3 { loc: S3Location, creds: Credentials },
+}
+
+/// What a request addresses: an object under its key, or the bucket itself (S3; for HTTP
+/// that would be the base URL).
+#[derive(Clone, Copy)]
+enum Resource<'a> {
+    Key(&'a str),
+    Bucket,
+}
+
+impl Resource<'_> {
+    /// The key as errors show it (empty for the bucket).
+    fn key(&self) -> &str {
+        match self {
+            Resource::Key(k) => k,
+            Resource::Bucket => "",
+        }
+    }
 }
 
 /// A request body: bytes in memory or a file streamed from disk.
@@ -286,10 +310,10 @@ impl Target {
         };
         let kind = match parsed.location {
             TargetUrl::File(dir) => Kind::File(dir),
-            TargetUrl::Http(base) => Kind::Http {
-                base,
+            TargetUrl::Http(base) => Kind::Remote(Remote {
                 client: client()?,
-            },
+                api: Api::Http { base },
+            }),
             TargetUrl::S3(loc) => {
                 let env = |k: &str| std::env::var(k).ok();
                 let creds = crate::s3::resolve_credentials(
@@ -304,11 +328,10 @@ impl Target {
                     target: redact(url),
                     source,
                 })?;
-                Kind::S3 {
-                    loc,
-                    creds,
+                Kind::Remote(Remote {
                     client: client()?,
-                }
+                    api: Api::S3 { loc, creds },
+                })
             }
         };
         Ok(Target {
@@ -327,7 +350,10 @@ impl Target {
     /// The S3 access key id in use (never the secret), for `check-config`.
     pub fn s3_access_key_id(&self) -> Option<&str> {
         match &self.kind {
-            Kind::S3 { creds, .. } => Some(&creds.access_key_id),
+            Kind::Remote(Remote {
+                api: Api::S3 { creds, .. },
+                ..
+            }) => Some(&creds.access_key_id),
             _ => None,
         }
     }
@@ -354,7 +380,7 @@ impl Target {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                 Err(e) => return Err(self.io(&dir.join(CACHE_INFO))(e)),
             },
-            Kind::Http { .. } | Kind::S3 { .. } => self.get_text(CACHE_INFO).await?,
+            Kind::Remote(remote) => self.get_text(remote, CACHE_INFO).await?,
         };
         match existing {
             None => {
@@ -384,18 +410,21 @@ impl Target {
     /// hex SHA-256 when known (S3 signs it; computed here otherwise).
     async fn send(
         &self,
+        remote: &Remote,
         method: &'static str,
-        key: &str,
+        resource: Resource<'_>,
         body: Body<'_>,
         content_type: Option<&str>,
         sha256: Option<String>,
     ) -> Result<reqwest::Response, TargetError> {
-        let (client, url, extra) = match &self.kind {
-            // Callers handle `file://` themselves; never reached.
-            Kind::File(_) => return Err(TargetError::BadUrl(self.shown())),
-            Kind::Http { base, client } => (client, format!("{base}/{key}"), Vec::new()),
-            Kind::S3 { loc, creds, client } => {
-                let path = loc.object_path(key);
+        let key = resource.key();
+        let (url, extra) = match &remote.api {
+            Api::Http { base } => (format!("{base}/{key}"), Vec::new()),
+            Api::S3 { loc, creds } => {
+                let path = match resource {
+                    Resource::Key(k) => loc.object_path(k),
+                    Resource::Bucket => loc.bucket_path(),
+                };
                 let sha = match (&body, sha256) {
                     (_, Some(s)) => s,
                     (Body::Empty, None) => crate::s3::sha256_hex(b""),
@@ -421,11 +450,11 @@ impl Target {
                     &sha,
                     std::time::SystemTime::now(),
                 );
-                (client, format!("{}{path}", loc.base), headers)
+                (format!("{}{path}", loc.base), headers)
             }
         };
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
-        let mut rb = client.request(m, url);
+        let mut rb = remote.client.request(m, url);
         for (k, v) in extra {
             rb = rb.header(k, v);
         }
@@ -447,14 +476,19 @@ impl Target {
     }
 
     pub async fn exists(&self, key: &str) -> Result<bool, TargetError> {
-        if let Kind::File(dir) = &self.kind {
-            return match tokio::fs::symlink_metadata(dir.join(key)).await {
-                Ok(_) => Ok(true),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-                Err(e) => Err(self.io(&dir.join(key))(e)),
-            };
-        }
-        let r = self.send("HEAD", key, Body::Empty, None, None).await?;
+        let remote = match &self.kind {
+            Kind::File(dir) => {
+                return match tokio::fs::symlink_metadata(dir.join(key)).await {
+                    Ok(_) => Ok(true),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                    Err(e) => Err(self.io(&dir.join(key))(e)),
+                };
+            }
+            Kind::Remote(remote) => remote,
+        };
+        let r = self
+            .send(remote, "HEAD", Resource::Key(key), Body::Empty, None, None)
+            .await?;
         match r.status().as_u16() {
             200..=299 => Ok(true),
             // S3 answers 403 for a missing key without ListBucket permission.
@@ -463,11 +497,10 @@ impl Target {
         }
     }
 
-    async fn get_text(&self, key: &str) -> Result<Option<String>, TargetError> {
-        if let Kind::File(_) = &self.kind {
-            return Ok(None);
-        }
-        let r = self.send("GET", key, Body::Empty, None, None).await?;
+    async fn get_text(&self, remote: &Remote, key: &str) -> Result<Option<String>, TargetError> {
+        let r = self
+            .send(remote, "GET", Resource::Key(key), Body::Empty, None, None)
+            .await?;
         match r.status().as_u16() {
             200..=299 => Ok(Some(r.text().await.map_err(|e| self.net("GET", key, e))?)),
             // Without ListBucket permission S3 says 403 for a missing key; a real refusal
@@ -496,7 +529,14 @@ impl Target {
             .and_then(|v| v.to_str().ok())
             .and_then(crate::retry::parse_retry_after);
         // S3 explains itself in an XML body; read a little of it for the error code.
-        let code = if matches!(self.kind, Kind::S3 { .. }) && method != "HEAD" {
+        let is_s3 = matches!(
+            self.kind,
+            Kind::Remote(Remote {
+                api: Api::S3 { .. },
+                ..
+            })
+        );
+        let code = if is_s3 && method != "HEAD" {
             match tokio::time::timeout(Duration::from_secs(5), r.text()).await {
                 Ok(Ok(body)) => crate::s3::error_code(&body),
                 _ => None,
@@ -520,25 +560,22 @@ impl Target {
         data: Vec<u8>,
         content_type: &str,
     ) -> Result<(), TargetError> {
-        if let Kind::File(dir) = &self.kind {
-            let dir = dir.clone();
-            let key2 = key.to_owned();
-            let dest = dir.join(key);
-            return tokio::task::spawn_blocking(move || {
-                file_put(&dir, &key2, |f| std::io::Write::write_all(f, &data))
-            })
+        let remote = match &self.kind {
+            Kind::File(dir) => {
+                let dir = dir.clone();
+                let key2 = key.to_owned();
+                let dest = dir.join(key);
+                return tokio::task::spawn_blocking(move || {
+                    file_put(&dir, &key2, |f| std::io::Write::write_all(f, &data))
+                })
+                .await
+                .map_err(|e| self.io(&dest)(std::io::Error::other(e)))?
+                .map_err(self.io(&dest));
+            }
+            Kind::Remote(remote) => remote,
+        };
+        self.put(remote, key, Body::Bytes(data), content_type, None)
             .await
-            .map_err(|e| self.io(&dest)(std::io::Error::other(e)))?
-            .map_err(self.io(&dest));
-        }
-        let r = self
-            .send("PUT", key, Body::Bytes(data), Some(content_type), None)
-            .await?;
-        if r.status().is_success() {
-            Ok(())
-        } else {
-            Err(self.status("PUT", key, r).await)
-        }
     }
 
     /// Uploads the local file `src` as `key`, streaming it. `sha256` is the file's SHA-256
@@ -550,24 +587,47 @@ impl Target {
         content_type: &str,
         sha256: Option<&Hash>,
     ) -> Result<(), TargetError> {
-        if let Kind::File(dir) = &self.kind {
-            let dir = dir.clone();
-            let key2 = key.to_owned();
-            let src2 = src.to_owned();
-            let dest = dir.join(key);
-            return tokio::task::spawn_blocking(move || {
-                file_put(&dir, &key2, |f| {
-                    let mut from = std::fs::File::open(&src2)?;
-                    std::io::copy(&mut from, f).map(|_| ())
+        let remote = match &self.kind {
+            Kind::File(dir) => {
+                let dir = dir.clone();
+                let key2 = key.to_owned();
+                let src2 = src.to_owned();
+                let dest = dir.join(key);
+                return tokio::task::spawn_blocking(move || {
+                    file_put(&dir, &key2, |f| {
+                        let mut from = std::fs::File::open(&src2)?;
+                        std::io::copy(&mut from, f).map(|_| ())
+                    })
                 })
-            })
-            .await
-            .map_err(|e| self.io(&dest)(std::io::Error::other(e)))?
-            .map_err(self.io(&dest));
-        }
+                .await
+                .map_err(|e| self.io(&dest)(std::io::Error::other(e)))?
+                .map_err(self.io(&dest));
+            }
+            Kind::Remote(remote) => remote,
+        };
         let sha = sha256.map(Hash::to_base16);
+        self.put(remote, key, Body::File(src), content_type, sha)
+            .await
+    }
+
+    /// `PUT`s one object to a remote target; any status but 2xx is an error.
+    async fn put(
+        &self,
+        remote: &Remote,
+        key: &str,
+        body: Body<'_>,
+        content_type: &str,
+        sha256: Option<String>,
+    ) -> Result<(), TargetError> {
         let r = self
-            .send("PUT", key, Body::File(src), Some(content_type), sha)
+            .send(
+                remote,
+                "PUT",
+                Resource::Key(key),
+                body,
+                Some(content_type),
+                sha256,
+            )
             .await?;
         if r.status().is_success() {
             Ok(())
@@ -579,10 +639,15 @@ impl Target {
     /// Creates the bucket of an S3 target (`PUT /bucket`); for tests and first set-up.
     /// "Already yours" counts as success.
     pub async fn create_bucket(&self) -> Result<(), TargetError> {
-        let Kind::S3 { loc, creds, client } = &self.kind else {
+        let Kind::Remote(
+            remote @ Remote {
+                api: Api::S3 { loc, .. },
+                ..
+            },
+        ) = &self.kind
+        else {
             return Ok(());
         };
-        let path = loc.bucket_path();
         // Outside us-east-1 S3 wants the region in a CreateBucketConfiguration body.
         let body = if loc.region == "us-east-1" {
             Vec::new()
@@ -594,26 +659,16 @@ impl Target {
             )
             .into_bytes()
         };
-        let sha = crate::s3::sha256_hex(&body);
-        let headers = crate::s3::s3_headers(
-            loc,
-            creds,
-            "PUT",
-            &path,
-            None,
-            &sha,
-            std::time::SystemTime::now(),
-        );
-        let mut rb = client.put(format!("{}{path}", loc.base));
-        for (k, v) in headers {
-            rb = rb.header(k, v);
-        }
-        let r = rb
-            .header(reqwest::header::CONTENT_LENGTH, body.len())
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| self.net("PUT", "", e))?;
+        let r = self
+            .send(
+                remote,
+                "PUT",
+                Resource::Bucket,
+                Body::Bytes(body),
+                None,
+                None,
+            )
+            .await?;
         if r.status().is_success() {
             return Ok(());
         }
@@ -758,17 +813,23 @@ mod tests {
         );
     }
 
-    #[test]
-    fn s3_targets_need_credentials_and_never_show_the_secret() {
-        let d = tempfile::tempdir().expect("dir");
-        let (id, secret) = (d.path().join("id"), d.path().join("secret"));
+    /// Options whose S3 credentials are files in `dir`: key id `AKIATEST`, secret
+    /// `very-secret-value`.
+    fn s3_options(dir: &Path) -> TargetOptions {
+        let (id, secret) = (dir.join("id"), dir.join("secret"));
         std::fs::write(&id, "AKIATEST\n").expect("w");
         std::fs::write(&secret, "very-secret-value\n").expect("w");
-        let opts = TargetOptions {
+        TargetOptions {
             access_key_id_file: Some(id),
             secret_access_key_file: Some(secret),
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn s3_targets_need_credentials_and_never_show_the_secret() {
+        let d = tempfile::tempdir().expect("dir");
+        let opts = s3_options(d.path());
         let t = Target::new(
             "s3://bucket?endpoint=http://127.0.0.1:1&compression=none",
             &opts,
@@ -820,6 +881,58 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    /// `create_bucket` goes through the one signed request path: `PUT /<bucket>` with the
+    /// region's CreateBucketConfiguration, its payload hash and a SigV4 `Authorization`.
+    #[tokio::test]
+    async fn create_bucket_sends_a_signed_put_of_the_bucket() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let server = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.expect("accept");
+            let mut req = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Head and body: the body ends with the configuration's closing tag.
+            while !req.ends_with(b"</CreateBucketConfiguration>") {
+                let n = conn.read(&mut buf).await.expect("read");
+                assert!(n > 0, "eof: {}", String::from_utf8_lossy(&req));
+                req.extend_from_slice(&buf[..n]);
+            }
+            conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .expect("write");
+            String::from_utf8(req).expect("utf-8")
+        });
+        let d = tempfile::tempdir().expect("dir");
+        let opts = s3_options(d.path());
+        let t = Target::new(
+            &format!("s3://my-cache?endpoint=http://127.0.0.1:{port}&region=eu-west-1"),
+            &opts,
+        )
+        .expect("s3");
+        t.create_bucket().await.expect("create");
+        let req = server.await.expect("server");
+        let lower = req.to_ascii_lowercase();
+        let body = &req[req.find("\r\n\r\n").expect("head") + 4..];
+        assert!(req.starts_with("PUT /my-cache HTTP/1.1\r\n"), "{req}");
+        assert!(
+            body.contains("<LocationConstraint>eu-west-1</LocationConstraint>"),
+            "{req}"
+        );
+        let sha = crate::s3::sha256_hex(body.as_bytes());
+        assert!(
+            lower.contains(&format!("x-amz-content-sha256: {sha}\r\n")),
+            "{req}"
+        );
+        assert!(
+            lower.contains("authorization: aws4-hmac-sha256 credential=akiatest/"),
+            "{req}"
+        );
+        assert!(!req.contains("very-secret-value"), "{req}");
     }
 
     /// Issue 12 item 7: errors name a target without its credentials.

@@ -11,6 +11,7 @@ use futures_util::StreamExt as _;
 use futures_util::stream::BoxStream;
 use std::io;
 use std::num::NonZeroU32;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -97,19 +98,43 @@ pub const PATIENT_CONNECT_MIN: Duration = Duration::from_millis(1300);
 pub struct Upstream {
     pub id: usize,
     pub settings: UpstreamSettings,
-    client: Option<reqwest::Client>,
-    /// The client for retries after a transient failure: a connect time-out long enough for
-    /// one SYN retransmission (Linux resends after 1 s), so a busy upstream whose listen
-    /// backlog dropped the first SYN is reached on the second (issue 12, "never a false miss").
-    patient_client: Option<reqwest::Client>,
+    source: Source,
     /// Smoothed latency of successful small requests, in microseconds (0: none yet).
     latency_ewma_us: std::sync::atomic::AtomicU64,
-    /// The HTTP base, parsed once: every request URL is checked against it.
-    base_url: Option<reqwest::Url>,
     breaker: Mutex<Breaker>,
     limiter: Option<governor::DefaultDirectRateLimiter>,
     inflight: Arc<Semaphore>,
     pub metrics: UpstreamMetrics,
+}
+
+/// Where requests go: a directory, or an HTTP base with its clients.
+enum Source {
+    File(PathBuf),
+    Http(HttpSource),
+}
+
+struct HttpSource {
+    /// Base URL without a trailing '/', as configured.
+    base: String,
+    /// The base, parsed once: every request URL is checked against it (`None` if it does not
+    /// parse; every request is then refused as outside the base).
+    base_url: Option<reqwest::Url>,
+    client: reqwest::Client,
+    /// The client for retries after a transient failure: a connect time-out long enough for
+    /// one SYN retransmission (Linux resends after 1 s), so a busy upstream whose listen
+    /// backlog dropped the first SYN is reached on the second (issue 12, "never a false miss").
+    patient_client: reqwest::Client,
+}
+
+impl HttpSource {
+    /// The client of a first attempt, or of a retry after a transient failure (`patient`).
+    fn client(&self, patient: bool) -> &reqwest::Client {
+        if patient {
+            &self.patient_client
+        } else {
+            &self.client
+        }
+    }
 }
 
 /// Why an upstream was not asked.
@@ -150,16 +175,14 @@ impl Upstream {
                 .user_agent(concat!("ferry-substituter/", env!("CARGO_PKG_VERSION")))
                 .build()
         };
-        let (client, patient_client) = match settings.location {
-            UpstreamLocation::Http(_) => (
-                Some(build(settings.connect_timeout)?),
-                Some(build(PATIENT_CONNECT_MAX.max(settings.connect_timeout))?),
-            ),
-            UpstreamLocation::File(_) => (None, None),
-        };
-        let base_url = match &settings.location {
-            UpstreamLocation::Http(b) => reqwest::Url::parse(b).ok(),
-            UpstreamLocation::File(_) => None,
+        let source = match &settings.location {
+            UpstreamLocation::Http(base) => Source::Http(HttpSource {
+                base: base.clone(),
+                base_url: reqwest::Url::parse(base).ok(),
+                client: build(settings.connect_timeout)?,
+                patient_client: build(PATIENT_CONNECT_MAX.max(settings.connect_timeout))?,
+            }),
+            UpstreamLocation::File(dir) => Source::File(dir.clone()),
         };
         let limiter = NonZeroU32::new(settings.rate_limit)
             .map(|r| governor::RateLimiter::direct(governor::Quota::per_second(r)));
@@ -168,36 +191,28 @@ impl Upstream {
             breaker: Mutex::new(Breaker::new(settings.breaker.clone())),
             inflight: Arc::new(Semaphore::new(settings.max_in_flight)),
             metrics: UpstreamMetrics::default(),
-            client,
-            patient_client,
+            source,
             latency_ewma_us: std::sync::atomic::AtomicU64::new(0),
-            base_url,
             limiter,
             settings,
         })
-    }
-
-    fn base(&self) -> Option<&str> {
-        match &self.settings.location {
-            UpstreamLocation::Http(b) => Some(b),
-            UpstreamLocation::File(_) => None,
-        }
     }
 
     /// A request for `key`, with the upstream's credentials, or an error when the key's URL
     /// would not stay under the base ([`crate::paths::http_url`]).
     fn request(
         &self,
-        client: &reqwest::Client,
+        http: &HttpSource,
+        patient: bool,
         method: reqwest::Method,
         key: &str,
     ) -> Result<reqwest::RequestBuilder, FetchError> {
-        let (Some(base), Some(text)) = (&self.base_url, self.base()) else {
-            return Err(FetchError::OutsideBase(key.to_owned()));
-        };
-        let url =
-            http_url(base, text, key).ok_or_else(|| FetchError::OutsideBase(key.to_owned()))?;
-        let req = client.request(method, url);
+        let url = http
+            .base_url
+            .as_ref()
+            .and_then(|base| http_url(base, &http.base, key))
+            .ok_or_else(|| FetchError::OutsideBase(key.to_owned()))?;
+        let req = http.client(patient).request(method, url);
         Ok(match &self.settings.credentials {
             Some(c) => req.basic_auth(&c.user, Some(&c.password)),
             None => req,
@@ -206,7 +221,10 @@ impl Upstream {
 
     /// The base URL for narinfo URL rewriting (None for directories).
     pub fn http_base(&self) -> Option<&str> {
-        self.base()
+        match &self.source {
+            Source::Http(http) => Some(&http.base),
+            Source::File(_) => None,
+        }
     }
 
     /// Whether the breaker lets requests through (closed), after the failures recorded so far.
@@ -330,22 +348,20 @@ impl Upstream {
     /// client and an adaptive connect time-out ([`Upstream::patient_connect_timeout`]).
     pub async fn fetch_small_attempt(&self, key: &str, max_len: usize, patient: bool) -> Fetch {
         let started = Instant::now();
-        let (client, connect) = if patient {
-            (&self.patient_client, self.patient_connect_timeout())
+        let connect = if patient {
+            self.patient_connect_timeout()
         } else {
-            (&self.client, self.settings.connect_timeout)
+            self.settings.connect_timeout
         };
-        let r = match (&self.settings.location, client) {
-            (UpstreamLocation::Http(_), Some(client)) => {
-                match self.request(client, reqwest::Method::GET, key) {
-                    Ok(req) => self.fetch_http(req, max_len, connect).await,
-                    Err(error) => Fetch::Failed {
-                        error,
-                        retry_after: None,
-                    },
-                }
-            }
-            (UpstreamLocation::File(dir), _) => {
+        let r = match &self.source {
+            Source::Http(http) => match self.request(http, patient, reqwest::Method::GET, key) {
+                Ok(req) => self.fetch_http(req, max_len, connect).await,
+                Err(error) => Fetch::Failed {
+                    error,
+                    retry_after: None,
+                },
+            },
+            Source::File(dir) => {
                 let path = file_path(dir, key);
                 match tokio::time::timeout(self.settings.read_timeout, read_capped(&path, max_len))
                     .await
@@ -357,10 +373,6 @@ impl Upstream {
                     },
                 }
             }
-            (UpstreamLocation::Http(_), None) => Fetch::Failed {
-                error: FetchError::Connect("no HTTP client".into()),
-                retry_after: None,
-            },
         };
         self.metrics.latency.observe(started.elapsed());
         if matches!(r, Fetch::Found(_) | Fetch::Missing) {
@@ -422,10 +434,10 @@ impl Upstream {
 
     /// Size of a NAR, for HEAD requests.
     pub async fn head_nar(&self, key: &str, patient: bool) -> OpenNar {
-        let (client, wait) = self.nar_client(patient);
-        match (&self.settings.location, client) {
-            (UpstreamLocation::Http(_), Some(client)) => {
-                let req = match self.request(client, reqwest::Method::HEAD, key) {
+        let wait = self.nar_wait(patient);
+        match &self.source {
+            Source::Http(http) => {
+                let req = match self.request(http, patient, reqwest::Method::HEAD, key) {
                     Ok(r) => r.send(),
                     Err(e) => return OpenNar::Failed(e),
                 };
@@ -444,21 +456,16 @@ impl Upstream {
                     }),
                 }
             }
-            (UpstreamLocation::File(dir), _) => {
-                match tokio::fs::metadata(file_path(dir, key)).await {
-                    Ok(m) if m.is_file() => OpenNar::Opened(NarBody {
-                        total: Some(m.len()),
-                        skip: 0,
-                        stream: futures_util::stream::empty().boxed(),
-                    }),
-                    Ok(_) => OpenNar::Missing,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => OpenNar::Missing,
-                    Err(e) => OpenNar::Failed(e.into()),
-                }
-            }
-            (UpstreamLocation::Http(_), None) => {
-                OpenNar::Failed(FetchError::Connect("no client".into()))
-            }
+            Source::File(dir) => match tokio::fs::metadata(file_path(dir, key)).await {
+                Ok(m) if m.is_file() => OpenNar::Opened(NarBody {
+                    total: Some(m.len()),
+                    skip: 0,
+                    stream: futures_util::stream::empty().boxed(),
+                }),
+                Ok(_) => OpenNar::Missing,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => OpenNar::Missing,
+                Err(e) => OpenNar::Failed(e.into()),
+            },
         }
     }
 
@@ -467,26 +474,23 @@ impl Upstream {
         self.open_nar_attempt(key, offset, false).await
     }
 
-    /// The client for a NAR request and the time allowed up to its response headers: the
-    /// patient client and a latency-adaptive connect time-out for a retry
+    /// The time allowed a NAR request up to its response headers: a retry (on the patient
+    /// client) adds a latency-adaptive connect time-out
     /// ([`Upstream::patient_connect_timeout`]).
-    fn nar_client(&self, patient: bool) -> (&Option<reqwest::Client>, Duration) {
+    fn nar_wait(&self, patient: bool) -> Duration {
         if patient {
-            (
-                &self.patient_client,
-                self.settings.read_timeout + self.patient_connect_timeout(),
-            )
+            self.settings.read_timeout + self.patient_connect_timeout()
         } else {
-            (&self.client, self.settings.read_timeout)
+            self.settings.read_timeout
         }
     }
 
     /// [`Upstream::open_nar`]; `patient` for a retry after a transient failure.
     pub async fn open_nar_attempt(&self, key: &str, offset: u64, patient: bool) -> OpenNar {
-        let (client, wait) = self.nar_client(patient);
-        match (&self.settings.location, client) {
-            (UpstreamLocation::Http(_), Some(client)) => {
-                let mut req = match self.request(client, reqwest::Method::GET, key) {
+        let wait = self.nar_wait(patient);
+        match &self.source {
+            Source::Http(http) => {
+                let mut req = match self.request(http, patient, reqwest::Method::GET, key) {
                     Ok(r) => r,
                     Err(e) => return OpenNar::Failed(e),
                 };
@@ -529,10 +533,7 @@ impl Upstream {
                     stream,
                 })
             }
-            (UpstreamLocation::File(dir), _) => open_file(&file_path(dir, key), offset).await,
-            (UpstreamLocation::Http(_), None) => {
-                OpenNar::Failed(FetchError::Connect("no client".into()))
-            }
+            Source::File(dir) => open_file(&file_path(dir, key), offset).await,
         }
     }
 }
