@@ -537,13 +537,47 @@ async fn master_alive(sock: &Path) -> bool {
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SshError> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // Unique per call, not only per process: the hook prepares the same builder's files from
+    // concurrent tasks (a probe and a connection), and a shared temporary name let one task
+    // rename the other's file away ("preparing …known_hosts: No such file or directory").
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
     std::fs::write(&tmp, bytes)
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|source| SshError::Setup {
             path: path.to_owned(),
             source,
         })
+}
+
+#[cfg(test)]
+mod write_atomic_tests {
+    use super::write_atomic;
+
+    /// Many writers of one file in one process: every write succeeds and the file ends whole.
+    #[test]
+    fn concurrent_writes_of_one_file_in_one_process_all_succeed() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("k.known_hosts");
+        std::thread::scope(|s| {
+            for i in 0..16 {
+                let path = &path;
+                s.spawn(move || {
+                    for _ in 0..200 {
+                        write_atomic(path, format!("line {i}\n").as_bytes()).expect("write");
+                    }
+                });
+            }
+        });
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(
+            text.starts_with("line ") && text.ends_with('\n'),
+            "{text:?}"
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").collect();
+        assert_eq!(left.len(), 1, "temporary files left behind");
+    }
 }
 
 impl Transport for OpenSsh {

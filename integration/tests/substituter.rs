@@ -21,6 +21,32 @@ fn stdout_of(mut c: std::process::Command, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// `nix-build` of `expr` on the client through Ferry: it must succeed (else the daemon's and
+/// Ferry's logs are shown), substitute from Ferry, and print no warning or error (`quiet`
+/// names the case). Returns the output and the time it took.
+fn substitute_through_ferry(
+    fleet: &ferry_integration::Fleet,
+    ferry: &Ferry,
+    expr: &str,
+    what: &str,
+    quiet: &str,
+) -> (std::process::Output, Duration) {
+    let (out, stderr, elapsed) = client_build(fleet, expr);
+    check(&out, what).unwrap_or_else(|e| {
+        panic!(
+            "{e}\ndaemon log:\n{}\nferry log:\n{}",
+            fleet.daemon_log(),
+            ferry.log_text()
+        )
+    });
+    assert!(
+        substituted_from_ferry(&stderr),
+        "not substituted:\n{stderr}"
+    );
+    assert_quiet(&stderr, quiet);
+    (out, elapsed)
+}
+
 fn substituted_from_ferry(stderr: &str) -> bool {
     stderr.contains(&format!("from '{}'", ferry_url()))
 }
@@ -174,19 +200,13 @@ fn faulty_upstreams_are_invisible_to_nix() {
     );
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
 
-    let (out, stderr, first) = client_build(&fleet, &exprs[0]);
-    check(&out, "nix-build with faulty upstreams").unwrap_or_else(|e| {
-        panic!(
-            "{e}\ndaemon log:\n{}\nferry log:\n{}",
-            fleet.daemon_log(),
-            ferry.log_text()
-        )
-    });
-    assert!(
-        substituted_from_ferry(&stderr),
-        "not substituted:\n{stderr}"
+    let (_, first) = substitute_through_ferry(
+        &fleet,
+        &ferry,
+        &exprs[0],
+        "nix-build with faulty upstreams",
+        "faulty upstreams",
     );
-    assert_quiet(&stderr, "faulty upstreams");
 
     // A few misses make sure every faulty upstream failed at least 3 times.
     for i in 0..3 {
@@ -223,14 +243,13 @@ fn faulty_upstreams_are_invisible_to_nix() {
     );
 
     // With the breakers open the dead upstreams cost next to nothing.
-    let (out, stderr, second) = client_build(&fleet, &exprs[1]);
-    check(&out, "second nix-build, breakers open")
-        .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_text()));
-    assert!(
-        substituted_from_ferry(&stderr),
-        "not substituted:\n{stderr}"
+    let (_, second) = substitute_through_ferry(
+        &fleet,
+        &ferry,
+        &exprs[1],
+        "second nix-build, breakers open",
+        "faulty upstreams, breakers open",
     );
-    assert_quiet(&stderr, "faulty upstreams, breakers open");
     eprintln!("3-path closure with 4 faulty upstreams first: {first:?}, breakers open: {second:?}");
     assert!(
         second < Duration::from_secs(5),
@@ -269,19 +288,13 @@ fn nar_resumes_from_another_upstream_and_never_truncates_silently() {
 
     // The first upstream resets every NAR after 64 KiB: Ferry resumes from the second.
     let ferry = start_ferry(&fleet, &[reset.clone(), good], "");
-    let (out, stderr, _) = client_build(&fleet, &expr);
-    check(&out, "nix-build with a resetting upstream").unwrap_or_else(|e| {
-        panic!(
-            "{e}\ndaemon log:\n{}\nferry log:\n{}",
-            fleet.daemon_log(),
-            ferry.log_text()
-        )
-    });
-    assert!(
-        substituted_from_ferry(&stderr),
-        "not substituted:\n{stderr}"
+    substitute_through_ferry(
+        &fleet,
+        &ferry,
+        &expr,
+        "nix-build with a resetting upstream",
+        "resetting upstream",
     );
-    assert_quiet(&stderr, "resetting upstream");
     let m = metrics(&fleet);
     assert!(
         metric(&m, "ferry_substituter_nar_resumes_total") >= 1.0,
@@ -348,14 +361,13 @@ fn disk_cache_substitutes_again_with_the_upstream_gone_after_a_restart() {
         cache_dir.display()
     );
     let ferry = start_ferry(&fleet, std::slice::from_ref(&good), &conf);
-    let (out, stderr, _) = client_build(&fleet, &expr);
-    check(&out, "first substitution through Ferry")
-        .unwrap_or_else(|e| panic!("{e}\nferry log:\n{}", ferry.log_text()));
-    assert!(
-        substituted_from_ferry(&stderr),
-        "not substituted:\n{stderr}"
+    substitute_through_ferry(
+        &fleet,
+        &ferry,
+        &expr,
+        "first substitution through Ferry",
+        "first substitution",
     );
-    assert_quiet(&stderr, "first substitution");
     let t = Instant::now();
     while metric(&metrics(&fleet), "ferry_substituter_disk_nar_stored_total") < 3.0 {
         assert!(t.elapsed() < Duration::from_secs(5), "{}", metrics(&fleet));
@@ -373,19 +385,13 @@ fn disk_cache_substitutes_again_with_the_upstream_gone_after_a_restart() {
     assert!(!fleet.client.has_store_path(&paths[0]));
 
     let t = Instant::now();
-    let (out, stderr, _) = client_build(&fleet, &expr);
-    check(&out, "substitution from Ferry's disk cache").unwrap_or_else(|e| {
-        panic!(
-            "{e}\ndaemon log:\n{}\nferry log:\n{}",
-            fleet.daemon_log(),
-            ferry.log_text()
-        )
-    });
-    assert!(
-        substituted_from_ferry(&stderr),
-        "not substituted:\n{stderr}"
+    substitute_through_ferry(
+        &fleet,
+        &ferry,
+        &expr,
+        "substitution from Ferry's disk cache",
+        "substitution from disk",
     );
-    assert_quiet(&stderr, "substitution from disk");
     eprintln!(
         "3-path closure from the disk cache, upstream black-holed: {:?}",
         t.elapsed()
@@ -491,19 +497,13 @@ fn a_slow_to_accept_upstream_under_a_burst_gives_no_false_404() {
 
     // Nix itself substitutes the closure through Ferry (its narinfos are warm now; the NARs
     // come from the slow cache one at a time).
-    let (out, stderr, elapsed) = client_build(&fleet, &expr);
-    check(&out, "nix-build from a slow-accept cache").unwrap_or_else(|e| {
-        panic!(
-            "{e}\ndaemon log:\n{}\nferry log:\n{}",
-            fleet.daemon_log(),
-            ferry.log_text()
-        )
-    });
-    assert!(
-        substituted_from_ferry(&stderr),
-        "not substituted:\n{stderr}"
+    let (_, elapsed) = substitute_through_ferry(
+        &fleet,
+        &ferry,
+        &expr,
+        "nix-build from a slow-accept cache",
+        "slow-accept cache",
     );
-    assert_quiet(&stderr, "slow-accept cache");
     eprintln!("25-path closure from a slow-accept cache through Ferry: {elapsed:?}");
 }
 
