@@ -220,6 +220,7 @@ macro_rules! target {
 /// Every target, in the order the runner fuzzes them.
 pub const TARGETS: &[Target] = &[
     target!(nar_parse, seeds_nar, NAR_DICT, 1 << 16),
+    target!(nar_check, seeds_nar, NAR_DICT, 1 << 16),
     target!(nar_restore, seeds_nar, NAR_DICT, 1 << 16),
     target!(narinfo, seeds_narinfo, NARINFO_DICT, 1 << 14),
     target!(substituter_check, seeds_narinfo, NARINFO_DICT, 1 << 14),

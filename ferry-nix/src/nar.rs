@@ -16,12 +16,17 @@
 //! - [`NarEncoder`]: an event-based writer (directory / entry / file / symlink) that refuses
 //!   to emit anything Nix would refuse to parse;
 //! - [`dump_path`]: a file tree on disk to a NAR, byte-identical to `nix-store --dump`;
-//! - [`parse`] / [`parse_from`] with a [`NarVisitor`]: a strict streaming parser;
+//! - [`parse`] / [`parse_from`] with a [`NarVisitor`]: a strict streaming parser that pulls
+//!   its input from a `Read`;
+//! - [`NarChecker`]: the same grammar, bounds and errors as a sans-IO state machine that is
+//!   pushed slices of any size and says where the NAR ends (for NARs inside async protocol
+//!   streams, such as the serve protocol's `DumpStorePath`);
 //! - [`restore`]: a NAR to a new directory, all-or-nothing.
 //!
 //! Paths inside a NAR ("NAR paths") are byte strings: the empty string for the root node and
 //! `/name/name…` for the nodes below it, as in the error messages (`/bin/sh`).
 
+mod check;
 mod encode;
 mod parse;
 
@@ -30,8 +35,9 @@ mod dump;
 #[cfg(unix)]
 mod restore;
 
+pub use check::NarChecker;
 pub use encode::{NarEncoder, NarWriteError, TeeWriter};
-pub use parse::{NarContents, NarReadError, NarVisitor, parse, parse_from, validate};
+pub use parse::{NarContents, NarReadError, NarVisitor, Null, parse, parse_from, validate};
 
 #[cfg(unix)]
 pub use dump::{dump_path, dump_path_hashed};

@@ -11,7 +11,6 @@ use ferry_nix::store_path::StorePath;
 use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 /// How outputs are imported (`import-method` in `[build-hook]`).
@@ -196,24 +195,13 @@ impl ImportBatch {
                 let Some(t) = tool.as_mut() else {
                     return Err(importer.local_failed(&info.path, "no import tool"));
                 };
-                let what = t.what.clone();
-                let stdin = t.stdin()?;
-                if let Err(e) = stdin.write_all(&EXPORT_OBJECT_START).await {
-                    return Err(LocalError::Failed {
-                        command: what,
-                        status: format!("writing to it failed: {e}"),
-                        stderr: String::new(),
-                    });
-                }
-                Ok(stdin)
+                t.write(&EXPORT_OBJECT_START).await?;
+                t.stdin()
             }
             BatchKind::Restore {
                 importer, current, ..
             } => {
-                if let Some((old, tmp)) = current.take() {
-                    let _ = old.kill().await;
-                    let _ = remove_tree(&tmp);
-                }
+                let _ = discard(current.take()).await;
                 let (t, tmp) = importer.start(&info.path)?;
                 let (t, _) = current.insert((t, tmp));
                 t.stdin()
@@ -230,17 +218,8 @@ impl ImportBatch {
                 let Some(t) = tool.as_mut() else {
                     return Err(importer.local_failed(&info.path, "no import tool"));
                 };
-                let what = t.what.clone();
-                let stdin = t.stdin()?;
-                let written = async {
-                    stdin.write_all(&trailer).await?;
-                    stdin.flush().await
-                };
-                written.await.map_err(|e| LocalError::Failed {
-                    command: what,
-                    status: format!("writing to it failed: {e}"),
-                    stderr: String::new(),
-                })
+                t.write(&trailer).await?;
+                t.flush().await
             }
             BatchKind::Restore {
                 importer,
@@ -271,13 +250,8 @@ impl ImportBatch {
                     return Ok(());
                 };
                 // The end of the export stream.
-                let what = t.what.clone();
-                if let Err(e) = t.stdin()?.write_all(&0u64.to_le_bytes()).await {
-                    return Err(t.kill().await.unwrap_or(LocalError::Failed {
-                        command: what,
-                        status: format!("writing to it failed: {e}"),
-                        stderr: String::new(),
-                    }));
+                if let Err(e) = t.write(&0u64.to_le_bytes()).await {
+                    return Err(t.kill().await.unwrap_or(e));
                 }
                 t.finish().await
             }
@@ -288,10 +262,7 @@ impl ImportBatch {
                 placed,
                 ..
             } => {
-                if let Some((t, tmp)) = current {
-                    let _ = t.kill().await;
-                    let _ = remove_tree(&tmp);
-                }
+                let _ = discard(current).await;
                 if done.is_empty() {
                     return Ok(());
                 }
@@ -320,16 +291,21 @@ impl ImportBatch {
                 placed,
                 ..
             } => {
-                let mut failure = None;
-                if let Some((t, tmp)) = current {
-                    failure = t.kill().await;
-                    let _ = remove_tree(&tmp);
-                }
+                let failure = discard(current).await;
                 importer.clean_up(&done, &placed).await;
                 failure
             }
         }
     }
+}
+
+/// Stops the restore in progress, if any, and removes what it wrote: its own failure if it
+/// had failed (see [`Tool::kill`]).
+async fn discard(current: Option<(Tool, PathBuf)>) -> Option<LocalError> {
+    let (tool, tmp) = current?;
+    let failure = tool.kill().await;
+    let _ = remove_tree(&tmp);
+    failure
 }
 
 impl HeldLocksImporter {

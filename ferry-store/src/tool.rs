@@ -13,16 +13,7 @@ pub(crate) async fn feed(
     what: &str,
     input: &[u8],
 ) -> Result<(), LocalError> {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| LocalError::Spawn {
-            program: program.to_owned(),
-            source,
-        })?;
+    let mut child = spawn(&mut cmd, program)?;
     if let Some(mut stdin) = child.stdin.take() {
         // A write error shows up as the tool's failure below.
         let _ = stdin.write_all(input).await;
@@ -30,21 +21,14 @@ pub(crate) async fn feed(
     let out = child
         .wait_with_output()
         .await
-        .map_err(|source| LocalError::Spawn {
-            program: program.to_owned(),
-            source,
-        })?;
+        .map_err(spawn_failed(program))?;
     succeeded(out, what).map(drop)
 }
 
 /// The tool's stdout if it exited 0, else its status and stderr under `what`.
 pub(crate) fn succeeded(out: std::process::Output, what: &str) -> Result<Vec<u8>, LocalError> {
     if !out.status.success() {
-        return Err(LocalError::Failed {
-            command: what.to_owned(),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
+        return Err(tool_failed(what.to_owned(), out.status, &out.stderr));
     }
     Ok(out.stdout)
 }
@@ -59,11 +43,37 @@ pub(crate) async fn output(
         .stderr(Stdio::piped())
         .output()
         .await
-        .map_err(|source| LocalError::Spawn {
-            program: program.to_owned(),
-            source,
-        })?;
+        .map_err(spawn_failed(program))?;
     succeeded(out, what)
+}
+
+/// Starts `cmd` with its stdin piped, its stdout discarded and its stderr piped (for the
+/// error message), killed if the handle is dropped: how every tool fed on its stdin is run.
+fn spawn(cmd: &mut Command, program: &str) -> Result<Child, LocalError> {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(spawn_failed(program))
+}
+
+/// [`LocalError::Spawn`] for `program`: it could not be started or waited for.
+fn spawn_failed(program: &str) -> impl FnOnce(std::io::Error) -> LocalError + '_ {
+    move |source| LocalError::Spawn {
+        program: program.to_owned(),
+        source,
+    }
+}
+
+/// [`LocalError::Failed`] for a tool that ran and failed: its exit status (or what else
+/// went wrong with it) and its stderr, trimmed.
+fn tool_failed(command: String, status: impl std::fmt::Display, stderr: &[u8]) -> LocalError {
+    LocalError::Failed {
+        command,
+        status: status.to_string(),
+        stderr: String::from_utf8_lossy(stderr).trim().to_owned(),
+    }
 }
 
 /// A local tool fed on its stdin while it runs (`nix-store --import`, `--restore`): its
@@ -81,16 +91,7 @@ const TOOL_STDERR_TAIL: usize = 16 * 1024;
 
 impl Tool {
     pub(crate) fn spawn(mut cmd: Command, program: &str, what: String) -> Result<Tool, LocalError> {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| LocalError::Spawn {
-                program: program.to_owned(),
-                source,
-            })?;
+        let mut child = spawn(&mut cmd, program)?;
         let stdin = child.stdin.take();
         let mut err = child.stderr.take();
         let stderr = tokio::spawn(async move {
@@ -119,11 +120,23 @@ impl Tool {
 
     pub(crate) fn stdin(&mut self) -> Result<&mut tokio::process::ChildStdin, LocalError> {
         let what = self.what.clone();
-        self.stdin.as_mut().ok_or(LocalError::Failed {
-            command: what,
-            status: "its input is closed".into(),
-            stderr: String::new(),
-        })
+        self.stdin
+            .as_mut()
+            .ok_or_else(|| tool_failed(what, "its input is closed", b""))
+    }
+
+    /// Writes `bytes` to its stdin.
+    pub(crate) async fn write(&mut self, bytes: &[u8]) -> Result<(), LocalError> {
+        let what = self.what.clone();
+        let written = self.stdin()?.write_all(bytes).await;
+        written.map_err(|e| write_failed(what, &e))
+    }
+
+    /// Flushes its stdin.
+    pub(crate) async fn flush(&mut self) -> Result<(), LocalError> {
+        let what = self.what.clone();
+        let flushed = self.stdin()?.flush().await;
+        flushed.map_err(|e| write_failed(what, &e))
     }
 
     /// Closes its stdin and fails with its stderr unless it exits 0.
@@ -132,23 +145,12 @@ impl Tool {
             // A write error shows up as the tool's failure below.
             let _ = stdin.shutdown().await;
         }
-        let status = self
-            .child
-            .wait()
-            .await
-            .map_err(|source| LocalError::Spawn {
-                program: self.what.clone(),
-                source,
-            })?;
+        let status = self.child.wait().await.map_err(spawn_failed(&self.what))?;
         let stderr = self.stderr.await.unwrap_or_default();
         if status.success() {
             return Ok(());
         }
-        Err(LocalError::Failed {
-            command: self.what,
-            status: status.to_string(),
-            stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
-        })
+        Err(tool_failed(self.what, status, &stderr))
     }
 
     /// Stops it without a clean end of input (the kill comes before the end of its
@@ -162,14 +164,16 @@ impl Tool {
         }
         let stderr = self.stderr.await.unwrap_or_default();
         match exited {
-            Some(status) if !status.success() => Some(LocalError::Failed {
-                command: self.what,
-                status: status.to_string(),
-                stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
-            }),
+            Some(status) if !status.success() => Some(tool_failed(self.what, status, &stderr)),
             _ => None,
         }
     }
+}
+
+/// [`LocalError::Failed`] for a write to a tool's stdin that failed (usually because the
+/// tool is gone; its own failure, from [`Tool::kill`], says more).
+fn write_failed(command: String, e: &std::io::Error) -> LocalError {
+    tool_failed(command, format_args!("writing to it failed: {e}"), b"")
 }
 
 /// Removes whatever is at `p` (a tree, file or symlink); absent is fine.

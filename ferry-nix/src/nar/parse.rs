@@ -154,8 +154,9 @@ pub trait NarVisitor {
     fn symlink(&mut self, path: &[u8], target: &[u8]) -> io::Result<()>;
 }
 
-/// A visitor that does nothing: parsing with it validates a NAR.
-struct Null;
+/// A visitor that does nothing: parsing with it validates a NAR (what [`validate`] does;
+/// with [`parse_from`], a NAR inside a longer stream).
+pub struct Null;
 
 impl NarVisitor for Null {
     fn directory(&mut self, _: &[u8]) -> io::Result<()> {

@@ -1,6 +1,8 @@
 //! The handshake (docs/hook-protocol.md §4.1) and what a bad greeting said.
 
-use super::{MAX_BANNER, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SERVE_MAGIC_1, SERVE_MAGIC_2};
+use super::{
+    MAX_BANNER, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, READ_BUFFER, SERVE_MAGIC_1, SERVE_MAGIC_2,
+};
 use super::{ServeClient, ServeError, ServeLimits};
 use crate::store_path::StoreDir;
 use crate::wire::{AsyncWireReader, AsyncWireWriter, WireError};
@@ -34,7 +36,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
         limits: ServeLimits,
     ) -> Result<Self, ServeError> {
         let remote = remote.into();
-        let mut r = BufReader::new(reader);
+        let mut r = BufReader::with_capacity(READ_BUFFER, reader);
         let mut w = AsyncWireWriter::new(BufWriter::new(writer));
         // A failed write usually means the remote is gone; what it printed explains why,
         // so read that before reporting the write error.

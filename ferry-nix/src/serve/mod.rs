@@ -27,14 +27,13 @@
 //! ## DumpStorePath
 //!
 //! The server answers `DumpStorePath` with a bare NAR: no length, no trailer. The only way to
-//! find its end is to parse it. We reuse [`crate::nar::parse_from`] (the strict, bounded NAR
-//! grammar) instead of writing a second, asynchronous one: the parser runs on a short-lived
-//! thread and pulls its input through a channel from this task, which reads from the remote
-//! exactly the bytes the parser asked for (the parser only ever asks for bytes it needs), so
-//! nothing after the NAR is consumed, and copies them to the sink. The sink therefore receives
-//! exactly the NAR bytes, validated; if the NAR is bad the error comes from the NAR parser,
-//! with the offset inside the NAR. Dropping the future closes the channel, which stops the
-//! thread.
+//! find its end is to parse it. The push NAR checker ([`crate::nar::NarChecker`], the same
+//! strict, bounded grammar and errors as [`crate::nar::parse_from`], without I/O) does that in
+//! this task: each read buffer is offered to it, it takes the bytes up to the NAR's end, and
+//! only those are consumed from the stream and copied to the sink, so the next reply stays
+//! unread. The sink therefore receives exactly the NAR bytes, validated; if the NAR is bad the
+//! error comes from the checker, with the offset inside the NAR. No thread or channel is
+//! involved, so dropping the future leaves nothing running.
 
 use crate::hash::{Hash, HashError};
 use crate::nar::NarReadError;
@@ -87,9 +86,10 @@ const CMD_ADD_TO_STORE_NAR: u64 = 9;
 /// How much of a bad greeting is kept for the error message.
 #[cfg(feature = "tokio")]
 const MAX_BANNER: usize = 4096;
-/// Chunk size for copying NARs.
+/// Capacity of the read buffer. `DumpStorePath` copies NARs through it, one buffer at a time,
+/// so it is the size of each write to the sink; 64 KiB matches a pipe's default capacity.
 #[cfg(feature = "tokio")]
-const CHUNK: usize = 64 * 1024;
+const READ_BUFFER: usize = 64 * 1024;
 /// Chunk size for NARs sent with `AddToStoreNar`: a quarter of the reads and writes (and
 /// task wake-ups) of 64 KiB pieces for the same bytes.
 #[cfg(feature = "tokio")]
@@ -251,12 +251,6 @@ pub enum ServeError {
     /// than its `narSize`, or with another hash than its `narHash`.
     #[error("dump_store_path of {path} from '{remote}': {detail}")]
     NarNotAsDeclared {
-        remote: String,
-        path: String,
-        detail: String,
-    },
-    #[error("dump_store_path of {path} from '{remote}': {detail}")]
-    NarCheck {
         remote: String,
         path: String,
         detail: String,

@@ -1,12 +1,10 @@
-//! `DumpStorePath` (op 3): the NAR copied to a sink and checked on the way by the NAR
-//! grammar on a short-lived thread (see the documentation of [`super`]).
+//! `DumpStorePath` (op 3): the NAR copied to a sink and checked on the way by the push NAR
+//! checker, which also finds where it ends (see the documentation of [`super`]).
 
-use super::{CHUNK, CMD_DUMP_STORE_PATH, PathInfo, ServeClient, ServeError};
+use super::{CMD_DUMP_STORE_PATH, PathInfo, ServeClient, ServeError};
 use crate::hash::{Hash, HashAlgo, HashSink};
-use crate::nar::{NarContents, NarReadError, NarVisitor, parse_from};
+use crate::nar::NarChecker;
 use crate::store_path::StorePath;
-use crate::wire::WireReader;
-use std::io;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
@@ -96,158 +94,65 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ServeClient<R, W> {
         self.send_str(OP, &shown).await?;
         self.flush(OP).await?;
 
-        let (req_tx, mut req_rx) = tokio::sync::mpsc::channel::<FromParser>(1);
-        let (resp_tx, resp_rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(1);
-        let bridge = Bridge {
-            req: req_tx,
-            resp: resp_rx,
-            buf: Vec::new(),
-            pos: 0,
-        };
-        let spawned = std::thread::Builder::new()
-            .name("ferry-nar-check".into())
-            .spawn(move || {
-                let mut r = WireReader::new(bridge);
-                let result = parse_from(&mut r, &mut Discard);
-                let _ = r.get_mut().req.blocking_send(FromParser::Done(result));
-            });
-        if let Err(e) = spawned {
-            return Err(ServeError::NarCheck {
-                remote: self.remote.clone(),
-                path: shown,
-                detail: format!("cannot start the NAR checking thread: {e}"),
-            });
-        }
-
-        let mut total = 0u64;
-        loop {
-            match req_rx.recv().await {
-                Some(FromParser::Need(n)) => {
-                    if total.saturating_add(n as u64) > limit {
-                        // Reading exactly what the parser asks never goes past the NAR, so
-                        // a NAR that needs more than the limit is over it.
-                        return Err(ServeError::NarTooLarge {
-                            remote: self.remote.clone(),
-                            path: shown,
-                            limit,
-                        });
-                    }
-                    let mut chunk = vec![0u8; n];
-                    if let Err(e) = self.r.read_exact(&mut chunk).await {
-                        let _ = resp_tx.try_send(Err(io::Error::other(e.to_string())));
-                        return Err(self.wire_err(OP, e));
-                    }
-                    total += n as u64;
-                    if let Some((a, b)) = hashes.as_deref_mut() {
-                        a.update(&chunk);
-                        if let Some(b) = b {
-                            b.update(&chunk);
-                        }
-                    }
-                    if let Err(source) = sink.write_all(&chunk).await {
-                        return Err(ServeError::Sink {
-                            remote: self.remote.clone(),
-                            path: shown,
-                            source,
-                        });
-                    }
-                    // The parser waits for exactly one answer per request, so the slot is free.
-                    if resp_tx.try_send(Ok(chunk)).is_err() {
-                        return Err(ServeError::NarCheck {
-                            remote: self.remote.clone(),
-                            path: shown,
-                            detail: "the NAR checking thread stopped".into(),
-                        });
-                    }
+        let remote = self.remote.clone();
+        let mut checker = NarChecker::new();
+        while !checker.is_done() {
+            let total = checker.offset();
+            if total >= limit {
+                // The checker has taken `limit` bytes and the NAR goes on.
+                return Err(ServeError::NarTooLarge {
+                    remote,
+                    path: shown,
+                    limit,
+                });
+            }
+            let buf = match self.r.fill_buf().await {
+                Ok(buf) if !buf.is_empty() => buf,
+                Ok(_) => {
+                    return Err(ServeError::Closed {
+                        op: OP,
+                        remote,
+                        offset: self.r.offset(),
+                    });
                 }
-                Some(FromParser::Done(Ok(size))) => {
-                    if size != total {
-                        return Err(ServeError::NarCheck {
-                            remote: self.remote.clone(),
-                            path: shown,
-                            detail: format!("parsed {size} NAR bytes but read {total}"),
-                        });
-                    }
-                    sink.flush().await.map_err(|source| ServeError::Sink {
-                        remote: self.remote.clone(),
-                        path: shown.clone(),
-                        source,
-                    })?;
-                    self.broken = false;
-                    return Ok(size);
-                }
-                Some(FromParser::Done(Err(source))) => {
+                Err(e) => return Err(self.wire_err(OP, e)),
+            };
+            // Never more than the limit, so a NAR over it is stopped at the limit.
+            let room = usize::try_from(limit - total).unwrap_or(usize::MAX);
+            let offered = buf.get(..buf.len().min(room)).unwrap_or(buf);
+            // The checker takes the bytes up to the NAR's end; the rest is the next reply.
+            let taken = match checker.feed(offered) {
+                Ok(n) => offered.get(..n).unwrap_or(offered),
+                Err(source) => {
                     return Err(ServeError::Nar {
-                        remote: self.remote.clone(),
+                        remote,
                         path: shown,
                         source: Box::new(source),
                     });
                 }
-                None => {
-                    return Err(ServeError::NarCheck {
-                        remote: self.remote.clone(),
-                        path: shown,
-                        detail: "the NAR checking thread stopped without a result".into(),
-                    });
+            };
+            if let Some((a, b)) = hashes.as_deref_mut() {
+                a.update(taken);
+                if let Some(b) = b {
+                    b.update(taken);
                 }
             }
+            if let Err(source) = sink.write_all(taken).await {
+                return Err(ServeError::Sink {
+                    remote,
+                    path: shown,
+                    source,
+                });
+            }
+            let n = taken.len();
+            self.r.consume(n);
         }
-    }
-}
-
-/// Messages from the NAR checking thread.
-enum FromParser {
-    /// The parser needs exactly this many more bytes for its current read.
-    Need(usize),
-    /// The parser finished: the NAR size, or why the NAR is bad.
-    Done(Result<u64, NarReadError>),
-}
-
-/// The checking thread's `Read`: each read asks this task for bytes and waits for them.
-struct Bridge {
-    req: tokio::sync::mpsc::Sender<FromParser>,
-    resp: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
-    buf: Vec<u8>,
-    pos: usize,
-}
-
-impl io::Read for Bridge {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        if out.is_empty() {
-            return Ok(0);
-        }
-        if self.pos >= self.buf.len() {
-            // `WireReader::read_exact` asks for what it still needs, never more, so a request
-            // for `out.len()` bytes (capped) never reads past the NAR.
-            let want = out.len().min(CHUNK);
-            let gone = || io::Error::other("the dump was cancelled");
-            self.req
-                .blocking_send(FromParser::Need(want))
-                .map_err(|_| gone())?;
-            self.buf = self.resp.recv().map_err(|_| gone())??;
-            self.pos = 0;
-        }
-        let avail = self.buf.get(self.pos..).unwrap_or(&[]);
-        let n = avail.len().min(out.len());
-        if let (Some(dst), Some(src)) = (out.get_mut(..n), avail.get(..n)) {
-            dst.copy_from_slice(src);
-        }
-        self.pos += n;
-        Ok(n)
-    }
-}
-
-/// A visitor that accepts everything: the parser's own checks are the validation.
-struct Discard;
-
-impl NarVisitor for Discard {
-    fn directory(&mut self, _: &[u8]) -> io::Result<()> {
-        Ok(())
-    }
-    fn regular(&mut self, _: &[u8], _: bool, _: &mut NarContents<'_>) -> io::Result<()> {
-        Ok(())
-    }
-    fn symlink(&mut self, _: &[u8], _: &[u8]) -> io::Result<()> {
-        Ok(())
+        sink.flush().await.map_err(|source| ServeError::Sink {
+            remote,
+            path: shown,
+            source,
+        })?;
+        self.broken = false;
+        Ok(checker.offset())
     }
 }

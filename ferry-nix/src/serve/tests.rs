@@ -303,6 +303,41 @@ async fn dump_copies_exactly_the_nar() {
     assert_eq!(c.recv_u64("test").await.expect("next word"), 7);
 }
 
+/// The remote's output arrives a few bytes at a time, the NAR's end inside a read: the NAR
+/// checker is fed each piece, and the word after the NAR stays for the next reply.
+#[tokio::test]
+async fn dump_of_a_nar_arriving_in_small_pieces() {
+    let mut e = crate::nar::NarEncoder::new(Vec::new()).expect("nar");
+    e.begin_directory().expect("dir");
+    e.entry(b"bin").expect("entry");
+    e.regular_bytes(true, b"#!/bin/sh\n").expect("file");
+    e.entry(b"lib").expect("entry");
+    e.symlink(b"../lib").expect("link");
+    e.end_directory().expect("end");
+    let nar = e.finish().expect("finish").0;
+    let mut bytes = reply(0x207, |_| {});
+    bytes.extend_from_slice(&nar);
+    bytes.extend_from_slice(&7u64.to_le_bytes());
+    let (client_r, mut server_w) = duplex(5);
+    let (client_w, _server_r) = duplex(1 << 20);
+    let writer = tokio::spawn(async move { server_w.write_all(&bytes).await });
+    let mut c = ServeClient::handshake_with_limits(
+        client_r,
+        client_w,
+        sd(),
+        "slow",
+        ServeLimits::default(),
+    )
+    .await
+    .expect("handshake");
+    let mut sink = Vec::new();
+    let n = c.dump_store_path(&sp(P1), &mut sink).await.expect("dump");
+    assert_eq!(sink, nar);
+    assert_eq!(n, nar.len() as u64);
+    assert_eq!(c.recv_u64("test").await.expect("next word"), 7);
+    writer.await.expect("join").expect("write");
+}
+
 #[tokio::test]
 async fn dump_rejects_a_bad_nar() {
     let mut nar = small_nar();

@@ -7,7 +7,9 @@ use super::{
     check_padding, convert, decode_bool, decode_utf8, expect_limit, next_chunk, padding,
     settings_tag, zero_padding,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt,
+};
 
 /// An asynchronous reader that counts the bytes it consumed, so every error names its offset.
 pub struct AsyncWireReader<R> {
@@ -138,6 +140,36 @@ impl<R: AsyncRead + Unpin> AsyncWireReader<R> {
             let value = self.read_string(max_len).await?;
             settings.push((name, value));
         }
+    }
+}
+
+impl<R: AsyncBufRead + Unpin> AsyncWireReader<R> {
+    /// The bytes buffered after the current offset, reading more if there are none; empty at
+    /// end of input. Nothing is consumed until [`consume`](Self::consume): for values whose end
+    /// only their own grammar finds (a NAR after `DumpStorePath`), so that the bytes after
+    /// them stay in the stream.
+    pub async fn fill_buf(&mut self) -> Result<&[u8], WireError> {
+        let offset = self.offset;
+        loop {
+            match self.inner.fill_buf().await {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(source) => return Err(WireError::Io { offset, source }),
+                Ok(_) => break,
+            }
+        }
+        // The bytes are buffered now (or the input is at its end), so this does no I/O; it
+        // is called again because returning the first call's slice from inside the loop does
+        // not borrow-check.
+        self.inner
+            .fill_buf()
+            .await
+            .map_err(|source| WireError::Io { offset, source })
+    }
+
+    /// Consumes `n` bytes of what [`fill_buf`](Self::fill_buf) returned.
+    pub fn consume(&mut self, n: usize) {
+        self.inner.consume(n);
+        self.offset += n as u64;
     }
 }
 

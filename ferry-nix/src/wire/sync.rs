@@ -5,7 +5,7 @@ use super::{
     check_padding, convert, decode_bool, decode_utf8, expect_limit, next_chunk, padding,
     settings_tag, zero_padding,
 };
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 
 /// A synchronous reader that counts the bytes it consumed, so every error names its offset.
 pub struct WireReader<R> {
@@ -136,6 +136,33 @@ impl<R: Read> WireReader<R> {
             let value = self.read_string(max_len)?;
             settings.push((name, value));
         }
+    }
+}
+
+impl<R: BufRead> WireReader<R> {
+    /// The bytes buffered after the current offset, reading more if there are none; empty at
+    /// end of input. Nothing is consumed until [`consume`](Self::consume): for values whose end
+    /// only their own grammar finds (a NAR after `DumpStorePath`), so that the bytes after
+    /// them stay in the stream.
+    pub fn fill_buf(&mut self) -> Result<&[u8], WireError> {
+        let offset = self.offset;
+        loop {
+            match self.inner.fill_buf() {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(source) => return Err(WireError::Io { offset, source }),
+                Ok(_) => break,
+            }
+        }
+        // As in the async front end: buffered now, so no I/O.
+        self.inner
+            .fill_buf()
+            .map_err(|source| WireError::Io { offset, source })
+    }
+
+    /// Consumes `n` bytes of what [`fill_buf`](Self::fill_buf) returned.
+    pub fn consume(&mut self, n: usize) {
+        self.inner.consume(n);
+        self.offset += n as u64;
     }
 }
 

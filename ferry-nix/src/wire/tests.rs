@@ -162,3 +162,25 @@ fn io_errors_carry_the_offset() {
     assert!(matches!(e, WireError::Io { offset: 8, .. }), "{e:?}");
     assert!(e.to_string().contains("byte offset 8: boom"), "{e}");
 }
+
+/// `fill_buf` shows buffered bytes without consuming them; `consume` counts what was taken,
+/// so offsets of later reads and errors stay right after a grammar-delimited value.
+#[test]
+fn fill_buf_and_consume_keep_the_offset() {
+    let mut bytes = b"NAR?".to_vec();
+    bytes.extend(u64s(&[7]));
+    let mut r = WireReader::new(std::io::BufReader::with_capacity(3, &bytes[..]));
+    assert_eq!(r.fill_buf().expect("fill"), b"NAR");
+    r.consume(2);
+    assert_eq!(r.offset(), 2);
+    assert_eq!(r.fill_buf().expect("fill"), b"R");
+    r.consume(1);
+    let mut rest = [0u8; 1];
+    r.read_exact(&mut rest).expect("read");
+    assert_eq!(&rest, b"?");
+    assert_eq!(r.read_u64().expect("u64"), 7);
+    assert_eq!(r.offset(), 12);
+    assert!(r.fill_buf().expect("end").is_empty());
+    let e = r.read_u64().expect_err("end of input");
+    assert!(matches!(e, WireError::Eof { offset: 12, .. }), "{e}");
+}
