@@ -19,17 +19,17 @@ use std::process::ExitCode;
 pub struct Cli {
     /// Configuration file (default: $FERRY_CONFIG or /etc/ferry/ferry.toml).
     #[arg(long, global = true)]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Where logs go: `auto` is journald when systemd connected stderr to the journal
     /// (`JOURNAL_STREAM`), stderr otherwise.
     #[arg(long, global = true, value_enum, default_value_t = LogTo::Auto)]
-    pub log: LogTo,
+    pub(crate) log: LogTo,
     #[command(subcommand)]
-    pub command: Option<Command>,
+    pub(crate) command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run the uploader (spool → queue → targets).
     Daemon {
         /// Exit once everything queued is uploaded.
@@ -86,7 +86,7 @@ fn config_path(cli: &Cli) -> PathBuf {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogTo {
+pub(crate) enum LogTo {
     Auto,
     Journald,
     Stderr,
@@ -104,7 +104,7 @@ fn journald_layer() -> Option<tracing_journald::Layer> {
 /// Is stderr the journal? systemd sets `JOURNAL_STREAM=<dev>:<inode>` of the stream it gives
 /// a service, so that it can prefer the native protocol (systemd.exec(5)); a child whose
 /// stderr was redirected elsewhere inherits the variable but not the stream.
-pub fn stderr_is_journal(journal_stream: Option<&str>, stderr: Option<(u64, u64)>) -> bool {
+pub(crate) fn stderr_is_journal(journal_stream: Option<&str>, stderr: Option<(u64, u64)>) -> bool {
     let (Some(v), Some((dev, ino))) = (journal_stream, stderr) else {
         return false;
     };
@@ -279,10 +279,30 @@ fn status(config: &Path, json: bool) -> Result<()> {
         ),
         None => Default::default(),
     };
+    let multipart = if settings.queue_db().exists() {
+        crate::multipart::UploadLog::open(&settings.queue_db())?.all()?
+    } else {
+        Vec::new()
+    };
     let mut out = std::io::stdout().lock();
     if json {
+        let uploads: Vec<_> = multipart
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "target": ferry_nix::url::redact(&m.target),
+                    "key": m.key,
+                    "path": m.path,
+                    "parts_done": m.parts.len(),
+                    "parts": ferry_s3::multipart::plan(m.file_size, m.part_size).map(|p| p.len()).unwrap_or(0),
+                    "file_size": m.file_size,
+                    "started_ms": m.started_at,
+                })
+            })
+            .collect();
         let v = serde_json::json!({
             "spooled": spooled,
+            "multipart_uploads": uploads,
             "queue": st,
             "retrying_jobs": retrying,
             "dead_letters": dead,
@@ -345,6 +365,20 @@ fn status(config: &Path, json: bool) -> Result<()> {
                 .unwrap_or_default()
         )?;
     }
+    for m in &multipart {
+        let parts = ferry_s3::multipart::plan(m.file_size, m.part_size)
+            .map(|p| p.len())
+            .unwrap_or(0);
+        writeln!(
+            out,
+            "multipart upload to {}: {} ({}), {}/{parts} parts done, started {}",
+            ferry_nix::url::redact(&m.target),
+            m.key,
+            m.path,
+            m.parts.len(),
+            age(Some(m.started_at))
+        )?;
+    }
     if !retrying.is_empty() {
         writeln!(out, "retrying jobs:")?;
         for j in &retrying {
@@ -403,6 +437,12 @@ fn store_path_arg(settings: &Settings, p: &str) -> Result<String> {
     if let Ok(sp) = settings.store_dir.parse(p) {
         return Ok(settings.store_dir.display(&sp));
     }
+    store_path_of_file(settings, p)
+}
+
+/// The store path a file is in, after following links (`./result`, a path inside a store
+/// object), as the queue spells it.
+fn store_path_of_file(settings: &Settings, p: &str) -> Result<String> {
     let real = std::fs::canonicalize(p).with_context(|| p.to_string())?;
     let real = real.to_string_lossy();
     let (sp, _) = settings
@@ -468,13 +508,7 @@ fn push(config: &Path, paths: &[String]) -> Result<()> {
     let mut outs = Vec::new();
     for p in paths {
         // Accept `./result` symlinks and paths inside a store object, like `nix copy`.
-        let real = std::fs::canonicalize(p).with_context(|| p.to_string())?;
-        let real = real.to_string_lossy();
-        let (sp, _) = settings
-            .store_dir
-            .parse_with_subpath(&real)
-            .with_context(|| format!("{p} is not in {}", settings.store_dir))?;
-        outs.push(settings.store_dir.display(&sp));
+        outs.push(store_path_of_file(&settings, p)?);
     }
     let mut report = crate::hook::HookReport {
         record: crate::spool::SpoolRecord { drv: None, outs },
@@ -532,9 +566,17 @@ fn check_config(config: &Path) -> Result<()> {
     );
     for t in &targets {
         // The access key id identifies the credentials; the secret is never shown.
+        let mp = settings.multipart();
         let s3 = t
             .s3_access_key_id()
-            .map(|id| format!(", S3 access key id {id}"))
+            .map(|id| {
+                format!(
+                    ", S3 access key id {id}, multipart from {} MiB in {} MiB parts, {} at a time",
+                    mp.threshold >> 20,
+                    mp.part_size >> 20,
+                    mp.parallel
+                )
+            })
             .unwrap_or_default();
         println!(
             "  target: {} (compression {}{s3})",

@@ -20,52 +20,65 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferry/post-build";
+pub(crate) const DEFAULT_STATE_DIR: &str = "/var/lib/ferry/post-build";
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
-pub struct PostBuildConfig {
+pub(crate) struct PostBuildConfig {
     /// Upload targets: `file:///dir`, `http://…`, `https://…` (PUT), `s3://bucket?…` (S3
     /// API). Every path goes to all. Each may add `?compression=zstd|xz|none`.
-    pub targets: Vec<String>,
+    pub(crate) targets: Vec<String>,
     /// Nix secret key files (`nix key generate-secret` or `ferry-post-build keygen`); every
     /// narinfo is signed with each. Imported outputs carry no signature of the host's key
     /// (`build-remote.cc` copies with `NoCheckSigs` and never signs), so the uploader must.
-    pub secret_key_files: Vec<PathBuf>,
+    pub(crate) secret_key_files: Vec<PathBuf>,
     /// Spool, queue database, temporary NARs. The hook writes here as root.
-    pub state_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
     /// The Nix store directory; default `NIX_STORE_DIR` or `/nix/store`.
-    pub store_dir: Option<String>,
+    pub(crate) store_dir: Option<String>,
     /// Nix's state directory, for GC roots; default `NIX_STATE_DIR` or `/nix/var/nix`.
-    pub nix_state_dir: Option<PathBuf>,
+    pub(crate) nix_state_dir: Option<PathBuf>,
     /// Protect queued paths from garbage collection with a root under
     /// `<nix-state-dir>/gcroots/ferry/` until they are uploaded.
-    pub gc_roots: bool,
+    pub(crate) gc_roots: bool,
     /// Jobs uploaded at once. Uploads are compression-bound (zstd −3 ≈ 123 MiB/s/core), so
     /// about the number of cores is enough.
-    pub concurrency: usize,
+    pub(crate) concurrency: usize,
     /// Default NAR compression (a target's `?compression=` overrides it).
-    pub compression: Compression,
+    pub(crate) compression: Compression,
     /// S3 access key id, read from this file. Without these two, S3 targets use
     /// `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` or the shared credentials file.
-    pub access_key_id_file: Option<PathBuf>,
+    pub(crate) access_key_id_file: Option<PathBuf>,
     /// S3 secret access key, read from this file (never put secrets in ferry.toml itself).
-    pub secret_access_key_file: Option<PathBuf>,
+    pub(crate) secret_access_key_file: Option<PathBuf>,
     /// zstd level; 3 is zstd's default and Cachix/niks3's choice (ratio 0.40 at 123 MiB/s).
-    pub zstd_level: i32,
+    pub(crate) zstd_level: i32,
     /// xz preset (0–9) for `xz` targets; 6 is Nix's.
-    pub xz_level: u32,
+    pub(crate) xz_level: u32,
+    /// zstd worker threads per NAR: 0 means one per core (up to 8), so that one large path
+    /// uses every core; 1 compresses each NAR on the job's own thread (several jobs still
+    /// run side by side, see `concurrency`).
+    pub(crate) zstd_threads: u32,
     /// First retry delay of a job that failed for a transient reason, in milliseconds;
     /// doubles per attempt. Permanent failures are not retried: they wait in the dead
     /// letters for `ferry-post-build retry` (see `failure`).
-    pub retry_initial_ms: u64,
+    pub(crate) retry_initial_ms: u64,
     /// Longest retry delay, in seconds (15 min like niks3's batch back-off).
-    pub retry_max_secs: u64,
+    pub(crate) retry_max_secs: u64,
     /// How often the uploader looks for new spool files, in milliseconds.
-    pub poll_ms: u64,
+    pub(crate) poll_ms: u64,
     /// Connect time-out for HTTP targets, in seconds: a blackholed cache must not hold a
     /// worker for the kernel's two minutes.
-    pub connect_timeout_secs: u64,
+    pub(crate) connect_timeout_secs: u64,
+    /// NARs of at least this many MiB go to `s3://` targets as multipart uploads (resumable
+    /// part by part after a restart; S3 refuses single PUTs over 5 GiB).
+    pub(crate) multipart_threshold_mib: u64,
+    /// Size of each part, in MiB (S3: at least 5; grown when a NAR would need more than
+    /// 10,000 parts).
+    pub(crate) multipart_part_mib: u64,
+    /// Parts of one NAR in flight at once. Parts stream from the work file, so memory does
+    /// not grow with this or with the part size.
+    pub(crate) multipart_parallel: usize,
 }
 
 impl Default for PostBuildConfig {
@@ -83,24 +96,28 @@ impl Default for PostBuildConfig {
             secret_access_key_file: None,
             zstd_level: 3,
             xz_level: 6,
+            zstd_threads: 0,
             retry_initial_ms: 1000,
             retry_max_secs: 900,
             poll_ms: 200,
             connect_timeout_secs: 5,
+            multipart_threshold_mib: 64,
+            multipart_part_mib: 16,
+            multipart_parallel: 4,
         }
     }
 }
 
 /// Settings resolved from the config and the environment.
 #[derive(Debug, Clone)]
-pub struct Settings {
-    pub config: PostBuildConfig,
-    pub store_dir: StoreDir,
-    pub nix_state_dir: PathBuf,
+pub(crate) struct Settings {
+    pub(crate) config: PostBuildConfig,
+    pub(crate) store_dir: StoreDir,
+    pub(crate) nix_state_dir: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum SettingsError {
+pub(crate) enum SettingsError {
     #[error(transparent)]
     Config(#[from] ferry_nix::config::ConfigError),
     #[error("store directory {0:?} is not an absolute path")]
@@ -111,15 +128,23 @@ pub enum SettingsError {
     ZstdLevel(i32),
     #[error("xz level {0} is outside 0..=9")]
     XzLevel(u32),
+    #[error("multipart-part-mib = {0}: S3 parts are 5 to 5120 MiB")]
+    PartSize(u64),
+    #[error(
+        "multipart-threshold-mib = {0}: must be at least 5 (S3's smallest part) and at most 5120 (its largest single PUT)"
+    )]
+    Threshold(u64),
+    #[error("multipart-parallel must be at least 1")]
+    Parallel,
 }
 
 impl Settings {
-    pub fn load(path: &Path) -> Result<Settings, SettingsError> {
+    pub(crate) fn load(path: &Path) -> Result<Settings, SettingsError> {
         let config: PostBuildConfig = ferry_nix::config::load_section(path, "post-build")?;
         Self::resolve(config)
     }
 
-    pub fn resolve(config: PostBuildConfig) -> Result<Settings, SettingsError> {
+    pub(crate) fn resolve(config: PostBuildConfig) -> Result<Settings, SettingsError> {
         let store = config
             .store_dir
             .clone()
@@ -139,6 +164,15 @@ impl Settings {
                     .map(PathBuf::from)
             })
             .unwrap_or_else(|| PathBuf::from("/nix/var/nix"));
+        if !(5..=5120).contains(&config.multipart_part_mib) {
+            return Err(SettingsError::PartSize(config.multipart_part_mib));
+        }
+        if !(5..=5120).contains(&config.multipart_threshold_mib) {
+            return Err(SettingsError::Threshold(config.multipart_threshold_mib));
+        }
+        if config.multipart_parallel == 0 {
+            return Err(SettingsError::Parallel);
+        }
         if config.concurrency == 0 {
             return Err(SettingsError::Concurrency);
         }
@@ -155,30 +189,44 @@ impl Settings {
         })
     }
 
-    pub fn spool_dir(&self) -> PathBuf {
+    pub(crate) fn spool_dir(&self) -> PathBuf {
         self.config.state_dir.join("spool")
     }
 
-    pub fn queue_db(&self) -> PathBuf {
+    pub(crate) fn queue_db(&self) -> PathBuf {
         self.config.state_dir.join("queue.sqlite")
     }
 
-    pub fn work_dir(&self) -> PathBuf {
+    pub(crate) fn work_dir(&self) -> PathBuf {
         self.config.state_dir.join("work")
     }
 
-    pub fn gc_roots_dir(&self) -> PathBuf {
+    pub(crate) fn multipart(&self) -> crate::multipart::MultipartSettings {
+        crate::multipart::MultipartSettings {
+            threshold: self.config.multipart_threshold_mib << 20,
+            part_size: self.config.multipart_part_mib << 20,
+            parallel: self.config.multipart_parallel,
+        }
+    }
+
+    pub(crate) fn gc_roots_dir(&self) -> PathBuf {
         self.nix_state_dir.join("gcroots").join("ferry")
     }
 
-    pub fn levels(&self) -> crate::compress::Levels {
+    pub(crate) fn levels(&self) -> crate::compress::Levels {
         crate::compress::Levels {
             zstd: self.config.zstd_level,
+            zstd_threads: match self.config.zstd_threads {
+                0 => std::thread::available_parallelism()
+                    .map(|n| n.get().min(8) as u32)
+                    .unwrap_or(1),
+                n => n,
+            },
             xz: self.config.xz_level,
         }
     }
 
-    pub fn target_options(&self) -> crate::target::TargetOptions {
+    pub(crate) fn target_options(&self) -> crate::target::TargetOptions {
         crate::target::TargetOptions {
             connect_timeout: Duration::from_secs(self.config.connect_timeout_secs.max(1)),
             compression: self.config.compression,
@@ -187,7 +235,7 @@ impl Settings {
         }
     }
 
-    pub fn retry_policy(&self) -> crate::retry::RetryPolicy {
+    pub(crate) fn retry_policy(&self) -> crate::retry::RetryPolicy {
         crate::retry::RetryPolicy {
             initial: Duration::from_millis(self.config.retry_initial_ms.max(1)),
             max: Duration::from_secs(self.config.retry_max_secs.max(1)),
@@ -215,6 +263,41 @@ mod tests {
         )
         .expect_err("typo");
         assert!(e.to_string().contains("f.toml line 3"), "{e}");
+    }
+
+    #[test]
+    fn multipart_settings_are_checked_and_named() {
+        let bad = |c: PostBuildConfig| Settings::resolve(c).expect_err("bad").to_string();
+        let e = bad(PostBuildConfig {
+            multipart_part_mib: 4,
+            ..Default::default()
+        });
+        assert!(e.contains("multipart-part-mib = 4"), "{e}");
+        let e = bad(PostBuildConfig {
+            multipart_threshold_mib: 6000,
+            ..Default::default()
+        });
+        assert!(e.contains("multipart-threshold-mib = 6000"), "{e}");
+        let e = bad(PostBuildConfig {
+            multipart_parallel: 0,
+            ..Default::default()
+        });
+        assert!(e.contains("multipart-parallel"), "{e}");
+        let s = Settings::resolve(PostBuildConfig {
+            multipart_threshold_mib: 8,
+            multipart_part_mib: 5,
+            multipart_parallel: 2,
+            ..Default::default()
+        })
+        .expect("ok");
+        assert_eq!(
+            s.multipart(),
+            crate::multipart::MultipartSettings {
+                threshold: 8 << 20,
+                part_size: 5 << 20,
+                parallel: 2
+            }
+        );
     }
 
     #[test]

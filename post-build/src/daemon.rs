@@ -19,13 +19,16 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
 
-pub struct Options {
+pub(crate) struct Options {
     /// Exit once the spool and the queue are empty (for `push --wait` and tests).
-    pub drain: bool,
+    pub(crate) drain: bool,
 }
 
+/// Due jobs whose closures are fetched together before they run.
+const PREFETCH_AHEAD: usize = 64;
+
 /// Moves spool records into the queue. Returns how many records were ingested.
-pub fn ingest(spool: &Spool, queue: &mut Queue, settings: &Settings) -> Result<usize> {
+pub(crate) fn ingest(spool: &Spool, queue: &mut Queue, settings: &Settings) -> Result<usize> {
     let names = spool.pending()?;
     if names.is_empty() {
         return Ok(0);
@@ -124,7 +127,7 @@ fn drv_failure(sh: &Shared, drv: &str, e: DrvError) -> Outcome {
     }
 }
 
-pub struct Daemon {
+pub(crate) struct Daemon {
     settings: Settings,
     spool: Spool,
     queue: Queue,
@@ -163,7 +166,7 @@ fn lock_state(settings: &Settings) -> Result<std::fs::File> {
     }
 }
 
-pub fn load_keys(settings: &Settings) -> Result<Vec<ferry_nix::signing::SecretKey>> {
+pub(crate) fn load_keys(settings: &Settings) -> Result<Vec<ferry_nix::signing::SecretKey>> {
     settings
         .config
         .secret_key_files
@@ -172,7 +175,7 @@ pub fn load_keys(settings: &Settings) -> Result<Vec<ferry_nix::signing::SecretKe
         .collect()
 }
 
-pub fn make_targets(settings: &Settings) -> Result<Vec<Arc<Target>>> {
+pub(crate) fn make_targets(settings: &Settings) -> Result<Vec<Arc<Target>>> {
     let opts = settings.target_options();
     settings
         .config
@@ -187,7 +190,7 @@ pub fn make_targets(settings: &Settings) -> Result<Vec<Arc<Target>>> {
 }
 
 impl Daemon {
-    pub fn new(settings: Settings) -> Result<Daemon> {
+    pub(crate) fn new(settings: Settings) -> Result<Daemon> {
         let lock = lock_state(&settings)?;
         if settings.config.targets.is_empty() {
             bail!("no targets configured in [post-build] targets");
@@ -220,6 +223,10 @@ impl Daemon {
             present: Default::default(),
             initialised: Default::default(),
             busy: Default::default(),
+            infos: Default::default(),
+            uploads: crate::multipart::UploadLog::open(&db)
+                .with_context(|| format!("opening {}", db.display()))?,
+            multipart: settings.multipart(),
         });
         Ok(Daemon {
             settings,
@@ -304,10 +311,11 @@ impl Daemon {
         Ok(())
     }
 
-    pub async fn run(mut self, opts: Options) -> Result<()> {
+    pub(crate) async fn run(mut self, opts: Options) -> Result<()> {
         let concurrency = self.settings.config.concurrency;
         let poll = Duration::from_millis(self.settings.config.poll_ms.max(10));
         let mut running: HashSet<String> = HashSet::new();
+        let mut prefetched: HashSet<String> = HashSet::new();
         let mut tasks: JoinSet<(Job, Outcome, TargetResults)> = JoinSet::new();
         let mut swept = false;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -316,6 +324,11 @@ impl Daemon {
             let ingested = ingest(&self.spool, &mut self.queue, &self.settings)?;
             if !swept {
                 self.sweep_roots();
+                let queue = &self.queue;
+                crate::multipart::sweep(&self.shared.targets, &self.shared.uploads, &|p| {
+                    queue.holds(p).unwrap_or(true)
+                })
+                .await;
                 swept = true;
             }
             // Derivation-only jobs become output jobs first.
@@ -338,9 +351,33 @@ impl Daemon {
             }
             let free = concurrency.saturating_sub(running.len());
             if free > 0 {
-                for job in self.queue.due(now_ms(), free, &|p| {
+                // Jobs about to run and the next PREFETCH_AHEAD: their closures in one call.
+                let ahead = self.queue.due(now_ms(), free + PREFETCH_AHEAD, &|p| {
                     running.contains(p) || p.ends_with(".drv")
-                })? {
+                })?;
+                // Each root is asked about once: a batch with an invalid path fails as a whole,
+                // and its jobs then ask for their own closures.
+                let roots: Vec<String> = ahead
+                    .iter()
+                    .filter(|j| !prefetched.contains(&j.path))
+                    .map(|j| j.path.clone())
+                    .collect();
+                // A call costs the same for 3 roots as for 64 (most of it is starting `nix`):
+                // ask when a job about to run is missing or half the window is, not each time
+                // the window moves by the few jobs that finished (that was one call per
+                // loop, and it made small-path uploads CPU-bound on `nix path-info`).
+                let head_missing = ahead
+                    .iter()
+                    .take(free)
+                    .any(|j| !prefetched.contains(&j.path));
+                if roots.len() > 1 && (head_missing || roots.len() >= PREFETCH_AHEAD / 2) {
+                    if prefetched.len() > 100_000 {
+                        prefetched.clear();
+                    }
+                    prefetched.extend(roots.iter().cloned());
+                    crate::upload::prefetch_infos(&self.shared, &roots).await;
+                }
+                for job in ahead.into_iter().take(free) {
                     if job.kind == JobKind::Drv {
                         continue;
                     }

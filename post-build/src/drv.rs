@@ -7,7 +7,7 @@ use ferry_nix::derivation::{Derivation, DerivationError};
 use ferry_nix::store_path::StoreDir;
 
 /// `(output name, absolute output path)` of every output with a known path.
-pub fn outputs(
+pub(crate) fn outputs(
     text: &[u8],
     store_dir: &StoreDir,
 ) -> Result<Vec<(String, String)>, DerivationError> {

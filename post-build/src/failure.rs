@@ -22,7 +22,7 @@ use std::io::ErrorKind;
 /// the fix is on a different machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Side {
+pub(crate) enum Side {
     /// Reading path infos or NARs from the local store, or the uploader's own work files.
     Local,
     /// Talking to an upload target.
@@ -30,14 +30,14 @@ pub enum Side {
 }
 
 impl Side {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Side::Local => "local",
             Side::Target => "target",
         }
     }
 
-    pub fn parse(s: &str) -> Option<Side> {
+    pub(crate) fn parse(s: &str) -> Option<Side> {
         match s {
             "local" => Some(Side::Local),
             "target" => Some(Side::Target),
@@ -47,10 +47,11 @@ impl Side {
 }
 
 /// Permanent or transient, decided by the error's type.
-pub trait Classify {
+pub(crate) trait Classify {
     /// Retrying without someone changing something first cannot succeed.
     fn is_permanent(&self) -> bool;
 
+    #[cfg(test)]
     fn is_transient(&self) -> bool {
         !self.is_permanent()
     }
@@ -75,7 +76,7 @@ impl Classify for std::io::Error {
 /// HTTP status codes that a retry cannot change: the request itself is refused (auth,
 /// method, size, a bucket that does not exist). 408, 425 and 429 say "later", 409 is S3's
 /// `OperationAborted` on a concurrent change, and every 5xx is the server's own trouble.
-pub fn status_is_permanent(status: u16, s3_code: Option<&str>) -> bool {
+pub(crate) fn status_is_permanent(status: u16, s3_code: Option<&str>) -> bool {
     // A clock out of step is fixed by NTP, not by a person; expired temporary credentials
     // are renewed by whatever issued them.
     if matches!(

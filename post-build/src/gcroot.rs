@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-pub fn root_path(gcroots: &Path, store_path: &str) -> Option<PathBuf> {
+pub(crate) fn root_path(gcroots: &Path, store_path: &str) -> Option<PathBuf> {
     let base = store_path
         .rsplit('/')
         .next()
@@ -14,7 +14,7 @@ pub fn root_path(gcroots: &Path, store_path: &str) -> Option<PathBuf> {
 }
 
 /// Creates the root; an existing one (the same path queued twice) is fine.
-pub fn add(gcroots: &Path, store_path: &str) -> std::io::Result<()> {
+pub(crate) fn add(gcroots: &Path, store_path: &str) -> std::io::Result<()> {
     let Some(link) = root_path(gcroots, store_path) else {
         return Err(std::io::Error::other(format!(
             "not a store path: {store_path:?}"
@@ -35,7 +35,7 @@ pub fn add(gcroots: &Path, store_path: &str) -> std::io::Result<()> {
     }
 }
 
-pub fn remove(gcroots: &Path, store_path: &str) -> std::io::Result<()> {
+pub(crate) fn remove(gcroots: &Path, store_path: &str) -> std::io::Result<()> {
     let Some(link) = root_path(gcroots, store_path) else {
         return Ok(());
     };
@@ -47,7 +47,7 @@ pub fn remove(gcroots: &Path, store_path: &str) -> std::io::Result<()> {
 
 /// Roots older than `min_age` whose path `is_queued` says no longer waits: left behind by an
 /// uploader killed between deleting a job and removing its root.
-pub fn stale(
+pub(crate) fn stale(
     gcroots: &Path,
     min_age: std::time::Duration,
     is_queued: &dyn Fn(&str) -> bool,

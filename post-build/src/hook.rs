@@ -8,13 +8,13 @@ use crate::spool::{Spool, SpoolRecord};
 
 /// What the hook did, for logging and tests.
 #[derive(Debug, Default)]
-pub struct HookReport {
-    pub record: SpoolRecord,
+pub(crate) struct HookReport {
+    pub(crate) record: SpoolRecord,
     /// `DRV_PATH`, for the log (the record names it only when the outputs came from it).
-    pub drv: Option<String>,
-    pub outputs_from: OutputsFrom,
-    pub spool_name: Option<String>,
-    pub problems: Vec<String>,
+    pub(crate) drv: Option<String>,
+    pub(crate) outputs_from: OutputsFrom,
+    pub(crate) spool_name: Option<String>,
+    pub(crate) problems: Vec<String>,
 }
 
 /// Where the hook found the outputs.
@@ -30,7 +30,7 @@ pub enum OutputsFrom {
 }
 
 impl OutputsFrom {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             OutputsFrom::OutPaths => "OUT_PATHS",
             OutputsFrom::Derivation => "DRV_PATH",
@@ -77,7 +77,7 @@ pub fn outputs(
 /// Spools the outputs. The record names the derivation only when the outputs came from it
 /// or are still unknown: with `OUT_PATHS` the uploader has no use for it, and a record
 /// without it is how `status`, logs and tests tell which way the hook went.
-pub fn run(settings: &Settings, out_paths: &str, drv_path: Option<&str>) -> HookReport {
+pub(crate) fn run(settings: &Settings, out_paths: &str, drv_path: Option<&str>) -> HookReport {
     let mut report = HookReport::default();
     let drv = drv_path.filter(|d| !d.is_empty()).map(str::to_owned);
     let (outs, from) = outputs(
@@ -102,7 +102,7 @@ pub fn run(settings: &Settings, out_paths: &str, drv_path: Option<&str>) -> Hook
 
 /// Roots the outputs, then spools the record. The root comes first: once the record is
 /// durable the path must already be safe from the collector.
-pub fn enqueue(settings: &Settings, report: &mut HookReport) {
+pub(crate) fn enqueue(settings: &Settings, report: &mut HookReport) {
     if report.record.drv.is_none() && report.record.outs.is_empty() {
         report
             .problems

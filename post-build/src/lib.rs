@@ -8,17 +8,22 @@
 //!
 //! See `docs/upload.md` for the hook semantics and the cache format this follows.
 
+// Only main.rs, the tests and ferry-fuzz use this library: its documentation is about the
+// crate-private modules (`cargo doc --document-private-items`), which it links to.
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod cli;
-pub mod compress;
-pub mod config;
-pub mod daemon;
-pub mod drv;
-pub mod failure;
-pub mod gcroot;
+pub(crate) mod compress;
+pub(crate) mod config;
+pub(crate) mod daemon;
+pub(crate) mod drv;
+pub(crate) mod failure;
+pub(crate) mod gcroot;
 pub mod hook;
-pub mod queue;
-pub mod retry;
-pub mod s3;
+pub(crate) mod multipart;
+pub(crate) mod queue;
+pub(crate) mod retry;
+pub(crate) use ferry_s3 as s3;
 pub mod spool;
 pub mod target;
-pub mod upload;
+pub(crate) mod upload;

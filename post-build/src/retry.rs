@@ -5,19 +5,24 @@
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryPolicy {
-    pub initial: Duration,
-    pub max: Duration,
+pub(crate) struct RetryPolicy {
+    pub(crate) initial: Duration,
+    pub(crate) max: Duration,
 }
 
 /// A `Retry-After` longer than this is taken as this: a misconfigured server must not park
 /// the queue for days.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 impl RetryPolicy {
     /// Delay before attempt `failures + 1`, where `failures ≥ 1` attempts have failed so far.
     /// `unit` is a random number in [0, 1).
-    pub fn delay(&self, failures: u32, unit: f64, retry_after: Option<Duration>) -> Duration {
+    pub(crate) fn delay(
+        &self,
+        failures: u32,
+        unit: f64,
+        retry_after: Option<Duration>,
+    ) -> Duration {
         let exp = failures.saturating_sub(1).min(32);
         let base = self
             .initial
@@ -39,7 +44,7 @@ impl RetryPolicy {
 
 /// A random number in [0, 1) from the OS (jitter needs no cryptographic quality, but this is
 /// simple and has no state).
-pub fn random_unit() -> f64 {
+pub(crate) fn random_unit() -> f64 {
     let mut b = [0u8; 8];
     if getrandom::fill(&mut b).is_err() {
         return 0.5;
@@ -49,7 +54,7 @@ pub fn random_unit() -> f64 {
 
 /// Parses `Retry-After` in its delay-seconds form. The HTTP-date form is rare for uploads
 /// (S3 and nginx send seconds) and falls back to normal back-off.
-pub fn parse_retry_after(value: &str) -> Option<Duration> {
+pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 

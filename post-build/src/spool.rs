@@ -29,8 +29,8 @@ const MAGIC: &str = "ferry-post-build-spool 1";
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SpoolRecord {
-    pub drv: Option<String>,
-    pub outs: Vec<String>,
+    pub(crate) drv: Option<String>,
+    pub(crate) outs: Vec<String>,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -119,30 +119,30 @@ impl SpoolRecord {
 
 /// The spool directory with its `tmp/`, `new/` and `bad/` subdirectories.
 #[derive(Debug, Clone)]
-pub struct Spool {
-    pub dir: PathBuf,
+pub(crate) struct Spool {
+    pub(crate) dir: PathBuf,
 }
 
 impl Spool {
-    pub fn new(dir: impl Into<PathBuf>) -> Spool {
+    pub(crate) fn new(dir: impl Into<PathBuf>) -> Spool {
         Spool { dir: dir.into() }
     }
 
-    pub fn tmp(&self) -> PathBuf {
+    pub(crate) fn tmp(&self) -> PathBuf {
         self.dir.join("tmp")
     }
 
-    pub fn new_dir(&self) -> PathBuf {
+    pub(crate) fn new_dir(&self) -> PathBuf {
         self.dir.join("new")
     }
 
-    pub fn bad_dir(&self) -> PathBuf {
+    pub(crate) fn bad_dir(&self) -> PathBuf {
         self.dir.join("bad")
     }
 
     /// Creates the spool's directories, 0700: records name what was built on this host,
     /// which local users need not read (docs/threat-model.md).
-    pub fn ensure_dirs(&self) -> Result<(), SpoolError> {
+    pub(crate) fn ensure_dirs(&self) -> Result<(), SpoolError> {
         for d in [self.dir.clone(), self.tmp(), self.new_dir(), self.bad_dir()] {
             private_dir(&d).map_err(io_err(&d))?;
         }
@@ -150,7 +150,7 @@ impl Spool {
     }
 
     /// Writes `rec` durably and returns its name in `new/`.
-    pub fn write(&self, rec: &SpoolRecord) -> Result<String, SpoolError> {
+    pub(crate) fn write(&self, rec: &SpoolRecord) -> Result<String, SpoolError> {
         let text = rec.encode()?;
         let name = unique_name();
         let tmp = self.tmp().join(&name);
@@ -181,7 +181,7 @@ impl Spool {
     }
 
     /// Names in `new/`, oldest first (names start with a timestamp).
-    pub fn pending(&self) -> Result<Vec<String>, SpoolError> {
+    pub(crate) fn pending(&self) -> Result<Vec<String>, SpoolError> {
         let dir = self.new_dir();
         let mut names = Vec::new();
         let rd = match fs::read_dir(&dir) {
@@ -199,13 +199,13 @@ impl Spool {
         Ok(names)
     }
 
-    pub fn read(&self, name: &str) -> Result<String, SpoolError> {
+    pub(crate) fn read(&self, name: &str) -> Result<String, SpoolError> {
         let p = self.new_dir().join(name);
         fs::read_to_string(&p).map_err(io_err(&p))
     }
 
     /// Deletes a record once the queue has committed it.
-    pub fn remove(&self, name: &str) -> Result<(), SpoolError> {
+    pub(crate) fn remove(&self, name: &str) -> Result<(), SpoolError> {
         let p = self.new_dir().join(name);
         match fs::remove_file(&p) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(&p)(e)),
@@ -214,7 +214,7 @@ impl Spool {
     }
 
     /// Moves an unreadable record aside (kept for inspection, never retried).
-    pub fn quarantine(&self, name: &str) -> Result<(), SpoolError> {
+    pub(crate) fn quarantine(&self, name: &str) -> Result<(), SpoolError> {
         let from = self.new_dir().join(name);
         let to = self.bad_dir().join(name);
         fs::create_dir_all(self.bad_dir()).map_err(io_err(&to))?;
@@ -223,7 +223,7 @@ impl Spool {
 
     /// Removes leftovers of hooks that died between create and rename. Only files older than
     /// a minute: a hook may be writing one right now.
-    pub fn clean_tmp(&self) {
+    pub(crate) fn clean_tmp(&self) {
         let Ok(rd) = fs::read_dir(self.tmp()) else {
             return;
         };
@@ -259,7 +259,7 @@ fn unique_name() -> String {
 
 /// Creates `dir` (and missing parents) with mode 0700; an existing one loses its group and
 /// other permissions, so a spool or state directory made 0755 by an earlier version is closed.
-pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -272,7 +272,7 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// `fsync` on a directory makes a rename in it durable (POSIX leaves it to the caller).
-pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 

@@ -21,14 +21,14 @@ use ferry_nix::serve::PathInfo;
 use ferry_nix::signing::{SecretKey, Signature};
 use ferry_nix::store_path::{StoreDir, StorePath};
 use ferry_store::{LocalError, LocalStore};
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
-pub enum PrepareError {
+pub(crate) enum PrepareError {
     #[error("{path}: NAR hash {got} / size {got_size}, the store recorded {want} / {want_size}")]
     Mismatch {
         path: String,
@@ -60,9 +60,9 @@ pub enum PrepareError {
 }
 
 /// A compressed NAR in the work directory and the narinfo that describes it.
-pub struct Prepared {
-    pub file: PathBuf,
-    pub narinfo: NarInfo,
+pub(crate) struct Prepared {
+    pub(crate) file: PathBuf,
+    pub(crate) narinfo: NarInfo,
 }
 
 impl Drop for Prepared {
@@ -71,32 +71,39 @@ impl Drop for Prepared {
     }
 }
 
-pub struct Shared {
-    pub store_dir: StoreDir,
-    pub store: LocalStore,
-    pub targets: Vec<Arc<Target>>,
-    pub keys: Vec<SecretKey>,
-    pub levels: Levels,
-    pub work_dir: PathBuf,
+pub(crate) struct Shared {
+    pub(crate) store_dir: StoreDir,
+    pub(crate) store: LocalStore,
+    pub(crate) targets: Vec<Arc<Target>>,
+    pub(crate) keys: Vec<SecretKey>,
+    pub(crate) levels: Levels,
+    pub(crate) work_dir: PathBuf,
     /// `(target index, hash part)` of narinfos known to exist: saves a round trip per path
     /// shared between closures. Only positive facts are kept (a cache never loses a path
     /// because of us; if someone deletes it, re-uploading waits for the next restart).
-    pub present: Mutex<HashSet<(usize, String)>>,
+    pub(crate) present: Mutex<HashSet<(usize, String)>>,
     /// Targets whose `nix-cache-info` has been checked.
-    pub initialised: Mutex<HashSet<usize>>,
+    pub(crate) initialised: Mutex<HashSet<usize>>,
     /// Store paths being uploaded by some worker right now.
-    pub busy: Mutex<HashSet<String>>,
+    pub(crate) busy: Mutex<HashSet<String>>,
+    /// Path infos fetched ahead for jobs about to run ([`prefetch_infos`]): one
+    /// `nix path-info` for a batch of jobs instead of one per job, which costs tens of
+    /// milliseconds of CPU each and dominated uploads of many small paths.
+    pub(crate) infos: Mutex<HashMap<StorePath, PathInfo>>,
+    /// Multipart uploads in progress (in the queue database), and when to use them.
+    pub(crate) uploads: crate::multipart::UploadLog,
+    pub(crate) multipart: crate::multipart::MultipartSettings,
 }
 
 /// Per-target outcome of one job: paths uploaded, or the error that stopped the target.
-pub type TargetResults = Vec<(usize, Result<u64, String>)>;
+pub(crate) type TargetResults = Vec<(usize, Result<u64, String>)>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Builds the narinfo for `info` from the NAR/file hashes; pure apart from signing.
-pub fn make_narinfo(
+pub(crate) fn make_narinfo(
     store_dir: &StoreDir,
     info: &PathInfo,
     compression: Compression,
@@ -138,7 +145,7 @@ pub fn make_narinfo(
 }
 
 /// Serialises, hashes and compresses one path into the work directory (blocking).
-pub fn prepare(
+pub(crate) fn prepare(
     sh: &Shared,
     info: &PathInfo,
     compression: Compression,
@@ -233,7 +240,7 @@ fn local_failure(e: &(impl Classify + std::fmt::Display)) -> Outcome {
 /// Is `path` gone from the store's file system? Asked of the file system rather than read
 /// from Nix's error message (whose wording differs between versions): a valid path always
 /// has its file, so a missing one is certainly not valid.
-pub fn gone_from_store(sh: &Shared, path: &StorePath) -> bool {
+pub(crate) fn gone_from_store(sh: &Shared, path: &StorePath) -> bool {
     matches!(
         std::fs::symlink_metadata(sh.store.real_path(path)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound
@@ -276,8 +283,54 @@ async fn everywhere(sh: &Shared, path: &str) -> bool {
     true
 }
 
+/// Most path infos kept ahead; more are simply asked for again. A path info with its
+/// references and signatures takes 1–2 KiB, so this keeps the map near 16 MiB at most,
+/// while holding the closures of a whole window of jobs (a NixOS system closure is 2,000 to
+/// 3,000 paths, most of them shared between jobs).
+const PREFETCH_MAX: usize = 8192;
+
+/// Fetches the closures of `roots` in one `nix path-info` call into [`Shared::infos`]
+/// (best effort: on any error the jobs ask for their own closures as before).
+pub(crate) async fn prefetch_infos(sh: &Shared, roots: &[String]) {
+    let want: BTreeSet<StorePath> = {
+        let have = lock(&sh.infos);
+        roots
+            .iter()
+            .filter_map(|r| sh.store_dir.parse(r).ok())
+            .filter(|p| !have.contains_key(p))
+            .collect()
+    };
+    if want.is_empty() {
+        return;
+    }
+    if let Ok(infos) = sh.store.closure_infos(&want).await {
+        let mut have = lock(&sh.infos);
+        if have.len() + infos.len() > PREFETCH_MAX {
+            have.clear();
+        }
+        have.extend(infos.into_iter().map(|i| (i.path.clone(), i)));
+    }
+}
+
+/// The closure of `root` from [`Shared::infos`], if every member is there.
+fn cached_closure(sh: &Shared, root: &StorePath) -> Option<Vec<PathInfo>> {
+    let have = lock(&sh.infos);
+    let mut seen = BTreeSet::new();
+    let mut stack = vec![root.clone()];
+    let mut out = Vec::new();
+    while let Some(p) = stack.pop() {
+        if !seen.insert(p.clone()) {
+            continue;
+        }
+        let info = have.get(&p)?;
+        stack.extend(info.references.iter().cloned());
+        out.push(info.clone());
+    }
+    Some(out)
+}
+
 /// Uploads the closure of `root` to every target.
-pub async fn upload_closure(sh: &Arc<Shared>, root: &str) -> (Outcome, TargetResults) {
+pub(crate) async fn upload_closure(sh: &Arc<Shared>, root: &str) -> (Outcome, TargetResults) {
     let mut results: TargetResults = Vec::new();
     let root_path = match sh.store_dir.parse(root) {
         Ok(p) => p,
@@ -291,11 +344,16 @@ pub async fn upload_closure(sh: &Arc<Shared>, root: &str) -> (Outcome, TargetRes
             );
         }
     };
-    let infos = match sh
-        .store
-        .closure_infos(&BTreeSet::from([root_path.clone()]))
-        .await
-    {
+    let cached = cached_closure(sh, &root_path);
+    let looked_up = match cached {
+        Some(c) => Ok(c),
+        None => {
+            sh.store
+                .closure_infos(&BTreeSet::from([root_path.clone()]))
+                .await
+        }
+    };
+    let infos = match looked_up {
         Ok(i) => i,
         // Nix says so (2.19+ print `null` for an invalid path), or its file is gone (2.8
         // exits non-zero with a message that is not worth parsing).
@@ -390,14 +448,30 @@ pub async fn upload_closure(sh: &Arc<Shared>, root: &str) -> (Outcome, TargetRes
             {
                 let target = &sh.targets[t];
                 let r = async {
-                    target
-                        .put_file(
-                            &prepared.narinfo.url,
-                            &prepared.file,
-                            NAR_TYPE,
-                            prepared.narinfo.file_hash.as_ref(),
-                        )
+                    let size = prepared.narinfo.file_size.unwrap_or(0);
+                    if target.is_s3() && size >= sh.multipart.threshold {
+                        crate::multipart::Upload {
+                            target,
+                            log: &sh.uploads,
+                            path: &full_path,
+                            job: root,
+                            key: &prepared.narinfo.url,
+                            file: &prepared.file,
+                            content_type: NAR_TYPE,
+                            settings: sh.multipart,
+                        }
+                        .run()
                         .await?;
+                    } else {
+                        target
+                            .put_file(
+                                &prepared.narinfo.url,
+                                &prepared.file,
+                                NAR_TYPE,
+                                prepared.narinfo.file_hash.as_ref(),
+                            )
+                            .await?;
+                    }
                     target
                         .put_bytes(&key, text.clone().into_bytes(), NARINFO_TYPE)
                         .await
@@ -551,6 +625,9 @@ mod tests {
             present: Default::default(),
             initialised: Default::default(),
             busy: Default::default(),
+            infos: Default::default(),
+            uploads: crate::multipart::UploadLog::open_in_memory().expect("log"),
+            multipart: Default::default(),
         };
         let mut i = info_in(&sd, &p.to_string_lossy(), &[]);
         i.nar_hash = h;
