@@ -14,16 +14,16 @@
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BreakerConfig {
-    pub failures_to_open: u32,
-    pub cooldown: Duration,
-    pub max_cooldown: Duration,
+pub(crate) struct BreakerConfig {
+    pub(crate) failures_to_open: u32,
+    pub(crate) cooldown: Duration,
+    pub(crate) max_cooldown: Duration,
     /// A probe not reported within this time is presumed lost; another may start.
-    pub probe_timeout: Duration,
+    pub(crate) probe_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
+pub(crate) enum State {
     Closed,
     Open { until: Instant },
     HalfOpen { since: Instant },
@@ -31,7 +31,7 @@ pub enum State {
 
 /// What a caller may do with the upstream now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admit {
+pub(crate) enum Admit {
     /// Use it.
     Allow,
     /// Skip it for this request, and run the single health probe.
@@ -41,7 +41,7 @@ pub enum Admit {
 }
 
 #[derive(Debug, Clone)]
-pub struct Breaker {
+pub(crate) struct Breaker {
     config: BreakerConfig,
     state: State,
     consecutive_failures: u32,
@@ -52,7 +52,7 @@ pub struct Breaker {
 }
 
 impl Breaker {
-    pub fn new(config: BreakerConfig) -> Self {
+    pub(crate) fn new(config: BreakerConfig) -> Self {
         let current_cooldown = config.cooldown;
         Breaker {
             config,
@@ -63,12 +63,13 @@ impl Breaker {
         }
     }
 
-    pub fn state(&self) -> State {
+    #[cfg(test)]
+    pub(crate) fn state(&self) -> State {
         self.state
     }
 
     /// 0 closed, 1 open, 2 half-open (the `/metrics` gauge).
-    pub fn state_code(&self) -> u8 {
+    pub(crate) fn state_code(&self) -> u8 {
         match self.state {
             State::Closed => 0,
             State::Open { .. } => 1,
@@ -76,7 +77,7 @@ impl Breaker {
         }
     }
 
-    pub fn admit(&mut self, now: Instant) -> Admit {
+    pub(crate) fn admit(&mut self, now: Instant) -> Admit {
         match self.state {
             State::Closed => Admit::Allow,
             State::Open { until } if now < until => Admit::Reject,
@@ -95,17 +96,17 @@ impl Breaker {
     /// Closed, but the last request(s) failed: the upstream may be going down. A race does
     /// not hold a lower-priority hit back for it (see `race.rs`, rule 1), so a dead upstream
     /// delays one lookup by its time-out, not every lookup until the breaker opens.
-    pub fn suspect(&self) -> bool {
+    pub(crate) fn suspect(&self) -> bool {
         self.state == State::Closed && self.consecutive_failures > 0
     }
 
     /// A request (or the probe) succeeded: any definite answer, including 404.
-    pub fn on_success(&mut self) {
+    pub(crate) fn on_success(&mut self) {
         self.on_success_at(Instant::now());
     }
 
     /// [`Breaker::on_success`] at `now`.
-    pub fn on_success_at(&mut self, now: Instant) {
+    pub(crate) fn on_success_at(&mut self, now: Instant) {
         self.last_success = Some(now);
         self.state = State::Closed;
         self.consecutive_failures = 0;
@@ -118,7 +119,7 @@ impl Breaker {
     /// which would turn every lookup into a skip. A dead or black-holed upstream has no
     /// successes, so it still opens after `failures_to_open` failures (goal G5). A
     /// `Retry-After` always counts: the upstream asked for less traffic.
-    pub fn on_failure_since(
+    pub(crate) fn on_failure_since(
         &mut self,
         now: Instant,
         started: Instant,
@@ -133,7 +134,7 @@ impl Breaker {
 
     /// A request failed in a way that says the upstream is unhealthy. `retry_after` is the
     /// upstream's `Retry-After`, if it sent one.
-    pub fn on_failure(&mut self, now: Instant, retry_after: Option<Duration>) {
+    pub(crate) fn on_failure(&mut self, now: Instant, retry_after: Option<Duration>) {
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
         let open_for = match self.state {
             // The probe failed: back off further.

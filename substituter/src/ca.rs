@@ -120,7 +120,7 @@ fn make_type(store_dir: &StoreDir, ty: &str, others: &[&StorePath], has_self: bo
 }
 
 /// Whether `info.ca` is present and names exactly `info.store_path`.
-pub fn is_content_addressed(store_dir: &StoreDir, info: &NarInfo) -> bool {
+pub(crate) fn is_content_addressed(store_dir: &StoreDir, info: &NarInfo) -> bool {
     let Some(ca) = &info.ca else { return false };
     let Some((method, hash)) = parse_ca(ca) else {
         return false;

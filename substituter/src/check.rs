@@ -34,7 +34,7 @@ pub enum CheckError {
 /// bytes); other servers' forms (harmonia's `?hash=`, snix's base64 root nodes, presigned
 /// object-storage URLs) stay well under this. The URL becomes a route key kept in memory for
 /// 30 days, so it must be small (issue 12 item 4).
-pub const MAX_URL: usize = 4096;
+pub(crate) const MAX_URL: usize = 4096;
 
 /// A narinfo fit to forward.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,20 +46,20 @@ pub struct Checked {
     /// The NAR key Nix will ask Ferry for, when the NAR flows through Ferry.
     pub nar_key: Option<String>,
     /// What the file at `nar_key` must be, as far as the narinfo says.
-    pub expect: Expect,
+    pub(crate) expect: Expect,
 }
 
 /// Size and SHA-256 of the NAR file as served (compressed or not), when the narinfo gives
 /// them: `FileHash`/`FileSize`, or `NarHash`/`NarSize` for `Compression: none`. Nix never
 /// checks `FileHash` on substitution (docs/binary-cache.md §1.3), but Ferry does before keeping a file on disk.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Expect {
-    pub size: Option<u64>,
-    pub sha256: Option<ferry_nix::hash::Hash>,
+pub(crate) struct Expect {
+    pub(crate) size: Option<u64>,
+    pub(crate) sha256: Option<ferry_nix::hash::Hash>,
 }
 
 impl Expect {
-    pub fn of(info: &NarInfo) -> Expect {
+    pub(crate) fn of(info: &NarInfo) -> Expect {
         let sha256 = |h: &ferry_nix::hash::Hash| {
             (h.algo() == ferry_nix::hash::HashAlgo::Sha256).then(|| h.clone())
         };

@@ -9,8 +9,8 @@
 /// Basic credentials for one upstream. `Debug` never prints the password.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Credentials {
-    pub user: String,
-    pub password: String,
+    pub(crate) user: String,
+    pub(crate) password: String,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -20,7 +20,7 @@ impl std::fmt::Debug for Credentials {
 }
 
 /// Shared with the uploader through ferry-nix.
-pub use ferry_nix::url::redact;
+pub(crate) use ferry_nix::url::redact;
 use ferry_nix::url::split_authority;
 
 /// Decodes `%XX` escapes (RFC 3986 userinfo); invalid escapes are kept as they are.
@@ -47,7 +47,7 @@ fn percent_decode(s: &str) -> String {
 }
 
 /// The URL without `user:password@`, and the credentials it carried.
-pub fn split_credentials(url: &str) -> (String, Option<Credentials>) {
+pub(crate) fn split_credentials(url: &str) -> (String, Option<Credentials>) {
     match split_authority(url) {
         Some((scheme, Some(userinfo), host, rest)) => {
             let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
@@ -64,7 +64,7 @@ pub fn split_credentials(url: &str) -> (String, Option<Credentials>) {
 }
 
 /// The host of an http(s) URL without port and userinfo (what netrc's `machine` names).
-pub fn host_of(url: &str) -> Option<&str> {
+pub(crate) fn host_of(url: &str) -> Option<&str> {
     let (_, _, host, _) = split_authority(url)?;
     if let Some(v6) = host.strip_prefix('[') {
         return v6.split_once(']').map(|(h, _)| h);
@@ -83,12 +83,12 @@ struct NetrcEntry {
 /// A parsed netrc file (the format of curl and ftp: whitespace-separated tokens `machine`,
 /// `login`, `password`, `default`; `macdef` bodies are skipped to the next blank line).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Netrc {
+pub(crate) struct Netrc {
     entries: Vec<NetrcEntry>,
 }
 
 impl Netrc {
-    pub fn parse(text: &str) -> Netrc {
+    pub(crate) fn parse(text: &str) -> Netrc {
         let mut entries: Vec<NetrcEntry> = Vec::new();
         let mut cur: Option<NetrcEntry> = None;
         let mut lines = text.lines();
@@ -147,7 +147,7 @@ impl Netrc {
     }
 
     /// The credentials for `host`: its `machine` entry, else `default` (curl's rule).
-    pub fn lookup(&self, host: &str) -> Option<Credentials> {
+    pub(crate) fn lookup(&self, host: &str) -> Option<Credentials> {
         self.entries
             .iter()
             .find(|e| e.machine.as_deref() == Some(host))

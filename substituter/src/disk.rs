@@ -24,13 +24,18 @@
 //! time when it serves it, rather than trusting atime on `noatime`/`relatime` mounts). The
 //! rebuild runs on a thread of its own while Ferry already serves: a 100 GB cache on a NAS
 //! disk can take many seconds to list, and Nix must not wait for it. Until it is done, a
-//! lookup the index does not know yet looks at the file itself.
+//! lookup the index does not know yet looks at the file itself. The index keeps an entry in
+//! 37–39 bytes (a narinfo) or 49–51 (a NAR): its decoded file name, size and last use
+//! (issue 14: a million entries within 64 MiB). The rebuild streams the listing and deletes
+//! what it evicts as it goes, so no listing is ever held whole. Files in `narinfo/` or `nar/` whose names Ferry never
+//! writes cannot be looked up (so never served) and are deleted by the rebuild rather than
+//! left outside the quota.
 
 use crate::check::Expect;
-use crate::lru::{Lru, Policy, Touch};
+use crate::lru::{Key, Lru, Policy, Touch};
 use crate::metrics::Counter;
 use bytes::Bytes;
-use ferry_nix::hash::{Hash, Sha256Sink};
+use ferry_nix::hash::{Hash, Sha256Sink, nix32_decode, nix32_encode};
 use std::fs;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
@@ -43,39 +48,61 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// the stream instead of growing memory (at most a few hundred KiB per stream).
 const WRITER_QUEUE: usize = 4;
 
-/// Modification times are rewritten at most this often per file on hits.
-const TOUCH_PERSIST_MS: u64 = 3600 * 1000;
+/// Modification times are rewritten at most this often per file on hits (seconds).
+const TOUCH_PERSIST_SECS: u64 = 3600;
 
 #[derive(Debug, Default)]
-pub struct DiskMetrics {
-    pub narinfo_hits: Counter,
-    pub nar_hits: Counter,
-    pub nar_stored: Counter,
+pub(crate) struct DiskMetrics {
+    pub(crate) narinfo_hits: Counter,
+    pub(crate) nar_hits: Counter,
+    pub(crate) nar_stored: Counter,
     /// NAR streams not kept: cut, wrong length or hash, write errors.
-    pub nar_discarded: Counter,
-    pub evictions: Counter,
+    pub(crate) nar_discarded: Counter,
+    pub(crate) evictions: Counter,
 }
 
-pub struct DiskCache {
+pub(crate) struct DiskCache {
     dir: PathBuf,
-    index: Mutex<Lru<String>>,
+    index: Mutex<Lru>,
     /// The index holds every file that was in the directory at start.
     indexed: AtomicBool,
     tmp_seq: AtomicU64,
-    pub metrics: DiskMetrics,
+    pub(crate) metrics: DiskMetrics,
 }
 
-fn now_ms() -> u64 {
+fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| d.as_secs())
 }
 
-fn mtime_ms(m: &fs::Metadata) -> u64 {
+fn mtime_secs(m: &fs::Metadata) -> u64 {
     m.modified()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The index's key for an entry's relative path: its nix32 name decoded (20 bytes for a
+/// narinfo, 32 for a NAR). None for names Ferry never writes.
+fn key_of(entry: &str) -> Option<Key> {
+    if let Some(name) = entry
+        .strip_prefix("narinfo/")
+        .and_then(|n| n.strip_suffix(".narinfo"))
+    {
+        return Some(Key::Narinfo(nix32_decode(name, 20).ok()?.try_into().ok()?));
+    }
+    let name = entry.strip_prefix("nar/")?;
+    Some(Key::Nar(nix32_decode(name, 32).ok()?.try_into().ok()?))
+}
+
+/// The relative path of an indexed entry (the inverse of [`key_of`]: a 32-character nix32
+/// string holds exactly 160 bits, and the decoder rejects 52-character ones above 256).
+fn entry_of(key: &Key) -> String {
+    match key {
+        Key::Narinfo(n) => narinfo_entry(&nix32_encode(n)),
+        Key::Nar(n) => format!("nar/{}", nix32_encode(n)),
+    }
 }
 
 /// The relative path of a NAR key's file.
@@ -106,7 +133,7 @@ fn parse_expect(text: &str) -> Option<Expect> {
 }
 
 /// The relative path of a narinfo's file.
-pub fn narinfo_entry(hash_part: &str) -> String {
+pub(crate) fn narinfo_entry(hash_part: &str) -> String {
     format!("narinfo/{hash_part}.narinfo")
 }
 
@@ -117,7 +144,11 @@ fn fsync_dir(dir: &Path) -> io::Result<()> {
 impl DiskCache {
     /// Creates the layout, empties `tmp/`, and starts rebuilding the index from the files
     /// present (evicting what no longer fits the policy) on a thread of its own.
-    pub fn open(dir: &Path, max_bytes: u64, max_age: Duration) -> io::Result<Arc<DiskCache>> {
+    pub(crate) fn open(
+        dir: &Path,
+        max_bytes: u64,
+        max_age: Duration,
+    ) -> io::Result<Arc<DiskCache>> {
         let cache = Self::create(dir, max_bytes, max_age)?;
         let me = Arc::clone(&cache);
         std::thread::Builder::new()
@@ -139,7 +170,7 @@ impl DiskCache {
             dir: dir.to_owned(),
             index: Mutex::new(Lru::new(Policy {
                 max_bytes,
-                max_idle_ms: max_age.as_millis() as u64,
+                max_idle_secs: max_age.as_secs(),
             })),
             indexed: AtomicBool::new(false),
             tmp_seq: AtomicU64::new(0),
@@ -151,9 +182,8 @@ impl DiskCache {
     /// Adds the files present at start to the index. Entries the serving side added meanwhile
     /// (stored, or found by [`DiskCache::touch`]) are left as they are.
     fn index_existing(&self) {
-        let now = now_ms();
-        let mut doomed = Vec::new();
-        let mut errors = 0usize;
+        let now = now_secs();
+        let (mut evicted, mut strays, mut errors) = (0usize, 0usize, 0usize);
         for sub in ["narinfo", "nar"] {
             let Ok(entries) = fs::read_dir(self.dir.join(sub)) else {
                 errors += 1;
@@ -170,33 +200,48 @@ impl DiskCache {
                 if !m.is_file() {
                     continue;
                 }
-                let key = format!("{sub}/{name}");
-                if let Ok(mut l) = self.index.lock()
-                    && l.last_use(&key).is_none()
-                {
-                    doomed.extend(l.insert(key, m.len(), mtime_ms(&m), now));
-                }
+                let rel = format!("{sub}/{name}");
+                // Not a name Ferry writes (so never served, and not in the index): it would
+                // only take space outside the quota.
+                let Some(key) = key_of(&rel) else {
+                    strays += 1;
+                    let _ = fs::remove_file(self.dir.join(&rel));
+                    continue;
+                };
+                // Deleted as they come rather than collected: a cache far over a lowered
+                // quota must not hold its whole listing in memory.
+                let doomed = match self.index.lock() {
+                    Ok(mut l) if l.last_use(&key).is_none() => {
+                        l.insert(key, m.len(), mtime_secs(&m), now)
+                    }
+                    _ => Vec::new(),
+                };
+                evicted += doomed.len();
+                self.remove_files(&doomed);
             }
         }
-        let (entries, bytes) = match self.index.lock() {
+        let (entries, bytes, memory) = match self.index.lock() {
             Ok(mut l) => {
-                doomed.extend(l.expire(now));
-                (l.len(), l.total_bytes())
+                let doomed = l.expire(now);
+                let usage = (l.len(), l.total_bytes(), l.memory_bytes());
+                drop(l);
+                evicted += doomed.len();
+                self.remove_files(&doomed);
+                usage
             }
-            Err(_) => (0, 0),
+            Err(_) => (0, 0, 0),
         };
-        self.remove_files(&doomed);
         self.indexed.store(true, Ordering::Release);
-        tracing::info!(dir = %self.dir.display(), entries, bytes, evicted = doomed.len(), errors, "disk cache indexed");
+        tracing::info!(dir = %self.dir.display(), entries, bytes, index_bytes = memory, evicted, strays, errors, "disk cache indexed");
     }
 
     /// Whether the files present at start are all in the index.
-    pub fn indexed(&self) -> bool {
+    pub(crate) fn indexed(&self) -> bool {
         self.indexed.load(Ordering::Acquire)
     }
 
     /// (entries, bytes) for metrics.
-    pub fn usage(&self) -> (usize, u64) {
+    pub(crate) fn usage(&self) -> (usize, u64) {
         self.index
             .lock()
             .map(|l| (l.len(), l.total_bytes()))
@@ -206,15 +251,15 @@ impl DiskCache {
     /// Marks `entry` used; false when it is absent (or just expired and deleted). Returns
     /// whether the file's modification time should be refreshed too.
     fn touch(&self, entry: &str) -> Option<bool> {
-        let now = now_ms();
+        let key = key_of(entry)?;
+        let now = now_secs();
         let mut l = self.index.lock().ok()?;
-        let last = l.last_use(&entry.to_owned());
-        match l.touch(&entry.to_owned(), now) {
-            Touch::Hit => Some(last.is_none_or(|t| now.saturating_sub(t) >= TOUCH_PERSIST_MS)),
+        let last = l.last_use(&key);
+        match l.touch(&key, now) {
+            Touch::Hit => Some(last.is_none_or(|t| now.saturating_sub(t) >= TOUCH_PERSIST_SECS)),
             Touch::Expired => {
                 drop(l);
-                let _ = fs::remove_file(self.dir.join(entry));
-                self.metrics.evictions.inc();
+                self.remove_files(&[key]);
                 None
             }
             // Not indexed yet (the rebuild is still running): the file itself decides.
@@ -225,9 +270,9 @@ impl DiskCache {
                     .filter(|m| m.is_file())?;
                 let doomed = {
                     let mut l = self.index.lock().ok()?;
-                    l.insert(entry.to_owned(), m.len(), now, now)
+                    l.insert(key, m.len(), now, now)
                 };
-                let kept = !doomed.iter().any(|d| d == entry);
+                let kept = !doomed.contains(&key);
                 self.remove_files(&doomed);
                 kept.then_some(true)
             }
@@ -237,15 +282,16 @@ impl DiskCache {
 
     /// The file vanished or is unreadable: forget it.
     fn forget(&self, entry: &str) {
-        if let Ok(mut l) = self.index.lock() {
-            l.remove(&entry.to_owned());
+        if let (Some(key), Ok(mut l)) = (key_of(entry), self.index.lock()) {
+            l.remove(&key);
         }
     }
 
-    fn remove_files(&self, entries: &[String]) {
-        for k in entries {
-            let _ = fs::remove_file(self.dir.join(k));
-            if let Some(d) = k.strip_prefix("nar/") {
+    fn remove_files(&self, keys: &[Key]) {
+        for k in keys {
+            let entry = entry_of(k);
+            let _ = fs::remove_file(self.dir.join(&entry));
+            if let Some(d) = entry.strip_prefix("nar/") {
                 let _ = fs::remove_file(self.dir.join("nar-hash").join(d));
             }
             self.metrics.evictions.inc();
@@ -253,7 +299,7 @@ impl DiskCache {
     }
 
     /// The expected-hash record of `key` ([`nar_hash_entry`]).
-    pub async fn expected(&self, key: &str) -> Option<Expect> {
+    pub(crate) async fn expected(&self, key: &str) -> Option<Expect> {
         let text = tokio::fs::read_to_string(self.dir.join(nar_hash_entry(key)))
             .await
             .ok()?;
@@ -262,7 +308,7 @@ impl DiskCache {
 
     /// Records the hash the file of `key` must have (a narinfo Ferry serves names it). A
     /// different record drops the file kept against the old one.
-    pub async fn put_expected(self: &Arc<Self>, key: &str, expect: &Expect) {
+    pub(crate) async fn put_expected(self: &Arc<Self>, key: &str, expect: &Expect) {
         let Some(text) = render_expect(expect) else {
             return;
         };
@@ -288,10 +334,10 @@ impl DiskCache {
     }
 
     /// Adds a committed file to the index and deletes whatever it pushes out.
-    fn admit(&self, entry: String, size: u64) {
-        let now = now_ms();
+    fn admit(&self, key: Key, size: u64) {
+        let now = now_secs();
         let doomed = match self.index.lock() {
-            Ok(mut l) => l.insert(entry, size, now, now),
+            Ok(mut l) => l.insert(key, size, now, now),
             Err(_) => return,
         };
         self.remove_files(&doomed);
@@ -305,7 +351,7 @@ impl DiskCache {
     }
 
     /// A stored narinfo's bytes.
-    pub async fn narinfo(&self, hash_part: &str) -> Option<Bytes> {
+    pub(crate) async fn narinfo(&self, hash_part: &str) -> Option<Bytes> {
         let entry = narinfo_entry(hash_part);
         let persist = self.touch(&entry)?;
         let path = self.dir.join(&entry);
@@ -325,9 +371,13 @@ impl DiskCache {
     }
 
     /// Stores a narinfo (written whole to a temp file, then renamed).
-    pub async fn put_narinfo(self: &std::sync::Arc<Self>, hash_part: &str, body: Bytes) {
+    pub(crate) async fn put_narinfo(self: &std::sync::Arc<Self>, hash_part: &str, body: Bytes) {
         let me = std::sync::Arc::clone(self);
         let entry = narinfo_entry(hash_part);
+        // Only names the index can hold are written (lookups never find others).
+        let Some(key) = key_of(&entry) else {
+            return;
+        };
         let r = tokio::task::spawn_blocking(move || {
             let tmp = me.tmp_path();
             let r = (|| {
@@ -337,7 +387,7 @@ impl DiskCache {
                 fs::rename(&tmp, me.dir.join(&entry))
             })();
             match r {
-                Ok(()) => me.admit(entry, body.len() as u64),
+                Ok(()) => me.admit(key, body.len() as u64),
                 Err(e) => {
                     let _ = fs::remove_file(&tmp);
                     tracing::warn!(error = %e, "disk cache: storing a narinfo failed");
@@ -352,7 +402,11 @@ impl DiskCache {
 
     /// A stored NAR file, opened, with its length: only when it was kept against `expect`
     /// (its record says that hash) and has that size.
-    pub async fn open_nar(&self, key: &str, expect: &Expect) -> Option<(tokio::fs::File, u64)> {
+    pub(crate) async fn open_nar(
+        &self,
+        key: &str,
+        expect: &Expect,
+    ) -> Option<(tokio::fs::File, u64)> {
         let recorded = self.expected(key).await?;
         if expect.sha256.is_none() || recorded != *expect {
             return None;
@@ -388,7 +442,7 @@ impl DiskCache {
 
     /// A writer that keeps a copy of a NAR stream of `total` bytes, or None when it could never
     /// be kept (larger than the quota, or the narinfo announced another size).
-    pub fn nar_writer(
+    pub(crate) fn nar_writer(
         self: &std::sync::Arc<Self>,
         key: &str,
         total: u64,
@@ -463,7 +517,9 @@ impl DiskCache {
                 .map_err(|e| e.to_string())?;
             fs::rename(&tmp, self.dir.join(&entry)).map_err(|e| e.to_string())?;
             let _ = fsync_dir(&self.dir.join("nar"));
-            self.admit(entry, total);
+            if let Some(key) = key_of(&entry) {
+                self.admit(key, total);
+            }
             Ok(())
         })();
         match outcome {
@@ -496,19 +552,19 @@ enum Msg {
 }
 
 /// The sending half of a NAR copy. Dropping it without [`NarWriter::finish`] discards the copy.
-pub struct NarWriter {
+pub(crate) struct NarWriter {
     tx: tokio::sync::mpsc::Sender<Msg>,
 }
 
 impl NarWriter {
     /// Queues a chunk; false when the writer gave up (write error), after which the copy is
     /// abandoned but the stream to Nix goes on.
-    pub async fn write(&self, b: Bytes) -> bool {
+    pub(crate) async fn write(&self, b: Bytes) -> bool {
         self.tx.send(Msg::Data(b)).await.is_ok()
     }
 
     /// The stream reached its announced end: verify and commit.
-    pub async fn finish(self) {
+    pub(crate) async fn finish(self) {
         let _ = self.tx.send(Msg::Finish).await;
     }
 }
@@ -531,6 +587,27 @@ mod tests {
         }
         for (name, len) in files {
             fs::write(dir.join(name), vec![b'x'; *len]).expect("file");
+        }
+    }
+
+    #[test]
+    fn index_keys_name_the_files_they_came_from() {
+        for entry in [
+            narinfo_entry("0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig"),
+            nar_entry("nar/x.nar"),
+        ] {
+            assert_eq!(key_of(&entry).map(|k| entry_of(&k)), Some(entry));
+        }
+        for stray in [
+            "nar/00",
+            "narinfo/0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
+            "narinfo/0c5bkdzpsq0kbl4wbamr6aa1g4jxv0i.narinfo",
+            "narinfo/ec5bkdzpsq0kbl4wbamr6aa1g4jxv0ig.narinfo",
+            // 260 bits: the top 4 would be lost.
+            "nar/z000000000000000000000000000000000000000000000000000",
+            "tmp/0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
+        ] {
+            assert_eq!(key_of(stray), None, "{stray}");
         }
     }
 
@@ -596,7 +673,11 @@ mod tests {
     #[test]
     fn the_rebuild_evicts_what_exceeds_the_quota() {
         let tmp = tempfile::tempdir().expect("tmp");
-        let files: Vec<(String, usize)> = (0..10).map(|i| (format!("nar/{i:02}"), 100)).collect();
+        let mut files: Vec<(String, usize)> = (0..10)
+            .map(|i| (nar_entry(&format!("k{i}")), 100))
+            .collect();
+        // Not a name Ferry writes: removed, and not counted.
+        files.push(("nar/stray".into(), 1000));
         let refs: Vec<(&str, usize)> = files.iter().map(|(n, l)| (n.as_str(), *l)).collect();
         layout(tmp.path(), &refs);
         let c = DiskCache::open(tmp.path(), 450, Duration::from_secs(3600)).expect("open");

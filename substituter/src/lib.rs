@@ -8,28 +8,33 @@
 //! goal ids (G2, G5, …) are in `docs/goals.md`.
 //!
 //! Pure core: [`breaker`], [`race`], [`paths`], [`check`], [`config`], [`lru`],
-//! [`retry_after`]. Async shell:
+//! [`retry_after`], [`s3`]. Async shell:
 //! [`upstream`], [`lookup`], [`nar`], [`disk`], [`server`].
 
-pub mod breaker;
-pub mod ca;
+// Only main.rs, the tests and ferry-fuzz use this library: its documentation is about the
+// crate-private modules (`cargo doc --document-private-items`), which it links to.
+#![allow(rustdoc::private_intra_doc_links)]
+
+pub(crate) mod breaker;
+pub(crate) mod ca;
 pub mod check;
 pub mod config;
-pub mod credentials;
+pub(crate) mod credentials;
 pub mod disk;
 pub mod local;
-pub mod lookup;
-pub mod lru;
-pub mod metrics;
-pub mod nar;
+pub(crate) mod lookup;
+pub(crate) mod lru;
+pub(crate) mod metrics;
+pub(crate) mod nar;
 pub mod paths;
-pub mod race;
+pub(crate) mod race;
 pub mod retry_after;
-pub mod server;
+pub(crate) mod s3;
+pub(crate) mod server;
 pub mod upstream;
 
-pub use config::{Overrides, Settings, SubstituterConfig};
-pub use server::State;
+pub use config::Settings;
+pub(crate) use server::State;
 
 /// Installs rustls' ring provider for HTTPS upstreams (reqwest is built without a default
 /// one); later calls do nothing.
@@ -60,7 +65,7 @@ fn log_upstreams(state: &State) {
 
 /// Serves `state` on `listener` until `shutdown` completes, then finishes the requests in
 /// progress.
-pub async fn serve(
+pub(crate) async fn serve(
     state: std::sync::Arc<State>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,

@@ -56,23 +56,23 @@ pub enum LocalError {
 
 /// What Nix's database says about one valid path.
 #[derive(Debug, Clone)]
-pub struct PathInfo {
-    pub path: StorePath,
-    pub nar_hash: Hash,
-    pub nar_size: u64,
-    pub references: BTreeSet<StorePath>,
-    pub deriver: Option<StorePath>,
-    pub sigs: BTreeSet<Signature>,
-    pub ca: Option<String>,
+pub(crate) struct PathInfo {
+    pub(crate) path: StorePath,
+    pub(crate) nar_hash: Hash,
+    pub(crate) nar_size: u64,
+    pub(crate) references: BTreeSet<StorePath>,
+    pub(crate) deriver: Option<StorePath>,
+    pub(crate) sigs: BTreeSet<Signature>,
+    pub(crate) ca: Option<String>,
 }
 
 /// A narinfo rendered from the store.
 #[derive(Debug, Clone)]
-pub struct LocalNarInfo {
-    pub body: Bytes,
+pub(crate) struct LocalNarInfo {
+    pub(crate) body: Bytes,
     /// Whether a client can accept it without trusting Ferry: it has a signature (its own or
     /// a configured key's) or a content address.
-    pub signed: bool,
+    pub(crate) signed: bool,
 }
 
 /// Time SQLite waits for a lock before giving up. Readers of a WAL database are not blocked
@@ -90,11 +90,11 @@ pub struct LocalStore {
     db: PathBuf,
     keys: Vec<SecretKey>,
     /// Check every NAR's SHA-256 before its last byte goes out (`verify-nar-hash`).
-    pub verify_nar_hash: bool,
+    pub(crate) verify_nar_hash: bool,
     /// Rendered, signed narinfos by hash part, each with the identity of the store path's
     /// top-level inode when it was read (see [`LocalStore::narinfo_cached`]).
     rendered: moka::future::Cache<HashPart, Arc<Rendered>>,
-    pub metrics: LocalMetrics,
+    pub(crate) metrics: LocalMetrics,
 }
 
 /// A narinfo rendered from the store, and the inode it describes.
@@ -157,7 +157,7 @@ impl LocalStore {
         })
     }
 
-    pub fn store_dir(&self) -> &StoreDir {
+    pub(crate) fn store_dir(&self) -> &StoreDir {
         &self.store_dir
     }
 
@@ -189,7 +189,7 @@ impl LocalStore {
     /// The valid path with this hash part, as Nix's `queryPathFromHashPart` finds it: the
     /// first path not below `<store>/<hash>` in the unique index
     /// (<https://github.com/NixOS/nix/blob/2.8.0/src/libstore/local-store.cc#L1090-L1104>).
-    pub fn query(&self, hash: &HashPart) -> Result<Option<PathInfo>, LocalError> {
+    pub(crate) fn query(&self, hash: &HashPart) -> Result<Option<PathInfo>, LocalError> {
         let prefix = format!("{}/{}", self.store_dir.as_str(), hash.as_str());
         let row = self.with_conn(|c| {
             let mut st = c.prepare_cached(
@@ -271,10 +271,11 @@ impl LocalStore {
         }))
     }
 
-    /// [`LocalStore::narinfo`], reusing a narinfo rendered in the last [`RENDERED_TTL`] while
-    /// the store path is still the same inode: a warm lookup is a `stat`, not a database
+    /// The narinfo of a valid path, signed with the configured keys (`None` when the path is
+    /// not valid here), reusing one rendered in the last [`RENDERED_TTL`] while the store
+    /// path is still the same inode: a warm lookup is a `stat`, not a database
     /// query and an Ed25519 signature (goal: within 1.2× of nginx serving a static file).
-    pub async fn narinfo_cached(
+    pub(crate) async fn narinfo_cached(
         &self,
         hash: &HashPart,
     ) -> Result<Option<LocalNarInfo>, LocalError> {
@@ -304,18 +305,12 @@ impl LocalStore {
     }
 
     /// The NAR key of a path: `nar/<hash part>-<NarHash nix32>.nar`.
-    pub fn nar_key(info: &PathInfo) -> String {
+    pub(crate) fn nar_key(info: &PathInfo) -> String {
         format!(
             "nar/{}-{}.nar",
             info.path.hash_part(),
             info.nar_hash.to_nix32()
         )
-    }
-
-    /// The narinfo of a valid path, signed with the configured keys; `None` when the path is
-    /// not valid here.
-    pub fn narinfo(&self, hash: &HashPart) -> Result<Option<LocalNarInfo>, LocalError> {
-        Ok(self.narinfo_info(hash)?.map(|(_, n)| n))
     }
 
     fn narinfo_info(
@@ -359,7 +354,7 @@ impl LocalStore {
     }
 
     /// The path a local NAR key names, if it is valid here with that NAR hash.
-    pub fn nar(&self, key: &str) -> Result<Option<PathInfo>, LocalError> {
+    pub(crate) fn nar(&self, key: &str) -> Result<Option<PathInfo>, LocalError> {
         let Some((hash, nar_hash)) = parse_nar_key(key) else {
             return Ok(None);
         };
@@ -370,14 +365,14 @@ impl LocalStore {
     }
 
     /// The file system path of a store path.
-    pub fn fs_path(&self, p: &StorePath) -> PathBuf {
+    pub(crate) fn fs_path(&self, p: &StorePath) -> PathBuf {
         Path::new(self.store_dir.as_str()).join(p.as_str())
     }
 }
 
 /// `nar/<hash part>-<nix32 sha256>.nar` → (hash part, NAR hash text). Anything else (a query,
 /// another shape) is not a local key.
-pub fn parse_nar_key(key: &str) -> Option<(HashPart, &str)> {
+pub(crate) fn parse_nar_key(key: &str) -> Option<(HashPart, &str)> {
     let name = key.strip_prefix("nar/")?.strip_suffix(".nar")?;
     let (hash, nar_hash) = name.split_once('-')?;
     let hash = HashPart::parse(hash)?;
@@ -438,7 +433,7 @@ fn check_schema(c: &Connection, db: &Path) -> Result<(), LocalError> {
 /// a blocking thread. The last chunk is sent only after the whole NAR matched `nar_size` and
 /// `nar_hash`; on any mismatch or read error the stream ends with an error, which aborts the
 /// connection.
-pub fn stream_nar(
+pub(crate) fn stream_nar(
     fs_path: PathBuf,
     nar_size: u64,
     nar_hash: Hash,
@@ -574,7 +569,7 @@ impl io::Write for Sender {
 }
 
 /// Serves the NAR of a local path: HEAD, whole, or one range.
-pub async fn serve_nar(
+pub(crate) async fn serve_nar(
     state: std::sync::Arc<crate::server::State>,
     local: &LocalStore,
     info: PathInfo,

@@ -18,21 +18,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Largest listing or log Ferry passes through.
-pub const MAX_SMALL: usize = 16 * 1024 * 1024;
+pub(crate) const MAX_SMALL: usize = 16 * 1024 * 1024;
 
 /// Largest narinfo Ferry reads from an upstream. Nix writes one line per field, and only
 /// `References` and `Sig` grow with the path: 1 MiB holds some 4,000 references of maximal
 /// length (a store path base name is at most 244 bytes), more than any closure Nix builds
 /// references directly. Anything bigger is an upstream failure, never buffered further
 /// (issue 12 item 4: 15 MiB narinfos took Ferry to 1.26 GiB).
-pub const MAX_NARINFO: usize = 1024 * 1024;
+pub(crate) const MAX_NARINFO: usize = 1024 * 1024;
 
 /// Bytes of answers (narinfos, listings, logs, misses) kept in memory: the warm set of a
 /// large closure (a narinfo is 0.5–2 KiB) within goal G13's 64 MiB.
-pub const ANSWER_CACHE_BYTES: u64 = 48 * 1024 * 1024;
+pub(crate) const ANSWER_CACHE_BYTES: u64 = 48 * 1024 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Key {
+pub(crate) enum Key {
     /// A narinfo by hash part.
     NarInfo(HashPart),
     /// Another small object by key.
@@ -40,12 +40,9 @@ pub enum Key {
 }
 
 #[derive(Debug)]
-pub enum Answer {
+pub(crate) enum Answer {
     Found {
         body: Bytes,
-        /// None: from the disk cache.
-        upstream: Option<usize>,
-        nar_key: Option<String>,
     },
     /// Every upstream said no.
     Missing,
@@ -53,17 +50,17 @@ pub enum Answer {
 
 /// No definite answer: never cached.
 #[derive(Debug)]
-pub struct Incomplete {
+pub(crate) struct Incomplete {
     /// A live upstream that may hold the path gave no definite answer within the patience:
     /// answered 503, not 404 (see `race.rs`, rule 5). False: every upstream that could hold
     /// the path said no, the others are down or broken: an (uncached) 404.
-    pub unknown: bool,
+    pub(crate) unknown: bool,
 }
 
 /// Entry lifetimes by kind of answer.
-pub struct AnswerExpiry {
-    pub positive: Duration,
-    pub negative: Duration,
+pub(crate) struct AnswerExpiry {
+    pub(crate) positive: Duration,
+    pub(crate) negative: Duration,
 }
 
 impl moka::Expiry<Key, Arc<Answer>> for AnswerExpiry {
@@ -80,9 +77,9 @@ impl moka::Expiry<Key, Arc<Answer>> for AnswerExpiry {
     }
 }
 
-pub type AnswerCache = moka::future::Cache<Key, Arc<Answer>>;
+pub(crate) type AnswerCache = moka::future::Cache<Key, Arc<Answer>>;
 
-pub fn answer_cache(positive: Duration, negative: Duration) -> AnswerCache {
+pub(crate) fn answer_cache(positive: Duration, negative: Duration) -> AnswerCache {
     moka::future::Cache::builder()
         // Weighted by body size: a miss weighs 64 bytes.
         .weigher(|k: &Key, v: &Arc<Answer>| {
@@ -102,7 +99,7 @@ pub fn answer_cache(positive: Duration, negative: Duration) -> AnswerCache {
 }
 
 /// Looks `key` up through the cache; `Err` is an uncached 404.
-pub async fn lookup(state: &Arc<State>, key: Key) -> Result<Arc<Answer>, Arc<Incomplete>> {
+pub(crate) async fn lookup(state: &Arc<State>, key: Key) -> Result<Arc<Answer>, Arc<Incomplete>> {
     if let Some(a) = state.answers.get(&key).await {
         match *a {
             Answer::Found { .. } => state.metrics.cache_hits.inc(),
@@ -158,11 +155,7 @@ async fn from_disk(state: &Arc<State>, hash: &str) -> Option<Arc<Answer>> {
             )
             .await;
     }
-    Some(Arc::new(Answer::Found {
-        body: bytes,
-        upstream: None,
-        nar_key: c.nar_key,
-    }))
+    Some(Arc::new(Answer::Found { body: bytes }))
 }
 
 /// A usable answer: body, NAR key, what the NAR must be.
@@ -329,9 +322,13 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
         start.elapsed() + d + state.upstreams[i].patient_connect_timeout() <= patience
     };
 
+    // The head start of the next upstream ran out.
+    let mut head_due = false;
     let decision = loop {
-        // Ask the next upstream now when every earlier one has already said no.
-        while next < n && (next == 0 || start_next_early(&slots, next)) {
+        // Ask the next upstream when its head start ran out, or now when every earlier one
+        // has already said no.
+        while next < n && (next == 0 || head_due || start_next_early(&slots, next)) {
+            head_due = false;
             let i = next;
             next += 1;
             head.as_mut()
@@ -416,28 +413,8 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
                     Err(Skip::RateLimited) => slots[i] = Slot::Unanswered,
                 }
             }
-            Event::HeadStart => {
-                let i = next;
-                next += 1;
-                head.as_mut()
-                    .reset(tokio::time::Instant::now() + head_start(state, i));
-                match launch(i, false, &mut running) {
-                    Ok(()) => {
-                        attempts[i] = 1;
-                        slots[i] = if state.upstreams[i].suspect() {
-                            Slot::Retrying
-                        } else {
-                            Slot::Pending
-                        };
-                    }
-                    Err(Skip::BreakerOpen) => slots[i] = Slot::Skipped,
-                    Err(Skip::RateLimited) if fits(i, RATE_LIMIT_BACKOFF) => {
-                        slots[i] = Slot::Retrying;
-                        backoff(i, RATE_LIMIT_BACKOFF, &mut backoffs);
-                    }
-                    Err(Skip::RateLimited) => slots[i] = Slot::Unanswered,
-                }
-            }
+            // The next upstream is asked at the top of the loop.
+            Event::HeadStart => head_due = true,
             Event::Deadline => phase = Phase::PastDeadline,
             Event::Patience => {
                 break decide(&slots, Phase::PastPatience, state.settings.serve_untrusted);
@@ -482,11 +459,7 @@ async fn race(state: &Arc<State>, key: &Key) -> Result<Arc<Answer>, Incomplete> 
                 tokio::spawn(async move { disk.put_narinfo(h.as_str(), body).await });
             }
             tracing::debug!(?key, upstream = %state.upstreams[i].settings.display, ?elapsed, "found");
-            Ok(Arc::new(Answer::Found {
-                body,
-                upstream: Some(i),
-                nar_key,
-            }))
+            Ok(Arc::new(Answer::Found { body }))
         }
         Decision::NotFound { definitive: true } => {
             tracing::debug!(?key, ?elapsed, "missing everywhere");

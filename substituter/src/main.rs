@@ -2,7 +2,8 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use ferry_substituter::config::{Overrides, SubstituterConfig, nix_conf_trust};
+use ferry_substituter::config::{Overrides, SubstituterConfig, UpstreamLocation, nix_conf_trust};
+use ferry_substituter::upstream::AccessCheck;
 
 #[derive(Parser)]
 #[command(
@@ -13,7 +14,8 @@ struct Cli {
     /// Address to listen on (overrides `listen` in ferry.toml).
     #[arg(long, global = true)]
     listen: Option<String>,
-    /// Upstream cache URL (http://, https://, file://); repeat for several, in priority order.
+    /// Upstream cache URL (http://, https://, file://, s3://); repeat for several, in priority
+    /// order.
     /// Replaces the upstreams of ferry.toml.
     #[arg(long = "upstream", global = true)]
     upstreams: Vec<String>,
@@ -48,6 +50,94 @@ fn settings(cli: &Cli) -> anyhow::Result<ferry_substituter::Settings> {
     };
     file.resolve(&o, nix_conf_trust)
         .with_context(|| format!("configuration from {}", path.display()))
+}
+
+/// What `check-config` says about an upstream's credentials: whether it has any, and for a
+/// bucket the access key id in use (never the secret).
+fn credentials_note(location: &UpstreamLocation) -> String {
+    match location {
+        UpstreamLocation::Http {
+            credentials: Some(_),
+            ..
+        } => " credentials: yes".to_owned(),
+        UpstreamLocation::Http { .. } | UpstreamLocation::File(_) => String::new(),
+        UpstreamLocation::S3 {
+            location,
+            credentials,
+        } => format!(
+            " bucket {} at {} region {}{} access key id {}",
+            location.bucket,
+            location.base,
+            location.region,
+            if location.path_style {
+                " (path-style)"
+            } else {
+                ""
+            },
+            credentials.access_key_id
+        ),
+    }
+}
+
+/// Reads `nix-cache-info` from each `s3://` upstream with its credentials: a running Ferry
+/// counts a bucket's 403 as a miss (as Nix does), so wrong keys are found here or not at all.
+fn check_s3_access(s: &ferry_substituter::Settings) -> anyhow::Result<()> {
+    let buckets: Vec<_> = s
+        .upstreams
+        .iter()
+        .filter(|u| matches!(u.location, UpstreamLocation::S3 { .. }))
+        .collect();
+    if buckets.is_empty() {
+        return Ok(());
+    }
+    ferry_substituter::install_crypto_provider();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut refused = Vec::new();
+    for u in buckets {
+        let up = ferry_substituter::upstream::Upstream::new(u.clone())?;
+        let key_id = match &u.location {
+            UpstreamLocation::S3 { credentials, .. } => credentials.access_key_id.as_str(),
+            _ => "",
+        };
+        match rt.block_on(up.check_access()) {
+            AccessCheck::Ok => println!("upstream {}: nix-cache-info OK", u.display),
+            AccessCheck::Missing(status) => println!(
+                "warning: upstream {}: no nix-cache-info (HTTP {status}): is this a binary cache?",
+                u.display
+            ),
+            AccessCheck::Refused { status, code } => {
+                let code = code.unwrap_or_else(|| "no S3 error code".to_owned());
+                let hint = match code.as_str() {
+                    "SignatureDoesNotMatch" => {
+                        "the secret access key does not belong to this key id"
+                    }
+                    "InvalidAccessKeyId" => "the server does not know this access key id",
+                    "AccessDenied" => {
+                        "this key may not read the bucket, or the bucket has no nix-cache-info"
+                    }
+                    "RequestTimeTooSkewed" => "this host's clock is off",
+                    _ => "check the credentials and the bucket's policy",
+                };
+                let line = format!(
+                    "upstream {}: access key id {key_id} refused on nix-cache-info (HTTP {status} {code}): {hint}",
+                    u.display
+                );
+                println!("error: {line}");
+                refused.push(line);
+            }
+            AccessCheck::Failed(e) => println!(
+                "warning: upstream {}: nix-cache-info not read ({e}); not checked",
+                u.display
+            ),
+        }
+    }
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("{}", refused.join("; "))
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -136,14 +226,10 @@ fn main() -> anyhow::Result<()> {
                     u.read_timeout,
                     u.rate_limit,
                     u.max_in_flight,
-                    if u.credentials.is_some() {
-                        " credentials: yes"
-                    } else {
-                        ""
-                    }
+                    credentials_note(&u.location)
                 );
             }
-            Ok(())
+            check_s3_access(&s)
         }
         Some(Cmd::Status { url }) => tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -6,16 +6,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 #[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
+pub(crate) struct Counter(AtomicU64);
 
 impl Counter {
-    pub fn inc(&self) {
+    pub(crate) fn inc(&self) {
         self.add(1);
     }
-    pub fn add(&self, n: u64) {
+    pub(crate) fn add(&self, n: u64) {
         self.0.fetch_add(n, Ordering::Relaxed);
     }
-    pub fn get(&self) -> u64 {
+    pub(crate) fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
 }
@@ -26,14 +26,14 @@ const BUCKETS: [f64; 11] = [
 ];
 
 #[derive(Debug, Default)]
-pub struct Histogram {
+pub(crate) struct Histogram {
     buckets: [Counter; 11],
     count: Counter,
     sum_micros: Counter,
 }
 
 impl Histogram {
-    pub fn observe(&self, d: Duration) {
+    pub(crate) fn observe(&self, d: Duration) {
         let s = d.as_secs_f64();
         for (b, bound) in self.buckets.iter().zip(BUCKETS) {
             if s <= bound {
@@ -46,64 +46,64 @@ impl Histogram {
 }
 
 #[derive(Debug, Default)]
-pub struct UpstreamMetrics {
-    pub latency: Histogram,
-    pub hits: Counter,
-    pub misses: Counter,
-    pub failures: Counter,
+pub(crate) struct UpstreamMetrics {
+    pub(crate) latency: Histogram,
+    pub(crate) hits: Counter,
+    pub(crate) misses: Counter,
+    pub(crate) failures: Counter,
     /// Attempts repeated after a transient failure within one race.
-    pub retries: Counter,
-    pub skipped_breaker: Counter,
-    pub skipped_rate: Counter,
-    pub nar_bytes: Counter,
+    pub(crate) retries: Counter,
+    pub(crate) skipped_breaker: Counter,
+    pub(crate) skipped_rate: Counter,
+    pub(crate) nar_bytes: Counter,
 }
 
 #[derive(Debug, Default)]
-pub struct Metrics {
-    pub narinfo_hits: Counter,
-    pub narinfo_misses: Counter,
+pub(crate) struct Metrics {
+    pub(crate) narinfo_hits: Counter,
+    pub(crate) narinfo_misses: Counter,
     /// Served from the negative cache.
-    pub negative_hits: Counter,
+    pub(crate) negative_hits: Counter,
     /// Served from the positive narinfo cache.
-    pub cache_hits: Counter,
+    pub(crate) cache_hits: Counter,
     /// 404s that were not definitive (failures, time-outs, open breakers): never cached.
-    pub incomplete_misses: Counter,
+    pub(crate) incomplete_misses: Counter,
     /// 503s: a live upstream gave no definite answer within the patience.
-    pub unknown_answers: Counter,
-    pub nar_requests: Counter,
-    pub nar_bytes: Counter,
-    pub nar_resumes: Counter,
-    pub nar_aborts: Counter,
-    pub nar_not_found: Counter,
+    pub(crate) unknown_answers: Counter,
+    pub(crate) nar_requests: Counter,
+    pub(crate) nar_bytes: Counter,
+    pub(crate) nar_resumes: Counter,
+    pub(crate) nar_aborts: Counter,
+    pub(crate) nar_not_found: Counter,
 }
 
 /// The local store's counters (`[substituter.local]`).
 #[derive(Debug, Default)]
-pub struct LocalMetrics {
+pub(crate) struct LocalMetrics {
     /// Narinfos served from the store.
-    pub narinfo_hits: Counter,
+    pub(crate) narinfo_hits: Counter,
     /// Narinfo requests for paths not valid here (then the upstreams are asked).
-    pub narinfo_misses: Counter,
-    pub nar_requests: Counter,
-    pub nar_bytes: Counter,
+    pub(crate) narinfo_misses: Counter,
+    pub(crate) nar_requests: Counter,
+    pub(crate) nar_bytes: Counter,
     /// NAR streams aborted because the path changed or vanished (garbage-collected).
-    pub nar_aborts: Counter,
+    pub(crate) nar_aborts: Counter,
     /// Database errors.
-    pub errors: Counter,
+    pub(crate) errors: Counter,
 }
 
 /// One upstream's row, for rendering.
-pub struct UpstreamView<'a> {
-    pub url: &'a str,
-    pub priority: i32,
-    pub breaker: u8,
-    pub metrics: &'a UpstreamMetrics,
+pub(crate) struct UpstreamView<'a> {
+    pub(crate) url: &'a str,
+    pub(crate) priority: i32,
+    pub(crate) breaker: u8,
+    pub(crate) metrics: &'a UpstreamMetrics,
 }
 
 /// The disk cache's counters and its (entries, bytes), when it is enabled.
-pub type DiskView<'a> = Option<(&'a crate::disk::DiskMetrics, (usize, u64))>;
+pub(crate) type DiskView<'a> = Option<(&'a crate::disk::DiskMetrics, (usize, u64))>;
 
-pub fn render(
+pub(crate) fn render(
     m: &Metrics,
     ups: &[UpstreamView<'_>],
     disk: DiskView<'_>,
@@ -310,7 +310,7 @@ pub fn render(
 }
 
 /// The human summary printed by `ferry-substituter status`.
-pub fn render_status(
+pub(crate) fn render_status(
     m: &Metrics,
     ups: &[UpstreamView<'_>],
     disk: DiskView<'_>,

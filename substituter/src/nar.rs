@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
 /// Parses a single `Range: bytes=a-` or `bytes=a-b`. Other forms (suffix, multiple ranges) are
 /// ignored, which RFC 9110 allows: the whole file is sent with 200.
-pub fn parse_range(v: &str) -> Option<(u64, Option<u64>)> {
+pub(crate) fn parse_range(v: &str) -> Option<(u64, Option<u64>)> {
     let spec = v.trim().strip_prefix("bytes=")?;
     if spec.contains(',') {
         return None;
@@ -102,7 +102,7 @@ pub(crate) enum Framed {
     Answered(Response<Body>),
 }
 
-pub async fn serve(
+pub(crate) async fn serve(
     state: Arc<State>,
     key: String,
     method: &Method,

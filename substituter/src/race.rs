@@ -49,7 +49,7 @@ use std::time::Duration;
 
 /// What one upstream has said so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Slot {
+pub(crate) enum Slot {
     /// Not asked yet, or no answer yet.
     Pending,
     /// A valid narinfo (or other object) for the requested path.
@@ -70,7 +70,7 @@ pub enum Slot {
 
 /// How far into the race the shell is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
+pub(crate) enum Phase {
     /// Before `narinfo-deadline-ms`.
     Racing,
     /// After the deadline: pending upstreams no longer hold back a hit (rule 3).
@@ -81,7 +81,7 @@ pub enum Phase {
 
 /// Why an attempt failed, as far as trying again is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
+pub(crate) enum FailureKind {
     /// Connect error or time-out, read time-out, reset, 5xx: a fresh attempt may well succeed.
     Transient,
     /// The same request would get the same answer: an invalid or wrong narinfo, too large a
@@ -90,7 +90,7 @@ pub enum FailureKind {
 }
 
 /// Back-off before the second, third and every later attempt at one upstream within one race.
-pub const RETRY_BACKOFFS: [Duration; 3] = [
+pub(crate) const RETRY_BACKOFFS: [Duration; 3] = [
     Duration::from_millis(50),
     Duration::from_millis(150),
     Duration::from_millis(300),
@@ -102,7 +102,7 @@ pub const RETRY_BACKOFFS: [Duration; 3] = [
 /// failure was recorded: an open breaker means the upstream is presumed down, and retries
 /// would only prolong the miss (goal G5). `min_attempt` (the next attempt's connect time-out)
 /// is the least time an attempt needs to be worth sending before the deadline.
-pub fn retry_delay(
+pub(crate) fn retry_delay(
     kind: FailureKind,
     attempts: u32,
     breaker_closed: bool,
@@ -119,7 +119,7 @@ pub fn retry_delay(
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Keep waiting for higher-priority answers.
     Wait,
     /// Serve this upstream's answer.
@@ -131,7 +131,7 @@ pub enum Decision {
 }
 
 /// Applies the rule above to `slots` (in priority order).
-pub fn decide(slots: &[Slot], phase: Phase, serve_untrusted: bool) -> Decision {
+pub(crate) fn decide(slots: &[Slot], phase: Phase, serve_untrusted: bool) -> Decision {
     let past_deadline = phase != Phase::Racing;
     let resolved = |s: &Slot| past_deadline || *s != Slot::Pending;
     // Rule 1 and 2: the first trusted hit wins once everything before it has resolved.
@@ -173,7 +173,7 @@ pub fn decide(slots: &[Slot], phase: Phase, serve_untrusted: bool) -> Decision {
 
 /// Whether upstream `next` should be asked now, before its head-start timer fires: every
 /// upstream before it has resolved and none of them is a hit that could still win.
-pub fn start_next_early(slots: &[Slot], next: usize) -> bool {
+pub(crate) fn start_next_early(slots: &[Slot], next: usize) -> bool {
     slots[..next.min(slots.len())].iter().all(|s| {
         matches!(
             s,

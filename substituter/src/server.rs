@@ -14,19 +14,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Shared server state.
-pub struct State {
-    pub settings: Settings,
-    pub upstreams: Vec<Arc<Upstream>>,
-    pub metrics: Metrics,
-    pub answers: AnswerCache,
+pub(crate) struct State {
+    pub(crate) settings: Settings,
+    pub(crate) upstreams: Vec<Arc<Upstream>>,
+    pub(crate) metrics: Metrics,
+    pub(crate) answers: AnswerCache,
     /// NAR key → upstream whose narinfo named it, and what the file must be. In memory: after
     /// a restart, every upstream is tried in priority order, so URLs Nix cached for 30 days
     /// stay resolvable (docs/binary-cache.md §2.5).
-    pub routes: moka::future::Cache<String, Route>,
+    pub(crate) routes: moka::future::Cache<String, Route>,
     /// The disk cache, when `cache-dir` is set.
-    pub disk: Option<Arc<DiskCache>>,
+    pub(crate) disk: Option<Arc<DiskCache>>,
     /// This host's store, when `[substituter.local]` is set: asked before everything else.
-    pub local: Option<crate::local::LocalStore>,
+    pub(crate) local: Option<crate::local::LocalStore>,
     cache_info: String,
 }
 
@@ -37,14 +37,14 @@ const ROUTE_OVERHEAD: usize = 160;
 
 /// Where a NAR key came from.
 #[derive(Debug, Clone)]
-pub struct Route {
+pub(crate) struct Route {
     /// The upstream whose narinfo named it (None: the narinfo came from the disk cache).
-    pub upstream: Option<usize>,
-    pub expect: Expect,
+    pub(crate) upstream: Option<usize>,
+    pub(crate) expect: Expect,
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum StateError {
+pub(crate) enum StateError {
     #[error("HTTP client: {0}")]
     Client(#[from] reqwest::Error),
     #[error("local store: {0}")]
@@ -57,13 +57,12 @@ pub enum StateError {
 }
 
 impl State {
-    pub fn new(settings: Settings) -> Result<Arc<Self>, StateError> {
+    pub(crate) fn new(settings: Settings) -> Result<Arc<Self>, StateError> {
         crate::install_crypto_provider();
         let upstreams = settings
             .upstreams
             .iter()
-            .enumerate()
-            .map(|(i, u)| Upstream::new(i, u.clone()).map(Arc::new))
+            .map(|u| Upstream::new(u.clone()).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let cache_info = format!(
             "StoreDir: {}\nWantMassQuery: 1\nPriority: {}\n",

@@ -1,6 +1,6 @@
 //! `[substituter.local]` in process, against a store made here: a directory of store paths
 //! and a database with the tables and columns of Nix 2.8 to 2.34 (the fleet tests in
-//! `integration/tests/substituter_local.rs` use real Nix stores). Narinfos, signatures,
+//! `integration/tests/e2e/substituter_local.rs` use real Nix stores). Narinfos, signatures,
 //! NARs byte for byte, ranges, hostile keys, and NARs that change or vanish mid-stream.
 
 use ferry_nix::hash::Hash;
