@@ -22,7 +22,7 @@ use std::sync::Arc;
     about = "Nix build hook for ssh:// builders. Nix runs it as `build-hook` with the verbosity \
              as its last argument; these subcommands are for people."
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -73,26 +73,26 @@ pub fn is_command(argv: &[String]) -> bool {
 /// One row of `status`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "kebab-case")]
-pub struct Row {
-    pub builder: String,
-    pub systems: Vec<String>,
-    pub max_jobs: u64,
-    pub speed_factor: f64,
-    pub state: State,
-    pub since_ms: Option<u64>,
-    pub consecutive_failures: u32,
-    pub backoff_until_ms: Option<u64>,
-    pub last_error: Option<String>,
-    pub last_error_ms: Option<u64>,
+pub(crate) struct Row {
+    pub(crate) builder: String,
+    pub(crate) systems: Vec<String>,
+    pub(crate) max_jobs: u64,
+    pub(crate) speed_factor: f64,
+    pub(crate) state: State,
+    pub(crate) since_ms: Option<u64>,
+    pub(crate) consecutive_failures: u32,
+    pub(crate) backoff_until_ms: Option<u64>,
+    pub(crate) last_error: Option<String>,
+    pub(crate) last_error_ms: Option<u64>,
     /// Slots held by running builds (`None` if the lock directory cannot be read).
-    pub slots_in_use: Option<u64>,
-    pub latency_ms: Option<f64>,
-    pub transfer_rate: Option<f64>,
-    pub mean_build_secs: Option<f64>,
-    pub attempts: u64,
+    pub(crate) slots_in_use: Option<u64>,
+    pub(crate) latency_ms: Option<f64>,
+    pub(crate) transfer_rate: Option<f64>,
+    pub(crate) mean_build_secs: Option<f64>,
+    pub(crate) attempts: u64,
 }
 
-pub fn row(m: &Machine, h: &Health, slots_in_use: Option<u64>) -> Row {
+pub(crate) fn row(m: &Machine, h: &Health, slots_in_use: Option<u64>) -> Row {
     Row {
         builder: m.store_uri.clone(),
         systems: m.systems.clone(),
@@ -113,7 +113,7 @@ pub fn row(m: &Machine, h: &Health, slots_in_use: Option<u64>) -> Row {
 }
 
 /// The human table.
-pub fn render_table(rows: &[Row], now_ms: u64) -> String {
+pub(crate) fn render_table(rows: &[Row], now_ms: u64) -> String {
     let header = [
         "BUILDER",
         "SYSTEMS",

@@ -10,14 +10,14 @@ use std::time::Duration;
 /// kebab-case keys).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
-pub struct HookConfig {
+pub(crate) struct HookConfig {
     /// Budget for reaching a builder before answering the daemon: TCP connect, SSH
     /// handshake and authentication, and the `nix-store --serve` handshake. The daemon
     /// waits for the hook's answer with the client's build blocked (docs/hook-protocol.md §1.9),
     /// so this bounds what a dead builder can cost one derivation. 1 s covers an SSH login
     /// on a LAN or a nearby data centre several times over; raise it for builders across
     /// slow links.
-    pub probe_timeout_ms: u64,
+    pub(crate) probe_timeout_ms: u64,
     /// When no builder is known healthy and several are probed, how long to keep waiting,
     /// once one has answered, for those with a higher speed factor (which the selection
     /// would prefer); probes of builders that could not be preferred are not waited for.
@@ -25,7 +25,7 @@ pub struct HookConfig {
     /// records their result, so a dead builder costs one derivation at most this much, not
     /// the whole probe budget. When some builder is already known healthy, the hook does not
     /// wait for probes at all.
-    pub probe_grace_ms: u64,
+    pub(crate) probe_grace_ms: u64,
     /// When every healthy builder's slots are taken and a `# decline` would not make Nix
     /// wait for a running build to end, how long the hook itself waits for a free slot (or
     /// for a builder whose state was unknown to turn out up) before answering
@@ -36,25 +36,25 @@ pub struct HookConfig {
     /// cannot end (and free its slot) until this wait is over. At most one such wait per
     /// poll interval and hook process ends without a slot, so many postponed derivations
     /// do not add up. 0 turns it off.
-    pub slot_wait_ms: u64,
+    pub(crate) slot_wait_ms: u64,
     /// First back-off after a failure; doubled on each further consecutive failure.
     /// Hydra's queue runner waits 60 s (×3 per failure); a hook answers interactive users,
     /// so Ferry starts lower and relies on the single half-open probe to keep retries cheap.
-    pub backoff_base_secs: u64,
+    pub(crate) backoff_base_secs: u64,
     /// Longest back-off: a builder that was down for hours is retried at least this often.
-    pub backoff_cap_secs: u64,
+    pub(crate) backoff_cap_secs: u64,
     /// A builder last seen healthy longer ago than this is probed (in parallel with the
     /// others, within the probe budget) before it is chosen.
-    pub stale_after_secs: u64,
+    pub(crate) stale_after_secs: u64,
     /// Send builds to a healthy builder even when a local build slot is free (the stock
     /// hook's behaviour). `false` builds locally whenever the host can, and uses builders
     /// only for what it cannot build or when its slots are full (NixOS/nix#2589).
-    pub prefer_remote: bool,
+    pub(crate) prefer_remote: bool,
     /// The stock hook that builds on machines Ferry does not speak to (`ssh-ng://`, local
     /// stores): a command line split on whitespace, the verbosity appended. Unset: Debian's
     /// `/usr/libexec/nix/build-remote` if it exists, else the `build-remote` next to `nix`
     /// on PATH (Nix ≤ 2.9), else `nix __build-remote` (see `delegate.rs`).
-    pub stock_hook: Option<String>,
+    pub(crate) stock_hook: Option<String>,
     /// How the hook's own probes reach a builder. `openssh` (default): the probe is the
     /// first half of a build connection, and when the builder is up the build goes on over
     /// that same connection, so a first contact costs one SSH login, not two (measured on the
@@ -69,13 +69,13 @@ pub struct HookConfig {
     /// and logs in with the machine's key file, ssh-agent or `~/.ssh/id_*`. Builders that
     /// only work through `~/.ssh/config` (`Host` aliases, `Port`, `ProxyJump`,
     /// `IdentityFile`) or `NIX_SSHOPTS` need `openssh` here.
-    pub probe_transport: TransportKind,
+    pub(crate) probe_transport: TransportKind,
     /// How builds reach a builder. `openssh` (default): the `ssh` program, exactly as the
     /// stock hook runs it, so `~/.ssh/config`, `NIX_SSHOPTS` and agents work as users expect,
     /// with a ControlMaster per builder so later builds skip the handshakes. `russh`: the
     /// in-process client (see `probe-transport` for what it does not read). When both
     /// transports are the same, a probe's connection is kept for the build it precedes.
-    pub build_transport: TransportKind,
+    pub(crate) build_transport: TransportKind,
     /// How fetched outputs become valid in the local store while the daemon holds their
     /// locks (docs/hook-protocol.md §3.4). `auto` (default): `held-locks` when `nix-store
     /// --version` names Lix or a Nix older than 2.29, else `restore`. `held-locks`:
@@ -83,22 +83,22 @@ pub struct HookConfig {
     /// block on the daemon's lock). `restore`: `nix-store --restore` under a temporary name,
     /// rename into place, `nix-store --register-validity`, then a NAR hash check (every
     /// version; no signatures or `ca` are recorded).
-    pub import_method: ImportMethod,
+    pub(crate) import_method: ImportMethod,
 }
 
 /// How outputs are imported (see [`ferry_store::AnyImporter`]).
-pub use ferry_store::ImportMethod;
+pub(crate) use ferry_store::ImportMethod;
 
 /// An SSH transport (see [`crate::ssh`] and [`crate::russh`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum TransportKind {
+pub(crate) enum TransportKind {
     Openssh,
     Russh,
 }
 
 impl TransportKind {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             TransportKind::Openssh => "openssh",
             TransportKind::Russh => "russh",
@@ -126,7 +126,7 @@ impl Default for HookConfig {
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum ConfigError {
+pub(crate) enum ConfigError {
     #[error(transparent)]
     Load(#[from] ferry_nix::config::ConfigError),
     #[error("{path}: [build-hook] {key} = {value}: {problem}")]
@@ -144,17 +144,17 @@ const MAX_SLOT_WAIT_MS: u64 = 4000;
 
 /// The validated settings, as durations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tuning {
-    pub probe_timeout: Duration,
-    pub probe_grace: Duration,
-    pub slot_wait: Duration,
-    pub backoff_base: Duration,
-    pub backoff_cap: Duration,
-    pub stale_after: Duration,
-    pub prefer_remote: bool,
-    pub probe_transport: TransportKind,
-    pub build_transport: TransportKind,
-    pub import_method: ImportMethod,
+pub(crate) struct Tuning {
+    pub(crate) probe_timeout: Duration,
+    pub(crate) probe_grace: Duration,
+    pub(crate) slot_wait: Duration,
+    pub(crate) backoff_base: Duration,
+    pub(crate) backoff_cap: Duration,
+    pub(crate) stale_after: Duration,
+    pub(crate) prefer_remote: bool,
+    pub(crate) probe_transport: TransportKind,
+    pub(crate) build_transport: TransportKind,
+    pub(crate) import_method: ImportMethod,
 }
 
 impl Default for Tuning {
@@ -178,7 +178,7 @@ impl Default for Tuning {
 }
 
 impl HookConfig {
-    pub fn validate(&self, path: &str) -> Result<Tuning, ConfigError> {
+    pub(crate) fn validate(&self, path: &str) -> Result<Tuning, ConfigError> {
         let bad = |key, value, problem| ConfigError::Value {
             path: path.to_owned(),
             key,
@@ -235,12 +235,12 @@ impl HookConfig {
 }
 
 /// Loads and validates the section from `path` (a missing file gives the defaults).
-pub fn load(path: &std::path::Path) -> Result<Tuning, ConfigError> {
+pub(crate) fn load(path: &std::path::Path) -> Result<Tuning, ConfigError> {
     load_all(path).map(|(t, _)| t)
 }
 
 /// The tuning and the `stock-hook` command, if set.
-pub fn load_all(path: &std::path::Path) -> Result<(Tuning, Option<String>), ConfigError> {
+pub(crate) fn load_all(path: &std::path::Path) -> Result<(Tuning, Option<String>), ConfigError> {
     let raw: HookConfig = ferry_nix::config::load_section(path, "build-hook")?;
     let t = raw.validate(&path.display().to_string())?;
     Ok((t, raw.stock_hook.filter(|s| !s.trim().is_empty())))

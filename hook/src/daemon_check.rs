@@ -23,32 +23,32 @@ use std::path::{Path, PathBuf};
 
 /// Whether this Nix drops `build-hook` from the system nix.conf (see the module docs). Lix
 /// keeps reading it.
-pub fn ignores_build_hook_in_nix_conf(v: &NixVersion) -> bool {
+pub(crate) fn ignores_build_hook_in_nix_conf(v: &NixVersion) -> bool {
     !v.lix && (v.major, v.minor) >= (2, 25) && (v.major, v.minor) < (2, 34)
 }
 
 /// A `build-hook` value and where it was set.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Set {
-    pub value: String,
+pub(crate) struct Set {
+    pub(crate) value: String,
     /// `/etc/nix/nix.conf:12`, `NIX_CONFIG:1`, `the daemon's --option`.
-    pub at: String,
+    pub(crate) at: String,
 }
 
 /// What the daemon reads, layer by layer, in the order `loadConfFile` applies them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Layers {
+pub(crate) struct Layers {
     /// The daemon's Nix, if known.
-    pub version: Option<NixVersion>,
+    pub(crate) version: Option<NixVersion>,
     /// From `<conf dir>/nix.conf` and its includes.
-    pub system: Option<Set>,
+    pub(crate) system: Option<Set>,
     /// From the user files, `NIX_CONFIG` or `--option` (the last one applied wins).
-    pub later: Option<Set>,
+    pub(crate) later: Option<Set>,
 }
 
 /// The `build-hook` the daemon runs with.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Effective {
+pub(crate) enum Effective {
     /// This value, from this place.
     Set(Set),
     /// Nix's default (the stock hook); `ignored` is a nix.conf value the daemon dropped.
@@ -57,7 +57,7 @@ pub enum Effective {
 
 /// The rule: later layers win; the system nix.conf counts unless this version ignores it.
 /// An unknown version is taken to honour nix.conf (Nix before 2.25 and from 2.34 do).
-pub fn effective(l: &Layers) -> Effective {
+pub(crate) fn effective(l: &Layers) -> Effective {
     if let Some(s) = &l.later {
         return Effective::Set(s.clone());
     }
@@ -73,7 +73,7 @@ pub fn effective(l: &Layers) -> Effective {
 }
 
 /// Is `value` (a `build-hook` command line) this program? By path, else by file name.
-pub fn is_ferry(value: &str, this_exe: Option<&Path>) -> bool {
+pub(crate) fn is_ferry(value: &str, this_exe: Option<&Path>) -> bool {
     let Some(first) = value.split_whitespace().next() else {
         return false;
     };
@@ -88,26 +88,26 @@ pub fn is_ferry(value: &str, this_exe: Option<&Path>) -> bool {
 
 /// The outcome for people: one verdict line, then what to do when it is not Ferry.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Report {
-    pub in_effect: bool,
+pub(crate) struct Report {
+    pub(crate) in_effect: bool,
     /// A running daemon was found (through its socket): the verdict is about a real process,
     /// not only about the files it would read when started.
-    pub daemon_running: bool,
-    pub text: String,
+    pub(crate) daemon_running: bool,
+    pub(crate) text: String,
 }
 
 /// What the daemon process is, for the report.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DaemonInfo {
-    pub pid: Option<u32>,
+pub(crate) struct DaemonInfo {
+    pub(crate) pid: Option<u32>,
     /// The daemon's `NIX_CONFIG`, if any (the fix must keep it).
-    pub nix_config: Option<String>,
+    pub(crate) nix_config: Option<String>,
     /// Why the daemon's environment could not be read, if it could not.
-    pub unreadable: Option<String>,
+    pub(crate) unreadable: Option<String>,
 }
 
 /// Renders the verdict. `hook` is the value to recommend (this program's path).
-pub fn report(l: &Layers, d: &DaemonInfo, this_exe: Option<&Path>) -> Report {
+pub(crate) fn report(l: &Layers, d: &DaemonInfo, this_exe: Option<&Path>) -> Report {
     let hook = this_exe.map_or_else(
         || "/path/to/ferry-build-hook".to_owned(),
         |p| p.display().to_string(),
@@ -204,7 +204,7 @@ pub fn report(l: &Layers, d: &DaemonInfo, this_exe: Option<&Path>) -> Report {
 /// The inode of the listening Unix socket bound to `socket` in `/proc/net/unix` text
 /// (`Num RefCount Protocol Flags Type St Inode Path`; flag `0x10000` is `__SO_ACCEPTCON`,
 /// a listening socket).
-pub fn listening_inode(net_unix: &str, socket: &Path) -> Option<u64> {
+pub(crate) fn listening_inode(net_unix: &str, socket: &Path) -> Option<u64> {
     let want = socket.to_str()?;
     net_unix.lines().skip(1).find_map(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
@@ -222,7 +222,7 @@ pub fn listening_inode(net_unix: &str, socket: &Path) -> Option<u64> {
 /// machine (the test fleet has many) is not taken for this one. Not matching by mount
 /// namespace: the daemon unshares its own (Nix's `LocalStore` does so to remount the store
 /// writable), so it never equals its caller's.
-pub fn find_daemon(proc: &Path, socket: &Path) -> Option<u32> {
+pub(crate) fn find_daemon(proc: &Path, socket: &Path) -> Option<u32> {
     let inode = listening_inode(
         &std::fs::read_to_string(proc.join("net/unix")).ok()?,
         socket,
@@ -256,7 +256,7 @@ pub fn find_daemon(proc: &Path, socket: &Path) -> Option<u32> {
 }
 
 /// NUL-separated `KEY=value` pairs of `/proc/<pid>/environ`.
-pub fn parse_environ(bytes: &[u8]) -> Vec<(String, String)> {
+pub(crate) fn parse_environ(bytes: &[u8]) -> Vec<(String, String)> {
     bytes
         .split(|&b| b == 0)
         .filter_map(|kv| {
@@ -268,7 +268,7 @@ pub fn parse_environ(bytes: &[u8]) -> Vec<(String, String)> {
 }
 
 /// `--option build-hook VALUE` pairs of a NUL-separated command line (the last wins).
-pub fn option_from_cmdline(bytes: &[u8]) -> Option<String> {
+pub(crate) fn option_from_cmdline(bytes: &[u8]) -> Option<String> {
     let args: Vec<String> = bytes
         .split(|&b| b == 0)
         .map(|a| String::from_utf8_lossy(a).into_owned())
@@ -282,7 +282,7 @@ pub fn option_from_cmdline(bytes: &[u8]) -> Option<String> {
 /// The user configuration files Nix reads, most important first (`getUserConfigFiles`:
 /// `NIX_USER_CONF_FILES`, else `$XDG_CONFIG_HOME` or `~/.config`, then `$XDG_CONFIG_DIRS`
 /// or `/etc/xdg`, each with `/nix/nix.conf`).
-pub fn user_conf_files(env: &dyn Fn(&str) -> Option<String>) -> Vec<PathBuf> {
+pub(crate) fn user_conf_files(env: &dyn Fn(&str) -> Option<String>) -> Vec<PathBuf> {
     if let Some(files) = env("NIX_USER_CONF_FILES") {
         return files
             .split(':')
@@ -313,7 +313,7 @@ fn set_of(conf: &NixConf) -> Option<Set> {
 
 /// The layers from a daemon's environment and command line, reading its files through
 /// `fs`.
-pub fn layers_from(
+pub(crate) fn layers_from(
     version: Option<NixVersion>,
     environ: &[(String, String)],
     cmdline_option: Option<String>,
@@ -351,7 +351,7 @@ pub fn layers_from(
 
 /// Gathers the layers of the running daemon (or, without one, of this environment and the
 /// installed Nix) and renders the report.
-pub async fn inspect(proc: &Path, socket: &Path) -> Report {
+pub(crate) async fn inspect(proc: &Path, socket: &Path) -> Report {
     let this_exe = std::env::current_exe().ok();
     let pid = find_daemon(proc, socket);
     let mut info = DaemonInfo {

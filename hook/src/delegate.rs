@@ -26,11 +26,11 @@ use tokio::process::Command;
 
 /// Debian's stock hook for Nix 2.8–2.9 (a symlink to `nix`, which picks the legacy command
 /// from `argv[0]`).
-pub const DEBIAN_STOCK_HOOK: &str = "/usr/libexec/nix/build-remote";
+pub(crate) const DEBIAN_STOCK_HOOK: &str = "/usr/libexec/nix/build-remote";
 
 #[derive(Debug, Error)]
 #[non_exhaustive]
-pub enum DelegateError {
+pub(crate) enum DelegateError {
     #[error(
         "no stock hook to hand over to: {DEBIAN_STOCK_HOOK} does not exist and `nix` is not on PATH; set stock-hook in [build-hook]"
     )]
@@ -47,7 +47,7 @@ pub enum DelegateError {
 /// systems, ssh key, max jobs, speed factor, supported and mandatory features, host key;
 /// `-` for what is unset. A whole speed factor is written as an integer: 2.8 reads it with
 /// `stoull`.
-pub fn machine_line(m: &Machine) -> String {
+pub(crate) fn machine_line(m: &Machine) -> String {
     let list = |v: &mut dyn Iterator<Item = &String>| {
         let s: Vec<&str> = v.map(String::as_str).collect();
         if s.is_empty() {
@@ -78,7 +78,11 @@ pub fn machine_line(m: &Machine) -> String {
 
 /// What the stock hook reads first: the settings as the daemon sent them, with `builders`
 /// replaced (or added: Lix sends only overridden settings) by `machines`, then the `try`.
-pub fn replay(settings: &[(String, String)], machines: &[&Machine], t: &TryRequest) -> Vec<u8> {
+pub(crate) fn replay(
+    settings: &[(String, String)],
+    machines: &[&Machine],
+    t: &TryRequest,
+) -> Vec<u8> {
     let builders: Vec<String> = machines.iter().map(|m| machine_line(m)).collect();
     let builders = builders.join("\n");
     let mut pairs: Vec<(&str, &str)> = settings
@@ -104,7 +108,7 @@ pub fn replay(settings: &[(String, String)], machines: &[&Machine], t: &TryReque
 /// if set; else Debian's path if it exists; else, from `nix` on PATH, the `build-remote`
 /// next to its real location (`<prefix>/libexec/nix/build-remote`, Nix ≤ 2.9) or
 /// `nix __build-remote` (Nix ≥ 2.10). `exists` and `find_nix` are the file system.
-pub fn stock_hook_command(
+pub(crate) fn stock_hook_command(
     configured: Option<&str>,
     exists: impl Fn(&Path) -> bool,
     find_nix: impl Fn() -> Option<PathBuf>,
@@ -129,7 +133,7 @@ pub fn stock_hook_command(
 }
 
 /// `nix` on `PATH`, resolved through symlinks.
-pub fn find_nix_on_path() -> Option<PathBuf> {
+pub(crate) fn find_nix_on_path() -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|d| d.join("nix"))
@@ -141,7 +145,7 @@ pub fn find_nix_on_path() -> Option<PathBuf> {
 /// `prefix` then the rest of `stdin` on its stdin, stderr, stdout and fds 4 and 5
 /// inherited. Returns its exit status (128 + signal if it was killed). An error means it
 /// could not be started, and nothing was written to the daemon.
-pub async fn hand_over<R: AsyncRead + Unpin>(
+pub(crate) async fn hand_over<R: AsyncRead + Unpin>(
     command: &[String],
     verbosity: &str,
     prefix: Vec<u8>,

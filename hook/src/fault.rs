@@ -24,11 +24,11 @@ use ferry_nix::serve::ServeError;
 use std::time::Duration;
 
 /// Extra attempts after a transient failure, per hook process (so per derivation).
-pub const RETRIES: u32 = 3;
+pub(crate) const RETRIES: u32 = 3;
 
 /// How to handle a failure after the accept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
+pub(crate) enum Fault {
     /// Likely to pass within moments: try again after [`backoff`], on the same builder
     /// once, then on another. Not held against the builder's health.
     Transient(Transient),
@@ -41,7 +41,7 @@ pub enum Fault {
 
 /// Why a failure is taken as transient (for messages).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transient {
+pub(crate) enum Transient {
     DatabaseBusy,
     ConnectionReset,
     LoginThrottled,
@@ -49,7 +49,7 @@ pub enum Transient {
 }
 
 impl Transient {
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             Transient::DatabaseBusy => "the builder's Nix database was busy",
             Transient::ConnectionReset => "the connection was reset",
@@ -73,7 +73,7 @@ const PERMANENT: &[&str] = &[
 ];
 
 /// The transient cause named in an error text (the error and the remote stderr), if any.
-pub fn transient_in(text: &str) -> Option<Transient> {
+pub(crate) fn transient_in(text: &str) -> Option<Transient> {
     if PERMANENT.iter().any(|p| text.contains(p)) {
         return None;
     }
@@ -105,7 +105,7 @@ pub fn transient_in(text: &str) -> Option<Transient> {
 /// result's message, a handshake error's captured stderr) and in the kind of a socket error,
 /// never in Ferry's own wording: a write that fails with `EPIPE` only says the remote
 /// process is gone, for whatever reason.
-pub fn classify(e: &RemoteError, remote_stderr: &str) -> Fault {
+pub(crate) fn classify(e: &RemoteError, remote_stderr: &str) -> Fault {
     match e {
         // A remote build that ran and failed is the derivation's business, unless Nix on
         // the builder says it could not even record it (a busy database).
@@ -146,7 +146,7 @@ pub fn classify(e: &RemoteError, remote_stderr: &str) -> Fault {
 /// The pause before retry number `n` (1-based): 250 ms, doubled each time, at most 2 s.
 /// Long enough for a busy database's writer to finish or sshd to accept again, short
 /// against a build.
-pub fn backoff(n: u32) -> Duration {
+pub(crate) fn backoff(n: u32) -> Duration {
     Duration::from_millis(250u64.saturating_mul(1 << n.saturating_sub(1).min(3)))
         .min(Duration::from_secs(2))
 }

@@ -20,7 +20,7 @@ use std::fmt::Write as _;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum State {
+pub(crate) enum State {
     #[default]
     Unknown,
     Up,
@@ -28,7 +28,7 @@ pub enum State {
 }
 
 impl State {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             State::Unknown => "unknown",
             State::Up => "up",
@@ -38,42 +38,42 @@ impl State {
 }
 
 /// How many recent build durations are kept.
-pub const RECENT_BUILDS: usize = 8;
+pub(crate) const RECENT_BUILDS: usize = 8;
 /// Weight of a new sample in the moving averages of latency and transfer rate.
 const EWMA_ALPHA: f64 = 0.3;
 /// Longest back-off exponent (2^20 × base is far beyond any cap).
 const MAX_EXPONENT: u32 = 20;
 /// Transfers smaller than this measure round trips, not bandwidth.
-pub const MIN_RATE_BYTES: u64 = 256 * 1024;
+pub(crate) const MIN_RATE_BYTES: u64 = 256 * 1024;
 
 /// One builder's health, as stored in its state file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case")]
 pub struct Health {
-    pub store_uri: String,
-    pub state: State,
+    pub(crate) store_uri: String,
+    pub(crate) state: State,
     /// When `state` last changed.
-    pub since_ms: u64,
+    pub(crate) since_ms: u64,
     /// When the builder was last checked (probe, connect or build).
-    pub checked_ms: u64,
-    pub consecutive_failures: u32,
+    pub(crate) checked_ms: u64,
+    pub(crate) consecutive_failures: u32,
     /// While `down`: no hook tries the builder before this time.
-    pub backoff_until_ms: u64,
-    pub last_error: Option<String>,
-    pub last_error_ms: Option<u64>,
+    pub(crate) backoff_until_ms: u64,
+    pub(crate) last_error: Option<String>,
+    pub(crate) last_error_ms: Option<u64>,
     /// Moving average of the time to reach the builder (SSH and serve handshake).
-    pub latency_ms: Option<f64>,
+    pub(crate) latency_ms: Option<f64>,
     /// Moving average of copy throughput (to and from the builder), bytes per second.
-    pub transfer_rate: Option<f64>,
+    pub(crate) transfer_rate: Option<f64>,
     /// Durations of the most recent remote builds, oldest first, in seconds.
-    pub build_secs: Vec<f64>,
+    pub(crate) build_secs: Vec<f64>,
     /// Probes and connection attempts made so far (successful or not).
-    pub attempts: u64,
+    pub(crate) attempts: u64,
 }
 
 /// What a hook should do with a builder right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Recently seen up: select it (the connect before accept still checks it).
     Healthy,
     /// Unknown, stale, or at the end of its back-off: probe it first.
@@ -83,14 +83,14 @@ pub enum Verdict {
 }
 
 impl Health {
-    pub fn new(store_uri: &str) -> Self {
+    pub(crate) fn new(store_uri: &str) -> Self {
         Health {
             store_uri: store_uri.to_owned(),
             ..Health::default()
         }
     }
 
-    pub fn verdict(&self, now_ms: u64, t: &Tuning) -> Verdict {
+    pub(crate) fn verdict(&self, now_ms: u64, t: &Tuning) -> Verdict {
         match self.state {
             State::Unknown => Verdict::Probe,
             State::Up => {
@@ -128,7 +128,7 @@ impl Health {
 
     /// A probe, connection or copy failed for a reason on the builder's side. `jitter` in
     /// [0, 1) spreads the retries of many clients.
-    pub fn record_failure(&mut self, now_ms: u64, error: &str, t: &Tuning, jitter: f64) {
+    pub(crate) fn record_failure(&mut self, now_ms: u64, error: &str, t: &Tuning, jitter: f64) {
         self.set_state(State::Down, now_ms);
         self.checked_ms = now_ms;
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
@@ -141,7 +141,12 @@ impl Health {
 
     /// A remote build finished (successfully or with a build failure, which says nothing
     /// against the builder). `transfer` is bytes copied and the seconds it took.
-    pub fn record_build(&mut self, now_ms: u64, build_secs: f64, transfer: Option<(u64, f64)>) {
+    pub(crate) fn record_build(
+        &mut self,
+        now_ms: u64,
+        build_secs: f64,
+        transfer: Option<(u64, f64)>,
+    ) {
         self.set_state(State::Up, now_ms);
         self.checked_ms = now_ms;
         self.consecutive_failures = 0;
@@ -159,7 +164,7 @@ impl Health {
         }
     }
 
-    pub fn mean_build_secs(&self) -> Option<f64> {
+    pub(crate) fn mean_build_secs(&self) -> Option<f64> {
         if self.build_secs.is_empty() {
             None
         } else {
@@ -178,7 +183,7 @@ fn ewma(old: Option<f64>, sample: f64) -> f64 {
 /// Back-off after the `failures`-th consecutive failure: `base × 2^(failures−1)`, capped,
 /// then shortened by up to 20 % at random so clients that saw the same outage do not all
 /// come back at the same instant; the cap is never exceeded.
-pub fn backoff_ms(failures: u32, t: &Tuning, jitter: f64) -> u64 {
+pub(crate) fn backoff_ms(failures: u32, t: &Tuning, jitter: f64) -> u64 {
     let exp = failures.saturating_sub(1).min(MAX_EXPONENT);
     let base = t.backoff_base.as_millis() as u64;
     let cap = t.backoff_cap.as_millis() as u64;
@@ -189,7 +194,7 @@ pub fn backoff_ms(failures: u32, t: &Tuning, jitter: f64) -> u64 {
 
 /// A pseudo-random number in [0, 1) from the clock and the process id; good enough to
 /// spread retries (no cryptographic use).
-pub fn jitter() -> f64 {
+pub(crate) fn jitter() -> f64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -211,7 +216,7 @@ pub fn now_ms() -> u64 {
 }
 
 /// `14:03:05 UTC` for a time today-ish, `2025-11-03 14:03:05 UTC` otherwise.
-pub fn format_utc(ms: u64, now_ms: u64) -> String {
+pub(crate) fn format_utc(ms: u64, now_ms: u64) -> String {
     let secs = ms / 1000;
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (h, m, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
@@ -223,7 +228,7 @@ pub fn format_utc(ms: u64, now_ms: u64) -> String {
 }
 
 /// `42 s`, `3 min`, `2 h`.
-pub fn format_age(ms: u64) -> String {
+pub(crate) fn format_age(ms: u64) -> String {
     let s = ms / 1000;
     if s < 120 {
         format!("{s} s")
@@ -236,7 +241,7 @@ pub fn format_age(ms: u64) -> String {
 
 /// One line about a builder for humans: `down since 14:03:05 UTC (12 s ago, 3 failures,
 /// next try in 8 s): <error>`.
-pub fn describe(h: &Health, now_ms: u64) -> String {
+pub(crate) fn describe(h: &Health, now_ms: u64) -> String {
     let mut s = String::from(h.state.as_str());
     match h.state {
         State::Unknown => s.push_str(" (not reached yet)"),
@@ -275,18 +280,18 @@ pub fn describe(h: &Health, now_ms: u64) -> String {
 
 /// What the fast-fail message needs to know about the local host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LocalSituation {
+pub(crate) struct LocalSituation {
     /// `max-jobs` is 0: the daemon never builds locally.
-    pub max_jobs_zero: bool,
+    pub(crate) max_jobs_zero: bool,
     /// The local platform and features fit the derivation.
-    pub could_build: bool,
+    pub(crate) could_build: bool,
 }
 
 /// The message shown (as an `@nix` error) when a derivation can go nowhere: every builder
 /// that could take it is down and the host does not build locally. It names each builder
 /// with its state, since when and why, and says how to build locally instead — the seed
 /// incident's users had to find `--option max-jobs auto --option builders ""` by hand.
-pub fn render_no_builder(
+pub(crate) fn render_no_builder(
     drv: &str,
     system: &str,
     builders: &[Health],

@@ -39,7 +39,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 
 /// A held probe lock; released when dropped (or when the process dies).
 #[derive(Debug)]
-pub struct ProbeLock {
+pub(crate) struct ProbeLock {
     _file: File,
 }
 
@@ -50,7 +50,7 @@ pub struct HealthStore {
 
 /// The file name stem for a builder: readable prefix plus a hash, so long or odd URIs
 /// (query parameters) stay within name limits and never collide.
-pub fn key(store_uri: &str) -> String {
+pub(crate) fn key(store_uri: &str) -> String {
     let readable: String = store_uri
         .chars()
         .map(|c| {
@@ -80,13 +80,14 @@ impl HealthStore {
     }
 
     /// Opens the directory without creating it (for read-only commands).
-    pub fn at(ferry_state_dir: &Path) -> Self {
+    pub(crate) fn at(ferry_state_dir: &Path) -> Self {
         HealthStore {
             dir: ferry_state_dir.join("health"),
         }
     }
 
-    pub fn dir(&self) -> &Path {
+    #[cfg(test)]
+    fn dir(&self) -> &Path {
         &self.dir
     }
 
@@ -95,7 +96,7 @@ impl HealthStore {
     }
 
     /// The builder's state; `unknown` if there is none (or it cannot be read).
-    pub fn read(&self, uri: &str) -> Health {
+    pub(crate) fn read(&self, uri: &str) -> Health {
         std::fs::read(self.path(uri, "json"))
             .ok()
             .and_then(|b| serde_json::from_slice::<Health>(&b).ok())
@@ -150,7 +151,7 @@ impl HealthStore {
     }
 
     /// The probe lock, if nobody holds it.
-    pub fn try_probe_lock(&self, uri: &str) -> Result<Option<ProbeLock>, StoreError> {
+    pub(crate) fn try_probe_lock(&self, uri: &str) -> Result<Option<ProbeLock>, StoreError> {
         let f = self.open_lock(uri, "probe")?;
         match f.try_lock() {
             Ok(()) => Ok(Some(ProbeLock { _file: f })),
@@ -163,7 +164,7 @@ impl HealthStore {
     /// the lock and whether it had to wait (then the other hook's result is on disk).
     /// Polls rather than blocking a thread in `flock`, so a caller that stops waiting
     /// (its answer no longer needs this builder) leaves nothing behind.
-    pub async fn probe_lock(
+    pub(crate) async fn probe_lock(
         &self,
         uri: &str,
         wait: Duration,

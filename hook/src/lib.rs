@@ -16,19 +16,23 @@
 //! - [`delegate`]: hands a derivation for a non-`ssh://` builder (`ssh-ng://`, …) to the
 //!   stock hook, which then is this hook process.
 
+// Only main.rs, the tests and ferry-fuzz use this library: its documentation is about the
+// crate-private modules (`cargo doc --document-private-items`), which it links to.
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod cli;
-pub mod config;
-pub mod daemon_check;
-pub mod delegate;
-pub mod fault;
+pub(crate) mod config;
+pub(crate) mod daemon_check;
+pub(crate) mod delegate;
+pub(crate) mod fault;
 pub mod health;
 pub mod health_store;
-pub mod probe;
+pub(crate) mod probe;
 pub mod protocol;
-pub mod remote;
+pub(crate) mod remote;
 pub mod run;
-pub mod russh;
-pub mod select;
-pub mod siblings;
-pub mod slots;
-pub mod ssh;
+pub(crate) mod russh;
+pub(crate) mod select;
+pub(crate) mod siblings;
+pub(crate) mod slots;
+pub(crate) mod ssh;

@@ -26,17 +26,17 @@ use std::time::{Duration, Instant};
 
 /// Everything a probe needs; cheap to clone into tasks.
 #[derive(Debug, Clone)]
-pub struct Prober {
-    pub ssh: OpenSsh,
-    pub russh: Russh,
-    pub health: HealthStore,
-    pub tuning: Tuning,
+pub(crate) struct Prober {
+    pub(crate) ssh: OpenSsh,
+    pub(crate) russh: Russh,
+    pub(crate) health: HealthStore,
+    pub(crate) tuning: Tuning,
 }
 
 /// Why a builder could not be reached. Its text is what the builder's health records and
 /// what "cannot build on" messages show.
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
+pub(crate) enum ConnectError {
     /// SSH could not connect or log in.
     #[error(transparent)]
     Transport(#[from] SshError),
@@ -55,7 +55,7 @@ pub enum ConnectError {
 }
 
 /// What a probe found.
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Reached; the connection is ready for a build (`None` when another hook's fresh probe
     /// said the builder is up and this one did not connect itself).
     Up(Option<Box<Connection>>),
@@ -67,7 +67,7 @@ pub enum Outcome {
 
 /// Which probe to run.
 #[derive(Debug)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// Unknown or stale: wait (within the budget) for another hook probing it, then probe
     /// if its result is not there.
     Fresh,
@@ -76,21 +76,9 @@ pub enum Kind {
 }
 
 impl Prober {
-    /// Connects over the build transport and handshakes within `budget`. Returns the
-    /// connection and the time it took in milliseconds, or a one-line reason.
-    pub async fn connect(
-        &self,
-        m: &Machine,
-        budget: Duration,
-    ) -> Result<(Connection, f64), ConnectError> {
-        self.connect_via(self.tuning.build_transport, m, budget)
-            .await
-            .map(|(c, l, _)| (c, l))
-    }
-
     /// The transport for `m` when `via` is configured: russh defers to OpenSSH for builders
     /// the user's SSH configuration is about ([`Russh::defer_reason`]).
-    pub fn transport_for(&self, via: TransportKind, m: &Machine) -> TransportKind {
+    pub(crate) fn transport_for(&self, via: TransportKind, m: &Machine) -> TransportKind {
         match via {
             TransportKind::Russh if self.russh.defer_reason(m).is_some() => TransportKind::Openssh,
             v => v,
@@ -100,7 +88,7 @@ impl Prober {
     /// Connects over `via` and handshakes within `budget`. Returns the connection, the time
     /// it took and the transport it went over (russh falls back to OpenSSH when it fails
     /// where OpenSSH's configuration might succeed).
-    pub async fn connect_via(
+    pub(crate) async fn connect_via(
         &self,
         via: TransportKind,
         m: &Machine,
@@ -155,13 +143,13 @@ impl Prober {
         }
     }
 
-    pub fn record_up(&self, uri: &str, latency_ms: Option<f64>) {
+    pub(crate) fn record_up(&self, uri: &str, latency_ms: Option<f64>) {
         let _ = self
             .health
             .update(uri, |h| h.record_success(health::now_ms(), latency_ms));
     }
 
-    pub fn record_down(&self, uri: &str, reason: &str) {
+    pub(crate) fn record_down(&self, uri: &str, reason: &str) {
         let t = self.tuning;
         let _ = self.health.update(uri, |h| {
             h.record_failure(health::now_ms(), reason, &t, health::jitter())
@@ -170,7 +158,7 @@ impl Prober {
 
     /// Connects over the build transport within `budget` and records the result; on
     /// failure also stops the builder's SSH master (it may be stuck on a dead link).
-    pub async fn connect_recorded(
+    pub(crate) async fn connect_recorded(
         &self,
         m: &Machine,
         budget: Duration,
@@ -206,7 +194,7 @@ impl Prober {
     /// Probes over the probe transport within `budget` and records the result. Returns the
     /// connection when it can serve the build (same transport as builds), `None` when it was
     /// closed (the probe only recorded health).
-    pub async fn probe_recorded(
+    pub(crate) async fn probe_recorded(
         &self,
         m: &Machine,
         budget: Duration,
@@ -228,7 +216,7 @@ impl Prober {
     /// One probe, as described by `kind`, ending by `deadline`. `started` is set once this
     /// probe holds the builder's probe lock and is connecting (so a caller that stops
     /// waiting knows the builder's state is still being found out, and by it).
-    pub async fn probe(
+    pub(crate) async fn probe(
         &self,
         m: &Machine,
         kind: Kind,
@@ -280,7 +268,7 @@ impl Prober {
     /// as soon as the answer to the daemon no longer depends on them: when every probe has
     /// ended, or `probe-grace-ms` after the first builder answered. The probes still
     /// connecting then are listed in `unfinished` (stopped here; see [`hand_off`]).
-    pub async fn probe_all(
+    pub(crate) async fn probe_all(
         self: &Arc<Self>,
         machines: &[Machine],
         which: Vec<(usize, Kind)>,
@@ -290,7 +278,7 @@ impl Prober {
     }
 
     /// Probes `which` in parallel and waits for every probe to end (within the budget).
-    pub async fn probe_all_to_end(
+    pub(crate) async fn probe_all_to_end(
         self: &Arc<Self>,
         machines: &[Machine],
         which: Vec<(usize, Kind)>,
@@ -375,11 +363,11 @@ fn worth_waiting(best_up: f64, mut pending: impl Iterator<Item = f64>) -> bool {
 
 /// What [`Prober::probe_all`] found by the time it returned.
 #[derive(Default)]
-pub struct Round {
-    pub outcomes: Vec<(usize, Outcome)>,
+pub(crate) struct Round {
+    pub(crate) outcomes: Vec<(usize, Outcome)>,
     /// Builders whose probe (by this process) was still connecting: their state is still
     /// unknown, and nobody else is finding it out.
-    pub unfinished: Vec<usize>,
+    pub(crate) unfinished: Vec<usize>,
 }
 
 /// Finds out the state of `machines` in a detached `ferry-build-hook probe-detached`
@@ -391,7 +379,7 @@ pub struct Round {
 /// would be learnt and every later derivation would probe again. The detached process has
 /// its own process group and none of the daemon's pipes (stdin, stdout, stderr, the build
 /// log on fd 4), so the daemon neither waits for it nor kills it.
-pub fn hand_off(machines: &[&Machine]) {
+pub(crate) fn hand_off(machines: &[&Machine]) {
     if machines.is_empty() {
         return;
     }

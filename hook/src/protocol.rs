@@ -16,12 +16,12 @@ use tokio::io::AsyncRead;
 
 /// Bounds for what the daemon sends. Nix 2.8 sends 91 settings; values such as `builders`
 /// may inline a whole machines file, hence the generous string bound.
-pub const MAX_SETTINGS: usize = 4096;
-pub const MAX_SETTING_LEN: u64 = 1 << 20;
+pub(crate) const MAX_SETTINGS: usize = 4096;
+pub(crate) const MAX_SETTING_LEN: u64 = 1 << 20;
 /// Store paths are at most a few hundred bytes; a closure may hold many of them.
-pub const MAX_PATH_LEN: u64 = 4096;
-pub const MAX_PATHS: usize = 1 << 20;
-pub const MAX_FEATURES: usize = 1024;
+pub(crate) const MAX_PATH_LEN: u64 = 4096;
+pub(crate) const MAX_PATHS: usize = 1 << 20;
+pub(crate) const MAX_FEATURES: usize = 1024;
 
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -45,12 +45,10 @@ pub struct Verbosity(pub u8);
 
 impl Verbosity {
     pub const ERROR: Verbosity = Verbosity(0);
-    pub const WARN: Verbosity = Verbosity(1);
-    pub const NOTICE: Verbosity = Verbosity(2);
+    pub(crate) const WARN: Verbosity = Verbosity(1);
     pub const INFO: Verbosity = Verbosity(3);
-    pub const TALKATIVE: Verbosity = Verbosity(4);
-    pub const CHATTY: Verbosity = Verbosity(5);
-    pub const DEBUG: Verbosity = Verbosity(6);
+    pub(crate) const TALKATIVE: Verbosity = Verbosity(4);
+    pub(crate) const CHATTY: Verbosity = Verbosity(5);
 }
 
 /// Parses argv. Nix 2.8–2.9 run the hook as `[basename, verbosity]`; 2.10+ as
@@ -87,10 +85,10 @@ pub async fn read_settings<R: AsyncRead + Unpin>(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TryRequest {
     /// A local build slot is free (always false with `max-jobs = 0`).
-    pub am_willing: bool,
-    pub needed_system: String,
-    pub drv_path: String,
-    pub required_features: BTreeSet<String>,
+    pub(crate) am_willing: bool,
+    pub(crate) needed_system: String,
+    pub(crate) drv_path: String,
+    pub(crate) required_features: BTreeSet<String>,
 }
 
 /// What the daemon asks next.
@@ -137,9 +135,9 @@ pub async fn read_request<R: AsyncRead + Unpin>(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcceptedJob {
     /// The input closure (not the `.drv` itself).
-    pub inputs: BTreeSet<String>,
+    pub(crate) inputs: BTreeSet<String>,
     /// Output names that are not valid yet.
-    pub wanted_outputs: BTreeSet<String>,
+    pub(crate) wanted_outputs: BTreeSet<String>,
 }
 
 pub async fn read_accepted<R: AsyncRead + Unpin>(
@@ -183,12 +181,6 @@ impl Reply {
         }
     }
 }
-
-/// Activity types (`src/libutil/logging.hh` `ActivityType`).
-pub const ACT_COPY_PATHS: u64 = 103;
-pub const ACT_BUILD: u64 = 105;
-/// Result type `resBuildLogLine`.
-pub const RES_BUILD_LOG_LINE: u64 = 101;
 
 /// A field of a `start` or `result` message. Nix 2.8 accepts only unsigned integers and
 /// strings there (`handleJSONLogMessage` throws on anything else).
@@ -241,6 +233,11 @@ impl NixLog {
 mod tests {
     use super::*;
     use ferry_nix::wire::WireWriter;
+
+    /// Activity type `actBuild` (`src/libutil/logging.hh` `ActivityType`).
+    const ACT_BUILD: u64 = 105;
+    /// Result type `resBuildLogLine`.
+    const RES_BUILD_LOG_LINE: u64 = 101;
 
     fn block_on<F: std::future::Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()

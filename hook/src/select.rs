@@ -4,7 +4,7 @@
 //! Pure policy: it sees machines, what the derivation needs, what the local host can do and
 //! the load numbers the caller measured through the slot locks (`slots`), and returns a
 //! decision. No I/O, so a health-aware policy (remembering dead builders on disk, probing
-//! with deadlines, preferring local when builders are down) can replace [`StockPolicy`]
+//! with deadlines, preferring local when builders are down) can replace `StockPolicy`
 //! behind the [`Policy`] trait without touching the lock or transport code.
 
 use ferry_nix::machines::Machine;
@@ -12,28 +12,28 @@ use std::collections::BTreeSet;
 
 /// What the derivation in a `try` needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Need {
-    pub system: String,
-    pub required_features: BTreeSet<String>,
+pub(crate) struct Need {
+    pub(crate) system: String,
+    pub(crate) required_features: BTreeSet<String>,
     /// The daemon has a free local slot (`amWilling`).
-    pub am_willing: bool,
+    pub(crate) am_willing: bool,
 }
 
 /// What the local host can build, from the daemon's settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LocalCaps {
+pub(crate) struct LocalCaps {
     /// `system`.
-    pub system: String,
+    pub(crate) system: String,
     /// `extra-platforms`.
-    pub extra_platforms: BTreeSet<String>,
+    pub(crate) extra_platforms: BTreeSet<String>,
     /// `system-features`.
-    pub system_features: BTreeSet<String>,
+    pub(crate) system_features: BTreeSet<String>,
 }
 
 impl LocalCaps {
     /// `couldBuildLocally` without `amWilling`: right platform and every required feature
     /// present locally (2.8 `allSupportedLocally`).
-    pub fn could_build(&self, need: &Need) -> bool {
+    pub(crate) fn could_build(&self, need: &Need) -> bool {
         (need.system == self.system || self.extra_platforms.contains(&need.system))
             && need
                 .required_features
@@ -42,7 +42,7 @@ impl LocalCaps {
     }
 
     /// `canBuildLocally = amWilling && couldBuildLocally`.
-    pub fn can_build(&self, need: &Need) -> bool {
+    pub(crate) fn can_build(&self, need: &Need) -> bool {
         need.am_willing && self.could_build(need)
     }
 }
@@ -50,16 +50,16 @@ impl LocalCaps {
 /// A machine's load as measured through its slot locks: how many slots others hold, and the
 /// first free slot (whose lock the caller keeps while the decision is made).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Load {
+pub(crate) struct Load {
     /// Index into the machine list.
-    pub machine: usize,
-    pub load: u64,
-    pub free_slot: Option<u64>,
+    pub(crate) machine: usize,
+    pub(crate) load: u64,
+    pub(crate) free_slot: Option<u64>,
 }
 
 /// The outcome of one selection round.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Build on `machine` using `slot`.
     Use { machine: usize, slot: u64 },
     /// Every suitable machine is busy and the local host cannot take it: ask again later.
@@ -69,7 +69,7 @@ pub enum Decision {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeclineReason {
+pub(crate) enum DeclineReason {
     /// No machine of the right type (or all of them failed to connect).
     NoMachine,
     /// Suitable machines exist but are busy, and the local host can build it.
@@ -81,7 +81,7 @@ pub enum DeclineReason {
 /// A selection policy. `candidates` are the machines worth asking about (not excluded by a
 /// failed connect in this process); `loads` holds one entry per candidate that accepts the
 /// derivation.
-pub trait Policy {
+pub(crate) trait Policy {
     fn decide(
         &self,
         machines: &[Machine],
@@ -93,7 +93,11 @@ pub trait Policy {
 
 /// The indexes of machines that accept the derivation (system, supported and mandatory
 /// features) and are not in `excluded`.
-pub fn eligible(machines: &[Machine], need: &Need, excluded: &BTreeSet<usize>) -> Vec<usize> {
+pub(crate) fn eligible(
+    machines: &[Machine],
+    need: &Need,
+    excluded: &BTreeSet<usize>,
+) -> Vec<usize> {
     machines
         .iter()
         .enumerate()
@@ -103,10 +107,13 @@ pub fn eligible(machines: &[Machine], need: &Need, excluded: &BTreeSet<usize>) -
 }
 
 /// The stock hook's policy: least load per speed factor, ties to the faster machine, then to
-/// the less loaded one; postpone only when the local host cannot build.
+/// the less loaded one; postpone only when the local host cannot build. Ferry runs
+/// [`HealthPolicy`]; this one stays as the tests' reference for the stock behaviour.
+#[cfg(test)]
 #[derive(Debug, Clone, Copy, Default)]
-pub struct StockPolicy;
+pub(crate) struct StockPolicy;
 
+#[cfg(test)]
 impl Policy for StockPolicy {
     fn decide(
         &self,
@@ -164,6 +171,7 @@ fn best_free(
 
 /// `m` beats the current best `b` (2.8 `build-remote.cc`: lower load per speed, then higher
 /// speed, then lower load).
+#[cfg(test)]
 fn beats(load_m: u64, sf_m: f64, load_b: u64, sf_b: f64) -> bool {
     let (rm, rb) = (load_m as f64 / sf_m, load_b as f64 / sf_b);
     if rm != rb {
@@ -177,11 +185,11 @@ fn beats(load_m: u64, sf_m: f64, load_b: u64, sf_b: f64) -> bool {
 
 /// What Ferry measured about a builder (from its health state).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Speed {
+pub(crate) struct Speed {
     /// Time to reach the builder's Nix, ms.
-    pub latency_ms: Option<f64>,
+    pub(crate) latency_ms: Option<f64>,
     /// Copy throughput, bytes per second.
-    pub bytes_per_sec: Option<f64>,
+    pub(crate) bytes_per_sec: Option<f64>,
 }
 
 /// Ferry's policy. The caller passes only builders that are healthy (up, or just probed
@@ -191,10 +199,10 @@ pub struct Speed {
 /// speed — higher throughput, then lower latency — then the lower load. With
 /// `prefer_remote = false`, a free local slot wins over any builder.
 #[derive(Debug, Clone, Default)]
-pub struct HealthPolicy {
-    pub prefer_remote: bool,
+pub(crate) struct HealthPolicy {
+    pub(crate) prefer_remote: bool,
     /// Measurements by machine index; missing entries count as unmeasured.
-    pub speeds: std::collections::BTreeMap<usize, Speed>,
+    pub(crate) speeds: std::collections::BTreeMap<usize, Speed>,
 }
 
 impl Policy for HealthPolicy {

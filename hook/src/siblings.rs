@@ -17,7 +17,7 @@ use std::path::Path;
 
 /// The parent pid and command name from a `/proc/<pid>/stat` line (`pid (comm) state ppid …`;
 /// the name may contain spaces and parentheses, so it ends at the last `)`).
-pub fn parse_stat(line: &str) -> Option<(u32, &str)> {
+pub(crate) fn parse_stat(line: &str) -> Option<(u32, &str)> {
     let open = line.find('(')?;
     let close = line.rfind(')')?;
     let comm = line.get(open + 1..close)?;
@@ -30,7 +30,7 @@ pub fn parse_stat(line: &str) -> Option<(u32, &str)> {
 /// How many other processes of this program have the same parent as this one (under
 /// `proc`, normally `/proc`). 0 where `/proc` is missing (not Linux): then the hook
 /// postpones as the stock hook does.
-pub fn count_under(proc: &Path) -> usize {
+pub(crate) fn count_under(proc: &Path) -> usize {
     let me = std::process::id();
     let parent = std::os::unix::process::parent_id();
     let exe = std::env::current_exe().ok();
@@ -66,7 +66,7 @@ pub fn count_under(proc: &Path) -> usize {
 }
 
 /// [`count_under`] for `/proc`.
-pub fn count() -> usize {
+pub(crate) fn count() -> usize {
     count_under(Path::new("/proc"))
 }
 

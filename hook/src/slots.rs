@@ -38,11 +38,11 @@ use thiserror::Error;
 /// How long [`LoadDir::lock_main`] waits for `main-lock`. Hooks hold it while they measure
 /// loads (milliseconds, also for a hundred hooks in a queue); much longer means a stuck or
 /// hostile holder.
-pub const MAIN_LOCK_WAIT: Duration = Duration::from_secs(5);
+pub(crate) const MAIN_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Error)]
 #[non_exhaustive]
-pub enum SlotError {
+pub(crate) enum SlotError {
     #[error("creating the slot directory {path}: {source}")]
     CreateDir {
         path: PathBuf,
@@ -81,26 +81,29 @@ fn effective_uid() -> std::io::Result<u32> {
 
 /// A held lock; released when dropped.
 #[derive(Debug)]
-pub struct HeldLock {
+pub(crate) struct HeldLock {
     file: File,
+    /// Only the tests look where a lock is.
+    #[cfg(test)]
     path: PathBuf,
 }
 
 impl HeldLock {
-    pub fn path(&self) -> &Path {
+    #[cfg(test)]
+    fn path(&self) -> &Path {
         &self.path
     }
 
     /// Sets the lock file's mtime to now, as the stock hook does to a chosen slot
     /// (`futimens`): the mtime then says when the slot was last used.
-    pub fn touch(&self) {
+    pub(crate) fn touch(&self) {
         let _ = self.file.set_modified(SystemTime::now());
     }
 }
 
 /// `<stateDir>/current-load`.
 #[derive(Debug, Clone)]
-pub struct LoadDir {
+pub(crate) struct LoadDir {
     dir: PathBuf,
     /// The directory's owner: lock files must be owned by it.
     owner: u32,
@@ -108,7 +111,7 @@ pub struct LoadDir {
 
 impl LoadDir {
     /// Creates the directory if needed (0755), and checks it (module documentation).
-    pub fn open(state_dir: &Path) -> Result<Self, SlotError> {
+    pub(crate) fn open(state_dir: &Path) -> Result<Self, SlotError> {
         let dir = current_load_dir(state_dir);
         let created = std::fs::DirBuilder::new()
             .recursive(true)
@@ -149,7 +152,8 @@ impl LoadDir {
         })
     }
 
-    pub fn path(&self) -> &Path {
+    #[cfg(test)]
+    fn path(&self) -> &Path {
         &self.dir
     }
 
@@ -207,18 +211,24 @@ impl LoadDir {
 
     /// Takes `main-lock`, waiting at most [`MAIN_LOCK_WAIT`]: held while loads are measured
     /// and a slot is chosen, so two hooks never pick the same free slot.
-    pub fn lock_main(&self) -> Result<HeldLock, SlotError> {
+    pub(crate) fn lock_main(&self) -> Result<HeldLock, SlotError> {
         self.lock_main_within(MAIN_LOCK_WAIT)
     }
 
     /// [`lock_main`](Self::lock_main) with another bound.
-    pub fn lock_main_within(&self, max_wait: Duration) -> Result<HeldLock, SlotError> {
+    pub(crate) fn lock_main_within(&self, max_wait: Duration) -> Result<HeldLock, SlotError> {
         let (file, path) = self.open_file(MAIN_LOCK)?;
         let start = Instant::now();
         let mut pause = Duration::from_millis(1);
         loop {
             match file.try_lock() {
-                Ok(()) => return Ok(HeldLock { file, path }),
+                Ok(()) => {
+                    return Ok(HeldLock {
+                        file,
+                        #[cfg(test)]
+                        path,
+                    });
+                }
                 Err(TryLockError::WouldBlock) => {}
                 Err(TryLockError::Error(source)) => return Err(SlotError::Lock { path, source }),
             }
@@ -235,7 +245,7 @@ impl LoadDir {
 
     /// Measures `machines[index]`'s load: tries each slot lock without blocking; slots held
     /// elsewhere count as load, and the first free one is kept (locked) for the caller.
-    pub fn probe(
+    pub(crate) fn probe(
         &self,
         index: usize,
         machine: &Machine,
@@ -247,7 +257,14 @@ impl LoadDir {
             match file.try_lock() {
                 Ok(()) => {
                     if free.is_none() {
-                        free = Some((slot, HeldLock { file, path }));
+                        free = Some((
+                            slot,
+                            HeldLock {
+                                file,
+                                #[cfg(test)]
+                                path,
+                            },
+                        ));
                     }
                 }
                 Err(TryLockError::WouldBlock) => load += 1,
@@ -267,7 +284,7 @@ impl LoadDir {
     /// Takes the machine's upload lock, waiting at most `max_wait` (the stock hook's alarm is
     /// 15 minutes). `None` after the wait: the caller goes on without it, as the stock hook
     /// does ("somebody is hogging the upload lock").
-    pub fn upload_lock(
+    pub(crate) fn upload_lock(
         &self,
         machine: &Machine,
         max_wait: Duration,
@@ -276,7 +293,13 @@ impl LoadDir {
         let start = Instant::now();
         loop {
             match file.try_lock() {
-                Ok(()) => return Ok(Some(HeldLock { file, path })),
+                Ok(()) => {
+                    return Ok(Some(HeldLock {
+                        file,
+                        #[cfg(test)]
+                        path,
+                    }));
+                }
                 Err(TryLockError::WouldBlock) => {}
                 Err(TryLockError::Error(source)) => {
                     return Err(SlotError::Lock { path, source });

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 #[derive(Debug, Error)]
 #[non_exhaustive]
-pub enum SshError {
+pub(crate) enum SshError {
     #[error("'{uri}' is not an ssh:// store URI with a host")]
     NoHost { uri: String },
     #[error("preparing {path}: {source}")]
@@ -43,21 +43,21 @@ pub enum SshError {
 
 /// A running remote command: its stdin and stdout carry the serve protocol, its stderr is
 /// the remote log.
-pub struct Session {
-    pub writer: Box<dyn AsyncWrite + Send + Unpin>,
-    pub reader: Box<dyn AsyncRead + Send + Unpin>,
-    pub log: LogTap,
+pub(crate) struct Session {
+    pub(crate) writer: Box<dyn AsyncWrite + Send + Unpin>,
+    pub(crate) reader: Box<dyn AsyncRead + Send + Unpin>,
+    pub(crate) log: LogTap,
     child: Option<Child>,
     finisher: Option<Finisher>,
 }
 
 /// How an in-process transport ends its session (see [`ProcessGuard::finish`]); dropping it
 /// instead tears the session down at once.
-pub type Finisher = Pin<Box<dyn Future<Output = ()> + Send>>;
+pub(crate) type Finisher = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl Session {
     /// Builds a session from raw parts (tests, other transports).
-    pub fn from_parts(
+    pub(crate) fn from_parts(
         writer: Box<dyn AsyncWrite + Send + Unpin>,
         reader: Box<dyn AsyncRead + Send + Unpin>,
         log: LogTap,
@@ -73,7 +73,7 @@ impl Session {
 
     /// A session of an in-process transport: `finish` is awaited when the serve client is
     /// done (after its writer was dropped).
-    pub fn with_finisher(
+    pub(crate) fn with_finisher(
         writer: Box<dyn AsyncWrite + Send + Unpin>,
         reader: Box<dyn AsyncRead + Send + Unpin>,
         log: LogTap,
@@ -86,7 +86,7 @@ impl Session {
     }
 
     /// Splits the session; the guard owns the transport process.
-    pub fn into_parts(
+    pub(crate) fn into_parts(
         self,
     ) -> (
         Box<dyn AsyncWrite + Send + Unpin>,
@@ -105,12 +105,12 @@ impl Session {
 
 /// The transport process of a session (killed if dropped while running), or the end of an
 /// in-process session.
-pub struct ProcessGuard(Option<Child>, Option<Finisher>);
+pub(crate) struct ProcessGuard(Option<Child>, Option<Finisher>);
 
 impl ProcessGuard {
     /// Waits briefly for the transport process to exit after its stdin was closed (the
     /// serve loop ends on EOF); kills it if it lingers.
-    pub async fn finish(mut self) {
+    pub(crate) async fn finish(mut self) {
         if let Some(f) = self.1.take() {
             f.await;
         }
@@ -127,18 +127,18 @@ impl ProcessGuard {
 /// The remote command's stderr, read by a background task into a channel: before the hook
 /// accepts, it is kept to explain a failed handshake (`nix-store: command not found`); after,
 /// it is forwarded to the build log on fd 4.
-pub struct LogTap {
+pub(crate) struct LogTap {
     rx: mpsc::UnboundedReceiver<Vec<u8>>,
 }
 
 impl LogTap {
     /// A tap fed by hand, chunk by chunk; it ends when the sender is dropped.
-    pub fn pair() -> (mpsc::UnboundedSender<Vec<u8>>, Self) {
+    pub(crate) fn pair() -> (mpsc::UnboundedSender<Vec<u8>>, Self) {
         let (tx, rx) = mpsc::unbounded_channel();
         (tx, LogTap { rx })
     }
 
-    pub fn spawn<R: AsyncRead + Send + Unpin + 'static>(mut r: R) -> Self {
+    pub(crate) fn spawn<R: AsyncRead + Send + Unpin + 'static>(mut r: R) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 16 * 1024];
@@ -157,7 +157,7 @@ impl LogTap {
     }
 
     /// Everything that arrives within `wait` (or until the stream ends), as text.
-    pub async fn collect(&mut self, wait: Duration) -> String {
+    pub(crate) async fn collect(&mut self, wait: Duration) -> String {
         let mut out = Vec::new();
         let deadline = tokio::time::Instant::now() + wait;
         while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
@@ -170,19 +170,19 @@ impl LogTap {
     }
 
     /// The next chunk, `None` at the end of the stream.
-    pub async fn next(&mut self) -> Option<Vec<u8>> {
+    pub(crate) async fn next(&mut self) -> Option<Vec<u8>> {
         self.rx.recv().await
     }
 }
 
 /// A way to reach a builder's serve process.
-pub trait Transport {
+pub(crate) trait Transport {
     fn connect(&self, machine: &Machine) -> impl Future<Output = Result<Session, SshError>> + Send;
 }
 
 /// `shellEscape` of Nix: single quotes around `s`, each `'` in it written `'\''`
 /// (<https://github.com/NixOS/nix/blob/2.8.0/src/libutil/util.cc>).
-pub fn shell_escape(s: &str) -> String {
+pub(crate) fn shell_escape(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
@@ -192,7 +192,7 @@ pub fn shell_escape(s: &str) -> String {
 /// does (`" --store " + shellEscape(remoteStore)`,
 /// <https://github.com/NixOS/nix/blob/2.8.0/src/libstore/legacy-ssh-store.cc>);
 /// `remote-program` is not, also as in Nix: it may carry arguments of its own.
-pub fn remote_command(machine: &Machine) -> Vec<String> {
+pub(crate) fn remote_command(machine: &Machine) -> Vec<String> {
     let uri = machine.uri();
     let program = uri.param_set("remote-program").unwrap_or("nix-store");
     let mut cmd = vec![program.to_owned(), "--serve".into(), "--write".into()];
@@ -205,23 +205,23 @@ pub fn remote_command(machine: &Machine) -> Vec<String> {
 
 /// The OpenSSH client with a shared ControlMaster per builder.
 #[derive(Debug, Clone)]
-pub struct OpenSsh {
+pub(crate) struct OpenSsh {
     /// The `ssh` program.
-    pub program: String,
+    pub(crate) program: String,
     /// Words of `NIX_SSHOPTS` (split on whitespace, as Nix does).
-    pub extra_opts: Vec<String>,
+    pub(crate) extra_opts: Vec<String>,
     /// Where control sockets, their locks and known_hosts files live.
-    pub control_dir: PathBuf,
+    pub(crate) control_dir: PathBuf,
     /// How long an idle master stays up.
-    pub persist: Duration,
+    pub(crate) persist: Duration,
     /// `ConnectTimeout` for new connections (whole seconds, rounded up): a backstop behind
     /// the hook's own deadline, so an abandoned attempt does not linger for the kernel's
     /// TCP time-out. `NIX_SSHOPTS` comes first and wins (ssh keeps the first value).
-    pub connect_timeout: Option<Duration>,
+    pub(crate) connect_timeout: Option<Duration>,
 }
 
 impl OpenSsh {
-    pub fn new(control_dir: PathBuf, nix_sshopts: Option<&str>) -> Self {
+    pub(crate) fn new(control_dir: PathBuf, nix_sshopts: Option<&str>) -> Self {
         OpenSsh {
             program: "ssh".to_owned(),
             extra_opts: nix_sshopts
@@ -483,7 +483,7 @@ impl OpenSsh {
 
     /// Stops the builder's master, if any: after a failure its TCP connection may be
     /// stuck on a dead link, and later sessions through it would hang too.
-    pub async fn drop_master(&self, machine: &Machine) {
+    pub(crate) async fn drop_master(&self, machine: &Machine) {
         let Some(host) = machine.host() else { return };
         let key = self.key(machine, host);
         let sock = self.socket(&key);
@@ -632,191 +632,4 @@ impl Transport for OpenSsh {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use ferry_nix::machines::parse_builders_setting;
-
-    fn machine(spec: &str) -> Machine {
-        parse_builders_setting(spec, "x86_64-linux")
-            .expect("machine")
-            .remove(0)
-    }
-
-    #[test]
-    fn remote_command_honours_store_parameters() {
-        assert_eq!(
-            remote_command(&machine("ssh://h")),
-            ["nix-store", "--serve", "--write"]
-        );
-        assert_eq!(
-            remote_command(&machine(
-                "ssh://h?remote-store=/tmp/s&remote-program=/opt/bin/nix-store"
-            )),
-            [
-                "/opt/bin/nix-store",
-                "--serve",
-                "--write",
-                "--store",
-                "'/tmp/s'"
-            ]
-        );
-    }
-
-    /// Issue 12 item 10: `remote-store` reaches the remote shell as one word, whatever it
-    /// holds; before, `…?remote-store=$(touch${IFS}/tmp/x)` ran `touch` on the builder.
-    #[test]
-    fn remote_store_is_shell_escaped() {
-        let cmd = remote_command(&machine("ssh://h?remote-store=/s$(touch${IFS}/tmp/x)'y"));
-        assert_eq!(cmd[3..], ["--store", r"'/s$(touch${IFS}/tmp/x)'\''y'"]);
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!("printf '%s\\n' {}", cmd[4]))
-            .output()
-            .expect("sh");
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout),
-            "/s$(touch${IFS}/tmp/x)'y\n"
-        );
-    }
-
-    /// Issue 12 item 10: every ssh command line has `--` before the host, so a machines
-    /// entry `ssh://-oProxyCommand=…` is a (bad) host name and not an option that runs a
-    /// command as the daemon's user.
-    #[tokio::test]
-    async fn the_host_follows_a_double_dash() {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let log = tmp.path().join("args");
-        let fake = tmp.path().join("ssh");
-        std::fs::write(
-            &fake,
-            format!(
-                "#!/bin/sh\nfor a in \"$@\"; do echo \"$a\" >> {}; done\necho END >> {}\nexit 255\n",
-                log.display(),
-                log.display()
-            ),
-        )
-        .expect("fake ssh");
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .expect("chmod");
-        let mut ssh = OpenSsh::new(tmp.path().join("ctl"), None);
-        ssh.program = fake.display().to_string();
-        let m = machine("ssh://-oProxyCommand=touch${IFS}pwned");
-        let _ = ssh.connect(&m).await;
-        ssh.drop_master(&m).await;
-        let text = std::fs::read_to_string(&log).expect("ssh was run");
-        let runs: Vec<Vec<&str>> = text
-            .split("END\n")
-            .filter(|r| !r.is_empty())
-            .map(|r| r.lines().collect())
-            .collect();
-        assert!(!runs.is_empty());
-        for args in runs {
-            let at = args
-                .iter()
-                .position(|a| *a == "-oProxyCommand=touch${IFS}pwned")
-                .expect("the host");
-            assert_eq!(args.get(at.wrapping_sub(1)), Some(&"--"), "{args:?}");
-        }
-    }
-
-    #[test]
-    fn failures_are_described_in_one_line() {
-        assert_eq!(
-            describe_failure(
-                "Warning: Permanently added 'h' to the list of known hosts.\n\
-                 root@h: Permission denied (publickey).",
-                Some(255)
-            ),
-            "root@h: Permission denied (publickey)."
-        );
-        assert_eq!(
-            describe_failure("", Some(255)),
-            "ssh exited with status 255"
-        );
-    }
-
-    #[test]
-    fn aes_gcm_goes_first_only_when_offered() {
-        assert_eq!(
-            aes_gcm_first(
-                "chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr,\
-                 aes128-gcm@openssh.com,aes256-gcm@openssh.com"
-            )
-            .as_deref(),
-            Some(
-                "aes128-gcm@openssh.com,aes256-gcm@openssh.com,\
-                 chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr"
-            )
-        );
-        assert_eq!(
-            aes_gcm_first("chacha20-poly1305@openssh.com,aes128-ctr"),
-            None
-        );
-        assert_eq!(
-            ciphers_line(b"user root\nciphers a,b\nmacs c\n").as_deref(),
-            Some("a,b")
-        );
-        assert_eq!(ciphers_line(b"user root\n"), None);
-        let words = |s: &str| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
-        assert!(opts_choose_ciphers(&words("-p 22 -c aes256-ctr")));
-        assert!(opts_choose_ciphers(&words("-oCiphers=aes256-ctr")));
-        assert!(opts_choose_ciphers(&words("-o Ciphers=aes256-ctr")));
-        assert!(!opts_choose_ciphers(&words("-p 22 -oCompression=yes")));
-    }
-
-    /// A `Ciphers` line in the user's configuration is kept: no preference is added.
-    #[test]
-    fn configured_ciphers_are_kept() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("rt");
-        let tmp = tempfile::tempdir().expect("tmp");
-        let conf = tmp.path().join("config");
-        std::fs::write(&conf, "Host *\n  Ciphers aes256-ctr\n").expect("config");
-        let ssh = OpenSsh::new(tmp.path().to_owned(), None);
-        let common = ["-F".to_owned(), conf.display().to_string()];
-        assert_eq!(rt.block_on(ssh.cipher_preference("h", &common)), None);
-        let plain = rt.block_on(ssh.cipher_preference("h", &[]));
-        if aes_in_hardware() {
-            let p = plain.expect("a preference");
-            assert!(p.starts_with("-oCiphers=aes128-gcm@openssh.com,"), "{p}");
-        } else {
-            assert_eq!(plain, None);
-        }
-        let forced = OpenSsh::new(tmp.path().to_owned(), Some("-c aes256-ctr"));
-        assert_eq!(rt.block_on(forced.cipher_preference("h", &[])), None);
-    }
-
-    #[test]
-    fn control_names_are_short_and_depend_on_credentials() {
-        let ssh = OpenSsh::new(PathBuf::from("/nix/var/nix/ferry/ssh"), Some("-p 22"));
-        assert_eq!(ssh.extra_opts, ["-p", "22"]);
-        let a = ssh.key(&machine("ssh://root@h"), "root@h");
-        let b = ssh.key(&machine("ssh://root@h - /k"), "root@h");
-        assert_eq!(a.len(), 20);
-        assert_ne!(a, b);
-        assert!(ssh.socket(&a).as_os_str().len() < 100);
-    }
-
-    #[test]
-    fn a_missing_ssh_program_is_named() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("rt");
-        let tmp = tempfile::tempdir().expect("tmp");
-        let mut ssh = OpenSsh::new(tmp.path().to_owned(), None);
-        ssh.program = "/nonexistent/ssh".into();
-        let e = rt
-            .block_on(ssh.connect(&machine("ssh://h")))
-            .err()
-            .expect("no ssh");
-        assert!(e.to_string().contains("/nonexistent/ssh"), "{e}");
-        let e = rt
-            .block_on(ssh.connect(&machine("ssh-ng://h")))
-            .err()
-            .expect("not ssh://");
-        assert!(e.to_string().contains("ssh-ng://h"), "{e}");
-    }
-}
+mod tests;

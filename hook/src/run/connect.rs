@@ -35,14 +35,14 @@ pub(super) async fn again(ctx: &Ctx<'_>, b: Builder<'_>) -> Result<Connection, C
 
 /// Where failover after the accept may go.
 pub(super) struct Failover<'m, 'd> {
-    pub load_dir: Option<&'d LoadDir>,
-    pub machines: &'m [Machine],
-    pub need: &'d Need,
+    pub(crate) load_dir: Option<&'d LoadDir>,
+    pub(crate) machines: &'m [Machine],
+    pub(crate) need: &'d Need,
     /// The builders that can take the derivation (system, features), whatever their health.
-    pub candidates: &'d Builders<'m>,
+    pub(crate) candidates: &'d Builders<'m>,
     /// Builders that failed this derivation (their failure is also recorded in their
     /// health, but that may not be writable).
-    pub failed: BTreeSet<usize>,
+    pub(crate) failed: BTreeSet<usize>,
 }
 
 impl<'m> Failover<'m, '_> {
@@ -50,7 +50,7 @@ impl<'m> Failover<'m, '_> {
     /// that fit and are not known to be down now: healthy ones, and those whose state is
     /// still unknown (the answer to the daemon did not wait for their probe), which get
     /// connected to within the probe budget like a probe.
-    pub async fn next(
+    pub(crate) async fn next(
         &mut self,
         ctx: &Ctx<'_>,
     ) -> Option<(Connection, Builder<'m>, Option<HeldLock>)> {

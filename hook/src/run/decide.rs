@@ -22,8 +22,8 @@ use std::time::Instant;
 /// policy, the probes and the health measurements use) and the machine.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Builder<'m> {
-    pub index: usize,
-    pub machine: &'m Machine,
+    pub(crate) index: usize,
+    pub(crate) machine: &'m Machine,
 }
 
 /// Builders by their place in the machines list (so in the order of that list).
@@ -41,21 +41,21 @@ fn fitting<'m>(machines: &'m [Machine], need: &Need, excluded: &BTreeSet<usize>)
 
 /// What one `try` needs, and the builders that can take it (system, features).
 pub(super) struct Fit<'m> {
-    pub machines: &'m [Machine],
-    pub right_type: Builders<'m>,
-    pub need: Need,
-    pub local: LocalCaps,
+    pub(crate) machines: &'m [Machine],
+    pub(crate) right_type: Builders<'m>,
+    pub(crate) need: Need,
+    pub(crate) local: LocalCaps,
 }
 
 /// The builder chosen for a build, and what failover after the accept needs.
 pub(super) struct Chosen<'m> {
-    pub conn: Connection,
-    pub builder: Builder<'m>,
-    pub slot: Option<HeldLock>,
-    pub machines: &'m [Machine],
-    pub need: Need,
+    pub(crate) conn: Connection,
+    pub(crate) builder: Builder<'m>,
+    pub(crate) slot: Option<HeldLock>,
+    pub(crate) machines: &'m [Machine],
+    pub(crate) need: Need,
     /// The builders that can take the derivation (system, features), whatever their health.
-    pub candidates: Builders<'m>,
+    pub(crate) candidates: Builders<'m>,
 }
 
 pub(super) enum Answered<'m> {
@@ -135,7 +135,7 @@ pub(super) enum Picked<'m> {
 }
 
 impl Picked<'_> {
-    pub fn is_postpone(&self) -> bool {
+    pub(crate) fn is_postpone(&self) -> bool {
         matches!(self, Picked::Postpone)
     }
 }

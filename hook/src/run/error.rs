@@ -12,7 +12,7 @@ use thiserror::Error;
 
 /// An error that ends the handling of one `try` (before a reply) or of the hook process.
 #[derive(Debug, Error)]
-pub enum HookError {
+pub(crate) enum HookError {
     /// The command line, the settings stream, a request or what follows the accept.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
@@ -45,7 +45,7 @@ impl HookError {
     /// declines the derivation (`None`): the daemon can still build it elsewhere. A broken
     /// stream, or any failure after the accept, ends the process with the status the daemon
     /// maps to the build's result (docs/hook-protocol.md §1.8).
-    pub fn exit_status(&self) -> Option<i32> {
+    pub(crate) fn exit_status(&self) -> Option<i32> {
         match self {
             HookError::Machines(_) | HookError::Slots(_) | HookError::Delegate { .. } => None,
             HookError::Protocol(_) | HookError::Local(_) => Some(1),
@@ -55,7 +55,7 @@ impl HookError {
 
     /// Says what went wrong (one `@nix` error message, shown to the client), replies
     /// `# decline` if the hook keeps answering, and returns [`exit_status`](Self::exit_status).
-    pub fn report(&self, logger: &Logger) -> Option<i32> {
+    pub(crate) fn report(&self, logger: &Logger) -> Option<i32> {
         logger.log(Verbosity::ERROR, format!("ferry-build-hook: {self}"));
         let status = self.exit_status();
         if status.is_none() {

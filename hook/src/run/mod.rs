@@ -22,7 +22,7 @@ mod error;
 mod probing;
 mod transfer;
 
-pub use error::HookError;
+pub(crate) use error::HookError;
 
 use crate::config::{self, Tuning};
 use crate::delegate;
@@ -48,18 +48,18 @@ use tokio::io::AsyncRead;
 #[derive(Debug, Clone)]
 pub struct Env {
     /// `$NIX_CONF_DIR`, default `/etc/nix`.
-    pub conf_dir: PathBuf,
+    pub(crate) conf_dir: PathBuf,
     /// Nix's state directory (`$NIX_STATE_DIR`, default `/nix/var/nix`): slot locks live in
     /// its `current-load`, shared with stock hooks.
-    pub nix_state_dir: PathBuf,
+    pub(crate) nix_state_dir: PathBuf,
     /// Ferry's own state (`$FERRY_STATE_DIR`, default `<nix state dir>/ferry`).
-    pub ferry_state_dir: PathBuf,
+    pub(crate) ferry_state_dir: PathBuf,
     /// `$NIX_SSHOPTS`.
-    pub nix_sshopts: Option<String>,
+    pub(crate) nix_sshopts: Option<String>,
     /// The build log: fd 4, opened as `/dev/fd/4`.
-    pub build_log: PathBuf,
+    pub(crate) build_log: PathBuf,
     /// Ferry's configuration file (`FERRY_CONFIG`, default `/etc/ferry/ferry.toml`).
-    pub config_path: PathBuf,
+    pub(crate) config_path: PathBuf,
 }
 
 impl Env {
@@ -109,14 +109,14 @@ impl Logger {
     }
 
     /// Writes a reply or a rendered message as one write.
-    pub fn raw(&self, text: &str) {
+    pub(crate) fn raw(&self, text: &str) {
         if let Ok(mut out) = self.out.lock() {
             let _ = out.write_all(text.as_bytes());
             let _ = out.flush();
         }
     }
 
-    pub fn reply(&self, r: &Reply) {
+    pub(crate) fn reply(&self, r: &Reply) {
         self.raw(&r.render());
     }
 }
@@ -128,20 +128,20 @@ impl Progress for Logger {
 }
 
 /// The settings the hook uses, read once from nix.conf plus the stream.
-pub struct Settings {
-    pub conf: NixConf,
+pub(crate) struct Settings {
+    pub(crate) conf: NixConf,
 }
 
 impl Settings {
     /// nix.conf from `NIX_CONF_DIR` (for the commands run outside the daemon).
-    pub fn load(env: &Env) -> Result<Settings, ferry_nix::nixconf::NixConfError> {
+    pub(crate) fn load(env: &Env) -> Result<Settings, ferry_nix::nixconf::NixConfError> {
         Ok(Settings {
             conf: NixConf::load_system(&env.conf_dir, &RealFs)?,
         })
     }
 
     /// The machines of the `builders` setting.
-    pub fn machines(&self) -> Result<Vec<Machine>, ferry_nix::machines::MachinesError> {
+    pub(crate) fn machines(&self) -> Result<Vec<Machine>, ferry_nix::machines::MachinesError> {
         parse_builders_setting(self.conf.get("builders").unwrap_or(""), &self.this_system())
     }
 
@@ -151,7 +151,7 @@ impl Settings {
         self.conf.get_max_jobs(cpus).ok().flatten() == Some(0)
     }
 
-    pub fn this_system(&self) -> String {
+    pub(crate) fn this_system(&self) -> String {
         self.conf
             .get("system")
             .filter(|s| !s.is_empty())
@@ -159,7 +159,7 @@ impl Settings {
             .unwrap_or_else(|| format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS))
     }
 
-    pub fn local_caps(&self) -> LocalCaps {
+    pub(crate) fn local_caps(&self) -> LocalCaps {
         let set = |k: &str| -> BTreeSet<String> {
             self.conf
                 .get_set(k)
@@ -345,7 +345,7 @@ async fn handle<R: AsyncRead + Unpin>(
 }
 
 /// The transport and health store from the environment and configuration.
-pub fn prober(env: &Env, tuning: Tuning) -> Prober {
+pub(crate) fn prober(env: &Env, tuning: Tuning) -> Prober {
     let mut ssh = OpenSsh::new(env.ferry_state_dir.join("ssh"), env.nix_sshopts.as_deref());
     ssh.connect_timeout = Some(tuning.probe_timeout);
     // Without a writable state directory health is not remembered, but builds still work.

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 /// Which of the fitting builders are known healthy, and the connections their probes
 /// opened (reused for the build).
 pub(super) struct Known<'m> {
-    pub healthy: Builders<'m>,
-    pub probed: BTreeMap<usize, Box<Connection>>,
+    pub(crate) healthy: Builders<'m>,
+    pub(crate) probed: BTreeMap<usize, Box<Connection>>,
 }
 
 impl<'m> Known<'m> {
@@ -108,7 +108,7 @@ pub(super) async fn classify_and_probe<'m>(
 pub(super) struct WaitPlan {
     until: Instant,
     /// Also wait for a slot of a healthy builder to free, not only for the probes.
-    pub for_slots: bool,
+    pub(crate) for_slots: bool,
 }
 
 /// Whether, and how long, to wait before telling the daemon that every builder is busy.

@@ -10,14 +10,14 @@ use std::path::{Path, PathBuf};
 /// `user@host[:port]` of an `ssh://` URI. The user defaults to the hook's own user, as with
 /// `ssh`; the port to 22. `[v6addr]:port` and bare `v6addr` are accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    pub user: String,
-    pub host: String,
-    pub port: u16,
+pub(crate) struct Target {
+    pub(crate) user: String,
+    pub(crate) host: String,
+    pub(crate) port: u16,
 }
 
 impl Target {
-    pub fn parse(spec: &str, default_user: &str) -> Result<Target, RusshError> {
+    pub(crate) fn parse(spec: &str, default_user: &str) -> Result<Target, RusshError> {
         let (user, rest) = match spec.rsplit_once('@') {
             Some((u, r)) if !u.is_empty() => (u.to_owned(), r),
             Some((_, r)) => (default_user.to_owned(), r),
@@ -52,7 +52,7 @@ impl Target {
     }
 
     /// The name known_hosts files use: `host`, or `[host]:port` off port 22.
-    pub fn known_hosts_name(&self) -> String {
+    pub(crate) fn known_hosts_name(&self) -> String {
         if self.port == 22 {
             self.host.clone()
         } else {
@@ -63,7 +63,7 @@ impl Target {
 
 /// Which server keys are accepted, decided before connecting.
 #[derive(Debug, Clone)]
-pub enum HostKeyPolicy {
+pub(crate) enum HostKeyPolicy {
     /// The machines file's 8th field: only these keys.
     Pinned(Vec<PublicKey>),
     /// Entries for the host in known_hosts files: `(file, line, key)`, plus the files read.
@@ -75,7 +75,7 @@ pub enum HostKeyPolicy {
 
 /// The keys in the 8th field's decoded text: an OpenSSH `.pub` line (`type base64 comment`),
 /// possibly several lines, possibly prefixed with host names as in known_hosts.
-pub fn pinned_keys(decoded: &str) -> Result<Vec<PublicKey>, RusshError> {
+pub(crate) fn pinned_keys(decoded: &str) -> Result<Vec<PublicKey>, RusshError> {
     let keys: Vec<PublicKey> = decoded
         .split_whitespace()
         .filter(|w| w.starts_with("AAAA"))
@@ -92,7 +92,10 @@ pub fn pinned_keys(decoded: &str) -> Result<Vec<PublicKey>, RusshError> {
 
 /// The known_hosts entries for `target` in `files` (missing files are skipped; an entry
 /// that does not parse is an error naming its file).
-pub fn known_entries(target: &Target, files: &[PathBuf]) -> Result<HostKeyPolicy, RusshError> {
+pub(crate) fn known_entries(
+    target: &Target,
+    files: &[PathBuf],
+) -> Result<HostKeyPolicy, RusshError> {
     let mut entries = Vec::new();
     for f in files {
         let found = ::russh::keys::known_hosts::known_host_keys_path(&target.host, target.port, f)
@@ -132,7 +135,7 @@ fn describe(k: &PublicKey) -> String {
 
 impl HostKeyPolicy {
     /// Accepts `offered` or says why not (every message contains "host key").
-    pub fn check(&self, target: &Target, offered: &PublicKey) -> Result<(), String> {
+    pub(crate) fn check(&self, target: &Target, offered: &PublicKey) -> Result<(), String> {
         let name = target.known_hosts_name();
         match self {
             HostKeyPolicy::Pinned(keys) => {
@@ -208,7 +211,7 @@ impl HostKeyPolicy {
 
 /// Loads an OpenSSH private key; the error names the file. Encrypted keys are refused (the
 /// hook has no terminal to ask for a passphrase, like `ssh -oBatchMode=yes`).
-pub fn load_key(path: &Path) -> Result<PrivateKey, RusshError> {
+pub(crate) fn load_key(path: &Path) -> Result<PrivateKey, RusshError> {
     ::russh::keys::load_secret_key(path, None).map_err(|e| RusshError::KeyFile {
         path: path.to_owned(),
         reason: match e {

@@ -19,7 +19,7 @@
 
 mod host_keys;
 
-pub use host_keys::{HostKeyPolicy, Target, known_entries, load_key, pinned_keys};
+pub(crate) use host_keys::{HostKeyPolicy, Target, known_entries, load_key, pinned_keys};
 
 use crate::ssh::{LogTap, Session, SshError, Transport, remote_command};
 use ::russh::client::{self, Handle};
@@ -35,7 +35,7 @@ use tokio::io::AsyncWriteExt;
 
 #[derive(Debug, Error)]
 #[non_exhaustive]
-pub enum RusshError {
+pub(crate) enum RusshError {
     #[error("'{uri}' is not an ssh:// store URI with a host")]
     NoHost { uri: String },
     #[error("bad port in '{target}'")]
@@ -73,42 +73,42 @@ pub enum RusshError {
 
 /// Where the step of a connection is, so a time-out can name it.
 #[derive(Debug, Default)]
-pub struct Progress(Mutex<&'static str>);
+pub(crate) struct Progress(Mutex<&'static str>);
 
 impl Progress {
-    pub fn set(&self, step: &'static str) {
+    pub(crate) fn set(&self, step: &'static str) {
         if let Ok(mut s) = self.0.lock() {
             *s = step;
         }
     }
 
-    pub fn get(&self) -> &'static str {
+    pub(crate) fn get(&self) -> &'static str {
         self.0.lock().map(|s| *s).unwrap_or("")
     }
 }
 
 /// The russh client for `ssh://` builders.
 #[derive(Debug, Clone)]
-pub struct Russh {
+pub(crate) struct Russh {
     /// The hook user's login name (default remote user) and `~/.ssh`.
-    pub user: String,
-    pub ssh_dir: PathBuf,
+    pub(crate) user: String,
+    pub(crate) ssh_dir: PathBuf,
     /// Known-hosts files read when the machine pins no host key.
-    pub known_hosts: Vec<PathBuf>,
+    pub(crate) known_hosts: Vec<PathBuf>,
     /// Try ssh-agent's keys (`SSH_AUTH_SOCK`) when the machine names no key file.
-    pub use_agent: bool,
+    pub(crate) use_agent: bool,
     /// SSH keep-alives: a builder that stops answering mid-build is noticed (Nix's daemon
     /// does not time hooks out, NixOS/nix#16437; the values of NixOS/nix PR #15620).
-    pub keepalive: Option<Duration>,
+    pub(crate) keepalive: Option<Duration>,
     /// `Host` patterns of the user's `~/.ssh/config` (see [`Russh::defer_reason`]).
-    pub ssh_config_hosts: Vec<String>,
+    pub(crate) ssh_config_hosts: Vec<String>,
     /// `NIX_SSHOPTS` is set: OpenSSH options this client cannot apply.
-    pub nix_sshopts: bool,
+    pub(crate) nix_sshopts: bool,
 }
 
 /// The `Host` patterns of an ssh_config text (`Host a b*`, `Host=a`; negated patterns are
 /// kept with their `!`).
-pub fn ssh_config_hosts(text: &str) -> Vec<String> {
+pub(crate) fn ssh_config_hosts(text: &str) -> Vec<String> {
     let mut out = Vec::new();
     for line in text.lines() {
         let line = line.trim();
@@ -153,7 +153,7 @@ fn glob(pattern: &str, name: &str) -> bool {
 impl Russh {
     /// For the current user, from `/etc/passwd` (as `ssh` does: `~` is the passwd home, not
     /// `$HOME`).
-    pub fn for_current_user() -> Self {
+    pub(crate) fn for_current_user() -> Self {
         let (user, home) = current_user();
         let ssh_dir = home.join(".ssh");
         let ssh_config_hosts = std::fs::read_to_string(ssh_dir.join("config"))
@@ -178,7 +178,7 @@ impl Russh {
     /// other than a bare `Host *` names it (an alias, a port, a jump host, an identity:
     /// things only `ssh` applies). Global `Host *` defaults (keep-alives, multiplexing) are
     /// not taken as a reason, or no one with such a file could use this transport.
-    pub fn defer_reason(&self, m: &Machine) -> Option<String> {
+    pub(crate) fn defer_reason(&self, m: &Machine) -> Option<String> {
         if self.nix_sshopts {
             return Some("NIX_SSHOPTS is set".to_owned());
         }
@@ -200,7 +200,11 @@ impl Russh {
 
     /// Connects, authenticates and starts the serve command, reporting each step to
     /// `progress`. The caller bounds it in time (dropping the future abandons everything).
-    pub async fn open(&self, m: &Machine, progress: &Progress) -> Result<Session, RusshError> {
+    pub(crate) async fn open(
+        &self,
+        m: &Machine,
+        progress: &Progress,
+    ) -> Result<Session, RusshError> {
         let spec = m
             .host()
             .filter(|_| m.scheme() == Some("ssh"))
@@ -493,12 +497,12 @@ impl RusshError {
     /// A failure OpenSSH might not have, because it reads `~/.ssh/config` and ssh-agent
     /// setups this client does not (a `Host` alias that is not a DNS name, another user or
     /// identity): worth one more try through OpenSSH before calling the builder down.
-    pub fn openssh_might_work(&self) -> bool {
+    pub(crate) fn openssh_might_work(&self) -> bool {
         matches!(self, RusshError::Resolve { .. } | RusshError::Auth { .. })
     }
 
     /// As the OpenSSH transport reports it: "cannot connect to 'user@host': …".
-    pub fn into_ssh_error(self, machine: &Machine) -> SshError {
+    pub(crate) fn into_ssh_error(self, machine: &Machine) -> SshError {
         match self {
             RusshError::NoHost { uri } => SshError::NoHost { uri },
             e => SshError::Connect {
