@@ -3,9 +3,7 @@
 //! built outputs valid on the client with the builder's NAR hash and references, for a
 //! closure and for a multi-output derivation; `auto` picks `held-locks` on Nix 2.8.
 
-#[path = "hook_health_support/mod.rs"]
-#[allow(dead_code)]
-mod support;
+use ferry_integration::support::hook as support;
 
 use ferry_integration::{Host, SYSTEM, chain_drv, check, nonce, out_paths, trivial_drv};
 use std::process::Command;

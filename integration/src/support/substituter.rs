@@ -6,9 +6,7 @@
 //! No test here ever starts Ferry with its default upstream (cache.nixos.org): every start
 //! passes explicit upstreams on the fleet's LAN or in local directories.
 
-#![allow(dead_code)]
-
-use ferry_integration::{Fleet, FleetConfig, Host, SYSTEM, check, ferry_bin, out_paths};
+use crate::{Fleet, FleetConfig, Host, SYSTEM, check, ferry_bin, out_paths};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -86,11 +84,16 @@ pub fn add_producer(fleet: &mut Fleet) {
 /// evaluates the same expression, so it asks for the same output paths: it gets them only by
 /// substitution.
 pub fn producer_only_drv(nonce: &str, blob_bytes: usize) -> String {
+    producer_only_chain(nonce, &format!("head -c {blob_bytes} /dev/urandom > $out"))
+}
+
+/// [`producer_only_drv`] with `leaf_script` building the leaf.
+pub fn producer_only_chain(nonce: &str, leaf_script: &str) -> String {
     format!(
         r#"let
   mk = name: script: builtins.derivation {{ name = "ferry-sub-${{name}}-{nonce}"; system = "{SYSTEM}"; builder = "/bin/sh"; PATH = "/usr/bin:/bin";
     args = [ "-c" ("if [ ! -e {PRODUCER_MARKER} ]; then echo 'ferry-test: built locally, not substituted' >&2; exit 1; fi; " + script) ]; }};
-  leaf = mk "leaf" "head -c {blob_bytes} /dev/urandom > $out";
+  leaf = mk "leaf" "{leaf_script}";
   mid = mk "mid" "mkdir $out; echo ${{leaf}} > $out/leaf";
 in mk "top" "mkdir $out; echo ${{mid}} > $out/mid""#
     )
@@ -131,8 +134,7 @@ pub fn copy_to_cache(fleet: &Fleet, paths: &[String], dir: &Path, key: &Path, co
 
 /// Starts `fault_server.py MODE` on a new LAN host `role` serving `dir`; returns its URL.
 pub fn serve_cache(fleet: &mut Fleet, role: &str, mode: &str, dir: &Path) -> String {
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/substituter_support/fault_server.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fault_server.py");
     let h = fleet.add_host(role).expect("cache host");
     let log = std::fs::File::create(h.dir.join("log/server.log")).expect("log");
     let child = h
@@ -154,7 +156,7 @@ pub fn serve_cache(fleet: &mut Fleet, role: &str, mode: &str, dir: &Path) -> Str
 }
 
 fn wait_listening(h: &Host, port: u16) {
-    ferry_integration::wait_listening(h, port).unwrap_or_else(|e| panic!("{e}"));
+    crate::wait_listening(h, port).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// A running ferry-substituter in the client's namespace; killed on drop.
@@ -201,17 +203,7 @@ pub fn start_ferry_with(
     }
     std::fs::write(&conf, toml).expect("ferry.toml");
     let log = dir.join(format!("ferry-{n}.log"));
-    let logf = std::fs::File::create(&log).expect("log");
-    let child = fleet
-        .client
-        .command(ferry_bin("ferry-substituter").to_str().expect("utf-8 path"))
-        .env("FERRY_CONFIG", &conf)
-        .env("RUST_LOG", "ferry_substituter=debug,info")
-        .stdin(Stdio::null())
-        .stdout(logf.try_clone().expect("log"))
-        .stderr(logf)
-        .spawn()
-        .expect("starting ferry-substituter");
+    let child = spawn_substituter(&fleet.client, &conf, &log);
     let ferry = Ferry { child, log };
     let start = Instant::now();
     loop {
@@ -309,4 +301,119 @@ pub fn client_build(fleet: &Fleet, expr: &str) -> (Output, String, Duration) {
 pub fn narinfo_name(store_path: &str) -> String {
     let base = store_path.rsplit('/').next().unwrap_or(store_path);
     format!("{}.narinfo", &base[..32])
+}
+
+// A NAS serving its own store over the LAN (`[local-store]`), and a laptop on the LAN.
+
+/// The NAS's URL as the laptop sees it.
+pub fn nas_url(fleet: &Fleet) -> String {
+    format!("http://{}:{FERRY_PORT}", fleet.host("producer").addr)
+}
+
+/// A fleet with a NAS (the producer: builds, serves its store) and no laptop yet.
+pub fn nas_fleet() -> Fleet {
+    let mut fleet = Fleet::start(FleetConfig {
+        builders: 0,
+        client_conf: String::new(),
+        ..Default::default()
+    })
+    .expect("fleet");
+    add_producer(&mut fleet);
+    fleet
+}
+
+/// Ferry on the NAS, on its LAN address, serving its store signed with `secret`.
+pub fn start_nas_ferry(fleet: &mut Fleet, secret: &Path) -> PathBuf {
+    let dir = fleet.root.path().to_path_buf();
+    let conf = dir.join("ferry-nas.toml");
+    let nas = fleet.host("producer");
+    std::fs::write(
+        &conf,
+        format!(
+            "[substituter]\nlisten = \"{}:{FERRY_PORT}\"\n\n[substituter.local]\nsecret-key-files = [\"{}\"]\n",
+            nas.addr,
+            secret.display()
+        ),
+    )
+    .expect("ferry.toml");
+    let log = dir.join("ferry-nas.log");
+    let child = spawn_substituter(nas, &conf, &log);
+    let nas = fleet
+        .others
+        .iter_mut()
+        .find(|h| h.role == "producer")
+        .expect("nas");
+    nas.adopt(child);
+    crate::wait_listening(nas, FERRY_PORT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+    log
+}
+
+/// GET `url` with curl from `host`: (status, body).
+pub fn get_on(host: &Host, url: &str) -> (u16, Vec<u8>) {
+    let out = host
+        .command("curl")
+        .args(["-s", "--max-time", "30", "-w", "\n%{http_code}", url])
+        .stdin(Stdio::null())
+        .output()
+        .expect("curl");
+    let mut body = out.stdout;
+    let nl = body.iter().rposition(|&b| b == b'\n').unwrap_or(0);
+    let code = String::from_utf8_lossy(&body[nl + 1..])
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    body.truncate(nl);
+    (code, body)
+}
+
+pub fn nas_metrics(fleet: &Fleet) -> String {
+    let (code, body) = get_on(fleet.host("laptop"), &format!("{}/metrics", nas_url(fleet)));
+    assert_eq!(code, 200);
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+pub fn laptop_build(fleet: &Fleet, expr: &str) -> std::process::Output {
+    fleet
+        .host("laptop")
+        .nix_command("nix-build")
+        .args(["--no-out-link", "-j1", "-E", expr])
+        .stdin(Stdio::null())
+        .output()
+        .expect("nix-build on the laptop")
+}
+
+/// A laptop whose only substituter is the NAS, trusting `public_key`, signatures required.
+pub fn add_laptop(fleet: &mut Fleet, public_key: &str) {
+    let url = nas_url(fleet);
+    let h = fleet.add_client("laptop").expect("laptop");
+    h.write_nix_conf(&format!(
+        "substituters = {url}\ntrusted-substituters = {url}\ntrusted-public-keys = {public_key}\n\
+         require-sigs = true\nconnect-timeout = 5\nstalled-download-timeout = 10\n"
+    ))
+    .expect("laptop nix.conf");
+    h.start_nix_daemon(&[]).expect("laptop daemon");
+}
+
+pub fn paths_of_closure_on(fleet: &crate::Fleet, role: &str, top: &str) -> Vec<String> {
+    let mut q = fleet.host(role).nix_command("nix-store");
+    q.args(["-qR", top]);
+    crate::stdout_of(q, "nix-store -qR")
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Starts `ferry-substituter` on `host` with the configuration `conf`, logging (debug) to
+/// `log`.
+pub fn spawn_substituter(host: &Host, conf: &Path, log: &Path) -> Child {
+    let logf = std::fs::File::create(log).expect("log");
+    host.command(ferry_bin("ferry-substituter").to_str().expect("utf-8 path"))
+        .env("FERRY_CONFIG", conf)
+        .env("RUST_LOG", "ferry_substituter=debug,info")
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone().expect("log"))
+        .stderr(logf)
+        .spawn()
+        .expect("starting ferry-substituter")
 }

@@ -4,7 +4,8 @@
 //! These tests need root (network and mount namespaces); CI runs them as root.
 
 use ferry_integration::{
-    Fleet, FleetConfig, SYSTEM, chain_drv, check, ferry_bin, nonce, out_paths, trivial_drv,
+    Fleet, FleetConfig, SYSTEM, chain_drv, check, ferry_bin, nonce, out_paths, stdout_of,
+    trivial_drv,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,12 +27,6 @@ fn fleet(hook: Hook, builders: usize, slots: u32) -> Fleet {
         ..Default::default()
     })
     .expect("fleet")
-}
-
-fn stdout_of(mut c: std::process::Command, what: &str) -> String {
-    let out = c.output().expect(what);
-    check(&out, what).unwrap_or_else(|e| panic!("{e}"));
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 fn chain_closure_builds_remotely(hook: Hook) {
@@ -370,44 +365,6 @@ fn empty_builders_declines_permanently() {
     }
 }
 
-/// Benchmark: 10 small derivations on 2 builders (2 slots each), one `nix-build -j0`, stock
-/// and Ferry on fresh fleets in the same run. `cargo test -p ferry-integration --test hook
-/// -- --ignored --nocapture bench`.
-#[test]
-#[ignore]
-fn bench_ten_derivations_on_two_builders() {
-    let mut times = Vec::new();
-    for round in 0..3 {
-        for hook in [Hook::Stock, Hook::Ferry] {
-            let fleet = fleet(hook, 2, 2);
-            let n = nonce();
-            let drvs: Vec<String> = (0..10)
-                .map(|k| format!("({})", trivial_drv(&format!("{n}-{k}"), "b")))
-                .collect();
-            let expr = format!("[ {} ]", drvs.join(" "));
-            let t = std::time::Instant::now();
-            let out = fleet.nix_build(&expr, &["-j0"]);
-            let dt = t.elapsed();
-            check(&out, "bench build").unwrap_or_else(|e| panic!("{hook:?}: {e}"));
-            println!("round {round} {hook:?}: {:.3} s", dt.as_secs_f64());
-            times.push((hook, dt.as_secs_f64()));
-        }
-    }
-    let mean = |h: Hook| {
-        let v: Vec<f64> = times
-            .iter()
-            .filter(|(x, _)| *x == h)
-            .map(|(_, t)| *t)
-            .collect();
-        v.iter().sum::<f64>() / v.len() as f64
-    };
-    let (s, f) = (mean(Hook::Stock), mean(Hook::Ferry));
-    println!(
-        "mean stock {s:.3} s, ferry {f:.3} s, ferry/stock = {:.2}",
-        f / s
-    );
-}
-
 /// An `ssh-ng://` builder (`nix-daemon --stdio` on the builder, root with a local store).
 /// Ferry speaks only the serve protocol, so it hands the derivation to the stock hook (with
 /// `builders` narrowed to the non-ssh machines) when no `ssh://` builder can take it.
@@ -527,88 +484,5 @@ fn builder_without_nix_is_named() {
     assert!(
         err.contains("the remote command /nonexistent/nix-store was not found"),
         "{err}"
-    );
-}
-
-/// Benchmark: closure copy throughput. A 256 MiB random file is added on the client with
-/// `nix-store --add` (not timed), then a derivation that reads it is built with `-j0` on one
-/// builder that lacks it: the time is dominated by copying the input. Stock and Ferry on fresh
-/// fleets in the same run, alternating which goes first, 5 rounds (`FERRY_BENCH_ROUNDS` to
-/// change); the ratio is of the medians, since the machine is shared and single samples
-/// swing. Build the binaries with `--release` for numbers worth comparing: `cargo build
-/// --release --workspace --bins && cargo test --release -p ferry-integration --test hook --
-/// --ignored --nocapture bench_closure_copy`.
-#[test]
-#[ignore]
-fn bench_closure_copy_256_mib() {
-    const MIB: u64 = 256;
-    let rounds: usize = std::env::var("FERRY_BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .filter(|&r| r > 0)
-        .unwrap_or(5);
-    let mut times = Vec::new();
-    for round in 0..rounds {
-        let order = if round % 2 == 0 {
-            [Hook::Stock, Hook::Ferry]
-        } else {
-            [Hook::Ferry, Hook::Stock]
-        };
-        for hook in order {
-            let fleet = fleet(hook, 1, 1);
-            let file = fleet.root.path().join(format!("ferry-big-{}", nonce()));
-            let st = std::process::Command::new("head")
-                .args(["-c", &(MIB << 20).to_string(), "/dev/urandom"])
-                .stdout(std::fs::File::create(&file).expect("big file"))
-                .status()
-                .expect("head");
-            assert!(st.success());
-            let mut add = fleet.client_command("nix-store");
-            add.arg("--add").arg(&file);
-            let input = stdout_of(add, "nix-store --add");
-            let expr = format!(
-                r#"builtins.derivation {{ name = "ferry-big-{n}"; system = "{SYSTEM}"; builder = "/bin/sh"; args = [ "-c" "wc -c < ${{builtins.storePath "{input}"}} > $out" ]; PATH = "/usr/bin:/bin"; }}"#,
-                n = nonce()
-            );
-            let t = std::time::Instant::now();
-            let out = fleet.nix_build(&expr, &["-j0"]);
-            let dt = t.elapsed().as_secs_f64();
-            check(&out, "bench build").unwrap_or_else(|e| panic!("{hook:?}: {e}"));
-            assert!(
-                fleet.builders[0].has_store_path(&input),
-                "{hook:?}: input not copied"
-            );
-            assert!(fleet.builders[0].has_store_path(&out_paths(&out)[0]));
-            println!(
-                "round {round} {hook:?}: {dt:.3} s, {:.0} MiB/s",
-                MIB as f64 / dt
-            );
-            times.push((hook, dt));
-            let _ = std::fs::remove_file(&file);
-        }
-    }
-    // Median, min, max.
-    let stats = |h: Hook| {
-        let mut v: Vec<f64> = times
-            .iter()
-            .filter(|(x, _)| *x == h)
-            .map(|(_, t)| *t)
-            .collect();
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        };
-        (median, v[0], v[n - 1])
-    };
-    let ((s, s_min, s_max), (f, f_min, f_max)) = (stats(Hook::Stock), stats(Hook::Ferry));
-    println!(
-        "256 MiB input, {rounds} rounds: median stock {s:.3} s ({:.0} MiB/s, range {s_min:.3}-{s_max:.3}), \
-         ferry {f:.3} s ({:.0} MiB/s, range {f_min:.3}-{f_max:.3}), ferry/stock time = {:.2}",
-        MIB as f64 / s,
-        MIB as f64 / f,
-        f / s
     );
 }

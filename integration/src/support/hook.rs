@@ -1,7 +1,7 @@
 //! Fixtures for the health tests: a fleet whose daemon runs `ferry-build-hook` (or the stock
 //! hook) with a Ferry configuration file, timed builds, and `ferry-build-hook status`.
 
-use ferry_integration::{Fleet, FleetConfig, ferry_bin, trivial_drv};
+use crate::{Fleet, FleetConfig, ferry_bin, trivial_drv};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -66,7 +66,7 @@ pub fn start_on(
     builders: usize,
     slots: u32,
     ferry_toml: &str,
-    nix: Option<ferry_integration::Nix>,
+    nix: Option<crate::Nix>,
 ) -> TestFleet {
     let dir = tempfile::tempdir().expect("tmp");
     let config = dir.path().join("ferry.toml");
@@ -111,7 +111,7 @@ pub fn many_slow(nonce: &str, n: usize, secs: u32) -> String {
         .map(|k| {
             format!(
                 r#"(builtins.derivation {{ name = "ferry-slow-{nonce}-{k}"; system = "{}"; builder = "/bin/sh"; args = [ "-c" "sleep {secs}; echo {k} > $out" ]; PATH = "/usr/bin:/bin"; }})"#,
-                ferry_integration::SYSTEM
+                crate::SYSTEM
             )
         })
         .collect();
@@ -196,11 +196,10 @@ pub fn row(tf: &TestFleet, rows: &[serde_json::Value], i: usize) -> serde_json::
 /// probe budget, possibly after the build that started it.
 pub fn settled_row(tf: &TestFleet, i: usize) -> serde_json::Value {
     let mut last = serde_json::Value::Null;
-    let settled =
-        ferry_integration::wait_until("a builder's probe result", Duration::from_secs(5), || {
-            last = row(tf, &status(tf), i);
-            last["state"] != "unknown"
-        });
+    let settled = crate::wait_until("a builder's probe result", Duration::from_secs(5), || {
+        last = row(tf, &status(tf), i);
+        last["state"] != "unknown"
+    });
     settled.unwrap_or_else(|e| panic!("{e}: {last}"));
     last
 }

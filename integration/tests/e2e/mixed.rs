@@ -84,8 +84,7 @@ fn oldest_client_offloads_to_newest_builder() {
     chain_through_ferry(old, new);
 }
 
-#[path = "post_build_support/mod.rs"]
-mod post_build_support;
+use ferry_integration::support::post_build as post_build_support;
 
 /// Outputs built and uploaded by `ferry-post-build` on a `writer` Nix, substituted with
 /// `require-sigs` by a client on a `reader` Nix from the `file://` cache, and verified by it.

@@ -154,12 +154,7 @@ fn teardown_leaves_no_namespace_mount_or_process() {
     // Gone, or a zombie: on some machines pid 1 does not reap the orphans it inherits.
     let stray_gone = (0..50).any(|_| {
         std::thread::sleep(std::time::Duration::from_millis(20));
-        std::fs::read_to_string(format!("/proc/{stray}/stat"))
-            .map(|st| {
-                st.rsplit_once(')')
-                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-            })
-            .unwrap_or(true)
+        ferry_integration::process_ended(&stray.to_string())
     });
     assert!(
         stray_gone,

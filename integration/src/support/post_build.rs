@@ -2,13 +2,13 @@
 //! post-build hook, its configuration, an uploader process, an nginx WebDAV cache on a LAN
 //! host, and checks on cache directories.
 
-#![allow(dead_code)]
-
-use ferry_integration::{Fleet, FleetConfig, Host, check, ferry_bin, run};
+use crate::{Fleet, FleetConfig, Host, SYSTEM, check, ferry_bin, nonce, run};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+pub use super::s3::*;
 
 pub const NGINX_PORT: u16 = 8080;
 
@@ -31,6 +31,8 @@ pub struct Ferry {
 }
 
 impl Ferry {
+    /// New directories and a new key pair (made by Nix): side effects, so no `Default`.
+    #[allow(clippy::new_without_default)]
     pub fn new() -> Ferry {
         let dir = tempfile::Builder::new()
             .prefix("ferry-post-")
@@ -144,137 +146,30 @@ impl Ferry {
 /// nginx with WebDAV PUT on `host`, serving and storing under `<host dir>/www`.
 pub fn start_nginx(host: &mut Host) -> PathBuf {
     let www = host.dir.join("nginx").join("www");
-    ferry_integration::start_nginx(host, NGINX_PORT, &www, true).expect("nginx");
+    crate::start_nginx(host, NGINX_PORT, &www, true).expect("nginx");
     www
 }
 
 /// Waits until something listens on TCP `port` in `host`'s network namespace.
 pub fn wait_listening(host: &Host, port: u16, what: &str) {
-    let netns = host.netns.clone();
     wait_for(
         &format!("{what} to listen on port {port}"),
         Duration::from_secs(20),
-        || {
-            Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &netns,
-                    "ss",
-                    "-Hltn",
-                    "sport",
-                    "=",
-                    &format!(":{port}"),
-                ])
-                .output()
-                .map(|o| !o.stdout.is_empty())
-                .unwrap_or(false)
-        },
+        || crate::listening(host, port),
     );
 }
 
-pub const MOTO_PORT: u16 = 5000;
-
-/// A Python that can run moto's S3 server (`moto[server]`): dev/setup's venv first, then
-/// the `python3` on `PATH`. Returns the interpreter's real path (it runs in another mount
-/// namespace, where shims may not resolve).
-pub fn moto_python() -> Option<PathBuf> {
-    for py in ["/opt/ferry-venv/bin/python3", "python3"] {
-        let out = Command::new(py)
-            .args([
-                "-c",
-                "import sys, moto.server, boto3, flask; print(sys.executable)",
-            ])
-            .stderr(Stdio::null())
-            .output();
-        if let Ok(o) = out
-            && o.status.success()
-        {
-            let exe = String::from_utf8_lossy(&o.stdout).trim().to_owned();
-            if !exe.is_empty() {
-                return Some(PathBuf::from(exe));
-            }
-        }
-    }
-    None
-}
-
-/// Creates an IAM user allowed `s3:*` with an access key, and a public-read bucket, on a fresh moto
-/// server (which starts with authentication off), then turns authentication on: from then
-/// on moto checks every request's SigV4 signature (with botocore's code) and refuses a bad
-/// one with `SignatureDoesNotMatch`. Prints `<access key id> <secret>`.
-const MOTO_SETUP: &str = r#"
-import sys, json, boto3, urllib.request
-endpoint, bucket = sys.argv[1], sys.argv[2]
-kw = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup")
-iam = boto3.client("iam", **kw)
-iam.create_user(UserName="ferry")
-iam.put_user_policy(UserName="ferry", PolicyName="s3", PolicyDocument=json.dumps(
-    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
-key = iam.create_access_key(UserName="ferry")["AccessKey"]
-s3 = boto3.client("s3", **kw)
-s3.create_bucket(Bucket=bucket)
-# Public read, like a real public cache bucket: anonymous GETs are allowed by policy.
-# (moto checks HEAD as an "s3:HeadObject" action, which AWS folds into s3:GetObject.)
-s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [
-    {"Effect": "Allow", "Principal": "*", "Action": ["s3:GetObject", "s3:HeadObject"],
-     "Resource": f"arn:aws:s3:::{bucket}/*"}]}))
-urllib.request.urlopen(urllib.request.Request(endpoint + "/moto-api/reset-auth", data=b"0", method="POST", headers={"Content-Type": "text/plain"})).read()
-print(key["AccessKeyId"], key["SecretAccessKey"])
-"#;
-
-/// A moto S3 server on `host`; returns its endpoint URL.
-pub fn start_moto(host: &mut Host, python: &Path) -> String {
-    let log = std::fs::File::create(host.dir.join("moto.log")).expect("moto log");
-    let child = host
-        .command(&python.to_string_lossy())
-        .args([
-            "-m",
-            "moto.server",
-            "-H",
-            &host.addr,
-            "-p",
-            &MOTO_PORT.to_string(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("moto server");
-    host.adopt(child);
-    wait_listening(host, MOTO_PORT, "moto");
-    format!("http://{}:{MOTO_PORT}", host.addr)
-}
-
-/// Runs [`MOTO_SETUP`]; returns the access key id and secret.
-pub fn moto_setup(host: &Host, python: &Path, endpoint: &str, bucket: &str) -> (String, String) {
-    let mut c = host.command(&python.to_string_lossy());
-    c.args(["-c", MOTO_SETUP, endpoint, bucket]);
-    let out = run(&mut c).expect("moto setup");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let mut it = text.split_whitespace();
-    match (it.next(), it.next()) {
-        (Some(id), Some(secret)) => (id.to_owned(), secret.to_owned()),
-        _ => panic!("moto setup printed {text:?}"),
-    }
-}
-
-/// Turns moto's request authentication off again: with it on, moto's server answers an
-/// unsigned request with a 500 before looking at the bucket policy; with it off, anonymous
-/// GETs are allowed by the bucket's public-read policy (and would be refused without it),
-/// so Nix can read the bucket as a plain HTTP binary cache.
-pub fn moto_allow_anonymous(host: &Host, python: &Path, endpoint: &str) {
-    let mut c = host.command(&python.to_string_lossy());
-    c.args([
-        "-c",
-        "import sys, urllib.request; urllib.request.urlopen(urllib.request.Request(sys.argv[1] + '/moto-api/reset-auth', data=b'inf', method='POST', headers={'Content-Type': 'text/plain'})).read()",
-        endpoint,
-    ]);
-    run(&mut c).expect("moto reset-auth");
+/// Whether `status` shows a success for the target `url` (its line says `last success never`
+/// until the first one).
+pub fn target_succeeded(status: &str, url: &str) -> bool {
+    status.lines().any(|l| {
+        l.strip_prefix(&format!("target {url}: last success "))
+            .is_some_and(|rest| !rest.starts_with("never"))
+    })
 }
 
 pub fn wait_for(what: &str, timeout: Duration, ok: impl FnMut() -> bool) {
-    ferry_integration::wait_until(what, timeout, ok).unwrap_or_else(|e| panic!("{e}"));
+    crate::wait_until(what, timeout, ok).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// The closure of `paths` in the client's store.
@@ -414,17 +309,10 @@ impl GuardedNginx {
             Uploads::Accepted => "",
             Uploads::Forbidden => "limit_except GET { deny all; }\n",
         };
-        let conf = format!(
-            "daemon off;\nuser root;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-             events {{ worker_connections 512; }}\n\
-             http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n\
-             \x20 fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  scgi_temp_path {d}/tmp/scgi;\n\
-             \x20 server {{\n    listen {addr}:{NGINX_PORT};\n    root {www};\n    client_max_body_size 0;\n\
-             \x20   location / {{\n      dav_methods PUT;\n      create_full_put_path on;\n      dav_access user:rw group:r all:r;\n      {guard}    }}\n  }}\n}}\n",
-            d = self.dir.display(),
-            www = self.www.display(),
-            addr = self.addr,
+        let location = format!(
+            "dav_methods PUT;\n      create_full_put_path on;\n      dav_access user:rw group:r all:r;\n      {guard}"
         );
+        let conf = crate::net::nginx_conf(&self.dir, &self.addr, NGINX_PORT, &self.www, &location);
         std::fs::write(self.dir.join("nginx.conf"), conf).expect("nginx.conf");
     }
 
@@ -453,14 +341,8 @@ impl GuardedNginx {
             .arg(self.dir.join("nginx.conf"))
             .args(["-s", "stop"]);
         run(&mut c).expect("nginx -s stop");
-        let netns = host.netns.clone();
         wait_for("nginx to stop", Duration::from_secs(10), || {
-            Command::new("ip")
-                .args(["netns", "exec", &netns, "ss", "-Hltn", "sport", "="])
-                .arg(format!(":{NGINX_PORT}"))
-                .output()
-                .map(|o| o.status.success() && o.stdout.is_empty())
-                .unwrap_or(false)
+            crate::net::not_listening(host, NGINX_PORT)
         });
         self.write_conf(uploads);
         self.spawn(host);
@@ -491,48 +373,13 @@ pub fn host_mut<'a>(fleet: &'a mut Fleet, role: &str) -> &'a mut Host {
 /// `systemctl restart nix-daemon` or an upgrade would for a moment. Returns once it no
 /// longer runs; [`Host::start_nix_daemon`] starts it again.
 pub fn stop_nix_daemon(host: &Host) {
-    let out = Command::new("ip")
-        .args(["netns", "pids", &host.netns])
-        .output()
-        .expect("ip netns pids");
-    let comm = |pid: &str| {
-        std::fs::read_to_string(format!("/proc/{pid}/comm"))
-            .unwrap_or_default()
-            .trim()
-            .to_owned()
-    };
-    let parent = |pid: &str| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                // Fields after the command name, which is in parentheses: state, ppid, …
-                s.rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_owned))
-            })
-            .unwrap_or_default()
-    };
-    let pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(str::to_owned)
-        .filter(|p| comm(p) == "nix-daemon" && comm(&parent(p)) != "nix-daemon")
-        .collect();
-    assert_eq!(
-        pids.len(),
-        1,
-        "listening nix-daemons of {}: {pids:?}",
-        host.role
-    );
-    let pid = &pids[0];
+    let pid = &host
+        .nix_daemon_pid()
+        .unwrap_or_else(|| panic!("no single listening nix-daemon on {}", host.role));
     run(Command::new("kill").args(["-TERM", pid])).expect("kill nix-daemon");
     // Gone or a zombie (the fleet reaps it at teardown).
     wait_for("the nix-daemon to exit", Duration::from_secs(10), || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                s.rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st == "Z"))
-                    .unwrap_or(true)
-            })
-            .unwrap_or(true)
+        crate::process_ended(pid)
     });
 }
 
@@ -556,4 +403,225 @@ pub fn status_json(ferry: &Ferry, fleet: &Fleet) -> serde_json::Value {
         .expect("status --json");
     check(&out, "ferry-post-build status --json").unwrap_or_else(|e| panic!("{e}"));
     serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+}
+
+/// A derivation whose output is `mib` MiB of random bytes (incompressible).
+pub fn random_blob(mib: u64, tag: &str) -> String {
+    format!(
+        r#"builtins.derivation {{ name = "ferry-blob-{tag}-{n}"; system = "{SYSTEM}"; builder = "/bin/sh"; args = [ "-c" "head -c {bytes} /dev/urandom > $out" ]; PATH = "/usr/bin:/bin"; }}"#,
+        n = crate::nonce(),
+        bytes = mib << 20
+    )
+}
+
+/// Shapes the client's traffic towards the LAN host `role` to `rate` (tc token bucket on the
+/// client's bridge port), or removes the shaping (`None`), so that an upload takes long
+/// enough to be interrupted.
+pub fn shape_towards(fleet: &Fleet, role: &str, rate: Option<&str>) {
+    let dev = format!("to-{role}");
+    let ns = &fleet.client.netns;
+    match rate {
+        Some(rate) => {
+            run(Command::new("ip").args([
+                "netns", "exec", ns, "tc", "qdisc", "replace", "dev", &dev, "root", "tbf", "rate",
+                rate, "burst", "64kb", "latency", "2s",
+            ]))
+            .expect("tc");
+        }
+        None => {
+            let _ = Command::new("ip")
+                .args([
+                    "netns", "exec", ns, "tc", "qdisc", "del", "dev", &dev, "root",
+                ])
+                .output();
+        }
+    }
+}
+
+/// Adds a client host `role` whose daemon substitutes only from `url` (a Ferry on its own
+/// 127.0.0.1, or a cache), with signatures required and `public_key` trusted.
+pub fn add_substituting_client(fleet: &mut Fleet, role: &str, url: &str, public_key: &str) {
+    let h = fleet.add_client(role).expect("client host");
+    h.write_nix_conf(&format!(
+        "substituters = {url}\ntrusted-substituters = {url}\nrequire-sigs = true\n\
+         trusted-public-keys = {public_key}\nconnect-timeout = 5\nstalled-download-timeout = 30\n"
+    ))
+    .expect("nix.conf");
+    h.start_nix_daemon(&[]).expect("client daemon");
+}
+
+/// Realises `outputs` on `host` (from its substituters: nothing builds there) and checks that
+/// every path of `expected` is in its store and passes `nix-store --verify-path`.
+pub fn realise_and_verify<'a>(
+    host: &Host,
+    outputs: &[String],
+    expected: impl IntoIterator<Item = &'a String>,
+    what: &str,
+) {
+    let mut r = host.nix_command("nix-store");
+    r.arg("--realise").args(outputs);
+    let out = r.output().expect("nix-store --realise");
+    check(&out, what).unwrap_or_else(|e| panic!("{e}"));
+    for p in expected {
+        assert!(host.has_store_path(p), "{what}: {p} not substituted");
+        let mut v = host.nix_command("nix-store");
+        v.args(["--verify-path", p]);
+        run(&mut v).unwrap_or_else(|e| panic!("{what}: verify {p}: {e}"));
+    }
+}
+
+/// Port of the substituter [`add_client_behind_substituter`] starts (private to the
+/// client's namespace).
+pub const SUBSTITUTER_PORT: u16 = 37516;
+
+/// A client host `role` that substitutes only through its own `ferry-substituter` with one
+/// upstream (`upstream_toml`, see [`Substituter::start`]), signatures required.
+pub fn add_client_behind_substituter(
+    fleet: &mut Fleet,
+    role: &str,
+    public_key: &str,
+    dir: &Path,
+    upstream_toml: &str,
+) -> Substituter {
+    let url = format!("http://127.0.0.1:{SUBSTITUTER_PORT}");
+    add_substituting_client(fleet, role, &url, public_key);
+    Substituter::start(fleet.host(role), dir, SUBSTITUTER_PORT, upstream_toml)
+}
+
+/// A `ferry-substituter` running in a host's namespaces; killed on drop.
+pub struct Substituter {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Drop for Substituter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Substituter {
+    /// Starts it on `host`'s 127.0.0.1:`port` with one upstream (`upstream_toml`: the body of
+    /// its `[[substituter.upstream]]` table); config and log go in `dir`. Waits until it
+    /// listens.
+    pub fn start(host: &Host, dir: &Path, port: u16, upstream_toml: &str) -> Substituter {
+        let conf = dir.join(format!("substituter-{port}.toml"));
+        std::fs::write(
+            &conf,
+            format!(
+                "[substituter]\nlisten = \"127.0.0.1:{port}\"\n[[substituter.upstream]]\n{upstream_toml}"
+            ),
+        )
+        .expect("substituter config");
+        let log = dir.join(format!("substituter-{port}.log"));
+        let logf = std::fs::File::create(&log).expect("log");
+        let child = host
+            .command(&ferry_bin("ferry-substituter").to_string_lossy())
+            .env("FERRY_CONFIG", &conf)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().expect("log"))
+            .stderr(logf)
+            .spawn()
+            .expect("ferry-substituter");
+        let s = Substituter { child, log };
+        wait_for("the substituter to listen", Duration::from_secs(10), || {
+            crate::listening(host, port)
+        });
+        s
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+pub fn build(fleet: &crate::Fleet, expr: &str, args: &[&str], what: &str) -> Vec<String> {
+    let out = fleet.nix_build(expr, args);
+    check(&out, what).unwrap_or_else(|e| panic!("{e}\ndaemon log:\n{}", fleet.daemon_log()));
+    crate::out_paths(&out)
+}
+
+/// `n` trivial derivations in one list expression, named after `tag`.
+pub fn trivial_list(n: usize, tag: &str) -> String {
+    let drvs: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                r#"(builtins.derivation {{ name = "ferry-pb-{tag}-{i}-{n}"; system = "{SYSTEM}"; builder = "/bin/sh"; args = [ "-c" "echo {tag} {i} > $out" ]; PATH = "/usr/bin:/bin"; }})"#,
+                n = nonce()
+            )
+        })
+        .collect();
+    format!("[ {} ]", drvs.join(" "))
+}
+
+/// A derivation with two outputs, `out` and `dev`.
+pub fn multi_output(tag: &str) -> String {
+    format!(
+        r#"builtins.derivation {{ name = "ferry-pb-multi-{tag}-{n}"; outputs = [ "out" "dev" ]; system = "{SYSTEM}"; builder = "/bin/sh"; args = [ "-c" "echo out > $out; mkdir $dev; echo dev > $dev/h" ]; PATH = "/usr/bin:/bin"; }}"#,
+        n = nonce()
+    )
+}
+
+/// All outputs of the derivations that produced `paths` (the `dev` of a multi-output one too).
+pub fn all_outputs(fleet: &crate::Fleet, paths: &[String]) -> Vec<String> {
+    let mut c = fleet.client_command("nix-store");
+    c.args(["-q", "--deriver"]).args(paths);
+    let drvs = String::from_utf8_lossy(&run(&mut c).expect("deriver").stdout).to_string();
+    let mut c = fleet.client_command("nix-store");
+    c.args(["-q", "--outputs"]).args(drvs.lines());
+    String::from_utf8_lossy(&run(&mut c).expect("outputs").stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The uploader process of a test, killed and reaped when dropped.
+pub struct Uploader(pub std::process::Child);
+
+impl Drop for Uploader {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `wait_for`, failing with the uploader's status and log.
+pub fn wait_or_explain(
+    ferry: &Ferry,
+    fleet: &crate::Fleet,
+    what: &str,
+    timeout: Duration,
+    ok: impl FnMut() -> bool,
+) {
+    if let Err(e) = crate::wait_until(what, timeout, ok) {
+        panic!(
+            "{e}\nstatus:\n{}\nuploader log:\n{}",
+            ferry.status(fleet),
+            ferry.uploader_log()
+        );
+    }
+}
+
+/// Waits (15 s at most) until the queue is empty and every GC root of the uploader is gone.
+pub fn wait_for_done(ferry: &Ferry, fleet: &crate::Fleet) {
+    let start = Instant::now();
+    loop {
+        let status = ferry.status(fleet);
+        let roots = ferry.gc_roots(fleet);
+        if status.contains("queued jobs: 0 (0 retrying), dead letters: 0") && roots.is_empty() {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "queue not empty or GC roots left after 15 s:\n{status}\nroots: {roots:?}\nuploader log:\n{}",
+            ferry.uploader_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
