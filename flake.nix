@@ -32,7 +32,7 @@
       lib = import ./nix/lib.nix { inherit (nixpkgs) lib; };
 
       # The NixOS VM tests, for users' CI (they need KVM; the same behaviours run on every
-      # change on Ferry's namespaced fleet, see integration/tests/).
+      # change on Ferry's namespaced fleet, see integration/tests/e2e/).
       checks = forAll (pkgs:
         nixpkgs.lib.optionalAttrs pkgs.stdenv.isLinux {
           build-hook = import ./vm-tests/build-hook.nix { inherit pkgs self; };

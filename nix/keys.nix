@@ -1,8 +1,8 @@
 # Every key each Ferry binary accepts in its section of /etc/ferry/ferry.toml, as the Rust
 # structs declare them (hook/src/config.rs `HookConfig`, post-build/src/config.rs
-# `PostBuildConfig`, substituter/src/config.rs `SubstituterConfig`, `UpstreamConfig` and `LocalConfig`).
-# The module refuses any other key; integration/tests/nixos_module.rs checks this list
-# against the structs, so a key added to a binary must be added here too.
+# `PostBuildConfig`, substituter/src/config/raw.rs `SubstituterConfig`, `UpstreamConfig` and
+# `LocalConfig`). The module refuses any other key; integration/tests/e2e/nixos_module/mod.rs
+# checks this list against the structs, so a key added to a binary must be added here too.
 {
   build-hook = [
     "probe-timeout-ms"
@@ -30,10 +30,14 @@
     "secret-access-key-file"
     "zstd-level"
     "xz-level"
+    "zstd-threads"
     "retry-initial-ms"
     "retry-max-secs"
     "poll-ms"
     "connect-timeout-secs"
+    "multipart-threshold-mib"
+    "multipart-part-mib"
+    "multipart-parallel"
   ];
   substituter = [
     "listen"
@@ -69,5 +73,7 @@
     "max-in-flight"
     "breaker-failures"
     "breaker-cooldown-ms"
+    "access-key-id-file"
+    "secret-access-key-file"
   ];
 }

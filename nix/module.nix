@@ -175,7 +175,11 @@ let
       url = mkOption {
         type = types.str;
         example = "http://nas.lan:5000";
-        description = "Upstream binary cache: `http://`, `https://` or `file:///dir`.";
+        description = ''
+          Upstream binary cache: `http://`, `https://`, `file:///dir`, or a bucket as Nix
+          writes it, `s3://bucket?endpoint=http://garage.lan:3900&region=garage` (requests
+          signed with SigV4).
+        '';
       };
       priority = key types.int "Lower is asked first (as Nix's own priority). Unset: 10 × position + 10.";
       publicKeys = mkOption {
@@ -193,6 +197,13 @@ let
       max-in-flight = key types.ints.positive "Concurrent requests (16).";
       breaker-failures = key types.ints.positive "Consecutive failures that open the circuit breaker (3).";
       breaker-cooldown-ms = key types.ints.positive "First open period of the breaker (2000).";
+      access-key-id-file = key types.str ''
+        `s3://` only: file with the access key id. Set with `secret-access-key-file`, or neither
+        (then `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` or the shared credentials file).
+        A path the service can read, e.g. under `/run/credentials/ferry-substituter.service/`
+        from `systemd.services.ferry-substituter.serviceConfig.LoadCredential`.
+      '';
+      secret-access-key-file = key types.str "`s3://` only: file with the secret access key (see access-key-id-file).";
     };
   };
 
@@ -319,10 +330,14 @@ in
         compression = key (types.enum [ "zstd" "xz" "none" ]) "Default NAR compression (zstd).";
         zstd-level = key (types.ints.between 1 19) "zstd level (3).";
         xz-level = key (types.ints.between 0 9) "xz preset (6).";
+        zstd-threads = key types.ints.unsigned "zstd worker threads per NAR; 0: one per core (0).";
         retry-initial-ms = key types.ints.positive "First retry delay (1000).";
         retry-max-secs = key types.ints.positive "Longest retry delay (900).";
         poll-ms = key types.ints.positive "Spool poll interval (200).";
         connect-timeout-secs = key types.ints.positive "Connect time-out of HTTP targets (5).";
+        multipart-threshold-mib = key (types.ints.between 5 5120) "NARs from this size go to s3:// targets in parts (64).";
+        multipart-part-mib = key (types.ints.between 5 5120) "Size of each part (16).";
+        multipart-parallel = key types.ints.positive "Parts of one NAR in flight at once (4).";
       };
     };
 
@@ -612,8 +627,8 @@ in
             message = "services.ferry.substituter.upstreams: ${u.url} is this substituter's own listen address (${listen}); it would ask itself.";
           }
           {
-            assertion = lib.any (s: hasPrefix s u.url) [ "http://" "https://" "file:///" ];
-            message = "services.ferry.substituter.upstreams: ${u.url} must start with http://, https:// or file:///.";
+            assertion = lib.any (s: hasPrefix s u.url) [ "http://" "https://" "file:///" "s3://" ];
+            message = "services.ferry.substituter.upstreams: ${u.url} must start with http://, https://, file:/// or s3://.";
           }
         ])
         sub.upstreams

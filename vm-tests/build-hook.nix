@@ -2,7 +2,7 @@
 # The seed scenario: a client offloads through services.ferry.buildHook to two builders set up
 # with services.ferry.builder; one is down, so builds go to the other; with both down the
 # client builds locally; with max-jobs = 0 and both down, the build fails at once with a clear
-# error. On the fleet: integration/tests/hook.rs, hook_health.rs (dead builders, fallback,
+# error. On the fleet: integration/tests/e2e/hook.rs, hook_health.rs (dead builders, fallback,
 # max-jobs = 0) and nixos_module.rs (the module's rendered hook and builder).
 { pkgs, self }:
 let
@@ -37,7 +37,7 @@ pkgs.testers.runNixOSTest {
     };
   };
   testScript = ''
-    # Fleet counterpart (runs on every change): integration/tests/hook.rs, hook_health.rs, nixos_module.rs
+    # Fleet counterpart (runs on every change): integration/tests/e2e/hook.rs, hook_health.rs, nixos_module.rs
     start_all()
     up.wait_for_unit("sshd.service")
     down.shutdown()

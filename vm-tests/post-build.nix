@@ -1,7 +1,7 @@
 # NixOS VM test for users' CI (needs KVM). services.ferry.postBuild uploads what a client
 # builds to a cache on another node served by nginx (WebDAV PUT); the uploader is killed in the
 # middle and restarted by systemd; a second client with require-sigs substitutes everything.
-# On the fleet: integration/tests/post_build.rs (builds_are_uploaded_and_substituted_with_signatures,
+# On the fleet: integration/tests/e2e/post_build.rs (builds_are_uploaded_and_substituted_with_signatures,
 # uploader_survives_sigkill_at_random_moments) and nixos_module.rs (the rendered uploader).
 { pkgs, self }:
 let
@@ -42,7 +42,7 @@ pkgs.testers.runNixOSTest {
     };
   };
   testScript = ''
-    # Fleet counterpart (runs on every change): integration/tests/post_build.rs, nixos_module.rs
+    # Fleet counterpart (runs on every change): integration/tests/e2e/post_build.rs, nixos_module.rs
     start_all()
     cache.wait_for_unit("nginx.service")
     builder.wait_for_unit("ferry-post-build.service")

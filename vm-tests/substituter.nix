@@ -1,7 +1,7 @@
 # NixOS VM test for users' CI (needs KVM). services.ferry.substituter on a client, in front of
 # three upstreams: a dead host, a server that answers 500 to everything, and a good signed
 # cache. `nix-store -r` succeeds with no warning and no retry.
-# On the fleet: integration/tests/substituter.rs (dead, 500 and good upstreams, breakers) and
+# On the fleet: integration/tests/e2e/substituter.rs (dead, 500 and good upstreams, breakers) and
 # nixos_module.rs (the rendered substituter serving a laptop through a NAS).
 { pkgs, self }:
 let
@@ -39,7 +39,7 @@ pkgs.testers.runNixOSTest {
     };
   };
   testScript = ''
-    # Fleet counterpart (runs on every change): integration/tests/substituter.rs, nixos_module.rs
+    # Fleet counterpart (runs on every change): integration/tests/e2e/substituter.rs, nixos_module.rs
     start_all()
     good.wait_for_unit("nginx.service")
     broken.wait_for_unit("nginx.service")
