@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use super::s3::*;
+pub use super::substitution::*;
 
 pub const NGINX_PORT: u16 = 8080;
 
@@ -39,13 +40,7 @@ impl Ferry {
             .tempdir()
             .expect("tempdir");
         let secret_key = dir.path().join("cache.sec");
-        let out = Command::new(post_build_bin())
-            .args(["keygen", "ferry-test-1", "--secret-file"])
-            .arg(&secret_key)
-            .output()
-            .expect("keygen");
-        check(&out, "ferry-post-build keygen").unwrap_or_else(|e| panic!("{e}"));
-        let public_key = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let public_key = keygen("ferry-test-1", &secret_key);
         let f = Ferry {
             config: dir.path().join("ferry.toml"),
             state: dir.path().join("state"),
@@ -143,6 +138,25 @@ impl Ferry {
     }
 }
 
+/// `ferry-post-build keygen NAME --secret-file SECRET_FILE`; returns the public key it
+/// prints.
+pub fn keygen(name: &str, secret_file: &Path) -> String {
+    let out = Command::new(post_build_bin())
+        .args(["keygen", name, "--secret-file"])
+        .arg(secret_file)
+        .output()
+        .expect("keygen");
+    check(&out, "ferry-post-build keygen").unwrap_or_else(|e| panic!("{e}"));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A LAN host `cache` running [`start_nginx`]; returns its `www` directory and its URL.
+pub fn add_nginx_cache(fleet: &mut Fleet) -> (PathBuf, String) {
+    let www = start_nginx(fleet.add_host("cache").expect("cache host"));
+    let url = format!("http://{}:{NGINX_PORT}", fleet.host("cache").addr);
+    (www, url)
+}
+
 /// nginx with WebDAV PUT on `host`, serving and storing under `<host dir>/www`.
 pub fn start_nginx(host: &mut Host) -> PathBuf {
     let www = host.dir.join("nginx").join("www");
@@ -170,6 +184,33 @@ pub fn target_succeeded(status: &str, url: &str) -> bool {
 
 pub fn wait_for(what: &str, timeout: Duration, ok: impl FnMut() -> bool) {
     crate::wait_until(what, timeout, ok).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Waits until every path of `paths` has a narinfo in each cache directory of `dirs`.
+pub fn wait_uploaded<'a>(
+    what: &str,
+    timeout: Duration,
+    dirs: &[&Path],
+    paths: impl IntoIterator<Item = &'a String> + Clone,
+) {
+    wait_for(what, timeout, || {
+        dirs.iter()
+            .all(|d| missing_narinfos(d, paths.clone()).is_empty())
+    });
+}
+
+/// Runs `nix-store --gc` on the client and checks that every path of `paths` survived it
+/// (the uploader's GC roots hold them while they are `why`).
+pub fn gc_keeps<'a>(fleet: &Fleet, paths: impl IntoIterator<Item = &'a String>, why: &str) {
+    let mut gc = fleet.client_command("nix-store");
+    gc.arg("--gc");
+    run(&mut gc).expect("nix-store --gc");
+    for p in paths {
+        assert!(
+            fleet.client.has_store_path(p),
+            "{p} was collected while {why}"
+        );
+    }
 }
 
 /// The closure of `paths` in the client's store.
@@ -438,38 +479,6 @@ pub fn shape_towards(fleet: &Fleet, role: &str, rate: Option<&str>) {
     }
 }
 
-/// Adds a client host `role` whose daemon substitutes only from `url` (a Ferry on its own
-/// 127.0.0.1, or a cache), with signatures required and `public_key` trusted.
-pub fn add_substituting_client(fleet: &mut Fleet, role: &str, url: &str, public_key: &str) {
-    let h = fleet.add_client(role).expect("client host");
-    h.write_nix_conf(&format!(
-        "substituters = {url}\ntrusted-substituters = {url}\nrequire-sigs = true\n\
-         trusted-public-keys = {public_key}\nconnect-timeout = 5\nstalled-download-timeout = 30\n"
-    ))
-    .expect("nix.conf");
-    h.start_nix_daemon(&[]).expect("client daemon");
-}
-
-/// Realises `outputs` on `host` (from its substituters: nothing builds there) and checks that
-/// every path of `expected` is in its store and passes `nix-store --verify-path`.
-pub fn realise_and_verify<'a>(
-    host: &Host,
-    outputs: &[String],
-    expected: impl IntoIterator<Item = &'a String>,
-    what: &str,
-) {
-    let mut r = host.nix_command("nix-store");
-    r.arg("--realise").args(outputs);
-    let out = r.output().expect("nix-store --realise");
-    check(&out, what).unwrap_or_else(|e| panic!("{e}"));
-    for p in expected {
-        assert!(host.has_store_path(p), "{what}: {p} not substituted");
-        let mut v = host.nix_command("nix-store");
-        v.args(["--verify-path", p]);
-        run(&mut v).unwrap_or_else(|e| panic!("{what}: verify {p}: {e}"));
-    }
-}
-
 /// Port of the substituter [`add_client_behind_substituter`] starts (private to the
 /// client's namespace).
 pub const SUBSTITUTER_PORT: u16 = 37516;
@@ -545,6 +554,21 @@ pub fn build(fleet: &crate::Fleet, expr: &str, args: &[&str], what: &str) -> Vec
     let out = fleet.nix_build(expr, args);
     check(&out, what).unwrap_or_else(|e| panic!("{e}\ndaemon log:\n{}", fleet.daemon_log()));
     crate::out_paths(&out)
+}
+
+/// `nix-build` arguments that build on the client itself: one job, no builders.
+pub const LOCAL_ONLY: [&str; 3] = ["-j1", "--builders", ""];
+
+/// Builds each `(expression, what)` in turn on the client alone ([`LOCAL_ONLY`]); returns
+/// every output of the derivations built ([`all_outputs`]) and the closure of those.
+pub fn build_locally(fleet: &Fleet, exprs: &[(String, &str)]) -> (Vec<String>, BTreeSet<String>) {
+    let mut built = Vec::new();
+    for (expr, what) in exprs {
+        built.extend(build(fleet, expr, &LOCAL_ONLY, what));
+    }
+    let outputs = all_outputs(fleet, &built);
+    let expected = closure(fleet, &outputs);
+    (outputs, expected)
 }
 
 /// `n` trivial derivations in one list expression, named after `tag`.

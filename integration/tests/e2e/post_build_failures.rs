@@ -23,17 +23,14 @@ fn refused_uploads_are_dead_lettered_until_retry() {
         Uploads::Forbidden,
     );
     ferry.write_config(std::slice::from_ref(&nginx.url));
-    let local = ["-j1", "--builders", ""];
-    let mut built = build(&fleet, &chain_drv(&nonce()), &local, "chain");
-    built.extend(build(
+    // Every path of the closure is built here, so each is a job of its own.
+    let (outputs, expected) = build_locally(
         &fleet,
-        &trivial_list(2, "refused"),
-        &local,
-        "trivials",
-    ));
-    let outputs = all_outputs(&fleet, &built);
-    // Every path of the closure was built here, so each is a job of its own.
-    let expected = closure(&fleet, &outputs);
+        &[
+            (chain_drv(&nonce()), "chain"),
+            (trivial_list(2, "refused"), "trivials"),
+        ],
+    );
     assert_eq!(expected.len(), 5, "{expected:?}");
 
     let up = Uploader(ferry.start_uploader(&fleet));
@@ -102,15 +99,7 @@ fn refused_uploads_are_dead_lettered_until_retry() {
     );
     assert!(ferry.status(&fleet).contains(&all_dead));
     // Their paths stay rooted: nothing is lost while someone fixes the cache.
-    let mut gc = fleet.client_command("nix-store");
-    gc.arg("--gc");
-    run(&mut gc).expect("nix-store --gc");
-    for p in &expected {
-        assert!(
-            fleet.client.has_store_path(p),
-            "{p} was collected while dead-lettered"
-        );
-    }
+    gc_keeps(&fleet, &expected, "dead-lettered");
 
     // `retry` names what it cannot find.
     let mut r = ferry.command(
@@ -157,22 +146,13 @@ fn refused_uploads_are_dead_lettered_until_retry() {
     drop(up);
     assert_eq!(check_cache_dir(&nginx.www), expected.len());
 
-    let client2 = fleet.add_client("client2").expect("client2");
-    client2
-        .write_nix_conf(&format!(
-            "require-sigs = true\ntrusted-public-keys = {}\nsubstituters = {}\n",
-            ferry.public_key, nginx.url
-        ))
-        .expect("nix.conf");
-    client2.start_nix_daemon(&[]).expect("client2 daemon");
-    let client2 = fleet.host("client2");
-    let mut r = client2.nix_command("nix-store");
-    r.arg("--realise").args(&outputs);
-    let out = r.output().expect("nix-store --realise");
-    check(&out, "client2 substitutes the retried uploads").unwrap_or_else(|e| panic!("{e}"));
-    for p in &expected {
-        assert!(client2.has_store_path(p), "{p} not substituted");
-    }
+    add_substituting_client(&mut fleet, "client2", &nginx.url, &ferry.public_key);
+    realise_on(
+        fleet.host("client2"),
+        &outputs,
+        &expected,
+        "client2 substitutes the retried uploads",
+    );
 }
 
 /// Local-side failures count as errors. With the client's nix-daemon stopped the uploader
@@ -185,16 +165,13 @@ fn refused_uploads_are_dead_lettered_until_retry() {
 fn local_store_failures_show_in_status() {
     let ferry = Ferry::new();
     let mut fleet = ferry.fleet(0);
-    let local = ["-j1", "--builders", ""];
-    let mut built = build(&fleet, &chain_drv(&nonce()), &local, "chain");
-    built.extend(build(
+    let (_, expected) = build_locally(
         &fleet,
-        &trivial_list(2, "local-err"),
-        &local,
-        "trivials",
-    ));
-    let outputs = all_outputs(&fleet, &built);
-    let expected = closure(&fleet, &outputs);
+        &[
+            (chain_drv(&nonce()), "chain"),
+            (trivial_list(2, "local-err"), "trivials"),
+        ],
+    );
 
     stop_nix_daemon(&fleet.client);
     let up = Uploader(ferry.start_uploader(&fleet));
@@ -283,7 +260,7 @@ fn local_store_failures_show_in_status() {
     let bad = build(
         &fleet,
         &trivial_drv(&nonce(), "intact"),
-        &local,
+        &LOCAL_ONLY,
         "to be corrupted",
     );
     let file = fleet.client.nix_path(&bad[0]);
