@@ -76,7 +76,12 @@ impl Ferry {
     /// A fleet whose client daemon runs `ferry-post-build` as its post-build hook (with this
     /// config in its environment) and Ferry's build hook.
     pub fn fleet(&self, builders: usize) -> Fleet {
-        Fleet::start(FleetConfig {
+        Fleet::start(self.fleet_config(builders)).expect("fleet")
+    }
+
+    /// The configuration [`Ferry::fleet`] starts, to change (another Nix, say) first.
+    pub fn fleet_config(&self, builders: usize) -> FleetConfig {
+        FleetConfig {
             builders,
             max_jobs_per_builder: 2,
             client_conf: format!(
@@ -86,8 +91,7 @@ impl Ferry {
             ),
             daemon_env: vec![("FERRY_CONFIG".into(), self.config.display().to_string())],
             ..Default::default()
-        })
-        .expect("fleet")
+        }
     }
 
     /// `ferry-post-build ARGS` on `host` (its store, its network), with this config.

@@ -271,6 +271,20 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
 }
 
+/// Checks that metric `name` (labels included, see [`metric`]) is `want` in `/metrics` text
+/// `m`; a failure shows the value and every metric.
+pub fn assert_metric_eq(m: &str, name: &str, want: f64) {
+    let got = metric(m, name);
+    assert_eq!(got, want, "{name}:\n{m}");
+}
+
+/// Checks that metric `name` (labels included, see [`metric`]) is at least `min` in
+/// `/metrics` text `m`; a failure shows the value and every metric.
+pub fn assert_metric_at_least(m: &str, name: &str, min: f64) {
+    let got = metric(m, name);
+    assert!(got >= min, "{name} is {got}, below {min}:\n{m}");
+}
+
 /// Fails if nix-build's stderr shows any sign of trouble with the substituter.
 pub fn assert_quiet(stderr: &str, what: &str) {
     let lower = stderr.to_lowercase();
@@ -295,6 +309,37 @@ pub fn client_build(fleet: &Fleet, expr: &str) -> (Output, String, Duration) {
     let elapsed = t.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     (out, stderr, elapsed)
+}
+
+/// `nix-build` of `expr` on the client through Ferry: it must succeed (else the daemon's and
+/// Ferry's logs are shown; `what` names the build), substitute from Ferry, and print no
+/// warning or error (`quiet` names the case). Returns the output and the time it took.
+pub fn substitute_through_ferry(
+    fleet: &Fleet,
+    ferry: &Ferry,
+    expr: &str,
+    what: &str,
+    quiet: &str,
+) -> (Output, Duration) {
+    let (out, stderr, elapsed) = client_build(fleet, expr);
+    check(&out, what).unwrap_or_else(|e| {
+        panic!(
+            "{e}\ndaemon log:\n{}\nferry log:\n{}",
+            fleet.daemon_log(),
+            ferry.log_text()
+        )
+    });
+    assert!(
+        substituted_from_ferry(&stderr),
+        "{what}: not substituted from Ferry:\n{stderr}"
+    );
+    assert_quiet(&stderr, quiet);
+    (out, elapsed)
+}
+
+/// Whether nix-build's stderr says it copied a path from Ferry.
+pub fn substituted_from_ferry(stderr: &str) -> bool {
+    stderr.contains(&format!("from '{}'", ferry_url()))
 }
 
 /// The narinfo file name of a store path: `<hash part>.narinfo`.

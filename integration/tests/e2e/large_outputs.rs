@@ -59,8 +59,7 @@ fn large_output_on_every_path_at_flat_memory() {
         .unwrap_or(2048);
     let ferry = Ferry::new();
     let mut fleet = ferry.fleet(1);
-    let www = start_nginx(fleet.add_host("cache").expect("cache host"));
-    let http = format!("http://{}:{NGINX_PORT}", fleet.host("cache").addr);
+    let (www, http) = add_nginx_cache(&mut fleet);
     let garage =
         Garage::start(&mut fleet, 1, "ferry-large").unwrap_or_else(|e| panic!("garage: {e:#}"));
     let (id_file, secret_file) = garage
@@ -135,17 +134,11 @@ fn large_output_on_every_path_at_flat_memory() {
         "client2",
         &ferry.public_key,
         ferry.dir.path(),
-        &format!(
-            "url = \"{}\"\n{}",
-            garage.s3_url(0),
-            s3_key_files_toml(&id_file, &secret_file)
-        ),
+        &s3_upstream_toml(&garage.s3_url(0), "", &id_file, &secret_file),
     );
     let client2 = fleet.host("client2");
     let t = Instant::now();
-    let mut r = client2.nix_command("nix-store");
-    r.arg("--realise").arg(&path);
-    let out = r.output().expect("nix-store --realise");
+    let out = realise(client2, [&path]);
     let substitute_secs = t.elapsed().as_secs_f64();
     let substituter_kib = peak_rss_kib(&ferry_bin("ferry-substituter"));
     let sub_log = sub.log_text();

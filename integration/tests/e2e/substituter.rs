@@ -15,36 +15,6 @@ use ferry_integration::{blackhole_port, check, nonce, out_paths, stdout_of, triv
 use std::time::{Duration, Instant};
 use substituter_support::*;
 
-/// `nix-build` of `expr` on the client through Ferry: it must succeed (else the daemon's and
-/// Ferry's logs are shown), substitute from Ferry, and print no warning or error (`quiet`
-/// names the case). Returns the output and the time it took.
-fn substitute_through_ferry(
-    fleet: &ferry_integration::Fleet,
-    ferry: &Ferry,
-    expr: &str,
-    what: &str,
-    quiet: &str,
-) -> (std::process::Output, Duration) {
-    let (out, stderr, elapsed) = client_build(fleet, expr);
-    check(&out, what).unwrap_or_else(|e| {
-        panic!(
-            "{e}\ndaemon log:\n{}\nferry log:\n{}",
-            fleet.daemon_log(),
-            ferry.log_text()
-        )
-    });
-    assert!(
-        substituted_from_ferry(&stderr),
-        "not substituted:\n{stderr}"
-    );
-    assert_quiet(&stderr, quiet);
-    (out, elapsed)
-}
-
-fn substituted_from_ferry(stderr: &str) -> bool {
-    stderr.contains(&format!("from '{}'", ferry_url()))
-}
-
 #[test]
 fn substitutes_signed_paths_and_prefers_a_trusted_answer() {
     let keys_dir = tempfile::tempdir().expect("tempdir");
@@ -66,20 +36,14 @@ fn substitutes_signed_paths_and_prefers_a_trusted_answer() {
     // The impostor cache comes first: Ferry must pass over its untrusted answers.
     let ferry = start_ferry(&fleet, &[format!("file://{}", bad_dir.display()), good], "");
 
-    let (out, stderr, elapsed) = client_build(&fleet, &expr);
-    check(&out, "nix-build through Ferry").unwrap_or_else(|e| {
-        panic!(
-            "{e}\ndaemon log:\n{}\nferry log:\n{}",
-            fleet.daemon_log(),
-            ferry.log_text()
-        )
-    });
-    assert_eq!(out_paths(&out), paths, "same output paths as the producer");
-    assert!(
-        substituted_from_ferry(&stderr),
-        "paths not substituted from Ferry:\n{stderr}"
+    let (out, elapsed) = substitute_through_ferry(
+        &fleet,
+        &ferry,
+        &expr,
+        "nix-build through Ferry",
+        "substitution through Ferry",
     );
-    assert_quiet(&stderr, "substitution through Ferry");
+    assert_eq!(out_paths(&out), paths, "same output paths as the producer");
     eprintln!("substituted a 3-path closure in {elapsed:?}");
 
     // The whole closure is valid on the client, with the producer's NAR hashes.
@@ -111,10 +75,7 @@ fn substitutes_signed_paths_and_prefers_a_trusted_answer() {
     );
     assert_eq!(code, 404);
     let m = metrics(&fleet);
-    assert!(
-        metric(&m, "ferry_substituter_narinfo_hits_total") >= 3.0,
-        "{m}"
-    );
+    assert_metric_at_least(&m, "ferry_substituter_narinfo_hits_total", 3.0);
 }
 
 #[test]
@@ -154,10 +115,7 @@ fn builds_locally_when_no_upstream_has_the_path_and_remembers_the_miss() {
         &format!("ferry_substituter_upstream_misses_total{label}"),
     );
     assert_eq!(after - before, 1.0, "the upstream was asked again:\n{m}");
-    assert!(
-        metric(&m, "ferry_substituter_negative_cache_hits_total") >= 1.0,
-        "{m}"
-    );
+    assert_metric_at_least(&m, "ferry_substituter_negative_cache_hits_total", 1.0);
 }
 
 #[test]
@@ -226,15 +184,8 @@ fn faulty_upstreams_are_invisible_to_nix() {
         assert_eq!(state, 1.0, "breaker of {u} not open:\n{m}");
     }
     // Errors never become negative entries.
-    assert_eq!(
-        metric(&m, "ferry_substituter_negative_cache_hits_total"),
-        0.0,
-        "{m}"
-    );
-    assert!(
-        metric(&m, "ferry_substituter_incomplete_misses_total") >= 3.0,
-        "{m}"
-    );
+    assert_metric_eq(&m, "ferry_substituter_negative_cache_hits_total", 0.0);
+    assert_metric_at_least(&m, "ferry_substituter_incomplete_misses_total", 3.0);
 
     // With the breakers open the dead upstreams cost next to nothing.
     let (_, second) = substitute_through_ferry(
@@ -290,11 +241,8 @@ fn nar_resumes_from_another_upstream_and_never_truncates_silently() {
         "resetting upstream",
     );
     let m = metrics(&fleet);
-    assert!(
-        metric(&m, "ferry_substituter_nar_resumes_total") >= 1.0,
-        "{m}"
-    );
-    assert_eq!(metric(&m, "ferry_substituter_nar_aborts_total"), 0.0, "{m}");
+    assert_metric_at_least(&m, "ferry_substituter_nar_resumes_total", 1.0);
+    assert_metric_eq(&m, "ferry_substituter_nar_aborts_total", 0.0);
 
     // Range requests are honoured byte for byte.
     let leaf = paths_of_closure(&fleet, &paths[0])
@@ -394,11 +342,7 @@ fn disk_cache_substitutes_again_with_the_upstream_gone_after_a_restart() {
     v.args(["--verify-path", &paths[0]]);
     stdout_of(v, "nix-store --verify-path");
     let m = metrics(&fleet);
-    assert_eq!(
-        metric(&m, "ferry_substituter_disk_nar_hits_total"),
-        3.0,
-        "{m}"
-    );
+    assert_metric_eq(&m, "ferry_substituter_disk_nar_hits_total", 3.0);
     // Nix had the narinfos in its own cache; asked directly, Ferry serves them from disk,
     // byte for byte as the upstream wrote them.
     for p in &closure {
@@ -408,11 +352,7 @@ fn disk_cache_substitutes_again_with_the_upstream_gone_after_a_restart() {
         assert_eq!(body, std::fs::read(dir.join(&name)).expect("narinfo"));
     }
     let m = metrics(&fleet);
-    assert_eq!(
-        metric(&m, "ferry_substituter_disk_narinfo_hits_total"),
-        3.0,
-        "{m}"
-    );
+    assert_metric_eq(&m, "ferry_substituter_disk_narinfo_hits_total", 3.0);
 }
 
 /// 25 store paths built on the producer only: 24 leaves and a top referring to them all.
@@ -483,11 +423,7 @@ fn a_slow_to_accept_upstream_under_a_burst_gives_no_false_404() {
         ferry.log_text()
     );
     let m = metrics(&fleet);
-    assert_eq!(
-        metric(&m, "ferry_substituter_incomplete_misses_total"),
-        0.0,
-        "{m}"
-    );
+    assert_metric_eq(&m, "ferry_substituter_incomplete_misses_total", 0.0);
 
     // Nix itself substitutes the closure through Ferry (its narinfos are warm now; the NARs
     // come from the slow cache one at a time).
