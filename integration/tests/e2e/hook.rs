@@ -3,6 +3,7 @@
 //!
 //! These tests need root (network and mount namespaces); CI runs them as root.
 
+use ferry_integration::support::hook::build_chain_remotely;
 use ferry_integration::{
     Fleet, FleetConfig, SYSTEM, chain_drv, check, ferry_bin, nonce, out_paths, stdout_of,
     trivial_drv,
@@ -31,15 +32,9 @@ fn fleet(hook: Hook, builders: usize, slots: u32) -> Fleet {
 
 fn chain_closure_builds_remotely(hook: Hook) {
     let fleet = fleet(hook, 1, 2);
-    let out = fleet.nix_build(&chain_drv(&nonce()), &["-j0"]);
-    check(&out, &format!("{hook:?}: nix-build of a two-level closure"))
-        .unwrap_or_else(|e| panic!("{e}\ndaemon log:\n{}", fleet.daemon_log()));
-    let paths = out_paths(&out);
-    assert_eq!(paths.len(), 1, "{paths:?}");
-    let top = &paths[0];
-    assert!(
-        fleet.builders[0].has_store_path(top),
-        "{hook:?}: {top} not built on b0"
+    let top = &build_chain_remotely(
+        &fleet,
+        &format!("{hook:?}: nix-build of a two-level closure"),
     );
 
     // Same NAR hash on both sides.
