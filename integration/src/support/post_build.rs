@@ -13,6 +13,9 @@ pub use super::substitution::*;
 
 pub const NGINX_PORT: u16 = 8080;
 
+/// What `ferry-post-build status` says once every job is done and none is dead-lettered.
+pub const QUEUE_DONE: &str = "queued jobs: 0 (0 retrying), dead letters: 0";
+
 /// The `ferry-post-build` under test: `FERRY_POST_BUILD_BIN` (benchmarks point it at a
 /// release build) or this build's.
 pub fn post_build_bin() -> PathBuf {
@@ -131,6 +134,11 @@ impl Ferry {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Waits until `status` shows an empty queue and no dead letters ([`QUEUE_DONE`]).
+    pub fn wait_queue_done(&self, fleet: &Fleet, what: &str, timeout: Duration) {
+        wait_for(what, timeout, || self.status(fleet).contains(QUEUE_DONE));
+    }
+
     pub fn gc_roots(&self, fleet: &Fleet) -> Vec<String> {
         std::fs::read_dir(fleet.client.nix_path("/nix/var/nix/gcroots/ferry"))
             .map(|rd| {
@@ -201,6 +209,26 @@ pub fn wait_uploaded<'a>(
         dirs.iter()
             .all(|d| missing_narinfos(d, paths.clone()).is_empty())
     });
+}
+
+/// Checks that `status` lists every path of `paths` as a dead letter (a line
+/// `  PATH: dead since …`) whose line holds each of `needles`; `what` says what the line
+/// should show in a failure.
+pub fn assert_dead_letters<'a>(
+    status: &str,
+    paths: impl IntoIterator<Item = &'a String>,
+    needles: &[&str],
+    what: &str,
+) {
+    for p in paths {
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with(&format!("  {p}: dead since "))
+                    && needles.iter().all(|n| l.contains(n))),
+            "{p} is not a dead letter with {what}:\n{status}"
+        );
+    }
 }
 
 /// Runs `nix-store --gc` on the client and checks that every path of `paths` survived it
@@ -488,7 +516,7 @@ pub fn shape_towards(fleet: &Fleet, role: &str, rate: Option<&str>) {
 pub const SUBSTITUTER_PORT: u16 = 37516;
 
 /// A client host `role` that substitutes only through its own `ferry-substituter` with one
-/// upstream (`upstream_toml`, see [`Substituter::start`]), signatures required.
+/// upstream (`upstream_toml`, see [`start_substituter`]), signatures required.
 pub fn add_client_behind_substituter(
     fleet: &mut Fleet,
     role: &str,
@@ -498,60 +526,40 @@ pub fn add_client_behind_substituter(
 ) -> Substituter {
     let url = format!("http://127.0.0.1:{SUBSTITUTER_PORT}");
     add_substituting_client(fleet, role, &url, public_key);
-    Substituter::start(fleet.host(role), dir, SUBSTITUTER_PORT, upstream_toml)
+    start_substituter(fleet.host(role), dir, SUBSTITUTER_PORT, upstream_toml)
 }
 
 /// A `ferry-substituter` running in a host's namespaces; killed on drop.
-pub struct Substituter {
-    child: Child,
-    pub log: PathBuf,
-}
+pub type Substituter = super::substituter::Ferry;
 
-impl Drop for Substituter {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Substituter {
-    /// Starts it on `host`'s 127.0.0.1:`port` with one upstream (`upstream_toml`: the body of
-    /// its `[[substituter.upstream]]` table); config and log go in `dir`. Waits until it
-    /// listens.
-    pub fn start(host: &Host, dir: &Path, port: u16, upstream_toml: &str) -> Substituter {
-        let conf = dir.join(format!("substituter-{port}.toml"));
-        std::fs::write(
-            &conf,
-            format!(
-                "[substituter]\nlisten = \"127.0.0.1:{port}\"\n[[substituter.upstream]]\n{upstream_toml}"
-            ),
-        )
-        .expect("substituter config");
-        let log = dir.join(format!("substituter-{port}.log"));
-        let logf = std::fs::File::create(&log).expect("log");
-        let child = host
-            .command(&ferry_bin("ferry-substituter").to_string_lossy())
-            .env("FERRY_CONFIG", &conf)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().expect("log"))
-            .stderr(logf)
-            .spawn()
-            .expect("ferry-substituter");
-        let s = Substituter { child, log };
-        wait_for("the substituter to listen", Duration::from_secs(10), || {
-            crate::listening(host, port)
-        });
-        s
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
+/// Starts a `ferry-substituter` on `host`'s 127.0.0.1:`port` with one upstream
+/// (`upstream_toml`: the body of its `[[substituter.upstream]]` table); config and log go in
+/// `dir`. Waits until it listens.
+fn start_substituter(host: &Host, dir: &Path, port: u16, upstream_toml: &str) -> Substituter {
+    let conf = dir.join(format!("substituter-{port}.toml"));
+    std::fs::write(
+        &conf,
+        format!(
+            "[substituter]\nlisten = \"127.0.0.1:{port}\"\n[[substituter.upstream]]\n{upstream_toml}"
+        ),
+    )
+    .expect("substituter config");
+    let log = dir.join(format!("substituter-{port}.log"));
+    let logf = std::fs::File::create(&log).expect("log");
+    let child = host
+        .command(&ferry_bin("ferry-substituter").to_string_lossy())
+        .env("FERRY_CONFIG", &conf)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone().expect("log"))
+        .stderr(logf)
+        .spawn()
+        .expect("ferry-substituter");
+    let s = Substituter::adopt(child, log);
+    wait_for("the substituter to listen", Duration::from_secs(10), || {
+        crate::listening(host, port)
+    });
+    s
 }
 
 pub fn build(fleet: &crate::Fleet, expr: &str, args: &[&str], what: &str) -> Vec<String> {
@@ -642,7 +650,7 @@ pub fn wait_for_done(ferry: &Ferry, fleet: &crate::Fleet) {
     loop {
         let status = ferry.status(fleet);
         let roots = ferry.gc_roots(fleet);
-        if status.contains("queued jobs: 0 (0 retrying), dead letters: 0") && roots.is_empty() {
+        if status.contains(QUEUE_DONE) && roots.is_empty() {
             return;
         }
         assert!(

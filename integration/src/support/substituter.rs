@@ -159,7 +159,7 @@ fn wait_listening(h: &Host, port: u16) {
     crate::wait_listening(h, port).unwrap_or_else(|e| panic!("{e}"));
 }
 
-/// A running ferry-substituter in the client's namespace; killed on drop.
+/// A running ferry-substituter (in the client's namespace, or a host's); killed on drop.
 pub struct Ferry {
     child: Child,
     pub log: PathBuf,
@@ -173,6 +173,15 @@ impl Drop for Ferry {
 }
 
 impl Ferry {
+    /// Takes charge of a started `ferry-substituter` whose output goes to `log`.
+    pub(crate) fn adopt(child: Child, log: PathBuf) -> Ferry {
+        Ferry { child, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

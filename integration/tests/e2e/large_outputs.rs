@@ -113,7 +113,7 @@ fn large_output_on_every_path_at_flat_memory() {
             let status = ferry.status(&fleet);
             [&http, &s3].iter().all(|t| target_succeeded(&status, t))
                 && missing_narinfos(&ferry.file_cache, [&path]).is_empty()
-                && status.contains("queued jobs: 0 (0 retrying), dead letters: 0")
+                && status.contains(QUEUE_DONE)
         },
     );
     let upload_secs = t.elapsed().as_secs_f64();

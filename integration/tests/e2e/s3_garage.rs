@@ -69,11 +69,7 @@ fn garage_cluster_multipart_survives_node_loss_and_kill_then_substitutes_through
 
     shape_towards(&fleet, "garage0", None);
     let up = ferry.start_uploader(&fleet);
-    wait_for("everything uploaded", Duration::from_secs(120), || {
-        ferry
-            .status(&fleet)
-            .contains("queued jobs: 0 (0 retrying), dead letters: 0")
-    });
+    ferry.wait_queue_done(&fleet, "everything uploaded", Duration::from_secs(120));
     drop(up);
     let log = ferry.uploader_log();
     assert!(

@@ -71,11 +71,7 @@ multipart-parallel = 2
 
     shape_towards(&fleet, "s3", None);
     let up = ferry.start_uploader(&fleet);
-    wait_for("the blob uploaded", Duration::from_secs(120), || {
-        ferry
-            .status(&fleet)
-            .contains("queued jobs: 0 (0 retrying), dead letters: 0")
-    });
+    ferry.wait_queue_done(&fleet, "the blob uploaded", Duration::from_secs(120));
     drop(up);
     let log = ferry.uploader_log();
     let resumed = log

@@ -95,15 +95,22 @@ fn s3_upstream_private_bucket() {
     let url = format!("s3://{bucket}?endpoint={endpoint}&region=us-east-1");
 
     // check-config reads nix-cache-info with the keys and shows the key id, never the secret.
+    // Returns its output and what it printed (stdout, then stderr).
     let check_config = |conf: &Path| {
-        fleet
+        let out = fleet
             .client
             .command(ferry_bin("ferry-substituter").to_str().expect("utf-8"))
             .arg("check-config")
             .env("FERRY_CONFIG", conf)
             .stdin(Stdio::null())
             .output()
-            .expect("check-config")
+            .expect("check-config");
+        let shown = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out, shown)
     };
     let good_conf = ferry_toml(
         fleet.root.path(),
@@ -112,12 +119,7 @@ fn s3_upstream_private_bucket() {
         &id_file,
         &secret_file,
     );
-    let out = check_config(&good_conf);
-    let shown = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (out, shown) = check_config(&good_conf);
     check(&out, "check-config with the right keys").unwrap_or_else(|e| panic!("{e}\n{shown}"));
     assert!(
         shown.contains(&format!("access key id {key_id}")) && shown.contains("nix-cache-info OK"),
@@ -179,12 +181,7 @@ fn s3_upstream_private_bucket() {
         &id_file,
         &wrong_file,
     );
-    let out = check_config(&wrong_conf);
-    let shown = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (out, shown) = check_config(&wrong_conf);
     assert!(
         !out.status.success(),
         "check-config accepted a wrong secret:\n{shown}"
