@@ -106,6 +106,12 @@ impl Ferry {
         c
     }
 
+    /// `ferry-post-build daemon --drain` on the client: uploads what is queued, then exits.
+    pub fn drain(&self, fleet: &Fleet) {
+        let mut d = self.command(&fleet.client, &["daemon", "--drain"]);
+        run(&mut d).expect("ferry-post-build daemon --drain");
+    }
+
     /// Starts the uploader on the client; its log goes to `state/../uploader.log`.
     pub fn start_uploader(&self, fleet: &Fleet) -> Child {
         let log = std::fs::OpenOptions::new()
@@ -259,6 +265,12 @@ pub fn closure(fleet: &Fleet, paths: &[String]) -> BTreeSet<String> {
 pub fn hash_part(store_path: &str) -> &str {
     let base = store_path.rsplit('/').next().unwrap_or_default();
     &base[..32.min(base.len())]
+}
+
+/// The narinfo of `store_path` in the cache directory `dir`.
+pub fn read_narinfo(dir: &Path, store_path: &str) -> String {
+    let file = dir.join(format!("{}.narinfo", hash_part(store_path)));
+    std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()))
 }
 
 /// Which of `paths` have a narinfo in the cache directory `dir`.

@@ -241,20 +241,16 @@ fn xz_target_substitutes_with_nix() {
             (chain_drv(&nonce()), "chain"),
         ],
     );
-    let mut d = ferry.command(&fleet.client, &["daemon", "--drain"]);
-    run(&mut d).expect("ferry-post-build daemon --drain");
+    ferry.drain(&fleet);
     assert_eq!(check_cache_dir(&xz_dir), expected.len());
     assert_eq!(check_cache_dir(&ferry.file_cache), expected.len());
     for p in &expected {
-        let xz = std::fs::read_to_string(xz_dir.join(format!("{}.narinfo", hash_part(p))))
-            .expect("narinfo");
+        let xz = read_narinfo(&xz_dir, p);
         assert!(
             xz.contains("\nCompression: xz\n") && xz.contains(".nar.xz\n"),
             "{xz}"
         );
-        let zst =
-            std::fs::read_to_string(ferry.file_cache.join(format!("{}.narinfo", hash_part(p))))
-                .expect("narinfo");
+        let zst = read_narinfo(&ferry.file_cache, p);
         assert!(zst.contains("\nCompression: zstd\n"), "{zst}");
     }
 
@@ -507,8 +503,7 @@ fn hook_spools_out_paths_when_nix_sets_them() {
     // Every output (the multi-output derivation's `dev` too) is in a record.
     assert_eq!(spooled, outputs.iter().cloned().collect::<BTreeSet<_>>());
 
-    let mut d = ferry.command(&fleet.client, &["daemon", "--drain"]);
-    run(&mut d).expect("ferry-post-build daemon --drain");
+    ferry.drain(&fleet);
     assert!(missing_narinfos(&ferry.file_cache, &outputs).is_empty());
     assert_eq!(check_cache_dir(&ferry.file_cache), outputs.len());
 }

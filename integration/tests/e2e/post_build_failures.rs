@@ -5,6 +5,7 @@
 use ferry_integration::support::post_build as post_build_support;
 use ferry_integration::{chain_drv, check, ferry_bin, nonce, run, trivial_drv};
 use post_build_support::*;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -262,8 +263,7 @@ fn local_store_failures_show_in_status() {
     let file = fleet.client.nix_path(&bad[0]);
     let intact = std::fs::read(&file).expect("read output");
     std::fs::write(&file, b"tampered\n").expect("corrupt the output");
-    let mut d = ferry.command(&fleet.client, &["daemon", "--drain"]);
-    run(&mut d).expect("daemon --drain");
+    ferry.drain(&fleet);
     let status = ferry.status(&fleet);
     assert!(
         status.contains("queued jobs: 0 (0 retrying), dead letters: 1")
@@ -281,8 +281,7 @@ fn local_store_failures_show_in_status() {
     std::fs::write(&file, &intact).expect("restore the output");
     let mut r = ferry.command(&fleet.client, &["retry", &bad[0]]);
     run(&mut r).expect("retry");
-    let mut d = ferry.command(&fleet.client, &["daemon", "--drain"]);
-    run(&mut d).expect("daemon --drain");
+    ferry.drain(&fleet);
     assert!(
         missing_narinfos(&ferry.file_cache, &bad).is_empty(),
         "{}",
@@ -333,6 +332,13 @@ fn hook_exits_zero_on_every_problem() {
 /// typo's file and line and accepts a good config.
 #[test]
 fn keygen_and_check_config() {
+    let check_config = |conf: &Path| {
+        Command::new(ferry_bin("ferry-post-build"))
+            .args(["check-config", "--config"])
+            .arg(conf)
+            .output()
+            .expect("check-config")
+    };
     use std::os::unix::fs::PermissionsExt as _;
     let dir = tempfile::tempdir().expect("dir");
     let sec = dir.path().join("k.sec");
@@ -384,27 +390,15 @@ fn keygen_and_check_config() {
         ),
     )
     .expect("write");
-    let out = Command::new(ferry_bin("ferry-post-build"))
-        .args(["check-config", "--config"])
-        .arg(&conf)
-        .output()
-        .expect("check-config");
+    let out = check_config(&conf);
     check(&out, "check-config").unwrap_or_else(|e| panic!("{e}"));
     assert!(String::from_utf8_lossy(&out.stdout).contains(&public));
     std::fs::write(&conf, "[post-build]\ntargets = [\"ftp://x\"]\n").expect("write");
-    let out = Command::new(ferry_bin("ferry-post-build"))
-        .args(["check-config", "--config"])
-        .arg(&conf)
-        .output()
-        .expect("check-config");
+    let out = check_config(&conf);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("ftp://x"));
     std::fs::write(&conf, "[post-build]\n\nconcurency = 2\n").expect("write");
-    let out = Command::new(ferry_bin("ferry-post-build"))
-        .args(["check-config", "--config"])
-        .arg(&conf)
-        .output()
-        .expect("check-config");
+    let out = check_config(&conf);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("line 3"),

@@ -87,12 +87,7 @@ multipart-parallel = 2
     assert!(multipart_progress(&status).is_none(), "{status}");
 
     // The bucket: no unfinished upload, the object assembled from 20 parts.
-    let narinfo = std::fs::read_to_string(
-        ferry
-            .file_cache
-            .join(format!("{}.narinfo", hash_part(&blob))),
-    )
-    .expect("narinfo in the file cache");
+    let narinfo = read_narinfo(&ferry.file_cache, &blob);
     let nar_size: u64 = narinfo
         .lines()
         .find_map(|l| l.strip_prefix("NarSize: "))
