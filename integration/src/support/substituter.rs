@@ -48,6 +48,23 @@ pub fn generate_key(dir: &Path, name: &str) -> Key {
     }
 }
 
+/// A new key pair `name` in a temporary directory, which is returned too: the key files
+/// last as long as it does.
+pub fn temp_key(name: &str) -> (Key, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    (generate_key(dir.path(), name), dir)
+}
+
+/// The start of most substituter tests: a new key `ferry-test-cache-1` ([`temp_key`]; keep
+/// its directory, the third value), a fleet whose client trusts only it ([`fleet`]), and the
+/// producer host ([`add_producer`]).
+pub fn producer_fleet() -> (Fleet, Key, tempfile::TempDir) {
+    let (key, keys_dir) = temp_key("ferry-test-cache-1");
+    let mut fleet = fleet(&key.public);
+    add_producer(&mut fleet);
+    (fleet, key, keys_dir)
+}
+
 /// The client daemon's nix.conf additions: Ferry as the only substituter, signatures required,
 /// short daemon-side download time-outs so a hang would fail a test quickly (docs/testing.md §2: the 2.8
 /// daemon ignores these from clients).
@@ -374,6 +391,17 @@ pub fn nas_fleet() -> Fleet {
     .expect("fleet");
     add_producer(&mut fleet);
     fleet
+}
+
+/// A NAS serving its store signed with a new key `nas-1` ([`start_nas_ferry`]) and a laptop
+/// trusting that key ([`add_laptop`]). Returns the fleet, the key, the key's directory
+/// (keep it) and the NAS's Ferry log.
+pub fn nas_and_laptop() -> (Fleet, Key, tempfile::TempDir, PathBuf) {
+    let (key, keys_dir) = temp_key("nas-1");
+    let mut fleet = nas_fleet();
+    let nas_log = start_nas_ferry(&mut fleet, &key.secret);
+    add_laptop(&mut fleet, &key.public);
+    (fleet, key, keys_dir, nas_log)
 }
 
 /// Ferry on the NAS, on its LAN address, serving its store signed with `secret`.

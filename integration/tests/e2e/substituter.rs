@@ -17,14 +17,9 @@ use substituter_support::*;
 
 #[test]
 fn substitutes_signed_paths_and_prefers_a_trusted_answer() {
-    let keys_dir = tempfile::tempdir().expect("tempdir");
-    let key = generate_key(keys_dir.path(), "ferry-test-cache-1");
+    let (mut fleet, key, _keys) = producer_fleet();
     // Same key name, different key: its signatures do not verify.
-    let impostor_dir = tempfile::tempdir().expect("tempdir");
-    let impostor = generate_key(impostor_dir.path(), "ferry-test-cache-1");
-
-    let mut fleet = fleet(&key.public);
-    add_producer(&mut fleet);
+    let (impostor, _impostor_dir) = temp_key("ferry-test-cache-1");
     let expr = producer_only_drv(&nonce(), 1000);
     let paths = build_on_producer(&fleet, &expr);
     let good_dir = fleet.root.path().join("cache-good");
@@ -80,8 +75,7 @@ fn substitutes_signed_paths_and_prefers_a_trusted_answer() {
 
 #[test]
 fn builds_locally_when_no_upstream_has_the_path_and_remembers_the_miss() {
-    let keys_dir = tempfile::tempdir().expect("tempdir");
-    let key = generate_key(keys_dir.path(), "ferry-test-cache-1");
+    let (key, _keys) = temp_key("ferry-test-cache-1");
     let mut fleet = fleet(&key.public);
     let dir = fleet.root.path().join("cache-empty");
     std::fs::create_dir_all(&dir).expect("dir");
@@ -120,10 +114,7 @@ fn builds_locally_when_no_upstream_has_the_path_and_remembers_the_miss() {
 
 #[test]
 fn faulty_upstreams_are_invisible_to_nix() {
-    let keys_dir = tempfile::tempdir().expect("tempdir");
-    let key = generate_key(keys_dir.path(), "ferry-test-cache-1");
-    let mut fleet = fleet(&key.public);
-    add_producer(&mut fleet);
+    let (mut fleet, key, _keys) = producer_fleet();
     let good_dir = fleet.root.path().join("cache-good");
     let exprs: Vec<String> = (0..2).map(|_| producer_only_drv(&nonce(), 1000)).collect();
     for e in &exprs {
@@ -220,10 +211,7 @@ fn faulty_upstreams_are_invisible_to_nix() {
 
 #[test]
 fn nar_resumes_from_another_upstream_and_never_truncates_silently() {
-    let keys_dir = tempfile::tempdir().expect("tempdir");
-    let key = generate_key(keys_dir.path(), "ferry-test-cache-1");
-    let mut fleet = fleet(&key.public);
-    add_producer(&mut fleet);
+    let (mut fleet, key, _keys) = producer_fleet();
     let expr = producer_only_drv(&nonce(), 2_000_000);
     let paths = build_on_producer(&fleet, &expr);
     let dir = fleet.root.path().join("cache-good");
@@ -287,10 +275,7 @@ fn nar_resumes_from_another_upstream_and_never_truncates_silently() {
 
 #[test]
 fn disk_cache_substitutes_again_with_the_upstream_gone_after_a_restart() {
-    let keys_dir = tempfile::tempdir().expect("tempdir");
-    let key = generate_key(keys_dir.path(), "ferry-test-cache-1");
-    let mut fleet = fleet(&key.public);
-    add_producer(&mut fleet);
+    let (mut fleet, key, _keys) = producer_fleet();
     let expr = producer_only_drv(&nonce(), 1_000_000);
     let paths = build_on_producer(&fleet, &expr);
     let dir = fleet.root.path().join("cache-good");
@@ -375,10 +360,7 @@ in mk "top" ("mkdir $out; echo " + builtins.concatStringsSep " " (map toString l
 /// answer must now be a 200; and Nix substitutes the whole closure.
 #[test]
 fn a_slow_to_accept_upstream_under_a_burst_gives_no_false_404() {
-    let keys_dir = tempfile::tempdir().expect("tempdir");
-    let key = generate_key(keys_dir.path(), "ferry-test-cache-1");
-    let mut fleet = fleet(&key.public);
-    add_producer(&mut fleet);
+    let (mut fleet, key, _keys) = producer_fleet();
     let expr = producer_only_wide_drv(&nonce());
     let top = build_on_producer(&fleet, &expr);
     let closure = paths_of_closure_on(&fleet, "producer", &top[0]);

@@ -17,11 +17,7 @@ use substituter_support::*;
 
 #[test]
 fn a_laptop_substitutes_what_the_nas_built_signed_on_the_fly() {
-    let keys = tempfile::tempdir().expect("tempdir");
-    let key = generate_key(keys.path(), "nas-1");
-    let mut fleet = nas_fleet();
-    let nas_log = start_nas_ferry(&mut fleet, &key.secret);
-    add_laptop(&mut fleet, &key.public);
+    let (fleet, key, _keys, nas_log) = nas_and_laptop();
     let nas = fleet.host("producer");
 
     // A new build is available the moment it is valid: no copy step.
@@ -147,11 +143,7 @@ fn producer_only_tree_drv(nonce: &str) -> String {
 
 #[test]
 fn a_path_collected_mid_stream_is_never_imported_truncated() {
-    let keys = tempfile::tempdir().expect("tempdir");
-    let key = generate_key(keys.path(), "nas-1");
-    let mut fleet = nas_fleet();
-    let nas_log = start_nas_ferry(&mut fleet, &key.secret);
-    add_laptop(&mut fleet, &key.public);
+    let (fleet, _key, _keys, nas_log) = nas_and_laptop();
     let expr = producer_only_tree_drv(&nonce());
     let paths = build_on_producer(&fleet, &expr);
     let nas = fleet.host("producer");

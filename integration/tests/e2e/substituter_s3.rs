@@ -50,10 +50,7 @@ fn s3_upstream_private_bucket() {
     let Some(python) = moto_or_skip("s3_upstream_private_bucket") else {
         return;
     };
-    let keys_dir = tempfile::tempdir().expect("tempdir");
-    let key = generate_key(keys_dir.path(), "ferry-test-cache-1");
-    let mut fleet = fleet(&key.public);
-    add_producer(&mut fleet);
+    let (mut fleet, key, _keys) = producer_fleet();
     // Two closures: the first is substituted with the right keys, the second is asked for with
     // a wrong secret (Nix remembers a miss, so each case has its own paths).
     let expr = producer_only_drv(&nonce(), 300_000);
