@@ -33,6 +33,27 @@ impl std::ops::DerefMut for TestFleet {
     }
 }
 
+/// `nix-build ARGS` of `expr` on the client: it must succeed (else the daemon's log is shown;
+/// `what` names the build). Returns its first output.
+pub fn build_one(fleet: &Fleet, expr: &str, args: &[&str], what: &str) -> String {
+    let out = fleet.nix_build(expr, args);
+    check(&out, what).unwrap_or_else(|e| panic!("{e}\n{}", fleet.daemon_log()));
+    out_paths(&out).remove(0)
+}
+
+/// Checks that `path` was built on builder `on` and not on builder `off`; `what` names the
+/// build in a failure (`{what} not on b{on}`, `{what} on b{off}`).
+pub fn assert_built_on(fleet: &Fleet, path: &str, on: usize, off: usize, what: &str) {
+    assert!(
+        fleet.builders[on].has_store_path(path),
+        "{what} not on b{on}"
+    );
+    assert!(
+        !fleet.builders[off].has_store_path(path),
+        "{what} on b{off}"
+    );
+}
+
 /// `nix-build -j0` of a new two-level chain on the client (the client may not build, so the
 /// hook must offload it): it must succeed (else the daemon's log is shown; `what` names the
 /// build), give one output, and that output must be in builder 0's store. Returns it.

@@ -14,8 +14,8 @@ use ferry_integration::support::hook as hook_health_support;
 
 use ferry_integration::{check, nonce, out_paths, trivial_drv};
 use hook_health_support::{
-    Hook, hook_command, install_script, machine_line_with, many, many_slow, row, settled_row,
-    start, status, timed_build, write_machines,
+    Hook, assert_built_on, hook_command, install_script, machine_line_with, many, many_slow, row,
+    settled_row, start, status, timed_build, write_machines,
 };
 use std::time::Duration;
 
@@ -246,8 +246,7 @@ fn copy_failure_after_accept_fails_over_to_another_builder() {
     let out = out.expect("timed out");
     check(&out, "build with failover").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
     let p = &out_paths(&out)[0];
-    assert!(tf.builders[1].has_store_path(p), "not built on b1");
-    assert!(!tf.builders[0].has_store_path(p), "built on b0");
+    assert_built_on(&tf, p, 1, 0, "the build with failover");
     let err = String::from_utf8_lossy(&out.stderr);
     let b0 = &tf.builders[0].addr;
     assert!(
