@@ -52,11 +52,7 @@ fn large_output_on_every_path_at_flat_memory() {
     if !garage_or_skip("large_output_on_every_path_at_flat_memory") {
         return;
     }
-    let mib: u64 = std::env::var("FERRY_LARGE_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&m| m >= 16)
-        .unwrap_or(2048);
+    let mib: u64 = ferry_integration::env_number("FERRY_LARGE_MIB", 16, 2048);
     let ferry = Ferry::new();
     let mut fleet = ferry.fleet(1);
     let (www, http) = add_nginx_cache(&mut fleet);
