@@ -33,6 +33,21 @@ impl std::ops::DerefMut for TestFleet {
     }
 }
 
+/// [`timed_build`] that must finish within `limit` and succeed (else the daemon's log is
+/// shown); `what` names the build in a failure.
+pub fn timed_build_ok(
+    f: &Fleet,
+    expr: &str,
+    args: &[&str],
+    limit: Duration,
+    what: &str,
+) -> (Output, Duration) {
+    let (out, t) = timed_build(f, expr, args, limit);
+    let out = out.unwrap_or_else(|| panic!("{what} timed out"));
+    check(&out, what).unwrap_or_else(|e| panic!("{e}\n{}", f.daemon_log()));
+    (out, t)
+}
+
 /// `nix-build ARGS` of `expr` on the client: it must succeed (else the daemon's log is shown;
 /// `what` names the build). Returns its first output.
 pub fn build_one(fleet: &Fleet, expr: &str, args: &[&str], what: &str) -> String {
