@@ -12,10 +12,8 @@ let
     services.ferry.builder = { enable = true; authorizedKeys = [ sshKeys.snakeOilPublicKey ]; };
     nix.settings.sandbox = false;
   };
-  drv = tag: pkgs.writeText "ferry-vm-${tag}.nix" ''
-    builtins.derivation { name = "ferry-vm-${tag}"; system = builtins.currentSystem;
-      builder = "/bin/sh"; args = [ "-c" "echo ${tag} > $out" ]; }
-  '';
+  inherit (import ./lib.nix { inherit pkgs; }) shDrv;
+  drv = tag: shDrv "ferry-vm-${tag}.nix" "ferry-vm-${tag}" "echo ${tag} > $out";
 in
 pkgs.testers.runNixOSTest {
   name = "ferry-build-hook";

@@ -5,10 +5,8 @@
 # nixos_module.rs (the rendered substituter serving a laptop through a NAS).
 { pkgs, self }:
 let
-  drv = pkgs.writeText "ferry-sub-vm.nix" ''
-    builtins.derivation { name = "ferry-sub-vm"; system = builtins.currentSystem;
-      builder = "/bin/sh"; args = [ "-c" "echo substituted > $out" ]; }
-  '';
+  inherit (import ./lib.nix { inherit pkgs; }) shDrv;
+  drv = shDrv "ferry-sub-vm.nix" "ferry-sub-vm" "echo substituted > $out";
 in
 pkgs.testers.runNixOSTest {
   name = "ferry-substituter";

@@ -43,6 +43,16 @@ pub(crate) static SEQ: AtomicU32 = AtomicU32::new(0);
 /// The system string of this machine, as Nix calls it.
 pub const SYSTEM: &str = "x86_64-linux";
 
+/// The number in the environment variable `name` (a test's or benchmark's size knob) when it
+/// is set, parses and is at least `min`; `default` otherwise.
+pub fn env_number<T: std::str::FromStr + PartialOrd>(name: &str, min: T, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|v| *v >= min)
+        .unwrap_or(default)
+}
+
 /// The workspace's root directory (the parent of `integration/`).
 pub fn workspace_root() -> PathBuf {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));

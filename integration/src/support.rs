@@ -6,3 +6,4 @@ pub mod hook;
 pub mod post_build;
 pub mod s3;
 pub mod substituter;
+pub mod substitution;

@@ -48,16 +48,8 @@ pub fn bench_ten_derivations_on_two_builders() {
 /// time.
 pub fn bench_closure_copy() {
     // Issue 14's goal is stated for a 1 GiB input closure.
-    let mib: u64 = std::env::var("FERRY_BENCH_MIB")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .filter(|&r| r > 0)
-        .unwrap_or(1024);
-    let rounds: usize = std::env::var("FERRY_BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .filter(|&r| r > 0)
-        .unwrap_or(5);
+    let mib: u64 = ferry_integration::env_number("FERRY_BENCH_MIB", 1, 1024);
+    let rounds: usize = ferry_integration::env_number("FERRY_BENCH_ROUNDS", 1, 5);
     let mut times = Vec::new();
     for round in 0..rounds {
         let order = if round % 2 == 0 {

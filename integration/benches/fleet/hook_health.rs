@@ -20,12 +20,7 @@ const LIMIT: Duration = Duration::from_secs(50);
 /// runs are capped at `FERRY_BENCH_CAP_SECS` (default 30) and reported as "> cap".
 /// `dev/bench dead_builders`.
 pub fn bench_dead_builders_stock_vs_ferry() {
-    let cap = Duration::from_secs(
-        std::env::var("FERRY_BENCH_CAP_SECS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(30),
-    );
+    let cap = Duration::from_secs(ferry_integration::env_number("FERRY_BENCH_CAP_SECS", 0, 30));
     let hooks = [Hook::Stock, Hook::StockTuned, Hook::Ferry];
     // (scenario, hook) → seconds, None when capped.
     let mut results: Vec<(&str, Hook, Option<f64>)> = Vec::new();

@@ -37,11 +37,7 @@ fn build_sampling_hook(tf: &TestFleet, expr: &str) -> (String, f64, u64) {
 /// free space first). `import-method = "restore"` (streams on every version; held-locks
 /// switches to it above 64 MiB anyway).
 pub fn bench_large_output_imports_with_flat_memory() {
-    let gib: u64 = std::env::var("FERRY_BENCH_GIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&g| g > 0)
-        .unwrap_or(4);
+    let gib: u64 = ferry_integration::env_number("FERRY_BENCH_GIB", 1, 4);
     let bytes = gib << 30;
     let tf = start(Hook::Ferry, 1, 1, "import-method = \"restore\"");
     let free = fs_free(&tf.client.nix_path("/nix/store"));

@@ -11,10 +11,7 @@ use std::time::Instant;
 /// `dev/bench probe_latency`;
 /// `FERRY_HOOK_BIN=target/release/ferry-build-hook` measures a release build of the hook.
 pub fn bench_probe_latency_russh_vs_openssh() {
-    let rounds: usize = std::env::var("FERRY_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let rounds: usize = ferry_integration::env_number("FERRY_BENCH_ROUNDS", 0, 20);
     let dir = tempfile::tempdir().expect("tmp");
     let config = |t: &str| {
         let p = dir.path().join(format!("{t}.toml"));

@@ -118,8 +118,7 @@ pub fn bench_upload_vs_nix_copy() {
     let nix_copy = t.elapsed();
 
     let t = Instant::now();
-    let mut d = ferry.command(&fleet.client, &["daemon", "--drain"]);
-    run(&mut d).expect("ferry daemon --drain");
+    ferry.drain(&fleet);
     let fy = t.elapsed();
     assert!(missing_narinfos(&ferry.file_cache, &paths).is_empty());
     let mib = nar_bytes as f64 / (1024.0 * 1024.0);

@@ -20,10 +20,7 @@ pub fn bench_substituter_against_direct_upstream() {
         eprintln!("bench_substituter_against_direct_upstream: runs with this machine's Nix only");
         return;
     }
-    let keys_dir = tempfile::tempdir().expect("tempdir");
-    let key = generate_key(keys_dir.path(), "ferry-test-cache-1");
-    let mut fleet = fleet(&key.public);
-    add_producer(&mut fleet);
+    let (mut fleet, key, _keys) = producer_fleet();
     let dir = fleet.root.path().join("cache-good");
     // Nine small closures' paths (for cold lookups) and one 64 MiB NAR.
     let mut small = Vec::new();
@@ -153,10 +150,7 @@ fn timed_realise(
 /// behind Ferry (upstreams black-holed then healthy), and the healthy cache alone as the
 /// floor, in the same run.
 pub fn bench_dead_first_cache_stock_vs_ferry() {
-    let keys_dir = tempfile::tempdir().expect("tempdir");
-    let key = generate_key(keys_dir.path(), "ferry-test-cache-1");
-    let mut fleet = fleet(&key.public);
-    add_producer(&mut fleet);
+    let (mut fleet, key, _keys) = producer_fleet();
     let dir = fleet.root.path().join("cache-good");
     let mut paths = Vec::new();
     for _ in 0..3 {

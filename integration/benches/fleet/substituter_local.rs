@@ -28,8 +28,7 @@ pub fn bench_local_store_against_nginx_and_nix_copy() {
         );
         return;
     }
-    let keys = tempfile::tempdir().expect("tempdir");
-    let key = generate_key(keys.path(), "nas-1");
+    let (key, _keys) = temp_key("nas-1");
     let mut fleet = nas_fleet();
     let small = build_on_producer(&fleet, &producer_only_drv(&nonce(), 1000));
     let big = build_on_producer(&fleet, &producer_only_drv(&nonce(), 64 << 20));

@@ -1,7 +1,7 @@
 //! Fixtures for the health tests: a fleet whose daemon runs `ferry-build-hook` (or the stock
 //! hook) with a Ferry configuration file, timed builds, and `ferry-build-hook status`.
 
-use crate::{Fleet, FleetConfig, ferry_bin, trivial_drv};
+use crate::{Fleet, FleetConfig, chain_drv, check, ferry_bin, nonce, out_paths, trivial_drv};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,58 @@ impl std::ops::DerefMut for TestFleet {
     fn deref_mut(&mut self) -> &mut Fleet {
         &mut self.fleet
     }
+}
+
+/// [`timed_build`] that must finish within `limit` and succeed (else the daemon's log is
+/// shown); `what` names the build in a failure.
+pub fn timed_build_ok(
+    f: &Fleet,
+    expr: &str,
+    args: &[&str],
+    limit: Duration,
+    what: &str,
+) -> (Output, Duration) {
+    let (out, t) = timed_build(f, expr, args, limit);
+    let out = out.unwrap_or_else(|| panic!("{what} timed out"));
+    check(&out, what).unwrap_or_else(|e| panic!("{e}\n{}", f.daemon_log()));
+    (out, t)
+}
+
+/// `nix-build ARGS` of `expr` on the client: it must succeed (else the daemon's log is shown;
+/// `what` names the build). Returns its first output.
+pub fn build_one(fleet: &Fleet, expr: &str, args: &[&str], what: &str) -> String {
+    let out = fleet.nix_build(expr, args);
+    check(&out, what).unwrap_or_else(|e| panic!("{e}\n{}", fleet.daemon_log()));
+    out_paths(&out).remove(0)
+}
+
+/// Checks that `path` was built on builder `on` and not on builder `off`; `what` names the
+/// build in a failure (`{what} not on b{on}`, `{what} on b{off}`).
+pub fn assert_built_on(fleet: &Fleet, path: &str, on: usize, off: usize, what: &str) {
+    assert!(
+        fleet.builders[on].has_store_path(path),
+        "{what} not on b{on}"
+    );
+    assert!(
+        !fleet.builders[off].has_store_path(path),
+        "{what} on b{off}"
+    );
+}
+
+/// `nix-build -j0` of a new two-level chain on the client (the client may not build, so the
+/// hook must offload it): it must succeed (else the daemon's log is shown; `what` names the
+/// build), give one output, and that output must be in builder 0's store. Returns it.
+pub fn build_chain_remotely(fleet: &Fleet, what: &str) -> String {
+    let out = fleet.nix_build(&chain_drv(&nonce()), &["-j0"]);
+    check(&out, what).unwrap_or_else(|e| panic!("{e}\ndaemon log:\n{}", fleet.daemon_log()));
+    let mut paths = out_paths(&out);
+    assert_eq!(paths.len(), 1, "{paths:?}");
+    let top = paths.remove(0);
+    assert!(
+        fleet.builders[0].has_store_path(&top),
+        "{what}: {top} not built on b0"
+    );
+    top
 }
 
 /// A fleet with `builders` builders of `slots` slots; `ferry_toml` is the `[build-hook]`

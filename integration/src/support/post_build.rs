@@ -9,8 +9,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use super::s3::*;
+pub use super::substitution::*;
 
 pub const NGINX_PORT: u16 = 8080;
+
+/// What `ferry-post-build status` says once every job is done and none is dead-lettered.
+pub const QUEUE_DONE: &str = "queued jobs: 0 (0 retrying), dead letters: 0";
 
 /// The `ferry-post-build` under test: `FERRY_POST_BUILD_BIN` (benchmarks point it at a
 /// release build) or this build's.
@@ -39,13 +43,7 @@ impl Ferry {
             .tempdir()
             .expect("tempdir");
         let secret_key = dir.path().join("cache.sec");
-        let out = Command::new(post_build_bin())
-            .args(["keygen", "ferry-test-1", "--secret-file"])
-            .arg(&secret_key)
-            .output()
-            .expect("keygen");
-        check(&out, "ferry-post-build keygen").unwrap_or_else(|e| panic!("{e}"));
-        let public_key = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let public_key = keygen("ferry-test-1", &secret_key);
         let f = Ferry {
             config: dir.path().join("ferry.toml"),
             state: dir.path().join("state"),
@@ -81,7 +79,12 @@ impl Ferry {
     /// A fleet whose client daemon runs `ferry-post-build` as its post-build hook (with this
     /// config in its environment) and Ferry's build hook.
     pub fn fleet(&self, builders: usize) -> Fleet {
-        Fleet::start(FleetConfig {
+        Fleet::start(self.fleet_config(builders)).expect("fleet")
+    }
+
+    /// The configuration [`Ferry::fleet`] starts, to change (another Nix, say) first.
+    pub fn fleet_config(&self, builders: usize) -> FleetConfig {
+        FleetConfig {
             builders,
             max_jobs_per_builder: 2,
             client_conf: format!(
@@ -91,8 +94,7 @@ impl Ferry {
             ),
             daemon_env: vec![("FERRY_CONFIG".into(), self.config.display().to_string())],
             ..Default::default()
-        })
-        .expect("fleet")
+        }
     }
 
     /// `ferry-post-build ARGS` on `host` (its store, its network), with this config.
@@ -102,6 +104,12 @@ impl Ferry {
             .env("FERRY_CONFIG", &self.config)
             .env("RUST_LOG", "info");
         c
+    }
+
+    /// `ferry-post-build daemon --drain` on the client: uploads what is queued, then exits.
+    pub fn drain(&self, fleet: &Fleet) {
+        let mut d = self.command(&fleet.client, &["daemon", "--drain"]);
+        run(&mut d).expect("ferry-post-build daemon --drain");
     }
 
     /// Starts the uploader on the client; its log goes to `state/../uploader.log`.
@@ -132,6 +140,11 @@ impl Ferry {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Waits until `status` shows an empty queue and no dead letters ([`QUEUE_DONE`]).
+    pub fn wait_queue_done(&self, fleet: &Fleet, what: &str, timeout: Duration) {
+        wait_for(what, timeout, || self.status(fleet).contains(QUEUE_DONE));
+    }
+
     pub fn gc_roots(&self, fleet: &Fleet) -> Vec<String> {
         std::fs::read_dir(fleet.client.nix_path("/nix/var/nix/gcroots/ferry"))
             .map(|rd| {
@@ -141,6 +154,25 @@ impl Ferry {
             })
             .unwrap_or_default()
     }
+}
+
+/// `ferry-post-build keygen NAME --secret-file SECRET_FILE`; returns the public key it
+/// prints.
+pub fn keygen(name: &str, secret_file: &Path) -> String {
+    let out = Command::new(post_build_bin())
+        .args(["keygen", name, "--secret-file"])
+        .arg(secret_file)
+        .output()
+        .expect("keygen");
+    check(&out, "ferry-post-build keygen").unwrap_or_else(|e| panic!("{e}"));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A LAN host `cache` running [`start_nginx`]; returns its `www` directory and its URL.
+pub fn add_nginx_cache(fleet: &mut Fleet) -> (PathBuf, String) {
+    let www = start_nginx(fleet.add_host("cache").expect("cache host"));
+    let url = format!("http://{}:{NGINX_PORT}", fleet.host("cache").addr);
+    (www, url)
 }
 
 /// nginx with WebDAV PUT on `host`, serving and storing under `<host dir>/www`.
@@ -172,6 +204,53 @@ pub fn wait_for(what: &str, timeout: Duration, ok: impl FnMut() -> bool) {
     crate::wait_until(what, timeout, ok).unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// Waits until every path of `paths` has a narinfo in each cache directory of `dirs`.
+pub fn wait_uploaded<'a>(
+    what: &str,
+    timeout: Duration,
+    dirs: &[&Path],
+    paths: impl IntoIterator<Item = &'a String> + Clone,
+) {
+    wait_for(what, timeout, || {
+        dirs.iter()
+            .all(|d| missing_narinfos(d, paths.clone()).is_empty())
+    });
+}
+
+/// Checks that `status` lists every path of `paths` as a dead letter (a line
+/// `  PATH: dead since …`) whose line holds each of `needles`; `what` says what the line
+/// should show in a failure.
+pub fn assert_dead_letters<'a>(
+    status: &str,
+    paths: impl IntoIterator<Item = &'a String>,
+    needles: &[&str],
+    what: &str,
+) {
+    for p in paths {
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with(&format!("  {p}: dead since "))
+                    && needles.iter().all(|n| l.contains(n))),
+            "{p} is not a dead letter with {what}:\n{status}"
+        );
+    }
+}
+
+/// Runs `nix-store --gc` on the client and checks that every path of `paths` survived it
+/// (the uploader's GC roots hold them while they are `why`).
+pub fn gc_keeps<'a>(fleet: &Fleet, paths: impl IntoIterator<Item = &'a String>, why: &str) {
+    let mut gc = fleet.client_command("nix-store");
+    gc.arg("--gc");
+    run(&mut gc).expect("nix-store --gc");
+    for p in paths {
+        assert!(
+            fleet.client.has_store_path(p),
+            "{p} was collected while {why}"
+        );
+    }
+}
+
 /// The closure of `paths` in the client's store.
 pub fn closure(fleet: &Fleet, paths: &[String]) -> BTreeSet<String> {
     let mut c = fleet.client_command("nix-store");
@@ -186,6 +265,12 @@ pub fn closure(fleet: &Fleet, paths: &[String]) -> BTreeSet<String> {
 pub fn hash_part(store_path: &str) -> &str {
     let base = store_path.rsplit('/').next().unwrap_or_default();
     &base[..32.min(base.len())]
+}
+
+/// The narinfo of `store_path` in the cache directory `dir`.
+pub fn read_narinfo(dir: &Path, store_path: &str) -> String {
+    let file = dir.join(format!("{}.narinfo", hash_part(store_path)));
+    std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()))
 }
 
 /// Which of `paths` have a narinfo in the cache directory `dir`.
@@ -438,44 +523,12 @@ pub fn shape_towards(fleet: &Fleet, role: &str, rate: Option<&str>) {
     }
 }
 
-/// Adds a client host `role` whose daemon substitutes only from `url` (a Ferry on its own
-/// 127.0.0.1, or a cache), with signatures required and `public_key` trusted.
-pub fn add_substituting_client(fleet: &mut Fleet, role: &str, url: &str, public_key: &str) {
-    let h = fleet.add_client(role).expect("client host");
-    h.write_nix_conf(&format!(
-        "substituters = {url}\ntrusted-substituters = {url}\nrequire-sigs = true\n\
-         trusted-public-keys = {public_key}\nconnect-timeout = 5\nstalled-download-timeout = 30\n"
-    ))
-    .expect("nix.conf");
-    h.start_nix_daemon(&[]).expect("client daemon");
-}
-
-/// Realises `outputs` on `host` (from its substituters: nothing builds there) and checks that
-/// every path of `expected` is in its store and passes `nix-store --verify-path`.
-pub fn realise_and_verify<'a>(
-    host: &Host,
-    outputs: &[String],
-    expected: impl IntoIterator<Item = &'a String>,
-    what: &str,
-) {
-    let mut r = host.nix_command("nix-store");
-    r.arg("--realise").args(outputs);
-    let out = r.output().expect("nix-store --realise");
-    check(&out, what).unwrap_or_else(|e| panic!("{e}"));
-    for p in expected {
-        assert!(host.has_store_path(p), "{what}: {p} not substituted");
-        let mut v = host.nix_command("nix-store");
-        v.args(["--verify-path", p]);
-        run(&mut v).unwrap_or_else(|e| panic!("{what}: verify {p}: {e}"));
-    }
-}
-
 /// Port of the substituter [`add_client_behind_substituter`] starts (private to the
 /// client's namespace).
 pub const SUBSTITUTER_PORT: u16 = 37516;
 
 /// A client host `role` that substitutes only through its own `ferry-substituter` with one
-/// upstream (`upstream_toml`, see [`Substituter::start`]), signatures required.
+/// upstream (`upstream_toml`, see [`start_substituter`]), signatures required.
 pub fn add_client_behind_substituter(
     fleet: &mut Fleet,
     role: &str,
@@ -485,66 +538,61 @@ pub fn add_client_behind_substituter(
 ) -> Substituter {
     let url = format!("http://127.0.0.1:{SUBSTITUTER_PORT}");
     add_substituting_client(fleet, role, &url, public_key);
-    Substituter::start(fleet.host(role), dir, SUBSTITUTER_PORT, upstream_toml)
+    start_substituter(fleet.host(role), dir, SUBSTITUTER_PORT, upstream_toml)
 }
 
 /// A `ferry-substituter` running in a host's namespaces; killed on drop.
-pub struct Substituter {
-    child: Child,
-    pub log: PathBuf,
-}
+pub type Substituter = super::substituter::Ferry;
 
-impl Drop for Substituter {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Substituter {
-    /// Starts it on `host`'s 127.0.0.1:`port` with one upstream (`upstream_toml`: the body of
-    /// its `[[substituter.upstream]]` table); config and log go in `dir`. Waits until it
-    /// listens.
-    pub fn start(host: &Host, dir: &Path, port: u16, upstream_toml: &str) -> Substituter {
-        let conf = dir.join(format!("substituter-{port}.toml"));
-        std::fs::write(
-            &conf,
-            format!(
-                "[substituter]\nlisten = \"127.0.0.1:{port}\"\n[[substituter.upstream]]\n{upstream_toml}"
-            ),
-        )
-        .expect("substituter config");
-        let log = dir.join(format!("substituter-{port}.log"));
-        let logf = std::fs::File::create(&log).expect("log");
-        let child = host
-            .command(&ferry_bin("ferry-substituter").to_string_lossy())
-            .env("FERRY_CONFIG", &conf)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().expect("log"))
-            .stderr(logf)
-            .spawn()
-            .expect("ferry-substituter");
-        let s = Substituter { child, log };
-        wait_for("the substituter to listen", Duration::from_secs(10), || {
-            crate::listening(host, port)
-        });
-        s
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
+/// Starts a `ferry-substituter` on `host`'s 127.0.0.1:`port` with one upstream
+/// (`upstream_toml`: the body of its `[[substituter.upstream]]` table); config and log go in
+/// `dir`. Waits until it listens.
+fn start_substituter(host: &Host, dir: &Path, port: u16, upstream_toml: &str) -> Substituter {
+    let conf = dir.join(format!("substituter-{port}.toml"));
+    std::fs::write(
+        &conf,
+        format!(
+            "[substituter]\nlisten = \"127.0.0.1:{port}\"\n[[substituter.upstream]]\n{upstream_toml}"
+        ),
+    )
+    .expect("substituter config");
+    let log = dir.join(format!("substituter-{port}.log"));
+    let logf = std::fs::File::create(&log).expect("log");
+    let child = host
+        .command(&ferry_bin("ferry-substituter").to_string_lossy())
+        .env("FERRY_CONFIG", &conf)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone().expect("log"))
+        .stderr(logf)
+        .spawn()
+        .expect("ferry-substituter");
+    let s = Substituter::adopt(child, log);
+    wait_for("the substituter to listen", Duration::from_secs(10), || {
+        crate::listening(host, port)
+    });
+    s
 }
 
 pub fn build(fleet: &crate::Fleet, expr: &str, args: &[&str], what: &str) -> Vec<String> {
     let out = fleet.nix_build(expr, args);
     check(&out, what).unwrap_or_else(|e| panic!("{e}\ndaemon log:\n{}", fleet.daemon_log()));
     crate::out_paths(&out)
+}
+
+/// `nix-build` arguments that build on the client itself: one job, no builders.
+pub const LOCAL_ONLY: [&str; 3] = ["-j1", "--builders", ""];
+
+/// Builds each `(expression, what)` in turn on the client alone ([`LOCAL_ONLY`]); returns
+/// every output of the derivations built ([`all_outputs`]) and the closure of those.
+pub fn build_locally(fleet: &Fleet, exprs: &[(String, &str)]) -> (Vec<String>, BTreeSet<String>) {
+    let mut built = Vec::new();
+    for (expr, what) in exprs {
+        built.extend(build(fleet, expr, &LOCAL_ONLY, what));
+    }
+    let outputs = all_outputs(fleet, &built);
+    let expected = closure(fleet, &outputs);
+    (outputs, expected)
 }
 
 /// `n` trivial derivations in one list expression, named after `tag`.
@@ -614,7 +662,7 @@ pub fn wait_for_done(ferry: &Ferry, fleet: &crate::Fleet) {
     loop {
         let status = ferry.status(fleet);
         let roots = ferry.gc_roots(fleet);
-        if status.contains("queued jobs: 0 (0 retrying), dead letters: 0") && roots.is_empty() {
+        if status.contains(QUEUE_DONE) && roots.is_empty() {
             return;
         }
         assert!(

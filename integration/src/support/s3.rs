@@ -3,7 +3,7 @@
 //! uploader's status.
 
 use super::post_build::wait_listening;
-use crate::{Host, run};
+use crate::{Fleet, Host, run};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -161,6 +161,49 @@ pub fn s3_key_files_toml(id_file: &Path, secret_file: &Path) -> String {
         id_file.display(),
         secret_file.display()
     )
+}
+
+/// `url = URL` and `extra` lines, then the key files ([`s3_key_files_toml`]): the body of a
+/// `[[substituter.upstream]]` table for an S3 bucket.
+pub fn s3_upstream_toml(url: &str, extra: &str, id_file: &Path, secret_file: &Path) -> String {
+    format!(
+        "url = \"{url}\"\n{extra}{}",
+        s3_key_files_toml(id_file, secret_file)
+    )
+}
+
+/// Writes `dir/s3-id` and `dir/s3-secret` (each value and a newline); returns their paths.
+pub fn write_s3_key_files(dir: &Path, key_id: &str, secret: &str) -> (PathBuf, PathBuf) {
+    let id_file = dir.join("s3-id");
+    let secret_file = dir.join("s3-secret");
+    std::fs::write(&id_file, format!("{key_id}\n")).expect("id");
+    std::fs::write(&secret_file, format!("{secret}\n")).expect("secret");
+    (id_file, secret_file)
+}
+
+/// A moto bucket on its own LAN host `s3` ([`start_moto_bucket`]).
+pub struct MotoBucket {
+    pub endpoint: String,
+    pub key_id: String,
+    pub secret: String,
+}
+
+/// Adds a LAN host `s3` running moto ([`start_moto`]) and sets up `bucket` there
+/// ([`moto_setup`]).
+pub fn start_moto_bucket(
+    fleet: &mut Fleet,
+    python: &Path,
+    bucket: &str,
+    access: BucketAccess,
+    upload: Option<&Path>,
+) -> MotoBucket {
+    let endpoint = start_moto(fleet.add_host("s3").expect("s3 host"), python);
+    let (key_id, secret) = moto_setup(fleet.host("s3"), python, &endpoint, bucket, access, upload);
+    MotoBucket {
+        endpoint,
+        key_id,
+        secret,
+    }
 }
 
 /// `(parts done, parts)` of the multipart upload `ferry-post-build status` lists, if any.

@@ -48,6 +48,23 @@ pub fn generate_key(dir: &Path, name: &str) -> Key {
     }
 }
 
+/// A new key pair `name` in a temporary directory, which is returned too: the key files
+/// last as long as it does.
+pub fn temp_key(name: &str) -> (Key, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    (generate_key(dir.path(), name), dir)
+}
+
+/// The start of most substituter tests: a new key `ferry-test-cache-1` ([`temp_key`]; keep
+/// its directory, the third value), a fleet whose client trusts only it ([`fleet`]), and the
+/// producer host ([`add_producer`]).
+pub fn producer_fleet() -> (Fleet, Key, tempfile::TempDir) {
+    let (key, keys_dir) = temp_key("ferry-test-cache-1");
+    let mut fleet = fleet(&key.public);
+    add_producer(&mut fleet);
+    (fleet, key, keys_dir)
+}
+
 /// The client daemon's nix.conf additions: Ferry as the only substituter, signatures required,
 /// short daemon-side download time-outs so a hang would fail a test quickly (docs/testing.md §2: the 2.8
 /// daemon ignores these from clients).
@@ -159,7 +176,7 @@ fn wait_listening(h: &Host, port: u16) {
     crate::wait_listening(h, port).unwrap_or_else(|e| panic!("{e}"));
 }
 
-/// A running ferry-substituter in the client's namespace; killed on drop.
+/// A running ferry-substituter (in the client's namespace, or a host's); killed on drop.
 pub struct Ferry {
     child: Child,
     pub log: PathBuf,
@@ -173,6 +190,15 @@ impl Drop for Ferry {
 }
 
 impl Ferry {
+    /// Takes charge of a started `ferry-substituter` whose output goes to `log`.
+    pub(crate) fn adopt(child: Child, log: PathBuf) -> Ferry {
+        Ferry { child, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -271,6 +297,20 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
 }
 
+/// Checks that metric `name` (labels included, see [`metric`]) is `want` in `/metrics` text
+/// `m`; a failure shows the value and every metric.
+pub fn assert_metric_eq(m: &str, name: &str, want: f64) {
+    let got = metric(m, name);
+    assert_eq!(got, want, "{name}:\n{m}");
+}
+
+/// Checks that metric `name` (labels included, see [`metric`]) is at least `min` in
+/// `/metrics` text `m`; a failure shows the value and every metric.
+pub fn assert_metric_at_least(m: &str, name: &str, min: f64) {
+    let got = metric(m, name);
+    assert!(got >= min, "{name} is {got}, below {min}:\n{m}");
+}
+
 /// Fails if nix-build's stderr shows any sign of trouble with the substituter.
 pub fn assert_quiet(stderr: &str, what: &str) {
     let lower = stderr.to_lowercase();
@@ -297,6 +337,37 @@ pub fn client_build(fleet: &Fleet, expr: &str) -> (Output, String, Duration) {
     (out, stderr, elapsed)
 }
 
+/// `nix-build` of `expr` on the client through Ferry: it must succeed (else the daemon's and
+/// Ferry's logs are shown; `what` names the build), substitute from Ferry, and print no
+/// warning or error (`quiet` names the case). Returns the output and the time it took.
+pub fn substitute_through_ferry(
+    fleet: &Fleet,
+    ferry: &Ferry,
+    expr: &str,
+    what: &str,
+    quiet: &str,
+) -> (Output, Duration) {
+    let (out, stderr, elapsed) = client_build(fleet, expr);
+    check(&out, what).unwrap_or_else(|e| {
+        panic!(
+            "{e}\ndaemon log:\n{}\nferry log:\n{}",
+            fleet.daemon_log(),
+            ferry.log_text()
+        )
+    });
+    assert!(
+        substituted_from_ferry(&stderr),
+        "{what}: not substituted from Ferry:\n{stderr}"
+    );
+    assert_quiet(&stderr, quiet);
+    (out, elapsed)
+}
+
+/// Whether nix-build's stderr says it copied a path from Ferry.
+pub fn substituted_from_ferry(stderr: &str) -> bool {
+    stderr.contains(&format!("from '{}'", ferry_url()))
+}
+
 /// The narinfo file name of a store path: `<hash part>.narinfo`.
 pub fn narinfo_name(store_path: &str) -> String {
     let base = store_path.rsplit('/').next().unwrap_or(store_path);
@@ -320,6 +391,17 @@ pub fn nas_fleet() -> Fleet {
     .expect("fleet");
     add_producer(&mut fleet);
     fleet
+}
+
+/// A NAS serving its store signed with a new key `nas-1` ([`start_nas_ferry`]) and a laptop
+/// trusting that key ([`add_laptop`]). Returns the fleet, the key, the key's directory
+/// (keep it) and the NAS's Ferry log.
+pub fn nas_and_laptop() -> (Fleet, Key, tempfile::TempDir, PathBuf) {
+    let (key, keys_dir) = temp_key("nas-1");
+    let mut fleet = nas_fleet();
+    let nas_log = start_nas_ferry(&mut fleet, &key.secret);
+    add_laptop(&mut fleet, &key.public);
+    (fleet, key, keys_dir, nas_log)
 }
 
 /// Ferry on the NAS, on its LAN address, serving its store signed with `secret`.

@@ -3,7 +3,8 @@
 //!
 //! These tests need root (network and mount namespaces); CI runs them as root.
 
-use ferry_integration::{Fleet, FleetConfig, chain_drv, check, nonce, out_paths, trivial_drv};
+use ferry_integration::support::hook::build_chain_remotely;
+use ferry_integration::{Fleet, FleetConfig, check, nonce, out_paths, trivial_drv};
 use std::process::Command;
 
 fn namespaces() -> String {
@@ -20,18 +21,9 @@ fn namespaces() -> String {
 #[test]
 fn stock_build_remote_offloads_a_two_level_closure() {
     let fleet = Fleet::start(FleetConfig::default()).expect("fleet");
-    // -j0: the client may not build locally, so the build must go through the stock hook.
-    let out = fleet.nix_build(&chain_drv(&nonce()), &["-j0"]);
-    check(&out, "nix-build through stock build-remote")
-        .unwrap_or_else(|e| panic!("{e}\ndaemon log:\n{}", fleet.daemon_log()));
-    let paths = out_paths(&out);
-    assert_eq!(paths.len(), 1, "{paths:?}");
-    let top = &paths[0];
-    // Built on the builder: the output and its whole closure exist in the builder's store.
-    assert!(
-        fleet.builders[0].has_store_path(top),
-        "{top} not built on b0"
-    );
+    // -j0: the client may not build locally, so the build must go through the stock hook;
+    // built on the builder: the output and its whole closure exist in the builder's store.
+    let top = &build_chain_remotely(&fleet, "nix-build through stock build-remote");
     // Valid on the client, with the references the build recorded.
     let refs = fleet
         .client_command("nix-store")

@@ -3,6 +3,7 @@
 //!
 //! These tests need root (network and mount namespaces); CI runs them as root.
 
+use ferry_integration::support::hook::{assert_built_on, build_chain_remotely, build_one};
 use ferry_integration::{
     Fleet, FleetConfig, SYSTEM, chain_drv, check, ferry_bin, nonce, out_paths, stdout_of,
     trivial_drv,
@@ -31,15 +32,9 @@ fn fleet(hook: Hook, builders: usize, slots: u32) -> Fleet {
 
 fn chain_closure_builds_remotely(hook: Hook) {
     let fleet = fleet(hook, 1, 2);
-    let out = fleet.nix_build(&chain_drv(&nonce()), &["-j0"]);
-    check(&out, &format!("{hook:?}: nix-build of a two-level closure"))
-        .unwrap_or_else(|e| panic!("{e}\ndaemon log:\n{}", fleet.daemon_log()));
-    let paths = out_paths(&out);
-    assert_eq!(paths.len(), 1, "{paths:?}");
-    let top = &paths[0];
-    assert!(
-        fleet.builders[0].has_store_path(top),
-        "{hook:?}: {top} not built on b0"
+    let top = &build_chain_remotely(
+        &fleet,
+        &format!("{hook:?}: nix-build of a two-level closure"),
     );
 
     // Same NAR hash on both sides.
@@ -83,9 +78,7 @@ fn chain_closure_builds_remotely(hook: Hook) {
         r#"builtins.derivation {{ name = "ferry-logs-{n}"; system = "{SYSTEM}"; builder = "/bin/sh"; args = [ "-c" "echo {marker}; echo done > $out" ]; PATH = "/usr/bin:/bin"; }}"#,
         n = nonce()
     );
-    let out = fleet.nix_build(&expr, &["-j0"]);
-    check(&out, "build that logs").unwrap_or_else(|e| panic!("{e}\n{}", fleet.daemon_log()));
-    let p = &out_paths(&out)[0];
+    let p = &build_one(&fleet, &expr, &["-j0"], "build that logs");
     assert!(fleet.builders[0].has_store_path(p));
     let mut l = fleet.client_command("nix-store");
     l.args(["-l", p]);
@@ -108,12 +101,13 @@ fn chain_closure_builds_remotely_ferry() {
 
 fn remote_failure_is_reported(hook: Hook) {
     let fleet = fleet(hook, 1, 2);
-    let ok = fleet.nix_build(&trivial_drv(&nonce(), "fine"), &["-j0"]);
-    check(&ok, "healthy -j0 build").unwrap_or_else(|e| panic!("{e}\n{}", fleet.daemon_log()));
-    assert!(
-        fleet.builders[0].has_store_path(&out_paths(&ok)[0]),
-        "not built remotely"
+    let ok = build_one(
+        &fleet,
+        &trivial_drv(&nonce(), "fine"),
+        &["-j0"],
+        "healthy -j0 build",
     );
+    assert!(fleet.builders[0].has_store_path(&ok), "not built remotely");
 
     let marker = format!("ferry-fail-marker-{}", nonce());
     let expr = format!(
@@ -169,31 +163,14 @@ fn route_by_system_and_features(hook: Hook) {
     let with_feature = format!(
         r#"builtins.derivation {{ name = "ferry-feat-{n}"; system = "{SYSTEM}"; builder = "/bin/sh"; args = [ "-c" "echo f > $out" ]; PATH = "/usr/bin:/bin"; requiredSystemFeatures = [ "ferry-feature" ]; }}"#
     );
-    let out = fleet.nix_build(&with_feature, &["-j0"]);
-    check(&out, "feature build").unwrap_or_else(|e| panic!("{e}\n{}", fleet.daemon_log()));
-    let p = &out_paths(&out)[0];
-    assert!(
-        fleet.builders[1].has_store_path(p),
-        "{hook:?}: feature build not on b1"
-    );
-    assert!(
-        !fleet.builders[0].has_store_path(p),
-        "{hook:?}: feature build on b0"
-    );
+    let p = build_one(&fleet, &with_feature, &["-j0"], "feature build");
+    assert_built_on(&fleet, &p, 1, 0, &format!("{hook:?}: feature build"));
 
     // Without the feature, b1 (mandatory) is not eligible: everything goes to b0.
     for k in 0..2 {
-        let out = fleet.nix_build(&trivial_drv(&format!("{n}-plain{k}"), "p"), &["-j0"]);
-        check(&out, "plain build").unwrap_or_else(|e| panic!("{e}\n{}", fleet.daemon_log()));
-        let p = &out_paths(&out)[0];
-        assert!(
-            fleet.builders[0].has_store_path(p),
-            "{hook:?}: plain build not on b0"
-        );
-        assert!(
-            !fleet.builders[1].has_store_path(p),
-            "{hook:?}: plain build on b1"
-        );
+        let expr = trivial_drv(&format!("{n}-plain{k}"), "p");
+        let p = build_one(&fleet, &expr, &["-j0"], "plain build");
+        assert_built_on(&fleet, &p, 0, 1, &format!("{hook:?}: plain build"));
     }
 
     // A system only b0 has, built with `-j0` and no way to run it: the stock test for

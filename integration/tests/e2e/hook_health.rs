@@ -14,8 +14,8 @@ use ferry_integration::support::hook as hook_health_support;
 
 use ferry_integration::{check, nonce, out_paths, trivial_drv};
 use hook_health_support::{
-    Hook, hook_command, install_script, machine_line_with, many, many_slow, row, settled_row,
-    start, status, timed_build, write_machines,
+    Hook, assert_built_on, hook_command, install_script, machine_line_with, many, many_slow, row,
+    settled_row, start, status, timed_build, timed_build_ok, write_machines,
 };
 use std::time::Duration;
 
@@ -40,9 +40,7 @@ fn built_on(f: &ferry_integration::Fleet, paths: &[String]) -> Vec<Vec<usize>> {
 fn blackholed_builder_is_skipped_and_remembered_across_runs() {
     let tf = start(Hook::Ferry, 2, 2, "backoff-base-secs = 120");
     tf.blackhole(0).expect("blackhole");
-    let (out, t1) = timed_build(&tf, &many(&nonce(), 5), &["-j0"], LIMIT);
-    let out = out.expect("first run timed out");
-    check(&out, "first run").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    let (out, t1) = timed_build_ok(&tf, &many(&nonce(), 5), &["-j0"], LIMIT, "first run");
     let paths = out_paths(&out);
     assert_eq!(paths.len(), 5);
     assert!(
@@ -67,9 +65,7 @@ fn blackholed_builder_is_skipped_and_remembered_across_runs() {
     let attempts = b0["attempts"].clone();
     assert_eq!(row(&tf, &rows, 1)["state"], "up");
 
-    let (out, t2) = timed_build(&tf, &many(&nonce(), 5), &["-j0"], LIMIT);
-    let out = out.expect("second run timed out");
-    check(&out, "second run").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    let (out, t2) = timed_build_ok(&tf, &many(&nonce(), 5), &["-j0"], LIMIT, "second run");
     assert!(built_on(&tf, &out_paths(&out)).iter().all(|on| on == &[1]));
     let b0 = row(&tf, &status(&tf), 0);
     assert_eq!(
@@ -92,9 +88,7 @@ fn builder_that_comes_back_is_used_again() {
         "backoff-base-secs = 1\nbackoff-cap-secs = 1",
     );
     tf.blackhole(0).expect("blackhole");
-    let (out, t) = timed_build(&tf, &many(&nonce(), 3), &["-j1"], LIMIT);
-    let out = out.expect("timed out");
-    check(&out, "local fallback").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    let (out, t) = timed_build_ok(&tf, &many(&nonce(), 3), &["-j1"], LIMIT, "local fallback");
     for p in out_paths(&out) {
         assert!(
             !tf.builders[0].has_store_path(&p),
@@ -107,9 +101,13 @@ fn builder_that_comes_back_is_used_again() {
 
     tf.heal(0).expect("heal");
     std::thread::sleep(Duration::from_millis(1500));
-    let (out, _) = timed_build(&tf, &trivial_drv(&nonce(), "back"), &["-j0"], LIMIT);
-    let out = out.expect("timed out");
-    check(&out, "build after recovery").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    let (out, _) = timed_build_ok(
+        &tf,
+        &trivial_drv(&nonce(), "back"),
+        &["-j0"],
+        LIMIT,
+        "build after recovery",
+    );
     let p = &out_paths(&out)[0];
     assert!(
         tf.builders[0].has_store_path(p),
@@ -140,9 +138,7 @@ fn refused_and_slow_builders_are_marked_down_with_the_reason() {
         tf.machine_line(2).expect("l2"),
     ];
     write_machines(&tf, &lines);
-    let (out, t) = timed_build(&tf, &many(&nonce(), 4), &["-j0"], LIMIT);
-    let out = out.expect("timed out");
-    check(&out, "build").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    let (out, t) = timed_build_ok(&tf, &many(&nonce(), 4), &["-j0"], LIMIT, "build");
     assert!(built_on(&tf, &out_paths(&out)).iter().all(|on| on == &[2]));
     assert!(t < Duration::from_secs(20), "took {t:?}");
     let (b0, b1) = (settled_row(&tf, 0), settled_row(&tf, 1));
@@ -218,9 +214,13 @@ fn all_builders_dead_fails_fast_with_reasons() {
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&p.stdout).expect("json");
     assert_eq!(row(&tf, &rows, 1)["state"], "up", "{rows:?}");
     assert_eq!(row(&tf, &rows, 0)["state"], "down", "{rows:?}");
-    let (out, _) = timed_build(&tf, &trivial_drv(&nonce(), "alive"), &["-j0"], LIMIT);
-    let out = out.expect("timed out");
-    check(&out, "build on the healed builder").unwrap_or_else(|e| panic!("{e}"));
+    let (out, _) = timed_build_ok(
+        &tf,
+        &trivial_drv(&nonce(), "alive"),
+        &["-j0"],
+        LIMIT,
+        "build on the healed builder",
+    );
     assert!(tf.builders[1].has_store_path(&out_paths(&out)[0]));
 }
 
@@ -242,12 +242,15 @@ fn copy_failure_after_accept_fails_over_to_another_builder() {
         tf.machine_line(1).expect("l1"),
     ];
     write_machines(&tf, &lines);
-    let (out, _) = timed_build(&tf, &trivial_drv(&nonce(), "over"), &["-j0"], LIMIT);
-    let out = out.expect("timed out");
-    check(&out, "build with failover").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    let (out, _) = timed_build_ok(
+        &tf,
+        &trivial_drv(&nonce(), "over"),
+        &["-j0"],
+        LIMIT,
+        "build with failover",
+    );
     let p = &out_paths(&out)[0];
-    assert!(tf.builders[1].has_store_path(p), "not built on b1");
-    assert!(!tf.builders[0].has_store_path(p), "built on b0");
+    assert_built_on(&tf, p, 1, 0, "the build with failover");
     let err = String::from_utf8_lossy(&out.stderr);
     let b0 = &tf.builders[0].addr;
     assert!(
@@ -299,10 +302,13 @@ fn transient_builder_error_after_accept_is_retried() {
             1,
         )],
     );
-    let (out, _) = timed_build(&tf, &trivial_drv(&nonce(), "busy"), &["-j0"], LIMIT);
-    let out = out.expect("timed out");
-    check(&out, "build after a busy database")
-        .unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    let (out, _) = timed_build_ok(
+        &tf,
+        &trivial_drv(&nonce(), "busy"),
+        &["-j0"],
+        LIMIT,
+        "build after a busy database",
+    );
     assert!(tf.builders[0].has_store_path(&out_paths(&out)[0]));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -325,9 +331,7 @@ fn transient_builder_error_after_accept_is_retried() {
 #[test]
 fn busy_builders_are_asked_again_when_a_build_ends_not_after_the_poll_interval() {
     let tf = start(Hook::Ferry, 1, 1, "");
-    let (out, _) = timed_build(&tf, &many(&nonce(), 4), &["-j0"], LIMIT);
-    let out = out.expect("timed out");
-    check(&out, "build").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    let (out, _) = timed_build_ok(&tf, &many(&nonce(), 4), &["-j0"], LIMIT, "build");
     let paths = out_paths(&out);
     assert_eq!(paths.len(), 4);
     assert!(built_on(&tf, &paths).iter().all(|on| on == &[0]));
@@ -359,9 +363,7 @@ fn known_full_builder_next_to_unknown_one_never_waits_for_a_machine() {
     assert_eq!(row(&tf, &rows, 0)["state"], "up");
     assert_eq!(row(&tf, &rows, 1)["state"], "unknown");
 
-    let (out, t) = timed_build(&tf, &many_slow(&nonce(), 5, 1), &["-j0"], LIMIT);
-    let out = out.expect("timed out");
-    check(&out, "build").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    let (out, t) = timed_build_ok(&tf, &many_slow(&nonce(), 5, 1), &["-j0"], LIMIT, "build");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("waiting for a machine"), "postponed: {err}");
     let on = built_on(&tf, &out_paths(&out));
@@ -381,9 +383,7 @@ fn known_full_builder_next_to_unknown_one_never_waits_for_a_machine() {
 fn blackholed_and_full_healthy_builder_never_waits_for_a_machine() {
     let tf = start(Hook::Ferry, 2, 2, "");
     tf.blackhole(0).expect("blackhole");
-    let (out, t) = timed_build(&tf, &many(&nonce(), 3), &["-j0"], LIMIT);
-    let out = out.expect("timed out");
-    check(&out, "build").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    let (out, t) = timed_build_ok(&tf, &many(&nonce(), 3), &["-j0"], LIMIT, "build");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("waiting for a machine"), "postponed: {err}");
     assert!(built_on(&tf, &out_paths(&out)).iter().all(|on| on == &[1]));

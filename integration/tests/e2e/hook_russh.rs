@@ -10,7 +10,7 @@ use ferry_integration::support::hook as hook_health_support;
 use ferry_integration::{SYSTEM, chain_drv, check, nonce, out_paths, trivial_drv};
 use hook_health_support::{
     Hook, TestFleet, hook_command, machine_line_with, row, settled_row, start, status, timed_build,
-    write_machines,
+    timed_build_ok, write_machines,
 };
 use std::time::{Duration, Instant};
 
@@ -56,9 +56,7 @@ fn russh_probes_find_dead_wrong_key_and_healthy_builders() {
     ];
     write_machines(&tf, &lines);
 
-    let (out, t) = timed_build(&tf, &trivial_drv(&nonce(), "rp"), &["-j0"], LIMIT);
-    let out = out.expect("timed out");
-    check(&out, "build").unwrap_or_else(|e| panic!("{e}\n{}", tf.daemon_log()));
+    let (out, t) = timed_build_ok(&tf, &trivial_drv(&nonce(), "rp"), &["-j0"], LIMIT, "build");
     let p = &out_paths(&out)[0];
     assert!(tf.builders[2].has_store_path(p), "not built on b2");
     assert!(tf.client.has_store_path(p));

@@ -52,15 +52,10 @@ fn large_output_on_every_path_at_flat_memory() {
     if !garage_or_skip("large_output_on_every_path_at_flat_memory") {
         return;
     }
-    let mib: u64 = std::env::var("FERRY_LARGE_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&m| m >= 16)
-        .unwrap_or(2048);
+    let mib: u64 = ferry_integration::env_number("FERRY_LARGE_MIB", 16, 2048);
     let ferry = Ferry::new();
     let mut fleet = ferry.fleet(1);
-    let www = start_nginx(fleet.add_host("cache").expect("cache host"));
-    let http = format!("http://{}:{NGINX_PORT}", fleet.host("cache").addr);
+    let (www, http) = add_nginx_cache(&mut fleet);
     let garage =
         Garage::start(&mut fleet, 1, "ferry-large").unwrap_or_else(|e| panic!("garage: {e:#}"));
     let (id_file, secret_file) = garage
@@ -114,7 +109,7 @@ fn large_output_on_every_path_at_flat_memory() {
             let status = ferry.status(&fleet);
             [&http, &s3].iter().all(|t| target_succeeded(&status, t))
                 && missing_narinfos(&ferry.file_cache, [&path]).is_empty()
-                && status.contains("queued jobs: 0 (0 retrying), dead letters: 0")
+                && status.contains(QUEUE_DONE)
         },
     );
     let upload_secs = t.elapsed().as_secs_f64();
@@ -135,17 +130,11 @@ fn large_output_on_every_path_at_flat_memory() {
         "client2",
         &ferry.public_key,
         ferry.dir.path(),
-        &format!(
-            "url = \"{}\"\n{}",
-            garage.s3_url(0),
-            s3_key_files_toml(&id_file, &secret_file)
-        ),
+        &s3_upstream_toml(&garage.s3_url(0), "", &id_file, &secret_file),
     );
     let client2 = fleet.host("client2");
     let t = Instant::now();
-    let mut r = client2.nix_command("nix-store");
-    r.arg("--realise").arg(&path);
-    let out = r.output().expect("nix-store --realise");
+    let out = realise(client2, [&path]);
     let substitute_secs = t.elapsed().as_secs_f64();
     let substituter_kib = peak_rss_kib(&ferry_bin("ferry-substituter"));
     let sub_log = sub.log_text();

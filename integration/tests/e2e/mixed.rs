@@ -89,24 +89,19 @@ use ferry_integration::support::post_build as post_build_support;
 /// Outputs built and uploaded by `ferry-post-build` on a `writer` Nix, substituted with
 /// `require-sigs` by a client on a `reader` Nix from the `file://` cache, and verified by it.
 fn cache_across_versions(writer: Nix, reader: Nix) {
-    use post_build_support::{Ferry, closure, missing_narinfos, post_build_bin, wait_for};
+    use post_build_support::{
+        Ferry, LOCAL_ONLY, closure, realise_and_verify, substitute_only_from, wait_uploaded,
+    };
     let ferry = Ferry::new();
     let mut fleet = Fleet::start(FleetConfig {
-        builders: 1,
-        client_conf: format!(
-            "post-build-hook = {}\nbuild-hook = {}",
-            post_build_bin().display(),
-            ferry_bin("ferry-build-hook").display()
-        ),
-        daemon_env: vec![("FERRY_CONFIG".into(), ferry.config.display().to_string())],
         client_nix: Some(writer.clone()),
         builder_nix: Some(writer.clone()),
-        ..Default::default()
+        ..ferry.fleet_config(1)
     })
     .expect("fleet");
     let mut uploader = ferry.start_uploader(&fleet);
     // One output built locally, one remotely through Ferry's hook: both are uploaded.
-    let local = fleet.nix_build(&chain_drv(&nonce()), &["-j1", "--builders", ""]);
+    let local = fleet.nix_build(&chain_drv(&nonce()), &LOCAL_ONLY);
     check(&local, "local build").unwrap_or_else(|e| panic!("{e}"));
     let remote = fleet.nix_build(&chain_drv(&nonce()), &["-j0"]);
     check(&remote, "remote build")
@@ -116,37 +111,27 @@ fn cache_across_versions(writer: Nix, reader: Nix) {
         .chain(out_paths(&remote))
         .collect();
     let expected = closure(&fleet, &outputs);
-    wait_for(
+    wait_uploaded(
         "every path uploaded",
         std::time::Duration::from_secs(60),
-        || missing_narinfos(&ferry.file_cache, &expected).is_empty(),
+        &[&ferry.file_cache],
+        &expected,
     );
     let _ = uploader.kill();
     let _ = uploader.wait();
 
     let reader_host = fleet.add_host_with("reader", &reader).expect("reader host");
-    reader_host
-        .write_nix_conf(&format!(
-            "require-sigs = true\ntrusted-public-keys = {}\nsubstituters = file://{}\n",
-            ferry.public_key,
-            ferry.file_cache.display()
-        ))
-        .expect("nix.conf");
-    reader_host.start_nix_daemon(&[]).expect("reader daemon");
-    let reader_host = fleet.host("reader");
-    let mut r = reader_host.nix_command("nix-store");
-    r.arg("--realise").args(&outputs);
-    let out = r.output().expect("nix-store --realise");
-    check(
-        &out,
+    substitute_only_from(
+        reader_host,
+        &format!("file://{}", ferry.file_cache.display()),
+        &ferry.public_key,
+    );
+    realise_and_verify(
+        fleet.host("reader"),
+        &outputs,
+        &expected,
         &format!("{reader} substitutes what {writer} uploaded"),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    for p in &expected {
-        let mut v = reader_host.nix_command("nix-store");
-        v.args(["--verify-path", p]);
-        stdout_of(v, &format!("{reader}: nix-store --verify-path {p}"));
-    }
+    );
 }
 
 #[test]

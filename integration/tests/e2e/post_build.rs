@@ -9,9 +9,7 @@
 
 use ferry_integration::support::post_build as post_build_support;
 
-use ferry_integration::{
-    SYSTEM, blackhole_port, chain_drv, check, ferry_bin, heal_host, nonce, run,
-};
+use ferry_integration::{SYSTEM, blackhole_port, chain_drv, ferry_bin, heal_host, nonce, run};
 use post_build_support::*;
 use std::collections::BTreeSet;
 use std::process::Stdio;
@@ -25,24 +23,27 @@ use std::time::{Duration, Instant};
 fn builds_are_uploaded_and_substituted_with_signatures() {
     let ferry = Ferry::new();
     let mut fleet = ferry.fleet(1);
-    let www = start_nginx(fleet.add_host("cache").expect("cache host"));
-    let cache_url = format!("http://{}:{NGINX_PORT}", fleet.host("cache").addr);
+    let (www, cache_url) = add_nginx_cache(&mut fleet);
     ferry.write_config(std::slice::from_ref(&cache_url));
     let _up = Uploader(ferry.start_uploader(&fleet));
 
-    let local = ["-j1", "--builders", ""];
     let mut built = Vec::new();
-    built.extend(build(&fleet, &chain_drv(&nonce()), &local, "local chain"));
+    built.extend(build(
+        &fleet,
+        &chain_drv(&nonce()),
+        &LOCAL_ONLY,
+        "local chain",
+    ));
     built.extend(build(
         &fleet,
         &trivial_list(6, "local"),
-        &local,
+        &LOCAL_ONLY,
         "local trivials",
     ));
     built.extend(build(
         &fleet,
         &multi_output("local"),
-        &local,
+        &LOCAL_ONLY,
         "local multi-output",
     ));
     let remote_chain = build(&fleet, &chain_drv(&nonce()), &["-j0"], "remote chain");
@@ -62,10 +63,12 @@ fn builds_are_uploaded_and_substituted_with_signatures() {
     let expected = closure(&fleet, &outputs);
     assert_eq!(expected.len(), 21, "{expected:?}");
 
-    wait_for("every path in both caches", Duration::from_secs(60), || {
-        missing_narinfos(&ferry.file_cache, &expected).is_empty()
-            && missing_narinfos(&www, &expected).is_empty()
-    });
+    wait_uploaded(
+        "every path in both caches",
+        Duration::from_secs(60),
+        &[&ferry.file_cache, &www],
+        &expected,
+    );
     assert_eq!(check_cache_dir(&ferry.file_cache), expected.len());
     assert_eq!(check_cache_dir(&www), expected.len());
     wait_for(
@@ -74,10 +77,7 @@ fn builds_are_uploaded_and_substituted_with_signatures() {
         || ferry.gc_roots(&fleet).is_empty(),
     );
     let status = ferry.status(&fleet);
-    assert!(
-        status.contains("queued jobs: 0 (0 retrying), dead letters: 0"),
-        "{status}"
-    );
+    assert!(status.contains(QUEUE_DONE), "{status}");
     assert!(target_succeeded(&status, &cache_url), "{status}");
 
     // A second host trusts only Ferry's key and substitutes from nginx.
@@ -101,18 +101,13 @@ fn builds_are_uploaded_and_substituted_with_signatures() {
     );
 
     // Nix checks the file:// cache: NAR hashes and Ferry's signature.
-    let mut v = client2.nix_command("nix");
-    v.args([
-        "--extra-experimental-features",
-        "nix-command",
-        "store",
-        "verify",
-        "--store",
-    ])
-    .arg(format!("file://{}", ferry.file_cache.display()))
-    .args(["--trusted-public-keys", &ferry.public_key])
-    .args(&expected);
-    run(&mut v).unwrap_or_else(|e| panic!("nix store verify of the file:// cache: {e}"));
+    verify_cache(
+        client2.nix_command("nix"),
+        &format!("file://{}", ferry.file_cache.display()),
+        &ferry.public_key,
+        &expected,
+        "the file:// cache",
+    );
 }
 
 /// An `s3://` target on a real S3 server (moto, in server mode on a LAN host, checking every
@@ -131,41 +126,35 @@ fn s3_target_with_sigv4_on_moto_and_substitution_by_nix() {
     };
     let ferry = Ferry::new();
     let mut fleet = ferry.fleet(0);
-    let endpoint = start_moto(fleet.add_host("s3").expect("s3 host"), &python);
     let bucket = "ferry-cache";
-    let (key_id, secret) = moto_setup(
-        fleet.host("s3"),
-        &python,
-        &endpoint,
-        bucket,
-        BucketAccess::Public,
-        None,
-    );
-    let id_file = ferry.dir.path().join("s3-id");
-    let secret_file = ferry.dir.path().join("s3-secret");
-    std::fs::write(&id_file, format!("{key_id}\n")).expect("id");
-    std::fs::write(&secret_file, "not-the-secret\n").expect("secret");
+    let MotoBucket {
+        endpoint,
+        key_id,
+        secret,
+    } = start_moto_bucket(&mut fleet, &python, bucket, BucketAccess::Public, None);
+    let (id_file, secret_file) = write_s3_key_files(ferry.dir.path(), &key_id, "not-the-secret");
     let s3_url = format!("s3://{bucket}?endpoint={endpoint}&region=us-east-1");
-    let creds = format!(
-        "access-key-id-file = \"{}\"\nsecret-access-key-file = \"{}\"\n",
-        id_file.display(),
-        secret_file.display()
+    ferry.write_config_with(
+        std::slice::from_ref(&s3_url),
+        &s3_key_files_toml(&id_file, &secret_file),
     );
-    ferry.write_config_with(std::slice::from_ref(&s3_url), &creds);
 
-    let local = ["-j1", "--builders", ""];
-    let mut built = build(&fleet, &trivial_list(3, "s3"), &local, "trivials");
-    built.extend(build(&fleet, &multi_output("s3"), &local, "multi-output"));
-    built.extend(build(&fleet, &chain_drv(&nonce()), &local, "chain"));
-    let outputs = all_outputs(&fleet, &built);
-    let expected = closure(&fleet, &outputs);
+    let (outputs, expected) = build_locally(
+        &fleet,
+        &[
+            (trivial_list(3, "s3"), "trivials"),
+            (multi_output("s3"), "multi-output"),
+            (chain_drv(&nonce()), "chain"),
+        ],
+    );
 
     // Wrong secret: moto refuses every signature.
     let up = Uploader(ferry.start_uploader(&fleet));
-    wait_for(
+    wait_uploaded(
         "the file:// target (the S3 one is refused)",
         Duration::from_secs(30),
-        || missing_narinfos(&ferry.file_cache, &expected).is_empty(),
+        &[&ferry.file_cache],
+        &expected,
     );
     wait_for(
         "SignatureDoesNotMatch in the status",
@@ -181,16 +170,12 @@ fn s3_target_with_sigv4_on_moto_and_substitution_by_nix() {
     });
     let status = ferry.status(&fleet);
     // Every built path had its own job (the hook ran for each derivation).
-    for o in &expected {
-        assert!(
-            status
-                .lines()
-                .any(|l| l.contains(&format!("{o}: dead since"))
-                    && l.contains("(target)")
-                    && l.contains("SignatureDoesNotMatch")),
-            "{o} is not listed as a dead letter:\n{status}"
-        );
-    }
+    assert_dead_letters(
+        &status,
+        &expected,
+        &["(target)", "SignatureDoesNotMatch"],
+        "the refused signature",
+    );
     drop(up);
     let log = ferry.uploader_log();
     assert!(
@@ -224,25 +209,19 @@ fn s3_target_with_sigv4_on_moto_and_substitution_by_nix() {
     let cache = format!("{endpoint}/{bucket}");
     add_substituting_client(&mut fleet, "client2", &cache, &ferry.public_key);
     let client2 = fleet.host("client2");
-    let mut r = client2.nix_command("nix-store");
-    r.arg("--realise").args(&outputs);
-    let out = r.output().expect("nix-store --realise");
-    check(&out, "client2 substitutes from the S3 bucket").unwrap_or_else(|e| panic!("{e}"));
-    for p in &expected {
-        assert!(client2.has_store_path(p), "{p} not substituted");
-    }
-    let mut v = client2.nix_command("nix");
-    v.args([
-        "--extra-experimental-features",
-        "nix-command",
-        "store",
-        "verify",
-        "--store",
+    realise_on(
+        client2,
+        &outputs,
+        &expected,
+        "client2 substitutes from the S3 bucket",
+    );
+    verify_cache(
+        client2.nix_command("nix"),
         &cache,
-    ])
-    .args(["--trusted-public-keys", &ferry.public_key])
-    .args(&expected);
-    run(&mut v).unwrap_or_else(|e| panic!("nix store verify of the S3 bucket: {e}"));
+        &ferry.public_key,
+        &expected,
+        "the S3 bucket",
+    );
 }
 
 /// A `file://…?compression=xz` target next to the default zstd one: the same paths get an
@@ -255,25 +234,23 @@ fn xz_target_substitutes_with_nix() {
     let xz_dir = ferry.dir.path().join("xz-cache");
     let xz_url = format!("file://{}?compression=xz", xz_dir.display());
     ferry.write_config_with(std::slice::from_ref(&xz_url), "xz-level = 2\n");
-    let local = ["-j1", "--builders", ""];
-    let mut built = build(&fleet, &trivial_list(2, "xz"), &local, "trivials");
-    built.extend(build(&fleet, &chain_drv(&nonce()), &local, "chain"));
-    let outputs = all_outputs(&fleet, &built);
-    let expected = closure(&fleet, &outputs);
-    let mut d = ferry.command(&fleet.client, &["daemon", "--drain"]);
-    run(&mut d).expect("ferry-post-build daemon --drain");
+    let (outputs, expected) = build_locally(
+        &fleet,
+        &[
+            (trivial_list(2, "xz"), "trivials"),
+            (chain_drv(&nonce()), "chain"),
+        ],
+    );
+    ferry.drain(&fleet);
     assert_eq!(check_cache_dir(&xz_dir), expected.len());
     assert_eq!(check_cache_dir(&ferry.file_cache), expected.len());
     for p in &expected {
-        let xz = std::fs::read_to_string(xz_dir.join(format!("{}.narinfo", hash_part(p))))
-            .expect("narinfo");
+        let xz = read_narinfo(&xz_dir, p);
         assert!(
             xz.contains("\nCompression: xz\n") && xz.contains(".nar.xz\n"),
             "{xz}"
         );
-        let zst =
-            std::fs::read_to_string(ferry.file_cache.join(format!("{}.narinfo", hash_part(p))))
-                .expect("narinfo");
+        let zst = read_narinfo(&ferry.file_cache, p);
         assert!(zst.contains("\nCompression: zstd\n"), "{zst}");
     }
 
@@ -294,8 +271,7 @@ fn xz_target_substitutes_with_nix() {
 fn hook_is_fast_and_nothing_is_lost_while_uploader_and_cache_are_down() {
     let ferry = Ferry::new();
     let mut fleet = ferry.fleet(0);
-    let www = start_nginx(fleet.add_host("cache").expect("cache host"));
-    let cache_url = format!("http://{}:{NGINX_PORT}", fleet.host("cache").addr);
+    let (www, cache_url) = add_nginx_cache(&mut fleet);
     ferry.write_config(std::slice::from_ref(&cache_url));
     blackhole_port(fleet.host("cache"), NGINX_PORT).expect("blackhole");
 
@@ -359,21 +335,14 @@ fn hook_is_fast_and_nothing_is_lost_while_uploader_and_cache_are_down() {
         "{times:?}"
     );
 
-    let mut gc = fleet.client_command("nix-store");
-    gc.arg("--gc");
-    run(&mut gc).expect("nix-store --gc");
-    for o in &outputs {
-        assert!(
-            fleet.client.has_store_path(o),
-            "{o} was collected while queued"
-        );
-    }
+    gc_keeps(&fleet, &outputs, "queued");
 
     let up = Uploader(ferry.start_uploader(&fleet));
-    wait_for(
+    wait_uploaded(
         "the file cache (its target is up)",
         Duration::from_secs(30),
-        || missing_narinfos(&ferry.file_cache, &outputs).is_empty(),
+        &[&ferry.file_cache],
+        &outputs,
     );
     wait_for(
         "a recorded error for the blackholed cache",
@@ -393,10 +362,11 @@ fn hook_is_fast_and_nothing_is_lost_while_uploader_and_cache_are_down() {
     assert_eq!(missing_narinfos(&www, &outputs).len(), outputs.len());
 
     heal_host(fleet.host("cache")).expect("heal");
-    wait_for(
+    wait_uploaded(
         "the HTTP cache after it came back",
         Duration::from_secs(30),
-        || missing_narinfos(&www, &outputs).is_empty(),
+        &[&www],
+        &outputs,
     );
     wait_for_done(&ferry, &fleet);
     check_cache_dir(&ferry.file_cache);
@@ -424,8 +394,7 @@ impl Lcg {
 fn uploader_survives_sigkill_at_random_moments() {
     let ferry = Ferry::new();
     let mut fleet = ferry.fleet(0);
-    let www = start_nginx(fleet.add_host("cache").expect("cache host"));
-    let cache_url = format!("http://{}:{NGINX_PORT}", fleet.host("cache").addr);
+    let (www, cache_url) = add_nginx_cache(&mut fleet);
     ferry.write_config(std::slice::from_ref(&cache_url));
 
     // Each round builds a multi-MB incompressible output while an uploader runs, then kills
@@ -452,13 +421,11 @@ fn uploader_survives_sigkill_at_random_moments() {
     // Work must remain after the first kills for the test to mean something; the log shows
     // how far each run got.
     let up = Uploader(ferry.start_uploader(&fleet));
-    wait_for(
+    wait_uploaded(
         "both caches complete after the kills",
         Duration::from_secs(60),
-        || {
-            missing_narinfos(&ferry.file_cache, &expected).is_empty()
-                && missing_narinfos(&www, &expected).is_empty()
-        },
+        &[&ferry.file_cache, &www],
+        &expected,
     );
     wait_for_done(&ferry, &fleet);
     drop(up);
@@ -490,15 +457,13 @@ fn uploader_survives_sigkill_at_random_moments() {
 fn hook_spools_out_paths_when_nix_sets_them() {
     let ferry = Ferry::new();
     let fleet = ferry.fleet(0);
-    let local = ["-j1", "--builders", ""];
-    let mut built = build(&fleet, &multi_output("outpaths"), &local, "multi-output");
-    built.extend(build(
+    let (outputs, _) = build_locally(
         &fleet,
-        &trivial_list(2, "outpaths"),
-        &local,
-        "trivials",
-    ));
-    let outputs = all_outputs(&fleet, &built);
+        &[
+            (multi_output("outpaths"), "multi-output"),
+            (trivial_list(2, "outpaths"), "trivials"),
+        ],
+    );
     assert_eq!(outputs.len(), 4, "{outputs:?}");
 
     let records = spool_records(&ferry.state);
@@ -538,8 +503,7 @@ fn hook_spools_out_paths_when_nix_sets_them() {
     // Every output (the multi-output derivation's `dev` too) is in a record.
     assert_eq!(spooled, outputs.iter().cloned().collect::<BTreeSet<_>>());
 
-    let mut d = ferry.command(&fleet.client, &["daemon", "--drain"]);
-    run(&mut d).expect("ferry-post-build daemon --drain");
+    ferry.drain(&fleet);
     assert!(missing_narinfos(&ferry.file_cache, &outputs).is_empty());
     assert_eq!(check_cache_dir(&ferry.file_cache), outputs.len());
 }

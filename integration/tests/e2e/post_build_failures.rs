@@ -5,6 +5,7 @@
 use ferry_integration::support::post_build as post_build_support;
 use ferry_integration::{chain_drv, check, ferry_bin, nonce, run, trivial_drv};
 use post_build_support::*;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -23,17 +24,14 @@ fn refused_uploads_are_dead_lettered_until_retry() {
         Uploads::Forbidden,
     );
     ferry.write_config(std::slice::from_ref(&nginx.url));
-    let local = ["-j1", "--builders", ""];
-    let mut built = build(&fleet, &chain_drv(&nonce()), &local, "chain");
-    built.extend(build(
+    // Every path of the closure is built here, so each is a job of its own.
+    let (outputs, expected) = build_locally(
         &fleet,
-        &trivial_list(2, "refused"),
-        &local,
-        "trivials",
-    ));
-    let outputs = all_outputs(&fleet, &built);
-    // Every path of the closure was built here, so each is a job of its own.
-    let expected = closure(&fleet, &outputs);
+        &[
+            (chain_drv(&nonce()), "chain"),
+            (trivial_list(2, "refused"), "trivials"),
+        ],
+    );
     assert_eq!(expected.len(), 5, "{expected:?}");
 
     let up = Uploader(ferry.start_uploader(&fleet));
@@ -47,16 +45,12 @@ fn refused_uploads_are_dead_lettered_until_retry() {
     // The file:// target took everything meanwhile.
     assert!(missing_narinfos(&ferry.file_cache, &expected).is_empty());
     let status = ferry.status(&fleet);
-    for p in &expected {
-        assert!(
-            status
-                .lines()
-                .any(|l| l.starts_with(&format!("  {p}: dead since "))
-                    && l.contains("after 1 attempt(s) (target)")
-                    && l.contains("HTTP 403")),
-            "{p} is not a dead letter with its 403:\n{status}"
-        );
-    }
+    assert_dead_letters(
+        &status,
+        &expected,
+        &["after 1 attempt(s) (target)", "HTTP 403"],
+        "its 403",
+    );
     assert!(
         status.lines().any(|l| l.starts_with("last error: ")
             && l.contains("(target)")
@@ -102,15 +96,7 @@ fn refused_uploads_are_dead_lettered_until_retry() {
     );
     assert!(ferry.status(&fleet).contains(&all_dead));
     // Their paths stay rooted: nothing is lost while someone fixes the cache.
-    let mut gc = fleet.client_command("nix-store");
-    gc.arg("--gc");
-    run(&mut gc).expect("nix-store --gc");
-    for p in &expected {
-        assert!(
-            fleet.client.has_store_path(p),
-            "{p} was collected while dead-lettered"
-        );
-    }
+    gc_keeps(&fleet, &expected, "dead-lettered");
 
     // `retry` names what it cannot find.
     let mut r = ferry.command(
@@ -157,22 +143,13 @@ fn refused_uploads_are_dead_lettered_until_retry() {
     drop(up);
     assert_eq!(check_cache_dir(&nginx.www), expected.len());
 
-    let client2 = fleet.add_client("client2").expect("client2");
-    client2
-        .write_nix_conf(&format!(
-            "require-sigs = true\ntrusted-public-keys = {}\nsubstituters = {}\n",
-            ferry.public_key, nginx.url
-        ))
-        .expect("nix.conf");
-    client2.start_nix_daemon(&[]).expect("client2 daemon");
-    let client2 = fleet.host("client2");
-    let mut r = client2.nix_command("nix-store");
-    r.arg("--realise").args(&outputs);
-    let out = r.output().expect("nix-store --realise");
-    check(&out, "client2 substitutes the retried uploads").unwrap_or_else(|e| panic!("{e}"));
-    for p in &expected {
-        assert!(client2.has_store_path(p), "{p} not substituted");
-    }
+    add_substituting_client(&mut fleet, "client2", &nginx.url, &ferry.public_key);
+    realise_on(
+        fleet.host("client2"),
+        &outputs,
+        &expected,
+        "client2 substitutes the retried uploads",
+    );
 }
 
 /// Local-side failures count as errors. With the client's nix-daemon stopped the uploader
@@ -185,16 +162,13 @@ fn refused_uploads_are_dead_lettered_until_retry() {
 fn local_store_failures_show_in_status() {
     let ferry = Ferry::new();
     let mut fleet = ferry.fleet(0);
-    let local = ["-j1", "--builders", ""];
-    let mut built = build(&fleet, &chain_drv(&nonce()), &local, "chain");
-    built.extend(build(
+    let (_, expected) = build_locally(
         &fleet,
-        &trivial_list(2, "local-err"),
-        &local,
-        "trivials",
-    ));
-    let outputs = all_outputs(&fleet, &built);
-    let expected = closure(&fleet, &outputs);
+        &[
+            (chain_drv(&nonce()), "chain"),
+            (trivial_list(2, "local-err"), "trivials"),
+        ],
+    );
 
     stop_nix_daemon(&fleet.client);
     let up = Uploader(ferry.start_uploader(&fleet));
@@ -283,14 +257,13 @@ fn local_store_failures_show_in_status() {
     let bad = build(
         &fleet,
         &trivial_drv(&nonce(), "intact"),
-        &local,
+        &LOCAL_ONLY,
         "to be corrupted",
     );
     let file = fleet.client.nix_path(&bad[0]);
     let intact = std::fs::read(&file).expect("read output");
     std::fs::write(&file, b"tampered\n").expect("corrupt the output");
-    let mut d = ferry.command(&fleet.client, &["daemon", "--drain"]);
-    run(&mut d).expect("daemon --drain");
+    ferry.drain(&fleet);
     let status = ferry.status(&fleet);
     assert!(
         status.contains("queued jobs: 0 (0 retrying), dead letters: 1")
@@ -308,18 +281,13 @@ fn local_store_failures_show_in_status() {
     std::fs::write(&file, &intact).expect("restore the output");
     let mut r = ferry.command(&fleet.client, &["retry", &bad[0]]);
     run(&mut r).expect("retry");
-    let mut d = ferry.command(&fleet.client, &["daemon", "--drain"]);
-    run(&mut d).expect("daemon --drain");
+    ferry.drain(&fleet);
     assert!(
         missing_narinfos(&ferry.file_cache, &bad).is_empty(),
         "{}",
         ferry.status(&fleet)
     );
-    assert!(
-        ferry
-            .status(&fleet)
-            .contains("queued jobs: 0 (0 retrying), dead letters: 0")
-    );
+    assert!(ferry.status(&fleet).contains(QUEUE_DONE));
 }
 
 /// The hook never fails a build: a broken config, an unwritable spool or garbage in the
@@ -364,6 +332,13 @@ fn hook_exits_zero_on_every_problem() {
 /// typo's file and line and accepts a good config.
 #[test]
 fn keygen_and_check_config() {
+    let check_config = |conf: &Path| {
+        Command::new(ferry_bin("ferry-post-build"))
+            .args(["check-config", "--config"])
+            .arg(conf)
+            .output()
+            .expect("check-config")
+    };
     use std::os::unix::fs::PermissionsExt as _;
     let dir = tempfile::tempdir().expect("dir");
     let sec = dir.path().join("k.sec");
@@ -415,27 +390,15 @@ fn keygen_and_check_config() {
         ),
     )
     .expect("write");
-    let out = Command::new(ferry_bin("ferry-post-build"))
-        .args(["check-config", "--config"])
-        .arg(&conf)
-        .output()
-        .expect("check-config");
+    let out = check_config(&conf);
     check(&out, "check-config").unwrap_or_else(|e| panic!("{e}"));
     assert!(String::from_utf8_lossy(&out.stdout).contains(&public));
     std::fs::write(&conf, "[post-build]\ntargets = [\"ftp://x\"]\n").expect("write");
-    let out = Command::new(ferry_bin("ferry-post-build"))
-        .args(["check-config", "--config"])
-        .arg(&conf)
-        .output()
-        .expect("check-config");
+    let out = check_config(&conf);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("ftp://x"));
     std::fs::write(&conf, "[post-build]\n\nconcurency = 2\n").expect("write");
-    let out = Command::new(ferry_bin("ferry-post-build"))
-        .args(["check-config", "--config"])
-        .arg(&conf)
-        .output()
-        .expect("check-config");
+    let out = check_config(&conf);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("line 3"),

@@ -36,11 +36,10 @@ fn garage_cluster_multipart_survives_node_loss_and_kill_then_substitutes_through
             s3_key_files_toml(&id_file, &secret_file)
         ),
     );
-    let local = ["-j1", "--builders", ""];
-    let out = fleet.nix_build(&random_blob(64, "garage"), &local);
+    let out = fleet.nix_build(&random_blob(64, "garage"), &LOCAL_ONLY);
     check(&out, "64 MiB blob").unwrap_or_else(|e| panic!("{e}\n{}", fleet.daemon_log()));
     let blob = out_paths(&out).remove(0);
-    let out = fleet.nix_build(&chain_drv(&nonce()), &local);
+    let out = fleet.nix_build(&chain_drv(&nonce()), &LOCAL_ONLY);
     check(&out, "chain").unwrap_or_else(|e| panic!("{e}"));
     let chain = out_paths(&out).remove(0);
     let expected = closure(&fleet, &[blob.clone(), chain.clone()]);
@@ -70,11 +69,7 @@ fn garage_cluster_multipart_survives_node_loss_and_kill_then_substitutes_through
 
     shape_towards(&fleet, "garage0", None);
     let up = ferry.start_uploader(&fleet);
-    wait_for("everything uploaded", Duration::from_secs(120), || {
-        ferry
-            .status(&fleet)
-            .contains("queued jobs: 0 (0 retrying), dead letters: 0")
-    });
+    ferry.wait_queue_done(&fleet, "everything uploaded", Duration::from_secs(120));
     drop(up);
     let log = ferry.uploader_log();
     assert!(
@@ -96,16 +91,15 @@ fn garage_cluster_multipart_survives_node_loss_and_kill_then_substitutes_through
         "client2",
         &ferry.public_key,
         ferry.dir.path(),
-        &format!(
-            "url = \"{}\"\nread-timeout-ms = 4000\n{}",
-            garage.s3_url(1),
-            s3_key_files_toml(&id_file, &secret_file)
+        &s3_upstream_toml(
+            &garage.s3_url(1),
+            "read-timeout-ms = 4000\n",
+            &id_file,
+            &secret_file,
         ),
     );
     let client2 = fleet.host("client2");
-    let mut r = client2.nix_command("nix-store");
-    r.arg("--realise").arg(&blob).arg(&chain);
-    let out = r.output().expect("nix-store --realise");
+    let out = realise(client2, [&blob, &chain]);
     let sub_text = sub.log_text();
     drop(sub);
     check(&out, "client2 substitutes through Ferry from Garage")

@@ -33,20 +33,13 @@ fn multipart_upload_resumes_after_sigkill_and_substitutes() {
     };
     let ferry = Ferry::new();
     let mut fleet = ferry.fleet(0);
-    let endpoint = start_moto(fleet.add_host("s3").expect("s3 host"), &python);
     let bucket = "ferry-big";
-    let (key_id, secret) = moto_setup(
-        fleet.host("s3"),
-        &python,
-        &endpoint,
-        bucket,
-        BucketAccess::Public,
-        None,
-    );
-    let id_file = ferry.dir.path().join("s3-id");
-    let secret_file = ferry.dir.path().join("s3-secret");
-    std::fs::write(&id_file, format!("{key_id}\n")).expect("id");
-    std::fs::write(&secret_file, format!("{secret}\n")).expect("secret");
+    let MotoBucket {
+        endpoint,
+        key_id,
+        secret,
+    } = start_moto_bucket(&mut fleet, &python, bucket, BucketAccess::Public, None);
+    let (id_file, secret_file) = write_s3_key_files(ferry.dir.path(), &key_id, &secret);
     let s3_url = format!("s3://{bucket}?endpoint={endpoint}&region=us-east-1&compression=none");
     ferry.write_config_with(
         std::slice::from_ref(&s3_url),
@@ -58,7 +51,7 @@ multipart-parallel = 2
             s3_key_files_toml(&id_file, &secret_file)
         ),
     );
-    let out = fleet.nix_build(&random_blob(96, "mp"), &["-j1", "--builders", ""]);
+    let out = fleet.nix_build(&random_blob(96, "mp"), &LOCAL_ONLY);
     check(&out, "96 MiB blob").unwrap_or_else(|e| panic!("{e}\n{}", fleet.daemon_log()));
     let blob = out_paths(&out).remove(0);
 
@@ -78,11 +71,7 @@ multipart-parallel = 2
 
     shape_towards(&fleet, "s3", None);
     let up = ferry.start_uploader(&fleet);
-    wait_for("the blob uploaded", Duration::from_secs(120), || {
-        ferry
-            .status(&fleet)
-            .contains("queued jobs: 0 (0 retrying), dead letters: 0")
-    });
+    ferry.wait_queue_done(&fleet, "the blob uploaded", Duration::from_secs(120));
     drop(up);
     let log = ferry.uploader_log();
     let resumed = log
@@ -98,12 +87,7 @@ multipart-parallel = 2
     assert!(multipart_progress(&status).is_none(), "{status}");
 
     // The bucket: no unfinished upload, the object assembled from 20 parts.
-    let narinfo = std::fs::read_to_string(
-        ferry
-            .file_cache
-            .join(format!("{}.narinfo", hash_part(&blob))),
-    )
-    .expect("narinfo in the file cache");
+    let narinfo = read_narinfo(&ferry.file_cache, &blob);
     let nar_size: u64 = narinfo
         .lines()
         .find_map(|l| l.strip_prefix("NarSize: "))
@@ -148,12 +132,13 @@ multipart-parallel = 2
     );
 
     add_substituting_client(&mut fleet, "client2", &cache, &ferry.public_key);
-    let client2 = fleet.host("client2");
-    let mut r = client2.nix_command("nix-store");
-    r.arg("--realise").arg(&blob);
-    let out = r.output().expect("nix-store --realise");
-    check(&out, "client2 substitutes the blob from the bucket").unwrap_or_else(|e| panic!("{e}"));
-    assert!(client2.has_store_path(&blob));
+    let blob = [blob];
+    realise_on(
+        fleet.host("client2"),
+        &blob,
+        &blob,
+        "client2 substitutes the blob from the bucket",
+    );
 }
 
 /// GET of a small text file from the client's network namespace (this machine's curl).

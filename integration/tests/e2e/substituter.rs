@@ -15,46 +15,11 @@ use ferry_integration::{blackhole_port, check, nonce, out_paths, stdout_of, triv
 use std::time::{Duration, Instant};
 use substituter_support::*;
 
-/// `nix-build` of `expr` on the client through Ferry: it must succeed (else the daemon's and
-/// Ferry's logs are shown), substitute from Ferry, and print no warning or error (`quiet`
-/// names the case). Returns the output and the time it took.
-fn substitute_through_ferry(
-    fleet: &ferry_integration::Fleet,
-    ferry: &Ferry,
-    expr: &str,
-    what: &str,
-    quiet: &str,
-) -> (std::process::Output, Duration) {
-    let (out, stderr, elapsed) = client_build(fleet, expr);
-    check(&out, what).unwrap_or_else(|e| {
-        panic!(
-            "{e}\ndaemon log:\n{}\nferry log:\n{}",
-            fleet.daemon_log(),
-            ferry.log_text()
-        )
-    });
-    assert!(
-        substituted_from_ferry(&stderr),
-        "not substituted:\n{stderr}"
-    );
-    assert_quiet(&stderr, quiet);
-    (out, elapsed)
-}
-
-fn substituted_from_ferry(stderr: &str) -> bool {
-    stderr.contains(&format!("from '{}'", ferry_url()))
-}
-
 #[test]
 fn substitutes_signed_paths_and_prefers_a_trusted_answer() {
-    let keys_dir = tempfile::tempdir().expect("tempdir");
-    let key = generate_key(keys_dir.path(), "ferry-test-cache-1");
+    let (mut fleet, key, _keys) = producer_fleet();
     // Same key name, different key: its signatures do not verify.
-    let impostor_dir = tempfile::tempdir().expect("tempdir");
-    let impostor = generate_key(impostor_dir.path(), "ferry-test-cache-1");
-
-    let mut fleet = fleet(&key.public);
-    add_producer(&mut fleet);
+    let (impostor, _impostor_dir) = temp_key("ferry-test-cache-1");
     let expr = producer_only_drv(&nonce(), 1000);
     let paths = build_on_producer(&fleet, &expr);
     let good_dir = fleet.root.path().join("cache-good");
@@ -66,20 +31,14 @@ fn substitutes_signed_paths_and_prefers_a_trusted_answer() {
     // The impostor cache comes first: Ferry must pass over its untrusted answers.
     let ferry = start_ferry(&fleet, &[format!("file://{}", bad_dir.display()), good], "");
 
-    let (out, stderr, elapsed) = client_build(&fleet, &expr);
-    check(&out, "nix-build through Ferry").unwrap_or_else(|e| {
-        panic!(
-            "{e}\ndaemon log:\n{}\nferry log:\n{}",
-            fleet.daemon_log(),
-            ferry.log_text()
-        )
-    });
-    assert_eq!(out_paths(&out), paths, "same output paths as the producer");
-    assert!(
-        substituted_from_ferry(&stderr),
-        "paths not substituted from Ferry:\n{stderr}"
+    let (out, elapsed) = substitute_through_ferry(
+        &fleet,
+        &ferry,
+        &expr,
+        "nix-build through Ferry",
+        "substitution through Ferry",
     );
-    assert_quiet(&stderr, "substitution through Ferry");
+    assert_eq!(out_paths(&out), paths, "same output paths as the producer");
     eprintln!("substituted a 3-path closure in {elapsed:?}");
 
     // The whole closure is valid on the client, with the producer's NAR hashes.
@@ -111,16 +70,12 @@ fn substitutes_signed_paths_and_prefers_a_trusted_answer() {
     );
     assert_eq!(code, 404);
     let m = metrics(&fleet);
-    assert!(
-        metric(&m, "ferry_substituter_narinfo_hits_total") >= 3.0,
-        "{m}"
-    );
+    assert_metric_at_least(&m, "ferry_substituter_narinfo_hits_total", 3.0);
 }
 
 #[test]
 fn builds_locally_when_no_upstream_has_the_path_and_remembers_the_miss() {
-    let keys_dir = tempfile::tempdir().expect("tempdir");
-    let key = generate_key(keys_dir.path(), "ferry-test-cache-1");
+    let (key, _keys) = temp_key("ferry-test-cache-1");
     let mut fleet = fleet(&key.public);
     let dir = fleet.root.path().join("cache-empty");
     std::fs::create_dir_all(&dir).expect("dir");
@@ -154,18 +109,12 @@ fn builds_locally_when_no_upstream_has_the_path_and_remembers_the_miss() {
         &format!("ferry_substituter_upstream_misses_total{label}"),
     );
     assert_eq!(after - before, 1.0, "the upstream was asked again:\n{m}");
-    assert!(
-        metric(&m, "ferry_substituter_negative_cache_hits_total") >= 1.0,
-        "{m}"
-    );
+    assert_metric_at_least(&m, "ferry_substituter_negative_cache_hits_total", 1.0);
 }
 
 #[test]
 fn faulty_upstreams_are_invisible_to_nix() {
-    let keys_dir = tempfile::tempdir().expect("tempdir");
-    let key = generate_key(keys_dir.path(), "ferry-test-cache-1");
-    let mut fleet = fleet(&key.public);
-    add_producer(&mut fleet);
+    let (mut fleet, key, _keys) = producer_fleet();
     let good_dir = fleet.root.path().join("cache-good");
     let exprs: Vec<String> = (0..2).map(|_| producer_only_drv(&nonce(), 1000)).collect();
     for e in &exprs {
@@ -226,15 +175,8 @@ fn faulty_upstreams_are_invisible_to_nix() {
         assert_eq!(state, 1.0, "breaker of {u} not open:\n{m}");
     }
     // Errors never become negative entries.
-    assert_eq!(
-        metric(&m, "ferry_substituter_negative_cache_hits_total"),
-        0.0,
-        "{m}"
-    );
-    assert!(
-        metric(&m, "ferry_substituter_incomplete_misses_total") >= 3.0,
-        "{m}"
-    );
+    assert_metric_eq(&m, "ferry_substituter_negative_cache_hits_total", 0.0);
+    assert_metric_at_least(&m, "ferry_substituter_incomplete_misses_total", 3.0);
 
     // With the breakers open the dead upstreams cost next to nothing.
     let (_, second) = substitute_through_ferry(
@@ -269,10 +211,7 @@ fn faulty_upstreams_are_invisible_to_nix() {
 
 #[test]
 fn nar_resumes_from_another_upstream_and_never_truncates_silently() {
-    let keys_dir = tempfile::tempdir().expect("tempdir");
-    let key = generate_key(keys_dir.path(), "ferry-test-cache-1");
-    let mut fleet = fleet(&key.public);
-    add_producer(&mut fleet);
+    let (mut fleet, key, _keys) = producer_fleet();
     let expr = producer_only_drv(&nonce(), 2_000_000);
     let paths = build_on_producer(&fleet, &expr);
     let dir = fleet.root.path().join("cache-good");
@@ -290,11 +229,8 @@ fn nar_resumes_from_another_upstream_and_never_truncates_silently() {
         "resetting upstream",
     );
     let m = metrics(&fleet);
-    assert!(
-        metric(&m, "ferry_substituter_nar_resumes_total") >= 1.0,
-        "{m}"
-    );
-    assert_eq!(metric(&m, "ferry_substituter_nar_aborts_total"), 0.0, "{m}");
+    assert_metric_at_least(&m, "ferry_substituter_nar_resumes_total", 1.0);
+    assert_metric_eq(&m, "ferry_substituter_nar_aborts_total", 0.0);
 
     // Range requests are honoured byte for byte.
     let leaf = paths_of_closure(&fleet, &paths[0])
@@ -339,10 +275,7 @@ fn nar_resumes_from_another_upstream_and_never_truncates_silently() {
 
 #[test]
 fn disk_cache_substitutes_again_with_the_upstream_gone_after_a_restart() {
-    let keys_dir = tempfile::tempdir().expect("tempdir");
-    let key = generate_key(keys_dir.path(), "ferry-test-cache-1");
-    let mut fleet = fleet(&key.public);
-    add_producer(&mut fleet);
+    let (mut fleet, key, _keys) = producer_fleet();
     let expr = producer_only_drv(&nonce(), 1_000_000);
     let paths = build_on_producer(&fleet, &expr);
     let dir = fleet.root.path().join("cache-good");
@@ -394,11 +327,7 @@ fn disk_cache_substitutes_again_with_the_upstream_gone_after_a_restart() {
     v.args(["--verify-path", &paths[0]]);
     stdout_of(v, "nix-store --verify-path");
     let m = metrics(&fleet);
-    assert_eq!(
-        metric(&m, "ferry_substituter_disk_nar_hits_total"),
-        3.0,
-        "{m}"
-    );
+    assert_metric_eq(&m, "ferry_substituter_disk_nar_hits_total", 3.0);
     // Nix had the narinfos in its own cache; asked directly, Ferry serves them from disk,
     // byte for byte as the upstream wrote them.
     for p in &closure {
@@ -408,11 +337,7 @@ fn disk_cache_substitutes_again_with_the_upstream_gone_after_a_restart() {
         assert_eq!(body, std::fs::read(dir.join(&name)).expect("narinfo"));
     }
     let m = metrics(&fleet);
-    assert_eq!(
-        metric(&m, "ferry_substituter_disk_narinfo_hits_total"),
-        3.0,
-        "{m}"
-    );
+    assert_metric_eq(&m, "ferry_substituter_disk_narinfo_hits_total", 3.0);
 }
 
 /// 25 store paths built on the producer only: 24 leaves and a top referring to them all.
@@ -435,10 +360,7 @@ in mk "top" ("mkdir $out; echo " + builtins.concatStringsSep " " (map toString l
 /// answer must now be a 200; and Nix substitutes the whole closure.
 #[test]
 fn a_slow_to_accept_upstream_under_a_burst_gives_no_false_404() {
-    let keys_dir = tempfile::tempdir().expect("tempdir");
-    let key = generate_key(keys_dir.path(), "ferry-test-cache-1");
-    let mut fleet = fleet(&key.public);
-    add_producer(&mut fleet);
+    let (mut fleet, key, _keys) = producer_fleet();
     let expr = producer_only_wide_drv(&nonce());
     let top = build_on_producer(&fleet, &expr);
     let closure = paths_of_closure_on(&fleet, "producer", &top[0]);
@@ -483,11 +405,7 @@ fn a_slow_to_accept_upstream_under_a_burst_gives_no_false_404() {
         ferry.log_text()
     );
     let m = metrics(&fleet);
-    assert_eq!(
-        metric(&m, "ferry_substituter_incomplete_misses_total"),
-        0.0,
-        "{m}"
-    );
+    assert_metric_eq(&m, "ferry_substituter_incomplete_misses_total", 0.0);
 
     // Nix itself substitutes the closure through Ferry (its narinfos are warm now; the NARs
     // come from the slow cache one at a time).

@@ -10,7 +10,10 @@ use ferry_integration::support::post_build as post_build_support;
 use ferry_integration::support::substituter as substituter_support;
 
 use ferry_integration::{check, ferry_bin, nonce, out_paths};
-use post_build_support::{BucketAccess, moto_or_skip, moto_setup, start_moto};
+use post_build_support::{
+    BucketAccess, MotoBucket, moto_or_skip, s3_key_files_toml, s3_upstream_toml, start_moto_bucket,
+    write_s3_key_files,
+};
 use std::path::Path;
 use std::process::Stdio;
 use substituter_support::*;
@@ -20,10 +23,8 @@ fn ferry_toml(dir: &Path, name: &str, url: &str, id: &Path, secret: &Path) -> st
     std::fs::write(
         &conf,
         format!(
-            "[substituter]\nlisten = \"127.0.0.1:{FERRY_PORT}\"\n[[substituter.upstream]]\nurl = \"{url}\"\n\
-             access-key-id-file = \"{}\"\nsecret-access-key-file = \"{}\"\n",
-            id.display(),
-            secret.display()
+            "[substituter]\nlisten = \"127.0.0.1:{FERRY_PORT}\"\n[[substituter.upstream]]\n{}",
+            s3_upstream_toml(url, "", id, secret)
         ),
     )
     .expect("ferry.toml");
@@ -49,10 +50,7 @@ fn s3_upstream_private_bucket() {
     let Some(python) = moto_or_skip("s3_upstream_private_bucket") else {
         return;
     };
-    let keys_dir = tempfile::tempdir().expect("tempdir");
-    let key = generate_key(keys_dir.path(), "ferry-test-cache-1");
-    let mut fleet = fleet(&key.public);
-    add_producer(&mut fleet);
+    let (mut fleet, key, _keys) = producer_fleet();
     // Two closures: the first is substituted with the right keys, the second is asked for with
     // a wrong secret (Nix remembers a miss, so each case has its own paths).
     let expr = producer_only_drv(&nonce(), 300_000);
@@ -64,12 +62,14 @@ fn s3_upstream_private_bucket() {
     all.extend(paths_wrong.iter().cloned());
     copy_to_cache(&fleet, &all, &cache, &key.secret, "xz");
 
-    let endpoint = start_moto(fleet.add_host("s3").expect("s3 host"), &python);
     let bucket = "ferry-private";
-    let (key_id, secret) = moto_setup(
-        fleet.host("s3"),
+    let MotoBucket {
+        endpoint,
+        key_id,
+        secret,
+    } = start_moto_bucket(
+        &mut fleet,
         &python,
-        &endpoint,
         bucket,
         BucketAccess::Private,
         Some(&cache),
@@ -85,25 +85,29 @@ fn s3_upstream_private_bucket() {
 
     let creds = fleet.root.path().join("s3-creds");
     std::fs::create_dir_all(&creds).expect("creds dir");
-    let id_file = creds.join("id");
-    let secret_file = creds.join("secret");
+    let (id_file, secret_file) = write_s3_key_files(&creds, &key_id, &secret);
     let wrong_file = creds.join("wrong-secret");
-    std::fs::write(&id_file, format!("{key_id}\n")).expect("id");
-    std::fs::write(&secret_file, format!("{secret}\n")).expect("secret");
     let wrong_secret = "wrong-secret-for-ferry-test";
     std::fs::write(&wrong_file, wrong_secret).expect("wrong secret");
     let url = format!("s3://{bucket}?endpoint={endpoint}&region=us-east-1");
 
     // check-config reads nix-cache-info with the keys and shows the key id, never the secret.
+    // Returns its output and what it printed (stdout, then stderr).
     let check_config = |conf: &Path| {
-        fleet
+        let out = fleet
             .client
             .command(ferry_bin("ferry-substituter").to_str().expect("utf-8"))
             .arg("check-config")
             .env("FERRY_CONFIG", conf)
             .stdin(Stdio::null())
             .output()
-            .expect("check-config")
+            .expect("check-config");
+        let shown = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out, shown)
     };
     let good_conf = ferry_toml(
         fleet.root.path(),
@@ -112,12 +116,7 @@ fn s3_upstream_private_bucket() {
         &id_file,
         &secret_file,
     );
-    let out = check_config(&good_conf);
-    let shown = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (out, shown) = check_config(&good_conf);
     check(&out, "check-config with the right keys").unwrap_or_else(|e| panic!("{e}\n{shown}"));
     assert!(
         shown.contains(&format!("access key id {key_id}")) && shown.contains("nix-cache-info OK"),
@@ -128,26 +127,16 @@ fn s3_upstream_private_bucket() {
         "check-config shows the secret:\n{shown}"
     );
 
-    let upstream_toml = format!(
-        "access-key-id-file = \"{}\"\nsecret-access-key-file = \"{}\"\n",
-        id_file.display(),
-        secret_file.display()
-    );
+    let upstream_toml = s3_key_files_toml(&id_file, &secret_file);
     let ferry = start_ferry_with(&fleet, std::slice::from_ref(&url), "", &upstream_toml);
-    let (out, stderr, elapsed) = client_build(&fleet, &expr);
-    check(&out, "nix-build through Ferry from the private bucket").unwrap_or_else(|e| {
-        panic!(
-            "{e}\ndaemon log:\n{}\nferry log:\n{}",
-            fleet.daemon_log(),
-            ferry.log_text()
-        )
-    });
-    assert_eq!(out_paths(&out), paths, "same output paths as the producer");
-    assert!(
-        stderr.contains(&format!("from '{}'", ferry_url())),
-        "not substituted from Ferry:\n{stderr}"
+    let (out, elapsed) = substitute_through_ferry(
+        &fleet,
+        &ferry,
+        &expr,
+        "nix-build through Ferry from the private bucket",
+        "substitution from a private bucket",
     );
-    assert_quiet(&stderr, "substitution from a private bucket");
+    assert_eq!(out_paths(&out), paths, "same output paths as the producer");
     eprintln!("substituted a 3-path closure from S3 through Ferry in {elapsed:?}");
 
     // The narinfo is the bucket's, byte for byte; a NAR resumes with Range (a ranged,
@@ -189,12 +178,7 @@ fn s3_upstream_private_bucket() {
         &id_file,
         &wrong_file,
     );
-    let out = check_config(&wrong_conf);
-    let shown = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (out, shown) = check_config(&wrong_conf);
     assert!(
         !out.status.success(),
         "check-config accepted a wrong secret:\n{shown}"
@@ -212,11 +196,7 @@ fn s3_upstream_private_bucket() {
     // Serving with it: every lookup is a failure, never a miss remembered in the negative
     // cache, and Ferry answers 404, never a 5xx; Nix falls back to building, which fails
     // cleanly (the derivation builds on the producer only).
-    let wrong_toml = format!(
-        "access-key-id-file = \"{}\"\nsecret-access-key-file = \"{}\"\n",
-        id_file.display(),
-        wrong_file.display()
-    );
+    let wrong_toml = s3_key_files_toml(&id_file, &wrong_file);
     let ferry = start_ferry_with(
         &fleet,
         std::slice::from_ref(&url),
@@ -229,11 +209,7 @@ fn s3_upstream_private_bucket() {
         assert_eq!(code, 404, "a refused lookup is an (uncached) 404");
     }
     let m = metrics(&fleet);
-    assert_eq!(
-        metric(&m, "ferry_substituter_negative_cache_hits_total"),
-        0.0,
-        "{m}"
-    );
+    assert_metric_eq(&m, "ferry_substituter_negative_cache_hits_total", 0.0);
     assert_eq!(
         metric_any(&m, "ferry_substituter_upstream_misses_total"),
         0.0,

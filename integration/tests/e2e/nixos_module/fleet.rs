@@ -176,13 +176,7 @@ fn rendered_hook_builder_and_uploader_work_on_the_fleet() {
         .tempdir()
         .expect("tempdir");
     let key = work.path().join("cache.sec");
-    let out = Command::new(ferry_bin("ferry-post-build"))
-        .args(["keygen", "ferry-nixos-test-1", "--secret-file"])
-        .arg(&key)
-        .output()
-        .expect("keygen");
-    check(&out, "keygen").unwrap_or_else(|e| panic!("{e}"));
-    let public = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let public = ferry_integration::support::post_build::keygen("ferry-nixos-test-1", &key);
     let cache = work.path().join("cache");
     let state = work.path().join("state");
     let client_conf = format!(
@@ -337,16 +331,11 @@ fn rendered_hook_builder_and_uploader_work_on_the_fleet() {
         .unwrap_or_else(|e| panic!("{}: {e}\nuploader log:\n{}", narinfo.display(), read(&log)));
     assert!(text.contains("Sig: ferry-nixos-test-1:"), "{text}");
     // Nix checks the cache: NAR hash and the signature of the key the credential carried.
-    let mut v = fleet.client_command("nix");
-    v.args([
-        "--extra-experimental-features",
-        "nix-command",
-        "store",
-        "verify",
-        "--store",
-    ])
-    .arg(format!("file://{}", cache.display()))
-    .args(["--trusted-public-keys", &public])
-    .arg(&built[0]);
-    run(&mut v).unwrap_or_else(|e| panic!("nix store verify: {e}"));
+    ferry_integration::support::post_build::verify_cache(
+        fleet.client_command("nix"),
+        &format!("file://{}", cache.display()),
+        &public,
+        &built[..1],
+        "the file:// cache",
+    );
 }
