@@ -500,22 +500,31 @@ async fn build_derivation_times_out() {
     finish(client, child).await;
 }
 
-#[tokio::test]
-async fn bad_magic_shows_the_banner() {
+/// Handshakes with `sh -c script` standing in for the remote `nix-store --serve`, which
+/// must fail; returns the shell (still running, if the script waits) and the error.
+async fn failed_handshake(script: &str, host: &str) -> (Child, ServeError) {
     let store = TestStore::new();
     let mut child = Command::new("/bin/sh")
-        .args(["-c", "echo 'Welcome to the build box!'; cat"])
+        .args(["-c", script])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .expect("spawn sh");
     let stdout = child.stdout.take().expect("stdout");
     let stdin = child.stdin.take().expect("stdin");
-    let err = ServeClient::handshake(stdout, stdin, store.store_dir.clone(), "bannerhost")
+    let err = ServeClient::handshake(stdout, stdin, store.store_dir.clone(), host)
         .await
         .err()
-        .expect("bad magic");
+        .expect("the handshake should fail");
+    (child, err)
+}
+
+#[tokio::test]
+async fn bad_magic_shows_the_banner() {
+    let (mut child, err) =
+        failed_handshake("echo 'Welcome to the build box!'; cat", "bannerhost").await;
     let msg = err.to_string();
     assert!(matches!(err, ServeError::BadMagic { .. }), "{msg}");
     assert!(
@@ -528,21 +537,8 @@ async fn bad_magic_shows_the_banner() {
 
 #[tokio::test]
 async fn silent_exit_before_greeting() {
-    let store = TestStore::new();
-    let mut child = Command::new("/bin/sh")
-        .args(["-c", "echo 'sh: nix-store: not found' >&2; exit 127"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn sh");
-    let stdout = child.stdout.take().expect("stdout");
-    let stdin = child.stdin.take().expect("stdin");
-    let err = ServeClient::handshake(stdout, stdin, store.store_dir.clone(), "emptyhost")
-        .await
-        .err()
-        .expect("no greeting");
+    let (_child, err) =
+        failed_handshake("echo 'sh: nix-store: not found' >&2; exit 127", "emptyhost").await;
     let msg = err.to_string();
     assert!(
         matches!(err, ServeError::NoGreeting { .. } | ServeError::Send { .. }),
