@@ -3,18 +3,19 @@
 //! disk hits, quota eviction by last use, and the rule that only a complete, verified stream
 //! becomes an entry (cut streams, wrong hashes, crashes leave nothing).
 
+mod common;
+
 use axum::body::Body;
-use axum::http::{HeaderMap, Response, StatusCode, Uri};
+use axum::http::{HeaderMap, Uri};
 use bytes::Bytes;
+use common::{H, narinfo_text, settings, spawn_app, spawn_ferry, status, trust_anything};
 use ferry_nix::hash::Hash;
-use ferry_substituter::config::{NixTrust, Overrides, SubstituterConfig, UpstreamConfig};
+use ferry_substituter::config::{SubstituterConfig, UpstreamConfig};
 use ferry_substituter::disk::nar_entry;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-
-const H: &str = "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig";
 
 fn data(len: usize, seed: u32) -> Arc<Vec<u8>> {
     Arc::new(
@@ -25,17 +26,7 @@ fn data(len: usize, seed: u32) -> Arc<Vec<u8>> {
 }
 
 fn narinfo(hash: &str, key: &str, nar: &[u8]) -> String {
-    format!(
-        "StorePath: /nix/store/{hash}-hello\nURL: {key}\nCompression: none\nNarHash: {}\nNarSize: {}\nReferences: \n",
-        Hash::sha256_of(nar).to_nix32_prefixed(),
-        nar.len()
-    )
-}
-
-fn status(code: u16, body: impl Into<Body>) -> Response<Body> {
-    let mut r = Response::new(body.into());
-    *r.status_mut() = StatusCode::from_u16(code).expect("status");
-    r
+    narinfo_text(hash, key, &Hash::sha256_of(nar), nar.len())
 }
 
 /// An upstream serving `files` (path → bytes; NARs in 64 KiB chunks `chunk_delay` apart), or
@@ -76,38 +67,22 @@ async fn upstream(files: Vec<(String, Arc<Vec<u8>>)>, chunk_delay: Duration) -> 
             r
         }
     });
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", l.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(l, app).await });
+    let url = format!("http://{}", spawn_app(app).await);
     Upstream { url, hits, down }
 }
 
 /// Starts Ferry with one upstream and a disk cache in `dir`; returns its base URL.
 async fn ferry(up: &str, dir: &Path, max_size: u64) -> String {
-    ferry_substituter::install_crypto_provider();
     let c = SubstituterConfig {
         upstream: vec![UpstreamConfig::new(up)],
         cache_dir: Some(dir.to_owned()),
         cache_max_size: ferry_substituter::config::ByteSize(max_size),
         ..SubstituterConfig::default()
     };
-    let s = c
-        .resolve(&Overrides::default(), |_| {
-            // A Nix that takes any narinfo: these tests are about the race, not trust.
-            Ok(NixTrust {
-                trusted_public_keys: String::new(),
-                require_sigs: false,
-            })
-        })
-        .expect("settings");
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", l.local_addr().expect("addr"));
-    tokio::spawn(ferry_substituter::run(s, l, std::future::pending()));
-    url
+    format!(
+        "http://{}",
+        spawn_ferry(settings(c, trust_anything())).await
+    )
 }
 
 async fn get(url: &str) -> (u16, Bytes) {
