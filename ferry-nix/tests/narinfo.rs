@@ -22,19 +22,22 @@ fn sd() -> StoreDir {
     StoreDir::new("/nix/store").expect("store dir")
 }
 
+/// The golden caches, uncompressed and xz: Nix 2.8 at the top (regen-narinfo.sh on this
+/// machine), 2.26 and 2.34 in nix-LABEL/ (regen-version.sh LABEL): the same objects and
+/// keys, so every test holds for each.
+const CACHES: [&str; 6] = [
+    "none",
+    "xz",
+    "nix-2.26/none",
+    "nix-2.26/xz",
+    "nix-2.34/none",
+    "nix-2.34/xz",
+];
+
 /// Every golden narinfo as (file name, text), both caches.
 fn golden_narinfos() -> Vec<(String, String)> {
     let mut out = Vec::new();
-    // Nix 2.8 at the top (regen-narinfo.sh on this machine), 2.26 and 2.34 in nix-LABEL/
-    // (regen-version.sh LABEL): the same objects and keys, so every test holds for each.
-    for cache in [
-        "none",
-        "xz",
-        "nix-2.26/none",
-        "nix-2.26/xz",
-        "nix-2.34/none",
-        "nix-2.34/xz",
-    ] {
+    for cache in CACHES {
         let mut names: Vec<_> = std::fs::read_dir(golden_dir().join(cache))
             .expect("dir")
             .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
@@ -224,14 +227,7 @@ fn trust_decisions() {
 
 #[test]
 fn golden_cache_info() {
-    for cache in [
-        "none",
-        "xz",
-        "nix-2.26/none",
-        "nix-2.26/xz",
-        "nix-2.34/none",
-        "nix-2.34/xz",
-    ] {
+    for cache in CACHES {
         let text = read(&format!("{cache}/nix-cache-info"));
         let ci = CacheInfo::parse(&text).expect("parse");
         assert_eq!(ci.store_dir, Some(sd()));
