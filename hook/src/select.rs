@@ -357,24 +357,28 @@ mod tests {
         assert_eq!(d, used(1, 0));
     }
 
-    #[test]
-    fn busy_machines_postpone_only_when_local_cannot_build() {
+    /// With one builder and no free slot on it: a busy builder is waited for only if local
+    /// cannot build, and no healthy builder at all (dead ones are not passed in) is never
+    /// waited for.
+    fn busy_or_no_builder(p: &impl Policy) {
         let ms = machines("ssh://a - - 1 1");
         let busy = [busy(0, 1)];
-        let cannot = need("x86_64-linux", &[], false);
-        assert_eq!(
-            StockPolicy.decide(&ms, &busy, &cannot, &local()),
-            Decision::Postpone
-        );
         let can = need("x86_64-linux", &[], true);
+        let cannot = need("x86_64-linux", &[], false);
+        assert_eq!(p.decide(&ms, &busy, &cannot, &local()), Decision::Postpone);
         assert_eq!(
-            StockPolicy.decide(&ms, &busy, &can, &local()),
+            p.decide(&ms, &busy, &can, &local()),
             Decision::Decline(DeclineReason::BusyButLocalCan)
         );
         assert_eq!(
-            StockPolicy.decide(&ms, &[], &cannot, &local()),
+            p.decide(&ms, &[], &cannot, &local()),
             Decision::Decline(DeclineReason::NoMachine)
         );
+    }
+
+    #[test]
+    fn busy_machines_postpone_only_when_local_cannot_build() {
+        busy_or_no_builder(&StockPolicy);
     }
 
     #[test]
@@ -430,7 +434,6 @@ mod tests {
     #[test]
     fn health_policy_declines_postpones_and_prefers_local_by_setting() {
         let ms = machines("ssh://a - - 1 1");
-        let busy = [busy(0, 1)];
         let remote_first = health(true);
         let local_first = health(false);
         let can = need("x86_64-linux", &[], true);
@@ -448,19 +451,6 @@ mod tests {
             local_first.decide(&ms, &[free(0, 0)], &cannot, &local()),
             used(0, 0)
         );
-        // A healthy builder is busy: wait for it only if local cannot build.
-        assert_eq!(
-            remote_first.decide(&ms, &busy, &cannot, &local()),
-            Decision::Postpone
-        );
-        assert_eq!(
-            remote_first.decide(&ms, &busy, &can, &local()),
-            Decision::Decline(DeclineReason::BusyButLocalCan)
-        );
-        // No healthy builder at all (dead ones are not passed in): never postpone.
-        assert_eq!(
-            remote_first.decide(&ms, &[], &cannot, &local()),
-            Decision::Decline(DeclineReason::NoMachine)
-        );
+        busy_or_no_builder(&remote_first);
     }
 }
