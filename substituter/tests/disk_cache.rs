@@ -8,7 +8,10 @@ mod common;
 use axum::body::Body;
 use axum::http::{HeaderMap, Uri};
 use bytes::Bytes;
-use common::{H, narinfo_text, settings, spawn_app, spawn_ferry, status, trust_anything};
+use common::{
+    H, check_range_from, head, narinfo_text, settings, spawn_app, spawn_ferry, status,
+    trust_anything,
+};
 use ferry_nix::hash::Hash;
 use ferry_substituter::config::{SubstituterConfig, UpstreamConfig};
 use ferry_substituter::disk::nar_entry;
@@ -181,23 +184,8 @@ async fn served_from_disk_with_the_upstream_down_and_after_a_restart() {
     let (code, body) = get(&format!("{f}/nar/x.nar")).await;
     assert_eq!(code, 200);
     assert!(body[..] == nar[..], "disk hit differs");
-    let r = reqwest::Client::new()
-        .get(format!("{f}/nar/x.nar"))
-        .header("range", "bytes=2999000-")
-        .send()
-        .await
-        .expect("range");
-    assert_eq!(r.status().as_u16(), 206);
-    assert_eq!(
-        r.headers().get("content-range").map(|v| v.as_bytes()),
-        Some(&b"bytes 2999000-2999999/3000000"[..])
-    );
-    assert_eq!(r.bytes().await.expect("body")[..], nar[2_999_000..]);
-    let r = reqwest::Client::new()
-        .head(format!("{f}/nar/x.nar"))
-        .send()
-        .await
-        .expect("head");
+    check_range_from(&format!("{f}/nar/x.nar"), &nar, 2_999_000).await;
+    let r = head(&format!("{f}/nar/x.nar")).await;
     assert_eq!(
         r.headers().get("content-length").map(|v| v.as_bytes()),
         Some(&b"3000000"[..])

@@ -121,3 +121,25 @@ pub(crate) fn split(out: Vec<u8>) -> Resp {
         body: out[end..].to_vec(),
     }
 }
+
+/// GETs `url` from byte `from` on and checks the partial answer: a 206, its `Content-Range`,
+/// and the bytes of `whole` from `from`.
+pub(crate) async fn check_range_from(url: &str, whole: &[u8], from: usize) {
+    let r = reqwest::Client::new()
+        .get(url)
+        .header("range", format!("bytes={from}-"))
+        .send()
+        .await
+        .expect("range");
+    assert_eq!(r.status().as_u16(), 206);
+    let want = format!("bytes {from}-{}/{}", whole.len() - 1, whole.len());
+    assert_eq!(
+        r.headers().get("content-range").map(|v| v.as_bytes()),
+        Some(want.as_bytes())
+    );
+    assert_eq!(r.bytes().await.expect("body")[..], whole[from..]);
+}
+
+pub(crate) async fn head(url: &str) -> reqwest::Response {
+    reqwest::Client::new().head(url).send().await.expect("head")
+}
