@@ -24,7 +24,12 @@ fn key() -> SecretKey {
 }
 
 fn unsigned(hash: &str, extra: &str) -> String {
-    let text = narinfo_text(hash, &format!("nar/{hash}.nar"), &Hash::sha256_of(b"nar"), 120);
+    let text = narinfo_text(
+        hash,
+        &format!("nar/{hash}.nar"),
+        &Hash::sha256_of(b"nar"),
+        120,
+    );
     format!("{text}{extra}")
 }
 
