@@ -285,6 +285,10 @@ fn golden_files(dir: &str, keep: impl Fn(&str) -> bool) -> Vec<(PathBuf, Vec<u8>
         .collect()
 }
 
+fn texts(seeds: &[&str]) -> Vec<Vec<u8>> {
+    seeds.iter().map(|s| s.as_bytes().to_vec()).collect()
+}
+
 fn only_bytes(v: Vec<(PathBuf, Vec<u8>)>) -> Vec<Vec<u8>> {
     v.into_iter().map(|(_, b)| b).collect()
 }
@@ -371,6 +375,16 @@ fn wire_goldens(name: &str) -> Vec<Vec<u8>> {
     only_bytes(golden_files("wire", |n| n == name))
 }
 
+/// The wire goldens in `name`, each after a first byte `tag` (a script or operation choice
+/// of the target).
+fn tagged_wire_goldens(tag: u8, name: &str) -> impl Iterator<Item = Vec<u8>> {
+    wire_goldens(name).into_iter().map(move |b| {
+        let mut v = vec![tag];
+        v.extend_from_slice(&b);
+        v
+    })
+}
+
 fn seeds_wire() -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for (script, file) in [
@@ -379,11 +393,7 @@ fn seeds_wire() -> Vec<Vec<u8>> {
         (0xf0, "serve-reply.bin"),
         (0x3c, "serve-request.bin"),
     ] {
-        for b in wire_goldens(file) {
-            let mut v = vec![script];
-            v.extend_from_slice(&b);
-            out.push(v);
-        }
+        out.extend(tagged_wire_goldens(script, file));
     }
     out
 }
@@ -432,12 +442,7 @@ fn handshake() -> Vec<u8> {
 }
 
 fn seeds_serve() -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    for b in wire_goldens("serve-reply.bin") {
-        let mut v = vec![0u8];
-        v.extend_from_slice(&b);
-        out.push(v);
-    }
+    let mut out: Vec<Vec<u8>> = tagged_wire_goldens(0, "serve-reply.bin").collect();
     // query_closure: one path.
     let mut v = vec![2u8];
     v.extend(handshake());
@@ -469,7 +474,7 @@ fn seeds_serve() -> Vec<Vec<u8>> {
 }
 
 fn seeds_paths() -> Vec<Vec<u8>> {
-    [
+    texts(&[
         "/nix-cache-info",
         "/metrics",
         "/ferry/status",
@@ -486,14 +491,11 @@ fn seeds_paths() -> Vec<Vec<u8>> {
         "https://cache.example/nar/x.nar",
         "https://elsewhere.example/presigned?sig=1",
         "StorePath: /nix/store/kvpm810qs80pka1bfbqxvsivc1qq3bgl-hello.txt\nURL: nar/x.nar\nCompression: none\n",
-    ]
-    .iter()
-    .map(|s| s.as_bytes().to_vec())
-    .collect()
+    ])
 }
 
 fn seeds_retry_after() -> Vec<Vec<u8>> {
-    [
+    texts(&[
         "120",
         " 0 ",
         "Sun, 06 Nov 1994 08:49:37 GMT",
@@ -501,14 +503,11 @@ fn seeds_retry_after() -> Vec<Vec<u8>> {
         "Sun Nov  6 08:49:37 1994",
         "Thu, 01 Jan 2099 00:00:00 GMT",
         "Tue, 29 Feb 2000 23:59:60 GMT",
-    ]
-    .iter()
-    .map(|s| s.as_bytes().to_vec())
-    .collect()
+    ])
 }
 
 fn seeds_target_url() -> Vec<Vec<u8>> {
-    [
+    texts(&[
         "file:///var/cache/ferry?compression=zstd",
         "file:///srv/cache/",
         "http://cache.example:5000/",
@@ -516,21 +515,15 @@ fn seeds_target_url() -> Vec<Vec<u8>> {
         "s3://bucket?endpoint=http://127.0.0.1:9000&region=eu-west-1&scheme=http&profile=ci",
         "s3://my-bucket/prefix?compression=none&region=us-east-1",
         "s3://b?endpoint=minio%3A9000&scheme=https",
-    ]
-    .iter()
-    .map(|s| s.as_bytes().to_vec())
-    .collect()
+    ])
 }
 
 fn seeds_spool() -> Vec<Vec<u8>> {
-    [
+    texts(&[
         "ferry-post-build-spool 1\ndrv /nix/store/33vxksxv4q76xwnj9ic5m4v9l2f4qm77-ferry-simple.drv\nout /nix/store/kvpm810qs80pka1bfbqxvsivc1qq3bgl-hello.txt\nout /nix/store/aw7bi1fv6akpyhw0lhxs9rdhgskhzzgl-tree\n",
         "ferry-post-build-spool 1\nout /nix/store/kvpm810qs80pka1bfbqxvsivc1qq3bgl-hello.txt\n\n",
         "ferry-post-build-spool 1\r\ndrv /x.drv\r\n",
-    ]
-    .iter()
-    .map(|s| s.as_bytes().to_vec())
-    .collect()
+    ])
 }
 
 fn seeds_signing() -> Vec<Vec<u8>> {

@@ -24,6 +24,8 @@ pub mod serve;
 pub mod signing;
 pub mod store_path;
 pub mod store_uri;
+#[cfg(test)]
+mod test_fs;
 pub mod url;
 pub mod wire;
 

@@ -59,15 +59,19 @@ impl StoreDir {
         &self.0
     }
 
-    /// Parses an absolute store path such as `/nix/store/<hash>-<name>`.
-    pub fn parse(&self, path: &str) -> Result<StorePath, StorePathError> {
-        let rest = path
-            .strip_prefix(self.0.as_str())
+    /// What follows `<store dir>/` in `path`.
+    fn below<'a>(&self, path: &'a str) -> Result<&'a str, StorePathError> {
+        path.strip_prefix(self.0.as_str())
             .and_then(|r| r.strip_prefix('/'))
             .ok_or_else(|| StorePathError::NotInStore {
                 path: path.to_owned(),
                 store_dir: self.0.clone(),
-            })?;
+            })
+    }
+
+    /// Parses an absolute store path such as `/nix/store/<hash>-<name>`.
+    pub fn parse(&self, path: &str) -> Result<StorePath, StorePathError> {
+        let rest = self.below(path)?;
         if rest.contains('/') {
             return Err(StorePathError::SubPath(path.to_owned()));
         }
@@ -80,13 +84,7 @@ impl StoreDir {
         &self,
         path: &'a str,
     ) -> Result<(StorePath, &'a str), StorePathError> {
-        let rest = path
-            .strip_prefix(self.0.as_str())
-            .and_then(|r| r.strip_prefix('/'))
-            .ok_or_else(|| StorePathError::NotInStore {
-                path: path.to_owned(),
-                store_dir: self.0.clone(),
-            })?;
+        let rest = self.below(path)?;
         let (base, sub) = match rest.find('/') {
             Some(i) => rest.split_at(i),
             None => (rest, ""),

@@ -101,6 +101,13 @@ impl TestStore {
         (client, child)
     }
 
+    /// Waits for the server to end and checks that it logged a hash mismatch.
+    async fn check_server_refused_the_hash(&self, child: &mut Child) {
+        let _ = child.wait().await;
+        let log = self.server_log();
+        assert!(log.contains("hash mismatch"), "{log}");
+    }
+
     fn server_log(&self) -> String {
         std::fs::read_to_string(self.tmp.path().join("serve.log")).unwrap_or_default()
     }
@@ -173,6 +180,14 @@ fn dep_nar() -> Vec<u8> {
     e.symlink(b"hello.txt").expect("symlink");
     e.end_directory().expect("end");
     e.finish().expect("finish").0
+}
+
+/// [`dep_nar`] and its info as the path `name`, with a NAR hash that does not match it.
+fn wrong_hash(name: &str) -> (Vec<u8>, PathInfo) {
+    let nar = dep_nar();
+    let mut info = info_for(store_path(name), &nar, BTreeSet::new());
+    info.nar_hash = Hash::sha256_of(b"something else");
+    (nar, info)
 }
 
 /// A single file that mentions `dep`, so the reference is real.
@@ -301,9 +316,7 @@ async fn add_query_and_dump_paths() {
 async fn add_with_wrong_hash_is_reported_and_poisons_the_connection() {
     let store = TestStore::new();
     let (mut client, mut child) = store.connect().await;
-    let nar = dep_nar();
-    let mut info = info_for(store_path("ferry-bad-hash"), &nar, BTreeSet::new());
-    info.nar_hash = Hash::sha256_of(b"something else");
+    let (nar, info) = wrong_hash("ferry-bad-hash");
     let err = client
         .add_to_store_nar(&info, &nar[..])
         .await
@@ -321,33 +334,21 @@ async fn add_with_wrong_hash_is_reported_and_poisons_the_connection() {
         .expect_err("broken");
     assert!(matches!(err, ServeError::Broken { .. }), "{err}");
     // The server rejected the path as well.
-    let _ = child.wait().await;
-    assert!(
-        store.server_log().contains("hash mismatch"),
-        "{}",
-        store.server_log()
-    );
+    store.check_server_refused_the_hash(&mut child).await;
 }
 
 #[tokio::test]
 async fn unhashed_add_with_wrong_hash_is_refused_by_the_remote() {
     let store = TestStore::new();
     let (mut client, mut child) = store.connect().await;
-    let nar = dep_nar();
-    let mut info = info_for(store_path("ferry-bad-hash-2"), &nar, BTreeSet::new());
-    info.nar_hash = Hash::sha256_of(b"something else");
+    let (nar, info) = wrong_hash("ferry-bad-hash-2");
     let err = client
         .add_to_store_nar_unhashed(&info, &nar[..])
         .await
         .expect_err("the remote refuses it");
     // Not our check: the remote's, which ends the connection.
     assert!(!matches!(err, ServeError::NarHashMismatch { .. }), "{err}");
-    let _ = child.wait().await;
-    assert!(
-        store.server_log().contains("hash mismatch"),
-        "{}",
-        store.server_log()
-    );
+    store.check_server_refused_the_hash(&mut child).await;
 }
 
 #[tokio::test]
@@ -500,22 +501,31 @@ async fn build_derivation_times_out() {
     finish(client, child).await;
 }
 
-#[tokio::test]
-async fn bad_magic_shows_the_banner() {
+/// Handshakes with `sh -c script` standing in for the remote `nix-store --serve`, which
+/// must fail; returns the shell (still running, if the script waits) and the error.
+async fn failed_handshake(script: &str, host: &str) -> (Child, ServeError) {
     let store = TestStore::new();
     let mut child = Command::new("/bin/sh")
-        .args(["-c", "echo 'Welcome to the build box!'; cat"])
+        .args(["-c", script])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .expect("spawn sh");
     let stdout = child.stdout.take().expect("stdout");
     let stdin = child.stdin.take().expect("stdin");
-    let err = ServeClient::handshake(stdout, stdin, store.store_dir.clone(), "bannerhost")
+    let err = ServeClient::handshake(stdout, stdin, store.store_dir.clone(), host)
         .await
         .err()
-        .expect("bad magic");
+        .expect("the handshake should fail");
+    (child, err)
+}
+
+#[tokio::test]
+async fn bad_magic_shows_the_banner() {
+    let (mut child, err) =
+        failed_handshake("echo 'Welcome to the build box!'; cat", "bannerhost").await;
     let msg = err.to_string();
     assert!(matches!(err, ServeError::BadMagic { .. }), "{msg}");
     assert!(
@@ -528,21 +538,8 @@ async fn bad_magic_shows_the_banner() {
 
 #[tokio::test]
 async fn silent_exit_before_greeting() {
-    let store = TestStore::new();
-    let mut child = Command::new("/bin/sh")
-        .args(["-c", "echo 'sh: nix-store: not found' >&2; exit 127"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn sh");
-    let stdout = child.stdout.take().expect("stdout");
-    let stdin = child.stdin.take().expect("stdin");
-    let err = ServeClient::handshake(stdout, stdin, store.store_dir.clone(), "emptyhost")
-        .await
-        .err()
-        .expect("no greeting");
+    let (_child, err) =
+        failed_handshake("echo 'sh: nix-store: not found' >&2; exit 127", "emptyhost").await;
     let msg = err.to_string();
     assert!(
         matches!(err, ServeError::NoGreeting { .. } | ServeError::Send { .. }),

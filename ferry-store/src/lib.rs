@@ -25,6 +25,8 @@ mod import;
 mod nar;
 mod restore;
 mod store;
+#[cfg(test)]
+mod test_util;
 mod tool;
 
 pub use error::LocalError;

@@ -154,18 +154,9 @@ impl AsyncRead for NarStream {
 mod tests {
     use super::*;
     use crate::LocalStore;
+    use crate::test_util::{sd, sp};
     use ferry_nix::hash::Hash;
-    use ferry_nix::store_path::{StoreDir, StorePath};
     use tokio::io::AsyncReadExt;
-
-    fn sd() -> StoreDir {
-        StoreDir::new("/nix/store").expect("dir")
-    }
-
-    /// A store path named `name` with a hash part made of `c`.
-    fn sp(c: char, name: &str) -> StorePath {
-        StorePath::from_base_name(&format!("{}-{name}", c.to_string().repeat(32))).expect("path")
-    }
 
     fn chroot_store(root: &std::path::Path) -> LocalStore {
         LocalStore {

@@ -266,15 +266,7 @@ impl LocalStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sd() -> StoreDir {
-        StoreDir::new("/nix/store").expect("dir")
-    }
-
-    /// A store path named `name` with a hash part made of `c`.
-    fn sp(c: char, name: &str) -> StorePath {
-        StorePath::from_base_name(&format!("{}-{name}", c.to_string().repeat(32))).expect("path")
-    }
+    use crate::test_util::{sd, sp};
 
     #[test]
     fn chroot_stores_map_to_real_paths() {

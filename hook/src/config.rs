@@ -251,15 +251,18 @@ mod tests {
     use super::*;
     use std::path::Path;
 
+    /// The `[build-hook]` section of `text`, as if read from `f.toml`.
+    fn parse(text: &str) -> Result<HookConfig, ferry_nix::config::ConfigError> {
+        ferry_nix::config::parse_section(text, Path::new("f.toml"), "build-hook")
+    }
+
     #[test]
     fn defaults_without_a_file_and_overrides_with_one() {
         let t = load(Path::new("/nonexistent/ferry.toml")).expect("defaults");
         assert_eq!(t, Tuning::default());
         assert_eq!(t.probe_timeout, Duration::from_secs(1));
-        let raw: HookConfig = ferry_nix::config::parse_section(
+        let raw = parse(
             "[build-hook]\nprobe-timeout-ms = 300\nbackoff-base-secs = 1\nbackoff-cap-secs = 2\nprefer-remote = false\n",
-            Path::new("f.toml"),
-            "build-hook",
         )
         .expect("parse");
         let t = raw.validate("f.toml").expect("valid");
@@ -269,12 +272,9 @@ mod tests {
         assert_eq!(t.stale_after, Duration::from_secs(60));
         assert_eq!(t.probe_transport, TransportKind::Openssh);
         assert_eq!(t.build_transport, TransportKind::Openssh);
-        let raw: HookConfig = ferry_nix::config::parse_section(
-            "[build-hook]\nprobe-transport = \"openssh\"\nbuild-transport = \"russh\"\n",
-            Path::new("f.toml"),
-            "build-hook",
-        )
-        .expect("parse");
+        let raw =
+            parse("[build-hook]\nprobe-transport = \"openssh\"\nbuild-transport = \"russh\"\n")
+                .expect("parse");
         let t = raw.validate("f.toml").expect("valid");
         assert_eq!(t.probe_transport, TransportKind::Openssh);
         assert_eq!(t.build_transport, TransportKind::Russh);
@@ -284,28 +284,15 @@ mod tests {
             ("restore", ImportMethod::Restore),
             ("auto", ImportMethod::Auto),
         ] {
-            let raw: HookConfig = ferry_nix::config::parse_section(
-                &format!("[build-hook]\nimport-method = \"{text}\"\n"),
-                Path::new("f.toml"),
-                "build-hook",
-            )
-            .expect("parse");
+            let raw = parse(&format!("[build-hook]\nimport-method = \"{text}\"\n")).expect("parse");
             assert_eq!(raw.validate("f").expect("valid").import_method, want);
             assert_eq!(want.name(), text);
         }
-        let e = ferry_nix::config::parse_section::<HookConfig>(
-            "[build-hook]\nimport-method = \"copy\"\n",
-            Path::new("f.toml"),
-            "build-hook",
-        )
-        .expect_err("unknown import method");
+        let e =
+            parse("[build-hook]\nimport-method = \"copy\"\n").expect_err("unknown import method");
         assert!(e.to_string().contains("line 2"), "{e}");
-        let e = ferry_nix::config::parse_section::<HookConfig>(
-            "[build-hook]\nprobe-transport = \"libssh\"\n",
-            Path::new("f.toml"),
-            "build-hook",
-        )
-        .expect_err("unknown transport");
+        let e =
+            parse("[build-hook]\nprobe-transport = \"libssh\"\n").expect_err("unknown transport");
         assert!(e.to_string().contains("line 2"), "{e}");
     }
 
@@ -337,12 +324,7 @@ mod tests {
             .validate("f.toml")
             .expect_err("slot wait beyond the poll interval");
         assert!(e.to_string().contains("slot-wait-ms = 6000"), "{e}");
-        let e = ferry_nix::config::parse_section::<HookConfig>(
-            "[build-hook]\nprobe-timeout = 3\n",
-            Path::new("f.toml"),
-            "build-hook",
-        )
-        .expect_err("typo");
+        let e = parse("[build-hook]\nprobe-timeout = 3\n").expect_err("typo");
         assert!(e.to_string().contains("line 2"), "{e}");
     }
 }

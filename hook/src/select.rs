@@ -311,75 +311,74 @@ mod tests {
         assert!(eligible(&ms, &need("x86_64-linux", &[], false), &excluded).is_empty());
     }
 
+    fn free(machine: usize, load: u64) -> Load {
+        Load {
+            machine,
+            load,
+            free_slot: Some(load),
+        }
+    }
+
+    /// A machine at `load` with no slot free.
+    fn busy(machine: usize, load: u64) -> Load {
+        Load {
+            machine,
+            load,
+            free_slot: None,
+        }
+    }
+
+    fn used(machine: usize, slot: u64) -> Decision {
+        Decision::Use { machine, slot }
+    }
+
+    fn health(prefer_remote: bool) -> HealthPolicy {
+        HealthPolicy {
+            prefer_remote,
+            ..HealthPolicy::default()
+        }
+    }
+
     #[test]
     fn least_load_per_speed_then_speed_then_load() {
         let ms = machines("ssh://a - - 4 1\nssh://b - - 4 2\nssh://c - - 4 2");
         let n = need("x86_64-linux", &[], false);
-        let l = |machine, load| Load {
-            machine,
-            load,
-            free_slot: Some(load),
-        };
         // a: 1/1, b: 1/2 → b.
-        let d = StockPolicy.decide(&ms, &[l(0, 1), l(1, 1)], &n, &local());
-        assert_eq!(
-            d,
-            Decision::Use {
-                machine: 1,
-                slot: 1
-            }
-        );
+        let d = StockPolicy.decide(&ms, &[free(0, 1), free(1, 1)], &n, &local());
+        assert_eq!(d, used(1, 1));
         // a: 0/1, b: 0/2 → tie on ratio, b is faster.
-        let d = StockPolicy.decide(&ms, &[l(0, 0), l(1, 0)], &n, &local());
-        assert_eq!(
-            d,
-            Decision::Use {
-                machine: 1,
-                slot: 0
-            }
-        );
+        let d = StockPolicy.decide(&ms, &[free(0, 0), free(1, 0)], &n, &local());
+        assert_eq!(d, used(1, 0));
         // b: 2/2 = 1, a: 1/1 = 1, equal ratio → faster b wins over a.
-        let d = StockPolicy.decide(&ms, &[l(0, 1), l(1, 2)], &n, &local());
-        assert_eq!(
-            d,
-            Decision::Use {
-                machine: 1,
-                slot: 2
-            }
-        );
+        let d = StockPolicy.decide(&ms, &[free(0, 1), free(1, 2)], &n, &local());
+        assert_eq!(d, used(1, 2));
         // Same ratio and speed: first one kept unless strictly less loaded.
-        let d = StockPolicy.decide(&ms, &[l(1, 0), l(2, 0)], &n, &local());
+        let d = StockPolicy.decide(&ms, &[free(1, 0), free(2, 0)], &n, &local());
+        assert_eq!(d, used(1, 0));
+    }
+
+    /// With one builder and no free slot on it: a busy builder is waited for only if local
+    /// cannot build, and no healthy builder at all (dead ones are not passed in) is never
+    /// waited for.
+    fn busy_or_no_builder(p: &impl Policy) {
+        let ms = machines("ssh://a - - 1 1");
+        let busy = [busy(0, 1)];
+        let can = need("x86_64-linux", &[], true);
+        let cannot = need("x86_64-linux", &[], false);
+        assert_eq!(p.decide(&ms, &busy, &cannot, &local()), Decision::Postpone);
         assert_eq!(
-            d,
-            Decision::Use {
-                machine: 1,
-                slot: 0
-            }
+            p.decide(&ms, &busy, &can, &local()),
+            Decision::Decline(DeclineReason::BusyButLocalCan)
+        );
+        assert_eq!(
+            p.decide(&ms, &[], &cannot, &local()),
+            Decision::Decline(DeclineReason::NoMachine)
         );
     }
 
     #[test]
     fn busy_machines_postpone_only_when_local_cannot_build() {
-        let ms = machines("ssh://a - - 1 1");
-        let busy = [Load {
-            machine: 0,
-            load: 1,
-            free_slot: None,
-        }];
-        let cannot = need("x86_64-linux", &[], false);
-        assert_eq!(
-            StockPolicy.decide(&ms, &busy, &cannot, &local()),
-            Decision::Postpone
-        );
-        let can = need("x86_64-linux", &[], true);
-        assert_eq!(
-            StockPolicy.decide(&ms, &busy, &can, &local()),
-            Decision::Decline(DeclineReason::BusyButLocalCan)
-        );
-        assert_eq!(
-            StockPolicy.decide(&ms, &[], &cannot, &local()),
-            Decision::Decline(DeclineReason::NoMachine)
-        );
+        busy_or_no_builder(&StockPolicy);
     }
 
     #[test]
@@ -392,31 +391,14 @@ mod tests {
         assert!(!l.could_build(&need("x86_64-linux", &["kvm"], true)));
     }
 
-    fn free(machine: usize, load: u64) -> Load {
-        Load {
-            machine,
-            load,
-            free_slot: Some(load),
-        }
-    }
-
     #[test]
     fn health_policy_scores_load_speed_factor_then_measured_speed() {
         let ms = machines("ssh://a - - 4 1\nssh://b - - 4 1\nssh://c - - 4 2");
         let n = need("x86_64-linux", &[], false);
-        let mut p = HealthPolicy {
-            prefer_remote: true,
-            ..HealthPolicy::default()
-        };
+        let mut p = health(true);
         // Same as stock without measurements: c (speed factor 2) at equal load.
         let d = p.decide(&ms, &[free(0, 0), free(1, 0), free(2, 0)], &n, &local());
-        assert_eq!(
-            d,
-            Decision::Use {
-                machine: 2,
-                slot: 0
-            }
-        );
+        assert_eq!(d, used(2, 0));
         // a and b tie on load and speed factor: the measured faster link wins.
         p.speeds.insert(
             0,
@@ -433,13 +415,7 @@ mod tests {
             },
         );
         let d = p.decide(&ms, &[free(0, 1), free(1, 1)], &n, &local());
-        assert_eq!(
-            d,
-            Decision::Use {
-                machine: 1,
-                slot: 1
-            }
-        );
+        assert_eq!(d, used(1, 1));
         // Without throughput, lower latency wins (beyond a 1 ms noise floor).
         p.speeds.insert(
             1,
@@ -449,48 +425,22 @@ mod tests {
             },
         );
         let d = p.decide(&ms, &[free(1, 1), free(0, 1)], &n, &local());
-        assert_eq!(
-            d,
-            Decision::Use {
-                machine: 0,
-                slot: 1
-            }
-        );
+        assert_eq!(d, used(0, 1));
         // Load per speed factor still comes first.
         let d = p.decide(&ms, &[free(0, 2), free(1, 1)], &n, &local());
-        assert_eq!(
-            d,
-            Decision::Use {
-                machine: 1,
-                slot: 1
-            }
-        );
+        assert_eq!(d, used(1, 1));
     }
 
     #[test]
     fn health_policy_declines_postpones_and_prefers_local_by_setting() {
         let ms = machines("ssh://a - - 1 1");
-        let busy = [Load {
-            machine: 0,
-            load: 1,
-            free_slot: None,
-        }];
-        let remote_first = HealthPolicy {
-            prefer_remote: true,
-            ..HealthPolicy::default()
-        };
-        let local_first = HealthPolicy {
-            prefer_remote: false,
-            ..HealthPolicy::default()
-        };
+        let remote_first = health(true);
+        let local_first = health(false);
         let can = need("x86_64-linux", &[], true);
         let cannot = need("x86_64-linux", &[], false);
         assert_eq!(
             remote_first.decide(&ms, &[free(0, 0)], &can, &local()),
-            Decision::Use {
-                machine: 0,
-                slot: 0
-            }
+            used(0, 0)
         );
         assert_eq!(
             local_first.decide(&ms, &[free(0, 0)], &can, &local()),
@@ -499,24 +449,8 @@ mod tests {
         // No free local slot: the builder is used whatever the preference.
         assert_eq!(
             local_first.decide(&ms, &[free(0, 0)], &cannot, &local()),
-            Decision::Use {
-                machine: 0,
-                slot: 0
-            }
+            used(0, 0)
         );
-        // A healthy builder is busy: wait for it only if local cannot build.
-        assert_eq!(
-            remote_first.decide(&ms, &busy, &cannot, &local()),
-            Decision::Postpone
-        );
-        assert_eq!(
-            remote_first.decide(&ms, &busy, &can, &local()),
-            Decision::Decline(DeclineReason::BusyButLocalCan)
-        );
-        // No healthy builder at all (dead ones are not passed in): never postpone.
-        assert_eq!(
-            remote_first.decide(&ms, &[], &cannot, &local()),
-            Decision::Decline(DeclineReason::NoMachine)
-        );
+        busy_or_no_builder(&remote_first);
     }
 }

@@ -201,6 +201,20 @@ mod tests {
         }
     }
 
+    /// The failures in a row that open a breaker with [`cfg`], all at `t`.
+    fn fail_to_open(b: &mut Breaker, t: Instant) {
+        for _ in 0..cfg().failures_to_open {
+            b.on_failure(t, None);
+        }
+    }
+
+    /// A breaker with [`cfg`] that opened at `t`.
+    fn opened(t: Instant) -> Breaker {
+        let mut b = Breaker::new(cfg());
+        fail_to_open(&mut b, t);
+        b
+    }
+
     #[test]
     fn suspect_between_a_failure_and_the_next_success() {
         let mut b = Breaker::new(cfg());
@@ -233,10 +247,7 @@ mod tests {
     #[test]
     fn half_open_admits_a_single_probe() {
         let t = Instant::now();
-        let mut b = Breaker::new(cfg());
-        for _ in 0..3 {
-            b.on_failure(t, None);
-        }
+        let mut b = opened(t);
         let later = t + Duration::from_secs(2);
         assert_eq!(b.admit(later), Admit::Probe);
         assert_eq!(b.admit(later), Admit::Reject, "only one probe at a time");
@@ -248,10 +259,7 @@ mod tests {
     #[test]
     fn failed_probe_doubles_the_cooldown_up_to_the_cap() {
         let t = Instant::now();
-        let mut b = Breaker::new(cfg());
-        for _ in 0..3 {
-            b.on_failure(t, None);
-        }
+        let mut b = opened(t);
         let mut now = t + Duration::from_secs(2);
         let mut expected = Duration::from_secs(4);
         for _ in 0..10 {
@@ -267,19 +275,14 @@ mod tests {
         assert_eq!(b.admit(now), Admit::Probe);
         b.on_success();
         // Back to the base cool-down after recovery.
-        for _ in 0..3 {
-            b.on_failure(now, None);
-        }
+        fail_to_open(&mut b, now);
         assert_eq!(b.admit(now + Duration::from_secs(2)), Admit::Probe);
     }
 
     #[test]
     fn lost_probe_is_replaced_after_its_timeout() {
         let t = Instant::now();
-        let mut b = Breaker::new(cfg());
-        for _ in 0..3 {
-            b.on_failure(t, None);
-        }
+        let mut b = opened(t);
         let p = t + Duration::from_secs(2);
         assert_eq!(b.admit(p), Admit::Probe);
         assert_eq!(b.admit(p + Duration::from_secs(5)), Admit::Probe);
@@ -301,10 +304,7 @@ mod tests {
     #[test]
     fn late_failures_do_not_extend_an_open_period() {
         let t = Instant::now();
-        let mut b = Breaker::new(cfg());
-        for _ in 0..3 {
-            b.on_failure(t, None);
-        }
+        let mut b = opened(t);
         b.on_failure(t + Duration::from_secs(1), None);
         assert_eq!(b.admit(t + Duration::from_secs(2)), Admit::Probe);
     }

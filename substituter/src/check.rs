@@ -137,6 +137,18 @@ mod tests {
     }
 
     const PATH: &str = "/nix/store/0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig-hello";
+    /// The hash part of [`PATH`].
+    const HASH: &str = "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig";
+
+    /// `check_narinfo` in the store `/nix/store`, for a narinfo from a relative-URL upstream.
+    fn check(
+        hash_part: &str,
+        text: impl AsRef<[u8]>,
+        keys: &TrustedKeys,
+        require_sigs: bool,
+    ) -> Result<Checked, CheckError> {
+        check_narinfo(&sd(), hash_part, text.as_ref(), keys, require_sigs, None)
+    }
 
     fn signed_text(key: &SecretKey) -> String {
         let unsigned = format!(
@@ -155,15 +167,7 @@ mod tests {
         let mut keys = TrustedKeys::new();
         keys.insert(key.to_public());
         let text = signed_text(&key);
-        let c = check_narinfo(
-            &sd(),
-            "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
-            text.as_bytes(),
-            &keys,
-            true,
-            None,
-        )
-        .expect("valid");
+        let c = check(HASH, &text, &keys, true).expect("valid");
         assert!(c.trusted);
         assert_eq!(c.body, text, "unknown keys and Sig lines are kept");
         assert_eq!(c.nar_key.as_deref(), Some("nar/abc.nar.xz"));
@@ -177,37 +181,13 @@ mod tests {
         let other = SecretKey::from_seed("cache-1", [4; 32]).expect("key");
         let mut keys = TrustedKeys::new();
         keys.insert(other.to_public());
-        let c = check_narinfo(
-            &sd(),
-            "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
-            signed_text(&key).as_bytes(),
-            &keys,
-            true,
-            None,
-        )
-        .expect("valid");
+        let c = check(HASH, signed_text(&key), &keys, true).expect("valid");
         assert!(!c.trusted);
         // With no keys, nothing signed is trusted (issue 12 item 3: it used to be everything)...
-        let c = check_narinfo(
-            &sd(),
-            "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
-            signed_text(&key).as_bytes(),
-            &TrustedKeys::new(),
-            true,
-            None,
-        )
-        .expect("valid");
+        let c = check(HASH, signed_text(&key), &TrustedKeys::new(), true).expect("valid");
         assert!(!c.trusted);
         // ...unless Nix runs with `require-sigs = false`.
-        let c = check_narinfo(
-            &sd(),
-            "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
-            signed_text(&key).as_bytes(),
-            &TrustedKeys::new(),
-            false,
-            None,
-        )
-        .expect("valid");
+        let c = check(HASH, signed_text(&key), &TrustedKeys::new(), false).expect("valid");
         assert!(c.trusted);
     }
 
@@ -220,20 +200,11 @@ mod tests {
             "StorePath: {PATH}\nURL: nar/abc.nar\nCompression: none\nNarHash: {h}\nNarSize: 120\nReferences: \nCA: fixed:r:{h}\n",
             h = Hash::sha256_of(b"nar").to_nix32_prefixed()
         );
-        let c = check_narinfo(&sd(), &PATH[11..43], made_up.as_bytes(), &keys, true, None)
-            .expect("valid");
+        let c = check(HASH, made_up, &keys, true).expect("valid");
         assert!(!c.trusted, "a made-up CA is not a signature");
         // `nix path-info --json` of a real source path (Nix 2.8, ferry-nix golden files).
         let real = "StorePath: /nix/store/04m350imlv7hf9pd6b84wj34d7f4hl0r-hello.txt\nURL: nar/x.nar\nCompression: none\nNarHash: sha256-z20dFjm4uZTxhhKwVeaqOWpRKO5etQZQrjcW1wxvUWY=\nNarSize: 128\nReferences: \nCA: fixed:r:sha256:0rjidw6df5ipmr80ddayxql52sirmbk5bc0jhvqr9fdq74b1svfg\n";
-        let c = check_narinfo(
-            &sd(),
-            "04m350imlv7hf9pd6b84wj34d7f4hl0r",
-            real.as_bytes(),
-            &keys,
-            true,
-            None,
-        )
-        .expect("valid");
+        let c = check("04m350imlv7hf9pd6b84wj34d7f4hl0r", real, &keys, true).expect("valid");
         assert!(c.trusted);
     }
 
@@ -241,13 +212,11 @@ mod tests {
     fn rejects_wrong_path_garbage_and_missing_fields() {
         let key = SecretKey::from_seed("cache-1", [3; 32]).expect("key");
         let k = TrustedKeys::new();
-        let e = check_narinfo(
-            &sd(),
+        let e = check(
             "1c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
-            signed_text(&key).as_bytes(),
+            signed_text(&key),
             &k,
             true,
-            None,
         )
         .unwrap_err();
         assert!(matches!(e, CheckError::WrongPath { .. }), "{e}");
@@ -257,18 +226,7 @@ mod tests {
             b"\xff\xfe",
             b"",
         ] {
-            assert!(
-                check_narinfo(
-                    &sd(),
-                    "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
-                    garbage,
-                    &k,
-                    true,
-                    None
-                )
-                .is_err(),
-                "{garbage:?}"
-            );
+            assert!(check(HASH, garbage, &k, true).is_err(), "{garbage:?}");
         }
     }
 
@@ -281,19 +239,10 @@ mod tests {
                 Hash::sha256_of(b"nar").to_nix32_prefixed()
             )
         };
-        let check = |t: String| {
-            check_narinfo(
-                &sd(),
-                &PATH[11..43],
-                t.as_bytes(),
-                &TrustedKeys::new(),
-                false,
-                None,
-            )
-        };
-        assert!(check(text(MAX_URL - 4)).is_ok());
+        let check_len = |len: usize| check(HASH, text(len), &TrustedKeys::new(), false);
+        assert!(check_len(MAX_URL - 4).is_ok());
         assert!(matches!(
-            check(text(MAX_URL)),
+            check_len(MAX_URL),
             Err(CheckError::FieldTooLong { field: "URL", .. })
         ));
     }
@@ -306,7 +255,7 @@ mod tests {
         );
         let c = check_narinfo(
             &sd(),
-            "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
+            HASH,
             text.as_bytes(),
             &TrustedKeys::new(),
             true,
@@ -318,15 +267,7 @@ mod tests {
         // No Compression line means bzip2: NarHash says nothing about the file.
         assert_eq!(c.expect, Expect::default());
         let none = text.replace("NarSize", "Compression: none\nNarSize");
-        let c = check_narinfo(
-            &sd(),
-            "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig",
-            none.as_bytes(),
-            &TrustedKeys::new(),
-            true,
-            None,
-        )
-        .expect("valid");
+        let c = check(HASH, none, &TrustedKeys::new(), true).expect("valid");
         assert_eq!(c.expect.size, Some(120));
         assert_eq!(c.expect.sha256, Some(Hash::sha256_of(b"nar")));
     }

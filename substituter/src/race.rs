@@ -195,72 +195,83 @@ mod tests {
     const T: Slot = Hit { trusted: true };
     const U: Slot = Hit { trusted: false };
 
+    /// Checks [`decide`] on each case (slots, phase, `serve_untrusted`, wanted decision),
+    /// naming the case that fails.
+    fn check(cases: &[(&[Slot], Phase, bool, Decision)]) {
+        for &(slots, phase, serve_untrusted, want) in cases {
+            assert_eq!(
+                decide(slots, phase, serve_untrusted),
+                want,
+                "{slots:?} {phase:?} serve_untrusted={serve_untrusted}"
+            );
+        }
+    }
+
+    const MISS: Decision = Decision::NotFound { definitive: true };
+    const UNCACHED_MISS: Decision = Decision::NotFound { definitive: false };
+
     #[test]
     fn higher_priority_hit_wins_even_when_it_arrives_later() {
-        // The second upstream answered first: wait for the first.
-        assert_eq!(decide(&[Pending, T], Phase::Racing, false), Decision::Wait);
-        assert_eq!(decide(&[T, T], Phase::Racing, false), Decision::Serve(0));
+        check(&[
+            // The second upstream answered first: wait for the first.
+            (&[Pending, T], Phase::Racing, false, Decision::Wait),
+            (&[T, T], Phase::Racing, false, Decision::Serve(0)),
+        ]);
     }
 
     #[test]
     fn lower_priority_hit_wins_once_higher_ones_resolve() {
-        assert_eq!(decide(&[Miss, T], Phase::Racing, false), Decision::Serve(1));
-        assert_eq!(
-            decide(&[Failed, Skipped, T, Pending], Phase::Racing, false),
-            Decision::Serve(2)
-        );
+        check(&[
+            (&[Miss, T], Phase::Racing, false, Decision::Serve(1)),
+            (
+                &[Failed, Skipped, T, Pending],
+                Phase::Racing,
+                false,
+                Decision::Serve(2),
+            ),
+        ]);
     }
 
     #[test]
     fn deadline_turns_pending_into_failed() {
-        assert_eq!(
-            decide(&[Pending, T], Phase::PastDeadline, false),
-            Decision::Serve(1)
-        );
-        // A live upstream still asked holds a 404 back until the patience runs out, then the
-        // answer is "unknown", never a 404 (issue 12).
-        assert_eq!(
-            decide(&[Pending, Miss], Phase::PastDeadline, false),
-            Decision::Wait
-        );
-        assert_eq!(
-            decide(&[Pending, Miss], Phase::PastPatience, false),
-            Decision::Unknown
-        );
+        check(&[
+            (
+                &[Pending, T],
+                Phase::PastDeadline,
+                false,
+                Decision::Serve(1),
+            ),
+            // A live upstream still asked holds a 404 back until the patience runs out, then
+            // the answer is "unknown", never a 404 (issue 12).
+            (&[Pending, Miss], Phase::PastDeadline, false, Decision::Wait),
+            (
+                &[Pending, Miss],
+                Phase::PastPatience,
+                false,
+                Decision::Unknown,
+            ),
+        ]);
     }
 
     #[test]
     fn trusted_beats_untrusted_regardless_of_priority() {
-        assert_eq!(decide(&[U, T], Phase::Racing, false), Decision::Serve(1));
-        assert_eq!(decide(&[U, Pending], Phase::Racing, true), Decision::Wait);
-        assert_eq!(decide(&[U, Miss], Phase::Racing, true), Decision::Serve(0));
-        assert_eq!(
-            decide(&[U, Miss], Phase::Racing, false),
-            Decision::NotFound { definitive: true }
-        );
+        check(&[
+            (&[U, T], Phase::Racing, false, Decision::Serve(1)),
+            (&[U, Pending], Phase::Racing, true, Decision::Wait),
+            (&[U, Miss], Phase::Racing, true, Decision::Serve(0)),
+            (&[U, Miss], Phase::Racing, false, MISS),
+        ]);
     }
 
     #[test]
     fn only_complete_answers_are_definitive_misses() {
-        assert_eq!(
-            decide(&[Miss, Miss], Phase::Racing, false),
-            Decision::NotFound { definitive: true }
-        );
-        for s in [Failed, Skipped] {
-            assert_eq!(
-                decide(&[Miss, s], Phase::Racing, false),
-                Decision::NotFound { definitive: false },
-                "{s:?}"
-            );
-        }
-        assert_eq!(
-            decide(&[Miss, Pending], Phase::Racing, false),
-            Decision::Wait
-        );
-        assert_eq!(
-            decide(&[], Phase::Racing, false),
-            Decision::NotFound { definitive: true }
-        );
+        check(&[
+            (&[Miss, Miss], Phase::Racing, false, MISS),
+            (&[Miss, Failed], Phase::Racing, false, UNCACHED_MISS),
+            (&[Miss, Skipped], Phase::Racing, false, UNCACHED_MISS),
+            (&[Miss, Pending], Phase::Racing, false, Decision::Wait),
+            (&[], Phase::Racing, false, MISS),
+        ]);
     }
 
     #[test]
@@ -274,59 +285,40 @@ mod tests {
 
     #[test]
     fn a_retrying_upstream_never_delays_a_lower_priority_hit() {
-        // As if it had failed: the dead-upstream case costs what it cost without retries.
-        assert_eq!(
-            decide(&[Retrying, T], Phase::Racing, false),
-            Decision::Serve(1)
-        );
-        assert_eq!(
-            decide(&[Retrying, U], Phase::Racing, true),
-            Decision::Serve(1)
-        );
-        assert_eq!(
-            decide(&[Retrying, Pending], Phase::Racing, false),
-            Decision::Wait
-        );
-        // Its retry can still win while the lower ones are pending.
-        assert_eq!(
-            decide(&[T, Pending], Phase::Racing, false),
-            Decision::Serve(0)
-        );
+        check(&[
+            // As if it had failed: the dead-upstream case costs what it cost without retries.
+            (&[Retrying, T], Phase::Racing, false, Decision::Serve(1)),
+            (&[Retrying, U], Phase::Racing, true, Decision::Serve(1)),
+            (&[Retrying, Pending], Phase::Racing, false, Decision::Wait),
+            // Its retry can still win while the lower ones are pending.
+            (&[T, Pending], Phase::Racing, false, Decision::Serve(0)),
+        ]);
     }
 
     #[test]
     fn a_retrying_upstream_holds_back_a_404_until_the_deadline() {
-        assert_eq!(
-            decide(&[Retrying, Miss], Phase::Racing, false),
-            Decision::Wait
-        );
-        assert_eq!(
-            decide(&[Miss, Retrying], Phase::Racing, false),
-            Decision::Wait
-        );
-        assert_eq!(decide(&[Retrying], Phase::Racing, false), Decision::Wait);
-        assert_eq!(
-            decide(&[Retrying, Miss], Phase::PastDeadline, false),
-            Decision::Wait
-        );
-        assert_eq!(
-            decide(&[Retrying, Miss], Phase::PastPatience, false),
-            Decision::Unknown
-        );
-        assert_eq!(
-            decide(&[Unanswered, Miss], Phase::Racing, false),
-            Decision::Unknown
-        );
-        // Down (breaker open) or garbage: it cannot serve the path; an uncached 404.
-        assert_eq!(
-            decide(&[Skipped, Miss], Phase::Racing, false),
-            Decision::NotFound { definitive: false }
-        );
-        // Given up after its last attempt: an uncached 404 as before.
-        assert_eq!(
-            decide(&[Failed, Miss], Phase::Racing, false),
-            Decision::NotFound { definitive: false }
-        );
+        check(&[
+            (&[Retrying, Miss], Phase::Racing, false, Decision::Wait),
+            (&[Miss, Retrying], Phase::Racing, false, Decision::Wait),
+            (&[Retrying], Phase::Racing, false, Decision::Wait),
+            (
+                &[Retrying, Miss],
+                Phase::PastDeadline,
+                false,
+                Decision::Wait,
+            ),
+            (
+                &[Retrying, Miss],
+                Phase::PastPatience,
+                false,
+                Decision::Unknown,
+            ),
+            (&[Unanswered, Miss], Phase::Racing, false, Decision::Unknown),
+            // Down (breaker open) or garbage: it cannot serve the path; an uncached 404.
+            (&[Skipped, Miss], Phase::Racing, false, UNCACHED_MISS),
+            // Given up after its last attempt: an uncached 404 as before.
+            (&[Failed, Miss], Phase::Racing, false, UNCACHED_MISS),
+        ]);
     }
 
     const MS: fn(u64) -> Duration = Duration::from_millis;

@@ -3,18 +3,22 @@
 //! disk hits, quota eviction by last use, and the rule that only a complete, verified stream
 //! becomes an entry (cut streams, wrong hashes, crashes leave nothing).
 
+mod common;
+
 use axum::body::Body;
-use axum::http::{HeaderMap, Response, StatusCode, Uri};
+use axum::http::{HeaderMap, Uri};
 use bytes::Bytes;
+use common::{
+    H, check_range_from, head, narinfo_text, settings, spawn_app, spawn_ferry, status,
+    trust_anything,
+};
 use ferry_nix::hash::Hash;
-use ferry_substituter::config::{NixTrust, Overrides, SubstituterConfig, UpstreamConfig};
+use ferry_substituter::config::{SubstituterConfig, UpstreamConfig};
 use ferry_substituter::disk::nar_entry;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-
-const H: &str = "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig";
 
 fn data(len: usize, seed: u32) -> Arc<Vec<u8>> {
     Arc::new(
@@ -25,17 +29,7 @@ fn data(len: usize, seed: u32) -> Arc<Vec<u8>> {
 }
 
 fn narinfo(hash: &str, key: &str, nar: &[u8]) -> String {
-    format!(
-        "StorePath: /nix/store/{hash}-hello\nURL: {key}\nCompression: none\nNarHash: {}\nNarSize: {}\nReferences: \n",
-        Hash::sha256_of(nar).to_nix32_prefixed(),
-        nar.len()
-    )
-}
-
-fn status(code: u16, body: impl Into<Body>) -> Response<Body> {
-    let mut r = Response::new(body.into());
-    *r.status_mut() = StatusCode::from_u16(code).expect("status");
-    r
+    narinfo_text(hash, key, &Hash::sha256_of(nar), nar.len())
 }
 
 /// An upstream serving `files` (path → bytes; NARs in 64 KiB chunks `chunk_delay` apart), or
@@ -76,38 +70,22 @@ async fn upstream(files: Vec<(String, Arc<Vec<u8>>)>, chunk_delay: Duration) -> 
             r
         }
     });
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", l.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(l, app).await });
+    let url = format!("http://{}", spawn_app(app).await);
     Upstream { url, hits, down }
 }
 
 /// Starts Ferry with one upstream and a disk cache in `dir`; returns its base URL.
 async fn ferry(up: &str, dir: &Path, max_size: u64) -> String {
-    ferry_substituter::install_crypto_provider();
     let c = SubstituterConfig {
         upstream: vec![UpstreamConfig::new(up)],
         cache_dir: Some(dir.to_owned()),
         cache_max_size: ferry_substituter::config::ByteSize(max_size),
         ..SubstituterConfig::default()
     };
-    let s = c
-        .resolve(&Overrides::default(), |_| {
-            // A Nix that takes any narinfo: these tests are about the race, not trust.
-            Ok(NixTrust {
-                trusted_public_keys: String::new(),
-                require_sigs: false,
-            })
-        })
-        .expect("settings");
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", l.local_addr().expect("addr"));
-    tokio::spawn(ferry_substituter::run(s, l, std::future::pending()));
-    url
+    format!(
+        "http://{}",
+        spawn_ferry(settings(c, trust_anything())).await
+    )
 }
 
 async fn get(url: &str) -> (u16, Bytes) {
@@ -206,23 +184,8 @@ async fn served_from_disk_with_the_upstream_down_and_after_a_restart() {
     let (code, body) = get(&format!("{f}/nar/x.nar")).await;
     assert_eq!(code, 200);
     assert!(body[..] == nar[..], "disk hit differs");
-    let r = reqwest::Client::new()
-        .get(format!("{f}/nar/x.nar"))
-        .header("range", "bytes=2999000-")
-        .send()
-        .await
-        .expect("range");
-    assert_eq!(r.status().as_u16(), 206);
-    assert_eq!(
-        r.headers().get("content-range").map(|v| v.as_bytes()),
-        Some(&b"bytes 2999000-2999999/3000000"[..])
-    );
-    assert_eq!(r.bytes().await.expect("body")[..], nar[2_999_000..]);
-    let r = reqwest::Client::new()
-        .head(format!("{f}/nar/x.nar"))
-        .send()
-        .await
-        .expect("head");
+    check_range_from(&format!("{f}/nar/x.nar"), &nar, 2_999_000).await;
+    let r = head(&format!("{f}/nar/x.nar")).await;
     assert_eq!(
         r.headers().get("content-length").map(|v| v.as_bytes()),
         Some(&b"3000000"[..])

@@ -2,18 +2,18 @@
 //! request paths against Ferry, in process (mock upstreams) or as the real binary (memory,
 //! logs). Each test failed before its fix.
 
+mod common;
+
 use axum::body::Body;
-use axum::http::{HeaderMap, Response, StatusCode, Uri};
+use axum::http::{HeaderMap, Response, Uri};
+use common::{H, narinfo_text, raw, settings, spawn_app, spawn_ferry, status};
 use ferry_nix::hash::Hash;
 use ferry_nix::narinfo::NarInfo;
 use ferry_nix::signing::SecretKey;
 use ferry_nix::store_path::StoreDir;
-use ferry_substituter::config::{NixTrust, Overrides, SubstituterConfig, UpstreamConfig};
-use std::io::{Read as _, Write as _};
+use ferry_substituter::config::{NixTrust, SubstituterConfig, UpstreamConfig};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-const H: &str = "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig";
 
 fn sd() -> StoreDir {
     StoreDir::new("/nix/store").expect("store dir")
@@ -24,10 +24,13 @@ fn key() -> SecretKey {
 }
 
 fn unsigned(hash: &str, extra: &str) -> String {
-    format!(
-        "StorePath: /nix/store/{hash}-hello\nURL: nar/{hash}.nar\nCompression: none\nNarHash: {}\nNarSize: 120\nReferences: \n{extra}",
-        Hash::sha256_of(b"nar").to_nix32_prefixed()
-    )
+    let text = narinfo_text(
+        hash,
+        &format!("nar/{hash}.nar"),
+        &Hash::sha256_of(b"nar"),
+        120,
+    );
+    format!("{text}{extra}")
 }
 
 fn signed(hash: &str) -> String {
@@ -56,67 +59,28 @@ async fn mock(f: impl Fn(&str) -> Response<Body> + Send + Sync + 'static) -> (St
         let r = f(uri.path());
         async move { r }
     });
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(l, app).await });
-    (addr.to_string(), seen)
-}
-
-fn status(code: u16, body: impl Into<Body>) -> Response<Body> {
-    let mut r = Response::new(body.into());
-    *r.status_mut() = StatusCode::from_u16(code).expect("status");
-    r
+    (spawn_app(app).await, seen)
 }
 
 /// Ferry in process with these upstreams (priority order); `require_sigs` with [`key`] trusted.
 async fn ferry(upstreams: &[String], tune: impl FnOnce(&mut SubstituterConfig)) -> String {
-    ferry_substituter::install_crypto_provider();
     let mut c = SubstituterConfig {
         upstream: upstreams.iter().map(|u| UpstreamConfig::new(u)).collect(),
         head_start_ms: 50,
         ..SubstituterConfig::default()
     };
     tune(&mut c);
-    let s = c
-        .resolve(&Overrides::default(), |_| {
-            Ok(NixTrust {
-                trusted_public_keys: key().to_public().to_string(),
-                require_sigs: true,
-            })
-        })
-        .expect("settings");
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(ferry_substituter::run(s, l, std::future::pending()));
-    addr.to_string()
+    let trust = NixTrust {
+        trusted_public_keys: key().to_public().to_string(),
+        require_sigs: true,
+    };
+    spawn_ferry(settings(c, trust)).await
 }
 
-/// A raw HTTP/1.1 GET, so that the request target reaches Ferry exactly as written (an HTTP
-/// client library would resolve `%2e%2e` itself). Returns the status and the whole response.
+/// A raw HTTP/1.1 GET (see [`raw`]). Returns the status and the whole response.
 async fn raw_get(addr: &str, target: &str) -> (u16, String) {
-    let addr = addr.to_owned();
-    let target = target.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        write!(
-            s,
-            "GET {target} HTTP/1.1\r\nHost: ferry\r\nConnection: close\r\n\r\n"
-        )
-        .expect("write");
-        let mut out = Vec::new();
-        let _ = s.read_to_end(&mut out);
-        let text = String::from_utf8_lossy(&out).into_owned();
-        let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-        (code, text)
-    })
-    .await
-    .expect("raw get")
+    let r = raw(addr, "GET", target, "", Duration::from_secs(10)).await;
+    (r.status, r.text())
 }
 
 /// Issue 12 item 1: an unsigned narinfo with a made-up `CA:` from the first upstream beat the

@@ -3,11 +3,14 @@
 //! `integration/tests/e2e/substituter_local.rs` use real Nix stores). Narinfos, signatures,
 //! NARs byte for byte, ranges, hostile keys, and NARs that change or vanish mid-stream.
 
+mod common;
+
+use common::{Resp, settings, spawn_ferry, split};
 use ferry_nix::hash::Hash;
 use ferry_nix::narinfo::NarInfo;
 use ferry_nix::signing::SecretKey;
 use ferry_nix::store_path::StoreDir;
-use ferry_substituter::config::{LocalConfig, NixTrust, Overrides, SubstituterConfig};
+use ferry_substituter::config::{LocalConfig, NixTrust, SubstituterConfig};
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -144,72 +147,15 @@ async fn ferry_with(store: &Store, keys: bool, verify_nar_hash: bool) -> String 
         }),
         ..SubstituterConfig::default()
     };
-    let s = c
-        .resolve(&Overrides::default(), |_| Ok(NixTrust::default()))
-        .expect("settings");
+    let s = settings(c, NixTrust::default());
     // Serving the own store needs no upstream: never the cache.nixos.org default.
     assert!(s.upstreams.is_empty(), "{:?}", s.upstreams);
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(ferry_substituter::run(s, l, std::future::pending()));
-    addr.to_string()
+    spawn_ferry(s).await
 }
 
-struct Resp {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<String> {
-        self.head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
-        })
-    }
-}
-
-/// A raw HTTP/1.1 request (targets reach Ferry exactly as written); reads to the end of the
-/// connection, so a body shorter than `Content-Length` shows.
+/// A raw HTTP/1.1 request (see [`common::raw`]).
 async fn raw(addr: &str, method: &str, target: &str, extra: &str) -> Resp {
-    let (addr, method, target, extra) = (
-        addr.to_owned(),
-        method.to_owned(),
-        target.to_owned(),
-        extra.to_owned(),
-    );
-    tokio::task::spawn_blocking(move || {
-        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(20)))
-            .expect("timeout");
-        write!(
-            s,
-            "{method} {target} HTTP/1.1\r\nHost: ferry\r\nConnection: close\r\n{extra}\r\n"
-        )
-        .expect("write");
-        let mut out = Vec::new();
-        let _ = s.read_to_end(&mut out);
-        split(out)
-    })
-    .await
-    .expect("raw")
-}
-
-fn split(out: Vec<u8>) -> Resp {
-    let end = out
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map_or(out.len(), |p| p + 4);
-    let head = String::from_utf8_lossy(&out[..end]).into_owned();
-    let status = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    Resp {
-        status,
-        head,
-        body: out[end..].to_vec(),
-    }
+    common::raw(addr, method, target, extra, Duration::from_secs(20)).await
 }
 
 fn hash_part(base: &str) -> &str {
@@ -265,39 +211,22 @@ async fn serves_signed_narinfos_and_nars_byte_for_byte_with_ranges() {
 
     let mut expect = Vec::new();
     ferry_nix::nar::dump_path(&store.dir.join(TOP), &mut expect).expect("dump");
-    let r = raw(&addr, "GET", &format!("/{}", ni.url), "").await;
+    let nar = format!("/{}", ni.url);
+    let r = raw(&addr, "GET", &nar, "").await;
     assert_eq!(r.status, 200, "{}", r.head);
     assert_eq!(r.header("content-length"), Some(nar_size.to_string()));
     assert_eq!(r.header("accept-ranges").as_deref(), Some("bytes"));
     assert_eq!(r.body, expect);
 
-    let r = raw(
-        &addr,
-        "GET",
-        &format!("/{}", ni.url),
-        "Range: bytes=100-\r\n",
-    )
-    .await;
+    let r = raw(&addr, "GET", &nar, "Range: bytes=100-\r\n").await;
     assert_eq!(r.status, 206, "{}", r.head);
     assert_eq!(r.body, expect[100..]);
-    let r = raw(
-        &addr,
-        "GET",
-        &format!("/{}", ni.url),
-        "Range: bytes=8-15\r\n",
-    )
-    .await;
+    let r = raw(&addr, "GET", &nar, "Range: bytes=8-15\r\n").await;
     assert_eq!(r.status, 206, "{}", r.head);
     assert_eq!(r.body, expect[8..16]);
-    let r = raw(
-        &addr,
-        "GET",
-        &format!("/{}", ni.url),
-        &format!("Range: bytes={nar_size}-\r\n"),
-    )
-    .await;
+    let r = raw(&addr, "GET", &nar, &format!("Range: bytes={nar_size}-\r\n")).await;
     assert_eq!(r.status, 416, "{}", r.head);
-    let r = raw(&addr, "HEAD", &format!("/{}", ni.url), "").await;
+    let r = raw(&addr, "HEAD", &nar, "").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-length"), Some(nar_size.to_string()));
     assert!(r.body.is_empty());

@@ -2,21 +2,27 @@
 //! that fail mid-stream): coalescing, the priority race, deadlines, breakers and NAR resume,
 //! with timings that would be too slow or too flaky to drive through Nix on the fleet.
 
+mod common;
+
 use axum::body::Body;
-use axum::http::{HeaderMap, Response, StatusCode, Uri};
+use axum::http::{HeaderMap, Response, Uri};
 use bytes::Bytes;
+use common::{
+    H, check_range_from, head, narinfo_text, settings, spawn_app, spawn_ferry, status,
+    trust_anything,
+};
 use ferry_nix::hash::Hash;
-use ferry_substituter::config::{NixTrust, Overrides, SubstituterConfig, UpstreamConfig};
+use ferry_substituter::config::{SubstituterConfig, UpstreamConfig};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-const H: &str = "0c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig";
-
 fn narinfo(hash: &str, tag: &str) -> String {
-    format!(
-        "StorePath: /nix/store/{hash}-hello\nURL: nar/{tag}.nar\nCompression: none\nNarHash: {}\nNarSize: 120\nReferences: \n",
-        Hash::sha256_of(b"nar").to_nix32_prefixed()
+    narinfo_text(
+        hash,
+        &format!("nar/{tag}.nar"),
+        &Hash::sha256_of(b"nar"),
+        120,
     )
 }
 
@@ -40,18 +46,8 @@ async fn mock(delay: Duration, f: Behaviour) -> Mock {
             f(uri.path(), &headers, n)
         }
     });
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", l.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(l, app).await });
+    let url = format!("http://{}", spawn_app(app).await);
     Mock { url, hits }
-}
-
-fn status(code: u16, body: impl Into<Body>) -> Response<Body> {
-    let mut r = Response::new(body.into());
-    *r.status_mut() = StatusCode::from_u16(code).expect("status");
-    r
 }
 
 fn hit(tag: &'static str) -> Behaviour {
@@ -68,28 +64,26 @@ fn hit(tag: &'static str) -> Behaviour {
 
 /// Starts Ferry with these upstreams (in priority order) and returns its base URL.
 async fn ferry(upstreams: &[&str], tune: impl FnOnce(&mut SubstituterConfig)) -> String {
-    ferry_substituter::install_crypto_provider();
     let mut c = SubstituterConfig {
         upstream: upstreams.iter().map(|u| UpstreamConfig::new(u)).collect(),
         head_start_ms: 50,
         ..SubstituterConfig::default()
     };
     tune(&mut c);
-    let s = c
-        .resolve(&Overrides::default(), |_| {
-            // A Nix that takes any narinfo: these tests are about the race, not trust.
-            Ok(NixTrust {
-                trusted_public_keys: String::new(),
-                require_sigs: false,
-            })
-        })
-        .expect("settings");
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", l.local_addr().expect("addr"));
-    tokio::spawn(ferry_substituter::run(s, l, std::future::pending()));
-    url
+    format!(
+        "http://{}",
+        spawn_ferry(settings(c, trust_anything())).await
+    )
+}
+
+/// Asks Ferry at `f` for the narinfo of `hash`; checks that it is upstream `tag`'s hit and
+/// returns how long the answer took.
+async fn served(f: &str, hash: &str, tag: &str) -> Duration {
+    let t = Instant::now();
+    let (code, body) = get(&format!("{f}/{hash}.narinfo")).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(&format!("URL: nar/{tag}.nar")), "{body}");
+    t.elapsed()
 }
 
 async fn get(url: &str) -> (u16, String) {
@@ -127,11 +121,8 @@ async fn higher_priority_hit_beats_an_earlier_lower_priority_hit() {
     let a = mock(Duration::from_millis(400), hit("a")).await;
     let b = mock(Duration::ZERO, hit("b")).await;
     let f = ferry(&[&a.url, &b.url], |_| {}).await;
-    let t = Instant::now();
-    let (code, body) = get(&format!("{f}/{H}.narinfo")).await;
-    assert_eq!(code, 200);
-    assert!(body.contains("URL: nar/a.nar"), "{body}");
-    assert!(t.elapsed() >= Duration::from_millis(400));
+    let e = served(&f, H, "a").await;
+    assert!(e >= Duration::from_millis(400));
     assert_eq!(
         b.hits.load(Ordering::SeqCst),
         1,
@@ -148,11 +139,7 @@ async fn at_the_deadline_a_lower_priority_hit_is_served() {
         c.upstream[0].read_timeout_ms = 10_000;
     })
     .await;
-    let t = Instant::now();
-    let (code, body) = get(&format!("{f}/{H}.narinfo")).await;
-    assert_eq!(code, 200);
-    assert!(body.contains("URL: nar/b.nar"), "{body}");
-    let e = t.elapsed();
+    let e = served(&f, H, "b").await;
     assert!(
         e >= Duration::from_millis(550) && e < Duration::from_secs(2),
         "{e:?}"
@@ -165,16 +152,9 @@ async fn a_refused_first_upstream_costs_little() {
     // Port 1 on loopback refuses at once.
     // A long head start, so that waiting for it would be unmistakable even on a loaded machine.
     let f = ferry(&["http://127.0.0.1:1", &b.url], |c| c.head_start_ms = 3000).await;
-    let t = Instant::now();
-    let (code, body) = get(&format!("{f}/{H}.narinfo")).await;
-    assert_eq!(code, 200);
-    assert!(body.contains("nar/b.nar"));
+    let e = served(&f, H, "b").await;
     // The next upstream starts as soon as the first fails, not after the head start.
-    assert!(
-        t.elapsed() < Duration::from_millis(1500),
-        "{:?}",
-        t.elapsed()
-    );
+    assert!(e < Duration::from_millis(1500), "{e:?}");
 }
 
 #[tokio::test]
@@ -359,23 +339,8 @@ async fn file_upstream_serves_narinfo_nar_ranges_and_logs() {
         Some(&b"bytes"[..])
     );
     assert_eq!(r.bytes().await.expect("body")[..], data[..]);
-    let r = reqwest::Client::new()
-        .get(format!("{f}/nar/f.nar"))
-        .header("range", "bytes=999990-")
-        .send()
-        .await
-        .expect("range");
-    assert_eq!(r.status().as_u16(), 206);
-    assert_eq!(
-        r.headers().get("content-range").map(|v| v.as_bytes()),
-        Some(&b"bytes 999990-999999/1000000"[..])
-    );
-    assert_eq!(r.bytes().await.expect("body")[..], data[999_990..]);
-    let r = reqwest::Client::new()
-        .head(format!("{f}/nar/f.nar"))
-        .send()
-        .await
-        .expect("head");
+    check_range_from(&format!("{f}/nar/f.nar"), &data, 999_990).await;
+    let r = head(&format!("{f}/nar/f.nar")).await;
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(
         r.headers().get("content-length").map(|v| v.as_bytes()),
@@ -449,16 +414,13 @@ async fn a_connection_closed_by_the_only_healthy_upstream_is_retried_not_a_404()
     // connection. Without a retry all slots fail and Nix caches the 404 for an hour.
     let (c, accepted) = closes_first_connections(2).await;
     let f = ferry(&["http://127.0.0.1:1", &c], |_| {}).await;
-    let t = Instant::now();
-    let (code, body) = get(&format!("{f}/{H}.narinfo")).await;
-    assert_eq!(code, 200, "{body}");
-    assert!(body.contains("URL: nar/c.nar"), "{body}");
+    let e = served(&f, H, "c").await;
     assert_eq!(
         accepted.load(Ordering::SeqCst),
         3,
         "two closed, then answered"
     );
-    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(e < Duration::from_secs(2), "{e:?}");
     let (_, m) = get(&format!("{f}/metrics")).await;
     assert!(
         m.contains(&format!(
@@ -536,11 +498,7 @@ async fn retrying_a_hanging_first_upstream_does_not_delay_a_lower_priority_hit()
     let a = mock(Duration::from_secs(10), hit("a")).await;
     let b = mock(Duration::from_millis(600), hit("b")).await;
     let f = ferry(&[&a.url, &b.url], |c| c.upstream[0].read_timeout_ms = 300).await;
-    let t = Instant::now();
-    let (code, body) = get(&format!("{f}/{H}.narinfo")).await;
-    assert_eq!(code, 200);
-    assert!(body.contains("URL: nar/b.nar"), "{body}");
-    let e = t.elapsed();
+    let e = served(&f, H, "b").await;
     assert!(e < Duration::from_millis(1400), "{e:?}");
 }
 
@@ -556,24 +514,13 @@ async fn after_a_first_failure_a_hanging_upstream_no_longer_holds_back_lower_pri
         c.narinfo_deadline_ms = 5000;
     })
     .await;
-    let t = Instant::now();
-    let (code, body) = get(&format!("{f}/{H}.narinfo")).await;
-    assert_eq!(code, 200);
-    assert!(body.contains("URL: nar/b.nar"), "{body}");
-    assert!(
-        t.elapsed() >= Duration::from_millis(900),
-        "{:?}",
-        t.elapsed()
-    );
+    let e = served(&f, H, "b").await;
+    assert!(e >= Duration::from_millis(900), "{e:?}");
     let other = "1c5bkdzpsq0kbl4wbamr6aa1g4jxv0ig";
-    let t = Instant::now();
-    let (code, body) = get(&format!("{f}/{other}.narinfo")).await;
-    assert_eq!(code, 200);
-    assert!(body.contains("URL: nar/b.nar"), "{body}");
+    let e = served(&f, other, "b").await;
     assert!(
-        t.elapsed() < Duration::from_millis(700),
-        "waited for the suspect upstream: {:?}",
-        t.elapsed()
+        e < Duration::from_millis(700),
+        "waited for the suspect upstream: {e:?}"
     );
     // It was still asked (its answer would count if it came).
     assert!(a.hits.load(Ordering::SeqCst) >= 2);

@@ -1,5 +1,5 @@
 use super::*;
-use std::collections::HashMap;
+use crate::test_fs::fs;
 use std::io;
 
 fn no_files(_: &Path) -> io::Result<Option<String>> {
@@ -207,14 +207,6 @@ fn missing_store_uri() {
         err("- x86_64-linux"),
         MachinesError::MissingStoreUri { line: 1, .. }
     ));
-}
-
-fn fs(files: &[(&str, &str)]) -> impl Fn(&Path) -> io::Result<Option<String>> {
-    let map: HashMap<PathBuf, String> = files
-        .iter()
-        .map(|(p, t)| (PathBuf::from(p), (*t).to_owned()))
-        .collect();
-    move |p: &Path| Ok(map.get(p).cloned())
 }
 
 #[test]

@@ -1,13 +1,5 @@
 use super::*;
-use std::collections::HashMap;
-
-fn fs(files: &[(&str, &str)]) -> impl Fn(&Path) -> io::Result<Option<String>> {
-    let map: HashMap<PathBuf, String> = files
-        .iter()
-        .map(|(p, t)| (PathBuf::from(p), (*t).to_owned()))
-        .collect();
-    move |p: &Path| Ok(map.get(p).cloned())
-}
+use crate::test_fs::fs;
 
 fn parse(text: &str) -> Result<NixConf, NixConfError> {
     NixConf::parse(text, Path::new("/etc/nix/nix.conf"), &fs(&[]))

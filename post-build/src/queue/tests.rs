@@ -23,6 +23,14 @@ fn transient(error: &str, side: Side) -> Outcome {
     }
 }
 
+/// The queue at `db`, with the output `/s/a` enqueued at 1.
+fn open_with_a(db: &Path) -> Queue {
+    let mut q = Queue::open(db).expect("open");
+    q.enqueue(&[("/s/a".to_owned(), JobKind::Out)], 1)
+        .expect("enqueue");
+    q
+}
+
 #[test]
 fn transitions() {
     assert_eq!(
@@ -274,11 +282,7 @@ fn target_and_local_status() {
 fn survives_reopen() {
     let d = tempfile::tempdir().expect("dir");
     let db = d.path().join("q.sqlite");
-    {
-        let mut q = Queue::open(&db).expect("open");
-        q.enqueue(&[("/s/a".to_owned(), JobKind::Out)], 1)
-            .expect("enqueue");
-    }
+    drop(open_with_a(&db));
     let q = Queue::open(&db).expect("reopen");
     assert!(q.contains("/s/a").expect("contains"));
 }
@@ -291,9 +295,7 @@ fn queue_files_are_private() {
     let d = tempfile::tempdir().expect("tmp");
     let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
     let db = d.path().join("queue.sqlite");
-    let mut q = Queue::open(&db).expect("open");
-    q.enqueue(&[("/s/a".to_owned(), JobKind::Out)], 1)
-        .expect("enqueue");
+    let q = open_with_a(&db);
     assert_eq!(mode(&db), 0o600);
     assert_eq!(mode(&d.path().join("queue.sqlite-wal")), 0o600);
     drop(q);
@@ -408,9 +410,7 @@ fn migrates_a_first_release_database() {
 fn concurrent_writer_is_waited_for() {
     let d = tempfile::tempdir().expect("dir");
     let db = d.path().join("queue.sqlite");
-    let mut q = Queue::open(&db).expect("open");
-    q.enqueue(&[("/s/a".to_owned(), JobKind::Out)], 1)
-        .expect("enqueue");
+    let mut q = open_with_a(&db);
     let a = q.due(1, 1, &|_| false).expect("due").remove(0);
     let t = Transition::DeadLetter {
         attempts: 1,
