@@ -227,6 +227,7 @@ impl Daemon {
             uploads: crate::multipart::UploadLog::open(&db)
                 .with_context(|| format!("opening {}", db.display()))?,
             multipart: settings.multipart(),
+            compressing: tokio::sync::Semaphore::new(settings.compress_slots()),
         });
         Ok(Daemon {
             settings,

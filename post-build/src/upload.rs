@@ -93,6 +93,11 @@ pub(crate) struct Shared {
     /// Multipart uploads in progress (in the queue database), and when to use them.
     pub(crate) uploads: crate::multipart::UploadLog,
     pub(crate) multipart: crate::multipart::MultipartSettings,
+    /// NARs being serialised and compressed at once (`Settings::compress_slots`).
+    /// Compression is CPU-bound; more of it at once than the cores can keep busy only
+    /// time-slices several zstd contexts (each a few MiB of tables and window) through the
+    /// same caches. Uploads, which wait on the network, still run `concurrency` at once.
+    pub(crate) compressing: tokio::sync::Semaphore,
 }
 
 /// Per-target outcome of one job: paths uploaded, or the error that stopped the target.
@@ -420,6 +425,8 @@ pub(crate) async fn upload_closure(sh: &Arc<Shared>, root: &str) -> (Outcome, Ta
         for compression in compressions {
             let sh2 = Arc::clone(sh);
             let info2 = info.clone();
+            // Never closed; were it, compressing without a slot is still correct.
+            let slot = sh.compressing.acquire().await.ok();
             let prepared =
                 match tokio::task::spawn_blocking(move || prepare(&sh2, &info2, compression)).await
                 {
@@ -441,6 +448,7 @@ pub(crate) async fn upload_closure(sh: &Arc<Shared>, root: &str) -> (Outcome, Ta
                         );
                     }
                 };
+            drop(slot);
             let text = prepared.narinfo.render(&sh.store_dir);
             for &t in need
                 .iter()
@@ -628,6 +636,7 @@ mod tests {
             infos: Default::default(),
             uploads: crate::multipart::UploadLog::open_in_memory().expect("log"),
             multipart: Default::default(),
+            compressing: tokio::sync::Semaphore::new(1),
         };
         let mut i = info_in(&sd, &p.to_string_lossy(), &[]);
         i.nar_hash = h;
