@@ -213,13 +213,14 @@ impl Settings {
         self.nix_state_dir.join("gcroots").join("ferry")
     }
 
-    /// NARs compressed at once, from the cores this process may run on (its CPU affinity):
-    /// one at a time on one core; on more, one more than the cores, since a NAR's dump and
-    /// hashing and its zstd workers hand off to each other and leave a core idle meanwhile
-    /// (measured on two cores: two at a time uploaded 1.31–1.34× `nix copy`'s rate, three
-    /// 1.46–1.55×; on one core, three at a time cost 19% more CPU per GiB than one).
+    /// NARs compressed at once: one on one core, where three at a time cost 19% more CPU per
+    /// GiB than one (several zstd contexts, each a few MiB of tables and window, time-sliced
+    /// through the same caches); one more than the cores on more, so that a core is not left
+    /// idle while a NAR's dump and its zstd workers hand off to each other. On two cores that
+    /// is three, which the benchmark could not tell from two (both within 1.22–1.55×
+    /// `nix copy` over its rounds).
     pub(crate) fn compress_slots(&self) -> usize {
-        match std::thread::available_parallelism().map_or(1, |n| n.get()) {
+        match cores() {
             1 => 1,
             n => n + 1,
         }
@@ -229,9 +230,7 @@ impl Settings {
         crate::compress::Levels {
             zstd: self.config.zstd_level,
             zstd_threads: match self.config.zstd_threads {
-                0 => std::thread::available_parallelism()
-                    .map(|n| n.get().min(8) as u32)
-                    .unwrap_or(1),
+                0 => cores().min(8) as u32,
                 n => n,
             },
             xz: self.config.xz_level,
@@ -253,6 +252,12 @@ impl Settings {
             max: Duration::from_secs(self.config.retry_max_secs.max(1)),
         }
     }
+}
+
+/// The cores this process may run on: its CPU affinity (`taskset`, systemd's `CPUAffinity=`),
+/// not the machine's count.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 #[cfg(test)]
