@@ -9,6 +9,24 @@ use std::time::Duration;
 /// A warm-up build that takes longer than this is a broken fixture, not a measurement.
 const LIMIT: Duration = Duration::from_secs(50);
 
+/// The scenarios: label, builders, which of them are blackholed, `-j`, and whether the
+/// build must succeed (otherwise: fail, and the time to the error is measured).
+const SCENARIOS: &[(&str, usize, &[usize], &str, bool)] = &[
+    // All healthy, the reference for B.
+    ("healthy, -j0", 2, &[], "-j0", true),
+    // Local builds allowed.
+    ("A: 1 blackholed, -j1", 1, &[0], "-j1", true),
+    // Remote only.
+    ("B: 1 blackholed + 1 healthy, -j0", 2, &[0], "-j0", true),
+    (
+        "C: all blackholed, -j0 (to failure)",
+        2,
+        &[0, 1],
+        "-j0",
+        false,
+    ),
+];
+
 /// Benchmark, stock untuned vs stock tuned (`NIX_SSHOPTS="-o ConnectTimeout=2"`) vs Ferry on
 /// fresh fleets in the same run, 5 trivial derivations per build (goals of docs/goals.md):
 /// - A: one blackholed builder, `-j1` (local fallback); goal: Ferry ≤ 3 s;
@@ -27,47 +45,24 @@ pub fn bench_dead_builders_stock_vs_ferry() {
     let secs = |o: &Option<std::process::Output>, t: Duration| o.as_ref().map(|_| t.as_secs_f64());
 
     for hook in hooks {
-        // All healthy, the reference for B.
-        let tf = start(hook, 2, 2, "");
-        let (o, t) = timed_build(&tf, &many(&nonce(), 5), &["-j0"], cap);
-        if let Some(o) = &o {
-            check(o, "healthy").unwrap_or_else(|e| panic!("{hook:?}: {e}"));
+        for &(label, builders, dead, jobs, builds) in SCENARIOS {
+            let tf = start(hook, builders, 2, "");
+            for &b in dead {
+                tf.blackhole(b).expect("blackhole");
+            }
+            let (o, t) = timed_build(&tf, &many(&nonce(), 5), &[jobs], cap);
+            if let Some(o) = &o {
+                if builds {
+                    check(o, label).unwrap_or_else(|e| panic!("{hook:?}: {e}"));
+                } else {
+                    assert!(
+                        !o.status.success(),
+                        "{hook:?}: {label} built with every builder dead"
+                    );
+                }
+            }
+            results.push((label, hook, secs(&o, t)));
         }
-        results.push(("healthy, -j0", hook, secs(&o, t)));
-        drop(tf);
-
-        // A: one blackholed builder, local builds allowed.
-        let tf = start(hook, 1, 2, "");
-        tf.blackhole(0).expect("blackhole");
-        let (o, t) = timed_build(&tf, &many(&nonce(), 5), &["-j1"], cap);
-        if let Some(o) = &o {
-            check(o, "A").unwrap_or_else(|e| panic!("{hook:?}: {e}"));
-        }
-        results.push(("A: 1 blackholed, -j1", hook, secs(&o, t)));
-        drop(tf);
-
-        // B: one blackholed + one healthy builder, remote only.
-        let tf = start(hook, 2, 2, "");
-        tf.blackhole(0).expect("blackhole");
-        let (o, t) = timed_build(&tf, &many(&nonce(), 5), &["-j0"], cap);
-        if let Some(o) = &o {
-            check(o, "B").unwrap_or_else(|e| panic!("{hook:?}: {e}"));
-        }
-        results.push(("B: 1 blackholed + 1 healthy, -j0", hook, secs(&o, t)));
-        drop(tf);
-
-        // C: every builder blackholed, remote only: time to the error.
-        let tf = start(hook, 2, 2, "");
-        tf.blackhole(0).expect("blackhole");
-        tf.blackhole(1).expect("blackhole");
-        let (o, t) = timed_build(&tf, &many(&nonce(), 5), &["-j0"], cap);
-        if let Some(o) = &o {
-            assert!(
-                !o.status.success(),
-                "{hook:?}: C built with every builder dead"
-            );
-        }
-        results.push(("C: all blackholed, -j0 (to failure)", hook, secs(&o, t)));
     }
 
     let get = |s: &str, h: Hook| {
@@ -86,12 +81,7 @@ pub fn bench_dead_builders_stock_vs_ferry() {
         "\n{:<40} {:>12} {:>12} {:>10} {:>16} {:>16}",
         "scenario", "stock", "stock tuned", "ferry", "ferry/stock", "ferry/tuned"
     );
-    for s in [
-        "healthy, -j0",
-        "A: 1 blackholed, -j1",
-        "B: 1 blackholed + 1 healthy, -j0",
-        "C: all blackholed, -j0 (to failure)",
-    ] {
+    for &(s, ..) in SCENARIOS {
         let (st, tu, fe) = (
             get(s, Hook::Stock),
             get(s, Hook::StockTuned),
