@@ -223,6 +223,8 @@ mod tests {
     fn lower_priority_hit_wins_once_higher_ones_resolve() {
         check(&[
             (&[Miss, T], Phase::Racing, false, Decision::Serve(1)),
+            // Every higher one, not just some: the second is still being asked.
+            (&[Miss, Pending, T], Phase::Racing, false, Decision::Wait),
             (
                 &[Failed, Skipped, T, Pending],
                 Phase::Racing,
