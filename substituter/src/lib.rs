@@ -31,6 +31,7 @@ pub(crate) mod race;
 pub mod retry_after;
 pub(crate) mod s3;
 pub(crate) mod server;
+pub(crate) mod splice;
 pub mod upstream;
 
 pub use config::Settings;
@@ -72,9 +73,14 @@ pub(crate) async fn serve(
 ) -> anyhow::Result<()> {
     // The handler as the service itself: no routing table to consult for every request.
     let service = axum::handler::Handler::with_state(server::handle, state);
-    axum::serve(listener, service.into_make_service())
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    // Each connection carries its pipe for spliced NAR bodies (`splice`).
+    let listener = splice::SpliceListener(listener);
+    axum::serve(
+        listener,
+        service.into_make_service_with_connect_info::<splice::SpliceHandle>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await?;
     Ok(())
 }
 

@@ -72,6 +72,8 @@ pub(crate) struct Metrics {
     pub(crate) unknown_answers: Counter,
     pub(crate) nar_requests: Counter,
     pub(crate) nar_bytes: Counter,
+    /// Of `nar_bytes`, those spliced from an upstream socket (never in Ferry's memory).
+    pub(crate) nar_spliced_bytes: Counter,
     pub(crate) nar_resumes: Counter,
     pub(crate) nar_aborts: Counter,
     pub(crate) nar_not_found: Counter,
@@ -150,6 +152,11 @@ pub(crate) fn render(
         "nar_bytes_total",
         "NAR bytes sent to clients",
         m.nar_bytes.get(),
+    );
+    counter(
+        "nar_spliced_bytes_total",
+        "NAR bytes spliced from an upstream socket to the client (zero-copy)",
+        m.nar_spliced_bytes.get(),
     );
     counter(
         "nar_resumes_total",

@@ -11,7 +11,8 @@
 //! against its `Content-Length`, never a clean end (docs/binary-cache.md §5.1 rule 6; ncro#77, attic#124).
 
 use crate::server::State;
-use crate::upstream::{NarBody, OpenNar};
+use crate::splice::SpliceConn;
+use crate::upstream::{NarBody, NarStream, OpenNar};
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use bytes::Bytes;
@@ -102,11 +103,13 @@ pub(crate) enum Framed {
     Answered(Response<Body>),
 }
 
+/// `splice`: the connection's pipe, for HTTP/1 requests ([`crate::splice`]).
 pub(crate) async fn serve(
     state: Arc<State>,
     key: String,
     method: &Method,
     headers: &HeaderMap,
+    splice: Option<Arc<SpliceConn>>,
 ) -> Response<Body> {
     state.metrics.nar_requests.inc();
     let range = headers
@@ -217,7 +220,10 @@ pub(crate) async fn serve(
         (Some(d), None, Some(t), Some(e)) => d.nar_writer(&key, t, e),
         _ => None,
     };
+    // Splice only what needs no copy in memory: not the disk cache's.
+    let splice = splice.filter(|c| writer.is_none() && c.available());
     let pump = Pump {
+        splice,
         excluded: vec![false; order.len()],
         state: Arc::clone(&state),
         key,
@@ -286,6 +292,8 @@ async fn serve_file(
 }
 
 const FILE_CHUNK: usize = 256 * 1024;
+/// Most bytes read at once from an upstream socket that is not spliced.
+const SOCKET_CHUNK: usize = 256 * 1024;
 
 struct Pump {
     state: Arc<State>,
@@ -307,10 +315,14 @@ struct Pump {
     opened_at: u64,
     /// The disk cache's copy of this stream, if one is being made.
     writer: Option<crate::disk::NarWriter>,
+    /// The client connection's pipe: socket bodies are spliced through it.
+    splice: Option<Arc<SpliceConn>>,
 }
 
 enum Read {
     Chunk(Bytes),
+    /// This many bytes were spliced into the connection's pipe.
+    Spliced(usize),
     Done,
     Failed(String),
 }
@@ -336,6 +348,11 @@ impl Pump {
                         w.finish().await;
                     }
                     return Some(Ok(c));
+                }
+                Read::Spliced(n) => {
+                    self.body = Some(body);
+                    self.state.metrics.nar_spliced_bytes.add(n as u64);
+                    return Some(Ok(crate::splice::placeholder(n)));
                 }
                 Read::Done => {
                     if let Some(w) = self.writer.take() {
@@ -375,18 +392,63 @@ impl Pump {
             if self.end == Some(self.pos) {
                 return Read::Done;
             }
-            let mut chunk = match tokio::time::timeout(idle, body.stream.next()).await {
-                Err(_) => return Read::Failed(format!("no data for {idle:?}")),
-                Ok(None) => {
-                    return match self.end {
-                        Some(e) if self.pos < e => {
-                            Read::Failed(format!("upstream ended at {} of {e} bytes", self.pos))
-                        }
-                        _ => Read::Done,
-                    };
+            let ended = |pos: u64, end: Option<u64>| match end {
+                Some(e) if pos < e => Read::Failed(format!("upstream ended at {pos} of {e} bytes")),
+                _ => Read::Done,
+            };
+            let mut chunk = match &mut body.stream {
+                NarStream::Chunks(stream) => {
+                    match tokio::time::timeout(idle, stream.next()).await {
+                        Err(_) => return Read::Failed(format!("no data for {idle:?}")),
+                        Ok(None) => return ended(self.pos, self.end),
+                        Ok(Some(Err(e))) => return Read::Failed(e.to_string()),
+                        Ok(Some(Ok(b))) => b,
+                    }
                 }
-                Ok(Some(Err(e))) => return Read::Failed(e.to_string()),
-                Ok(Some(Ok(b))) => b,
+                NarStream::Socket(raw) if !raw.prefix.is_empty() => std::mem::take(&mut raw.prefix),
+                NarStream::Socket(raw) if raw.left == 0 => return ended(self.pos, self.end),
+                NarStream::Socket(raw) => {
+                    if body.skip == 0
+                        && let Some(conn) = &self.splice
+                    {
+                        let room = self.end.map_or(u64::MAX, |e| e - self.pos);
+                        let max = raw.left.min(room).min(crate::splice::MAX_FRAME as u64) as usize;
+                        // The client takes the previous bytes first (no time-out: a slow
+                        // client is not the upstream's failure), then the upstream has
+                        // `idle` to send more.
+                        conn.drained().await;
+                        return match tokio::time::timeout(idle, conn.fill(&raw.sock, max)).await {
+                            Err(_) => Read::Failed(format!("no data for {idle:?}")),
+                            Ok(Ok(0)) => Read::Failed(format!(
+                                "upstream ended at {} with {} bytes still to come",
+                                self.pos, raw.left
+                            )),
+                            Ok(Ok(n)) => {
+                                raw.left -= n as u64;
+                                self.advance(n as u64);
+                                Read::Spliced(n)
+                            }
+                            Ok(Err(e)) => Read::Failed(e.to_string()),
+                        };
+                    }
+                    let want = raw.left.min(SOCKET_CHUNK as u64) as usize;
+                    let mut buf = bytes::BytesMut::zeroed(want);
+                    match tokio::time::timeout(idle, raw.sock.read(&mut buf)).await {
+                        Err(_) => return Read::Failed(format!("no data for {idle:?}")),
+                        Ok(Ok(0)) => {
+                            return Read::Failed(format!(
+                                "upstream ended at {} with {} bytes still to come",
+                                self.pos, raw.left
+                            ));
+                        }
+                        Ok(Ok(n)) => {
+                            raw.left -= n as u64;
+                            buf.truncate(n);
+                            buf.freeze()
+                        }
+                        Ok(Err(e)) => return Read::Failed(e.to_string()),
+                    }
+                }
             };
             if body.skip > 0 {
                 let drop = body.skip.min(chunk.len() as u64);
@@ -407,15 +469,19 @@ impl Pump {
             if chunk.is_empty() {
                 continue;
             }
-            let n = chunk.len() as u64;
-            self.pos += n;
-            self.state.metrics.nar_bytes.add(n);
-            self.state.upstreams[self.order[self.current]]
-                .metrics
-                .nar_bytes
-                .add(n);
+            self.advance(chunk.len() as u64);
             return Read::Chunk(chunk);
         }
+    }
+
+    /// Counts `n` bytes sent on.
+    fn advance(&mut self, n: u64) {
+        self.pos += n;
+        self.state.metrics.nar_bytes.add(n);
+        self.state.upstreams[self.order[self.current]]
+            .metrics
+            .nar_bytes
+            .add(n);
     }
 
     /// Opens the file at `pos` from the current upstream, then the others.

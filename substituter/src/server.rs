@@ -262,7 +262,16 @@ pub(crate) async fn handle(
                     }
                 }
             }
-            crate::nar::serve(state, key, method, &parts.headers).await
+            // Placeholders are for HTTP/1 only: HTTP/2 copies frames into its own.
+            let splice = (parts.version <= axum::http::Version::HTTP_11)
+                .then(|| {
+                    parts
+                        .extensions
+                        .get::<axum::extract::ConnectInfo<crate::splice::SpliceHandle>>()
+                        .map(|c| Arc::clone(&c.0.0))
+                })
+                .flatten();
+            crate::nar::serve(state, key, method, &parts.headers, splice).await
         }
         Request::Unknown => status_only(StatusCode::NOT_FOUND),
     }

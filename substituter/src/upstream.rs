@@ -17,7 +17,10 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+mod raw;
 mod transport;
+
+pub(crate) use raw::RawBody;
 
 use transport::Source;
 
@@ -104,7 +107,15 @@ pub(crate) struct NarBody {
     pub(crate) total: Option<u64>,
     /// Bytes at the start of `stream` to drop: the upstream ignored `Range` and sent from 0.
     pub(crate) skip: u64,
-    pub(crate) stream: BoxStream<'static, Result<Bytes, io::Error>>,
+    pub(crate) stream: NarStream,
+}
+
+/// Where a NAR body's bytes come from.
+pub(crate) enum NarStream {
+    /// Chunks from reqwest or a file.
+    Chunks(BoxStream<'static, Result<Bytes, io::Error>>),
+    /// A plain-HTTP response still in its socket, which can be spliced ([`raw`]).
+    Socket(RawBody),
 }
 
 pub(crate) enum OpenNar {

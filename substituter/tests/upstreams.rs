@@ -317,6 +317,14 @@ async fn nar_resumes_with_range_from_the_same_upstream() {
     assert_eq!(a.hits.load(Ordering::SeqCst), 2, "one failure, one resume");
     let (_, m) = get(&format!("{f}/metrics")).await;
     assert!(m.contains("ferry_substituter_nar_resumes_total 1\n"), "{m}");
+    // Both the first body and the resumed one were spliced (an HTTP/1 client, a plain-HTTP
+    // upstream, no disk cache), all but what arrived in the same reads as the heads.
+    let spliced: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("ferry_substituter_nar_spliced_bytes_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("spliced bytes metric");
+    assert!(spliced > 2_500_000 && spliced <= 3_000_000, "{m}");
 }
 
 #[tokio::test]
@@ -524,4 +532,34 @@ async fn after_a_first_failure_a_hanging_upstream_no_longer_holds_back_lower_pri
     );
     // It was still asked (its answer would count if it came).
     assert!(a.hits.load(Ordering::SeqCst) >= 2);
+}
+
+/// HTTP/2 copies body frames into its own: over h2c, NAR bytes are read into memory and sent
+/// as they are, never spliced (a spliced placeholder there would put zeros on the wire).
+#[tokio::test]
+async fn an_http2_client_gets_the_nar_bytes_not_placeholders() {
+    let data: Arc<Vec<u8>> = Arc::new((0..2_000_000u32).map(|i| (i * 13 % 251) as u8).collect());
+    // Cut after the whole file: the first request is served whole (then "dies" at the end).
+    let a = mock(Duration::ZERO, flaky_nar(Arc::clone(&data), 2_000_000)).await;
+    let f = ferry(&[&a.url], |_| {}).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let fetch = async {
+        let r = h2.get(format!("{f}/nar/x.nar")).send().await.expect("get");
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        assert_eq!(r.status().as_u16(), 200);
+        r.bytes().await.expect("complete body")
+    };
+    // A placeholder on HTTP/2 would never be drained: the stream would hang.
+    let body = tokio::time::timeout(Duration::from_secs(20), fetch)
+        .await
+        .expect("NAR over HTTP/2 within 20 s");
+    assert!(body[..] == data[..], "body differs");
+    let (_, m) = get(&format!("{f}/metrics")).await;
+    assert!(
+        m.contains("ferry_substituter_nar_spliced_bytes_total 0\n"),
+        "{m}"
+    );
 }

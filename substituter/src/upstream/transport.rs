@@ -4,7 +4,10 @@
 //! with their answers classified into [`Fetch`] and [`OpenNar`]. The parent module keeps the
 //! upstream's health (breaker, rate limit, latency) that these requests feed.
 
-use super::{AccessCheck, Fetch, FetchError, NarBody, OpenNar, PATIENT_CONNECT_MAX, Upstream};
+use super::raw::{self, RawOpen, RawTarget};
+use super::{
+    AccessCheck, Fetch, FetchError, NarBody, NarStream, OpenNar, PATIENT_CONNECT_MAX, Upstream,
+};
 use crate::config::{UpstreamLocation, UpstreamSettings};
 use crate::paths::{file_path, http_url};
 use bytes::Bytes;
@@ -43,6 +46,8 @@ pub(super) struct Remote {
     /// one SYN retransmission (Linux resends after 1 s), so a busy upstream whose listen
     /// backlog dropped the first SYN is reached on the second (issue 12, "never a false miss").
     patient_client: reqwest::Client,
+    /// Plain-HTTP NAR requests on sockets of Ferry's own, for splicing ([`raw`]).
+    raw: Option<Box<RawTarget>>,
 }
 
 impl Remote {
@@ -110,10 +115,19 @@ impl Source {
                 .build()
         };
         let remote = |kind| -> Result<Source, reqwest::Error> {
+            let raw = match &kind {
+                RemoteKind::Http {
+                    base_url: Some(b),
+                    credentials,
+                    ..
+                } => RawTarget::new(b, credentials.is_some()).map(Box::new),
+                _ => None,
+            };
             Ok(Source::Remote(Remote {
                 kind,
                 client: build(settings.connect_timeout)?,
                 patient_client: build(PATIENT_CONNECT_MAX.max(settings.connect_timeout))?,
+                raw,
             }))
         };
         Ok(match &settings.location {
@@ -359,7 +373,7 @@ impl Upstream {
                     Ok(Ok(r)) => OpenNar::Opened(NarBody {
                         total: content_length_header(r.headers()),
                         skip: 0,
-                        stream: futures_util::stream::empty().boxed(),
+                        stream: NarStream::Chunks(futures_util::stream::empty().boxed()),
                     }),
                 }
             }
@@ -367,7 +381,7 @@ impl Upstream {
                 Ok(m) if m.is_file() => OpenNar::Opened(NarBody {
                     total: Some(m.len()),
                     skip: 0,
-                    stream: futures_util::stream::empty().boxed(),
+                    stream: NarStream::Chunks(futures_util::stream::empty().boxed()),
                 }),
                 Ok(_) => OpenNar::Missing,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => OpenNar::Missing,
@@ -397,6 +411,9 @@ impl Upstream {
         let wait = self.nar_wait(patient);
         match &self.source {
             Source::Remote(remote) => {
+                if let Some(opened) = self.open_raw(remote, key, offset, patient).await {
+                    return opened;
+                }
                 let mut req = match Self::request(remote, patient, reqwest::Method::GET, key) {
                     Ok(r) => r,
                     Err(e) => return OpenNar::Failed(e),
@@ -440,11 +457,76 @@ impl Upstream {
                 OpenNar::Opened(NarBody {
                     total,
                     skip,
-                    stream,
+                    stream: NarStream::Chunks(stream),
                 })
             }
             Source::File(dir) => open_file(&file_path(dir, key), offset).await,
         }
+    }
+}
+
+impl Upstream {
+    /// A NAR over a socket of Ferry's own, for a plain-HTTP upstream; `None` when this
+    /// upstream or this response is not one for it (then reqwest asks).
+    async fn open_raw(
+        &self,
+        remote: &Remote,
+        key: &str,
+        offset: u64,
+        patient: bool,
+    ) -> Option<OpenNar> {
+        let (
+            Some(target),
+            RemoteKind::Http {
+                base,
+                base_url: Some(base_url),
+                ..
+            },
+        ) = (&remote.raw, &remote.kind)
+        else {
+            return None;
+        };
+        let Some(url) = http_url(base_url, base, key) else {
+            return Some(OpenNar::Failed(FetchError::OutsideBase(key.to_owned())));
+        };
+        let path = match url.query() {
+            Some(q) => format!("{}?{q}", url.path()),
+            None => url.path().to_owned(),
+        };
+        let connect = if patient {
+            self.patient_connect_timeout()
+        } else {
+            self.settings.connect_timeout
+        };
+        let opened =
+            match raw::open(target, &path, offset, connect, self.settings.read_timeout).await {
+                RawOpen::NotRaw => return None,
+                RawOpen::Missing => return Some(OpenNar::Missing),
+                RawOpen::Failed(e) => return Some(OpenNar::Failed(e)),
+                RawOpen::Opened {
+                    status,
+                    content_length,
+                    content_range,
+                    body,
+                } => (status, content_length, content_range, body),
+            };
+        let (status, content_length, content_range, body) = opened;
+        // As for reqwest's responses below: a 200 is the whole file (its prefix up to
+        // `offset` dropped), a 206 must start at `offset`.
+        let (total, skip) = if status == 200 {
+            (Some(content_length), offset)
+        } else {
+            let cr = content_range.unwrap_or_default();
+            match parse_content_range(&cr) {
+                Some((start, total)) if start == offset => (total, 0),
+                _ => return Some(OpenNar::Failed(FetchError::BadRange(cr))),
+            }
+        };
+        Some(OpenNar::Opened(NarBody {
+            total,
+            skip,
+            stream: NarStream::Socket(body),
+        }))
     }
 }
 
@@ -533,7 +615,7 @@ async fn open_file(path: &std::path::Path, offset: u64) -> OpenNar {
     OpenNar::Opened(NarBody {
         total: Some(total),
         skip: 0,
-        stream,
+        stream: NarStream::Chunks(stream),
     })
 }
 
