@@ -133,7 +133,7 @@ pub(crate) async fn serve(
         && let Some((file, len)) = disk.open_nar(&key, expect).await
     {
         disk.metrics.nar_hits.inc();
-        return serve_file(&state, file, len, range, head).await;
+        return serve_file(&state, file, len, range, head, splice).await;
     }
 
     let order = candidates(&state, route.as_ref().and_then(|r| r.upstream));
@@ -251,6 +251,7 @@ async fn serve_file(
     len: u64,
     range: Option<(u64, Option<u64>)>,
     head: bool,
+    splice: Option<Arc<SpliceConn>>,
 ) -> Response<Body> {
     let (mut resp, end) = match frame(range, Some(len)) {
         Framed::Body(r, e) => (r, e),
@@ -267,6 +268,39 @@ async fn serve_file(
         return not_found();
     }
     let remaining = end.unwrap_or(len).saturating_sub(start);
+    if let Some(conn) = splice.filter(|c| c.available()) {
+        // File → pipe → socket: the page cache's pages go out without a copy, as with
+        // nginx's `sendfile`.
+        let file = Arc::new(file.into_std().await);
+        let state = Arc::clone(state);
+        let stream = futures_util::stream::unfold(remaining, move |left| {
+            let (state, conn, file) = (Arc::clone(&state), Arc::clone(&conn), Arc::clone(&file));
+            async move {
+                if left == 0 {
+                    return None;
+                }
+                conn.drained().await;
+                let max = left.min(crate::splice::MAX_FRAME as u64) as usize;
+                // A read from disk may block: off the runtime's thread.
+                let filled = tokio::task::spawn_blocking({
+                    let conn = Arc::clone(&conn);
+                    move || conn.fill_from_file(&file, max)
+                })
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)));
+                match filled {
+                    Ok(0) => Some((Err(io::Error::other("disk cache file truncated")), 0)),
+                    Ok(n) => {
+                        state.metrics.nar_bytes.add(n as u64);
+                        Some((Ok(crate::splice::placeholder(n)), left - n as u64))
+                    }
+                    Err(e) => Some((Err(e), 0)),
+                }
+            }
+        });
+        *resp.body_mut() = Body::from_stream(stream);
+        return resp;
+    }
     let state = Arc::clone(state);
     let stream = futures_util::stream::unfold((file, remaining), move |(mut f, left)| {
         let state = Arc::clone(&state);

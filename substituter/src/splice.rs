@@ -130,6 +130,27 @@ impl SpliceConn {
         }
     }
 
+    /// Moves up to `max` bytes from `file`'s current offset into the (empty) pipe, advancing
+    /// the offset: `Ok(0)` at the end of the file. May block on the disk.
+    pub(crate) fn fill_from_file(
+        &self,
+        file: &std::fs::File,
+        max: usize,
+    ) -> std::io::Result<usize> {
+        let Some(Some(pipe)) = self.pipe.get() else {
+            return Err(std::io::ErrorKind::Unsupported.into());
+        };
+        if self.in_pipe.load(Ordering::Acquire) != 0 {
+            return Err(std::io::Error::other(
+                "splice into a pipe that is not empty",
+            ));
+        }
+        // An empty pipe always takes something: no EAGAIN to wait out.
+        let n = splice(file, &pipe.write, max.min(MAX_FRAME))?;
+        self.in_pipe.fetch_add(n as u64, Ordering::AcqRel);
+        Ok(n)
+    }
+
     /// Whether this connection can splice (its pipe exists or can be made).
     pub(crate) fn available(&self) -> bool {
         self.pipe.get_or_init(|| Pipe::new().ok()).is_some()
