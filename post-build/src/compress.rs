@@ -69,6 +69,27 @@ pub(crate) struct Levels {
     pub(crate) zstd_threads: u32,
 }
 
+/// NARs smaller than this are compressed on one thread whatever `zstd_threads` says: several
+/// are compressed side by side anyway (the compression slots), and zstd's workers would add a
+/// copy of the input into their jobs and a hand-off per job for nothing. Far below the
+/// multipart threshold's default (64 MiB), and a function of the NAR alone, so the same NAR
+/// always compresses to the same file.
+pub(crate) const MULTITHREAD_MIN_BYTES: u64 = 16 << 20;
+
+impl Levels {
+    /// The levels for a NAR of `nar_size` bytes.
+    pub(crate) fn for_nar(self, nar_size: u64) -> Levels {
+        if nar_size < MULTITHREAD_MIN_BYTES {
+            Levels {
+                zstd_threads: 0,
+                ..self
+            }
+        } else {
+            self
+        }
+    }
+}
+
 impl Default for Levels {
     fn default() -> Self {
         Levels {
@@ -206,5 +227,22 @@ mod threads {
         assert_eq!(two, run(4));
         assert_eq!(zstd::decode_all(&two[..]).expect("decode"), data);
         assert_eq!(zstd::decode_all(&run(1)[..]).expect("decode"), data);
+    }
+}
+
+#[cfg(test)]
+mod small {
+    use super::*;
+
+    #[test]
+    fn small_nars_are_compressed_on_one_thread() {
+        let many = Levels {
+            zstd_threads: 4,
+            ..Levels::default()
+        };
+        assert_eq!(many.for_nar(0).zstd_threads, 0);
+        assert_eq!(many.for_nar(MULTITHREAD_MIN_BYTES - 1).zstd_threads, 0);
+        assert_eq!(many.for_nar(MULTITHREAD_MIN_BYTES).zstd_threads, 4);
+        assert_eq!(many.for_nar(MULTITHREAD_MIN_BYTES).zstd, many.zstd);
     }
 }

@@ -57,7 +57,7 @@ pub(crate) struct PostBuildConfig {
     pub(crate) xz_level: u32,
     /// zstd worker threads per NAR: 0 means one per core (up to 8), so that one large path
     /// uses every core; 1 compresses each NAR on the job's own thread (several jobs still
-    /// run side by side, see `concurrency`).
+    /// run side by side, see `concurrency`). NARs under 16 MiB always use one thread.
     pub(crate) zstd_threads: u32,
     /// First retry delay of a job that failed for a transient reason, in milliseconds;
     /// doubles per attempt. Permanent failures are not retried: they wait in the dead

@@ -180,7 +180,8 @@ pub(crate) fn prepare(
     let prepared_file = PreparedFile(file.clone());
     let f = std::fs::File::create(&file).map_err(work_err)?;
     let sink = TeeWriter::new(BufWriter::with_capacity(256 * 1024, f), Sha256Sink::new());
-    let mut comp = Compressor::new(compression, sh.levels, sink).map_err(compress_err)?;
+    let mut comp = Compressor::new(compression, sh.levels.for_nar(info.nar_size), sink)
+        .map_err(compress_err)?;
     let (nar_hash, nar_size) =
         ferry_nix::nar::dump_path_hashed(&full, &mut comp).map_err(|source| {
             PrepareError::Dump {
