@@ -86,21 +86,53 @@ pub(super) async fn open(
     connect: Duration,
     wait: Duration,
 ) -> RawOpen {
-    let sock = match tokio::time::timeout(
-        connect,
-        TcpStream::connect((target.host.as_str(), target.port)),
-    )
-    .await
-    {
-        Err(_) => return RawOpen::Failed(FetchError::Timeout),
-        Ok(Err(e)) => return RawOpen::Failed(FetchError::Connect(e.to_string())),
-        Ok(Ok(s)) => s,
+    let sock = match connect_any(target, connect).await {
+        Ok(s) => s,
+        Err(e) => return RawOpen::Failed(e),
     };
     let _ = sock.set_nodelay(true);
     match tokio::time::timeout(wait, exchange(sock, target, path_and_query, offset)).await {
         Err(_) => RawOpen::Failed(FetchError::Timeout),
         Ok(r) => r,
     }
+}
+
+/// How long an address that is not the last one gets before the next is tried: a name with
+/// an AAAA record whose IPv6 route black-holes must not cost the whole connect time-out (the
+/// 300 ms of hyper's "happy eyeballs", which reqwest uses for the other requests).
+const NEXT_ADDRESS_AFTER: Duration = Duration::from_millis(300);
+
+/// Connects to the first address of `target` that answers within `connect` overall.
+async fn connect_any(target: &RawTarget, connect: Duration) -> Result<TcpStream, FetchError> {
+    let deadline = tokio::time::Instant::now() + connect;
+    let addrs: Vec<std::net::SocketAddr> = match tokio::time::timeout_at(
+        deadline,
+        tokio::net::lookup_host((target.host.as_str(), target.port)),
+    )
+    .await
+    {
+        Err(_) => return Err(FetchError::Timeout),
+        Ok(Err(e)) => return Err(FetchError::Connect(e.to_string())),
+        Ok(Ok(a)) => a.collect(),
+    };
+    let mut last = FetchError::Connect(format!("{} has no address", target.host));
+    for (i, addr) in addrs.iter().enumerate() {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Err(FetchError::Timeout);
+        }
+        let until = if i + 1 == addrs.len() {
+            deadline
+        } else {
+            deadline.min(now + NEXT_ADDRESS_AFTER)
+        };
+        match tokio::time::timeout_at(until, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => last = FetchError::Connect(format!("{addr}: {e}")),
+            Err(_) => last = FetchError::Timeout,
+        }
+    }
+    Err(last)
 }
 
 async fn exchange(
