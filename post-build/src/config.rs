@@ -213,17 +213,14 @@ impl Settings {
         self.nix_state_dir.join("gcroots").join("ferry")
     }
 
-    /// NARs compressed at once: one on one core, where three at a time cost 19% more CPU per
-    /// GiB than one (several zstd contexts, each a few MiB of tables and window, time-sliced
-    /// through the same caches); one more than the cores on more, so that a core is not left
-    /// idle while a NAR's dump and its zstd workers hand off to each other. On two cores that
-    /// is three, which the benchmark could not tell from two (both within 1.22–1.55×
-    /// `nix copy` over its rounds).
+    /// NARs compressed at once: one per core. More contexts than cores time-slice several
+    /// zstd contexts (each a few MiB of tables and window) through the same caches: on one
+    /// core three at a time cost 19% more CPU per GiB than one, and on two cores three cost
+    /// about 5% more than two (10.6–10.8 against 9.8–10.6 CPU s/GiB on 1 GiB of 4 MiB paths,
+    /// post-build/README.md). Small NARs compress on their job's thread, so no core waits on
+    /// a hand-off to zstd's workers.
     pub(crate) fn compress_slots(&self) -> usize {
-        match cores() {
-            1 => 1,
-            n => n + 1,
-        }
+        cores()
     }
 
     pub(crate) fn levels(&self) -> crate::compress::Levels {
