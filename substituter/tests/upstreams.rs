@@ -563,3 +563,37 @@ async fn an_http2_client_gets_the_nar_bytes_not_placeholders() {
         "{m}"
     );
 }
+
+/// An upstream that sends NARs chunked (no `Content-Length`) is not one Ferry's own HTTP/1
+/// requests take: the NAR is asked again through reqwest and served whole, not spliced.
+#[tokio::test]
+async fn a_chunked_upstream_nar_is_served_through_the_general_client() {
+    let data: Arc<Vec<u8>> = Arc::new((0..1_500_000u32).map(|i| (i * 17 % 251) as u8).collect());
+    let d = Arc::clone(&data);
+    let a = mock(
+        Duration::ZERO,
+        Arc::new(move |path, _, _| {
+            if !path.starts_with("/nar/") {
+                return status(404, "");
+            }
+            let parts: Vec<Result<Bytes, std::io::Error>> = d
+                .chunks(100_000)
+                .map(|c| Ok(Bytes::copy_from_slice(c)))
+                .collect();
+            status(200, Body::from_stream(futures_util::stream::iter(parts)))
+        }),
+    )
+    .await;
+    let f = ferry(&[&a.url], |_| {}).await;
+    let r = reqwest::get(format!("{f}/nar/x.nar")).await.expect("get");
+    assert_eq!(r.status().as_u16(), 200);
+    let body = r.bytes().await.expect("complete body");
+    assert!(body[..] == data[..], "body differs");
+    // Asked once on Ferry's own connection (refused as chunked), once through reqwest.
+    assert_eq!(a.hits.load(Ordering::SeqCst), 2);
+    let (_, m) = get(&format!("{f}/metrics")).await;
+    assert!(
+        m.contains("ferry_substituter_nar_spliced_bytes_total 0\n"),
+        "{m}"
+    );
+}
