@@ -220,8 +220,9 @@ pub(crate) async fn serve(
         (Some(d), None, Some(t), Some(e)) => d.nar_writer(&key, t, e),
         _ => None,
     };
-    // Splice only what needs no copy in memory: not the disk cache's.
-    let splice = splice.filter(|c| writer.is_none() && c.available());
+    // Splice only what needs no copy in memory: not the disk cache's. (The pipe is made
+    // when a socket body is first spliced, not for HTTPS or S3 bodies.)
+    let splice = splice.filter(|_| writer.is_none());
     let pump = Pump {
         splice,
         excluded: vec![false; order.len()],
@@ -282,12 +283,9 @@ async fn serve_file(
                 conn.drained().await;
                 let max = left.min(crate::splice::MAX_FRAME as u64) as usize;
                 // A read from disk may block: off the runtime's thread.
-                let filled = tokio::task::spawn_blocking({
-                    let conn = Arc::clone(&conn);
-                    move || conn.fill_from_file(&file, max)
-                })
-                .await
-                .unwrap_or_else(|e| Err(io::Error::other(e)));
+                let filled = tokio::task::spawn_blocking(move || conn.fill_from_file(&file, max))
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e)));
                 match filled {
                     Ok(0) => Some((Err(io::Error::other("disk cache file truncated")), 0)),
                     Ok(n) => {
@@ -426,6 +424,12 @@ impl Pump {
             if self.end == Some(self.pos) {
                 return Read::Done;
             }
+            // A socket body that closed before its `Content-Length`.
+            let cut_short = |pos: u64, left: u64| {
+                Read::Failed(format!(
+                    "upstream ended at {pos} with {left} bytes still to come"
+                ))
+            };
             let ended = |pos: u64, end: Option<u64>| match end {
                 Some(e) if pos < e => Read::Failed(format!("upstream ended at {pos} of {e} bytes")),
                 _ => Read::Done,
@@ -443,7 +447,7 @@ impl Pump {
                 NarStream::Socket(raw) if raw.left == 0 => return ended(self.pos, self.end),
                 NarStream::Socket(raw) => {
                     if body.skip == 0
-                        && let Some(conn) = &self.splice
+                        && let Some(conn) = self.splice.as_ref().filter(|c| c.available())
                     {
                         let room = self.end.map_or(u64::MAX, |e| e - self.pos);
                         let max = raw.left.min(room).min(crate::splice::MAX_FRAME as u64) as usize;
@@ -453,10 +457,7 @@ impl Pump {
                         conn.drained().await;
                         return match tokio::time::timeout(idle, conn.fill(&raw.sock, max)).await {
                             Err(_) => Read::Failed(format!("no data for {idle:?}")),
-                            Ok(Ok(0)) => Read::Failed(format!(
-                                "upstream ended at {} with {} bytes still to come",
-                                self.pos, raw.left
-                            )),
+                            Ok(Ok(0)) => cut_short(self.pos, raw.left),
                             Ok(Ok(n)) => {
                                 raw.left -= n as u64;
                                 self.advance(n as u64);
@@ -469,12 +470,7 @@ impl Pump {
                     let mut buf = bytes::BytesMut::zeroed(want);
                     match tokio::time::timeout(idle, raw.sock.read(&mut buf)).await {
                         Err(_) => return Read::Failed(format!("no data for {idle:?}")),
-                        Ok(Ok(0)) => {
-                            return Read::Failed(format!(
-                                "upstream ended at {} with {} bytes still to come",
-                                self.pos, raw.left
-                            ));
-                        }
+                        Ok(Ok(0)) => return cut_short(self.pos, raw.left),
                         Ok(Ok(n)) => {
                             raw.left -= n as u64;
                             buf.truncate(n);

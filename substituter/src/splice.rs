@@ -107,37 +107,30 @@ impl SpliceConn {
     /// Moves up to `max` bytes from `from` into the (empty, see [`SpliceConn::drained`]) pipe,
     /// waiting for `from` to have data: `Ok(0)` at the end of `from`.
     pub(crate) async fn fill(&self, from: &TcpStream, max: usize) -> std::io::Result<usize> {
-        let Some(pipe) = self.pipe.get_or_init(|| Pipe::new().ok()) else {
-            return Err(std::io::ErrorKind::Unsupported.into());
-        };
-        if self.in_pipe.load(Ordering::Acquire) != 0 {
-            // Into a pipe holding bytes, EAGAIN could mean a full pipe, not an idle upstream.
-            return Err(std::io::Error::other(
-                "splice into a pipe that is not empty",
-            ));
-        }
-        let max = max.min(MAX_FRAME);
         loop {
             from.readable().await?;
-            match from.try_io(Interest::READABLE, || splice(from, &pipe.write, max)) {
-                Ok(n) => {
-                    self.in_pipe.fetch_add(n as u64, Ordering::AcqRel);
-                    return Ok(n);
-                }
+            match from.try_io(Interest::READABLE, || self.fill_now(from, max)) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+                r => return r,
             }
         }
     }
 
     /// Moves up to `max` bytes from `file`'s current offset into the (empty) pipe, advancing
-    /// the offset: `Ok(0)` at the end of the file. May block on the disk.
+    /// the offset: `Ok(0)` at the end of the file. May block on the disk; an empty pipe always
+    /// takes something, so there is no EAGAIN to wait out.
     pub(crate) fn fill_from_file(
         &self,
         file: &std::fs::File,
         max: usize,
     ) -> std::io::Result<usize> {
-        let Some(Some(pipe)) = self.pipe.get() else {
+        self.fill_now(file, max)
+    }
+
+    /// One `splice` of up to `max` bytes from `from` into the pipe, which must be empty:
+    /// into a pipe holding bytes, EAGAIN could mean a full pipe rather than an idle `from`.
+    fn fill_now(&self, from: impl AsFd, max: usize) -> std::io::Result<usize> {
+        let Some(pipe) = self.pipe() else {
             return Err(std::io::ErrorKind::Unsupported.into());
         };
         if self.in_pipe.load(Ordering::Acquire) != 0 {
@@ -145,15 +138,19 @@ impl SpliceConn {
                 "splice into a pipe that is not empty",
             ));
         }
-        // An empty pipe always takes something: no EAGAIN to wait out.
-        let n = splice(file, &pipe.write, max.min(MAX_FRAME))?;
+        let n = splice(from, &pipe.write, max.min(MAX_FRAME))?;
         self.in_pipe.fetch_add(n as u64, Ordering::AcqRel);
         Ok(n)
     }
 
+    /// The connection's pipe, made on first use; `None` if it cannot be made.
+    fn pipe(&self) -> Option<&Pipe> {
+        self.pipe.get_or_init(|| Pipe::new().ok()).as_ref()
+    }
+
     /// Whether this connection can splice (its pipe exists or can be made).
     pub(crate) fn available(&self) -> bool {
-        self.pipe.get_or_init(|| Pipe::new().ok()).is_some()
+        self.pipe().is_some()
     }
 
     /// Splices up to `want` bytes of the pipe into `to`.

@@ -434,21 +434,18 @@ impl Upstream {
                         None => OpenNar::Missing,
                     };
                 }
-                let (total, skip) = match status {
-                    200 => (content_length_header(resp.headers()), offset),
-                    206 => {
-                        let cr = resp
-                            .headers()
-                            .get(reqwest::header::CONTENT_RANGE)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_owned();
-                        match parse_content_range(&cr) {
-                            Some((start, total)) if start == offset => (total, 0),
-                            _ => return OpenNar::Failed(FetchError::BadRange(cr)),
-                        }
-                    }
-                    s => return OpenNar::Failed(FetchError::Status(s)),
+                let content_range = resp
+                    .headers()
+                    .get(reqwest::header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok());
+                let (total, skip) = match opened_at(
+                    status,
+                    content_length_header(resp.headers()),
+                    content_range,
+                    offset,
+                ) {
+                    Ok(v) => v,
+                    Err(e) => return OpenNar::Failed(e),
                 };
                 let stream = resp
                     .bytes_stream()
@@ -498,7 +495,7 @@ impl Upstream {
         } else {
             self.settings.connect_timeout
         };
-        let opened =
+        let (status, content_length, content_range, body) =
             match raw::open(target, &path, offset, connect, self.settings.read_timeout).await {
                 RawOpen::NotRaw => return None,
                 RawOpen::Missing => return Some(OpenNar::Missing),
@@ -510,23 +507,42 @@ impl Upstream {
                     body,
                 } => (status, content_length, content_range, body),
             };
-        let (status, content_length, content_range, body) = opened;
-        // As for reqwest's responses below: a 200 is the whole file (its prefix up to
-        // `offset` dropped), a 206 must start at `offset`.
-        let (total, skip) = if status == 200 {
-            (Some(content_length), offset)
-        } else {
-            let cr = content_range.unwrap_or_default();
-            match parse_content_range(&cr) {
-                Some((start, total)) if start == offset => (total, 0),
-                _ => return Some(OpenNar::Failed(FetchError::BadRange(cr))),
-            }
+        let (total, skip) = match opened_at(
+            status,
+            Some(content_length),
+            content_range.as_deref(),
+            offset,
+        ) {
+            Ok(v) => v,
+            Err(e) => return Some(OpenNar::Failed(e)),
         };
         Some(OpenNar::Opened(NarBody {
             total,
             skip,
             stream: NarStream::Socket(body),
         }))
+    }
+}
+
+/// The file's total length and the bytes to drop from the body, for a NAR asked from
+/// `offset`: a 200 is the whole file (its first `offset` bytes dropped: the upstream ignored
+/// `Range`), a 206 must start at `offset`; other statuses are failures.
+fn opened_at(
+    status: u16,
+    content_length: Option<u64>,
+    content_range: Option<&str>,
+    offset: u64,
+) -> Result<(Option<u64>, u64), FetchError> {
+    match status {
+        200 => Ok((content_length, offset)),
+        206 => {
+            let cr = content_range.unwrap_or("");
+            match parse_content_range(cr) {
+                Some((start, total)) if start == offset => Ok((total, 0)),
+                _ => Err(FetchError::BadRange(cr.to_owned())),
+            }
+        }
+        s => Err(FetchError::Status(s)),
     }
 }
 
