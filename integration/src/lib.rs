@@ -30,7 +30,9 @@ pub use net::{
     wait_listening,
 };
 pub use nix::Nix;
-pub use process::{check, ferry_bin, proc_stat, process_ended, rss_of, run, stdout_of, wait_until};
+pub use process::{
+    check, ferry_bin, proc_stat, process_ended, rss_of, rss_of_in, run, stdout_of, wait_until,
+};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU32;

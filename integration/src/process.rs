@@ -41,9 +41,28 @@ pub fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -
 /// Resident memory of the processes whose executable is `exe`: (current, peak) in KiB
 /// summed over them, from `/proc/<pid>/status` (`VmRSS`, `VmHWM`).
 pub fn rss_of(exe: &Path) -> Option<(u64, u64)> {
+    rss_where(exe, None)
+}
+
+/// [`rss_of`], counting only the processes in the network namespace `netns` (one fleet host):
+/// tests run in parallel, and another test's process of the same binary must not count.
+pub fn rss_of_in(exe: &Path, netns: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ino = std::fs::metadata(format!("/run/netns/{netns}")).ok()?.ino();
+    rss_where(exe, Some(format!("net:[{ino}]")))
+}
+
+fn rss_where(exe: &Path, net: Option<String>) -> Option<(u64, u64)> {
     let mut found = None;
     for e in std::fs::read_dir("/proc").ok()?.flatten() {
         let pid = e.path();
+        if let Some(net) = &net
+            && std::fs::read_link(pid.join("ns/net"))
+                .map(|l| l.to_string_lossy() != net.as_str())
+                .unwrap_or(true)
+        {
+            continue;
+        }
         // A binary rebuilt while the bench runs shows as `<path> (deleted)`.
         let Ok(link) = std::fs::read_link(pid.join("exe")) else {
             continue;

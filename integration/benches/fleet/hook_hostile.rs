@@ -18,7 +18,7 @@ fn build_sampling_hook(tf: &TestFleet, expr: &str) -> (String, f64, u64) {
     let mut child = c.spawn().expect("nix-build");
     let mut peak = 0;
     while child.try_wait().expect("wait").is_none() {
-        if let Some((_, hwm)) = ferry_integration::rss_of(&exe) {
+        if let Some((_, hwm)) = ferry_integration::rss_of_in(&exe, &tf.fleet.client.netns) {
             peak = peak.max(hwm);
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -22,21 +22,23 @@ use std::time::{Duration, Instant};
 /// Peak resident memory allowed to each process, whatever the output's size.
 const LIMIT_MIB: u64 = 64;
 
-/// Peak RSS (VmHWM, KiB) over the live processes whose executable is `exe`.
-fn peak_rss_kib(exe: &Path) -> u64 {
-    ferry_integration::rss_of(exe).map_or(0, |(_, peak)| peak)
+/// Peak RSS (VmHWM, KiB) over the live processes whose executable is `exe` in the fleet host
+/// whose network namespace is `netns` (other tests' processes run at the same time).
+fn peak_rss_kib(exe: &Path, netns: &str) -> u64 {
+    ferry_integration::rss_of_in(exe, netns).map_or(0, |(_, peak)| peak)
 }
 
 /// Runs `wait` while sampling `exe`'s peak RSS every 50 ms (for short-lived processes such as
 /// the hook, which the daemon starts and reaps).
-fn sampling<T>(exe: &Path, wait: impl FnOnce() -> T) -> (T, u64) {
+fn sampling<T>(exe: &Path, netns: &str, wait: impl FnOnce() -> T) -> (T, u64) {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let exe2 = exe.to_owned();
+    let netns = netns.to_owned();
     let stop2 = stop.clone();
     let sampler = std::thread::spawn(move || {
         let mut peak = 0;
         while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-            peak = peak.max(peak_rss_kib(&exe2));
+            peak = peak.max(peak_rss_kib(&exe2, &netns));
             std::thread::sleep(Duration::from_millis(50));
         }
         peak
@@ -84,7 +86,8 @@ fn large_output_on_every_path_at_flat_memory() {
         n = nonce(),
     );
     let t = Instant::now();
-    let (out, hook_kib) = sampling(&ferry_bin("ferry-build-hook"), || {
+    let client_netns = fleet.client.netns.clone();
+    let (out, hook_kib) = sampling(&ferry_bin("ferry-build-hook"), &client_netns, || {
         fleet.nix_build(&expr, &["-j0"])
     });
     let build_secs = t.elapsed().as_secs_f64();
@@ -113,7 +116,7 @@ fn large_output_on_every_path_at_flat_memory() {
         },
     );
     let upload_secs = t.elapsed().as_secs_f64();
-    let uploader_kib = peak_rss_kib(&post_build_bin());
+    let uploader_kib = peak_rss_kib(&post_build_bin(), &client_netns);
     drop(up);
     let status = ferry.status(&fleet);
     for t in [&http, &s3] {
@@ -136,7 +139,7 @@ fn large_output_on_every_path_at_flat_memory() {
     let t = Instant::now();
     let out = realise(client2, [&path]);
     let substitute_secs = t.elapsed().as_secs_f64();
-    let substituter_kib = peak_rss_kib(&ferry_bin("ferry-substituter"));
+    let substituter_kib = peak_rss_kib(&ferry_bin("ferry-substituter"), &client2.netns);
     let sub_log = sub.log_text();
     drop(sub);
     check(&out, "client2 substitutes the large path through Ferry")
