@@ -469,7 +469,20 @@ impl Target {
             .send(remote, Request::new("GET", Resource::Key(key), Body::Empty))
             .await?;
         match r.status().as_u16() {
-            200..=299 => Ok(Some(r.text().await.map_err(|e| self.net("GET", key, e))?)),
+            200..=299 => {
+                let (text, whole) = text_at_most(r, MAX_SMALL_BODY)
+                    .await
+                    .map_err(|e| self.net("GET", key, e))?;
+                if !whole {
+                    return Err(TargetError::Network {
+                        target: self.shown(),
+                        method: "GET",
+                        key: key.to_owned(),
+                        message: format!("more than {MAX_SMALL_BODY} bytes"),
+                    });
+                }
+                Ok(Some(text))
+            }
             // Without ListBucket permission S3 says 403 for a missing key; a real refusal
             // (bad signature) shows up on the PUT that follows, with S3's error code.
             404 | 403 => Ok(None),
@@ -504,8 +517,10 @@ impl Target {
             })
         );
         let code = if is_s3 && method != "HEAD" {
-            match tokio::time::timeout(Duration::from_secs(5), r.text()).await {
-                Ok(Ok(body)) => crate::s3::error_code(&body),
+            match tokio::time::timeout(Duration::from_secs(5), text_at_most(r, MAX_SMALL_BODY))
+                .await
+            {
+                Ok(Ok((body, _))) => crate::s3::error_code(&body),
                 _ => None,
             }
         } else {
@@ -671,6 +686,27 @@ impl Target {
             _ => Err(e),
         }
     }
+}
+
+/// Most bytes read of a small answer (`nix-cache-info`, an S3 error document): whatever a
+/// server sends, memory stays bounded.
+const MAX_SMALL_BODY: usize = 64 * 1024;
+
+/// Reads at most `max` bytes of `r`'s body as (lossy) UTF-8, and whether that was all of it.
+async fn text_at_most(
+    mut r: reqwest::Response,
+    max: usize,
+) -> Result<(String, bool), reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = r.chunk().await? {
+        let room = max - body.len();
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok((String::from_utf8_lossy(&body).into_owned(), false));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((String::from_utf8_lossy(&body).into_owned(), true))
 }
 
 #[cfg(test)]

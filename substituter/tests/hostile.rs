@@ -360,3 +360,56 @@ async fn a_live_upstream_that_does_not_answer_in_time_is_a_503_not_a_404() {
         "{m}"
     );
 }
+
+/// `check-config` reads an S3 refusal's error document for its code: a bucket endpoint that
+/// sends an error document without end is read up to a bound, and its code still named.
+/// (Reading it whole ran into the check's time-out and lost the code.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_reads_an_endless_s3_error_document_up_to_a_bound() {
+    let app = axum::Router::new().fallback(|| async {
+        use futures_util::StreamExt as _;
+        let head = futures_util::stream::once(async {
+            Ok::<_, std::io::Error>(bytes::Bytes::from_static(
+                b"<?xml version=\"1.0\"?><Error><Code>SignatureDoesNotMatch</Code>",
+            ))
+        });
+        let filler =
+            futures_util::stream::repeat_with(|| Ok(bytes::Bytes::from(vec![b' '; 65536])));
+        let mut r = Response::new(Body::from_stream(head.chain(filler)));
+        *r.status_mut() = axum::http::StatusCode::FORBIDDEN;
+        r
+    });
+    let up = spawn_app(app).await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let (id, secret) = (dir.path().join("id"), dir.path().join("secret"));
+    std::fs::write(&id, "AKIATEST\n").expect("id");
+    std::fs::write(&secret, "not-the-secret\n").expect("secret");
+    let conf = dir.path().join("ferry.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[substituter]\nlisten = \"127.0.0.1:1\"\n[[substituter.upstream]]\n\
+             url = \"s3://my-cache?endpoint=http://{up}&region=eu-west-1\"\n\
+             access-key-id-file = \"{}\"\nsecret-access-key-file = \"{}\"\n",
+            id.display(),
+            secret.display()
+        ),
+    )
+    .expect("toml");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry-substituter"))
+        .env("FERRY_CONFIG", &conf)
+        .env_remove("RUST_BACKTRACE")
+        .arg("check-config")
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(20), out)
+        .await
+        .expect("check-config returned")
+        .expect("ran");
+    let shown =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{shown}");
+    assert!(
+        shown.contains("access key id AKIATEST refused") && shown.contains("SignatureDoesNotMatch"),
+        "{shown}"
+    );
+}

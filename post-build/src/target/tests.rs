@@ -232,3 +232,90 @@ fn errors_and_display_hide_credentials() {
     .expect("target");
     assert_eq!(t.shown(), "https://***@cache.example/up");
 }
+
+/// A server that answers every request with `status` and a body that never ends (`prefix`
+/// first, then filler): memory must stay bounded whatever a cache sends.
+async fn endless_server(status: &'static str, prefix: &'static str) -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                let head_end = loop {
+                    if let Some(i) = req.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&req[..head_end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while req.len() < head_end + len {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let first = format!(
+                    "HTTP/1.1 {status}\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n{prefix}\r\n",
+                    prefix.len()
+                );
+                if conn.write_all(first.as_bytes()).await.is_err() {
+                    return;
+                }
+                let filler = format!("{:x}\r\n{}\r\n", 65536, "x".repeat(65536));
+                while conn.write_all(filler.as_bytes()).await.is_ok() {}
+            });
+        }
+    });
+    port
+}
+
+/// A cache whose `nix-cache-info` never ends is an error naming the bound, not a hang or a
+/// growing buffer; an S3 refusal with an endless error document still yields its code.
+#[tokio::test]
+async fn endless_answers_are_read_only_up_to_a_bound() {
+    let port = endless_server("200 OK", "StoreDir: /nix/store\n").await;
+    let t = Target::new(
+        &format!("http://127.0.0.1:{port}/cache"),
+        &TargetOptions::default(),
+    )
+    .expect("http");
+    let store = StoreDir::new("/nix/store").expect("store dir");
+    let e = tokio::time::timeout(Duration::from_secs(20), t.init(&store))
+        .await
+        .expect("init returned")
+        .expect_err("an endless nix-cache-info was accepted");
+    assert!(e.to_string().contains("more than 65536 bytes"), "{e}");
+
+    let port = endless_server(
+        "403 Forbidden",
+        "<?xml version=\"1.0\"?><Error><Code>SignatureDoesNotMatch</Code>",
+    )
+    .await;
+    let d = tempfile::tempdir().expect("dir");
+    let t = Target::new(
+        &format!("s3://my-cache?endpoint=http://127.0.0.1:{port}&region=eu-west-1"),
+        &s3_options(d.path()),
+    )
+    .expect("s3");
+    let e = tokio::time::timeout(
+        Duration::from_secs(20),
+        t.put_bytes("x.narinfo", b"x".to_vec(), NARINFO_TYPE),
+    )
+    .await
+    .expect("put returned")
+    .expect_err("a refused PUT succeeded");
+    assert!(e.to_string().contains("(SignatureDoesNotMatch)"), "{e}");
+}

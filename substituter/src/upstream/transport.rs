@@ -148,6 +148,10 @@ impl Source {
     }
 }
 
+/// Most bytes of an S3 error document read (its code is near the start): a server sending
+/// more cannot grow memory.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
 impl Upstream {
     /// A request for `key`, with the upstream's credentials (basic, or an S3 signature made
     /// now), or an error when the key would not stay under the base or in the bucket
@@ -234,11 +238,22 @@ impl Upstream {
         match resp.status().as_u16() {
             200 => AccessCheck::Ok,
             status @ (401 | 403) => {
-                let body = tokio::time::timeout(wait, resp.text()).await;
+                // S3's error document is small; read no more than a narinfo's bound of it.
+                let body = tokio::time::timeout(wait, async {
+                    let mut resp = resp;
+                    let mut body = Vec::new();
+                    while let Ok(Some(c)) = resp.chunk().await {
+                        body.extend_from_slice(&c[..c.len().min(MAX_ERROR_BODY - body.len())]);
+                        if body.len() == MAX_ERROR_BODY {
+                            break;
+                        }
+                    }
+                    body
+                })
+                .await;
                 let code = body
                     .ok()
-                    .and_then(Result::ok)
-                    .and_then(|b| ferry_s3::error_code(&b));
+                    .and_then(|b| ferry_s3::error_code(&String::from_utf8_lossy(&b)));
                 AccessCheck::Refused { status, code }
             }
             status if is_missing(status) => AccessCheck::Missing(status),
