@@ -43,6 +43,9 @@ pub struct LocalStore {
     pub store_dir: StoreDir,
     /// The local Nix's version, asked at most once per store (its clones share it).
     pub(crate) version: Arc<OnceCell<Option<NixVersion>>>,
+    /// A file remembering `nix-store --version` for the binary it was asked of
+    /// ([`LocalStore::with_version_cache`]).
+    pub version_cache: Option<PathBuf>,
 }
 
 impl Default for LocalStore {
@@ -53,6 +56,7 @@ impl Default for LocalStore {
             store: None,
             store_dir: store_dir_from_env(),
             version: Arc::default(),
+            version_cache: None,
         }
     }
 }
@@ -68,18 +72,44 @@ impl LocalStore {
         LocalStore { store_dir, ..self }
     }
 
+    /// Remembers the local Nix's version in `file` across processes, for the `nix-store`
+    /// binary it was read from (its resolved path, size, modification time and inode): the
+    /// hook runs once per derivation, and running `nix-store --version` each time cost
+    /// 30–40 ms on the path from a finished remote build to its import.
+    pub fn with_version_cache(self, file: PathBuf) -> LocalStore {
+        LocalStore {
+            version_cache: Some(file),
+            ..self
+        }
+    }
+
     /// The local Nix's version from `nix-store --version`, asked once per store (and its
-    /// clones); `None` when it cannot be run or parsed.
+    /// clones), or read from the version cache when the binary is the one it was asked of;
+    /// `None` when it cannot be run or parsed.
     pub async fn nix_version(&self) -> Option<NixVersion> {
         *self
             .version
             .get_or_init(|| async {
+                let cache = self.version_cache.as_deref().and_then(|file| {
+                    let key = binary_identity(&self.nix_store)?;
+                    Some((file, key))
+                });
+                if let Some((file, key)) = &cache
+                    && let Some(line) = cached_version(file, key)
+                {
+                    return parse_nix_version(&line);
+                }
                 let mut c = Command::new(&self.nix_store);
                 c.arg("--version").stdin(Stdio::null()).kill_on_drop(true);
-                output(c, &self.nix_store, "nix-store --version")
+                let text = output(c, &self.nix_store, "nix-store --version")
                     .await
                     .ok()
-                    .and_then(|o| parse_nix_version(&String::from_utf8_lossy(&o)))
+                    .map(|o| String::from_utf8_lossy(&o).into_owned())?;
+                let version = parse_nix_version(&text)?;
+                if let (Some((file, key)), Some(line)) = (&cache, text.lines().next()) {
+                    remember_version(file, key, line);
+                }
+                Some(version)
             })
             .await
     }
@@ -263,10 +293,109 @@ impl LocalStore {
     }
 }
 
+/// What identifies the `nix-store` that `program` runs (looked up in `PATH` as `Command`
+/// does): its resolved path, size, modification time and inode. An upgrade replaces the
+/// file, which changes at least one of them.
+fn binary_identity(program: &str) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let path = if program.contains('/') {
+        PathBuf::from(program)
+    } else {
+        std::env::split_paths(&std::env::var_os("PATH")?)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())?
+    };
+    let real = std::fs::canonicalize(&path).ok()?;
+    let m = std::fs::metadata(&real).ok()?;
+    Some(format!(
+        "{} {} {}.{} {}:{}",
+        real.display(),
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.dev(),
+        m.ino()
+    ))
+}
+
+/// The version line remembered in `file` for the binary `key`, if it is that binary's.
+fn cached_version(file: &std::path::Path, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let (k, line) = text.split_once('\n')?;
+    (k == key).then(|| line.trim_end().to_owned())
+}
+
+/// Writes `key` and `line` to `file` (replacing it whole; a failure only costs the next
+/// process a `nix-store --version`).
+fn remember_version(file: &std::path::Path, key: &str, line: &str) {
+    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+    let written =
+        std::fs::write(&tmp, format!("{key}\n{line}\n")).and_then(|()| std::fs::rename(&tmp, file));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::test_util::{sd, sp};
+
+    /// A `nix-store` stand-in that prints `version` and counts its runs in `runs`.
+    fn version_script(dir: &std::path::Path, version: &str) -> String {
+        use std::os::unix::fs::PermissionsExt as _;
+        let script = dir.join("nix-store");
+        let runs = dir.join("runs");
+        let tmp = dir.join("nix-store.new");
+        std::fs::write(
+            &tmp,
+            format!(
+                "#!/bin/sh\necho run >> {}\necho 'nix-store (Nix) {version}'\n",
+                runs.display()
+            ),
+        )
+        .expect("script");
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        // Replaced by rename, as a package upgrade does.
+        std::fs::rename(&tmp, &script).expect("rename");
+        script.display().to_string()
+    }
+
+    fn runs(dir: &std::path::Path) -> usize {
+        std::fs::read_to_string(dir.join("runs"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    }
+
+    #[tokio::test]
+    async fn the_nix_version_is_asked_once_per_binary_across_processes() {
+        let d = tempfile::tempdir().expect("dir");
+        let cache = d.path().join("nix-version");
+        let store = |program: &str| {
+            LocalStore {
+                nix_store: program.to_owned(),
+                ..LocalStore::default()
+            }
+            .with_version_cache(cache.clone())
+        };
+        let nix_2_8 = version_script(d.path(), "2.8.0");
+        let v = store(&nix_2_8).nix_version().await.expect("version");
+        assert_eq!((v.major, v.minor, runs(d.path())), (2, 8, 1));
+        // A new process (a new store, nothing in memory) reads the file instead.
+        let v = store(&nix_2_8).nix_version().await.expect("version");
+        assert_eq!((v.major, v.minor, runs(d.path())), (2, 8, 1));
+        // An upgraded binary is asked again.
+        let upgraded = version_script(d.path(), "2.26.3");
+        let v = store(&upgraded).nix_version().await.expect("version");
+        assert_eq!((v.major, v.minor, runs(d.path())), (2, 26, 2));
+        let v = store(&upgraded).nix_version().await.expect("version");
+        assert_eq!((v.major, v.minor, runs(d.path())), (2, 26, 2));
+        // A damaged cache file is ignored and replaced.
+        std::fs::write(&cache, "garbage").expect("write");
+        let v = store(&upgraded).nix_version().await.expect("version");
+        assert_eq!((v.major, v.minor, runs(d.path())), (2, 26, 3));
+    }
 
     #[test]
     fn chroot_stores_map_to_real_paths() {

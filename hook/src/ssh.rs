@@ -528,6 +528,9 @@ fn stdin_socket() -> std::io::Result<(tokio::net::UnixStream, std::os::unix::net
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
     // Only the other end is written by us; ssh never writes to its stdin.
     ours.shutdown(std::net::Shutdown::Read)?;
+    // Room for 1 MiB (the kernel doubles it, within `wmem_max`): the NAR writer runs further
+    // ahead of ssh's 16 KiB reads. A refusal leaves the default, which works.
+    let _ = rustix::net::sockopt::set_socket_send_buffer_size(&ours, 1 << 20);
     ours.set_nonblocking(true)?;
     Ok((tokio::net::UnixStream::from_std(ours)?, theirs))
 }

@@ -190,13 +190,16 @@ impl Settings {
         }
     }
 
-    fn local_store(&self) -> LocalStore {
+    /// `state_dir`: where the local Nix's version is remembered between hook processes.
+    fn local_store(&self, state_dir: &std::path::Path) -> LocalStore {
         let store = self
             .conf
             .get("store")
             .filter(|s| s.starts_with("local"))
             .map(str::to_owned);
-        LocalStore::default().with_store(store)
+        LocalStore::default()
+            .with_store(store)
+            .with_version_cache(state_dir.join("nix-version"))
     }
 }
 
@@ -294,7 +297,7 @@ pub async fn run<R: AsyncRead + Unpin>(
     });
     let ctx = Ctx {
         settings: &settings,
-        local: settings.local_store(),
+        local: settings.local_store(&env.ferry_state_dir),
         env,
         prober: Arc::new(prober(env, tuning)),
         logger,
@@ -303,6 +306,11 @@ pub async fn run<R: AsyncRead + Unpin>(
         slot_wait_expired: Mutex::new(None),
     };
     let verbosity = argv.last().map_or("3", String::as_str);
+    // The local Nix's version decides how outputs are imported and whether a decline waits:
+    // find it out while the daemon's request and the builder's connection are on their
+    // way, not after the build.
+    let local = ctx.local.clone();
+    tokio::spawn(async move { local.nix_version().await });
 
     loop {
         let t = match protocol::read_request(&mut input).await {
