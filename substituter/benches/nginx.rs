@@ -418,6 +418,11 @@ fn floor_connection(mut client: TcpStream, upstream: u16) {
     }
 }
 
+/// Round by round, `a` over `b`.
+fn per_round(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(a, b)| a / b).collect()
+}
+
 /// `(min, median, max)` of `v`.
 fn spread(v: &[f64]) -> (f64, f64, f64) {
     let mut s = v.to_vec();
@@ -515,21 +520,11 @@ fn bench_against_nginx() {
         total(&n_rounds) / G2_ROUNDS as f64,
         total(&f_rounds) / G2_ROUNDS as f64,
     );
-    let median_p99 = |v: &[(f64, f64)]| {
-        let mut p: Vec<f64> = v.iter().map(|r| r.1).collect();
-        p.sort_by(f64::total_cmp);
-        p[p.len() / 2]
-    };
-    let (nt99, ft99) = (median_p99(&n_rounds), median_p99(&f_rounds));
-    let ratios: Vec<f64> = f_rounds
-        .iter()
-        .zip(&n_rounds)
-        .map(|(f, n)| f.0 / n.0)
-        .collect();
-    let (rmin, rmax) = (
-        ratios.iter().copied().fold(f64::MAX, f64::min),
-        ratios.iter().copied().fold(0.0, f64::max),
-    );
+    // Each round is (requests per second, p99 µs).
+    let rps = |v: &[(f64, f64)]| -> Vec<f64> { v.iter().map(|r| r.0).collect() };
+    let p99s = |v: &[(f64, f64)]| -> Vec<f64> { v.iter().map(|r| r.1).collect() };
+    let (nt99, ft99) = (spread(&p99s(&n_rounds)).1, spread(&p99s(&f_rounds)).1);
+    let (rmin, _, rmax) = spread(&per_round(&rps(&f_rounds), &rps(&n_rounds)));
     let per_request = |cpu: f64, rps: f64| cpu * 1e6 / (rps * G2_SECS * G2_ROUNDS as f64);
     let (n_us, f_us) = (per_request(n_cpu, nrps), per_request(f_cpu, frps));
 
@@ -547,8 +542,6 @@ fn bench_against_nginx() {
         g8_floor.push(nar_throughput(floor_port, nar, 1, G8_DOWNLOADS));
         g8_ferry.push(nar_throughput(ferry_port, nar, 1, G8_DOWNLOADS));
     }
-    let per_round =
-        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(a, b)| a / b).collect() };
     let floor_ratio = spread(&per_round(&g8_floor, &g8_nginx));
     let ferry_ratio = spread(&per_round(&g8_ferry, &g8_nginx));
     let ferry_floor = spread(&per_round(&g8_ferry, &g8_floor));
