@@ -362,8 +362,9 @@ async fn a_live_upstream_that_does_not_answer_in_time_is_a_503_not_a_404() {
 }
 
 /// `check-config` reads an S3 refusal's error document for its code: a bucket endpoint that
-/// sends an error document without end is read up to a bound, and its code still named.
-/// (Reading it whole ran into the check's time-out and lost the code.)
+/// sends an error document without end is read up to a bound, and its code still named. With
+/// a read time-out of a minute, only a bounded read answers within the test's 20 s. (Reading
+/// it whole ran into the check's time-out and lost the code.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_config_reads_an_endless_s3_error_document_up_to_a_bound() {
     let app = axum::Router::new().fallback(|| async {
@@ -390,6 +391,7 @@ async fn check_config_reads_an_endless_s3_error_document_up_to_a_bound() {
         format!(
             "[substituter]\nlisten = \"127.0.0.1:1\"\n[[substituter.upstream]]\n\
              url = \"s3://my-cache?endpoint=http://{up}&region=eu-west-1\"\n\
+             read-timeout-ms = 60000\n\
              access-key-id-file = \"{}\"\nsecret-access-key-file = \"{}\"\n",
             id.display(),
             secret.display()

@@ -72,18 +72,28 @@ async fn s3_refusal(remote: &Remote, resp: reqwest::Response, wait: Duration) ->
     if !matches!(remote.kind, RemoteKind::S3 { .. }) || resp.status().as_u16() != 403 {
         return None;
     }
+    crate::s3::refusal(&error_document(resp, wait).await)
+}
+
+/// Most bytes of an S3 error document read (its code is near the start): a server sending
+/// more cannot grow memory.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// The start of an error answer's body: what arrives within `wait`, at most
+/// [`MAX_ERROR_BODY`] bytes.
+async fn error_document(mut resp: reqwest::Response, wait: Duration) -> String {
     let mut body = Vec::new();
-    let mut stream = resp.bytes_stream();
     let read = async {
-        while let Some(Ok(c)) = stream.next().await {
-            body.extend_from_slice(&c);
-            if body.len() > 64 * 1024 {
+        while let Ok(Some(c)) = resp.chunk().await {
+            let room = MAX_ERROR_BODY - body.len();
+            body.extend_from_slice(&c[..c.len().min(room)]);
+            if body.len() == MAX_ERROR_BODY {
                 break;
             }
         }
     };
     let _ = tokio::time::timeout(wait, read).await;
-    crate::s3::refusal(&String::from_utf8_lossy(&body))
+    String::from_utf8_lossy(&body).into_owned()
 }
 
 fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
@@ -147,10 +157,6 @@ impl Source {
         })
     }
 }
-
-/// Most bytes of an S3 error document read (its code is near the start): a server sending
-/// more cannot grow memory.
-const MAX_ERROR_BODY: usize = 64 * 1024;
 
 impl Upstream {
     /// A request for `key`, with the upstream's credentials (basic, or an S3 signature made
@@ -238,22 +244,7 @@ impl Upstream {
         match resp.status().as_u16() {
             200 => AccessCheck::Ok,
             status @ (401 | 403) => {
-                // S3's error document is small; read no more than a narinfo's bound of it.
-                let body = tokio::time::timeout(wait, async {
-                    let mut resp = resp;
-                    let mut body = Vec::new();
-                    while let Ok(Some(c)) = resp.chunk().await {
-                        body.extend_from_slice(&c[..c.len().min(MAX_ERROR_BODY - body.len())]);
-                        if body.len() == MAX_ERROR_BODY {
-                            break;
-                        }
-                    }
-                    body
-                })
-                .await;
-                let code = body
-                    .ok()
-                    .and_then(|b| ferry_s3::error_code(&String::from_utf8_lossy(&b)));
+                let code = ferry_s3::error_code(&error_document(resp, wait).await);
                 AccessCheck::Refused { status, code }
             }
             status if is_missing(status) => AccessCheck::Missing(status),
