@@ -323,7 +323,10 @@ impl Upload<'_> {
         if !r.status().is_success() {
             return Err(self.target.status_error("POST", self.key, r).await);
         }
-        let body = self.target.small_text("POST", self.key, r).await?;
+        let body = self
+            .target
+            .small_text("POST", self.key, r, crate::target::MAX_XML_ANSWER)
+            .await?;
         mp::parse_initiate(&body).map_err(|e| self.answer_error("POST", e))
     }
 
@@ -559,7 +562,10 @@ impl Upload<'_> {
         if !r.status().is_success() {
             return Err(self.target.status_error("POST", self.key, r).await);
         }
-        let text = self.target.small_text("POST", self.key, r).await?;
+        let text = self
+            .target
+            .small_text("POST", self.key, r, crate::target::MAX_XML_ANSWER)
+            .await?;
         let etag = mp::parse_complete(&text).map_err(|e| self.answer_error("POST", e))?;
         let want = mp::multipart_etag(&md5s).unwrap_or_default();
         if !etag.eq_ignore_ascii_case(&want) {

@@ -469,20 +469,7 @@ impl Target {
             .send(remote, Request::new("GET", Resource::Key(key), Body::Empty))
             .await?;
         match r.status().as_u16() {
-            200..=299 => {
-                let (text, whole) = text_at_most(r, MAX_SMALL_BODY)
-                    .await
-                    .map_err(|e| self.net("GET", key, e))?;
-                if !whole {
-                    return Err(TargetError::Network {
-                        target: self.shown(),
-                        method: "GET",
-                        key: key.to_owned(),
-                        message: format!("more than {MAX_SMALL_BODY} bytes"),
-                    });
-                }
-                Ok(Some(text))
-            }
+            200..=299 => Ok(Some(self.small_text("GET", key, r, MAX_SMALL_BODY).await?)),
             // Without ListBucket permission S3 says 403 for a missing key; a real refusal
             // (bad signature) shows up on the PUT that follows, with S3's error code.
             404 | 403 => Ok(None),
@@ -546,28 +533,27 @@ impl Target {
         self.status(method, key, r).await
     }
 
-    /// A small XML answer (S3's multipart operations), at most 1 MiB: a peer cannot make
-    /// the uploader buffer more.
+    /// A small answer (`nix-cache-info`, S3's multipart XML), at most `max` bytes: a peer
+    /// cannot make the uploader buffer more.
     pub(crate) async fn small_text(
         &self,
         method: &'static str,
         key: &str,
-        mut r: reqwest::Response,
+        r: reqwest::Response,
+        max: usize,
     ) -> Result<String, TargetError> {
-        const MAX: usize = 1 << 20;
-        let mut body = Vec::new();
-        while let Some(chunk) = r.chunk().await.map_err(|e| self.net(method, key, e))? {
-            if body.len() + chunk.len() > MAX {
-                return Err(TargetError::Network {
-                    target: self.shown(),
-                    method,
-                    key: key.to_owned(),
-                    message: format!("answer larger than {MAX} bytes"),
-                });
-            }
-            body.extend_from_slice(&chunk);
+        let (text, whole) = text_at_most(r, max)
+            .await
+            .map_err(|e| self.net(method, key, e))?;
+        if !whole {
+            return Err(TargetError::Network {
+                target: self.shown(),
+                method,
+                key: key.to_owned(),
+                message: format!("answer larger than {max} bytes"),
+            });
         }
-        Ok(String::from_utf8_lossy(&body).into_owned())
+        Ok(text)
     }
 
     pub(crate) async fn put_bytes(
@@ -691,6 +677,9 @@ impl Target {
 /// Most bytes read of a small answer (`nix-cache-info`, an S3 error document): whatever a
 /// server sends, memory stays bounded.
 const MAX_SMALL_BODY: usize = 64 * 1024;
+
+/// Most bytes of an answer to S3's multipart operations (a part list can be long).
+pub(crate) const MAX_XML_ANSWER: usize = 1 << 20;
 
 /// Reads at most `max` bytes of `r`'s body as (lossy) UTF-8, and whether that was all of it.
 async fn text_at_most(
